@@ -1,0 +1,1 @@
+"""The keyplane control plane: gRPC admin and sidecar services over a store."""

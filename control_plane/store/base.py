@@ -1,0 +1,90 @@
+"""The store contract. Implementations: ``sqlite.SqliteStore`` (embedded
+default) and ``postgres.PostgresStore`` (production, several replicas).
+
+Only the control plane talks to a store, never the request path. Every write
+runs in one transaction together with one appended change-log row, so each
+write gets a new, strictly larger version; the control plane reads the log
+(``changes_since``) to keep its in-memory snapshot current.
+
+Errors: ``keyplane.errors.NotFound`` for a missing tenant or object (including
+a write naming an unknown tenant), ``AlreadyExists`` for a taken unique name
+(tenant name; provider key label, route public_model and client key label,
+each unique per tenant), ``Unavailable`` when the database cannot be reached.
+A failed write leaves nothing behind (no row, no change-log entry).
+
+Callers assign ids and timestamps; the store persists what it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from keyplane.domain import ChangeRecord, ClientKey, ProviderKey, Route, Tenant
+
+__all__ = ["ChangeListener", "Store"]
+
+# Called with the newest version after another process wrote a change.
+ChangeListener = Callable[[int], Awaitable[None]]
+
+
+class Store(Protocol):
+    async def migrate(self) -> None:
+        """Create or upgrade the schema (versioned migrations; idempotent)."""
+
+    async def close(self) -> None: ...
+
+    # tenants ---------------------------------------------------------------
+    async def create_tenant(self, tenant: Tenant) -> Tenant: ...
+
+    async def get_tenant(self, name: str) -> Tenant: ...
+
+    async def list_tenants(self) -> list[Tenant]: ...
+
+    async def delete_tenant(self, name: str) -> None:
+        """Delete the tenant and everything it owns; logs one TENANT/DELETE change."""
+
+    # provider keys ---------------------------------------------------------
+    async def create_provider_key(self, key: ProviderKey) -> ProviderKey: ...
+
+    async def get_provider_key(self, tenant: str, key_id: str) -> ProviderKey: ...
+
+    async def list_provider_keys(self, tenant: str) -> list[ProviderKey]:
+        """Keys of one tenant ordered by creation; NotFound if no such tenant."""
+
+    async def update_provider_key(self, key: ProviderKey) -> ProviderKey:
+        """Replace every mutable field of the key with the given (tenant, id)."""
+
+    async def delete_provider_key(self, tenant: str, key_id: str) -> None: ...
+
+    # routes ----------------------------------------------------------------
+    async def create_route(self, route: Route) -> Route: ...
+
+    async def get_route(self, tenant: str, route_id: str) -> Route: ...
+
+    async def list_routes(self, tenant: str) -> list[Route]: ...
+
+    async def update_route(self, route: Route) -> Route:
+        """Replace public_model, targets and updated_at of the route with (tenant, id)."""
+
+    async def delete_route(self, tenant: str, route_id: str) -> None: ...
+
+    # client keys -----------------------------------------------------------
+    async def create_client_key(self, client_key: ClientKey) -> ClientKey: ...
+
+    async def get_client_key(self, tenant: str, client_key_id: str) -> ClientKey: ...
+
+    async def list_client_keys(self, tenant: str) -> list[ClientKey]: ...
+
+    async def delete_client_key(self, tenant: str, client_key_id: str) -> None: ...
+
+    # change log ------------------------------------------------------------
+    async def latest_version(self) -> int:
+        """The version of the newest change (0 when the log is empty)."""
+
+    async def changes_since(self, version: int, limit: int = 1000) -> list[ChangeRecord]:
+        """Changes with version > ``version``, oldest first, at most ``limit``."""
+
+    async def listen_changes(self, listener: ChangeListener) -> None:
+        """Call ``listener`` whenever another process writes (Postgres
+        LISTEN/NOTIFY). The SQLite store has one writer and may do nothing."""

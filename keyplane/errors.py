@@ -1,0 +1,25 @@
+"""Errors raised by the store and services; the gRPC layer maps them to codes."""
+
+from __future__ import annotations
+
+__all__ = ["AlreadyExists", "InvalidArgument", "KeyplaneError", "NotFound", "Unavailable"]
+
+
+class KeyplaneError(Exception):
+    """Base class. The message must never contain a secret."""
+
+
+class NotFound(KeyplaneError):
+    """The named object does not exist (gRPC NOT_FOUND)."""
+
+
+class AlreadyExists(KeyplaneError):
+    """A unique name is taken (gRPC ALREADY_EXISTS)."""
+
+
+class InvalidArgument(KeyplaneError):
+    """The request is malformed (gRPC INVALID_ARGUMENT)."""
+
+
+class Unavailable(KeyplaneError):
+    """The store cannot be reached (gRPC UNAVAILABLE)."""

@@ -1,0 +1,1 @@
+"""The keyplane sidecar: an OpenAI-compatible HTTP proxy on loopback."""
