@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 
-class Provider(str, enum.Enum):
+class Provider(enum.StrEnum):
     """Upstream API family. The value is the name users type."""
 
     OPENAI = "openai"
@@ -36,7 +36,7 @@ class Provider(str, enum.Enum):
     VLLM = "vllm"
 
 
-class KeyStatus(str, enum.Enum):
+class KeyStatus(enum.StrEnum):
     ACTIVE = "active"
     DISABLED = "disabled"
     REVOKED = "revoked"
@@ -98,14 +98,14 @@ class ClientKey:
     created_at: datetime
 
 
-class EntityKind(str, enum.Enum):
+class EntityKind(enum.StrEnum):
     TENANT = "tenant"
     PROVIDER_KEY = "provider_key"
     ROUTE = "route"
     CLIENT_KEY = "client_key"
 
 
-class ChangeOp(str, enum.Enum):
+class ChangeOp(enum.StrEnum):
     PUT = "put"
     DELETE = "delete"
 

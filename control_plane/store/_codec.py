@@ -1,0 +1,83 @@
+"""What both stores share: value encodings, timestamps and error messages.
+
+Pure functions, no I/O. Keeping the messages here makes the two stores
+report the same failure with the same words (the conformance suite checks it).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from keyplane.domain import Provider, RouteTarget
+from keyplane.errors import AlreadyExists, InvalidArgument, NotFound
+
+__all__ = [
+    "KIND_NAMES",
+    "already_exists",
+    "not_found",
+    "targets_from_json",
+    "targets_to_json",
+    "tenant_not_found",
+    "utc",
+]
+
+# Human name of each table's rows, used in messages.
+KIND_NAMES = {
+    "tenants": "tenant",
+    "provider_keys": "provider key",
+    "routes": "route",
+    "client_keys": "client key",
+}
+
+
+def utc(value: datetime, field: str = "timestamp") -> datetime:
+    """``value`` converted to UTC; a naive datetime is a caller bug."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidArgument(f"{field} must be a timezone-aware datetime")
+    return value.astimezone(UTC)
+
+
+def targets_to_json(targets: tuple[RouteTarget, ...]) -> str:
+    return json.dumps(
+        [
+            {
+                "provider": t.provider.value,
+                "upstream_model": t.upstream_model,
+                "priority": t.priority,
+                "weight": t.weight,
+                "node_urls": list(t.node_urls),
+            }
+            for t in targets
+        ],
+        separators=(",", ":"),
+    )
+
+
+def targets_from_json(text: str) -> tuple[RouteTarget, ...]:
+    items: list[dict[str, Any]] = json.loads(text)
+    return tuple(
+        RouteTarget(
+            provider=Provider(item["provider"]),
+            upstream_model=str(item["upstream_model"]),
+            priority=int(item["priority"]),
+            weight=int(item["weight"]),
+            node_urls=tuple(str(u) for u in item["node_urls"]),
+        )
+        for item in items
+    )
+
+
+def tenant_not_found(tenant: str) -> NotFound:
+    return NotFound(f"tenant {tenant!r} not found")
+
+
+def not_found(table: str, tenant: str, entity_id: str) -> NotFound:
+    return NotFound(f"{KIND_NAMES[table]} {entity_id!r} not found in tenant {tenant!r}")
+
+
+def already_exists(table: str, field: str, value: str, tenant: str | None = None) -> AlreadyExists:
+    """E.g. ``provider key label 'main' already exists in tenant 'acme'``."""
+    where = f" in tenant {tenant!r}" if tenant is not None and table != "tenants" else ""
+    return AlreadyExists(f"{KIND_NAMES[table]} {field} {value!r} already exists{where}")

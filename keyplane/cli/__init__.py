@@ -1,0 +1,34 @@
+"""The ``keyplane`` command: run the control plane and sidecars, and administer."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from keyplane import __version__
+from keyplane.cli.admin import CliError, add_admin_commands
+from keyplane.cli.run import add_run_commands
+
+__all__ = ["main"]
+
+
+def build_parser(handlers: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keyplane", description="The control plane for LLM provider keys.")
+    parser.add_argument("--version", action="version", version=f"keyplane {__version__}")
+    sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    add_run_commands(sub, handlers)
+    add_admin_commands(sub, handlers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {}
+    args = build_parser(handlers).parse_args(argv)
+    try:
+        return handlers[args.group](args)
+    except CliError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130

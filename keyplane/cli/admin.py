@@ -1,0 +1,352 @@
+"""Admin commands: they talk to the control plane's gRPC AdminService only."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf import field_mask_pb2
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+from keyplane.domain import KeyStatus, Provider
+from keyplane.home import Home, read_token_file
+from keyplane.v1 import admin_service_pb2 as admin_pb2
+from keyplane.v1 import admin_service_pb2_grpc as admin_grpc
+from keyplane.v1 import resources_pb2
+
+__all__ = ["add_admin_commands"]
+
+SERVER_ENV = "KEYPLANE_SERVER"
+ADMIN_TOKEN_ENV = "KEYPLANE_ADMIN_TOKEN"
+DEFAULT_SERVER = "127.0.0.1:50051"
+RPC_TIMEOUT = 10.0
+
+_PROVIDER_TO_PROTO = {p: resources_pb2.Provider.Value("PROVIDER_" + p.name) for p in Provider}
+_PROVIDER_FROM_PROTO = {v: k.value for k, v in _PROVIDER_TO_PROTO.items()}
+_STATUS_TO_PROTO = {s: resources_pb2.KeyStatus.Value("KEY_STATUS_" + s.name) for s in KeyStatus}
+_STATUS_FROM_PROTO = {v: k.value for k, v in _STATUS_TO_PROTO.items()}
+
+
+class CliError(Exception):
+    """A user-facing error: printed as ``error: ...`` with exit code 1/2."""
+
+
+def _provider(name: str) -> int:
+    try:
+        return _PROVIDER_TO_PROTO[Provider(name)]
+    except ValueError:
+        choices = ", ".join(p.value for p in Provider)
+        raise argparse.ArgumentTypeError(f"unknown provider {name!r}; one of: {choices}") from None
+
+
+def _target(spec: str) -> resources_pb2.RouteTarget:
+    """Parse ``provider:upstream_model[@priority][*weight][=node_url,node_url]``."""
+    nodes: list[str] = []
+    if "=" in spec:
+        spec, node_part = spec.split("=", 1)
+        nodes = [n for n in node_part.split(",") if n]
+    weight = 1
+    if "*" in spec:
+        spec, weight_text = spec.rsplit("*", 1)
+        weight = _int(weight_text, "weight")
+    priority = 0
+    if "@" in spec:
+        spec, priority_text = spec.rsplit("@", 1)
+        priority = _int(priority_text, "priority")
+    provider_name, sep, model = spec.partition(":")
+    if not sep or not model:
+        raise argparse.ArgumentTypeError(
+            f"target {spec!r} must look like provider:upstream_model[@priority][*weight][=node_url,...]"
+        )
+    return resources_pb2.RouteTarget(
+        provider=_provider(provider_name),  # type: ignore[arg-type]
+        upstream_model=model,
+        priority=priority,
+        weight=weight,
+        node_urls=nodes,
+    )
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+
+
+class AdminClient:
+    """A thin synchronous client: one channel, the admin token on every call."""
+
+    def __init__(self, server: str, token: str) -> None:
+        self._channel = grpc.insecure_channel(server)
+        self._stub = admin_grpc.AdminServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def call(self, method: str, request: Message) -> Any:
+        rpc: Callable[..., Any] = getattr(self._stub, method)
+        return rpc(request, metadata=self._metadata, timeout=RPC_TIMEOUT)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    if args.admin_token_file:
+        return read_token_file(args.admin_token_file)
+    env = os.environ.get(ADMIN_TOKEN_ENV)
+    if env:
+        return env.strip()
+    path = Home.default().admin_token_file
+    if path.exists():
+        return read_token_file(path)
+    raise CliError(f"no admin token: set {ADMIN_TOKEN_ENV}, pass --admin-token-file, or run 'keyplane up' first")
+
+
+def _read_secret(args: argparse.Namespace, stdin: TextIO) -> str:
+    if args.secret_env:
+        value = os.environ.get(args.secret_env)
+        if value is None:
+            raise CliError(f"environment variable {args.secret_env} is not set")
+        return value.strip()
+    if args.secret_stdin:
+        return stdin.readline().strip()
+    if args.no_secret:
+        return ""
+    return getpass.getpass("provider secret: ").strip()
+
+
+def _key_row(key: resources_pb2.ProviderKey) -> str:
+    models = ",".join(key.allowed_models) or "*"
+    return (
+        f"{key.id}  {_PROVIDER_FROM_PROTO.get(key.provider, '?'):<17} {key.label:<20} "
+        f"{_STATUS_FROM_PROTO.get(key.status, '?'):<8} w={key.weight:<3} ...{key.last4 or '????'} "
+        f"fp={key.fingerprint} models={models} {key.base_url}"
+    )
+
+
+def _route_row(route: resources_pb2.Route) -> str:
+    targets = " ".join(
+        f"{_PROVIDER_FROM_PROTO.get(t.provider, '?')}:{t.upstream_model}@{t.priority}*{t.weight}"
+        + (("=" + ",".join(t.node_urls)) if t.node_urls else "")
+        for t in route.targets
+    )
+    return f"{route.id}  {route.public_model:<24} -> {targets}"
+
+
+def _emit(args: argparse.Namespace, message: Message, text: str, out: TextIO) -> None:
+    if args.json:
+        out.write(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2) + "\n")
+    else:
+        out.write(text + "\n")
+
+
+def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout, stdin: TextIO = sys.stdin) -> int:
+    client = AdminClient(args.server, _admin_token(args))
+    try:
+        return _dispatch(args, client, out, stdin)
+    except grpc.RpcError as exc:
+        code = exc.code() if isinstance(exc, grpc.Call) else None
+        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        name = code.name if code is not None else "ERROR"
+        sys.stderr.write(f"error: {name}: {details}\n")
+        return 1
+    finally:
+        client.close()
+
+
+def _dispatch(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextIO) -> int:
+    group, action = args.group, args.action
+    if group == "tenants":
+        if action == "create":
+            resp = client.call("CreateTenant", admin_pb2.CreateTenantRequest(name=args.name))
+            _emit(args, resp, f"created tenant {resp.tenant.name}", out)
+        elif action == "list":
+            resp = client.call("ListTenants", admin_pb2.ListTenantsRequest())
+            _emit(args, resp, "\n".join(t.name for t in resp.tenants) or "(no tenants)", out)
+        elif action == "delete":
+            resp = client.call("DeleteTenant", admin_pb2.DeleteTenantRequest(name=args.name))
+            _emit(args, resp, f"deleted tenant {args.name}", out)
+    elif group == "keys":
+        _keys(args, client, out, stdin)
+    elif group == "routes":
+        _routes(args, client, out)
+    elif group == "client-keys":
+        _client_keys(args, client, out)
+    return 0
+
+
+def _keys(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextIO) -> None:
+    action = args.action
+    if action == "add":
+        secret = _read_secret(args, stdin)
+        req = admin_pb2.CreateProviderKeyRequest(
+            tenant=args.tenant,
+            provider=args.provider,
+            label=args.label,
+            secret=secret,
+            base_url=args.base_url or "",
+            weight=args.weight,
+            allowed_models=args.model or [],
+        )
+        resp = client.call("CreateProviderKey", req)
+        _emit(args, resp, "added " + _key_row(resp.key), out)
+    elif action == "list":
+        resp = client.call("ListProviderKeys", admin_pb2.ListProviderKeysRequest(tenant=args.tenant))
+        _emit(args, resp, "\n".join(_key_row(k) for k in resp.keys) or "(no keys)", out)
+    elif action == "show":
+        resp = client.call("GetProviderKey", admin_pb2.GetProviderKeyRequest(tenant=args.tenant, id=args.id))
+        _emit(args, resp, _key_row(resp.key), out)
+    elif action in ("enable", "disable", "revoke"):
+        status = {"enable": KeyStatus.ACTIVE, "disable": KeyStatus.DISABLED, "revoke": KeyStatus.REVOKED}[action]
+        update = admin_pb2.UpdateProviderKeyRequest(
+            tenant=args.tenant,
+            id=args.id,
+            key=resources_pb2.ProviderKey(status=_STATUS_TO_PROTO[status]),
+            update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+        )
+        resp = client.call("UpdateProviderKey", update)
+        _emit(args, resp, f"{action}d " + _key_row(resp.key), out)
+    elif action == "rotate":
+        secret = _read_secret(args, stdin)
+        rotate = admin_pb2.UpdateProviderKeyRequest(tenant=args.tenant, id=args.id, new_secret=secret)
+        resp = client.call("UpdateProviderKey", rotate)
+        _emit(args, resp, "rotated " + _key_row(resp.key), out)
+    elif action == "delete":
+        resp = client.call("DeleteProviderKey", admin_pb2.DeleteProviderKeyRequest(tenant=args.tenant, id=args.id))
+        _emit(args, resp, f"deleted key {args.id}", out)
+
+
+def _routes(args: argparse.Namespace, client: AdminClient, out: TextIO) -> None:
+    action = args.action
+    if action == "add":
+        req = admin_pb2.CreateRouteRequest(tenant=args.tenant, public_model=args.model, targets=args.target)
+        resp = client.call("CreateRoute", req)
+        _emit(args, resp, "added " + _route_row(resp.route), out)
+    elif action == "list":
+        resp = client.call("ListRoutes", admin_pb2.ListRoutesRequest(tenant=args.tenant))
+        _emit(args, resp, "\n".join(_route_row(r) for r in resp.routes) or "(no routes)", out)
+    elif action == "set-targets":
+        update = admin_pb2.UpdateRouteRequest(tenant=args.tenant, id=args.id, targets=args.target)
+        resp = client.call("UpdateRoute", update)
+        _emit(args, resp, "updated " + _route_row(resp.route), out)
+    elif action == "delete":
+        resp = client.call("DeleteRoute", admin_pb2.DeleteRouteRequest(tenant=args.tenant, id=args.id))
+        _emit(args, resp, f"deleted route {args.id}", out)
+
+
+def _client_keys(args: argparse.Namespace, client: AdminClient, out: TextIO) -> None:
+    action = args.action
+    if action == "create":
+        resp = client.call("CreateClientKey", admin_pb2.CreateClientKeyRequest(tenant=args.tenant, label=args.label))
+        text = (
+            f"created client key {resp.client_key.id} ({resp.client_key.label})\n"
+            f"token (shown once, store it now): {resp.token}"
+        )
+        _emit(args, resp, text, out)
+    elif action == "list":
+        resp = client.call("ListClientKeys", admin_pb2.ListClientKeysRequest(tenant=args.tenant))
+        rows = [f"{c.id}  {c.label:<20} {c.prefix}..." for c in resp.client_keys]
+        _emit(args, resp, "\n".join(rows) or "(no client keys)", out)
+    elif action == "delete":
+        resp = client.call("DeleteClientKey", admin_pb2.DeleteClientKeyRequest(tenant=args.tenant, id=args.id))
+        _emit(args, resp, f"deleted client key {args.id}", out)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
+        help=f"control plane address (env {SERVER_ENV}, default {DEFAULT_SERVER})",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the admin token (else env {ADMIN_TOKEN_ENV}, else $KEYPLANE_HOME/admin.token)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the API response as JSON")
+
+
+def _tenant(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", "-t", required=True)
+
+
+def _secret_source(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--secret-env", metavar="VAR", help="read the provider secret from this environment variable")
+    src.add_argument(
+        "--secret-stdin", action="store_true", help="read the provider secret from the first line of stdin"
+    )
+    src.add_argument("--no-secret", action="store_true", help="no secret (self-hosted vllm nodes)")
+
+
+def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    """Register the tenants/keys/routes/client-keys command groups."""
+
+    def group(name: str, help_text: str) -> Any:
+        parser = sub.add_parser(name, help=help_text)
+        handlers[name] = run_admin
+        return parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(actions: Any, name: str, help_text: str, *extra: Callable[[argparse.ArgumentParser], None]) -> Any:
+        parser = actions.add_parser(name, help=help_text)
+        _common(parser)
+        for add in extra:
+            add(parser)
+        return parser
+
+    tenants = group("tenants", "create, list and delete tenants")
+    action(tenants, "create", "create a tenant").add_argument("name")
+    action(tenants, "list", "list tenants")
+    action(tenants, "delete", "delete a tenant and everything it owns").add_argument("name")
+
+    keys = group("keys", "manage provider keys (secrets are write-only)")
+    add = action(keys, "add", "add a provider key", _tenant, _secret_source)
+    add.add_argument(
+        "--provider", "-p", required=True, type=_provider, help="one of: " + ", ".join(p.value for p in Provider)
+    )
+    add.add_argument("--label", "-l", required=True)
+    add.add_argument("--base-url", help="required for openai_compatible and azure_openai")
+    add.add_argument("--weight", type=int, default=1)
+    add.add_argument("--model", action="append", help="restrict the key to this upstream model (repeatable)")
+    action(keys, "list", "list a tenant's keys", _tenant)
+    for name, text in (
+        ("show", "show one key"),
+        ("enable", "set a key active"),
+        ("disable", "stop using a key"),
+        ("revoke", "revoke a key for good"),
+        ("delete", "delete a key"),
+    ):
+        action(keys, name, text, _tenant).add_argument("id")
+    action(keys, "rotate", "replace a key's secret", _tenant, _secret_source).add_argument("id")
+
+    routes = group("routes", "map public model names to provider targets")
+    radd = action(routes, "add", "add a route", _tenant)
+    radd.add_argument("--model", "-m", required=True, help="the public model name apps ask for")
+    radd.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        type=_target,
+        help="provider:upstream_model[@priority][*weight][=node_url,...] (repeatable, in order)",
+    )
+    action(routes, "list", "list routes", _tenant)
+    rset = action(routes, "set-targets", "replace a route's targets", _tenant)
+    rset.add_argument("id")
+    rset.add_argument("--target", action="append", required=True, type=_target)
+    action(routes, "delete", "delete a route", _tenant).add_argument("id")
+
+    cks = group("client-keys", "issue and revoke the bearer tokens apps use at the sidecar")
+    action(cks, "create", "issue a client key (its token is shown once)", _tenant).add_argument(
+        "--label", "-l", required=True
+    )
+    action(cks, "list", "list client keys", _tenant)
+    action(cks, "delete", "revoke a client key", _tenant).add_argument("id")

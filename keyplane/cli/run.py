@@ -1,0 +1,216 @@
+"""Commands that run things: the control plane, a sidecar, or both (``up``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from keyplane.crypto import load_master_key
+from keyplane.home import Home, read_token_file
+
+__all__ = ["add_run_commands"]
+
+log = logging.getLogger("keyplane")
+
+SIDECAR_TOKEN_ENV = "KEYPLANE_SIDECAR_TOKEN"
+
+
+def _parse_sidecar_tokens(path: Path) -> dict[str, tuple[str, ...]]:
+    """Lines of ``<token> <tenant,tenant|*>``; blank lines and # comments skipped."""
+    tokens: dict[str, tuple[str, ...]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) == 1:
+            tokens[parts[0]] = ("*",)
+        elif len(parts) == 2:
+            tokens[parts[0]] = tuple(t for t in parts[1].split(",") if t)
+        else:
+            raise SystemExit(f"{path}:{number}: expected '<token> <tenants|*>'")
+    if not tokens:
+        raise SystemExit(f"{path}: no sidecar tokens")
+    return tokens
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _run_up(args: argparse.Namespace) -> int:
+    from control_plane.config import ControlPlaneConfig
+    from control_plane.server import ControlPlane
+    from sidecar.config import SidecarConfig
+    from sidecar.server import Sidecar
+
+    home = Home(args.home) if args.home else Home.default()
+    home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    master_key = load_master_key(home.master_key_file, create=True)
+    admin_token = home.ensure_token(home.admin_token_file, "kpa-")
+    sidecar_token = home.ensure_token(home.sidecar_token_file, "kps-")
+    store_url = args.store or f"sqlite:///{home.database}"
+    cp = ControlPlane(
+        ControlPlaneConfig(
+            listen=args.listen,
+            store_url=store_url,
+            admin_token=admin_token,
+            sidecar_tokens={sidecar_token: ("*",)},
+            master_key=master_key,
+        )
+    )
+    await cp.start()
+    host = args.listen.rsplit(":", 1)[0]
+    target = f"{host}:{cp.port}"
+    sc = Sidecar(
+        SidecarConfig(control_plane_target=target, sidecar_token=sidecar_token, host=args.host, port=args.port)
+    )
+    try:
+        await sc.start()
+        lines = [
+            f"keyplane control plane listening on {target} (store: {_redact_url(store_url)})",
+            f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1",
+            f"admin token: {home.admin_token_file}  (the admin CLI finds it; data in {home.root})",
+            "next steps:",
+            "  keyplane tenants create acme",
+            "  keyplane keys add -t acme -p openai -l main --secret-env OPENAI_API_KEY",
+            "  keyplane routes add -t acme -m gpt-4o-mini --target openai:gpt-4o-mini",
+            "  keyplane client-keys create -t acme -l my-app",
+        ]
+        if args.listen != "127.0.0.1:50051":
+            lines.append(f"  (pass --server {target} to the admin commands, or export KEYPLANE_SERVER={target})")
+        print("\n".join(lines), flush=True)
+        await _wait_for_signal()
+    finally:
+        await sc.stop()
+        await cp.stop()
+    return 0
+
+
+def _redact_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def _run_control_plane(args: argparse.Namespace) -> int:
+    from control_plane.config import ControlPlaneConfig
+    from control_plane.server import ControlPlane
+
+    admin_token = (
+        read_token_file(args.admin_token_file) if args.admin_token_file else os.environ.get("KEYPLANE_ADMIN_TOKEN", "")
+    )
+    if not admin_token:
+        raise SystemExit("control-plane needs an admin token: --admin-token-file or KEYPLANE_ADMIN_TOKEN")
+    if args.sidecar_tokens_file:
+        sidecar_tokens = _parse_sidecar_tokens(args.sidecar_tokens_file)
+    elif os.environ.get(SIDECAR_TOKEN_ENV):
+        sidecar_tokens = {os.environ[SIDECAR_TOKEN_ENV].strip(): ("*",)}
+    else:
+        raise SystemExit(f"control-plane needs sidecar tokens: --sidecar-tokens-file or {SIDECAR_TOKEN_ENV}")
+    master_key = load_master_key(args.master_key_file, create=False)
+    cp = ControlPlane(
+        ControlPlaneConfig(
+            listen=args.listen,
+            store_url=args.store,
+            admin_token=admin_token,
+            sidecar_tokens=sidecar_tokens,
+            master_key=master_key,
+        )
+    )
+    await cp.start()
+    print(f"keyplane control plane listening on port {cp.port} (store: {_redact_url(args.store)})", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await cp.stop()
+    return 0
+
+
+async def _run_sidecar(args: argparse.Namespace) -> int:
+    from sidecar.config import SidecarConfig
+    from sidecar.server import Sidecar
+
+    if args.token_file:
+        token = read_token_file(args.token_file)
+    elif os.environ.get(SIDECAR_TOKEN_ENV):
+        token = os.environ[SIDECAR_TOKEN_ENV].strip()
+    else:
+        default = Home.default().sidecar_token_file
+        if not default.exists():
+            raise SystemExit(f"sidecar needs a token: --token-file or {SIDECAR_TOKEN_ENV}")
+        token = read_token_file(default)
+    sc = Sidecar(
+        SidecarConfig(
+            control_plane_target=args.control_plane,
+            sidecar_token=token,
+            tenants=tuple(args.tenant or ()),
+            host=args.host,
+            port=args.port,
+        )
+    )
+    await sc.start()
+    print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await sc.stop()
+    return 0
+
+
+def _runner(coro_fn: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        logging.basicConfig(
+            level=getattr(logging, args.log_level.upper()),
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        try:
+            import uvloop
+
+            return int(uvloop.run(coro_fn(args)))
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            return int(asyncio.run(coro_fn(args)))
+
+    return run
+
+
+def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    up = sub.add_parser("up", help="run the control plane (SQLite) and one sidecar in this process")
+    up.add_argument("--home", type=Path, help="data directory (default $KEYPLANE_HOME or ~/.keyplane)")
+    up.add_argument("--listen", default="127.0.0.1:50051", help="control plane gRPC address")
+    up.add_argument("--host", default="127.0.0.1", help="sidecar HTTP host (keep it on loopback)")
+    up.add_argument("--port", type=int, default=8787, help="sidecar HTTP port (0 = any free port)")
+    up.add_argument("--store", help="store URL instead of the embedded SQLite file")
+    handlers["up"] = _runner(_run_up)
+
+    cp = sub.add_parser("control-plane", help="run the control plane")
+    cp.add_argument("--listen", default="0.0.0.0:50051")
+    cp.add_argument("--store", required=True, help="sqlite:///path.db or postgresql://user@host/db[?schema=s]")
+    cp.add_argument("--admin-token-file", type=Path)
+    cp.add_argument("--sidecar-tokens-file", type=Path, help="lines of '<token> <tenant,tenant|*>'")
+    cp.add_argument("--master-key-file", type=Path, help="base64 32-byte key (else KEYPLANE_MASTER_KEY)")
+    handlers["control-plane"] = _runner(_run_control_plane)
+
+    sc = sub.add_parser("sidecar", help="run a sidecar next to an application")
+    sc.add_argument("--control-plane", default="127.0.0.1:50051", help="control plane gRPC address")
+    sc.add_argument("--token-file", type=Path, help="sidecar token file (else KEYPLANE_SIDECAR_TOKEN)")
+    sc.add_argument("--tenant", action="append", help="tenant to serve (repeatable; default all the token allows)")
+    sc.add_argument("--host", default="127.0.0.1")
+    sc.add_argument("--port", type=int, default=8787)
+    handlers["sidecar"] = _runner(_run_sidecar)
+
+    for parser in (up, cp, sc):
+        parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
