@@ -79,5 +79,7 @@ def not_found(table: str, tenant: str, entity_id: str) -> NotFound:
 
 def already_exists(table: str, field: str, value: str, tenant: str | None = None) -> AlreadyExists:
     """E.g. ``provider key label 'main' already exists in tenant 'acme'``."""
-    where = f" in tenant {tenant!r}" if tenant is not None and table != "tenants" else ""
+    # Ids are unique store-wide, names only within their tenant.
+    per_tenant = tenant is not None and table != "tenants" and field != "id"
+    where = f" in tenant {tenant!r}" if per_tenant else ""
     return AlreadyExists(f"{KIND_NAMES[table]} {field} {value!r} already exists{where}")

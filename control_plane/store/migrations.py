@@ -34,7 +34,5 @@ def pending(migrations: Sequence[Migration], applied: Iterable[int]) -> list[Mig
     done = set(applied)
     unknown = sorted(done - set(versions))
     if unknown:
-        raise ValueError(
-            f"database schema has migrations {unknown} unknown to this keyplane version; upgrade keyplane"
-        )
+        raise ValueError(f"database schema has migrations {unknown} unknown to this keyplane version; upgrade keyplane")
     return [m for m in migrations if m.version not in done]

@@ -1,0 +1,306 @@
+"""The admin gRPC service: tenants, provider keys, routes and client keys.
+
+Every write goes to the store first; once it returns, ``hub.catch_up()``
+publishes the change to the sidecar streams before the RPC answers. Secrets
+are sealed with the key id as associated data and never returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from grpc import aio
+
+from control_plane import validation as v
+from control_plane.hub import SnapshotHub
+from control_plane.status import map_errors
+from control_plane.store.base import Store
+from keyplane import convert
+from keyplane.crypto import SecretBox, fingerprint, last4
+from keyplane.domain import ClientKey, KeyStatus, ProviderKey, Route, RouteTarget, Tenant
+from keyplane.errors import InvalidArgument
+from keyplane.ids import CLIENT_KEY_PREFIX, PROVIDER_KEY_PREFIX, ROUTE_PREFIX, new_id
+from keyplane.v1 import admin_service_pb2 as pb
+from keyplane.v1 import admin_service_pb2_grpc, resources_pb2
+
+__all__ = ["CLIENT_TOKEN_PREFIX", "UPDATABLE_KEY_FIELDS", "AdminService", "new_client_token"]
+
+log = logging.getLogger(__name__)
+
+Context = aio.ServicerContext[Any, Any]
+CLIENT_TOKEN_PREFIX = "kp-"
+UPDATABLE_KEY_FIELDS = ("label", "status", "weight", "allowed_models", "base_url")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_client_token() -> str:
+    """A fresh client bearer token: ``kp-`` and 43 URL-safe characters."""
+    return CLIENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def _targets(messages: list[resources_pb2.RouteTarget]) -> tuple[RouteTarget, ...]:
+    if not messages:
+        raise InvalidArgument("targets: a route needs at least one target")
+    return tuple(
+        v.validate_route_target(
+            index,
+            provider=convert.provider_from_proto(m.provider),
+            upstream_model=m.upstream_model,
+            priority=m.priority,
+            weight=m.weight,
+            node_urls=list(m.node_urls),
+        )
+        for index, m in enumerate(messages)
+    )
+
+
+class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
+    def __init__(
+        self,
+        store: Store,
+        hub: SnapshotHub,
+        secret_box: SecretBox,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._box = secret_box
+        self._clock = clock
+
+    async def _publish(self) -> None:
+        """Push the write just made to the sidecar streams. The write is
+        committed either way: on failure the hub's poller catches up later."""
+        try:
+            await self._hub.catch_up()
+        except Exception as exc:
+            log.warning("write committed but not yet published to sidecars: %s", type(exc).__name__)
+
+    # tenants -------------------------------------------------------------------
+    @map_errors
+    async def CreateTenant(self, request: pb.CreateTenantRequest, context: Context) -> pb.CreateTenantResponse:
+        name = v.validate_tenant_name(request.name, field="name")
+        tenant = await self._store.create_tenant(Tenant(name=name, created_at=self._clock()))
+        await self._publish()
+        log.info("created tenant %s", name)
+        return pb.CreateTenantResponse(tenant=convert.tenant_to_proto(tenant))
+
+    @map_errors
+    async def GetTenant(self, request: pb.GetTenantRequest, context: Context) -> pb.GetTenantResponse:
+        tenant = await self._store.get_tenant(v.validate_tenant_name(request.name, field="name"))
+        return pb.GetTenantResponse(tenant=convert.tenant_to_proto(tenant))
+
+    @map_errors
+    async def ListTenants(self, request: pb.ListTenantsRequest, context: Context) -> pb.ListTenantsResponse:
+        tenants = await self._store.list_tenants()
+        return pb.ListTenantsResponse(tenants=[convert.tenant_to_proto(t) for t in tenants])
+
+    @map_errors
+    async def DeleteTenant(self, request: pb.DeleteTenantRequest, context: Context) -> pb.DeleteTenantResponse:
+        name = v.validate_tenant_name(request.name, field="name")
+        await self._store.delete_tenant(name)
+        await self._publish()
+        log.info("deleted tenant %s", name)
+        return pb.DeleteTenantResponse()
+
+    # provider keys ---------------------------------------------------------------
+    def _seal(self, key_id: str, secret: str) -> dict[str, Any]:
+        return {
+            "secret_ciphertext": self._box.seal(secret, associated_data=key_id),
+            "fingerprint": fingerprint(secret),
+            "last4": last4(secret),
+        }
+
+    @map_errors
+    async def CreateProviderKey(
+        self, request: pb.CreateProviderKeyRequest, context: Context
+    ) -> pb.CreateProviderKeyResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        provider = v.validate_provider(convert.provider_from_proto(request.provider))
+        label = v.validate_label(request.label)
+        secret = v.validate_secret(request.secret, provider)
+        base_url = v.validate_base_url(request.base_url, provider)
+        weight = v.validate_weight(request.weight)
+        allowed_models = v.validate_allowed_models(request.allowed_models)
+        key_id = new_id(PROVIDER_KEY_PREFIX)
+        now = self._clock()
+        key = ProviderKey(
+            id=key_id,
+            tenant=tenant,
+            provider=provider,
+            label=label,
+            base_url=base_url,
+            status=KeyStatus.ACTIVE,
+            weight=weight,
+            allowed_models=allowed_models,
+            created_at=now,
+            updated_at=now,
+            **self._seal(key_id, secret),
+        )
+        created = await self._store.create_provider_key(key)
+        await self._publish()
+        log.info("created provider key %s (%s) for tenant %s", key_id, provider.value, tenant)
+        return pb.CreateProviderKeyResponse(key=convert.provider_key_to_proto(created))
+
+    @map_errors
+    async def GetProviderKey(self, request: pb.GetProviderKeyRequest, context: Context) -> pb.GetProviderKeyResponse:
+        key = await self._store.get_provider_key(v.validate_tenant_name(request.tenant), v.validate_id(request.id))
+        return pb.GetProviderKeyResponse(key=convert.provider_key_to_proto(key))
+
+    @map_errors
+    async def ListProviderKeys(
+        self, request: pb.ListProviderKeysRequest, context: Context
+    ) -> pb.ListProviderKeysResponse:
+        keys = await self._store.list_provider_keys(v.validate_tenant_name(request.tenant))
+        return pb.ListProviderKeysResponse(keys=[convert.provider_key_to_proto(k) for k in keys])
+
+    @map_errors
+    async def UpdateProviderKey(
+        self, request: pb.UpdateProviderKeyRequest, context: Context
+    ) -> pb.UpdateProviderKeyResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        key_id = v.validate_id(request.id)
+        paths = list(dict.fromkeys(request.update_mask.paths))
+        unknown = [p for p in paths if p not in UPDATABLE_KEY_FIELDS]
+        if unknown:
+            hint = " (rotate the secret with new_secret)" if "secret" in unknown else ""
+            raise InvalidArgument(
+                f"update_mask: cannot update {', '.join(repr(p) for p in unknown)}; "
+                f"updatable fields: {', '.join(UPDATABLE_KEY_FIELDS)}{hint}"
+            )
+        if not paths and not request.new_secret:
+            raise InvalidArgument(
+                f"nothing to update: name fields in update_mask ({', '.join(UPDATABLE_KEY_FIELDS)}) or set new_secret"
+            )
+        current = await self._store.get_provider_key(tenant, key_id)
+        wanted = request.key
+        changes: dict[str, Any] = {}
+        for path in paths:
+            if path == "label":
+                changes["label"] = v.validate_label(wanted.label, field="key.label")
+            elif path == "status":
+                changes["status"] = v.validate_key_status(
+                    convert.key_status_from_proto(wanted.status), field="key.status"
+                )
+            elif path == "weight":
+                changes["weight"] = v.validate_weight(wanted.weight, field="key.weight")
+            elif path == "allowed_models":
+                changes["allowed_models"] = v.validate_allowed_models(wanted.allowed_models, field="key.allowed_models")
+            elif path == "base_url":
+                changes["base_url"] = v.validate_base_url(wanted.base_url, current.provider, field="key.base_url")
+        if request.new_secret:
+            secret = v.validate_secret(request.new_secret, current.provider, field="new_secret")
+            changes.update(self._seal(key_id, secret))
+        updated = dataclasses.replace(current, updated_at=self._clock(), **changes)
+        stored = await self._store.update_provider_key(updated)
+        await self._publish()
+        log.info(
+            "updated provider key %s of tenant %s (%s)",
+            key_id,
+            tenant,
+            ", ".join(paths + (["secret"] if request.new_secret else [])),
+        )
+        return pb.UpdateProviderKeyResponse(key=convert.provider_key_to_proto(stored))
+
+    @map_errors
+    async def DeleteProviderKey(
+        self, request: pb.DeleteProviderKeyRequest, context: Context
+    ) -> pb.DeleteProviderKeyResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        key_id = v.validate_id(request.id)
+        await self._store.delete_provider_key(tenant, key_id)
+        await self._publish()
+        log.info("deleted provider key %s of tenant %s", key_id, tenant)
+        return pb.DeleteProviderKeyResponse()
+
+    # routes ------------------------------------------------------------------------
+    @map_errors
+    async def CreateRoute(self, request: pb.CreateRouteRequest, context: Context) -> pb.CreateRouteResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        public_model = v.validate_public_model(request.public_model)
+        targets = _targets(list(request.targets))
+        now = self._clock()
+        route = Route(
+            id=new_id(ROUTE_PREFIX),
+            tenant=tenant,
+            public_model=public_model,
+            targets=targets,
+            created_at=now,
+            updated_at=now,
+        )
+        created = await self._store.create_route(route)
+        await self._publish()
+        log.info("created route %s (%s) for tenant %s", route.id, public_model, tenant)
+        return pb.CreateRouteResponse(route=convert.route_to_proto(created))
+
+    @map_errors
+    async def GetRoute(self, request: pb.GetRouteRequest, context: Context) -> pb.GetRouteResponse:
+        route = await self._store.get_route(v.validate_tenant_name(request.tenant), v.validate_id(request.id))
+        return pb.GetRouteResponse(route=convert.route_to_proto(route))
+
+    @map_errors
+    async def ListRoutes(self, request: pb.ListRoutesRequest, context: Context) -> pb.ListRoutesResponse:
+        routes = await self._store.list_routes(v.validate_tenant_name(request.tenant))
+        return pb.ListRoutesResponse(routes=[convert.route_to_proto(r) for r in routes])
+
+    @map_errors
+    async def UpdateRoute(self, request: pb.UpdateRouteRequest, context: Context) -> pb.UpdateRouteResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        route_id = v.validate_id(request.id)
+        targets = _targets(list(request.targets))
+        current = await self._store.get_route(tenant, route_id)
+        updated = dataclasses.replace(current, targets=targets, updated_at=self._clock())
+        stored = await self._store.update_route(updated)
+        await self._publish()
+        log.info("updated route %s of tenant %s", route_id, tenant)
+        return pb.UpdateRouteResponse(route=convert.route_to_proto(stored))
+
+    @map_errors
+    async def DeleteRoute(self, request: pb.DeleteRouteRequest, context: Context) -> pb.DeleteRouteResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        route_id = v.validate_id(request.id)
+        await self._store.delete_route(tenant, route_id)
+        await self._publish()
+        log.info("deleted route %s of tenant %s", route_id, tenant)
+        return pb.DeleteRouteResponse()
+
+    # client keys -------------------------------------------------------------------
+    @map_errors
+    async def CreateClientKey(self, request: pb.CreateClientKeyRequest, context: Context) -> pb.CreateClientKeyResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        label = v.validate_label(request.label)
+        token = new_client_token()
+        client_key = ClientKey(
+            id=new_id(CLIENT_KEY_PREFIX),
+            tenant=tenant,
+            label=label,
+            prefix=token[:10],
+            token_sha256=hashlib.sha256(token.encode()).digest(),
+            created_at=self._clock(),
+        )
+        created = await self._store.create_client_key(client_key)
+        await self._publish()
+        log.info("created client key %s for tenant %s", client_key.id, tenant)
+        return pb.CreateClientKeyResponse(client_key=convert.client_key_to_proto(created), token=token)
+
+    @map_errors
+    async def ListClientKeys(self, request: pb.ListClientKeysRequest, context: Context) -> pb.ListClientKeysResponse:
+        client_keys = await self._store.list_client_keys(v.validate_tenant_name(request.tenant))
+        return pb.ListClientKeysResponse(client_keys=[convert.client_key_to_proto(c) for c in client_keys])
+
+    @map_errors
+    async def DeleteClientKey(self, request: pb.DeleteClientKeyRequest, context: Context) -> pb.DeleteClientKeyResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        client_key_id = v.validate_id(request.id)
+        await self._store.delete_client_key(tenant, client_key_id)
+        await self._publish()
+        log.info("deleted client key %s of tenant %s", client_key_id, tenant)
+        return pb.DeleteClientKeyResponse()

@@ -1,0 +1,170 @@
+"""Bearer-token authentication for the control plane's gRPC services.
+
+``AuthInterceptor`` guards every method: the admin service (and anything not
+listed as open) needs the admin token, the sidecar service needs one of the
+sidecar tokens, health and reflection are open. Tokens are compared in
+constant time and never echoed. The tenant scope of the sidecar token that
+authenticated the call reaches the servicer through ``current_sidecar_scope()``
+(a context variable set in the call's own task).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from keyplane.errors import KeyplaneError
+
+__all__ = [
+    "ADMIN_SERVICE_PREFIX",
+    "OPEN_METHOD_PREFIXES",
+    "SIDECAR_SERVICE_PREFIX",
+    "AuthInterceptor",
+    "Authenticator",
+    "PermissionDenied",
+    "SidecarScope",
+    "bearer_token",
+    "current_sidecar_scope",
+]
+
+ADMIN_SERVICE_PREFIX = "/keyplane.v1.AdminService/"
+SIDECAR_SERVICE_PREFIX = "/keyplane.v1.SidecarService/"
+OPEN_METHOD_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+ALL_TENANTS = "*"
+_ADMIN_DENIED = "missing or invalid admin token"
+_SIDECAR_DENIED = "missing or invalid sidecar token"
+
+
+class PermissionDenied(KeyplaneError):
+    """The caller is authenticated but may not do this (gRPC PERMISSION_DENIED)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarScope:
+    """The tenants a sidecar token may watch; None means every tenant."""
+
+    tenants: frozenset[str] | None
+
+    def allows(self, tenant: str) -> bool:
+        return self.tenants is None or tenant in self.tenants
+
+    def resolve(self, requested: Sequence[str]) -> frozenset[str] | None:
+        """The tenants a watch of ``requested`` covers (empty: all the token
+        may see; None: every tenant, including future ones)."""
+        if not requested:
+            return self.tenants
+        denied = sorted({t for t in requested if not self.allows(t)})
+        if denied:
+            raise PermissionDenied(f"this sidecar token may not watch tenant(s): {', '.join(denied)}")
+        return frozenset(requested)
+
+
+_current_scope: ContextVar[SidecarScope | None] = ContextVar("keyplane_sidecar_scope", default=None)
+
+
+def current_sidecar_scope() -> SidecarScope | None:
+    """The scope of the sidecar token that authenticated the current call."""
+    return _current_scope.get()
+
+
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of the first ``authorization: Bearer <token>`` entry."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return None
+
+
+class Authenticator:
+    """Pure token checks (constant-time comparisons against every token)."""
+
+    __slots__ = ("_admin", "_sidecars")
+
+    def __init__(self, admin_token: str, sidecar_tokens: Mapping[str, Sequence[str]]) -> None:
+        if not admin_token:
+            raise ValueError("the admin token must not be empty")
+        self._admin = admin_token.encode()
+        sidecars: list[tuple[bytes, SidecarScope]] = []
+        for token, tenants in sidecar_tokens.items():
+            if not token:
+                raise ValueError("a sidecar token must not be empty")
+            if not tenants:
+                raise ValueError("a sidecar token needs at least one tenant (or '*')")
+            scope = SidecarScope(None if ALL_TENANTS in tenants else frozenset(tenants))
+            sidecars.append((token.encode(), scope))
+        self._sidecars = tuple(sidecars)
+
+    def is_admin(self, token: str | None) -> bool:
+        if token is None:
+            return False
+        return hmac.compare_digest(token.encode(), self._admin)
+
+    def sidecar_scope(self, token: str | None) -> SidecarScope | None:
+        if token is None:
+            return None
+        presented = token.encode()
+        found: SidecarScope | None = None
+        for candidate, scope in self._sidecars:  # no early exit: constant work per token
+            if hmac.compare_digest(presented, candidate) and found is None:
+                found = scope
+        return found
+
+
+def _denying_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, details: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same shape as ``handler`` that only aborts."""
+
+    async def deny(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(code, details)
+
+    request_des = handler.request_deserializer
+    response_ser = handler.response_serializer
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny, request_des, response_ser)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny, request_des, response_ser)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny, request_des, response_ser)
+    return grpc.unary_unary_rpc_method_handler(deny, request_des, response_ser)
+
+
+class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        token = bearer_token(handler_call_details.invocation_metadata)
+        if method.startswith(SIDECAR_SERVICE_PREFIX):
+            scope = self._auth.sidecar_scope(token)
+            if scope is None:
+                return _denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED, _SIDECAR_DENIED)
+            # This runs in the call's own task, so the handler sees the value.
+            _current_scope.set(scope)
+            return handler
+        if not self._auth.is_admin(token):
+            return _denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED, _ADMIN_DENIED)
+        return handler

@@ -1,0 +1,76 @@
+"""Control-plane configuration: one frozen dataclass, secrets hidden from repr."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["ControlPlaneConfig", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username or ''}:***@{host}"
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparseable url>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlPlaneConfig:
+    """Everything ``ControlPlane`` needs.
+
+    ``sidecar_tokens`` maps each sidecar token to the tenants it may watch;
+    ``("*",)`` means every tenant. ``master_key`` is the 32-byte AES key that
+    seals provider secrets at rest.
+    """
+
+    store_url: str
+    admin_token: str
+    master_key: bytes
+    sidecar_tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    listen: str = "127.0.0.1:50051"
+    # Changes kept for resuming sidecars; older resumes get a snapshot.
+    log_size: int = 10000
+    # A stream this many changes behind gets a fresh snapshot instead.
+    max_pending: int = 1000
+    # Safety net: re-read the change log this often (seconds; None: never).
+    poll_interval: float | None = 5.0
+    # Seconds in-flight calls get to finish on stop.
+    shutdown_grace: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.admin_token:
+            raise ValueError("admin_token must not be empty")
+        if len(self.master_key) != 32:
+            raise ValueError("master_key must be 32 bytes")
+        frozen: dict[str, tuple[str, ...]] = {}
+        for token, tenants in self.sidecar_tokens.items():
+            if not token:
+                raise ValueError("sidecar tokens must not be empty")
+            if not tenants:
+                raise ValueError("each sidecar token needs at least one tenant (or '*')")
+            frozen[token] = tuple(tenants)
+        object.__setattr__(self, "sidecar_tokens", MappingProxyType(frozen))
+        if self.log_size < 1 or self.max_pending < 1:
+            raise ValueError("log_size and max_pending must be at least 1")
+
+    def __repr__(self) -> str:
+        scopes = sorted({",".join(tenants) for tenants in self.sidecar_tokens.values()})
+        return (
+            f"ControlPlaneConfig(listen={self.listen!r}, store_url={redact_url(self.store_url)!r}, "
+            f"admin_token='***', sidecar_tokens=<{len(self.sidecar_tokens)} token(s) for {scopes}>, "
+            f"master_key='***', log_size={self.log_size}, max_pending={self.max_pending}, "
+            f"poll_interval={self.poll_interval}, shutdown_grace={self.shutdown_grace})"
+        )
+
+    __str__ = __repr__

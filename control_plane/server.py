@@ -1,0 +1,120 @@
+"""Assembles the control plane: store, snapshot hub, gRPC server with auth,
+admin and sidecar services, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from control_plane.admin_service import AdminService
+from control_plane.auth import Authenticator, AuthInterceptor
+from control_plane.config import ControlPlaneConfig
+from control_plane.hub import SnapshotHub
+from control_plane.sidecar_service import SidecarService
+from control_plane.store.base import Store
+from control_plane.store.factory import open_store
+from keyplane.crypto import SecretBox
+from keyplane.v1 import admin_service_pb2, admin_service_pb2_grpc, sidecar_service_pb2, sidecar_service_pb2_grpc
+
+__all__ = ["ControlPlane"]
+
+log = logging.getLogger(__name__)
+
+_SERVICE_NAMES = (
+    admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    sidecar_service_pb2.DESCRIPTOR.services_by_name["SidecarService"].full_name,
+)
+
+
+class ControlPlane:
+    """``await start()``, serve on ``port``, ``await stop()``.
+
+    ``store`` may be handed in (it is then migrated and closed like one this
+    class opened from ``config.store_url``).
+    """
+
+    def __init__(self, config: ControlPlaneConfig, *, store: Store | None = None) -> None:
+        self.config = config
+        self._store = store
+        self._hub: SnapshotHub | None = None
+        self._server: aio.Server | None = None
+        self._health: AsyncHealthServicer | None = None
+        self.port = 0
+
+    @property
+    def hub(self) -> SnapshotHub:
+        if self._hub is None:
+            raise RuntimeError("the control plane is not started")
+        return self._hub
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("the control plane is not started")
+        return self._store
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        config = self.config
+        if self._store is None:
+            self._store = open_store(config.store_url)
+        store = self._store
+        try:
+            await store.migrate()
+            box = SecretBox(config.master_key)
+            self._hub = SnapshotHub(
+                store,
+                box,
+                log_size=config.log_size,
+                max_pending=config.max_pending,
+                poll_interval=config.poll_interval,
+            )
+            await self._hub.start()
+            server = aio.server(
+                interceptors=[AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens))]
+            )
+            self._server = server
+            admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, self._hub, box), server)
+            sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(SidecarService(self._hub), server)
+            self._health = AsyncHealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+            reflection.enable_server_reflection((*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            self.port = server.add_insecure_port(config.listen)
+            if self.port == 0:
+                raise OSError(f"could not listen on {config.listen}")
+            await server.start()
+            for name in ("", *_SERVICE_NAMES):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+        log.info("control plane serving on %s (version %d)", self.address, self._hub.version)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """End the watch streams, let other calls finish for ``grace`` seconds
+        (default ``config.shutdown_grace``), then close the store."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._hub is not None:
+            await self._hub.close()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+        self._hub = None
+        self._health = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

@@ -1,0 +1,667 @@
+"""The production store: Postgres through an asyncpg pool, safe for replicas.
+
+All tables live in one schema (``keyplane`` unless told otherwise). Every
+write is one transaction that changes the entity row(s), appends one
+``changes`` row and calls ``pg_notify('keyplane_changes', '<version>')``,
+which Postgres delivers on commit. Before taking its version the transaction
+takes a transaction-scoped advisory lock (the last thing it does before
+committing), so versions become visible in commit order and a reader of
+``changes_since`` never skips a version that commits late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from urllib.parse import parse_qsl, urlsplit
+
+import asyncpg
+
+from control_plane.store import _codec
+from control_plane.store.base import ChangeListener
+from control_plane.store.migrations import Migration, pending
+from keyplane.domain import (
+    ChangeOp,
+    ChangeRecord,
+    ClientKey,
+    EntityKind,
+    KeyStatus,
+    Provider,
+    ProviderKey,
+    Route,
+    Tenant,
+)
+from keyplane.errors import Unavailable
+
+__all__ = ["CHANNEL", "MIGRATIONS", "PostgresStore"]
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "keyplane_changes"
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial schema",
+        (
+            """CREATE TABLE tenants (
+                name text CONSTRAINT tenants_pkey PRIMARY KEY,
+                created_at timestamptz NOT NULL
+            )""",
+            """CREATE TABLE provider_keys (
+                id text CONSTRAINT provider_keys_pkey PRIMARY KEY,
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                provider text NOT NULL,
+                label text NOT NULL,
+                base_url text NOT NULL,
+                status text NOT NULL,
+                weight integer NOT NULL,
+                allowed_models text[] NOT NULL,
+                secret_ciphertext bytea NOT NULL,
+                fingerprint text NOT NULL,
+                last4 text NOT NULL,
+                created_at timestamptz NOT NULL,
+                updated_at timestamptz NOT NULL,
+                CONSTRAINT provider_keys_tenant_label_key UNIQUE (tenant, label)
+            )""",
+            "CREATE INDEX provider_keys_by_tenant ON provider_keys (tenant, created_at, id)",
+            """CREATE TABLE routes (
+                id text CONSTRAINT routes_pkey PRIMARY KEY,
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                public_model text NOT NULL,
+                targets jsonb NOT NULL,
+                created_at timestamptz NOT NULL,
+                updated_at timestamptz NOT NULL,
+                CONSTRAINT routes_tenant_public_model_key UNIQUE (tenant, public_model)
+            )""",
+            "CREATE INDEX routes_by_tenant ON routes (tenant, created_at, id)",
+            """CREATE TABLE client_keys (
+                id text CONSTRAINT client_keys_pkey PRIMARY KEY,
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                label text NOT NULL,
+                prefix text NOT NULL,
+                token_sha256 bytea NOT NULL,
+                created_at timestamptz NOT NULL,
+                CONSTRAINT client_keys_tenant_label_key UNIQUE (tenant, label)
+            )""",
+            "CREATE INDEX client_keys_by_tenant ON client_keys (tenant, created_at, id)",
+            "CREATE INDEX client_keys_by_token ON client_keys (token_sha256)",
+            """CREATE TABLE changes (
+                version bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                tenant text NOT NULL,
+                kind text NOT NULL,
+                entity_id text NOT NULL,
+                op text NOT NULL,
+                created_at timestamptz NOT NULL DEFAULT now()
+            )""",
+        ),
+    ),
+)
+
+# constraint name -> (table, field named in the AlreadyExists message)
+_UNIQUE_CONSTRAINTS = {
+    "tenants_pkey": ("tenants", "name"),
+    "provider_keys_pkey": ("provider_keys", "id"),
+    "provider_keys_tenant_label_key": ("provider_keys", "label"),
+    "routes_pkey": ("routes", "id"),
+    "routes_tenant_public_model_key": ("routes", "public_model"),
+    "client_keys_pkey": ("client_keys", "id"),
+    "client_keys_tenant_label_key": ("client_keys", "label"),
+}
+
+# Failures that mean "the database cannot be reached or used right now".
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes TimeoutError and ConnectionRefusedError
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # closed pool, lost connection
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidCatalogNameError,  # no such database
+)
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+_KEY_COLUMNS = (
+    "id, tenant, provider, label, base_url, status, weight, allowed_models, "
+    "secret_ciphertext, fingerprint, last4, created_at, updated_at"
+)
+_ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at"
+_CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at"
+
+
+def _lock_key(name: str) -> int:
+    """A stable signed 64-bit advisory lock key for ``name``."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def _dsn_secrets_and_target(dsn: str) -> tuple[list[str], str]:
+    """Passwords inside ``dsn`` (to scrub from messages) and a printable host/db."""
+    try:
+        parts = urlsplit(dsn)
+        secrets = [parts.password] if parts.password else []
+        secrets += [v for k, v in parse_qsl(parts.query) if k == "password" and v]
+        host = parts.netloc.rsplit("@", 1)[-1] or "localhost"
+        return secrets, f"{host}{parts.path}"
+    except ValueError:
+        return [], "<unparsable dsn>"
+
+
+def _key_from_row(row: asyncpg.Record) -> ProviderKey:
+    return ProviderKey(
+        id=row["id"],
+        tenant=row["tenant"],
+        provider=Provider(row["provider"]),
+        label=row["label"],
+        base_url=row["base_url"],
+        status=KeyStatus(row["status"]),
+        weight=row["weight"],
+        allowed_models=tuple(row["allowed_models"]),
+        secret_ciphertext=bytes(row["secret_ciphertext"]),
+        fingerprint=row["fingerprint"],
+        last4=row["last4"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _route_from_row(row: asyncpg.Record) -> Route:
+    return Route(
+        id=row["id"],
+        tenant=row["tenant"],
+        public_model=row["public_model"],
+        targets=_codec.targets_from_json(row["targets"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _client_key_from_row(row: asyncpg.Record) -> ClientKey:
+    return ClientKey(
+        id=row["id"],
+        tenant=row["tenant"],
+        label=row["label"],
+        prefix=row["prefix"],
+        token_sha256=bytes(row["token_sha256"]),
+        created_at=row["created_at"],
+    )
+
+
+def _conflict(exc: Exception, tenant: str, values: dict[str, str]) -> Exception:
+    """Translate a constraint failure of an insert/update."""
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return _codec.tenant_not_found(tenant)
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        known = _UNIQUE_CONSTRAINTS.get(getattr(exc, "constraint_name", None) or "")
+        if known is not None and known[1] in values:
+            table, field = known
+            return _codec.already_exists(table, field, values[field], tenant)
+    return exc
+
+
+class PostgresStore:
+    """``Store`` on Postgres. Connects lazily; ``close()`` releases everything."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "keyplane",
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        if not _SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(f"invalid schema name {schema!r}: use lowercase letters, digits and _")
+        self._dsn = dsn
+        self._schema = schema
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout = connect_timeout
+        self._secrets, self._target = _dsn_secrets_and_target(dsn)
+        self._changes_lock = _lock_key(f"keyplane.changes:{schema}")
+        self._migrate_lock = _lock_key(f"keyplane.migrate:{schema}")
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self._closed = False
+        self._listeners: list[ChangeListener] = []
+        self._listen_conn: asyncpg.Connection | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({self._target!r}, schema={self._schema!r})"
+
+    @property
+    def schema(self) -> str:
+        return self._schema
+
+    # connection handling ---------------------------------------------------
+
+    def _unavailable(self, exc: BaseException) -> Unavailable:
+        detail = f"{type(exc).__name__}: {exc}"
+        for secret in self._secrets:
+            detail = detail.replace(secret, "***")
+        return Unavailable(f"postgres store at {self._target} unavailable ({detail})")
+
+    async def _connect(self) -> asyncpg.Connection:
+        """A dedicated connection (the LISTEN one), outside the pool."""
+        return await asyncpg.connect(self._dsn, timeout=self._connect_timeout, server_settings=self._server_settings())
+
+    def _server_settings(self) -> dict[str, str]:
+        return {"search_path": f'"{self._schema}"', "application_name": "keyplane"}
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        if self._closed:
+            raise Unavailable("postgres store is closed")
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn,
+                        min_size=self._min_size,
+                        max_size=self._max_size,
+                        timeout=self._connect_timeout,
+                        server_settings=self._server_settings(),
+                    )
+        return self._pool
+
+    @asynccontextmanager
+    async def _errors(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except asyncpg.exceptions.ClientConfigurationError:
+            raise
+        except _UNAVAILABLE_ERRORS as exc:
+            raise self._unavailable(exc) from None
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._errors():
+            pool = await self._get_pool()
+            async with pool.acquire() as conn, conn.transaction():
+                yield conn
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._errors():
+            pool = await self._get_pool()
+            async with pool.acquire() as conn:
+                yield conn
+
+    async def _log(self, conn: asyncpg.Connection, tenant: str, kind: EntityKind, entity_id: str, op: ChangeOp) -> None:
+        """Append the change row and notify; must be the last step of a write."""
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", self._changes_lock)
+        await conn.execute(
+            "WITH c AS (INSERT INTO changes (tenant, kind, entity_id, op) VALUES ($1, $2, $3, $4) "
+            "RETURNING version) SELECT pg_notify($5, version::text) FROM c",
+            tenant,
+            kind.value,
+            entity_id,
+            op.value,
+            CHANNEL,
+        )
+
+    async def _list(self, table: str, columns: str, tenant: str) -> list[asyncpg.Record]:
+        async with self._connection() as conn:
+            if await conn.fetchval("SELECT 1 FROM tenants WHERE name = $1", tenant) is None:
+                raise _codec.tenant_not_found(tenant)
+            rows: list[asyncpg.Record] = await conn.fetch(
+                f"SELECT {columns} FROM {table} WHERE tenant = $1 ORDER BY created_at, id",  # noqa: S608
+                tenant,
+            )
+        return rows
+
+    async def _get(self, table: str, columns: str, tenant: str, entity_id: str) -> asyncpg.Record:
+        async with self._connection() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(
+                f"SELECT {columns} FROM {table} WHERE tenant = $1 AND id = $2",  # noqa: S608
+                tenant,
+                entity_id,
+            )
+        if row is None:
+            raise _codec.not_found(table, tenant, entity_id)
+        return row
+
+    async def _delete(self, table: str, kind: EntityKind, tenant: str, entity_id: str) -> None:
+        async with self._transaction() as conn:
+            status = await conn.execute(
+                f"DELETE FROM {table} WHERE tenant = $1 AND id = $2",  # noqa: S608
+                tenant,
+                entity_id,
+            )
+            if status == "DELETE 0":
+                raise _codec.not_found(table, tenant, entity_id)
+            await self._log(conn, tenant, kind, entity_id, ChangeOp.DELETE)
+
+    # lifecycle ---------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        async with self._transaction() as conn:
+            # Several replicas may start at once: one migrates, the others wait and find nothing to do.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._migrate_lock)
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+            await conn.execute(f'SET LOCAL search_path TO "{self._schema}"')
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            applied = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+            for migration in pending(MIGRATIONS, applied):
+                for statement in migration.statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", migration.version)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        tasks = list(self._tasks)
+        if self._reconnect_task is not None:
+            tasks.append(self._reconnect_task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), timeout=5)
+            except _UNAVAILABLE_ERRORS:  # includes TimeoutError
+                conn.terminate()
+        async with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except TimeoutError:
+                pool.terminate()
+
+    # tenants -----------------------------------------------------------------
+
+    async def create_tenant(self, tenant: Tenant) -> Tenant:
+        tenant = replace(tenant, created_at=_codec.utc(tenant.created_at, "created_at"))
+        async with self._transaction() as conn:
+            try:
+                await conn.execute(
+                    "INSERT INTO tenants (name, created_at) VALUES ($1, $2)", tenant.name, tenant.created_at
+                )
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise _conflict(exc, tenant.name, {"name": tenant.name}) from None
+            await self._log(conn, tenant.name, EntityKind.TENANT, tenant.name, ChangeOp.PUT)
+        return tenant
+
+    async def get_tenant(self, name: str) -> Tenant:
+        async with self._connection() as conn:
+            row = await conn.fetchrow("SELECT name, created_at FROM tenants WHERE name = $1", name)
+        if row is None:
+            raise _codec.tenant_not_found(name)
+        return Tenant(name=row["name"], created_at=row["created_at"])
+
+    async def list_tenants(self) -> list[Tenant]:
+        async with self._connection() as conn:
+            rows = await conn.fetch("SELECT name, created_at FROM tenants ORDER BY created_at, name")
+        return [Tenant(name=r["name"], created_at=r["created_at"]) for r in rows]
+
+    async def delete_tenant(self, name: str) -> None:
+        async with self._transaction() as conn:
+            if await conn.execute("DELETE FROM tenants WHERE name = $1", name) == "DELETE 0":
+                raise _codec.tenant_not_found(name)
+            await self._log(conn, name, EntityKind.TENANT, name, ChangeOp.DELETE)
+
+    # provider keys -----------------------------------------------------------
+
+    async def create_provider_key(self, key: ProviderKey) -> ProviderKey:
+        key = replace(
+            key,
+            created_at=_codec.utc(key.created_at, "created_at"),
+            updated_at=_codec.utc(key.updated_at, "updated_at"),
+        )
+        async with self._transaction() as conn:
+            try:
+                await conn.execute(
+                    f"INSERT INTO provider_keys ({_KEY_COLUMNS}) "  # noqa: S608
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                    key.id,
+                    key.tenant,
+                    key.provider.value,
+                    key.label,
+                    key.base_url,
+                    key.status.value,
+                    key.weight,
+                    list(key.allowed_models),
+                    key.secret_ciphertext,
+                    key.fingerprint,
+                    key.last4,
+                    key.created_at,
+                    key.updated_at,
+                )
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise _conflict(exc, key.tenant, {"id": key.id, "label": key.label}) from None
+            await self._log(conn, key.tenant, EntityKind.PROVIDER_KEY, key.id, ChangeOp.PUT)
+        return key
+
+    async def get_provider_key(self, tenant: str, key_id: str) -> ProviderKey:
+        return _key_from_row(await self._get("provider_keys", _KEY_COLUMNS, tenant, key_id))
+
+    async def list_provider_keys(self, tenant: str) -> list[ProviderKey]:
+        return [_key_from_row(r) for r in await self._list("provider_keys", _KEY_COLUMNS, tenant)]
+
+    async def update_provider_key(self, key: ProviderKey) -> ProviderKey:
+        updated_at = _codec.utc(key.updated_at, "updated_at")
+        async with self._transaction() as conn:
+            try:
+                row = await conn.fetchrow(
+                    "UPDATE provider_keys SET provider = $1, label = $2, base_url = $3, status = $4, "  # noqa: S608
+                    "weight = $5, allowed_models = $6, secret_ciphertext = $7, fingerprint = $8, last4 = $9, "
+                    f"updated_at = $10 WHERE tenant = $11 AND id = $12 RETURNING {_KEY_COLUMNS}",
+                    key.provider.value,
+                    key.label,
+                    key.base_url,
+                    key.status.value,
+                    key.weight,
+                    list(key.allowed_models),
+                    key.secret_ciphertext,
+                    key.fingerprint,
+                    key.last4,
+                    updated_at,
+                    key.tenant,
+                    key.id,
+                )
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise _conflict(exc, key.tenant, {"label": key.label}) from None
+            if row is None:
+                raise _codec.not_found("provider_keys", key.tenant, key.id)
+            await self._log(conn, key.tenant, EntityKind.PROVIDER_KEY, key.id, ChangeOp.PUT)
+        return _key_from_row(row)
+
+    async def delete_provider_key(self, tenant: str, key_id: str) -> None:
+        await self._delete("provider_keys", EntityKind.PROVIDER_KEY, tenant, key_id)
+
+    # routes ------------------------------------------------------------------
+
+    async def create_route(self, route: Route) -> Route:
+        route = replace(
+            route,
+            created_at=_codec.utc(route.created_at, "created_at"),
+            updated_at=_codec.utc(route.updated_at, "updated_at"),
+        )
+        async with self._transaction() as conn:
+            try:
+                await conn.execute(
+                    f"INSERT INTO routes ({_ROUTE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",  # noqa: S608
+                    route.id,
+                    route.tenant,
+                    route.public_model,
+                    _codec.targets_to_json(route.targets),
+                    route.created_at,
+                    route.updated_at,
+                )
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise _conflict(exc, route.tenant, {"id": route.id, "public_model": route.public_model}) from None
+            await self._log(conn, route.tenant, EntityKind.ROUTE, route.id, ChangeOp.PUT)
+        return route
+
+    async def get_route(self, tenant: str, route_id: str) -> Route:
+        return _route_from_row(await self._get("routes", _ROUTE_COLUMNS, tenant, route_id))
+
+    async def list_routes(self, tenant: str) -> list[Route]:
+        return [_route_from_row(r) for r in await self._list("routes", _ROUTE_COLUMNS, tenant)]
+
+    async def update_route(self, route: Route) -> Route:
+        updated_at = _codec.utc(route.updated_at, "updated_at")
+        async with self._transaction() as conn:
+            try:
+                row = await conn.fetchrow(
+                    "UPDATE routes SET public_model = $1, targets = $2, updated_at = $3 "  # noqa: S608
+                    f"WHERE tenant = $4 AND id = $5 RETURNING {_ROUTE_COLUMNS}",
+                    route.public_model,
+                    _codec.targets_to_json(route.targets),
+                    updated_at,
+                    route.tenant,
+                    route.id,
+                )
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise _conflict(exc, route.tenant, {"public_model": route.public_model}) from None
+            if row is None:
+                raise _codec.not_found("routes", route.tenant, route.id)
+            await self._log(conn, route.tenant, EntityKind.ROUTE, route.id, ChangeOp.PUT)
+        return _route_from_row(row)
+
+    async def delete_route(self, tenant: str, route_id: str) -> None:
+        await self._delete("routes", EntityKind.ROUTE, tenant, route_id)
+
+    # client keys -------------------------------------------------------------
+
+    async def create_client_key(self, client_key: ClientKey) -> ClientKey:
+        client_key = replace(client_key, created_at=_codec.utc(client_key.created_at, "created_at"))
+        async with self._transaction() as conn:
+            try:
+                await conn.execute(
+                    f"INSERT INTO client_keys ({_CLIENT_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",  # noqa: S608
+                    client_key.id,
+                    client_key.tenant,
+                    client_key.label,
+                    client_key.prefix,
+                    client_key.token_sha256,
+                    client_key.created_at,
+                )
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                values = {"id": client_key.id, "label": client_key.label}
+                raise _conflict(exc, client_key.tenant, values) from None
+            await self._log(conn, client_key.tenant, EntityKind.CLIENT_KEY, client_key.id, ChangeOp.PUT)
+        return client_key
+
+    async def get_client_key(self, tenant: str, client_key_id: str) -> ClientKey:
+        return _client_key_from_row(await self._get("client_keys", _CLIENT_KEY_COLUMNS, tenant, client_key_id))
+
+    async def list_client_keys(self, tenant: str) -> list[ClientKey]:
+        return [_client_key_from_row(r) for r in await self._list("client_keys", _CLIENT_KEY_COLUMNS, tenant)]
+
+    async def delete_client_key(self, tenant: str, client_key_id: str) -> None:
+        await self._delete("client_keys", EntityKind.CLIENT_KEY, tenant, client_key_id)
+
+    # change log --------------------------------------------------------------
+
+    async def latest_version(self) -> int:
+        async with self._connection() as conn:
+            version = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM changes")
+        return int(version)
+
+    async def changes_since(self, version: int, limit: int = 1000) -> list[ChangeRecord]:
+        if limit <= 0:
+            return []
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT version, tenant, kind, entity_id, op, created_at FROM changes "
+                "WHERE version > $1 ORDER BY version LIMIT $2",
+                version,
+                limit,
+            )
+        return [
+            ChangeRecord(
+                version=r["version"],
+                tenant=r["tenant"],
+                kind=EntityKind(r["kind"]),
+                entity_id=r["entity_id"],
+                op=ChangeOp(r["op"]),
+                created_at=r["created_at"],
+            )
+            for r in rows
+        ]
+
+    # LISTEN/NOTIFY -----------------------------------------------------------
+
+    async def listen_changes(self, listener: ChangeListener) -> None:
+        """Call ``listener(version)`` for every change committed by any store on
+        this database (this one included); after a lost LISTEN connection is
+        re-established it is called once with ``latest_version()`` to cover
+        what was missed. Listeners must be idempotent: treat the version as a
+        hint to read ``changes_since``."""
+        if self._closed:
+            raise Unavailable("postgres store is closed")
+        self._listeners.append(listener)
+        if self._listen_conn is None and self._reconnect_task is None:
+            async with self._errors():
+                await self._open_listen_connection()
+
+    async def _open_listen_connection(self) -> None:
+        conn = await self._connect()
+        try:
+            await conn.add_listener(CHANNEL, self._on_notify)
+        except BaseException:
+            conn.terminate()
+            raise
+        conn.add_termination_listener(self._on_terminated)
+        self._listen_conn = conn
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        try:
+            version = int(str(payload))
+        except ValueError:
+            log.warning("ignoring malformed %s notification", CHANNEL)
+            return
+        self._dispatch(version)
+
+    def _dispatch(self, version: int) -> None:
+        if self._closed:
+            return
+        for listener in list(self._listeners):
+            task = asyncio.get_running_loop().create_task(self._deliver(listener, version))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _deliver(listener: ChangeListener, version: int) -> None:
+        try:
+            await listener(version)
+        except Exception:
+            log.exception("change listener failed for version %d", version)
+
+    def _on_terminated(self, conn: object) -> None:
+        if self._closed or conn is not self._listen_conn:
+            return
+        self._listen_conn = None
+        log.warning("lost the %s LISTEN connection to %s; reconnecting", CHANNEL, self._target)
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.2
+        while not self._closed:
+            await asyncio.sleep(delay)
+            try:
+                await self._open_listen_connection()
+            except Exception as exc:
+                log.info("LISTEN reconnect to %s failed: %s", self._target, type(exc).__name__)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._reconnect_task = None
+            try:
+                self._dispatch(await self.latest_version())
+            except Unavailable:
+                pass
+            return

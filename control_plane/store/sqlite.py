@@ -1,0 +1,560 @@
+"""The embedded store: one SQLite file (or ``:memory:``) through aiosqlite.
+
+One connection serves the whole process. Every operation holds an
+``asyncio.Lock`` for its duration, so a write transaction
+(``BEGIN IMMEDIATE ... COMMIT``) never interleaves with another statement on
+that connection and a reader never sees a half-done write. Other processes
+opening the same file wait on SQLite's own lock (``busy_timeout``); WAL mode
+lets them read meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from control_plane.store import _codec
+from control_plane.store.base import ChangeListener
+from control_plane.store.migrations import Migration, pending
+from keyplane.domain import (
+    ChangeOp,
+    ChangeRecord,
+    ClientKey,
+    EntityKind,
+    KeyStatus,
+    Provider,
+    ProviderKey,
+    Route,
+    Tenant,
+)
+from keyplane.errors import Unavailable
+
+__all__ = ["MIGRATIONS", "SqliteStore"]
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial schema",
+        (
+            """CREATE TABLE tenants (
+                name TEXT PRIMARY KEY,
+                created_at TEXT NOT NULL
+            )""",
+            """CREATE TABLE provider_keys (
+                id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                provider TEXT NOT NULL,
+                label TEXT NOT NULL,
+                base_url TEXT NOT NULL,
+                status TEXT NOT NULL,
+                weight INTEGER NOT NULL,
+                allowed_models TEXT NOT NULL,
+                secret_ciphertext BLOB NOT NULL,
+                fingerprint TEXT NOT NULL,
+                last4 TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                UNIQUE (tenant, label)
+            )""",
+            "CREATE INDEX provider_keys_by_tenant ON provider_keys (tenant, created_at, id)",
+            """CREATE TABLE routes (
+                id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                public_model TEXT NOT NULL,
+                targets TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                UNIQUE (tenant, public_model)
+            )""",
+            "CREATE INDEX routes_by_tenant ON routes (tenant, created_at, id)",
+            """CREATE TABLE client_keys (
+                id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                label TEXT NOT NULL,
+                prefix TEXT NOT NULL,
+                token_sha256 BLOB NOT NULL,
+                created_at TEXT NOT NULL,
+                UNIQUE (tenant, label)
+            )""",
+            "CREATE INDEX client_keys_by_tenant ON client_keys (tenant, created_at, id)",
+            "CREATE INDEX client_keys_by_token ON client_keys (token_sha256)",
+            """CREATE TABLE changes (
+                version INTEGER PRIMARY KEY AUTOINCREMENT,
+                tenant TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                entity_id TEXT NOT NULL,
+                op TEXT NOT NULL,
+                created_at TEXT NOT NULL
+            )""",
+        ),
+    ),
+)
+
+_KEY_COLUMNS = (
+    "id, tenant, provider, label, base_url, status, weight, allowed_models, "
+    "secret_ciphertext, fingerprint, last4, created_at, updated_at"
+)
+_ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at"
+_CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at"
+
+
+def _ts(value: datetime, field: str) -> str:
+    # Fixed width, so text order is time order.
+    return _codec.utc(value, field).isoformat(timespec="microseconds")
+
+
+def _parse_ts(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _models_to_json(models: tuple[str, ...]) -> str:
+    return json.dumps(list(models))
+
+
+def _models_from_json(text: str) -> tuple[str, ...]:
+    return tuple(str(m) for m in json.loads(text))
+
+
+def _key_from_row(row: sqlite3.Row) -> ProviderKey:
+    return ProviderKey(
+        id=row["id"],
+        tenant=row["tenant"],
+        provider=Provider(row["provider"]),
+        label=row["label"],
+        base_url=row["base_url"],
+        status=KeyStatus(row["status"]),
+        weight=row["weight"],
+        allowed_models=_models_from_json(row["allowed_models"]),
+        secret_ciphertext=bytes(row["secret_ciphertext"]),
+        fingerprint=row["fingerprint"],
+        last4=row["last4"],
+        created_at=_parse_ts(row["created_at"]),
+        updated_at=_parse_ts(row["updated_at"]),
+    )
+
+
+def _route_from_row(row: sqlite3.Row) -> Route:
+    return Route(
+        id=row["id"],
+        tenant=row["tenant"],
+        public_model=row["public_model"],
+        targets=_codec.targets_from_json(row["targets"]),
+        created_at=_parse_ts(row["created_at"]),
+        updated_at=_parse_ts(row["updated_at"]),
+    )
+
+
+def _client_key_from_row(row: sqlite3.Row) -> ClientKey:
+    return ClientKey(
+        id=row["id"],
+        tenant=row["tenant"],
+        label=row["label"],
+        prefix=row["prefix"],
+        token_sha256=bytes(row["token_sha256"]),
+        created_at=_parse_ts(row["created_at"]),
+    )
+
+
+def _change_from_row(row: sqlite3.Row) -> ChangeRecord:
+    return ChangeRecord(
+        version=row["version"],
+        tenant=row["tenant"],
+        kind=EntityKind(row["kind"]),
+        entity_id=row["entity_id"],
+        op=ChangeOp(row["op"]),
+        created_at=_parse_ts(row["created_at"]),
+    )
+
+
+def _conflict(exc: sqlite3.IntegrityError, table: str, tenant: str, values: dict[str, str]) -> Exception:
+    """Translate a constraint failure of an insert/update on ``table``."""
+    message = str(exc)
+    if "FOREIGN KEY" in message:
+        return _codec.tenant_not_found(tenant)
+    prefix = "UNIQUE constraint failed: "
+    if message.startswith(prefix):
+        # "UNIQUE constraint failed: provider_keys.tenant, provider_keys.label" -> "label"
+        field = message[len(prefix) :].split(",")[-1].strip().split(".")[-1]
+        if field in values:
+            return _codec.already_exists(table, field, values[field], tenant)
+    return exc
+
+
+class SqliteStore:
+    """``Store`` on SQLite. ``path`` is a file path or ``":memory:"``."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._conn: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({self._path!r})"
+
+    # connection and transactions ------------------------------------------
+
+    async def _connection(self) -> aiosqlite.Connection:
+        """The open connection, opening it on first use (caller holds the lock)."""
+        if self._closed:
+            raise Unavailable("sqlite store is closed")
+        if self._conn is None:
+            memory = self._path == ":memory:"
+            if not memory:
+                await asyncio.to_thread(Path(self._path).parent.mkdir, parents=True, exist_ok=True)
+            conn = await aiosqlite.connect(self._path, isolation_level=None)
+            try:
+                conn.row_factory = sqlite3.Row
+                await conn.execute("PRAGMA foreign_keys = ON")
+                await conn.execute("PRAGMA busy_timeout = 5000")
+                if not memory:
+                    await conn.execute("PRAGMA journal_mode = WAL")
+                    await conn.execute("PRAGMA synchronous = NORMAL")
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[aiosqlite.Connection]:
+        """Exclusive use of the connection; database failures become Unavailable."""
+        async with self._lock:
+            try:
+                yield await self._connection()
+            except (sqlite3.OperationalError, OSError) as exc:
+                raise Unavailable(f"sqlite store unavailable: {exc}") from exc
+            except sqlite3.DatabaseError as exc:
+                if type(exc) is sqlite3.DatabaseError:  # corrupt file, not a database, ...
+                    raise Unavailable(f"sqlite store unavailable: {exc}") from exc
+                raise
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction: committed on success, rolled back on any error."""
+        async with self._session() as conn:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                # Some failures (disk full, I/O error) already ended the transaction.
+                if conn.in_transaction:
+                    await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+
+    @staticmethod
+    async def _fetchone(conn: aiosqlite.Connection, sql: str, params: Iterable[Any]) -> sqlite3.Row | None:
+        async with conn.execute(sql, tuple(params)) as cursor:
+            row: sqlite3.Row | None = await cursor.fetchone()
+        return row
+
+    @staticmethod
+    async def _fetchall(conn: aiosqlite.Connection, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+        async with conn.execute(sql, tuple(params)) as cursor:
+            rows = await cursor.fetchall()
+        return list(rows)
+
+    @staticmethod
+    async def _execute(conn: aiosqlite.Connection, sql: str, params: Iterable[Any]) -> int:
+        """Run one statement and return the number of rows it changed."""
+        async with conn.execute(sql, tuple(params)) as cursor:
+            return int(cursor.rowcount)
+
+    async def _log(
+        self, conn: aiosqlite.Connection, tenant: str, kind: EntityKind, entity_id: str, op: ChangeOp
+    ) -> None:
+        await self._execute(
+            conn,
+            "INSERT INTO changes (tenant, kind, entity_id, op, created_at) VALUES (?, ?, ?, ?, ?)",
+            (tenant, kind.value, entity_id, op.value, _ts(datetime.now(UTC), "created_at")),
+        )
+
+    async def _require_tenant(self, conn: aiosqlite.Connection, tenant: str) -> None:
+        if await self._fetchone(conn, "SELECT 1 FROM tenants WHERE name = ?", (tenant,)) is None:
+            raise _codec.tenant_not_found(tenant)
+
+    async def _list(self, table: str, columns: str, tenant: str) -> list[sqlite3.Row]:
+        async with self._session() as conn:
+            await self._require_tenant(conn, tenant)
+            return await self._fetchall(
+                conn,
+                f"SELECT {columns} FROM {table} WHERE tenant = ? ORDER BY created_at, id",  # noqa: S608
+                (tenant,),
+            )
+
+    async def _get(self, table: str, columns: str, tenant: str, entity_id: str) -> sqlite3.Row:
+        async with self._session() as conn:
+            row = await self._fetchone(
+                conn,
+                f"SELECT {columns} FROM {table} WHERE tenant = ? AND id = ?",  # noqa: S608
+                (tenant, entity_id),
+            )
+        if row is None:
+            raise _codec.not_found(table, tenant, entity_id)
+        return row
+
+    async def _delete(self, table: str, kind: EntityKind, tenant: str, entity_id: str) -> None:
+        async with self._transaction() as conn:
+            deleted = await self._execute(
+                conn,
+                f"DELETE FROM {table} WHERE tenant = ? AND id = ?",  # noqa: S608
+                (tenant, entity_id),
+            )
+            if deleted == 0:
+                raise _codec.not_found(table, tenant, entity_id)
+            await self._log(conn, tenant, kind, entity_id, ChangeOp.DELETE)
+
+    # lifecycle ---------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+            )
+            applied = [r["version"] for r in await self._fetchall(conn, "SELECT version FROM schema_migrations", ())]
+            for migration in pending(MIGRATIONS, applied):
+                for statement in migration.statements:
+                    await conn.execute(statement)
+                await self._execute(
+                    conn,
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                    (migration.version, _ts(datetime.now(UTC), "applied_at")),
+                )
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._closed = True
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                await conn.close()
+
+    # tenants -----------------------------------------------------------------
+
+    async def create_tenant(self, tenant: Tenant) -> Tenant:
+        tenant = replace(tenant, created_at=_codec.utc(tenant.created_at, "created_at"))
+        async with self._transaction() as conn:
+            try:
+                await self._execute(
+                    conn,
+                    "INSERT INTO tenants (name, created_at) VALUES (?, ?)",
+                    (tenant.name, _ts(tenant.created_at, "created_at")),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _conflict(exc, "tenants", tenant.name, {"name": tenant.name}) from None
+            await self._log(conn, tenant.name, EntityKind.TENANT, tenant.name, ChangeOp.PUT)
+        return tenant
+
+    async def get_tenant(self, name: str) -> Tenant:
+        async with self._session() as conn:
+            row = await self._fetchone(conn, "SELECT name, created_at FROM tenants WHERE name = ?", (name,))
+        if row is None:
+            raise _codec.tenant_not_found(name)
+        return Tenant(name=row["name"], created_at=_parse_ts(row["created_at"]))
+
+    async def list_tenants(self) -> list[Tenant]:
+        async with self._session() as conn:
+            rows = await self._fetchall(conn, "SELECT name, created_at FROM tenants ORDER BY created_at, name", ())
+        return [Tenant(name=r["name"], created_at=_parse_ts(r["created_at"])) for r in rows]
+
+    async def delete_tenant(self, name: str) -> None:
+        async with self._transaction() as conn:
+            if await self._execute(conn, "DELETE FROM tenants WHERE name = ?", (name,)) == 0:
+                raise _codec.tenant_not_found(name)
+            await self._log(conn, name, EntityKind.TENANT, name, ChangeOp.DELETE)
+
+    # provider keys -----------------------------------------------------------
+
+    async def create_provider_key(self, key: ProviderKey) -> ProviderKey:
+        key = replace(
+            key,
+            created_at=_codec.utc(key.created_at, "created_at"),
+            updated_at=_codec.utc(key.updated_at, "updated_at"),
+        )
+        async with self._transaction() as conn:
+            try:
+                await self._execute(
+                    conn,
+                    f"INSERT INTO provider_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    (
+                        key.id,
+                        key.tenant,
+                        key.provider.value,
+                        key.label,
+                        key.base_url,
+                        key.status.value,
+                        key.weight,
+                        _models_to_json(key.allowed_models),
+                        key.secret_ciphertext,
+                        key.fingerprint,
+                        key.last4,
+                        _ts(key.created_at, "created_at"),
+                        _ts(key.updated_at, "updated_at"),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _conflict(exc, "provider_keys", key.tenant, {"id": key.id, "label": key.label}) from None
+            await self._log(conn, key.tenant, EntityKind.PROVIDER_KEY, key.id, ChangeOp.PUT)
+        return key
+
+    async def get_provider_key(self, tenant: str, key_id: str) -> ProviderKey:
+        return _key_from_row(await self._get("provider_keys", _KEY_COLUMNS, tenant, key_id))
+
+    async def list_provider_keys(self, tenant: str) -> list[ProviderKey]:
+        return [_key_from_row(r) for r in await self._list("provider_keys", _KEY_COLUMNS, tenant)]
+
+    async def update_provider_key(self, key: ProviderKey) -> ProviderKey:
+        async with self._transaction() as conn:
+            try:
+                row = await self._fetchone(
+                    conn,
+                    "UPDATE provider_keys SET provider = ?, label = ?, base_url = ?, status = ?, weight = ?, "  # noqa: S608
+                    "allowed_models = ?, secret_ciphertext = ?, fingerprint = ?, last4 = ?, updated_at = ? "
+                    f"WHERE tenant = ? AND id = ? RETURNING {_KEY_COLUMNS}",
+                    (
+                        key.provider.value,
+                        key.label,
+                        key.base_url,
+                        key.status.value,
+                        key.weight,
+                        _models_to_json(key.allowed_models),
+                        key.secret_ciphertext,
+                        key.fingerprint,
+                        key.last4,
+                        _ts(key.updated_at, "updated_at"),
+                        key.tenant,
+                        key.id,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _conflict(exc, "provider_keys", key.tenant, {"label": key.label}) from None
+            if row is None:
+                raise _codec.not_found("provider_keys", key.tenant, key.id)
+            await self._log(conn, key.tenant, EntityKind.PROVIDER_KEY, key.id, ChangeOp.PUT)
+        return _key_from_row(row)
+
+    async def delete_provider_key(self, tenant: str, key_id: str) -> None:
+        await self._delete("provider_keys", EntityKind.PROVIDER_KEY, tenant, key_id)
+
+    # routes ------------------------------------------------------------------
+
+    async def create_route(self, route: Route) -> Route:
+        route = replace(
+            route,
+            created_at=_codec.utc(route.created_at, "created_at"),
+            updated_at=_codec.utc(route.updated_at, "updated_at"),
+        )
+        async with self._transaction() as conn:
+            try:
+                await self._execute(
+                    conn,
+                    f"INSERT INTO routes ({_ROUTE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    (
+                        route.id,
+                        route.tenant,
+                        route.public_model,
+                        _codec.targets_to_json(route.targets),
+                        _ts(route.created_at, "created_at"),
+                        _ts(route.updated_at, "updated_at"),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                values = {"id": route.id, "public_model": route.public_model}
+                raise _conflict(exc, "routes", route.tenant, values) from None
+            await self._log(conn, route.tenant, EntityKind.ROUTE, route.id, ChangeOp.PUT)
+        return route
+
+    async def get_route(self, tenant: str, route_id: str) -> Route:
+        return _route_from_row(await self._get("routes", _ROUTE_COLUMNS, tenant, route_id))
+
+    async def list_routes(self, tenant: str) -> list[Route]:
+        return [_route_from_row(r) for r in await self._list("routes", _ROUTE_COLUMNS, tenant)]
+
+    async def update_route(self, route: Route) -> Route:
+        async with self._transaction() as conn:
+            try:
+                row = await self._fetchone(
+                    conn,
+                    "UPDATE routes SET public_model = ?, targets = ?, updated_at = ? "  # noqa: S608
+                    f"WHERE tenant = ? AND id = ? RETURNING {_ROUTE_COLUMNS}",
+                    (
+                        route.public_model,
+                        _codec.targets_to_json(route.targets),
+                        _ts(route.updated_at, "updated_at"),
+                        route.tenant,
+                        route.id,
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise _conflict(exc, "routes", route.tenant, {"public_model": route.public_model}) from None
+            if row is None:
+                raise _codec.not_found("routes", route.tenant, route.id)
+            await self._log(conn, route.tenant, EntityKind.ROUTE, route.id, ChangeOp.PUT)
+        return _route_from_row(row)
+
+    async def delete_route(self, tenant: str, route_id: str) -> None:
+        await self._delete("routes", EntityKind.ROUTE, tenant, route_id)
+
+    # client keys -------------------------------------------------------------
+
+    async def create_client_key(self, client_key: ClientKey) -> ClientKey:
+        client_key = replace(client_key, created_at=_codec.utc(client_key.created_at, "created_at"))
+        async with self._transaction() as conn:
+            try:
+                await self._execute(
+                    conn,
+                    f"INSERT INTO client_keys ({_CLIENT_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    (
+                        client_key.id,
+                        client_key.tenant,
+                        client_key.label,
+                        client_key.prefix,
+                        client_key.token_sha256,
+                        _ts(client_key.created_at, "created_at"),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                values = {"id": client_key.id, "label": client_key.label}
+                raise _conflict(exc, "client_keys", client_key.tenant, values) from None
+            await self._log(conn, client_key.tenant, EntityKind.CLIENT_KEY, client_key.id, ChangeOp.PUT)
+        return client_key
+
+    async def get_client_key(self, tenant: str, client_key_id: str) -> ClientKey:
+        return _client_key_from_row(await self._get("client_keys", _CLIENT_KEY_COLUMNS, tenant, client_key_id))
+
+    async def list_client_keys(self, tenant: str) -> list[ClientKey]:
+        return [_client_key_from_row(r) for r in await self._list("client_keys", _CLIENT_KEY_COLUMNS, tenant)]
+
+    async def delete_client_key(self, tenant: str, client_key_id: str) -> None:
+        await self._delete("client_keys", EntityKind.CLIENT_KEY, tenant, client_key_id)
+
+    # change log --------------------------------------------------------------
+
+    async def latest_version(self) -> int:
+        async with self._session() as conn:
+            row = await self._fetchone(conn, "SELECT COALESCE(MAX(version), 0) AS v FROM changes", ())
+        return int(row["v"]) if row is not None else 0
+
+    async def changes_since(self, version: int, limit: int = 1000) -> list[ChangeRecord]:
+        if limit <= 0:
+            return []
+        async with self._session() as conn:
+            rows = await self._fetchall(
+                conn,
+                "SELECT version, tenant, kind, entity_id, op, created_at FROM changes "
+                "WHERE version > ? ORDER BY version LIMIT ?",
+                (version, limit),
+            )
+        return [_change_from_row(r) for r in rows]
+
+    async def listen_changes(self, listener: ChangeListener) -> None:
+        """Nothing to do: this process is the only writer of an embedded store."""

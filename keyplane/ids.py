@@ -1,0 +1,16 @@
+"""Object ids: a short type prefix and 20 random URL-safe characters."""
+
+from __future__ import annotations
+
+import secrets
+
+__all__ = ["CLIENT_KEY_PREFIX", "PROVIDER_KEY_PREFIX", "ROUTE_PREFIX", "new_id"]
+
+PROVIDER_KEY_PREFIX = "pk_"
+ROUTE_PREFIX = "rt_"
+CLIENT_KEY_PREFIX = "ck_"
+
+
+def new_id(prefix: str) -> str:
+    """``prefix`` followed by 20 URL-safe random characters (120 bits)."""
+    return prefix + secrets.token_urlsafe(15)

@@ -1,0 +1,66 @@
+"""Sidecar configuration: one frozen dataclass, no module globals."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "SidecarConfig", "default_sidecar_id"]
+
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+
+
+def default_sidecar_id() -> str:
+    """``<hostname>-<pid>``: unique enough for the admin's view of the fleet."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    """Everything a sidecar needs to run. Times are in seconds."""
+
+    control_plane_target: str
+    # Credential for the control plane; never logged (excluded from repr).
+    sidecar_token: str = field(repr=False)
+    # Tenants to watch; empty means every tenant the token may see.
+    tenants: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    # 0 picks a free port (read it back from ``Sidecar.port``).
+    port: int = 8787
+    sidecar_id: str = field(default_factory=default_sidecar_id)
+    upstream_connect_timeout: float = 10.0
+    # Longest silence between two bytes from the upstream.
+    upstream_read_timeout: float = 600.0
+    # Hard cap on one upstream attempt, streaming included.
+    request_timeout: float = 600.0
+    # /healthz reports 503 once the control plane has been gone this long.
+    stale_after: float = 300.0
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Upper bound on upstream attempts (keys x targets) for one request.
+    max_attempts: int = 8
+    # Connections kept per upstream host.
+    upstream_limit_per_host: int = 100
+    # Honour HTTP(S)_PROXY / NO_PROXY for upstream calls.
+    upstream_trust_env: bool = False
+    # Control-plane channel.
+    control_plane_tls: bool = False
+    control_plane_ca_file: str | None = None
+    grpc_keepalive_time: float = 60.0
+    watch_backoff_base: float = 0.1
+    watch_backoff_cap: float = 5.0
+    # How long stop() waits for in-flight requests before cancelling them.
+    shutdown_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.control_plane_target:
+            raise ValueError("control_plane_target is required")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port out of range: {self.port}")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be positive")
+        for name in ("upstream_connect_timeout", "upstream_read_timeout", "request_timeout", "stale_after"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")

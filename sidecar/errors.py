@@ -1,0 +1,118 @@
+"""OpenAI-shaped error responses: ``{"error": {"message", "type", "param", "code"}}``.
+
+Messages never include secrets or client tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+__all__ = [
+    "ErrorResponse",
+    "bad_gateway",
+    "body_too_large",
+    "error_body",
+    "invalid_api_key",
+    "invalid_request",
+    "method_not_allowed",
+    "missing_api_key",
+    "model_not_found",
+    "no_usable_key",
+    "not_found",
+    "not_ready",
+    "upstream_timeout",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse:
+    status: int
+    body: bytes
+
+
+def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> bytes:
+    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _error(
+    status: int, message: str, type_: str, *, param: str | None = None, code: str | None = None
+) -> ErrorResponse:
+    return ErrorResponse(status, error_body(message, type_, param=param, code=code))
+
+
+def invalid_request(message: str, *, param: str | None = None, code: str | None = None) -> ErrorResponse:
+    return _error(400, message, "invalid_request_error", param=param, code=code)
+
+
+def missing_api_key() -> ErrorResponse:
+    return _error(
+        401,
+        "You didn't provide an API key. Provide your keyplane client key as 'Authorization: Bearer <key>'.",
+        "invalid_request_error",
+        code="missing_api_key",
+    )
+
+
+def invalid_api_key() -> ErrorResponse:
+    return _error(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+
+
+def not_found(path: str) -> ErrorResponse:
+    return _error(404, f"Unknown request URL: {path[:200]}.", "invalid_request_error", code="unknown_url")
+
+
+def model_not_found(model: str) -> ErrorResponse:
+    return _error(
+        404,
+        f"The model '{model[:200]}' does not exist or you do not have access to it.",
+        "invalid_request_error",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def method_not_allowed(method: str, path: str) -> ErrorResponse:
+    return _error(
+        405,
+        f"Method {method[:16]} is not allowed for {path[:200]}.",
+        "invalid_request_error",
+        code="method_not_allowed",
+    )
+
+
+def body_too_large(limit: int) -> ErrorResponse:
+    return _error(
+        413,
+        f"Request body is larger than the {limit} bytes allowed.",
+        "invalid_request_error",
+        code="request_too_large",
+    )
+
+
+def bad_gateway(message: str = "The upstream provider could not be reached.") -> ErrorResponse:
+    return _error(502, message, "upstream_error", code="upstream_unavailable")
+
+
+def upstream_timeout() -> ErrorResponse:
+    return _error(504, "The upstream provider timed out.", "upstream_error", code="upstream_timeout")
+
+
+def no_usable_key(model: str) -> ErrorResponse:
+    return _error(
+        503,
+        f"No usable provider key for model '{model[:200]}'.",
+        "upstream_error",
+        param="model",
+        code="no_usable_key",
+    )
+
+
+def not_ready() -> ErrorResponse:
+    return _error(
+        503,
+        "The sidecar has not received its configuration from the control plane yet.",
+        "service_unavailable",
+        code="not_ready",
+    )

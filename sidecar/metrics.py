@@ -1,0 +1,85 @@
+"""Prometheus metrics on a registry of the sidecar's own (no global state).
+
+Label values are bounded (endpoint names, status classes, provider names,
+outcome kinds); no key ids, client keys, models or secrets.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+
+from .state import SidecarState
+
+__all__ = ["CONTENT_TYPE", "SidecarMetrics", "status_class"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class SidecarMetrics:
+    def __init__(self, state: SidecarState) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "keyplane_sidecar_requests",
+            "HTTP requests served to the app, by endpoint and status class.",
+            ["endpoint", "status_class"],
+            registry=self.registry,
+        )
+        self.upstream_attempts = Counter(
+            "keyplane_sidecar_upstream_attempts",
+            "Upstream attempts, by provider and outcome (2xx..5xx, connect_error, timeout, ...).",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "keyplane_sidecar_upstream_fallbacks",
+            "Attempts abandoned for the next key or target of the plan, by provider.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.stream_errors = Counter(
+            "keyplane_sidecar_stream_errors",
+            "Streams cut after the first byte reached the app, by provider.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.client_disconnects = Counter(
+            "keyplane_sidecar_client_disconnects",
+            "Requests abandoned because the app disconnected.",
+            registry=self.registry,
+        )
+        version = Gauge(
+            "keyplane_sidecar_state_version",
+            "Version of the state received from the control plane.",
+            registry=self.registry,
+        )
+        version.set_function(lambda: float(state.version))
+        ready = Gauge(
+            "keyplane_sidecar_state_ready",
+            "1 once a full snapshot has been received.",
+            registry=self.registry,
+        )
+        ready.set_function(lambda: 1.0 if state.is_ready else 0.0)
+        connected = Gauge(
+            "keyplane_sidecar_watch_connected",
+            "1 while a watch stream from the control plane is live.",
+            registry=self.registry,
+        )
+        connected.set_function(lambda: 1.0 if state.connected else 0.0)
+        age = Gauge(
+            "keyplane_sidecar_state_age_seconds",
+            "Seconds since the state was last known in sync (0 while connected, -1 before any).",
+            registry=self.registry,
+        )
+        age.set_function(lambda: _age(state))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _age(state: SidecarState) -> float:
+    age = state.age()
+    return -1.0 if age is None else age

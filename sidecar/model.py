@@ -1,0 +1,106 @@
+"""What the request path reads: frozen views of keys and routes.
+
+Built once from the watch stream's protobuf messages, so the hot path never
+touches protobuf objects and secrets never show up in a repr.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keyplane.domain import Provider
+from keyplane.v1 import resources_pb2, sidecar_service_pb2
+
+__all__ = [
+    "Key",
+    "Route",
+    "Target",
+    "key_from_proto",
+    "provider_from_proto",
+    "route_from_proto",
+]
+
+_PROVIDERS: dict[int, Provider] = {
+    resources_pb2.PROVIDER_OPENAI: Provider.OPENAI,
+    resources_pb2.PROVIDER_ANTHROPIC: Provider.ANTHROPIC,
+    resources_pb2.PROVIDER_AZURE_OPENAI: Provider.AZURE_OPENAI,
+    resources_pb2.PROVIDER_GEMINI: Provider.GEMINI,
+    resources_pb2.PROVIDER_OPENROUTER: Provider.OPENROUTER,
+    resources_pb2.PROVIDER_OPENAI_COMPATIBLE: Provider.OPENAI_COMPATIBLE,
+    resources_pb2.PROVIDER_VLLM: Provider.VLLM,
+}
+
+
+def provider_from_proto(value: int) -> Provider | None:
+    """The domain provider, or None for UNSPECIFIED / values this build does not know."""
+    return _PROVIDERS.get(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """A provider key as the sidecar uses it. ``secret`` is kept out of repr."""
+
+    id: str
+    provider: Provider
+    base_url: str
+    secret: str = field(repr=False)
+    active: bool
+    weight: int
+    # Empty means every model.
+    allowed_models: frozenset[str]
+    label: str
+
+    def allows(self, upstream_model: str) -> bool:
+        return not self.allowed_models or upstream_model in self.allowed_models
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: Provider
+    upstream_model: str
+    priority: int
+    weight: int
+    node_urls: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    id: str
+    public_model: str
+    targets: tuple[Target, ...]
+
+
+def key_from_proto(msg: sidecar_service_pb2.SidecarProviderKey) -> Key | None:
+    """None when the key's provider is unknown to this build (it can never be used)."""
+    provider = provider_from_proto(msg.provider)
+    if provider is None:
+        return None
+    return Key(
+        id=msg.id,
+        provider=provider,
+        base_url=msg.base_url,
+        secret=msg.secret,
+        active=msg.status == resources_pb2.KEY_STATUS_ACTIVE,
+        weight=msg.weight,
+        allowed_models=frozenset(msg.allowed_models),
+        label=msg.label,
+    )
+
+
+def route_from_proto(msg: resources_pb2.Route) -> Route:
+    """Targets with a provider this build does not know are dropped."""
+    targets: list[Target] = []
+    for t in msg.targets:
+        provider = provider_from_proto(t.provider)
+        if provider is None:
+            continue
+        targets.append(
+            Target(
+                provider=provider,
+                upstream_model=t.upstream_model,
+                priority=t.priority,
+                weight=t.weight,
+                node_urls=tuple(t.node_urls),
+            )
+        )
+    return Route(id=msg.id, public_model=msg.public_model, targets=tuple(targets))

@@ -1,0 +1,193 @@
+"""Runs a sidecar: the upstream client, the watch stream and the HTTP server.
+
+``Sidecar`` works inside an existing event loop (a CLI's ``asyncio.run`` or a
+pytest-asyncio test): ``await start()`` returns once the socket listens,
+``await stop()`` drains and closes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Generator
+
+import uvicorn
+
+from .app import SidecarApp
+from .config import SidecarConfig
+from .metrics import SidecarMetrics
+from .router import Balancer
+from .state import SidecarState
+from .upstream import UpstreamClient
+from .watch import WatchClient
+
+__all__ = ["Sidecar", "serve"]
+
+_log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handling: whoever runs the sidecar owns signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Sidecar:
+    """One sidecar process's moving parts. ``watch=False`` leaves ``state`` to the caller."""
+
+    def __init__(self, config: SidecarConfig, *, state: SidecarState | None = None, watch: bool = True) -> None:
+        self.config = config
+        self.state = state if state is not None else SidecarState()
+        self.upstream = UpstreamClient(
+            connect_timeout=config.upstream_connect_timeout,
+            read_timeout=config.upstream_read_timeout,
+            total_timeout=config.request_timeout,
+            limit_per_host=config.upstream_limit_per_host,
+            trust_env=config.upstream_trust_env,
+        )
+        self.metrics = SidecarMetrics(self.state)
+        self.app = SidecarApp(
+            self.state,
+            self.upstream,
+            metrics=self.metrics,
+            balancer=Balancer(),
+            max_body_bytes=config.max_body_bytes,
+            max_attempts=config.max_attempts,
+            stale_after=config.stale_after,
+        )
+        self.watch = WatchClient(config, self.state) if watch else None
+        self._server: _Server | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port=0``); only after ``start``."""
+        if self._port is None:
+            raise RuntimeError("the sidecar is not listening")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start everything; returns once the HTTP socket listens."""
+        if self._server is not None:
+            raise RuntimeError("the sidecar is already started")
+        await self.upstream.start()
+        try:
+            if self.watch is not None:
+                self._watch_task = asyncio.create_task(self.watch.run(), name="keyplane-sidecar-watch")
+            sock = _bind(self.config.host, self.config.port)
+            self._port = int(sock.getsockname()[1])
+            uv_config = uvicorn.Config(
+                self.app,
+                http="httptools",
+                lifespan="off",
+                log_level="warning",
+                log_config=None,
+                access_log=False,
+                server_header=False,
+                timeout_graceful_shutdown=max(1, round(self.config.shutdown_grace)),
+            )
+            self._server = _Server(uv_config)
+            self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="keyplane-sidecar-http")
+            while not self._server.started:
+                if self._serve_task.done():
+                    self._serve_task.result()
+                    raise RuntimeError("the HTTP server stopped during startup")
+                await asyncio.sleep(0.005)
+        except BaseException:
+            await self.stop()
+            raise
+        _log.info("sidecar %s listening on %s", self.config.sidecar_id, self.url)
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait for the first snapshot from the control plane."""
+        if self.watch is None:
+            return self.state.is_ready
+        return await self.watch.wait_ready(timeout)
+
+    async def wait_closed(self) -> None:
+        """Return when the HTTP server has stopped (after ``stop`` or a failure)."""
+        if self._serve_task is not None:
+            await asyncio.shield(self._serve_task)
+
+    async def stop(self) -> None:
+        """Stop accepting requests, let in-flight ones finish (up to the grace), close all."""
+        server, serve_task = self._server, self._serve_task
+        if server is not None and serve_task is not None:
+            server.should_exit = True
+            try:
+                await serve_task
+            except Exception as exc:
+                _log.error("HTTP server failed: %s", type(exc).__name__)
+        if self.watch is not None:
+            self.watch.stop()
+        if self._watch_task is not None:
+            try:
+                await self._watch_task
+            except Exception as exc:
+                _log.error("watch client failed: %s", type(exc).__name__)
+            self._watch_task = None
+        await self.upstream.close()
+        self._server = None
+        self._serve_task = None
+        self._port = None
+
+    async def __aenter__(self) -> Sidecar:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+async def serve(config: SidecarConfig, *, handle_signals: bool = True) -> None:
+    """Run a sidecar until SIGINT/SIGTERM (or cancellation), then stop it cleanly."""
+    sidecar = Sidecar(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    if handle_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+    await sidecar.start()
+    try:
+        closed = asyncio.ensure_future(sidecar.wait_closed())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((closed, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (closed, stopping):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await sidecar.stop()

@@ -1,0 +1,235 @@
+"""The sidecar's in-memory, versioned copy of what the control plane streams.
+
+Writes (``apply``) are rare and rebuild small immutable per-tenant views;
+reads on the request path (``authenticate``, ``route``, ``keys``) are dict
+hits. Everything runs on one event loop, so no locks are needed: a request
+holding a view keeps a consistent picture even if a delta lands meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from keyplane.domain import Provider
+from keyplane.v1 import sidecar_service_pb2
+
+from .model import Key, Route, key_from_proto, route_from_proto
+
+__all__ = ["SidecarState", "TenantView"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _TenantData:
+    """The mutable source of truth for one tenant, keyed as the stream keys it."""
+
+    keys: dict[str, Key] = field(default_factory=dict)
+    routes: dict[str, Route] = field(default_factory=dict)  # by route id
+    client_keys: dict[str, bytes] = field(default_factory=dict)  # id -> token SHA-256
+
+
+@dataclass(frozen=True, slots=True)
+class TenantView:
+    """What requests read for one tenant; replaced, never mutated, on change."""
+
+    routes: dict[str, Route]  # by public model
+    active_keys: dict[Provider, tuple[Key, ...]]
+    models: tuple[str, ...]
+    # (provider, upstream model) -> usable keys; filled lazily, dies with the view.
+    _usable: dict[tuple[Provider, str], tuple[Key, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, data: _TenantData) -> TenantView:
+        routes = {r.public_model: r for r in data.routes.values()}
+        by_provider: dict[Provider, list[Key]] = {}
+        for key in sorted(data.keys.values(), key=lambda k: k.id):
+            if key.active:
+                by_provider.setdefault(key.provider, []).append(key)
+        return cls(
+            routes=routes,
+            active_keys={p: tuple(ks) for p, ks in by_provider.items()},
+            models=tuple(sorted(routes)),
+        )
+
+    def usable_keys(self, provider: Provider, upstream_model: str) -> tuple[Key, ...]:
+        cache_key = (provider, upstream_model)
+        found = self._usable.get(cache_key)
+        if found is None:
+            found = tuple(k for k in self.active_keys.get(provider, ()) if k.allows(upstream_model))
+            self._usable[cache_key] = found
+        return found
+
+
+_EMPTY_VIEW = TenantView(routes={}, active_keys={}, models=())
+
+
+@dataclass(frozen=True, slots=True)
+class _ClientEntry:
+    tenant: str
+    digest: bytes
+
+
+class SidecarState:
+    """Versioned snapshot of the watched tenants, fed by ``apply``."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._data: dict[str, _TenantData] = {}
+        self._views: dict[str, TenantView] = {}
+        self._clients: dict[bytes, _ClientEntry] = {}
+        self._version = 0
+        self._ready = False
+        self._connected = False
+        self._last_update: float | None = None
+
+    # --- what the watch stream drives -------------------------------------------------
+
+    def apply(self, resp: sidecar_service_pb2.WatchResponse) -> None:
+        """Apply one watch message: a snapshot replaces everything, a delta patches."""
+        kind = resp.WhichOneof("payload")
+        if kind == "snapshot":
+            self._apply_snapshot(resp.snapshot)
+            self._version = resp.version
+            self._ready = True
+        elif kind == "delta":
+            self._apply_delta(resp.delta)
+            self._version = max(self._version, resp.version)
+        else:
+            _log.warning("ignoring watch message without payload (version %d)", resp.version)
+            return
+        self._last_update = self._clock()
+
+    def set_connected(self, connected: bool) -> None:
+        """The watch client says whether a live stream currently feeds this state."""
+        if self._connected and not connected:
+            # The last moment we knew we were in sync.
+            self._last_update = self._clock()
+        self._connected = connected
+
+    def _apply_snapshot(self, snapshot: sidecar_service_pb2.Snapshot) -> None:
+        data: dict[str, _TenantData] = {}
+        for ts in snapshot.tenants:
+            td = data.setdefault(ts.tenant, _TenantData())
+            for k in ts.keys:
+                key = key_from_proto(k)
+                if key is not None:
+                    td.keys[key.id] = key
+            for r in ts.routes:
+                td.routes[r.id] = route_from_proto(r)
+            for ck in ts.client_keys:
+                td.client_keys[ck.id] = bytes(ck.token_sha256)
+        self._data = data
+        self._views = {name: TenantView.build(td) for name, td in data.items()}
+        self._rebuild_clients()
+
+    def _apply_delta(self, delta: sidecar_service_pb2.Delta) -> None:
+        touched: set[str] = set()
+        clients_changed = False
+        for change in delta.changes:
+            if change.version and change.version <= self._version:
+                continue  # already held (resume overlap)
+            tenant = change.tenant
+            which = change.WhichOneof("change")
+            if which == "tenant_deleted":
+                self._data.pop(tenant, None)
+                self._views.pop(tenant, None)
+                touched.discard(tenant)
+                clients_changed = True
+                continue
+            td = self._data.setdefault(tenant, _TenantData())
+            touched.add(tenant)
+            if which == "key_put":
+                key = key_from_proto(change.key_put)
+                if key is None:
+                    td.keys.pop(change.key_put.id, None)
+                else:
+                    td.keys[key.id] = key
+            elif which == "key_deleted":
+                td.keys.pop(change.key_deleted, None)
+            elif which == "route_put":
+                route = route_from_proto(change.route_put)
+                td.routes[route.id] = route
+            elif which == "route_deleted":
+                td.routes.pop(change.route_deleted, None)
+            elif which == "client_key_put":
+                td.client_keys[change.client_key_put.id] = bytes(change.client_key_put.token_sha256)
+                clients_changed = True
+            elif which == "client_key_deleted":
+                td.client_keys.pop(change.client_key_deleted, None)
+                clients_changed = True
+            else:
+                _log.warning("ignoring unknown change kind at version %d", change.version)
+        for tenant in touched:
+            self._views[tenant] = TenantView.build(self._data[tenant])
+        if clients_changed:
+            self._rebuild_clients()
+
+    def _rebuild_clients(self) -> None:
+        clients: dict[bytes, _ClientEntry] = {}
+        for tenant, td in self._data.items():
+            for digest in td.client_keys.values():
+                clients[digest] = _ClientEntry(tenant=tenant, digest=digest)
+        self._clients = clients
+
+    # --- what requests read ----------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def is_ready(self) -> bool:
+        """True once a full snapshot has been applied."""
+        return self._ready
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def last_update(self) -> float | None:
+        """Monotonic time of the last applied message or of the last disconnect."""
+        return self._last_update
+
+    def age(self) -> float | None:
+        """Seconds since the state was last known to be in sync; 0 while a stream is live."""
+        if self._last_update is None:
+            return None
+        if self._connected:
+            return 0.0
+        return max(0.0, self._clock() - self._last_update)
+
+    def authenticate(self, token: str) -> str | None:
+        """The tenant owning this client token, or None."""
+        if not token:
+            return None
+        digest = hashlib.sha256(token.encode()).digest()
+        entry = self._clients.get(digest)
+        if entry is None or not hmac.compare_digest(entry.digest, digest):
+            return None
+        return entry.tenant
+
+    def tenant(self, tenant: str) -> TenantView:
+        return self._views.get(tenant, _EMPTY_VIEW)
+
+    def tenants(self) -> tuple[str, ...]:
+        return tuple(sorted(self._views))
+
+    def route(self, tenant: str, public_model: str) -> Route | None:
+        return self.tenant(tenant).routes.get(public_model)
+
+    def keys(self, tenant: str, provider: Provider, upstream_model: str | None = None) -> tuple[Key, ...]:
+        """Active keys of ``provider``; with ``upstream_model``, only those allowed to serve it."""
+        view = self.tenant(tenant)
+        if upstream_model is None:
+            return view.active_keys.get(provider, ())
+        return view.usable_keys(provider, upstream_model)
+
+    def models(self, tenant: str) -> tuple[str, ...]:
+        return self.tenant(tenant).models

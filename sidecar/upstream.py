@@ -1,0 +1,134 @@
+"""Calls to upstream providers over one shared, pooled aiohttp session.
+
+Every provider is spoken to through its OpenAI-compatible chat completions
+endpoint; only the base URL and the credential header differ. The request
+built here carries the provider secret, so it is never logged or repr'd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from keyplane.domain import Provider
+
+from .router import Attempt
+
+__all__ = [
+    "DEFAULT_BASE_URLS",
+    "FORWARDED_REQUEST_HEADERS",
+    "UpstreamClient",
+    "UpstreamConfigError",
+    "UpstreamRequest",
+    "build_request",
+]
+
+DEFAULT_BASE_URLS: Mapping[Provider, str] = {
+    Provider.OPENAI: "https://api.openai.com/v1",
+    Provider.ANTHROPIC: "https://api.anthropic.com/v1",
+    Provider.GEMINI: "https://generativelanguage.googleapis.com/v1beta/openai",
+    Provider.OPENROUTER: "https://openrouter.ai/api/v1",
+}
+
+# The only app request headers passed upstream; the app's Authorization (its
+# client key) and every hop-by-hop header stay behind.
+FORWARDED_REQUEST_HEADERS: frozenset[str] = frozenset({"accept", "user-agent"})
+
+
+class UpstreamConfigError(Exception):
+    """The attempt cannot be sent: its key or target lacks a base URL."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    url: str
+    headers: dict[str, str] = field(repr=False)
+
+
+def _base_url(attempt: Attempt) -> str:
+    key = attempt.key
+    provider = attempt.target.provider
+    if key is not None and key.base_url:
+        return key.base_url
+    if provider is Provider.VLLM:
+        if attempt.node_url:
+            return attempt.node_url
+        raise UpstreamConfigError("vllm target has no node URL")
+    default = DEFAULT_BASE_URLS.get(provider)
+    if default is None:
+        raise UpstreamConfigError(f"{provider.value} key {key.id if key else '-'} has no base_url")
+    return default
+
+
+def build_request(attempt: Attempt, app_headers: Mapping[str, str]) -> UpstreamRequest:
+    """URL and headers for one attempt. ``app_headers`` has lower-case names."""
+    url = _base_url(attempt).rstrip("/") + "/chat/completions"
+    headers = {"content-type": "application/json"}
+    for name in FORWARDED_REQUEST_HEADERS:
+        value = app_headers.get(name)
+        if value:
+            headers[name] = value
+    key = attempt.key
+    if key is not None and key.secret:
+        if attempt.target.provider is Provider.AZURE_OPENAI:
+            headers["api-key"] = key.secret
+        else:
+            headers["authorization"] = f"Bearer {key.secret}"
+    return UpstreamRequest(url=url, headers=headers)
+
+
+class UpstreamClient:
+    """One pooled HTTP client for every provider; ``start`` before use, ``close`` after."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 600.0,
+        total_timeout: float | None = 600.0,
+        limit_per_host: int = 100,
+        keepalive_timeout: float = 60.0,
+        trust_env: bool = False,
+    ) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=total_timeout, sock_connect=connect_timeout, sock_read=read_timeout)
+        self._limit_per_host = limit_per_host
+        self._keepalive_timeout = keepalive_timeout
+        self._trust_env = trust_env
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        connector = aiohttp.TCPConnector(
+            limit=0,  # no global cap; the per-host cap protects each provider
+            limit_per_host=self._limit_per_host,
+            keepalive_timeout=self._keepalive_timeout,
+            ttl_dns_cache=300,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            trust_env=self._trust_env,
+            raise_for_status=False,
+        )
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def chat_completion(
+        self, attempt: Attempt, body: bytes, app_headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
+        """Send one chat completion; returns once the upstream's headers are in.
+
+        The caller owns the response: read or stream its body, then ``release()``.
+        Raises ``UpstreamConfigError``, ``aiohttp.ClientError`` or ``TimeoutError``.
+        """
+        session = self._session
+        if session is None:
+            raise RuntimeError("UpstreamClient.start() was not called")
+        request = build_request(attempt, app_headers)
+        return await session.post(request.url, data=body, headers=request.headers, allow_redirects=False)

@@ -1,0 +1,196 @@
+"""The sidecar's only link to the control plane: one long-lived Watch stream.
+
+Every message is applied to ``SidecarState``. When the stream breaks, the
+sidecar keeps serving its last-known-good state and reconnects with jittered
+exponential backoff, asking only for what it missed (``resume_version``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
+
+from .config import SidecarConfig
+from .state import SidecarState
+
+__all__ = ["Backoff", "WatchClient"]
+
+_log = logging.getLogger(__name__)
+
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class Backoff:
+    """Exponential backoff with full jitter: delay n is uniform in [0, min(cap, base * 2**n)]."""
+
+    __slots__ = ("_base", "_cap", "_failures", "_rng")
+
+    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
+        self._base = base
+        self._cap = cap
+        self._rng = rng if rng is not None else random.Random()
+        self._failures = 0
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+    def ceiling(self) -> float:
+        """The upper bound of the next delay."""
+        return float(min(self._cap, self._base * (2.0 ** min(self._failures, 32))))
+
+    def next_delay(self) -> float:
+        delay = self._rng.uniform(0.0, self.ceiling())
+        self._failures += 1
+        return delay
+
+    def reset(self) -> None:
+        self._failures = 0
+
+
+def _channel(config: SidecarConfig) -> grpc.aio.Channel:
+    options: list[tuple[str, int]] = [
+        ("grpc.keepalive_time_ms", int(config.grpc_keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        # Our own loop paces reconnects; keep the channel's from adding long waits.
+        ("grpc.initial_reconnect_backoff_ms", int(config.watch_backoff_base * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(config.watch_backoff_base * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(config.watch_backoff_cap * 1000)),
+    ]
+    if not config.control_plane_tls:
+        return grpc.aio.insecure_channel(config.control_plane_target, options=options)
+    roots = Path(config.control_plane_ca_file).read_bytes() if config.control_plane_ca_file else None
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    return grpc.aio.secure_channel(config.control_plane_target, credentials, options=options)
+
+
+class WatchClient:
+    """Keeps ``state`` in step with the control plane until ``stop``."""
+
+    def __init__(self, config: SidecarConfig, state: SidecarState, *, rng: random.Random | None = None) -> None:
+        self._config = config
+        self._state = state
+        self._backoff = Backoff(config.watch_backoff_base, config.watch_backoff_cap, rng)
+        self._stopping = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._call: (
+            grpc.aio.UnaryStreamCall[sidecar_service_pb2.WatchRequest, sidecar_service_pb2.WatchResponse] | None
+        ) = None
+        self._force_snapshot = False
+        self._streams = 0
+
+    @property
+    def streams_opened(self) -> int:
+        """How many streams delivered at least one message (reconnects + 1)."""
+        return self._streams
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait for the first snapshot; False on timeout."""
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """Ask ``run`` to return; safe to call from any task, more than once."""
+        self._stopping.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
+
+    async def run(self) -> None:
+        channel = _channel(self._config)
+        try:
+            stub = sidecar_service_pb2_grpc.SidecarServiceStub(channel)
+            while not self._stopping.is_set():
+                if await self._watch_once(stub):
+                    self._backoff.reset()
+                if self._stopping.is_set():
+                    break
+                delay = self._backoff.next_delay()
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                except TimeoutError:
+                    pass
+        finally:
+            await channel.close(None)
+
+    async def _watch_once(self, stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub) -> bool:
+        """One stream, until it ends; True if it delivered at least one message."""
+        state = self._state
+        request = sidecar_service_pb2.WatchRequest(
+            tenants=list(self._config.tenants),
+            resume_version=0 if self._force_snapshot else state.version,
+            sidecar_id=self._config.sidecar_id,
+        )
+        metadata = (("authorization", f"Bearer {self._config.sidecar_token}"),)
+        call = stub.Watch(request, metadata=metadata)
+        self._call = call
+        received = False
+        try:
+            async for message in call:
+                try:
+                    state.apply(message)
+                except Exception as exc:  # a bad message must not kill the sidecar
+                    _log.error(
+                        "could not apply watch message at version %d (%s); asking for a fresh snapshot",
+                        message.version,
+                        type(exc).__name__,
+                    )
+                    self._force_snapshot = True
+                    call.cancel()
+                    break
+                if message.WhichOneof("payload") == "snapshot":
+                    self._force_snapshot = False
+                if not received:
+                    received = True
+                    self._streams += 1
+                    state.set_connected(True)
+                    _log.info("watch stream to the control plane is live at version %d", state.version)
+                if state.is_ready:
+                    self._ready.set()
+            else:
+                if not self._stopping.is_set():
+                    _log.warning("the control plane ended the watch stream; reconnecting")
+        except grpc.aio.AioRpcError as exc:
+            self._log_rpc_error(exc)
+        finally:
+            self._call = None
+            if received:
+                state.set_connected(False)
+        return received
+
+    def _log_rpc_error(self, exc: grpc.aio.AioRpcError) -> None:
+        if self._stopping.is_set():
+            return
+        code = exc.code()
+        failures = self._backoff.failures
+        # Loud on the first failure of a run of failures, then once in a while.
+        loud = failures == 0 or failures % 50 == 0
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            _log.log(
+                logging.ERROR if loud else logging.DEBUG,
+                "the control plane refused the sidecar token (%s) for tenants %s; retrying with backoff",
+                code.name,
+                ",".join(self._config.tenants) or "<all>",
+            )
+        else:
+            details = (exc.details() or "")[:200]
+            _log.log(
+                logging.WARNING if loud else logging.DEBUG,
+                "watch stream to %s failed: %s %s; serving last-known state version %d meanwhile",
+                self._config.control_plane_target,
+                code.name,
+                details,
+                self._state.version,
+            )

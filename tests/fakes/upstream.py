@@ -1,0 +1,249 @@
+"""A real, local OpenAI-compatible upstream for tests (aiohttp.web on 127.0.0.1).
+
+It records every request, answers chat completions in OpenAI's JSON shape,
+streams with OpenAI's SSE framing, and can be told to answer a given secret
+with a canned status and body (OpenAI's real error bodies are provided).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+__all__ = [
+    "INVALID_API_KEY",
+    "RATE_LIMITED",
+    "SERVER_ERROR",
+    "FakeUpstream",
+    "RecordedRequest",
+    "Reply",
+]
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    # Lower-case names.
+    headers: dict[str, str]
+    json: Any
+
+    @property
+    def secret(self) -> str | None:
+        """The credential the upstream saw: a bearer token or an Azure api-key."""
+        auth = self.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:]
+        return self.headers.get("api-key")
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# OpenAI's real bodies.
+INVALID_API_KEY = Reply(
+    401,
+    {
+        "error": {
+            "message": "Incorrect API key provided: sk-bad***********1234. You can find your API key at "
+            "https://platform.openai.com/account/api-keys.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    },
+)
+SERVER_ERROR = Reply(
+    500,
+    {
+        "error": {
+            "message": "The server had an error while processing your request. Sorry about that!",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    },
+)
+RATE_LIMITED = Reply(
+    429,
+    {
+        "error": {
+            "message": "Rate limit reached for gpt-4o-mini in organization org-xyz on requests per min (RPM): "
+            "Limit 3, Used 3, Requested 1. Please try again in 20s.",
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    },
+    {"retry-after": "20"},
+)
+
+
+class FakeUpstream:
+    """``async with FakeUpstream() as up:`` then point keys at ``up.base_url``."""
+
+    def __init__(
+        self,
+        *,
+        chunks: Sequence[str] = ("Hello", " from", " the", " fake", " upstream", "!"),
+        chunk_delay: float = 0.0,
+        replies: dict[str, Reply] | None = None,
+    ) -> None:
+        self.chunks = tuple(chunks)
+        self.chunk_delay = chunk_delay
+        # secret -> canned reply; anything else gets a normal completion.
+        self.replies: dict[str, Reply] = dict(replies or {})
+        self.requests: list[RecordedRequest] = []
+        # When set, a stream sends its first chunk then waits for this gate.
+        self.stream_gate: asyncio.Event | None = None
+        self.first_chunk_sent = asyncio.Event()
+        self.stream_finished = asyncio.Event()
+        self.stream_aborted = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("FakeUpstream is not running")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def chat_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    async def __aenter__(self) -> FakeUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        recorded = RecordedRequest(
+            method=request.method,
+            path=request.path,
+            headers={k.lower(): v for k, v in request.headers.items()},
+            json=body,
+        )
+        self.requests.append(recorded)
+        if request.method != "POST" or not request.path.endswith("/chat/completions"):
+            return _json(
+                404, {"error": {"message": "Not found", "type": "invalid_request_error", "param": None, "code": None}}
+            )
+        canned = self.replies.get(recorded.secret or "")
+        if canned is not None:
+            return _json(canned.status, canned.body, canned.headers)
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return _json(
+                400,
+                {
+                    "error": {
+                        "message": "you must provide a model parameter",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+            )
+        if body.get("stream") is True:
+            return await self._stream(request, body)
+        return _json(200, self._completion(body))
+
+    def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        text = "".join(self.chunks)
+        return {
+            "id": "chatcmpl-fake0001",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 9, "completion_tokens": len(self.chunks), "total_tokens": 9 + len(self.chunks)},
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+        }
+
+    def _chunk(self, model: str, delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        payload = {
+            "id": "chatcmpl-fake0001",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        model: str = body["model"]
+        response = web.StreamResponse(
+            status=200,
+            headers={"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"},
+        )
+        await response.prepare(request)
+        try:
+            await response.write(self._chunk(model, {"role": "assistant", "content": "", "refusal": None}, None))
+            for index, text in enumerate(self.chunks):
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+                await response.write(self._chunk(model, {"content": text}, None))
+                if index == 0:
+                    self.first_chunk_sent.set()
+                    if self.stream_gate is not None:
+                        await self.stream_gate.wait()
+            await response.write(self._chunk(model, {}, "stop"))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.stream_aborted.set()
+            raise
+        self.stream_finished.set()
+        return response
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers=headers or {},
+    )

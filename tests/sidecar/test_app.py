@@ -1,0 +1,498 @@
+"""The sidecar over a real uvicorn socket, fed real watch messages, against a real fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from sidecar.server import Sidecar
+from tests.fakes.upstream import INVALID_API_KEY, RATE_LIMITED, SERVER_ERROR, FakeUpstream
+
+from . import protos as p
+from .conftest import (
+    CLIENT_TOKEN,
+    OTHER_TOKEN,
+    PUBLIC_MODEL,
+    TENANT,
+    UPSTREAM_MODEL,
+    auth,
+    sidecar_config,
+    standard_snapshot,
+)
+
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "Say hello"}]
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return dict(error)
+
+
+def assert_no_secret_leak(text: str) -> None:
+    for secret in ("sk-one", "sk-two", "sk-globex", CLIENT_TOKEN, OTHER_TOKEN):
+        assert secret not in text
+
+
+# --- health ------------------------------------------------------------------------------
+
+
+async def test_healthz_before_and_after_snapshot(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    before = await client.get("/healthz")
+    assert before.status_code == 503
+    assert before.json()["status"] == "unavailable"
+    assert before.json()["reason"]
+
+    sidecar.state.apply(standard_snapshot(upstream, version=42))
+    after = await client.get("/healthz")
+    assert after.status_code == 200
+    assert after.json() == {"status": "ok", "version": 42}
+
+
+async def test_healthz_turns_stale_without_the_control_plane(upstream: FakeUpstream) -> None:
+    now = [1000.0]
+    from sidecar.state import SidecarState
+
+    state = SidecarState(clock=lambda: now[0])
+    async with Sidecar(sidecar_config(stale_after=60.0), state=state, watch=False) as sc:
+        async with httpx.AsyncClient(base_url=sc.url) as c:
+            state.apply(standard_snapshot(upstream, version=7))
+            state.set_connected(True)
+            now[0] += 3600  # a live stream is never stale, however quiet
+            assert (await c.get("/healthz")).status_code == 200
+            state.set_connected(False)
+            now[0] += 59
+            assert (await c.get("/healthz")).status_code == 200
+            now[0] += 2
+            stale = await c.get("/healthz")
+            assert stale.status_code == 503
+            assert stale.json()["status"] == "stale"
+            assert stale.json()["version"] == 7
+            # Static stability: requests are still served from the last-known state.
+            ok = await c.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+            assert ok.status_code == 200
+
+
+# --- auth and validation -------------------------------------------------------------------
+
+
+async def test_chat_before_any_snapshot_is_503(client: httpx.AsyncClient) -> None:
+    r = await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+    assert_openai_error(r, 503, "not_ready")
+
+
+async def test_missing_and_wrong_client_key_are_401(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(standard_snapshot(upstream))
+    body = {"model": PUBLIC_MODEL, "messages": MESSAGES}
+
+    missing = await client.post(CHAT, json=body)
+    assert_openai_error(missing, 401, "missing_api_key")
+    wrong = await client.post(CHAT, json=body, headers=auth("kp-wrong-token"))
+    assert_openai_error(wrong, 401, "invalid_api_key")
+    not_bearer = await client.post(CHAT, json=body, headers={"authorization": f"Basic {CLIENT_TOKEN}"})
+    assert_openai_error(not_bearer, 401)
+    assert upstream.requests == []
+
+    ok = await client.post(CHAT, json=body, headers=auth())
+    assert ok.status_code == 200
+
+
+async def test_malformed_json_missing_model_unknown_model(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(standard_snapshot(upstream))
+    headers = {**auth(), "content-type": "application/json"}
+
+    bad_json = await client.post(CHAT, content=b'{"model": "gpt-4o-mini", ', headers=headers)
+    assert_openai_error(bad_json, 400)
+    not_object = await client.post(CHAT, content=b"[1, 2]", headers=headers)
+    assert_openai_error(not_object, 400)
+    missing_model = await client.post(CHAT, json={"messages": MESSAGES}, headers=auth())
+    assert assert_openai_error(missing_model, 400)["param"] == "model"
+    numeric_model = await client.post(CHAT, json={"model": 4, "messages": MESSAGES}, headers=auth())
+    assert_openai_error(numeric_model, 400)
+    unknown = await client.post(CHAT, json={"model": "gpt-9", "messages": MESSAGES}, headers=auth())
+    assert_openai_error(unknown, 404, "model_not_found")
+    # Another tenant's model is unknown to this tenant.
+    foreign = await client.post(CHAT, json={"model": "globex-model", "messages": MESSAGES}, headers=auth())
+    assert_openai_error(foreign, 404, "model_not_found")
+    assert upstream.requests == []
+
+
+async def test_unknown_path_wrong_method_and_body_too_large(upstream: FakeUpstream) -> None:
+    async with Sidecar(sidecar_config(max_body_bytes=1024), watch=False) as sc:
+        sc.state.apply(standard_snapshot(upstream))
+        async with httpx.AsyncClient(base_url=sc.url) as c:
+            assert_openai_error(await c.get("/v1/embeddings", headers=auth()), 404)
+            assert_openai_error(await c.get(CHAT, headers=auth()), 405)
+            big = {"model": PUBLIC_MODEL, "messages": [{"role": "user", "content": "x" * 4096}]}
+            assert_openai_error(await c.post(CHAT, json=big, headers=auth()), 413)
+
+            async def chunked() -> object:
+                for _ in range(8):
+                    yield b"x" * 512
+
+            streamed = await c.post(CHAT, content=chunked(), headers=auth())  # type: ignore[arg-type]
+            assert_openai_error(streamed, 413)
+    assert upstream.requests == []
+
+
+# --- proxying ---------------------------------------------------------------------------
+
+
+async def test_non_streaming_pass_through_uses_the_provider_secret(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(standard_snapshot(upstream))
+    r = await client.post(
+        CHAT,
+        json={"model": PUBLIC_MODEL, "messages": MESSAGES, "temperature": 0.2, "user": "ünïcode"},
+        headers={**auth(), "user-agent": "my-app/1.0", "x-custom": "must-not-leak", "cookie": "a=b"},
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.headers["x-keyplane-attempts"] == "1"
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == UPSTREAM_MODEL
+    assert body["choices"][0]["message"]["content"] == "Hello from the fake upstream!"
+
+    [seen] = upstream.chat_requests()
+    assert seen.path == "/v1/chat/completions"
+    assert seen.headers["authorization"] == "Bearer sk-one"
+    assert seen.headers["user-agent"] == "my-app/1.0"
+    assert "x-custom" not in seen.headers
+    assert "cookie" not in seen.headers
+    assert CLIENT_TOKEN not in json.dumps(seen.headers)
+    assert seen.json == {
+        "model": UPSTREAM_MODEL,
+        "messages": MESSAGES,
+        "temperature": 0.2,
+        "user": "ünïcode",
+    }
+
+
+async def test_upstream_client_errors_pass_through_unchanged(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(standard_snapshot(upstream))
+    # The fake answers a body without "model" ... the sidecar requires one, so use a 400 canned reply.
+    upstream.replies["sk-one"] = type(INVALID_API_KEY)(
+        400,
+        {
+            "error": {
+                "message": "This model's maximum context length is 128000 tokens.",
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            }
+        },
+    )
+    upstream_secrets = ("sk-one", "sk-two")
+    sidecar.state.apply(standard_snapshot(upstream, version=11, secrets=upstream_secrets))
+    r = await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert r.headers["x-keyplane-attempts"] == "1"
+
+
+async def test_streaming_chunks_arrive_before_the_upstream_finishes(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(standard_snapshot(upstream))
+    upstream.stream_gate = asyncio.Event()
+    received: list[bytes] = []
+    async with client.stream(
+        "POST", CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES, "stream": True}, headers=auth()
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-keyplane-attempts"] == "1"
+        chunks = r.aiter_bytes()
+        while b'"content":"Hello"' not in b"".join(received):
+            received.append(await asyncio.wait_for(chunks.__anext__(), 5))
+        # The first content chunk is here while the upstream is still held mid-stream.
+        assert upstream.first_chunk_sent.is_set()
+        assert not upstream.stream_finished.is_set()
+        upstream.stream_gate.set()
+        async for chunk in chunks:
+            received.append(chunk)
+    assert upstream.stream_finished.is_set()
+    text = b"".join(received).decode()
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    contents = [
+        json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1]
+    ]
+    assert "".join(contents) == "Hello from the fake upstream!"
+    assert upstream.chat_requests()[0].json["stream"] is True
+
+
+async def test_stream_with_delays_is_relayed_incrementally(upstream: FakeUpstream) -> None:
+    upstream.chunk_delay = 0.2
+    async with Sidecar(sidecar_config(), watch=False) as sc:
+        sc.state.apply(standard_snapshot(upstream))
+        async with httpx.AsyncClient(base_url=sc.url) as c:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            arrivals: list[float] = []
+            async with c.stream(
+                "POST", CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES, "stream": True}, headers=auth()
+            ) as r:
+                async for _ in r.aiter_bytes():
+                    arrivals.append(loop.time() - start)
+    total = 0.2 * len(upstream.chunks)
+    assert len(arrivals) >= 3
+    assert arrivals[0] < total / 2  # not buffered until the end
+    assert arrivals[-1] >= total * 0.9
+
+
+async def test_client_disconnect_mid_stream_stops_the_upstream(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(standard_snapshot(upstream))
+    upstream.stream_gate = asyncio.Event()
+    async with client.stream(
+        "POST", CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES, "stream": True}, headers=auth()
+    ) as r:
+        async for chunk in r.aiter_bytes():
+            if b'"content":"Hello"' in chunk:
+                break
+    # The app hung up: the sidecar must drop the upstream stream too.
+    await asyncio.wait_for(upstream.stream_aborted.wait(), 5)
+    upstream.stream_gate.set()
+    assert not upstream.stream_finished.is_set()
+
+
+# --- models and metrics -----------------------------------------------------------------
+
+
+async def test_models_lists_the_tenants_public_models(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(standard_snapshot(upstream))
+    assert_openai_error(await client.get("/v1/models"), 401)
+    r = await client.get("/v1/models", headers=auth())
+    assert r.status_code == 200
+    assert r.json() == {
+        "object": "list",
+        "data": [{"id": PUBLIC_MODEL, "object": "model", "created": 0, "owned_by": "keyplane"}],
+    }
+    other = await client.get("/v1/models", headers=auth(OTHER_TOKEN))
+    assert [m["id"] for m in other.json()["data"]] == ["globex-model"]
+    one = await client.get(f"/v1/models/{PUBLIC_MODEL}", headers=auth())
+    assert one.json()["id"] == PUBLIC_MODEL
+    assert_openai_error(await client.get("/v1/models/globex-model", headers=auth()), 404, "model_not_found")
+
+
+async def test_metrics_expose_requests_attempts_and_version(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(standard_snapshot(upstream, version=77))
+    await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+    await client.post(CHAT, json={"model": PUBLIC_MODEL}, headers=auth("nope"))
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert 'keyplane_sidecar_requests_total{endpoint="chat_completions",status_class="2xx"} 1.0' in text
+    assert 'keyplane_sidecar_requests_total{endpoint="chat_completions",status_class="4xx"} 1.0' in text
+    assert 'keyplane_sidecar_upstream_attempts_total{outcome="2xx",provider="openai"} 1.0' in text
+    assert "keyplane_sidecar_state_version 77.0" in text
+    assert_no_secret_leak(text)
+
+
+# --- deltas ----------------------------------------------------------------------------
+
+
+async def test_deltas_remove_and_disable_keys(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    state = sidecar.state
+    state.apply(standard_snapshot(upstream, version=10, secrets=("sk-one", "sk-two")))
+    body = {"model": PUBLIC_MODEL, "messages": MESSAGES}
+    for _ in range(4):
+        assert (await client.post(CHAT, json=body, headers=auth())).status_code == 200
+    assert {r.secret for r in upstream.chat_requests()} == {"sk-one", "sk-two"}
+
+    state.apply(p.delta(p.key_deleted(11, TENANT, "k1")))
+    upstream.requests.clear()
+    for _ in range(4):
+        assert (await client.post(CHAT, json=body, headers=auth())).status_code == 200
+    assert {r.secret for r in upstream.chat_requests()} == {"sk-two"}
+
+    state.apply(p.delta(p.key_put(12, TENANT, p.pkey("k2", "sk-two", base_url=upstream.base_url, status=p.DISABLED))))
+    assert state.version == 12
+    upstream.requests.clear()
+    r = await client.post(CHAT, json=body, headers=auth())
+    assert_openai_error(r, 503, "no_usable_key")
+    assert upstream.requests == []
+
+    state.apply(p.delta(p.key_put(13, TENANT, p.pkey("k3", "sk-three", base_url=upstream.base_url))))
+    assert (await client.post(CHAT, json=body, headers=auth())).status_code == 200
+    assert [r.secret for r in upstream.chat_requests()] == ["sk-three"]
+
+
+async def test_client_key_and_route_deltas(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    state = sidecar.state
+    state.apply(standard_snapshot(upstream))
+    body = {"model": "new-model", "messages": MESSAGES}
+    assert_openai_error(await client.post(CHAT, json=body, headers=auth()), 404)
+    state.apply(p.delta(p.route_put(11, TENANT, p.route("r2", "new-model", p.target("gpt-4.1")))))
+    assert (await client.post(CHAT, json=body, headers=auth())).status_code == 200
+    assert upstream.chat_requests()[-1].json["model"] == "gpt-4.1"
+    state.apply(p.delta(p.route_deleted(12, TENANT, "r2")))
+    assert_openai_error(await client.post(CHAT, json=body, headers=auth()), 404)
+
+    state.apply(p.delta(p.client_key_deleted(13, TENANT, "ck1")))
+    assert_openai_error(await client.get("/v1/models", headers=auth()), 401, "invalid_api_key")
+    state.apply(p.delta(p.client_key_put(14, TENANT, p.client_key("ck2", "kp-rotated"))))
+    assert (await client.get("/v1/models", headers=auth("kp-rotated"))).status_code == 200
+
+    state.apply(p.delta(p.tenant_deleted(15, TENANT)))
+    assert_openai_error(await client.get("/v1/models", headers=auth("kp-rotated")), 401)
+    assert (await client.get("/v1/models", headers=auth(OTHER_TOKEN))).status_code == 200
+
+
+# --- fallback ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply", [INVALID_API_KEY, SERVER_ERROR, RATE_LIMITED], ids=["401", "500", "429"])
+async def test_fallback_to_the_second_key(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream, reply: object
+) -> None:
+    upstream.replies["sk-bad"] = reply  # type: ignore[assignment]
+    state = sidecar.state
+    state.apply(
+        p.snapshot(
+            10,
+            p.tenant_state(
+                TENANT,
+                # k1 weighs more, so smooth WRR picks it first.
+                keys=[
+                    p.pkey("k1", "sk-bad", base_url=upstream.base_url, weight=5),
+                    p.pkey("k2", "sk-two", base_url=upstream.base_url, weight=1),
+                ],
+                routes=[p.route("r1", PUBLIC_MODEL, p.target(UPSTREAM_MODEL))],
+                client_keys=[p.client_key("ck1", CLIENT_TOKEN)],
+            ),
+        )
+    )
+    r = await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+    assert r.status_code == 200, r.text
+    assert r.headers["x-keyplane-attempts"] == "2"
+    assert r.json()["object"] == "chat.completion"
+    assert [q.secret for q in upstream.chat_requests()] == ["sk-bad", "sk-two"]
+
+
+async def test_streaming_falls_back_before_the_first_byte(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    upstream.replies["sk-bad"] = SERVER_ERROR
+    sidecar.state.apply(standard_snapshot(upstream, secrets=("sk-bad", "sk-two")))
+    async with client.stream(
+        "POST", CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES, "stream": True}, headers=auth()
+    ) as r:
+        body = b"".join([c async for c in r.aiter_bytes()])
+    assert r.status_code == 200
+    assert r.headers["x-keyplane-attempts"] == "2"
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+async def test_last_attempt_failure_is_returned_as_is(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    upstream.replies["sk-one"] = SERVER_ERROR
+    upstream.replies["sk-two"] = INVALID_API_KEY
+    sidecar.state.apply(standard_snapshot(upstream, secrets=("sk-one", "sk-two")))
+    r = await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+    assert r.headers["x-keyplane-attempts"] == "2"
+    assert r.status_code in (401, 500)
+    assert r.json() in (SERVER_ERROR.body, INVALID_API_KEY.body)
+
+
+async def test_unreachable_target_falls_back_to_the_next_priority(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream, unused_tcp_port: int
+) -> None:
+    dead = f"http://127.0.0.1:{unused_tcp_port}/v1"
+    sidecar.state.apply(
+        p.snapshot(
+            10,
+            p.tenant_state(
+                TENANT,
+                keys=[
+                    p.pkey("dead", "sk-dead", provider=p.COMPATIBLE, base_url=dead),
+                    p.pkey("live", "sk-live", provider=p.ANTHROPIC, base_url=upstream.base_url),
+                ],
+                routes=[
+                    p.route(
+                        "r1",
+                        PUBLIC_MODEL,
+                        p.target("claude-sonnet-4-5", provider=p.ANTHROPIC, priority=1),
+                        p.target("local-model", provider=p.COMPATIBLE, priority=0),
+                    )
+                ],
+                client_keys=[p.client_key("ck1", CLIENT_TOKEN)],
+            ),
+        )
+    )
+    r = await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+    assert r.status_code == 200
+    assert r.headers["x-keyplane-attempts"] == "2"
+    [seen] = upstream.chat_requests()
+    assert seen.json["model"] == "claude-sonnet-4-5"
+    assert seen.headers["authorization"] == "Bearer sk-live"
+
+    # With nothing left to try, the app gets an OpenAI-shaped 502.
+    sidecar.state.apply(p.delta(p.key_deleted(11, TENANT, "live")))
+    r = await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+    assert_openai_error(r, 502)
+    assert r.headers["x-keyplane-attempts"] == "1"
+
+
+async def test_azure_and_vllm_request_shapes(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(
+        p.snapshot(
+            10,
+            p.tenant_state(
+                TENANT,
+                keys=[p.pkey("az", "az-secret", provider=p.AZURE, base_url=f"{upstream.url}/openai/v1/")],
+                routes=[
+                    p.route("r1", "azure-model", p.target("gpt-4o-deployment", provider=p.AZURE)),
+                    p.route("r2", "llama", p.target("meta-llama/Llama-3.1-8B", provider=p.VLLM, node_urls=[upstream.base_url])),
+                ],
+                client_keys=[p.client_key("ck1", CLIENT_TOKEN)],
+            ),
+        )
+    )
+    r = await client.post(CHAT, json={"model": "azure-model", "messages": MESSAGES}, headers=auth())
+    assert r.status_code == 200
+    r = await client.post(CHAT, json={"model": "llama", "messages": MESSAGES}, headers=auth())
+    assert r.status_code == 200
+    azure, vllm = upstream.chat_requests()
+    assert azure.path == "/openai/v1/chat/completions"
+    assert azure.headers["api-key"] == "az-secret"
+    assert "authorization" not in azure.headers
+    assert vllm.path == "/v1/chat/completions"
+    assert "authorization" not in vllm.headers
+    assert vllm.json["model"] == "meta-llama/Llama-3.1-8B"
