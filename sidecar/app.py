@@ -296,7 +296,7 @@ class SidecarApp:
             body = encoded.get(upstream_model)
             if body is None:
                 payload["model"] = upstream_model
-                body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+                body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
             return body
 
         finished, status = await _unless_disconnected(receive, self._proxy(plan, body_for, headers, stream, send))
@@ -344,6 +344,11 @@ class SidecarApp:
             provider = reply.attempt.target.provider.value
             _log.warning("stream from %s broke after the first byte: %s", provider, type(exc).__name__)
             self.metrics.stream_errors.labels(provider).inc()
+            if response.content_type == "text/event-stream":
+                # Like OpenAI mid-stream: an error event, so the app knows the answer is cut
+                # (the blank lines first terminate any event the upstream left half-sent).
+                error = errors.error_body("The upstream stream broke off.", "upstream_error", code="stream_broken")
+                await send({"type": "http.response.body", "body": b"\n\ndata: " + error + b"\n\n", "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return response.status
 

@@ -138,24 +138,27 @@ class Sidecar:
     async def stop(self) -> None:
         """Stop accepting requests, let in-flight ones finish (up to the grace), close all."""
         server, serve_task = self._server, self._serve_task
-        if server is not None and serve_task is not None:
-            server.should_exit = True
+        watch_task = self._watch_task
+        self._server = self._serve_task = self._watch_task = None
+        try:
+            if server is not None and serve_task is not None:
+                server.should_exit = True
+                try:
+                    await serve_task
+                except Exception as exc:
+                    _log.error("HTTP server failed: %s", type(exc).__name__)
+        finally:
             try:
-                await serve_task
-            except Exception as exc:
-                _log.error("HTTP server failed: %s", type(exc).__name__)
-        if self.watch is not None:
-            self.watch.stop()
-        if self._watch_task is not None:
-            try:
-                await self._watch_task
-            except Exception as exc:
-                _log.error("watch client failed: %s", type(exc).__name__)
-            self._watch_task = None
-        await self.upstream.close()
-        self._server = None
-        self._serve_task = None
-        self._port = None
+                if self.watch is not None:
+                    self.watch.stop()
+                if watch_task is not None:
+                    try:
+                        await watch_task
+                    except Exception as exc:
+                        _log.error("watch client failed: %s", type(exc).__name__)
+            finally:
+                await self.upstream.close()
+                self._port = None
 
     async def __aenter__(self) -> Sidecar:
         await self.start()

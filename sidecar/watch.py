@@ -164,6 +164,12 @@ class WatchClient:
                     _log.warning("the control plane ended the watch stream; reconnecting")
         except grpc.aio.AioRpcError as exc:
             self._log_rpc_error(exc)
+        except asyncio.CancelledError:
+            # Raised both when our task is cancelled (propagate) and when the call
+            # was cancelled locally by ``stop`` or a resync (swallow).
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
         finally:
             self._call = None
             if received:

@@ -48,6 +48,8 @@ class Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    # Seconds to wait before answering (to provoke read timeouts).
+    delay: float = 0.0
 
 
 # OpenAI's real bodies.
@@ -106,6 +108,8 @@ class FakeUpstream:
         self.requests: list[RecordedRequest] = []
         # When set, a stream sends its first chunk then waits for this gate.
         self.stream_gate: asyncio.Event | None = None
+        # When set, a stream drops the connection after this many content chunks.
+        self.break_after: int | None = None
         self.first_chunk_sent = asyncio.Event()
         self.stream_finished = asyncio.Event()
         self.stream_aborted = asyncio.Event()
@@ -132,7 +136,7 @@ class FakeUpstream:
     async def __aenter__(self) -> FakeUpstream:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -164,6 +168,8 @@ class FakeUpstream:
             )
         canned = self.replies.get(recorded.secret or "")
         if canned is not None:
+            if canned.delay:
+                await asyncio.sleep(canned.delay)
             return _json(canned.status, canned.body, canned.headers)
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return _json(
@@ -226,6 +232,11 @@ class FakeUpstream:
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
                 await response.write(self._chunk(model, {"content": text}, None))
+                if self.break_after is not None and index + 1 >= self.break_after:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    self.stream_aborted.set()
+                    return response
                 if index == 0:
                     self.first_chunk_sent.set()
                     if self.stream_gate is not None:

@@ -103,9 +103,7 @@ def route_deleted(version: int, tenant: str, route_id: str) -> sidecar_service_p
     return sidecar_service_pb2.Change(version=version, tenant=tenant, route_deleted=route_id)
 
 
-def client_key_put(
-    version: int, tenant: str, ck: sidecar_service_pb2.SidecarClientKey
-) -> sidecar_service_pb2.Change:
+def client_key_put(version: int, tenant: str, ck: sidecar_service_pb2.SidecarClientKey) -> sidecar_service_pb2.Change:
     return sidecar_service_pb2.Change(version=version, tenant=tenant, client_key_put=ck)
 
 

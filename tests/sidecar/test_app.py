@@ -6,10 +6,12 @@ import asyncio
 import json
 
 import httpx
+import openai
 import pytest
 
 from sidecar.server import Sidecar
-from tests.fakes.upstream import INVALID_API_KEY, RATE_LIMITED, SERVER_ERROR, FakeUpstream
+from sidecar.state import SidecarState
+from tests.fakes.upstream import INVALID_API_KEY, RATE_LIMITED, SERVER_ERROR, FakeUpstream, Reply
 
 from . import protos as p
 from .conftest import (
@@ -64,8 +66,6 @@ async def test_healthz_before_and_after_snapshot(
 
 async def test_healthz_turns_stale_without_the_control_plane(upstream: FakeUpstream) -> None:
     now = [1000.0]
-    from sidecar.state import SidecarState
-
     state = SidecarState(clock=lambda: now[0])
     async with Sidecar(sidecar_config(stale_after=60.0), state=state, watch=False) as sc:
         async with httpx.AsyncClient(base_url=sc.url) as c:
@@ -190,9 +190,7 @@ async def test_non_streaming_pass_through_uses_the_provider_secret(
 async def test_upstream_client_errors_pass_through_unchanged(
     sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
 ) -> None:
-    sidecar.state.apply(standard_snapshot(upstream))
-    # The fake answers a body without "model" ... the sidecar requires one, so use a 400 canned reply.
-    upstream.replies["sk-one"] = type(INVALID_API_KEY)(
+    upstream.replies["sk-one"] = Reply(
         400,
         {
             "error": {
@@ -203,12 +201,13 @@ async def test_upstream_client_errors_pass_through_unchanged(
             }
         },
     )
-    upstream_secrets = ("sk-one", "sk-two")
-    sidecar.state.apply(standard_snapshot(upstream, version=11, secrets=upstream_secrets))
+    # A client error is the app's to fix: no other key is tried.
+    sidecar.state.apply(standard_snapshot(upstream, secrets=("sk-one", "sk-two")))
     r = await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_length_exceeded"
     assert r.headers["x-keyplane-attempts"] == "1"
+    assert [q.secret for q in upstream.chat_requests()] == ["sk-one"]
 
 
 async def test_streaming_chunks_arrive_before_the_upstream_finishes(
@@ -237,9 +236,7 @@ async def test_streaming_chunks_arrive_before_the_upstream_finishes(
     events = [e for e in text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
-    contents = [
-        json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1]
-    ]
+    contents = [json.loads(e[6:])["choices"][0]["delta"].get("content", "") for e in events[:-1]]
     assert "".join(contents) == "Hello from the fake upstream!"
     assert upstream.chat_requests()[0].json["stream"] is True
 
@@ -349,9 +346,7 @@ async def test_deltas_remove_and_disable_keys(
     assert [r.secret for r in upstream.chat_requests()] == ["sk-three"]
 
 
-async def test_client_key_and_route_deltas(
-    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
-) -> None:
+async def test_client_key_and_route_deltas(sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream) -> None:
     state = sidecar.state
     state.apply(standard_snapshot(upstream))
     body = {"model": "new-model", "messages": MESSAGES}
@@ -479,7 +474,11 @@ async def test_azure_and_vllm_request_shapes(
                 keys=[p.pkey("az", "az-secret", provider=p.AZURE, base_url=f"{upstream.url}/openai/v1/")],
                 routes=[
                     p.route("r1", "azure-model", p.target("gpt-4o-deployment", provider=p.AZURE)),
-                    p.route("r2", "llama", p.target("meta-llama/Llama-3.1-8B", provider=p.VLLM, node_urls=[upstream.base_url])),
+                    p.route(
+                        "r2",
+                        "llama",
+                        p.target("meta-llama/Llama-3.1-8B", provider=p.VLLM, node_urls=[upstream.base_url]),
+                    ),
                 ],
                 client_keys=[p.client_key("ck1", CLIENT_TOKEN)],
             ),
@@ -496,3 +495,35 @@ async def test_azure_and_vllm_request_shapes(
     assert vllm.path == "/v1/chat/completions"
     assert "authorization" not in vllm.headers
     assert vllm.json["model"] == "meta-llama/Llama-3.1-8B"
+
+
+async def test_read_timeout_before_the_first_byte_falls_back(upstream: FakeUpstream) -> None:
+    upstream.replies["sk-slow"] = Reply(200, {"never": "seen"}, delay=3.0)
+    async with Sidecar(sidecar_config(upstream_read_timeout=0.3), watch=False) as sc:
+        sc.state.apply(standard_snapshot(upstream, secrets=("sk-slow", "sk-two")))
+        async with httpx.AsyncClient(base_url=sc.url) as c:
+            r = await c.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+            assert r.status_code == 200
+            assert r.headers["x-keyplane-attempts"] == "2"
+            assert r.json()["object"] == "chat.completion"
+            metrics = (await c.get("/metrics")).text
+    assert 'keyplane_sidecar_upstream_attempts_total{outcome="timeout",provider="openai"} 1.0' in metrics
+
+
+async def test_stream_broken_after_the_first_byte_ends_with_an_error_event(
+    sidecar: Sidecar, upstream: FakeUpstream
+) -> None:
+    sidecar.state.apply(standard_snapshot(upstream, secrets=("sk-one", "sk-two")))
+    upstream.break_after = 2
+    async with openai.AsyncOpenAI(api_key=CLIENT_TOKEN, base_url=f"{sidecar.url}/v1", max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model=PUBLIC_MODEL, messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        parts: list[str] = []
+        with pytest.raises(openai.APIError) as exc:
+            async for chunk in stream:
+                parts.append(chunk.choices[0].delta.content or "")
+    assert "".join(parts) == "Hello from"
+    assert "broke off" in str(exc.value)
+    # Bytes were already sent: no second attempt.
+    assert len(upstream.chat_requests()) == 1

@@ -1,0 +1,93 @@
+"""Domain <-> protobuf conversion."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+
+from keyplane import convert
+from keyplane.crypto import SecretBox, fingerprint, last4
+from keyplane.domain import ClientKey, KeyStatus, Provider, ProviderKey, Route, RouteTarget, Tenant
+from keyplane.v1 import resources_pb2 as rpb
+
+NOW = datetime(2025, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
+SECRET = "sk-convert-SECRET-abcdefgh"
+
+
+def test_enums_round_trip_and_reject_unknown() -> None:
+    for provider in Provider:
+        assert convert.provider_from_proto(convert.provider_to_proto(provider)) is provider
+    for status in KeyStatus:
+        assert convert.key_status_from_proto(convert.key_status_to_proto(status)) is status
+    assert convert.provider_from_proto(rpb.PROVIDER_UNSPECIFIED) is None
+    assert convert.provider_from_proto(99) is None
+    assert convert.key_status_from_proto(rpb.KEY_STATUS_UNSPECIFIED) is None
+    assert convert.provider_to_proto(Provider.VLLM) == rpb.PROVIDER_VLLM
+    # Every proto enum value (but UNSPECIFIED) has a domain twin.
+    assert len(rpb.Provider.values()) == len(Provider) + 1
+    assert len(rpb.KeyStatus.values()) == len(KeyStatus) + 1
+
+
+def test_timestamps() -> None:
+    ts = convert.timestamp_from_datetime(NOW)
+    assert convert.datetime_from_timestamp(ts) == NOW
+    plus_two = NOW.astimezone(timezone(timedelta(hours=2)))
+    assert convert.timestamp_from_datetime(plus_two) == ts
+    assert convert.timestamp_from_datetime(NOW.replace(tzinfo=None)) == ts
+    assert convert.datetime_from_timestamp(ts).tzinfo is UTC
+
+
+def test_provider_key_admin_view_has_no_secret_and_sidecar_view_has_it() -> None:
+    box = SecretBox(os.urandom(32))
+    key = ProviderKey(
+        id="pk_1",
+        tenant="acme",
+        provider=Provider.ANTHROPIC,
+        label="main",
+        base_url="https://api.anthropic.com",
+        status=KeyStatus.DISABLED,
+        weight=3,
+        allowed_models=("claude-3",),
+        secret_ciphertext=box.seal(SECRET, associated_data="pk_1"),
+        fingerprint=fingerprint(SECRET),
+        last4=last4(SECRET),
+        created_at=NOW,
+        updated_at=NOW + timedelta(seconds=1),
+    )
+    admin = convert.provider_key_to_proto(key)
+    assert SECRET.encode() not in admin.SerializeToString()
+    assert key.secret_ciphertext not in admin.SerializeToString()
+    assert (admin.provider, admin.status, admin.last4) == (rpb.PROVIDER_ANTHROPIC, rpb.KEY_STATUS_DISABLED, "efgh")
+    assert convert.datetime_from_timestamp(admin.update_time) == key.updated_at
+
+    sidecar = convert.sidecar_key_to_proto(key, box.open(key.secret_ciphertext, associated_data=key.id))
+    assert sidecar.secret == SECRET
+    assert (sidecar.id, sidecar.label, list(sidecar.allowed_models)) == ("pk_1", "main", ["claude-3"])
+
+
+def test_route_round_trip() -> None:
+    route = Route(
+        id="rt_1",
+        tenant="acme",
+        public_model="chat",
+        targets=(
+            RouteTarget(Provider.OPENAI, "gpt-4o", priority=0, weight=2),
+            RouteTarget(Provider.VLLM, "llama", priority=1, weight=1, node_urls=("http://a", "http://b")),
+        ),
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    assert convert.route_from_proto(convert.route_to_proto(route)) == route
+    with pytest.raises(ValueError, match="no known provider"):
+        convert.route_target_from_proto(rpb.RouteTarget(upstream_model="x"))
+
+
+def test_tenant_and_client_keys() -> None:
+    assert convert.tenant_to_proto(Tenant("acme", NOW)).name == "acme"
+    ck = ClientKey("ck_1", "acme", "app", "kp-abcdefg", b"\x07" * 32, NOW)
+    admin = convert.client_key_to_proto(ck)
+    assert (admin.id, admin.prefix) == ("ck_1", "kp-abcdefg")
+    assert b"\x07" * 32 not in admin.SerializeToString()
+    assert convert.sidecar_client_key_to_proto(ck).token_sha256 == b"\x07" * 32
