@@ -252,8 +252,9 @@ class SnapshotHub:
                     continue  # deleted meanwhile; its TENANT/DELETE change follows
             self._started = True
         log.info("snapshot hub loaded %d tenants at version %d", len(self._tenants), self._version)
-        await self.catch_up()
+        # Listen before catching up, so no write from another replica falls in between.
         await self._store.listen_changes(self._on_store_change)
+        await self.catch_up()
         if self._poll_interval is not None:
             self._poller = asyncio.create_task(self._poll(self._poll_interval), name="snapshot-hub-poll")
 

@@ -79,7 +79,9 @@ class ControlPlane:
             )
             await self._hub.start()
             server = aio.server(
-                interceptors=[AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens))]
+                interceptors=[AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens))],
+                # A second control plane on a taken port must fail, not share it.
+                options=[("grpc.so_reuseport", 0)],
             )
             self._server = server
             admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, self._hub, box), server)

@@ -71,9 +71,12 @@ class Harness:
         return response.key
 
 
-async def next_message(call: WatchCall, timeout: float = 1.0) -> sidecar_service_pb2.WatchResponse:
-    message = await asyncio.wait_for(call.read(), timeout)
-    assert message is not aio.EOF, "the watch stream ended"
+EOF: object = aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
+
+
+async def next_message(call: WatchCall, within: float = 1.0) -> sidecar_service_pb2.WatchResponse:
+    message = await asyncio.wait_for(call.read(), within)
+    assert message is not EOF, "the watch stream ended"
     assert isinstance(message, sidecar_service_pb2.WatchResponse)
     return message
 
@@ -116,7 +119,7 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[HarnessFactory]:
     for harness in started:
         for call in harness.calls:
             call.cancel()
-        await harness.channel.close()
+        await harness.channel.close(grace=None)
         await harness.plane.stop(grace=0.2)
 
 

@@ -106,7 +106,10 @@ async def test_provider_key_crud_never_returns_the_secret(harness: Harness, capl
     # Only the masked field changes.
     only_weight = await admin.UpdateProviderKey(
         apb.UpdateProviderKeyRequest(
-            tenant="acme", id=key.id, key=rpb.ProviderKey(weight=9, label="ignored"), update_mask=FieldMask(paths=["weight"])
+            tenant="acme",
+            id=key.id,
+            key=rpb.ProviderKey(weight=9, label="ignored"),
+            update_mask=FieldMask(paths=["weight"]),
         ),
         metadata=ADMIN_MD,
     )
@@ -186,9 +189,7 @@ async def test_client_keys(harness: Harness, caplog: Any) -> None:
     caplog.set_level(logging.DEBUG)
     admin = harness.admin
     await harness.tenant()
-    created = await admin.CreateClientKey(
-        apb.CreateClientKeyRequest(tenant="acme", label="web app"), metadata=ADMIN_MD
-    )
+    created = await admin.CreateClientKey(apb.CreateClientKeyRequest(tenant="acme", label="web app"), metadata=ADMIN_MD)
     token = created.token
     assert token.startswith("kp-") and len(token) == 46
     ck = created.client_key
@@ -207,7 +208,13 @@ async def test_client_keys(harness: Harness, caplog: Any) -> None:
 
 # errors ----------------------------------------------------------------------
 _BAD_WRITES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
-    ("CreateTenant", "bad name", apb.CreateTenantRequest(name="Acme Corp"), grpc.StatusCode.INVALID_ARGUMENT, "not a valid tenant name"),
+    (
+        "CreateTenant",
+        "bad name",
+        apb.CreateTenantRequest(name="Acme Corp"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not a valid tenant name",
+    ),
     ("CreateTenant", "duplicate", apb.CreateTenantRequest(name="acme"), grpc.StatusCode.ALREADY_EXISTS, "acme"),
     ("DeleteTenant", "unknown", apb.DeleteTenantRequest(name="nope"), grpc.StatusCode.NOT_FOUND, "nope"),
     (
@@ -234,9 +241,7 @@ _BAD_WRITES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
     (
         "CreateProviderKey",
         "compatible without base_url",
-        apb.CreateProviderKeyRequest(
-            tenant="acme", label="x", secret=SECRET, provider=rpb.PROVIDER_OPENAI_COMPATIBLE
-        ),
+        apb.CreateProviderKeyRequest(tenant="acme", label="x", secret=SECRET, provider=rpb.PROVIDER_OPENAI_COMPATIBLE),
         grpc.StatusCode.INVALID_ARGUMENT,
         "base_url is required for provider openai_compatible",
     ),
@@ -312,8 +317,20 @@ _BAD_WRITES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
         grpc.StatusCode.NOT_FOUND,
         "pk_missing",
     ),
-    ("DeleteProviderKey", "unknown key", apb.DeleteProviderKeyRequest(tenant="acme", id="pk_x"), grpc.StatusCode.NOT_FOUND, "pk_x"),
-    ("DeleteProviderKey", "no id", apb.DeleteProviderKeyRequest(tenant="acme"), grpc.StatusCode.INVALID_ARGUMENT, "id is required"),
+    (
+        "DeleteProviderKey",
+        "unknown key",
+        apb.DeleteProviderKeyRequest(tenant="acme", id="pk_x"),
+        grpc.StatusCode.NOT_FOUND,
+        "pk_x",
+    ),
+    (
+        "DeleteProviderKey",
+        "no id",
+        apb.DeleteProviderKeyRequest(tenant="acme"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "id is required",
+    ),
     (
         "CreateRoute",
         "no targets",
@@ -379,7 +396,13 @@ _BAD_WRITES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
         grpc.StatusCode.NOT_FOUND,
         "nope",
     ),
-    ("DeleteClientKey", "unknown", apb.DeleteClientKeyRequest(tenant="acme", id="ck_x"), grpc.StatusCode.NOT_FOUND, "ck_x"),
+    (
+        "DeleteClientKey",
+        "unknown",
+        apb.DeleteClientKeyRequest(tenant="acme", id="ck_x"),
+        grpc.StatusCode.NOT_FOUND,
+        "ck_x",
+    ),
 ]
 
 

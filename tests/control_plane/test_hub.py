@@ -65,8 +65,8 @@ def _route(route_id: str, tenant: str = "acme") -> Route:
     )
 
 
-async def _next(subscription: hub_module.Subscription, timeout: float = 1.0) -> spb.WatchResponse:
-    message = await asyncio.wait_for(subscription.next(), timeout)
+async def _next(subscription: hub_module.Subscription, within: float = 1.0) -> spb.WatchResponse:
+    message = await asyncio.wait_for(subscription.next(), within)
     assert message is not None
     return message
 
@@ -79,9 +79,7 @@ async def hub(store: SqliteStore, box: SecretBox) -> AsyncIterator[SnapshotHub]:
     await hub.close()
 
 
-async def test_start_loads_everything_and_snapshots_come_from_memory(
-    store: SqliteStore, box: SecretBox
-) -> None:
+async def test_start_loads_everything_and_snapshots_come_from_memory(store: SqliteStore, box: SecretBox) -> None:
     await store.create_tenant(Tenant("acme", NOW))
     await store.create_tenant(Tenant("empty", NOW))
     await store.create_provider_key(_key(box, "pk_1"))
@@ -224,3 +222,17 @@ async def test_a_key_that_does_not_open_is_not_sent(
 async def test_subscribe_after_close_ends_at_once(hub: SnapshotHub) -> None:
     await hub.close()
     assert await hub.subscribe(None, 0).next() is None
+
+
+async def test_the_poller_picks_up_writes_nobody_announced(store: SqliteStore, box: SecretBox) -> None:
+    await store.create_tenant(Tenant("acme", NOW))
+    hub = SnapshotHub(store, box, poll_interval=0.02)
+    await hub.start()
+    try:
+        subscription = hub.subscribe(None, hub.version)
+        await _next(subscription)
+        await store.create_route(_route("rt_1"))  # no catch_up() call
+        message = await _next(subscription, within=1.0)
+        assert [c.route_put.id for c in message.delta.changes] == ["rt_1"]
+    finally:
+        await hub.close()

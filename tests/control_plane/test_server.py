@@ -14,7 +14,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from control_plane.config import ControlPlaneConfig, redact_url
 from control_plane.server import ControlPlane
 from keyplane.v1 import admin_service_pb2 as apb
-from tests.control_plane.conftest import ADMIN_MD, ADMIN_TOKEN, SIDECAR_ALL, Harness, HarnessFactory, make_config
+from tests.control_plane.conftest import (
+    ADMIN_MD,
+    ADMIN_TOKEN,
+    SIDECAR_ALL,
+    Harness,
+    HarnessFactory,
+    make_config,
+    next_message,
+)
 
 
 async def test_health_is_open_and_serving(harness: Harness) -> None:
@@ -45,21 +53,24 @@ async def test_state_survives_a_restart(make_harness: HarnessFactory, tmp_path: 
     assert second.plane.port != 0
     got = await second.admin.ListProviderKeys(apb.ListProviderKeysRequest(tenant="acme"), metadata=ADMIN_MD)
     assert list(got.keys) == [created]
-    message = await second.watch().read()
-    assert message.snapshot.tenants[0].keys[0].id == created.id  # type: ignore[union-attr]
+    message = await next_message(second.watch())
+    assert message.snapshot.tenants[0].keys[0].id == created.id
 
 
 async def test_start_fails_cleanly_on_a_taken_port(make_harness: HarnessFactory, tmp_path: Path) -> None:
     running = await make_harness()
     plane = ControlPlane(make_config(tmp_path, listen=running.plane.address, store_url="sqlite:///:memory:"))
-    with pytest.raises(Exception):  # noqa: B017 -- grpc raises RuntimeError
-        await plane.start()
-    with pytest.raises(RuntimeError):
-        _ = plane.hub
+    try:
+        with pytest.raises(RuntimeError, match="bind"):
+            await plane.start()
+        with pytest.raises(RuntimeError, match="not started"):
+            _ = plane.hub
+    finally:
+        await plane.stop()
 
 
 async def test_unknown_method_is_unimplemented(harness: Harness) -> None:
-    call = harness.channel.unary_unary("/keyplane.v1.AdminService/Nope")
+    call = harness.channel.unary_unary("/keyplane.v1.AdminService/Nope", None, None)
     with pytest.raises(aio.AioRpcError) as info:
         await call(b"", metadata=ADMIN_MD)
     assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED

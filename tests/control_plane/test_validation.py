@@ -98,8 +98,7 @@ INVALID: list[tuple[str, Callable[[], Any], str]] = [
     (
         "provider unspecified",
         lambda: v.validate_provider(None),
-        "provider is required; one of: openai, anthropic, azure_openai, gemini, openrouter, "
-        "openai_compatible, vllm",
+        "provider is required; one of: openai, anthropic, azure_openai, gemini, openrouter, openai_compatible, vllm",
     ),
     ("status unspecified", lambda: v.validate_key_status(None), "status is required; one of: active, disabled"),
     ("secret empty", lambda: v.validate_secret("", Provider.OPENAI), "secret is required for provider openai"),

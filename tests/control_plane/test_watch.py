@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from tests.control_plane.conftest import (
     ADMIN_MD,
+    EOF,
     SECRET,
     SIDECAR_ACME_MD,
     Harness,
@@ -34,7 +36,8 @@ async def _disable(harness: Harness, key_id: str) -> None:
     )
 
 
-async def test_snapshot_then_deltas(harness: Harness) -> None:
+async def test_snapshot_then_deltas(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     await harness.tenant("acme")
     await harness.tenant("empty")
     key = await harness.key()
@@ -46,9 +49,7 @@ async def test_snapshot_then_deltas(harness: Harness) -> None:
         ),
         metadata=ADMIN_MD,
     )
-    ck = await harness.admin.CreateClientKey(
-        apb.CreateClientKeyRequest(tenant="acme", label="app"), metadata=ADMIN_MD
-    )
+    ck = await harness.admin.CreateClientKey(apb.CreateClientKeyRequest(tenant="acme", label="app"), metadata=ADMIN_MD)
     version = await harness.latest_version()
 
     call = harness.watch()
@@ -64,7 +65,7 @@ async def test_snapshot_then_deltas(harness: Harness) -> None:
 
     # Disable: the change is published before the admin call returns.
     await _disable(harness, key.id)
-    delta = await next_message(call, timeout=1.0)
+    delta = await next_message(call, within=1.0)
     assert delta.WhichOneof("payload") == "delta"
     [change] = delta.delta.changes
     assert change.WhichOneof("change") == "key_put"
@@ -73,9 +74,7 @@ async def test_snapshot_then_deltas(harness: Harness) -> None:
     assert change.key_put.secret == SECRET
     assert delta.version == change.version == await harness.latest_version()
 
-    await harness.admin.DeleteProviderKey(
-        apb.DeleteProviderKeyRequest(tenant="acme", id=key.id), metadata=ADMIN_MD
-    )
+    await harness.admin.DeleteProviderKey(apb.DeleteProviderKeyRequest(tenant="acme", id=key.id), metadata=ADMIN_MD)
     delta = await next_message(call)
     [change] = delta.delta.changes
     assert change.WhichOneof("change") == "key_deleted" and change.key_deleted == key.id
@@ -88,6 +87,20 @@ async def test_snapshot_then_deltas(harness: Harness) -> None:
     infos = harness.plane.hub.connected()
     assert [(i.sidecar_id, i.tenants, i.version) for i in infos] == [("sc-test", None, delta.version)]
     assert infos[0].peer.startswith("ipv4:127.0.0.1:")
+    assert SECRET not in caplog.text
+
+
+async def test_watch_is_served_from_memory_when_the_store_is_gone(harness: Harness) -> None:
+    await harness.tenant()
+    key = await harness.key()
+    version = await harness.latest_version()
+    await harness.plane.store.close()
+    message = await next_message(harness.watch())
+    assert message.version == version
+    assert [(k.id, k.secret) for k in message.snapshot.tenants[0].keys] == [(key.id, SECRET)]
+    with pytest.raises(aio.AioRpcError) as info:
+        await harness.key(label="another")
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
 
 
 async def test_resume_with_held_version_gets_only_missed_changes(harness: Harness) -> None:
@@ -196,14 +209,14 @@ async def test_slow_subscriber_does_not_block_others(make_harness: HarnessFactor
             ),
             metadata=ADMIN_MD,
         )
-        message = await next_message(fast, timeout=1.0)
+        message = await next_message(fast, within=1.0)
         assert message.delta.changes[-1].key_put.weight == weight
 
     # The slow one catches up to the final state, whatever the coalescing did.
     final = await harness.latest_version()
     weight = 0
     while True:
-        message = await next_message(slow, timeout=2.0)
+        message = await next_message(slow, within=2.0)
         if message.WhichOneof("payload") == "snapshot":
             weight = message.snapshot.tenants[0].keys[0].weight
         elif message.delta.changes:
@@ -219,6 +232,6 @@ async def test_stop_ends_watch_streams(make_harness: HarnessFactory) -> None:
     call = harness.watch()
     await next_message(call)
     stop = asyncio.create_task(harness.plane.stop(grace=5.0))
-    assert await asyncio.wait_for(call.read(), 2.0) is aio.EOF
+    assert await asyncio.wait_for(call.read(), 2.0) is EOF
     await asyncio.wait_for(stop, 2.0)
     assert await call.code() is grpc.StatusCode.OK
