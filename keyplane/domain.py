@@ -15,12 +15,18 @@ __all__ = [
     "ChangeRecord",
     "ClientKey",
     "EntityKind",
+    "HealthState",
+    "KeyHealth",
     "KeyStatus",
     "Provider",
+    "ProviderHealth",
     "ProviderKey",
     "Route",
     "RouteTarget",
     "Tenant",
+    "key_health_entity_id",
+    "provider_health_entity_id",
+    "split_health_entity_id",
 ]
 
 
@@ -98,11 +104,76 @@ class ClientKey:
     created_at: datetime
 
 
+class HealthState(enum.StrEnum):
+    """Learnt from upstream outcomes; separate from the admin-set KeyStatus."""
+
+    HEALTHY = "healthy"
+    # Skipped until ``until``, then one probe is let through (half-open).
+    COOLDOWN = "cooldown"
+    # Credential failure: skipped for every model until an admin resets it.
+    UNHEALTHY = "unhealthy"
+    # Provider only: failing end to end; its targets are tried last.
+    DEGRADED = "degraded"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHealth:
+    """Learnt health of a key: key-wide when ``model`` is empty, else per model.
+    Only non-healthy entries are stored; absence means healthy."""
+
+    tenant: str
+    key_id: str
+    model: str
+    state: HealthState
+    until: datetime | None
+    reason: str
+    updated_at: datetime
+
+    @property
+    def entity_id(self) -> str:
+        return key_health_entity_id(self.key_id, self.model)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderHealth:
+    """End-to-end health of a provider for one model within a tenant."""
+
+    tenant: str
+    provider: Provider
+    model: str
+    state: HealthState
+    until: datetime | None
+    reason: str
+    updated_at: datetime
+
+    @property
+    def entity_id(self) -> str:
+        return provider_health_entity_id(self.provider, self.model)
+
+
+def key_health_entity_id(key_id: str, model: str) -> str:
+    """Change-log entity id of a key health entry: ``<key id>/<model>``."""
+    return f"{key_id}/{model}"
+
+
+def provider_health_entity_id(provider: Provider, model: str) -> str:
+    """Change-log entity id of a provider health entry: ``<provider>/<model>``."""
+    return f"{provider.value}/{model}"
+
+
+def split_health_entity_id(entity_id: str) -> tuple[str, str]:
+    """Inverse of the two functions above: (key id or provider, model)."""
+    head, _, model = entity_id.partition("/")
+    return head, model
+
+
 class EntityKind(enum.StrEnum):
     TENANT = "tenant"
     PROVIDER_KEY = "provider_key"
     ROUTE = "route"
     CLIENT_KEY = "client_key"
+    KEY_HEALTH = "key_health"
+    PROVIDER_HEALTH = "provider_health"
 
 
 class ChangeOp(enum.StrEnum):

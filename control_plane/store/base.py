@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from keyplane.domain import ChangeRecord, ClientKey, ProviderKey, Route, Tenant
+from keyplane.domain import ChangeRecord, ClientKey, KeyHealth, Provider, ProviderHealth, ProviderKey, Route, Tenant
 
 __all__ = ["ChangeListener", "Store"]
 
@@ -77,6 +77,34 @@ class Store(Protocol):
     async def list_client_keys(self, tenant: str) -> list[ClientKey]: ...
 
     async def delete_client_key(self, tenant: str, client_key_id: str) -> None: ...
+
+    # learnt health ---------------------------------------------------------
+    # Written by the control plane when health *changes* (never per request).
+    # Only non-healthy entries are kept: putting a HEALTHY entry deletes the
+    # row. Each call that changes something appends one change row with kind
+    # KEY_HEALTH / PROVIDER_HEALTH and entity id ``KeyHealth.entity_id`` /
+    # ``ProviderHealth.entity_id``; a call that changes nothing (HEALTHY for an
+    # absent row) appends nothing and returns None. Returns the new version.
+    # Key health rows go when their key or tenant goes (no change row then:
+    # the key's own DELETE change implies it).
+    async def put_key_health(self, health: KeyHealth) -> int | None:
+        """NotFound if the key does not exist in the tenant."""
+
+    async def get_key_health(self, tenant: str, key_id: str, model: str) -> KeyHealth | None: ...
+
+    async def list_key_health(self, tenant: str) -> list[KeyHealth]:
+        """Non-healthy entries of a tenant ordered by key id then model; NotFound if no such tenant."""
+
+    async def clear_key_health(self, tenant: str, key_id: str) -> list[int]:
+        """Delete every entry of one key (key-wide and per model), one change
+        row (op DELETE) per deleted entry; returns their versions."""
+
+    async def put_provider_health(self, health: ProviderHealth) -> int | None:
+        """NotFound if the tenant does not exist."""
+
+    async def get_provider_health(self, tenant: str, provider: Provider, model: str) -> ProviderHealth | None: ...
+
+    async def list_provider_health(self, tenant: str) -> list[ProviderHealth]: ...
 
     # change log ------------------------------------------------------------
     async def latest_version(self) -> int:

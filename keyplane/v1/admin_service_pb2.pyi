@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from keyplane.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
@@ -739,3 +740,157 @@ class DeleteClientKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteClientKeyResponse: _TypeAlias = DeleteClientKeyResponse  # noqa: Y015
+
+@_typing.final
+class GetHealthRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHealthRequest: _TypeAlias = GetHealthRequest  # noqa: Y015
+
+@_typing.final
+class GetHealthResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_HEALTH_FIELD_NUMBER: _builtins.int
+    PROVIDER_HEALTH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key_health(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.KeyHealth]:
+        """Entries that are not healthy; a key or provider not listed is healthy."""
+
+    @_builtins.property
+    def provider_health(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.ProviderHealth]: ...
+    def __init__(
+        self,
+        *,
+        key_health: _abc.Iterable[_resources_pb2.KeyHealth] | None = ...,
+        provider_health: _abc.Iterable[_resources_pb2.ProviderHealth] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_health", b"key_health", "provider_health", b"provider_health"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetHealthResponse: _TypeAlias = GetHealthResponse  # noqa: Y015
+
+@_typing.final
+class ResetKeyHealthRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    key_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetKeyHealthRequest: _TypeAlias = ResetKeyHealthRequest  # noqa: Y015
+
+@_typing.final
+class ResetKeyHealthResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetKeyHealthResponse: _TypeAlias = ResetKeyHealthResponse  # noqa: Y015
+
+@_typing.final
+class ListSidecarsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSidecarsRequest: _TypeAlias = ListSidecarsRequest  # noqa: Y015
+
+@_typing.final
+class ListSidecarsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECARS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sidecars(self) -> _containers.RepeatedCompositeFieldContainer[Global___SidecarInfo]: ...
+    def __init__(
+        self,
+        *,
+        sidecars: _abc.Iterable[Global___SidecarInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sidecars", b"sidecars"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSidecarsResponse: _TypeAlias = ListSidecarsResponse  # noqa: Y015
+
+@_typing.final
+class SidecarInfo(_message.Message):
+    """SidecarInfo is one connected watch stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECAR_ID_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    CONNECT_TIME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    sidecar_id: _builtins.str
+    peer: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty: every tenant its token allows."""
+
+    @_builtins.property
+    def connect_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        sidecar_id: _builtins.str = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+        peer: _builtins.str = ...,
+        connect_time: _timestamp_pb2.Timestamp | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "peer", b"peer", "sidecar_id", b"sidecar_id", "tenants", b"tenants", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SidecarInfo: _TypeAlias = SidecarInfo  # noqa: Y015

@@ -121,6 +121,21 @@ class AdminServiceStub:
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.DeleteClientKeyRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.DeleteClientKeyResponse.FromString,
                 _registered_method=True)
+        self.GetHealth = channel.unary_unary(
+                '/keyplane.v1.AdminService/GetHealth',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetHealthRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetHealthResponse.FromString,
+                _registered_method=True)
+        self.ResetKeyHealth = channel.unary_unary(
+                '/keyplane.v1.AdminService/ResetKeyHealth',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ResetKeyHealthRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ResetKeyHealthResponse.FromString,
+                _registered_method=True)
+        self.ListSidecars = channel.unary_unary(
+                '/keyplane.v1.AdminService/ListSidecars',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -230,6 +245,28 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHealth(self, request, context):
+        """Learnt health of a tenant's keys (key-wide and per model) and providers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetKeyHealth(self, request, context):
+        """Clears every learnt health entry of one key (re-enabling or rotating a
+        key does this too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSidecars(self, request, context):
+        """The sidecars connected to this control-plane replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +354,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteClientKey,
                     request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.DeleteClientKeyRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_admin__service__pb2.DeleteClientKeyResponse.SerializeToString,
+            ),
+            'GetHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHealth,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetHealthRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetHealthResponse.SerializeToString,
+            ),
+            'ResetKeyHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetKeyHealth,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ResetKeyHealthRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ResetKeyHealthResponse.SerializeToString,
+            ),
+            'ListSidecars': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSidecars,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -780,6 +832,87 @@ class AdminService:
             '/keyplane.v1.AdminService/DeleteClientKey',
             keyplane_dot_v1_dot_admin__service__pb2.DeleteClientKeyRequest.SerializeToString,
             keyplane_dot_v1_dot_admin__service__pb2.DeleteClientKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/GetHealth',
+            keyplane_dot_v1_dot_admin__service__pb2.GetHealthRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.GetHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetKeyHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ResetKeyHealth',
+            keyplane_dot_v1_dot_admin__service__pb2.ResetKeyHealthRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.ResetKeyHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSidecars(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ListSidecars',
+            keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
             options,
             channel_credentials,
             insecure,

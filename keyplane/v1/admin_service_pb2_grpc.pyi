@@ -52,6 +52,14 @@ class AdminServiceStub:
     CreateClientKey: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateClientKeyRequest, _admin_service_pb2.CreateClientKeyResponse]
     ListClientKeys: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListClientKeysRequest, _admin_service_pb2.ListClientKeysResponse]
     DeleteClientKey: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteClientKeyRequest, _admin_service_pb2.DeleteClientKeyResponse]
+    GetHealth: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetHealthRequest, _admin_service_pb2.GetHealthResponse]
+    """Learnt health of a tenant's keys (key-wide and per model) and providers."""
+    ResetKeyHealth: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ResetKeyHealthRequest, _admin_service_pb2.ResetKeyHealthResponse]
+    """Clears every learnt health entry of one key (re-enabling or rotating a
+    key does this too).
+    """
+    ListSidecars: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]
+    """The sidecars connected to this control-plane replica."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -77,6 +85,14 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CreateClientKey: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateClientKeyRequest, _admin_service_pb2.CreateClientKeyResponse]  # type: ignore[assignment]
     ListClientKeys: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListClientKeysRequest, _admin_service_pb2.ListClientKeysResponse]  # type: ignore[assignment]
     DeleteClientKey: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteClientKeyRequest, _admin_service_pb2.DeleteClientKeyResponse]  # type: ignore[assignment]
+    GetHealth: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetHealthRequest, _admin_service_pb2.GetHealthResponse]  # type: ignore[assignment]
+    """Learnt health of a tenant's keys (key-wide and per model) and providers."""
+    ResetKeyHealth: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ResetKeyHealthRequest, _admin_service_pb2.ResetKeyHealthResponse]  # type: ignore[assignment]
+    """Clears every learnt health entry of one key (re-enabling or rotating a
+    key does this too).
+    """
+    ListSidecars: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]  # type: ignore[assignment]
+    """The sidecars connected to this control-plane replica."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages tenants, provider keys, routes and client keys.
@@ -201,5 +217,31 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.DeleteClientKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.DeleteClientKeyResponse, _abc.Awaitable[_admin_service_pb2.DeleteClientKeyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetHealth(
+        self,
+        request: _admin_service_pb2.GetHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.GetHealthResponse, _abc.Awaitable[_admin_service_pb2.GetHealthResponse]]:
+        """Learnt health of a tenant's keys (key-wide and per model) and providers."""
+
+    @_abc_1.abstractmethod
+    def ResetKeyHealth(
+        self,
+        request: _admin_service_pb2.ResetKeyHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ResetKeyHealthResponse, _abc.Awaitable[_admin_service_pb2.ResetKeyHealthResponse]]:
+        """Clears every learnt health entry of one key (re-enabling or rotating a
+        key does this too).
+        """
+
+    @_abc_1.abstractmethod
+    def ListSidecars(
+        self,
+        request: _admin_service_pb2.ListSidecarsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListSidecarsResponse, _abc.Awaitable[_admin_service_pb2.ListSidecarsResponse]]:
+        """The sidecars connected to this control-plane replica."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

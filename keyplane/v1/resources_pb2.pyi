@@ -72,6 +72,44 @@ KEY_STATUS_DISABLED: KeyStatus.ValueType  # 2
 KEY_STATUS_REVOKED: KeyStatus.ValueType  # 3
 Global___KeyStatus: _TypeAlias = KeyStatus  # noqa: Y015
 
+class _HealthState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HealthStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HealthState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HEALTH_STATE_UNSPECIFIED: _HealthState.ValueType  # 0
+    HEALTH_STATE_HEALTHY: _HealthState.ValueType  # 1
+    HEALTH_STATE_COOLDOWN: _HealthState.ValueType  # 2
+    """Temporarily skipped until `until` (rate limit, repeated upstream errors);
+    afterwards one probe request is allowed through (half-open).
+    """
+    HEALTH_STATE_UNHEALTHY: _HealthState.ValueType  # 3
+    """Credential failure: skipped for every model until an admin re-enables,
+    rotates or resets the key.
+    """
+    HEALTH_STATE_DEGRADED: _HealthState.ValueType  # 4
+    """Provider only: failing end to end; its targets are tried after the others."""
+
+class HealthState(_HealthState, metaclass=_HealthStateEnumTypeWrapper):
+    """HealthState is what keyplane has learnt about a key or a provider from
+    upstream outcomes; it is separate from the admin-set KeyStatus.
+    """
+
+HEALTH_STATE_UNSPECIFIED: HealthState.ValueType  # 0
+HEALTH_STATE_HEALTHY: HealthState.ValueType  # 1
+HEALTH_STATE_COOLDOWN: HealthState.ValueType  # 2
+"""Temporarily skipped until `until` (rate limit, repeated upstream errors);
+afterwards one probe request is allowed through (half-open).
+"""
+HEALTH_STATE_UNHEALTHY: HealthState.ValueType  # 3
+"""Credential failure: skipped for every model until an admin re-enables,
+rotates or resets the key.
+"""
+HEALTH_STATE_DEGRADED: HealthState.ValueType  # 4
+"""Provider only: failing end to end; its targets are tried after the others."""
+Global___HealthState: _TypeAlias = HealthState  # noqa: Y015
+
 @_typing.final
 class Tenant(_message.Message):
     """Tenant is an isolation boundary; every other object belongs to one."""
@@ -270,3 +308,87 @@ class ClientKey(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClientKey: _TypeAlias = ClientKey  # noqa: Y015
+
+@_typing.final
+class KeyHealth(_message.Message):
+    """KeyHealth is the learnt health of one provider key, key-wide (empty model)
+    or for one upstream model.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    model: _builtins.str
+    """Empty: the whole key (credential failures); else one upstream model."""
+    state: Global___HealthState.ValueType
+    reason: _builtins.str
+    """Why, e.g. "401 invalid_api_key" or "429 rate limited"; never a secret."""
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """When the cooldown ends; unset for states that last until reset."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        model: _builtins.str = ...,
+        state: Global___HealthState.ValueType = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["until", b"until", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "model", b"model", "reason", b"reason", "state", b"state", "until", b"until", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyHealth: _TypeAlias = KeyHealth  # noqa: Y015
+
+@_typing.final
+class ProviderHealth(_message.Message):
+    """ProviderHealth is the end-to-end health of a provider for one model within
+    a tenant: it drops only when every key of the provider failed a request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    provider: Global___Provider.ValueType
+    model: _builtins.str
+    state: Global___HealthState.ValueType
+    reason: _builtins.str
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        provider: Global___Provider.ValueType = ...,
+        model: _builtins.str = ...,
+        state: Global___HealthState.ValueType = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["until", b"until", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "provider", b"provider", "reason", b"reason", "state", b"state", "until", b"until", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProviderHealth: _TypeAlias = ProviderHealth  # noqa: Y015

@@ -5,8 +5,11 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from keyplane.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +21,40 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _OutcomeClass:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutcomeClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutcomeClass.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTCOME_CLASS_UNSPECIFIED: _OutcomeClass.ValueType  # 0
+    OUTCOME_CLASS_SUCCESS: _OutcomeClass.ValueType  # 1
+    OUTCOME_CLASS_CREDENTIAL: _OutcomeClass.ValueType  # 2
+    """401/403, or a body that says the key is invalid."""
+    OUTCOME_CLASS_RATE_LIMITED: _OutcomeClass.ValueType  # 3
+    OUTCOME_CLASS_UPSTREAM_ERROR: _OutcomeClass.ValueType  # 4
+    """5xx, connect error, timeout before the first byte."""
+    OUTCOME_CLASS_CLIENT_ERROR: _OutcomeClass.ValueType  # 5
+    """Other 4xx: the request itself was bad; penalises nobody."""
+    OUTCOME_CLASS_STREAM_BROKEN: _OutcomeClass.ValueType  # 6
+    """Failure after the first byte was streamed to the app."""
+
+class OutcomeClass(_OutcomeClass, metaclass=_OutcomeClassEnumTypeWrapper):
+    """OutcomeClass is the sidecar's classification of one upstream attempt."""
+
+OUTCOME_CLASS_UNSPECIFIED: OutcomeClass.ValueType  # 0
+OUTCOME_CLASS_SUCCESS: OutcomeClass.ValueType  # 1
+OUTCOME_CLASS_CREDENTIAL: OutcomeClass.ValueType  # 2
+"""401/403, or a body that says the key is invalid."""
+OUTCOME_CLASS_RATE_LIMITED: OutcomeClass.ValueType  # 3
+OUTCOME_CLASS_UPSTREAM_ERROR: OutcomeClass.ValueType  # 4
+"""5xx, connect error, timeout before the first byte."""
+OUTCOME_CLASS_CLIENT_ERROR: OutcomeClass.ValueType  # 5
+"""Other 4xx: the request itself was bad; penalises nobody."""
+OUTCOME_CLASS_STREAM_BROKEN: OutcomeClass.ValueType  # 6
+"""Failure after the first byte was streamed to the app."""
+Global___OutcomeClass: _TypeAlias = OutcomeClass  # noqa: Y015
 
 @_typing.final
 class WatchRequest(_message.Message):
@@ -113,6 +150,8 @@ class TenantState(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     ROUTES_FIELD_NUMBER: _builtins.int
     CLIENT_KEYS_FIELD_NUMBER: _builtins.int
+    KEY_HEALTH_FIELD_NUMBER: _builtins.int
+    PROVIDER_HEALTH_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SidecarProviderKey]: ...
@@ -120,6 +159,12 @@ class TenantState(_message.Message):
     def routes(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Route]: ...
     @_builtins.property
     def client_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SidecarClientKey]: ...
+    @_builtins.property
+    def key_health(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.KeyHealth]:
+        """Only entries that are not healthy are listed."""
+
+    @_builtins.property
+    def provider_health(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.ProviderHealth]: ...
     def __init__(
         self,
         *,
@@ -127,10 +172,12 @@ class TenantState(_message.Message):
         keys: _abc.Iterable[Global___SidecarProviderKey] | None = ...,
         routes: _abc.Iterable[_resources_pb2.Route] | None = ...,
         client_keys: _abc.Iterable[Global___SidecarClientKey] | None = ...,
+        key_health: _abc.Iterable[_resources_pb2.KeyHealth] | None = ...,
+        provider_health: _abc.Iterable[_resources_pb2.ProviderHealth] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_keys", b"client_keys", "keys", b"keys", "routes", b"routes", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_keys", b"client_keys", "key_health", b"key_health", "keys", b"keys", "provider_health", b"provider_health", "routes", b"routes", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -238,6 +285,8 @@ class Change(_message.Message):
     CLIENT_KEY_PUT_FIELD_NUMBER: _builtins.int
     CLIENT_KEY_DELETED_FIELD_NUMBER: _builtins.int
     TENANT_DELETED_FIELD_NUMBER: _builtins.int
+    KEY_HEALTH_FIELD_NUMBER: _builtins.int
+    PROVIDER_HEALTH_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     tenant: _builtins.str
     key_deleted: _builtins.str
@@ -251,6 +300,12 @@ class Change(_message.Message):
     def route_put(self) -> _resources_pb2.Route: ...
     @_builtins.property
     def client_key_put(self) -> Global___SidecarClientKey: ...
+    @_builtins.property
+    def key_health(self) -> _resources_pb2.KeyHealth:
+        """A key's learnt health changed (HEALTHY means any earlier entry is cleared)."""
+
+    @_builtins.property
+    def provider_health(self) -> _resources_pb2.ProviderHealth: ...
     def __init__(
         self,
         *,
@@ -263,13 +318,129 @@ class Change(_message.Message):
         client_key_put: Global___SidecarClientKey | None = ...,
         client_key_deleted: _builtins.str = ...,
         tenant_deleted: _builtins.bool = ...,
+        key_health: _resources_pb2.KeyHealth | None = ...,
+        provider_health: _resources_pb2.ProviderHealth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "client_key_deleted", b"client_key_deleted", "client_key_put", b"client_key_put", "key_deleted", b"key_deleted", "key_put", b"key_put", "route_deleted", b"route_deleted", "route_put", b"route_put", "tenant_deleted", b"tenant_deleted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "client_key_deleted", b"client_key_deleted", "client_key_put", b"client_key_put", "key_deleted", b"key_deleted", "key_health", b"key_health", "key_put", b"key_put", "provider_health", b"provider_health", "route_deleted", b"route_deleted", "route_put", b"route_put", "tenant_deleted", b"tenant_deleted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "client_key_deleted", b"client_key_deleted", "client_key_put", b"client_key_put", "key_deleted", b"key_deleted", "key_put", b"key_put", "route_deleted", b"route_deleted", "route_put", b"route_put", "tenant", b"tenant", "tenant_deleted", b"tenant_deleted", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "client_key_deleted", b"client_key_deleted", "client_key_put", b"client_key_put", "key_deleted", b"key_deleted", "key_health", b"key_health", "key_put", b"key_put", "provider_health", b"provider_health", "route_deleted", b"route_deleted", "route_put", b"route_put", "tenant", b"tenant", "tenant_deleted", b"tenant_deleted", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["key_put", "key_deleted", "route_put", "route_deleted", "client_key_put", "client_key_deleted", "tenant_deleted"]  # noqa: Y015
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["key_put", "key_deleted", "route_put", "route_deleted", "client_key_put", "client_key_deleted", "tenant_deleted", "key_health", "provider_health"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
 Global___Change: _TypeAlias = Change  # noqa: Y015
+
+@_typing.final
+class Outcome(_message.Message):
+    """Outcome is one upstream attempt of one app request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    OUTCOME_CLASS_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    RECOVERED_FIELD_NUMBER: _builtins.int
+    PROVIDER_FINAL_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    key_id: _builtins.str
+    provider: _resources_pb2.Provider.ValueType
+    model: _builtins.str
+    """The upstream model."""
+    outcome_class: Global___OutcomeClass.ValueType
+    status_code: _builtins.int
+    """HTTP status; 0 when no response arrived."""
+    latency_ms: _builtins.int
+    recovered: _builtins.bool
+    """A later attempt on the same provider recovered the request."""
+    provider_final: _builtins.bool
+    """This was the request's last attempt on this provider, so its class is the
+    provider's end-to-end result for the request.
+    """
+    request_id: _builtins.str
+    reason: _builtins.str
+    """Short and secret-free, e.g. "401 invalid_api_key"."""
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        provider: _resources_pb2.Provider.ValueType = ...,
+        model: _builtins.str = ...,
+        outcome_class: Global___OutcomeClass.ValueType = ...,
+        status_code: _builtins.int = ...,
+        latency_ms: _builtins.int = ...,
+        recovered: _builtins.bool = ...,
+        provider_final: _builtins.bool = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
+        request_id: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "outcome_class", b"outcome_class", "provider", b"provider", "provider_final", b"provider_final", "reason", b"reason", "recovered", b"recovered", "request_id", b"request_id", "retry_after", b"retry_after", "status_code", b"status_code", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
+
+@_typing.final
+class ReportOutcomesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    SIDECAR_ID_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    sidecar_id: _builtins.str
+    dropped: _builtins.int
+    """Outcomes this sidecar dropped since its previous batch (queue full or
+    control plane unreachable).
+    """
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Outcome]: ...
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___Outcome] | None = ...,
+        sidecar_id: _builtins.str = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "outcomes", b"outcomes", "sidecar_id", b"sidecar_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportOutcomesRequest: _TypeAlias = ReportOutcomesRequest  # noqa: Y015
+
+@_typing.final
+class ReportOutcomesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportOutcomesResponse: _TypeAlias = ReportOutcomesResponse  # noqa: Y015

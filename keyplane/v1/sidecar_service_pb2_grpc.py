@@ -41,6 +41,11 @@ class SidecarServiceStub:
                 request_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.WatchRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.ReportOutcomes = channel.stream_unary(
+                '/keyplane.v1.SidecarService/ReportOutcomes',
+                request_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesResponse.FromString,
+                _registered_method=True)
 
 
 class SidecarServiceServicer:
@@ -58,6 +63,16 @@ class SidecarServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportOutcomes(self, request_iterator, context):
+        """ReportOutcomes takes batches of upstream attempt outcomes; the control
+        plane folds them into key and provider health and pushes changes to every
+        sidecar of the tenant over Watch. Client streaming, deliberately: one
+        long-lived stream per sidecar instead of one call per batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SidecarServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -65,6 +80,11 @@ def add_SidecarServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.WatchRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.WatchResponse.SerializeToString,
+            ),
+            'ReportOutcomes': grpc.stream_unary_rpc_method_handler(
+                    servicer.ReportOutcomes,
+                    request_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -96,6 +116,33 @@ class SidecarService:
             '/keyplane.v1.SidecarService/Watch',
             keyplane_dot_v1_dot_sidecar__service__pb2.WatchRequest.SerializeToString,
             keyplane_dot_v1_dot_sidecar__service__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportOutcomes(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/keyplane.v1.SidecarService/ReportOutcomes',
+            keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesRequest.SerializeToString,
+            keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesResponse.FromString,
             options,
             channel_credentials,
             insecure,

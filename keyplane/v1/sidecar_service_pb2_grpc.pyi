@@ -41,6 +41,12 @@ class SidecarServiceStub:
     "avoid streaming" advice: one long-lived stream per sidecar is how
     changes reach the fleet within a second without polling.
     """
+    ReportOutcomes: _grpc.StreamUnaryMultiCallable[_sidecar_service_pb2.ReportOutcomesRequest, _sidecar_service_pb2.ReportOutcomesResponse]
+    """ReportOutcomes takes batches of upstream attempt outcomes; the control
+    plane folds them into key and provider health and pushes changes to every
+    sidecar of the tenant over Watch. Client streaming, deliberately: one
+    long-lived stream per sidecar instead of one call per batch.
+    """
 
 @_typing.type_check_only
 class SidecarServiceAsyncStub(SidecarServiceStub):
@@ -54,6 +60,12 @@ class SidecarServiceAsyncStub(SidecarServiceStub):
     then deltas with increasing versions. A deliberate exception to buf's
     "avoid streaming" advice: one long-lived stream per sidecar is how
     changes reach the fleet within a second without polling.
+    """
+    ReportOutcomes: _aio.StreamUnaryMultiCallable[_sidecar_service_pb2.ReportOutcomesRequest, _sidecar_service_pb2.ReportOutcomesResponse]  # type: ignore[assignment]
+    """ReportOutcomes takes batches of upstream attempt outcomes; the control
+    plane folds them into key and provider health and pushes changes to every
+    sidecar of the tenant over Watch. Client streaming, deliberately: one
+    long-lived stream per sidecar instead of one call per batch.
     """
 
 class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -71,6 +83,18 @@ class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
         then deltas with increasing versions. A deliberate exception to buf's
         "avoid streaming" advice: one long-lived stream per sidecar is how
         changes reach the fleet within a second without polling.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportOutcomes(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sidecar_service_pb2.ReportOutcomesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_service_pb2.ReportOutcomesResponse, _abc.Awaitable[_sidecar_service_pb2.ReportOutcomesResponse]]:
+        """ReportOutcomes takes batches of upstream attempt outcomes; the control
+        plane folds them into key and provider health and pushes changes to every
+        sidecar of the tenant over Watch. Client streaming, deliberately: one
+        long-lived stream per sidecar instead of one call per batch.
         """
 
 def add_SidecarServiceServicer_to_server(servicer: SidecarServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
