@@ -1,8 +1,14 @@
-"""The admin gRPC service: tenants, provider keys, routes and client keys.
+"""The admin gRPC service: tenants, provider keys, routes, client keys, and
+the learnt health and connected sidecars.
 
 Every write goes to the store first; once it returns, ``hub.catch_up()``
 publishes the change to the sidecar streams before the RPC answers. Secrets
 are sealed with the key id as associated data and never returned.
+
+Health is read from the hub's memory (what the sidecars were told), never
+from the store. Resetting a key's health, re-enabling a key (status ACTIVE)
+or rotating its secret clears its learnt health through the aggregator, so
+its in-memory books forget the key too.
 """
 
 from __future__ import annotations
@@ -15,16 +21,18 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from control_plane import validation as v
-from control_plane.hub import SnapshotHub
+from control_plane.aggregator import HealthAggregator
+from control_plane.hub import SnapshotHub, SubscriberInfo
 from control_plane.status import map_errors
 from control_plane.store.base import Store
 from keyplane import convert
 from keyplane.crypto import SecretBox, fingerprint, last4
 from keyplane.domain import ClientKey, KeyStatus, ProviderKey, Route, RouteTarget, Tenant
-from keyplane.errors import InvalidArgument
+from keyplane.errors import InvalidArgument, NotFound
 from keyplane.ids import CLIENT_KEY_PREFIX, PROVIDER_KEY_PREFIX, ROUTE_PREFIX, new_id
 from keyplane.v1 import admin_service_pb2 as pb
 from keyplane.v1 import admin_service_pb2_grpc, resources_pb2
@@ -70,11 +78,23 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         hub: SnapshotHub,
         secret_box: SecretBox,
         clock: Callable[[], datetime] = _utcnow,
+        *,
+        health: HealthAggregator | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         self._box = secret_box
         self._clock = clock
+        self._health = health
+
+    async def _reset_key_health(self, tenant: str, key_id: str) -> None:
+        """Clear the key's learnt health in the store and in the aggregator's
+        books, and publish the HEALTHY changes."""
+        if self._health is not None:
+            await self._health.reset_key(tenant, key_id)
+        else:
+            await self._store.clear_key_health(tenant, key_id)
+            await self._publish()
 
     async def _publish(self) -> None:
         """Push the write just made to the sidecar streams. The write is
@@ -202,6 +222,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         updated = dataclasses.replace(current, updated_at=self._clock(), **changes)
         stored = await self._store.update_provider_key(updated)
         await self._publish()
+        if changes.get("status") is KeyStatus.ACTIVE or request.new_secret:
+            # Re-enabled or rotated: whatever was learnt about the old state is moot.
+            await self._reset_key_health(tenant, key_id)
         log.info(
             "updated provider key %s of tenant %s (%s)",
             key_id,
@@ -304,3 +327,45 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         await self._publish()
         log.info("deleted client key %s of tenant %s", client_key_id, tenant)
         return pb.DeleteClientKeyResponse()
+
+    # health and fleet ----------------------------------------------------------------
+    @map_errors
+    async def GetHealth(self, request: pb.GetHealthRequest, context: Context) -> pb.GetHealthResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        health = self._hub.health(tenant)
+        if health is None:
+            raise NotFound(f"tenant {tenant!r} not found")
+        key_health, provider_health = health
+        now = self._clock()
+
+        def current(until: Timestamp | None) -> bool:
+            # A cooldown that has run out reads as healthy (half-open).
+            return until is None or convert.datetime_from_timestamp(until) > now
+
+        return pb.GetHealthResponse(
+            key_health=[h for h in key_health if current(h.until if h.HasField("until") else None)],
+            provider_health=[h for h in provider_health if current(h.until if h.HasField("until") else None)],
+        )
+
+    @map_errors
+    async def ResetKeyHealth(self, request: pb.ResetKeyHealthRequest, context: Context) -> pb.ResetKeyHealthResponse:
+        tenant = v.validate_tenant_name(request.tenant)
+        key_id = v.validate_id(request.key_id, field="key_id")
+        await self._store.get_provider_key(tenant, key_id)  # NotFound for an unknown tenant or key
+        await self._reset_key_health(tenant, key_id)
+        log.info("reset the health of provider key %s of tenant %s", key_id, tenant)
+        return pb.ResetKeyHealthResponse()
+
+    @map_errors
+    async def ListSidecars(self, request: pb.ListSidecarsRequest, context: Context) -> pb.ListSidecarsResponse:
+        return pb.ListSidecarsResponse(sidecars=[_sidecar_info(i) for i in self._hub.connected()])
+
+
+def _sidecar_info(info: SubscriberInfo) -> pb.SidecarInfo:
+    return pb.SidecarInfo(
+        sidecar_id=info.sidecar_id,
+        tenants=sorted(info.tenants) if info.tenants is not None else [],
+        peer=info.peer,
+        connect_time=convert.timestamp_from_datetime(info.connected_at),
+        version=info.version,
+    )

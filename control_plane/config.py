@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import urlsplit, urlunsplit
 
+from keyplane.health.machine import HealthPolicy
+
 __all__ = ["ControlPlaneConfig", "redact_url"]
 
 
@@ -47,6 +49,12 @@ class ControlPlaneConfig:
     poll_interval: float | None = 5.0
     # Seconds in-flight calls get to finish on stop.
     shutdown_grace: float = 1.0
+    # How outcome reports turn into key and provider health.
+    health_policy: HealthPolicy = field(default_factory=HealthPolicy)
+    # Evict idle health entries this often (seconds).
+    health_sweep_interval: float = 60.0
+    # Retry persisting health changes this often while the store is down.
+    health_retry_interval: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -63,6 +71,8 @@ class ControlPlaneConfig:
         object.__setattr__(self, "sidecar_tokens", MappingProxyType(frozen))
         if self.log_size < 1 or self.max_pending < 1:
             raise ValueError("log_size and max_pending must be at least 1")
+        if self.health_sweep_interval <= 0 or self.health_retry_interval <= 0:
+            raise ValueError("health_sweep_interval and health_retry_interval must be positive")
 
     def __repr__(self) -> str:
         scopes = sorted({",".join(tenants) for tenants in self.sidecar_tokens.values()})

@@ -11,6 +11,12 @@ Every subscriber has its own bounded queue; ``publish`` only appends to it and
 never waits. A subscriber that falls more than ``max_pending`` changes behind
 loses its queued changes and gets one fresh snapshot instead.
 
+Learnt health (KEY_HEALTH / PROVIDER_HEALTH changes) is kept the same way:
+only entries that are not healthy stay in memory and go into snapshots; a
+change to HEALTHY (or a DELETE) is published as a ``KeyHealth`` /
+``ProviderHealth`` with state HEALTHY, meaning "forget any earlier entry". A
+deleted key's health goes with it.
+
 Invariant: between two awaits, memory reflects exactly ``version`` and every
 change up to ``version`` has been published.
 """
@@ -29,15 +35,28 @@ from types import TracebackType
 from control_plane.store.base import Store
 from keyplane import convert
 from keyplane.crypto import MasterKeyError, SecretBox
-from keyplane.domain import ChangeOp, ChangeRecord, EntityKind, ProviderKey
+from keyplane.domain import (
+    ChangeOp,
+    ChangeRecord,
+    EntityKind,
+    Provider,
+    ProviderKey,
+    key_health_entity_id,
+    provider_health_entity_id,
+    split_health_entity_id,
+)
 from keyplane.errors import NotFound
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
-__all__ = ["SnapshotHub", "SubscriberInfo", "Subscription"]
+__all__ = ["ChangeListener", "SnapshotHub", "SubscriberInfo", "Subscription"]
 
 log = logging.getLogger(__name__)
 
 _PAGE = 1000
+
+# Told of every published change, in version order, right after memory moved
+# (synchronously: it must not block; exceptions are logged and swallowed).
+ChangeListener = Callable[[ChangeRecord, sidecar_service_pb2.Change], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +75,9 @@ class _TenantState:
     keys: dict[str, sidecar_service_pb2.SidecarProviderKey] = field(default_factory=dict)
     routes: dict[str, resources_pb2.Route] = field(default_factory=dict)
     client_keys: dict[str, sidecar_service_pb2.SidecarClientKey] = field(default_factory=dict)
+    # Only entries that are not healthy, by change-log entity id.
+    key_health: dict[str, resources_pb2.KeyHealth] = field(default_factory=dict)
+    provider_health: dict[str, resources_pb2.ProviderHealth] = field(default_factory=dict)
     cached: sidecar_service_pb2.TenantState | None = None
 
     def to_proto(self, name: str) -> sidecar_service_pb2.TenantState:
@@ -65,8 +87,33 @@ class _TenantState:
                 keys=list(self.keys.values()),
                 routes=list(self.routes.values()),
                 client_keys=list(self.client_keys.values()),
+                key_health=[self.key_health[k] for k in sorted(self.key_health)],
+                provider_health=[self.provider_health[k] for k in sorted(self.provider_health)],
             )
         return self.cached
+
+    def put_key_health(self, health: resources_pb2.KeyHealth) -> None:
+        entity_id = key_health_entity_id(health.key_id, health.model)
+        if health.state == resources_pb2.HEALTH_STATE_HEALTHY:
+            self.key_health.pop(entity_id, None)
+        elif health.key_id in self.keys:
+            self.key_health[entity_id] = health
+
+    def put_provider_health(self, health: resources_pb2.ProviderHealth) -> None:
+        provider = convert.provider_from_proto(health.provider)
+        if provider is None:
+            return
+        entity_id = provider_health_entity_id(provider, health.model)
+        if health.state == resources_pb2.HEALTH_STATE_HEALTHY:
+            self.provider_health.pop(entity_id, None)
+        else:
+            self.provider_health[entity_id] = health
+
+    def drop_key(self, key_id: str) -> None:
+        self.keys.pop(key_id, None)
+        prefix = key_health_entity_id(key_id, "")
+        for entity_id in [e for e in self.key_health if e.startswith(prefix)]:
+            del self.key_health[entity_id]
 
 
 class Subscription:
@@ -219,6 +266,7 @@ class SnapshotHub:
         # The ring holds every published change with floor < version <= current.
         self._ring_floor = 0
         self._subscribers: set[Subscription] = set()
+        self._listeners: list[ChangeListener] = []
         self._poller: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
@@ -236,6 +284,33 @@ class SnapshotHub:
 
     def connected(self) -> list[SubscriberInfo]:
         return sorted((s.info for s in self._subscribers), key=lambda i: (i.connected_at, i.sidecar_id))
+
+    def key_provider(self, tenant: str, key_id: str) -> Provider | None:
+        """The provider of a key the sidecars know, or None (no such tenant or key)."""
+        state = self._tenants.get(tenant)
+        key = state.keys.get(key_id) if state is not None else None
+        return convert.provider_from_proto(key.provider) if key is not None else None
+
+    def health(self, tenant: str) -> tuple[list[resources_pb2.KeyHealth], list[resources_pb2.ProviderHealth]] | None:
+        """The tenant's entries that are not healthy (key health ordered by key
+        id then model, provider health by provider then model), as last
+        written; None for an unknown tenant. Cooldowns whose ``until`` has
+        passed are included: callers decide what "now" is."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return None
+        return (
+            [state.key_health[k] for k in sorted(state.key_health)],
+            [state.provider_health[k] for k in sorted(state.provider_health)],
+        )
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener`` for every change published from now on."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ChangeListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
 
     # lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -276,6 +351,10 @@ class SnapshotHub:
             state.routes[route.id] = convert.route_to_proto(route)
         for client_key in await self._store.list_client_keys(name):
             state.client_keys[client_key.id] = convert.sidecar_client_key_to_proto(client_key)
+        for key_health in await self._store.list_key_health(name):
+            state.put_key_health(convert.key_health_to_proto(key_health))
+        for provider_health in await self._store.list_provider_health(name):
+            state.put_provider_health(convert.provider_health_to_proto(provider_health))
         self._tenants[name] = state
 
     async def close(self) -> None:
@@ -322,6 +401,8 @@ class SnapshotHub:
         follows). A tenant PUT gives a Change without payload, kept to memory.
         """
         base = sidecar_service_pb2.Change(version=record.version, tenant=record.tenant)
+        if record.kind in (EntityKind.KEY_HEALTH, EntityKind.PROVIDER_HEALTH):
+            return await self._read_health_change(record, base)
         if record.op is ChangeOp.DELETE:
             if record.kind is EntityKind.TENANT:
                 base.tenant_deleted = True
@@ -352,6 +433,43 @@ class SnapshotHub:
             return None
         return base
 
+    async def _read_health_change(
+        self, record: ChangeRecord, base: sidecar_service_pb2.Change
+    ) -> sidecar_service_pb2.Change | None:
+        """A health change re-read from the store; an absent entry (or a
+        DELETE) is published as HEALTHY. None for a malformed entity id."""
+        head, model = split_health_entity_id(record.entity_id)
+        healthy = resources_pb2.HEALTH_STATE_HEALTHY
+        update_time = convert.timestamp_from_datetime(record.created_at)
+        if record.kind is EntityKind.KEY_HEALTH:
+            key_health = None
+            if record.op is ChangeOp.PUT:
+                key_health = await self._store.get_key_health(record.tenant, head, model)
+            if key_health is None:
+                base.key_health.CopyFrom(
+                    resources_pb2.KeyHealth(key_id=head, model=model, state=healthy, update_time=update_time)
+                )
+            else:
+                base.key_health.CopyFrom(convert.key_health_to_proto(key_health))
+            return base
+        try:
+            provider = Provider(head)
+        except ValueError:
+            log.warning("change %d names an unknown provider in its health entity id; skipped", record.version)
+            return None
+        provider_health = None
+        if record.op is ChangeOp.PUT:
+            provider_health = await self._store.get_provider_health(record.tenant, provider, model)
+        if provider_health is None:
+            base.provider_health.CopyFrom(
+                resources_pb2.ProviderHealth(
+                    provider=convert.provider_to_proto(provider), model=model, state=healthy, update_time=update_time
+                )
+            )
+        else:
+            base.provider_health.CopyFrom(convert.provider_health_to_proto(provider_health))
+        return base
+
     def _apply(self, record: ChangeRecord, change: sidecar_service_pb2.Change | None) -> None:
         self._version = record.version
         if change is None:
@@ -371,7 +489,7 @@ class SnapshotHub:
             if which == "key_put":
                 state.keys[change.key_put.id] = change.key_put
             elif which == "key_deleted":
-                state.keys.pop(change.key_deleted, None)
+                state.drop_key(change.key_deleted)
             elif which == "route_put":
                 state.routes[change.route_put.id] = change.route_put
             elif which == "route_deleted":
@@ -380,7 +498,16 @@ class SnapshotHub:
                 state.client_keys[change.client_key_put.id] = change.client_key_put
             elif which == "client_key_deleted":
                 state.client_keys.pop(change.client_key_deleted, None)
+            elif which == "key_health":
+                state.put_key_health(change.key_health)
+            elif which == "provider_health":
+                state.put_provider_health(change.provider_health)
         self._publish(change)
+        for listener in list(self._listeners):
+            try:
+                listener(record, change)
+            except Exception:
+                log.exception("snapshot hub change listener failed")
 
     def _publish(self, change: sidecar_service_pb2.Change) -> None:
         if self._ring.maxlen is not None and len(self._ring) == self._ring.maxlen:

@@ -1,5 +1,5 @@
-"""Assembles the control plane: store, snapshot hub, gRPC server with auth,
-admin and sidecar services, health and reflection."""
+"""Assembles the control plane: store, snapshot hub, health aggregator, gRPC
+server with auth, admin and sidecar services, grpc health and reflection."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from control_plane.admin_service import AdminService
+from control_plane.aggregator import HealthAggregator
 from control_plane.auth import Authenticator, AuthInterceptor
 from control_plane.config import ControlPlaneConfig
 from control_plane.hub import SnapshotHub
@@ -41,6 +42,7 @@ class ControlPlane:
         self.config = config
         self._store = store
         self._hub: SnapshotHub | None = None
+        self._aggregator: HealthAggregator | None = None
         self._server: aio.Server | None = None
         self._health: AsyncHealthServicer | None = None
         self.port = 0
@@ -50,6 +52,12 @@ class ControlPlane:
         if self._hub is None:
             raise RuntimeError("the control plane is not started")
         return self._hub
+
+    @property
+    def aggregator(self) -> HealthAggregator:
+        if self._aggregator is None:
+            raise RuntimeError("the control plane is not started")
+        return self._aggregator
 
     @property
     def store(self) -> Store:
@@ -78,14 +86,26 @@ class ControlPlane:
                 poll_interval=config.poll_interval,
             )
             await self._hub.start()
+            self._aggregator = HealthAggregator(
+                store,
+                self._hub,
+                config.health_policy,
+                sweep_interval=config.health_sweep_interval,
+                retry_interval=config.health_retry_interval,
+            )
+            await self._aggregator.start()
             server = aio.server(
                 interceptors=[AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens))],
                 # A second control plane on a taken port must fail, not share it.
                 options=[("grpc.so_reuseport", 0)],
             )
             self._server = server
-            admin_service_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(store, self._hub, box), server)
-            sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(SidecarService(self._hub), server)
+            admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
+                AdminService(store, self._hub, box, health=self._aggregator), server
+            )
+            sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(
+                SidecarService(self._hub, self._aggregator), server
+            )
             self._health = AsyncHealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection((*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -111,6 +131,9 @@ class ControlPlane:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._aggregator is not None:
+            await self._aggregator.close()  # a last try at unpersisted health changes
+            self._aggregator = None
         if self._store is not None:
             await self._store.close()
             self._store = None

@@ -1,8 +1,15 @@
-"""The sidecar gRPC service: one long-lived Watch stream per sidecar.
+"""The sidecar gRPC service: one long-lived Watch stream per sidecar, and one
+long-lived ReportOutcomes stream per sidecar.
 
-The stream handler only checks the request against the token's scope and
+The Watch handler only checks the request against the token's scope and
 forwards what the hub's subscription yields; the queueing, coalescing and
 snapshot-or-delta decisions live in ``control_plane.hub``.
+
+The ReportOutcomes handler validates each outcome (tenant within the token's
+scope, a known class and provider, a key id and a model); invalid outcomes
+are counted and skipped, never fatal to the stream. Each batch goes to the
+``HealthAggregator``; the reply, when the sidecar ends the stream, is the
+number of outcomes accepted.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import grpc
 from grpc import aio
 
 from control_plane import validation as v
-from control_plane.auth import current_sidecar_scope
+from control_plane.aggregator import HealthAggregator, ReportedOutcome
+from control_plane.auth import SidecarScope, current_sidecar_scope
 from control_plane.hub import SnapshotHub
 from control_plane.status import status_for
+from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
 from keyplane.v1 import sidecar_service_pb2 as pb
 from keyplane.v1 import sidecar_service_pb2_grpc
@@ -30,8 +39,9 @@ _MAX_SIDECAR_ID = 256
 
 
 class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
-    def __init__(self, hub: SnapshotHub) -> None:
+    def __init__(self, hub: SnapshotHub, health: HealthAggregator | None = None) -> None:
         self._hub = hub
+        self._health = health
 
     def _watch_set(self, request: pb.WatchRequest) -> frozenset[str] | None:
         scope = current_sidecar_scope()
@@ -70,3 +80,48 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         finally:
             subscription.close()
             log.info("sidecar %r (%s) stream ended", sidecar_id, context.peer())
+
+    async def ReportOutcomes(
+        self,
+        request_iterator: AsyncIterator[pb.ReportOutcomesRequest],
+        context: aio.ServicerContext[Any, Any],
+    ) -> pb.ReportOutcomesResponse:
+        scope = current_sidecar_scope()
+        if scope is None:  # only when served without the AuthInterceptor
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid sidecar token")
+        if self._health is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this control plane does not aggregate health")
+        assert scope is not None and self._health is not None
+        accepted = rejected = 0
+        sidecar_id = ""
+        async for request in request_iterator:
+            sidecar_id = request.sidecar_id[:_MAX_SIDECAR_ID] or sidecar_id
+            batch, invalid, out_of_scope = _validate_batch(request, scope)
+            self._health.note_rejected(invalid=invalid, out_of_scope=out_of_scope, dropped_by_sidecar=request.dropped)
+            if out_of_scope and not rejected:
+                log.warning("sidecar %r (%s) reported outcomes outside its tenant scope", sidecar_id, context.peer())
+            rejected += invalid + out_of_scope
+            if batch:
+                try:
+                    accepted += await self._health.ingest(batch)
+                except Exception:
+                    log.exception("folding an outcome report failed")
+        log.debug("sidecar %r reported %d outcomes (%d rejected)", sidecar_id, accepted, rejected)
+        return pb.ReportOutcomesResponse(accepted=accepted)
+
+
+def _validate_batch(request: pb.ReportOutcomesRequest, scope: SidecarScope) -> tuple[list[ReportedOutcome], int, int]:
+    """(the valid outcomes, how many were invalid, how many were out of scope)."""
+    batch: list[ReportedOutcome] = []
+    invalid = out_of_scope = 0
+    for message in request.outcomes:
+        if not scope.allows(message.tenant):
+            out_of_scope += 1
+            continue
+        try:
+            outcome = convert.outcome_from_proto(message)
+        except ValueError:
+            invalid += 1
+            continue
+        batch.append(ReportedOutcome(message.tenant, outcome))
+    return batch, invalid, out_of_scope

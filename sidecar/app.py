@@ -3,6 +3,14 @@
 POST /v1/chat/completions, GET /v1/models[/{id}], GET /healthz, GET /metrics.
 Every answer to a request is served from ``SidecarState`` (no network hop
 besides the upstream call); errors have the OpenAI error shape.
+
+A chat completion is planned around the tenant's key and provider health
+(unusable keys left out, degraded providers last), run through the attempt
+loop (``sidecar.proxy``) under one deadline, and every attempt is recorded in
+the local health book at once and queued for the control plane (never
+awaited). The answer carries ``x-keyplane-attempts``, ``x-keyplane-provider``,
+``x-keyplane-key`` (an id, never a secret), ``x-keyplane-excluded`` and
+``x-keyplane-request-id``.
 """
 
 from __future__ import annotations
@@ -11,15 +19,22 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from typing import Any, TypeVar
 
 import aiohttp
 
+from keyplane.health.classify import Classification, classify_response, stream_broken
+from keyplane.health.machine import Outcome
+
 from . import errors
+from .health import TenantHealth
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import SidecarMetrics, status_class
-from .proxy import AttemptsFailed, UpstreamReply, run_attempts
+from .model import Key, Target
+from .proxy import AttemptRecord, AttemptsFailed, UpstreamReply, complete, describe, excluded_header, run_attempts
+from .reporter import OutcomeReporter, outcome_to_proto
 from .router import Attempt, Balancer, plan_attempts
 from .state import SidecarState
 from .upstream import UpstreamClient
@@ -36,6 +51,10 @@ _T = TypeVar("_T")
 
 _JSON = b"application/json"
 ATTEMPTS_HEADER = b"x-keyplane-attempts"
+PROVIDER_HEADER = b"x-keyplane-provider"
+KEY_HEADER = b"x-keyplane-key"
+EXCLUDED_HEADER = b"x-keyplane-excluded"
+REQUEST_ID_HEADER = b"x-keyplane-request-id"
 # Upstream response headers the app may see (besides the status and body).
 _PASSED_RESPONSE_HEADERS = frozenset(
     {"content-type", "retry-after", "retry-after-ms", "x-request-id", "openai-processing-ms", "cache-control"}
@@ -132,6 +151,8 @@ class SidecarApp:
         max_body_bytes: int = 10 * 1024 * 1024,
         max_attempts: int = 8,
         stale_after: float = 300.0,
+        request_timeout: float = 600.0,
+        reporter: OutcomeReporter | None = None,
     ) -> None:
         self.state = state
         self.upstream = upstream
@@ -140,6 +161,8 @@ class SidecarApp:
         self.max_body_bytes = max_body_bytes
         self.max_attempts = max_attempts
         self.stale_after = stale_after
+        self.request_timeout = request_timeout
+        self.reporter = reporter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -280,15 +303,32 @@ class SidecarApp:
         route = self.state.route(tenant, model)
         if route is None:
             return await _send_error(send, errors.model_not_found(model))
+        ctx = _Request(self, tenant, uuid.uuid4().hex)
+        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        health = ctx.health
+        now = self.state.wall_clock()
+
+        def usable(target: Target, key: Key) -> bool:
+            why = health.key_block_reason(key.id, target.upstream_model, now)
+            if why is None:
+                return True
+            ctx.excluded.setdefault(key.id, why)
+            return False
+
         plan = plan_attempts(
             tenant,
             route,
             lambda t: self.state.keys(tenant, t.provider, t.upstream_model),
             self.balancer,
             limit=self.max_attempts,
+            usable=usable,
+            demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
         )
         if not plan:
-            return await _send_error(send, errors.no_usable_key(model))
+            _log.warning(
+                "request %s for %s: no usable key (excluded %s)", ctx.request_id, model, excluded_header(ctx.excluded)
+            )
+            return await _send_error(send, errors.no_usable_key(model), ctx.headers(attempts=0))
         stream = payload.get("stream") is True
         encoded: dict[str, bytes] = {}
 
@@ -299,7 +339,9 @@ class SidecarApp:
                 body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
             return body
 
-        finished, status = await _unless_disconnected(receive, self._proxy(plan, body_for, headers, stream, send))
+        finished, status = await _unless_disconnected(
+            receive, self._proxy(ctx, model, plan, body_for, headers, stream, deadline, send)
+        )
         if not finished or status is None:
             self.metrics.client_disconnects.inc()
             return 499
@@ -307,56 +349,171 @@ class SidecarApp:
 
     async def _proxy(
         self,
+        ctx: _Request,
+        model: str,
         plan: list[Attempt],
         body_for: Callable[[str], bytes],
         headers: dict[str, str],
         stream: bool,
+        deadline: float,
         send: Send,
     ) -> int:
+        health = ctx.health
+        wall_clock = self.state.wall_clock
+
+        def blocked(attempt: Attempt) -> str | None:
+            if attempt.key is None:
+                return None
+            return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
+
         result = await run_attempts(
-            self.upstream, plan, body_for, headers, stream=stream, on_attempt=self._record_attempt
+            self.upstream,
+            plan,
+            body_for,
+            headers,
+            stream=stream,
+            deadline=deadline,
+            observer=ctx,
+            blocked=blocked,
+            excluded=ctx.excluded,
+            wall_clock=wall_clock,
         )
+        ctx.excluded = dict(result.excluded)
+        ctx.report(result.records)
         if isinstance(result, AttemptsFailed):
-            return await _send_error(send, result.error, [(ATTEMPTS_HEADER, str(result.attempts).encode())])
+            _log.warning(
+                "request %s for %s failed after %d attempt(s); excluded %s",
+                ctx.request_id,
+                model,
+                result.attempts,
+                excluded_header(ctx.excluded) or "-",
+            )
+            return await _send_error(send, result.error, ctx.headers(attempts=result.attempts))
+        _log.info(
+            "request %s for %s answered %d by %s after %d attempt(s)%s",
+            ctx.request_id,
+            model,
+            result.response.status,
+            describe(result.attempt),
+            result.attempts,
+            f"; excluded {excluded_header(ctx.excluded)}" if ctx.excluded else "",
+        )
         try:
-            return await self._relay(result, send)
+            return await self._relay(ctx, result, send)
         finally:
             if result.response.content.at_eof():
                 result.response.release()
             else:
                 result.response.close()
 
-    async def _relay(self, reply: UpstreamReply, send: Send) -> int:
+    async def _relay(self, ctx: _Request, reply: UpstreamReply, send: Send) -> int:
         response = reply.response
-        extra = [*_upstream_headers(response), (ATTEMPTS_HEADER, str(reply.attempts).encode())]
+        extra = [
+            *_upstream_headers(response),
+            *ctx.headers(attempts=reply.attempts, answer=reply.attempt.key, target=reply.attempt.target),
+        ]
         if not reply.streaming:
             headers = [(b"content-length", str(len(reply.head)).encode()), *extra]
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             await send({"type": "http.response.body", "body": reply.head, "more_body": False})
             return response.status
-        await send({"type": "http.response.start", "status": response.status, "headers": extra})
-        if reply.head:
-            await send({"type": "http.response.body", "body": reply.head, "more_body": True})
+        # Until the stream ends well, a cut (or the app hanging up) is how it ended.
+        ending: Classification | None = None
         try:
-            async for chunk in response.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            provider = reply.attempt.target.provider.value
-            _log.warning("stream from %s broke after the first byte: %s", provider, type(exc).__name__)
-            self.metrics.stream_errors.labels(provider).inc()
-            if response.content_type == "text/event-stream":
-                # Like OpenAI mid-stream: an error event, so the app knows the answer is cut
-                # (the blank lines first terminate any event the upstream left half-sent).
-                error = errors.error_body("The upstream stream broke off.", "upstream_error", code="stream_broken")
-                await send({"type": "http.response.body", "body": b"\n\ndata: " + error + b"\n\n", "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.start", "status": response.status, "headers": extra})
+            if reply.head:
+                await send({"type": "http.response.body", "body": reply.head, "more_body": True})
+            try:
+                async for chunk in response.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                provider = reply.attempt.target.provider.value
+                what = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+                _log.warning(
+                    "request %s: stream from %s broke after the first byte (%s); not retried",
+                    ctx.request_id,
+                    describe(reply.attempt),
+                    what,
+                )
+                ending = stream_broken(f"stream broken: {what}"[:120])
+                self.metrics.stream_errors.labels(provider).inc()
+                if response.content_type == "text/event-stream":
+                    # Like OpenAI mid-stream: an error event, so the app knows the answer is cut
+                    # (the blank lines first terminate any event the upstream left half-sent).
+                    error = errors.error_body("The upstream stream broke off.", "upstream_error", code="stream_broken")
+                    await send(
+                        {"type": "http.response.body", "body": b"\n\ndata: " + error + b"\n\n", "more_body": True}
+                    )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if ending is None:
+                # Complete, or the app went away: the upstream itself did its job.
+                ending = classify_response(response.status, response.headers, b"", now=self.state.wall_clock())
+            record = complete(reply, ending, now_loop=asyncio.get_running_loop().time())
+            ctx.attempted(record)
+            ctx.report([record])
         return response.status
 
-    def _record_attempt(self, attempt: Attempt, outcome: str, fell_back: bool) -> None:
-        provider = attempt.target.provider.value
-        self.metrics.upstream_attempts.labels(provider, outcome).inc()
-        if fell_back:
+    def count_attempt(self, record: AttemptRecord) -> None:
+        provider = record.provider.value
+        self.metrics.upstream_attempts.labels(provider, record.outcome).inc()
+        self.metrics.attempt_classes.labels(provider, record.classification.error_class.value).inc()
+        if record.retried:
             self.metrics.fallbacks.labels(provider).inc()
+
+
+class _Request:
+    """One chat request's book-keeping: the attempt observer, reports and answer headers."""
+
+    __slots__ = ("app", "excluded", "health", "request_id", "tenant")
+
+    def __init__(self, app: SidecarApp, tenant: str, request_id: str) -> None:
+        self.app = app
+        self.tenant = tenant
+        self.request_id = request_id
+        self.health: TenantHealth = app.state.health(tenant)
+        # key id -> class or health state
+        self.excluded: dict[str, str] = {}
+
+    def attempted(self, record: AttemptRecord) -> None:
+        """Metrics, and this sidecar's own health book at once (no round trip)."""
+        self.app.count_attempt(record)
+        key_id = record.key_id
+        if key_id is None:
+            return
+        outcome = Outcome(
+            key_id=key_id,
+            provider=record.provider,
+            model=record.model,
+            classification=record.classification,
+            provider_final=record.provider_final,
+            recovered=record.recovered,
+        )
+        self.health.record(outcome, self.app.state.wall_clock())
+
+    def misconfigured(self, attempt: Attempt) -> None:
+        self.app.metrics.upstream_attempts.labels(attempt.target.provider.value, "config_error").inc()
+
+    def report(self, records: Iterable[AttemptRecord]) -> None:
+        reporter = self.app.reporter
+        if reporter is None:
+            return
+        for record in records:
+            message = outcome_to_proto(self.tenant, record, self.request_id)
+            if message is not None:
+                reporter.enqueue(message)
+
+    def headers(
+        self, *, attempts: int, answer: Key | None = None, target: Target | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        out = [(ATTEMPTS_HEADER, str(attempts).encode()), (REQUEST_ID_HEADER, self.request_id.encode())]
+        if target is not None:
+            out.append((PROVIDER_HEADER, target.provider.value.encode()))
+        if answer is not None:
+            out.append((KEY_HEADER, answer.id.encode("latin-1", "replace")))
+        if self.excluded:
+            out.append((EXCLUDED_HEADER, excluded_header(self.excluded).encode("latin-1", "replace")))
+        return out
 
 
 def _model_entry(model: str) -> dict[str, object]:

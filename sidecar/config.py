@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from keyplane.health.machine import HealthPolicy
+
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "SidecarConfig", "default_sidecar_id"]
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -32,7 +34,7 @@ class SidecarConfig:
     upstream_connect_timeout: float = 10.0
     # Longest silence between two bytes from the upstream.
     upstream_read_timeout: float = 600.0
-    # Hard cap on one upstream attempt, streaming included.
+    # One deadline for a whole app request: every attempt, streaming included.
     request_timeout: float = 600.0
     # /healthz reports 503 once the control plane has been gone this long.
     stale_after: float = 300.0
@@ -51,6 +53,19 @@ class SidecarConfig:
     watch_backoff_cap: float = 5.0
     # How long stop() waits for in-flight requests before cancelling them.
     shutdown_grace: float = 10.0
+    # How this sidecar's own attempt outcomes turn into local key/provider health
+    # (applied at once, before the control plane's verdicts come back).
+    health_policy: HealthPolicy = field(default_factory=HealthPolicy)
+    # Outcome reports to the control plane (ReportOutcomes).
+    report_outcomes: bool = True
+    report_queue_size: int = 10_000
+    report_batch_size: int = 500
+    report_interval: float = 0.05
+    # Outcomes older than this when they could be sent are dropped (counted):
+    # stale reports would penalise keys for the past.
+    report_max_age: float = 30.0
+    # How long stop() spends flushing queued outcomes.
+    report_flush_timeout: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.control_plane_target:
@@ -61,6 +76,15 @@ class SidecarConfig:
             raise ValueError("max_attempts must be at least 1")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
-        for name in ("upstream_connect_timeout", "upstream_read_timeout", "request_timeout", "stale_after"):
+        if self.report_queue_size < 1 or self.report_batch_size < 1:
+            raise ValueError("report_queue_size and report_batch_size must be at least 1")
+        for name in (
+            "upstream_connect_timeout",
+            "upstream_read_timeout",
+            "request_timeout",
+            "stale_after",
+            "report_interval",
+            "report_max_age",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

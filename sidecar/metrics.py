@@ -1,7 +1,7 @@
 """Prometheus metrics on a registry of the sidecar's own (no global state).
 
 Label values are bounded (endpoint names, status classes, provider names,
-outcome kinds); no key ids, client keys, models or secrets.
+outcome kinds, error classes, drop reasons); no key ids, client keys, models or secrets.
 """
 
 from __future__ import annotations
@@ -44,6 +44,23 @@ class SidecarMetrics:
             "keyplane_sidecar_stream_errors",
             "Streams cut after the first byte reached the app, by provider.",
             ["provider"],
+            registry=self.registry,
+        )
+        self.attempt_classes = Counter(
+            "keyplane_sidecar_upstream_attempt_classes",
+            "Upstream attempts by provider and error class (success, credential, rate_limited, ...).",
+            ["provider", "error_class"],
+            registry=self.registry,
+        )
+        self.outcomes_sent = Counter(
+            "keyplane_sidecar_outcomes_reported",
+            "Attempt outcomes sent to the control plane.",
+            registry=self.registry,
+        )
+        self.outcomes_dropped = Counter(
+            "keyplane_sidecar_outcomes_dropped",
+            "Attempt outcomes dropped before reaching the control plane, by reason (queue_full, stale, unsent).",
+            ["reason"],
             registry=self.registry,
         )
         self.client_disconnects = Counter(

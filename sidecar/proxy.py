@@ -1,37 +1,98 @@
 """The attempt loop: walk the plan until an upstream answer can be returned.
 
-For this foundation the rule is simple: a connect error, a timeout, a 5xx,
-401, 403 or 429 before any byte went to the app moves on to the next attempt;
-anything else (and the last attempt, whatever it got) is the answer. The
-decision lives in ``should_fall_back`` so error classification can grow there.
+Every attempt is classified with ``keyplane.health`` (DESIGN.md's table):
+
+- credential, rate_limited, upstream_error: try the next attempt of the plan
+  (the provider's other usable keys come first, then the route's next
+  targets); a key is never tried twice for the same upstream model in one
+  request, and one that failed its credentials not at all again.
+- client_error: the upstream's answer goes to the app unchanged, no retry.
+- success: the answer. For a stream it is committed with the first bytes;
+  how the stream ends (complete, or ``stream_broken``) is classified by the
+  caller (``complete``), never retried.
+
+The last attempt's answer is passed through whatever it was. One deadline
+bounds the whole request; each attempt gets what is left of it. Attempts
+are handed to an ``AttemptObserver`` the moment they are classified (local
+health, metrics); ``recovered`` is set on earlier attempts when a later
+attempt on the same provider succeeds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiohttp
+
+from keyplane.domain import Provider
+from keyplane.health.classify import Classification, ErrorClass, classify_exception, classify_response
 
 from . import errors
 from .router import Attempt
 from .upstream import UpstreamClient, UpstreamConfigError
 
-__all__ = ["AttemptsFailed", "UpstreamReply", "run_attempts", "should_fall_back"]
+__all__ = [
+    "AttemptObserver",
+    "AttemptRecord",
+    "AttemptsFailed",
+    "UpstreamReply",
+    "complete",
+    "excluded_header",
+    "run_attempts",
+]
 
 _log = logging.getLogger(__name__)
 
-_FALL_BACK_STATUSES = frozenset({401, 403, 429})
+_ANSWERS = frozenset({ErrorClass.SUCCESS, ErrorClass.CLIENT_ERROR})
+# Less than this left of the deadline is not worth another attempt.
+_MIN_ATTEMPT_BUDGET = 0.005
 
-# (attempt, outcome, fell_back) -> None; outcome is "2xx".."5xx", "connect_error",
-# "timeout" or "config_error".
-OnAttempt = Callable[[Attempt, str, bool], None]
+# Why an attempt's key is out right now ("unhealthy", "cooldown"), or None if usable.
+BlockReason = Callable[[Attempt], str | None]
 
 
-def should_fall_back(status: int) -> bool:
-    """Whether an upstream status is worth another key or target."""
-    return status >= 500 or status in _FALL_BACK_STATUSES
+@dataclass(slots=True)
+class AttemptRecord:
+    """One classified upstream attempt. Names its key by id only."""
+
+    attempt: Attempt
+    classification: Classification
+    # Wall-clock epoch seconds when the attempt started.
+    started: float
+    latency_ms: int
+    # Metrics label: "2xx".."5xx", "timeout" or "connect_error".
+    outcome: str
+    # No later attempt of this request went to the same provider.
+    provider_final: bool
+    # Another attempt followed this one.
+    retried: bool = False
+    # A later attempt on the same provider succeeded.
+    recovered: bool = False
+
+    @property
+    def key_id(self) -> str | None:
+        return self.attempt.key.id if self.attempt.key is not None else None
+
+    @property
+    def provider(self) -> Provider:
+        return self.attempt.target.provider
+
+    @property
+    def model(self) -> str:
+        return self.attempt.target.upstream_model
+
+
+class AttemptObserver(Protocol):
+    def attempted(self, record: AttemptRecord) -> None:
+        """Called once per attempt that left the sidecar, as soon as it is classified."""
+
+    def misconfigured(self, attempt: Attempt) -> None:
+        """Called for an attempt that could not be sent (no base URL)."""
 
 
 @dataclass(slots=True)
@@ -45,6 +106,14 @@ class UpstreamReply:
     streaming: bool
     attempt: Attempt
     attempts: int
+    # Every classified attempt; for a stream, all but the answering one, which
+    # the caller classifies when the stream ends (``complete``).
+    records: list[AttemptRecord]
+    # key id -> class or health state, for the x-keyplane-excluded header.
+    excluded: dict[str, str]
+    # Monotonic (loop) time and wall-clock time the answering attempt started.
+    started_loop: float = 0.0
+    started_wall: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +122,87 @@ class AttemptsFailed:
 
     error: errors.ErrorResponse
     attempts: int
+    records: list[AttemptRecord] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
 
 
-def _describe(attempt: Attempt) -> str:
+def describe(attempt: Attempt) -> str:
     key = attempt.key.id if attempt.key is not None else "-"
     return f"{attempt.target.provider.value}/{attempt.target.upstream_model} key={key}"
+
+
+def excluded_header(excluded: Mapping[str, str]) -> str:
+    """``pk_1:credential,pk_2:cooldown``."""
+    return ",".join(f"{key_id}:{why}" for key_id, why in excluded.items())
+
+
+def _slot(attempt: Attempt) -> tuple[str, str]:
+    """What must not be tried twice in one request: a key (or keyless node) for a model."""
+    who = attempt.key.id if attempt.key is not None else f"node:{attempt.node_url}"
+    return who, attempt.target.upstream_model
+
+
+def _next_index(
+    plan: Sequence[Attempt],
+    start: int,
+    tried: set[tuple[str, str]],
+    dead: set[str],
+    blocked: BlockReason | None,
+) -> int | None:
+    """The index of the next attempt that would be made (pure peek)."""
+    for i in range(start, len(plan)):
+        attempt = plan[i]
+        if _slot(attempt) in tried:
+            continue
+        if attempt.key is not None and attempt.key.id in dead:
+            continue
+        if blocked is not None and blocked(attempt) is not None:
+            continue
+        return i
+    return None
+
+
+@dataclass(slots=True)
+class _Got:
+    response: aiohttp.ClientResponse
+    head: bytes
+    streaming: bool
+
+
+async def _send(
+    upstream: UpstreamClient,
+    attempt: Attempt,
+    body: bytes,
+    app_headers: Mapping[str, str],
+    *,
+    stream: bool,
+    time_left: float,
+) -> _Got | tuple[Classification, str]:
+    """The response, or (classification, outcome label) when nothing usable came back.
+    Raises ``UpstreamConfigError``."""
+    try:
+        response = await upstream.chat_completion(attempt, body, app_headers, time_left=time_left)
+    except TimeoutError:
+        return classify_exception("timeout"), "timeout"
+    except aiohttp.ClientError:
+        return classify_exception("connect"), "connect_error"
+    streaming = stream and 200 <= response.status < 300
+    try:
+        # Read before committing: a failure here has sent nothing to the app yet.
+        head = await (response.content.readany() if streaming else response.read())
+    except TimeoutError:
+        response.close()
+        return classify_exception("timeout"), "timeout"
+    except aiohttp.ClientError:
+        response.close()
+        return classify_exception("connect"), "connect_error"
+    return _Got(response, head, streaming)
+
+
+def _mark_recovered(records: list[AttemptRecord], provider: Provider) -> None:
+    for record in records:
+        if record.provider is provider:
+            record.recovered = True
 
 
 async def run_attempts(
@@ -67,55 +212,155 @@ async def run_attempts(
     app_headers: Mapping[str, str],
     *,
     stream: bool,
-    on_attempt: OnAttempt,
+    deadline: float,
+    observer: AttemptObserver,
+    blocked: BlockReason | None = None,
+    excluded: Mapping[str, str] | None = None,
+    wall_clock: Callable[[], float] = time.time,
 ) -> UpstreamReply | AttemptsFailed:
-    """Try ``plan`` in order; ``attempts`` counts the calls that left the sidecar."""
+    """Try ``plan`` in order until an answer; ``deadline`` is in event-loop time.
+
+    ``blocked`` is asked before every attempt (health may have changed since the
+    plan was made, by this very request); ``excluded`` seeds the header with the
+    keys the plan already left out. ``attempts`` counts the calls that left the
+    sidecar.
+    """
+    loop = asyncio.get_running_loop()
+    out: dict[str, str] = dict(excluded or {})
+    records: list[AttemptRecord] = []
+    tried: set[tuple[str, str]] = set()
+    dead: set[str] = set()  # keys that failed their credentials in this request
     failure = errors.bad_gateway()
     sent = 0
-    for index, attempt in enumerate(plan):
-        is_last = index == len(plan) - 1
+    index = 0
+    while index < len(plan):
+        attempt = plan[index]
+        index += 1
+        if _slot(attempt) in tried or (attempt.key is not None and attempt.key.id in dead):
+            continue
+        why = blocked(attempt) if blocked is not None else None
+        if why is not None:
+            if attempt.key is not None:
+                out.setdefault(attempt.key.id, why)
+            continue
+        remaining = deadline - loop.time()
+        if remaining < _MIN_ATTEMPT_BUDGET:
+            _log.warning("request deadline reached after %d attempt(s); giving up", sent)
+            failure = errors.upstream_timeout()
+            break
+        tried.add(_slot(attempt))
+        started_loop = loop.time()
+        started_wall = wall_clock()
         try:
-            response = await upstream.chat_completion(attempt, body_for(attempt.target.upstream_model), app_headers)
+            result = await _send(
+                upstream,
+                attempt,
+                body_for(attempt.target.upstream_model),
+                app_headers,
+                stream=stream,
+                time_left=remaining,
+            )
         except UpstreamConfigError as exc:
-            _log.warning("skipping attempt %s: %s", _describe(attempt), exc)
-            on_attempt(attempt, "config_error", not is_last)
+            _log.warning("skipping attempt %s: %s", describe(attempt), exc)
+            observer.misconfigured(attempt)
             failure = errors.bad_gateway("No upstream is configured correctly for this model.")
             continue
-        except TimeoutError:
-            sent += 1
-            _log.warning("upstream %s timed out", _describe(attempt))
-            on_attempt(attempt, "timeout", not is_last)
-            failure = errors.upstream_timeout()
-            continue
-        except aiohttp.ClientError as exc:
-            sent += 1
-            _log.warning("upstream %s unreachable: %s", _describe(attempt), type(exc).__name__)
-            on_attempt(attempt, "connect_error", not is_last)
-            failure = errors.bad_gateway()
-            continue
         sent += 1
-        streaming = stream and 200 <= response.status < 300
-        try:
-            # Read before committing: a failure here has sent nothing to the app yet.
-            head = await (response.content.readany() if streaming else response.read())
-        except TimeoutError:
-            response.close()
-            _log.warning("upstream %s timed out before the first byte", _describe(attempt))
-            on_attempt(attempt, "timeout", not is_last)
-            failure = errors.upstream_timeout()
-            continue
-        except aiohttp.ClientError as exc:
-            response.close()
-            _log.warning("upstream %s failed before the first byte: %s", _describe(attempt), type(exc).__name__)
-            on_attempt(attempt, "connect_error", not is_last)
-            failure = errors.bad_gateway()
-            continue
-        outcome = f"{response.status // 100}xx"
-        if not is_last and should_fall_back(response.status):
-            _log.warning("upstream %s answered %d; trying the next attempt", _describe(attempt), response.status)
+        latency_ms = max(0, round((loop.time() - started_loop) * 1000))
+        response: aiohttp.ClientResponse | None
+        if isinstance(result, _Got):
+            response, head = result.response, result.head
+            if result.streaming:
+                # Committed: the first bytes are in. How the stream ends is the caller's to classify.
+                _log.info(
+                    "attempt %d %s: streaming %d after %d ms", sent, describe(attempt), response.status, latency_ms
+                )
+                _mark_recovered(records, attempt.target.provider)
+                return UpstreamReply(
+                    response=response,
+                    head=head,
+                    streaming=True,
+                    attempt=attempt,
+                    attempts=sent,
+                    records=records,
+                    excluded=out,
+                    started_loop=started_loop,
+                    started_wall=started_wall,
+                )
+            classification = classify_response(response.status, response.headers, head, now=wall_clock())
+            outcome = f"{response.status // 100}xx"
+        else:
+            response, head = None, b""
+            classification, outcome = result
+        cls = classification.error_class
+        if cls is ErrorClass.CREDENTIAL and attempt.key is not None:
+            dead.add(attempt.key.id)
+        following = _next_index(plan, index, tried, dead, blocked) if cls not in _ANSWERS else None
+        record = AttemptRecord(
+            attempt=attempt,
+            classification=classification,
+            started=started_wall,
+            latency_ms=latency_ms,
+            outcome=outcome,
+            provider_final=following is None or plan[following].target.provider is not attempt.target.provider,
+            retried=following is not None,
+        )
+        _log_attempt(sent, record)
+        records.append(record)
+        observer.attempted(record)
+        if response is not None and (cls in _ANSWERS or following is None):
+            if cls is ErrorClass.SUCCESS:
+                _mark_recovered(records[:-1], attempt.target.provider)
+            elif attempt.key is not None and classification.penalises:
+                # The last attempt failed too; its answer goes back as it is.
+                out.setdefault(attempt.key.id, cls.value)
+            return UpstreamReply(
+                response=response,
+                head=head,
+                streaming=False,
+                attempt=attempt,
+                attempts=sent,
+                records=records,
+                excluded=out,
+                started_loop=started_loop,
+                started_wall=started_wall,
+            )
+        if response is not None:
             response.release()
-            on_attempt(attempt, outcome, True)
-            continue
-        on_attempt(attempt, outcome, False)
-        return UpstreamReply(response=response, head=head, streaming=streaming, attempt=attempt, attempts=sent)
-    return AttemptsFailed(error=failure, attempts=sent)
+        if attempt.key is not None:
+            out.setdefault(attempt.key.id, cls.value)
+        failure = errors.upstream_timeout() if outcome == "timeout" else errors.bad_gateway()
+        if following is None:
+            break
+    return AttemptsFailed(error=failure, attempts=sent, records=records, excluded=out)
+
+
+def complete(reply: UpstreamReply, classification: Classification, *, now_loop: float) -> AttemptRecord:
+    """The record of a streamed answer once its stream has ended (or broken)."""
+    status = reply.response.status
+    return AttemptRecord(
+        attempt=reply.attempt,
+        classification=classification,
+        started=reply.started_wall,
+        latency_ms=max(0, round((now_loop - reply.started_loop) * 1000)),
+        outcome=f"{status // 100}xx",
+        provider_final=True,
+    )
+
+
+def _log_attempt(number: int, record: AttemptRecord) -> None:
+    c = record.classification
+    then = "; trying the next attempt" if record.retried else ""
+    if c.error_class is ErrorClass.SUCCESS:
+        _log.info("attempt %d %s: %d in %d ms", number, describe(record.attempt), c.status, record.latency_ms)
+        return
+    _log.log(
+        logging.INFO if c.error_class is ErrorClass.CLIENT_ERROR else logging.WARNING,
+        "attempt %d %s: %s (%s) in %d ms%s",
+        number,
+        describe(record.attempt),
+        c.error_class.value,
+        c.reason,
+        record.latency_ms,
+        then,
+    )

@@ -96,7 +96,9 @@ class Balancer:
         return (*items[start:], *items[:start])
 
 
-def _ordered_targets(tenant: str, route: Route, balancer: Balancer) -> list[Target]:
+def _ordered_targets(
+    tenant: str, route: Route, balancer: Balancer, demoted: Callable[[Target], bool] | None
+) -> list[Target]:
     by_priority: dict[int, list[tuple[int, Target]]] = {}
     for index, target in enumerate(route.targets):
         by_priority.setdefault(target.priority, []).append((index, target))
@@ -106,7 +108,13 @@ def _ordered_targets(tenant: str, route: Route, balancer: Balancer) -> list[Targ
         wrr = balancer.wrr(("targets", tenant, route.public_model, priority))
         members = [(f"{index}:{t.provider.value}:{t.upstream_model}", t.weight) for index, t in group]
         ordered.extend(group[i][1] for i in wrr.order(members))
-    return ordered
+    if demoted is None:
+        return ordered
+    # A stable partition: degraded targets keep their order, after all the others.
+    flags = [demoted(t) for t in ordered]
+    return [t for t, d in zip(ordered, flags, strict=True) if not d] + [
+        t for t, d in zip(ordered, flags, strict=True) if d
+    ]
 
 
 def plan_attempts(
@@ -116,20 +124,28 @@ def plan_attempts(
     balancer: Balancer,
     *,
     limit: int | None = None,
+    usable: Callable[[Target, Key], bool] | None = None,
+    demoted: Callable[[Target], bool] | None = None,
 ) -> list[Attempt]:
     """The ordered attempts for one request to ``route``.
 
     Targets are tried by ascending priority, weighted among equal priorities;
-    within a target, the provider's usable keys (``keys_for``) come in smooth
-    weighted round-robin order, state kept per (tenant, provider). vLLM
-    attempts also get a node from the target's pool, round robin.
+    targets for which ``demoted`` is true (a degraded provider) come after all
+    the others, in the same order. Within a target, the provider's keys
+    (``keys_for``) that pass ``usable`` (health) come in smooth weighted
+    round-robin order, state kept per (tenant, provider). vLLM attempts also
+    get a node from the target's pool, round robin.
     """
     attempts: list[Attempt] = []
-    for target in _ordered_targets(tenant, route, balancer):
+    for target in _ordered_targets(tenant, route, balancer, demoted):
         nodes: tuple[str, ...] = ()
         if target.provider is Provider.VLLM and target.node_urls:
             nodes = balancer.rotate(("nodes", tenant, route.public_model, target.node_urls), target.node_urls)
         keys = keys_for(target)
+        if usable is not None and keys:
+            keys = [k for k in keys if usable(target, k)]
+            if not keys:
+                continue  # every key is out; never fall back to going unauthenticated
         key_order: list[Key | None]
         if keys:
             wrr = balancer.wrr(("keys", tenant, target.provider))

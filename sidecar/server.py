@@ -19,6 +19,7 @@ import uvicorn
 from .app import SidecarApp
 from .config import SidecarConfig
 from .metrics import SidecarMetrics
+from .reporter import OutcomeReporter
 from .router import Balancer
 from .state import SidecarState
 from .upstream import UpstreamClient
@@ -52,11 +53,20 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class Sidecar:
-    """One sidecar process's moving parts. ``watch=False`` leaves ``state`` to the caller."""
+    """One sidecar process's moving parts. ``watch=False`` leaves ``state`` to the caller;
+    outcome reports follow ``watch`` unless ``report`` says otherwise (and
+    ``config.report_outcomes`` allows them)."""
 
-    def __init__(self, config: SidecarConfig, *, state: SidecarState | None = None, watch: bool = True) -> None:
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        state: SidecarState | None = None,
+        watch: bool = True,
+        report: bool | None = None,
+    ) -> None:
         self.config = config
-        self.state = state if state is not None else SidecarState()
+        self.state = state if state is not None else SidecarState(health_policy=config.health_policy)
         self.upstream = UpstreamClient(
             connect_timeout=config.upstream_connect_timeout,
             read_timeout=config.upstream_read_timeout,
@@ -65,6 +75,8 @@ class Sidecar:
             trust_env=config.upstream_trust_env,
         )
         self.metrics = SidecarMetrics(self.state)
+        reporting = (watch if report is None else report) and config.report_outcomes
+        self.reporter = OutcomeReporter(config, metrics=self.metrics) if reporting else None
         self.app = SidecarApp(
             self.state,
             self.upstream,
@@ -73,11 +85,14 @@ class Sidecar:
             max_body_bytes=config.max_body_bytes,
             max_attempts=config.max_attempts,
             stale_after=config.stale_after,
+            request_timeout=config.request_timeout,
+            reporter=self.reporter,
         )
         self.watch = WatchClient(config, self.state) if watch else None
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._report_task: asyncio.Task[None] | None = None
         self._port: int | None = None
 
     @property
@@ -100,6 +115,8 @@ class Sidecar:
         try:
             if self.watch is not None:
                 self._watch_task = asyncio.create_task(self.watch.run(), name="keyplane-sidecar-watch")
+            if self.reporter is not None:
+                self._report_task = asyncio.create_task(self.reporter.run(), name="keyplane-sidecar-reports")
             sock = _bind(self.config.host, self.config.port)
             self._port = int(sock.getsockname()[1])
             uv_config = uvicorn.Config(
@@ -138,8 +155,8 @@ class Sidecar:
     async def stop(self) -> None:
         """Stop accepting requests, let in-flight ones finish (up to the grace), close all."""
         server, serve_task = self._server, self._serve_task
-        watch_task = self._watch_task
-        self._server = self._serve_task = self._watch_task = None
+        watch_task, report_task = self._watch_task, self._report_task
+        self._server = self._serve_task = self._watch_task = self._report_task = None
         try:
             if server is not None and serve_task is not None:
                 server.should_exit = True
@@ -157,8 +174,34 @@ class Sidecar:
                     except Exception as exc:
                         _log.error("watch client failed: %s", type(exc).__name__)
             finally:
-                await self.upstream.close()
-                self._port = None
+                try:
+                    await self._stop_reporter(report_task)
+                finally:
+                    await self.upstream.close()
+                    self._port = None
+
+    async def _stop_reporter(self, task: asyncio.Task[None] | None) -> None:
+        """Flush queued outcomes over the live stream, best effort, within the flush timeout."""
+        reporter = self.reporter
+        if reporter is None or task is None:
+            return
+        reporter.stop()
+        done, _ = await asyncio.wait((task,), timeout=self.config.report_flush_timeout)
+        if not done:
+            _log.warning(
+                "outcome reports not flushed within %.1fs; dropping the rest", self.config.report_flush_timeout
+            )
+            reporter.abort()
+            done, _ = await asyncio.wait((task,), timeout=1.0)
+            if not done:
+                task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await task
+            except Exception as exc:
+                _log.error("outcome reporter failed: %s", type(exc).__name__)
+        stats = reporter.stats
+        _log.info("outcome reports: %d sent, %d dropped", stats.sent, stats.dropped_total)
 
     async def __aenter__(self) -> Sidecar:
         await self.start()

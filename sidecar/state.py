@@ -4,6 +4,12 @@ Writes (``apply``) are rare and rebuild small immutable per-tenant views;
 reads on the request path (``authenticate``, ``route``, ``keys``) are dict
 hits. Everything runs on one event loop, so no locks are needed: a request
 holding a view keeps a consistent picture even if a delta lands meanwhile.
+
+Health is kept beside the views, per tenant (``sidecar.health.TenantHealth``):
+the control plane's pushed verdicts (snapshot ``key_health`` /
+``provider_health`` and ``Change.key_health`` / ``provider_health``) and this
+sidecar's own findings. A key that becomes ACTIVE again (re-enabled, or its
+secret rotated) starts afresh in the local book.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from keyplane.domain import Provider
+from keyplane.health.machine import HealthChange, HealthPolicy
 from keyplane.v1 import sidecar_service_pb2
 
-from .model import Key, Route, key_from_proto, route_from_proto
+from .health import TenantHealth
+from .model import Key, Route, key_from_proto, key_health_change, provider_health_change, route_from_proto
 
 __all__ = ["SidecarState", "TenantView"]
 
@@ -78,8 +86,18 @@ class _ClientEntry:
 class SidecarState:
     """Versioned snapshot of the watched tenants, fed by ``apply``."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        health_policy: HealthPolicy | None = None,
+    ) -> None:
         self._clock = clock
+        # Health verdicts carry epoch times (they cross machines).
+        self.wall_clock = wall_clock
+        self._health_policy = health_policy if health_policy is not None else HealthPolicy()
+        self._health: dict[str, TenantHealth] = {}
         self._data: dict[str, _TenantData] = {}
         self._views: dict[str, TenantView] = {}
         self._clients: dict[bytes, _ClientEntry] = {}
@@ -114,6 +132,7 @@ class SidecarState:
 
     def _apply_snapshot(self, snapshot: sidecar_service_pb2.Snapshot) -> None:
         data: dict[str, _TenantData] = {}
+        pushed: dict[str, list[HealthChange]] = {}
         for ts in snapshot.tenants:
             td = data.setdefault(ts.tenant, _TenantData())
             for k in ts.keys:
@@ -124,6 +143,29 @@ class SidecarState:
                 td.routes[r.id] = route_from_proto(r)
             for ck in ts.client_keys:
                 td.client_keys[ck.id] = bytes(ck.token_sha256)
+            changes = pushed.setdefault(ts.tenant, [])
+            for kh in ts.key_health:
+                change = key_health_change(kh)
+                if change is not None:
+                    changes.append(change)
+            for ph in ts.provider_health:
+                change = provider_health_change(ph)
+                if change is not None:
+                    changes.append(change)
+        now = self.wall_clock()
+        health: dict[str, TenantHealth] = {}
+        for tenant, td in data.items():
+            th = self._health.get(tenant) or TenantHealth(tenant, self._health_policy)
+            old = self._data.get(tenant)
+            for key in td.keys.values():
+                if old is not None and _revived(old.keys.get(key.id), key):
+                    th.reset_key(key.id)
+            if old is not None:
+                for key_id in old.keys.keys() - td.keys.keys():
+                    th.forget_key(key_id)
+            th.replace_pushed(pushed.get(tenant, ()), now)
+            health[tenant] = th
+        self._health = health
         self._data = data
         self._views = {name: TenantView.build(td) for name, td in data.items()}
         self._rebuild_clients()
@@ -139,8 +181,19 @@ class SidecarState:
             if which == "tenant_deleted":
                 self._data.pop(tenant, None)
                 self._views.pop(tenant, None)
+                self._health.pop(tenant, None)
                 touched.discard(tenant)
                 clients_changed = True
+                continue
+            if which in ("key_health", "provider_health"):
+                # Health alone never changes what the views hold.
+                pushed = (
+                    key_health_change(change.key_health)
+                    if which == "key_health"
+                    else provider_health_change(change.provider_health)
+                )
+                if pushed is not None:
+                    self.health(tenant).apply_pushed(pushed)
                 continue
             td = self._data.setdefault(tenant, _TenantData())
             touched.add(tenant)
@@ -149,9 +202,14 @@ class SidecarState:
                 if key is None:
                     td.keys.pop(change.key_put.id, None)
                 else:
+                    if _revived(td.keys.get(key.id), key):
+                        self.health(tenant).reset_key(key.id)
                     td.keys[key.id] = key
             elif which == "key_deleted":
                 td.keys.pop(change.key_deleted, None)
+                health = self._health.get(tenant)
+                if health is not None:
+                    health.forget_key(change.key_deleted)
             elif which == "route_put":
                 route = route_from_proto(change.route_put)
                 td.routes[route.id] = route
@@ -233,3 +291,17 @@ class SidecarState:
 
     def models(self, tenant: str) -> tuple[str, ...]:
         return self.tenant(tenant).models
+
+    def health(self, tenant: str) -> TenantHealth:
+        """The tenant's pushed and local health (created empty on first use)."""
+        found = self._health.get(tenant)
+        if found is None:
+            found = self._health[tenant] = TenantHealth(tenant, self._health_policy)
+        return found
+
+
+def _revived(old: Key | None, new: Key) -> bool:
+    """Whether ``new`` makes a known key usable afresh: re-enabled, or its secret rotated."""
+    if old is None or not new.active:
+        return False
+    return not old.active or old.secret != new.secret

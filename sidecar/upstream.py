@@ -93,6 +93,8 @@ class UpstreamClient:
         trust_env: bool = False,
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(total=total_timeout, sock_connect=connect_timeout, sock_read=read_timeout)
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
         self._limit_per_host = limit_per_host
         self._keepalive_timeout = keepalive_timeout
         self._trust_env = trust_env
@@ -120,10 +122,17 @@ class UpstreamClient:
             await session.close()
 
     async def chat_completion(
-        self, attempt: Attempt, body: bytes, app_headers: Mapping[str, str]
+        self,
+        attempt: Attempt,
+        body: bytes,
+        app_headers: Mapping[str, str],
+        *,
+        time_left: float | None = None,
     ) -> aiohttp.ClientResponse:
         """Send one chat completion; returns once the upstream's headers are in.
 
+        ``time_left`` caps the whole attempt, reading its body included (what is
+        left of the request's deadline); None keeps the client's total timeout.
         The caller owns the response: read or stream its body, then ``release()``.
         Raises ``UpstreamConfigError``, ``aiohttp.ClientError`` or ``TimeoutError``.
         """
@@ -131,4 +140,11 @@ class UpstreamClient:
         if session is None:
             raise RuntimeError("UpstreamClient.start() was not called")
         request = build_request(attempt, app_headers)
-        return await session.post(request.url, data=body, headers=request.headers, allow_redirects=False)
+        client_timeout = self._timeout
+        if time_left is not None:
+            client_timeout = aiohttp.ClientTimeout(
+                total=time_left, sock_connect=self._connect_timeout, sock_read=self._read_timeout
+            )
+        return await session.post(
+            request.url, data=body, headers=request.headers, allow_redirects=False, timeout=client_timeout
+        )

@@ -20,7 +20,7 @@ from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
 from .config import SidecarConfig
 from .state import SidecarState
 
-__all__ = ["Backoff", "WatchClient"]
+__all__ = ["Backoff", "WatchClient", "open_channel"]
 
 _log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ class Backoff:
         self._failures = 0
 
 
-def _channel(config: SidecarConfig) -> grpc.aio.Channel:
+def open_channel(config: SidecarConfig) -> grpc.aio.Channel:
+    """A channel to the control plane (TLS when configured), keepalive on."""
     options: list[tuple[str, int]] = [
         ("grpc.keepalive_time_ms", int(config.grpc_keepalive_time * 1000)),
         ("grpc.keepalive_timeout_ms", 20_000),
@@ -109,7 +110,7 @@ class WatchClient:
             call.cancel()
 
     async def run(self) -> None:
-        channel = _channel(self._config)
+        channel = open_channel(self._config)
         try:
             stub = sidecar_service_pb2_grpc.SidecarServiceStub(channel)
             while not self._stopping.is_set():

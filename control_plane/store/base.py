@@ -84,9 +84,11 @@ class Store(Protocol):
     # row. Each call that changes something appends one change row with kind
     # KEY_HEALTH / PROVIDER_HEALTH and entity id ``KeyHealth.entity_id`` /
     # ``ProviderHealth.entity_id``; a call that changes nothing (HEALTHY for an
-    # absent row) appends nothing and returns None. Returns the new version.
-    # Key health rows go when their key or tenant goes (no change row then:
-    # the key's own DELETE change implies it).
+    # absent row, or the same state, until and reason as the stored row, whose
+    # updated_at is then kept) appends nothing and returns None. Returns the
+    # new version. Key health rows go when their key or tenant goes (no change
+    # row then: the key's own DELETE change implies it). The getters return
+    # None for an absent entry, also of an unknown key or tenant.
     async def put_key_health(self, health: KeyHealth) -> int | None:
         """NotFound if the key does not exist in the tenant."""
 
@@ -97,14 +99,17 @@ class Store(Protocol):
 
     async def clear_key_health(self, tenant: str, key_id: str) -> list[int]:
         """Delete every entry of one key (key-wide and per model), one change
-        row (op DELETE) per deleted entry; returns their versions."""
+        row (op DELETE) per deleted entry, in model order; returns their
+        versions (empty when there was nothing). NotFound if the key does not
+        exist in the tenant."""
 
     async def put_provider_health(self, health: ProviderHealth) -> int | None:
         """NotFound if the tenant does not exist."""
 
     async def get_provider_health(self, tenant: str, provider: Provider, model: str) -> ProviderHealth | None: ...
 
-    async def list_provider_health(self, tenant: str) -> list[ProviderHealth]: ...
+    async def list_provider_health(self, tenant: str) -> list[ProviderHealth]:
+        """Non-healthy entries of a tenant ordered by provider then model; NotFound if no such tenant."""
 
     # change log ------------------------------------------------------------
     async def latest_version(self) -> int:

@@ -30,11 +30,15 @@ from keyplane.domain import (
     ChangeRecord,
     ClientKey,
     EntityKind,
+    HealthState,
+    KeyHealth,
     KeyStatus,
     Provider,
+    ProviderHealth,
     ProviderKey,
     Route,
     Tenant,
+    key_health_entity_id,
 )
 from keyplane.errors import Unavailable
 
@@ -101,6 +105,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "learnt key and provider health",
+        (
+            # Only non-healthy entries are stored; model '' is key-wide.
+            """CREATE TABLE key_health (
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                key_id text NOT NULL REFERENCES provider_keys (id) ON DELETE CASCADE,
+                model text NOT NULL,
+                state text NOT NULL,
+                until timestamptz,
+                reason text NOT NULL,
+                updated_at timestamptz NOT NULL,
+                CONSTRAINT key_health_pkey PRIMARY KEY (key_id, model)
+            )""",
+            "CREATE INDEX key_health_by_tenant ON key_health (tenant, key_id, model)",
+            """CREATE TABLE provider_health (
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                provider text NOT NULL,
+                model text NOT NULL,
+                state text NOT NULL,
+                until timestamptz,
+                reason text NOT NULL,
+                updated_at timestamptz NOT NULL,
+                CONSTRAINT provider_health_pkey PRIMARY KEY (tenant, provider, model)
+            )""",
+        ),
+    ),
 )
 
 # constraint name -> (table, field named in the AlreadyExists message)
@@ -133,6 +165,13 @@ _KEY_COLUMNS = (
 )
 _ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at"
 _CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at"
+_KEY_HEALTH_COLUMNS = "tenant, key_id, model, state, until, reason, updated_at"
+_PROVIDER_HEALTH_COLUMNS = "tenant, provider, model, state, until, reason, updated_at"
+# An upsert rewrites the row only when what it says changed, so RETURNING
+# yields nothing for a repeated identical verdict.
+_HEALTH_CHANGED = (
+    "({t}.state, {t}.until, {t}.reason) IS DISTINCT FROM (EXCLUDED.state, EXCLUDED.until, EXCLUDED.reason)"
+)
 
 
 def _lock_key(name: str) -> int:
@@ -189,6 +228,30 @@ def _client_key_from_row(row: asyncpg.Record) -> ClientKey:
         prefix=row["prefix"],
         token_sha256=bytes(row["token_sha256"]),
         created_at=row["created_at"],
+    )
+
+
+def _key_health_from_row(row: asyncpg.Record) -> KeyHealth:
+    return KeyHealth(
+        tenant=row["tenant"],
+        key_id=row["key_id"],
+        model=row["model"],
+        state=HealthState(row["state"]),
+        until=row["until"],
+        reason=row["reason"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _provider_health_from_row(row: asyncpg.Record) -> ProviderHealth:
+    return ProviderHealth(
+        tenant=row["tenant"],
+        provider=Provider(row["provider"]),
+        model=row["model"],
+        state=HealthState(row["state"]),
+        until=row["until"],
+        reason=row["reason"],
+        updated_at=row["updated_at"],
     )
 
 
@@ -294,18 +357,20 @@ class PostgresStore:
             async with pool.acquire() as conn:
                 yield conn
 
-    async def _log(self, conn: asyncpg.Connection, tenant: str, kind: EntityKind, entity_id: str, op: ChangeOp) -> None:
-        """Append the change row and notify; must be the last step of a write."""
+    async def _log(self, conn: asyncpg.Connection, tenant: str, kind: EntityKind, entity_id: str, op: ChangeOp) -> int:
+        """Append the change row and notify; must be the last step of a write
+        (several in a row are fine). Returns the new version."""
         await conn.execute("SELECT pg_advisory_xact_lock($1)", self._changes_lock)
-        await conn.execute(
+        version = await conn.fetchval(
             "WITH c AS (INSERT INTO changes (tenant, kind, entity_id, op) VALUES ($1, $2, $3, $4) "
-            "RETURNING version) SELECT pg_notify($5, version::text) FROM c",
+            "RETURNING version) SELECT version, pg_notify($5, version::text) FROM c",
             tenant,
             kind.value,
             entity_id,
             op.value,
             CHANNEL,
         )
+        return int(version)
 
     async def _list(self, table: str, columns: str, tenant: str) -> list[asyncpg.Record]:
         async with self._connection() as conn:
@@ -564,6 +629,141 @@ class PostgresStore:
 
     async def delete_client_key(self, tenant: str, client_key_id: str) -> None:
         await self._delete("client_keys", EntityKind.CLIENT_KEY, tenant, client_key_id)
+
+    # learnt health -----------------------------------------------------------
+
+    @staticmethod
+    async def _require_key(conn: asyncpg.Connection, tenant: str, key_id: str) -> None:
+        # FOR SHARE: a concurrent delete of the key waits for this write, which the cascade then removes.
+        if await conn.fetchval("SELECT 1 FROM provider_keys WHERE tenant = $1 AND id = $2 FOR SHARE", tenant, key_id):
+            return
+        if await conn.fetchval("SELECT 1 FROM tenants WHERE name = $1", tenant) is None:
+            raise _codec.tenant_not_found(tenant)
+        raise _codec.not_found("provider_keys", tenant, key_id)
+
+    async def put_key_health(self, health: KeyHealth) -> int | None:
+        until = None if health.until is None else _codec.utc(health.until, "until")
+        updated_at = _codec.utc(health.updated_at, "updated_at")
+        async with self._transaction() as conn:
+            await self._require_key(conn, health.tenant, health.key_id)
+            if health.state is HealthState.HEALTHY:
+                status = await conn.execute(
+                    "DELETE FROM key_health WHERE key_id = $1 AND model = $2", health.key_id, health.model
+                )
+                changed = status != "DELETE 0"
+                op = ChangeOp.DELETE
+            else:
+                changed = await conn.fetchval(
+                    f"INSERT INTO key_health ({_KEY_HEALTH_COLUMNS}) "  # noqa: S608
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                    "ON CONFLICT (key_id, model) DO UPDATE SET state = EXCLUDED.state, until = EXCLUDED.until, "
+                    "reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at "
+                    f"WHERE {_HEALTH_CHANGED.format(t='key_health')} RETURNING true",
+                    health.tenant,
+                    health.key_id,
+                    health.model,
+                    health.state.value,
+                    until,
+                    health.reason,
+                    updated_at,
+                )
+                op = ChangeOp.PUT
+            if not changed:
+                return None
+            return await self._log(conn, health.tenant, EntityKind.KEY_HEALTH, health.entity_id, op)
+
+    async def get_key_health(self, tenant: str, key_id: str, model: str) -> KeyHealth | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_KEY_HEALTH_COLUMNS} FROM key_health "  # noqa: S608
+                "WHERE tenant = $1 AND key_id = $2 AND model = $3",
+                tenant,
+                key_id,
+                model,
+            )
+        return None if row is None else _key_health_from_row(row)
+
+    async def list_key_health(self, tenant: str) -> list[KeyHealth]:
+        async with self._connection() as conn:
+            if await conn.fetchval("SELECT 1 FROM tenants WHERE name = $1", tenant) is None:
+                raise _codec.tenant_not_found(tenant)
+            rows = await conn.fetch(
+                f"SELECT {_KEY_HEALTH_COLUMNS} FROM key_health WHERE tenant = $1 "  # noqa: S608
+                'ORDER BY key_id COLLATE "C", model COLLATE "C"',
+                tenant,
+            )
+        return [_key_health_from_row(r) for r in rows]
+
+    async def clear_key_health(self, tenant: str, key_id: str) -> list[int]:
+        async with self._transaction() as conn:
+            await self._require_key(conn, tenant, key_id)
+            rows = await conn.fetch(
+                "DELETE FROM key_health WHERE tenant = $1 AND key_id = $2 RETURNING model", tenant, key_id
+            )
+            return [
+                await self._log(
+                    conn, tenant, EntityKind.KEY_HEALTH, key_health_entity_id(key_id, model), ChangeOp.DELETE
+                )
+                for model in sorted(r["model"] for r in rows)
+            ]
+
+    async def put_provider_health(self, health: ProviderHealth) -> int | None:
+        until = None if health.until is None else _codec.utc(health.until, "until")
+        updated_at = _codec.utc(health.updated_at, "updated_at")
+        async with self._transaction() as conn:
+            # FOR SHARE: a concurrent tenant delete waits for this write, which the cascade then removes.
+            if await conn.fetchval("SELECT 1 FROM tenants WHERE name = $1 FOR SHARE", health.tenant) is None:
+                raise _codec.tenant_not_found(health.tenant)
+            if health.state is HealthState.HEALTHY:
+                status = await conn.execute(
+                    "DELETE FROM provider_health WHERE tenant = $1 AND provider = $2 AND model = $3",
+                    health.tenant,
+                    health.provider.value,
+                    health.model,
+                )
+                changed = status != "DELETE 0"
+                op = ChangeOp.DELETE
+            else:
+                changed = await conn.fetchval(
+                    f"INSERT INTO provider_health ({_PROVIDER_HEALTH_COLUMNS}) "  # noqa: S608
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                    "ON CONFLICT (tenant, provider, model) DO UPDATE SET state = EXCLUDED.state, "
+                    "until = EXCLUDED.until, reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at "
+                    f"WHERE {_HEALTH_CHANGED.format(t='provider_health')} RETURNING true",
+                    health.tenant,
+                    health.provider.value,
+                    health.model,
+                    health.state.value,
+                    until,
+                    health.reason,
+                    updated_at,
+                )
+                op = ChangeOp.PUT
+            if not changed:
+                return None
+            return await self._log(conn, health.tenant, EntityKind.PROVIDER_HEALTH, health.entity_id, op)
+
+    async def get_provider_health(self, tenant: str, provider: Provider, model: str) -> ProviderHealth | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_PROVIDER_HEALTH_COLUMNS} FROM provider_health "  # noqa: S608
+                "WHERE tenant = $1 AND provider = $2 AND model = $3",
+                tenant,
+                provider.value,
+                model,
+            )
+        return None if row is None else _provider_health_from_row(row)
+
+    async def list_provider_health(self, tenant: str) -> list[ProviderHealth]:
+        async with self._connection() as conn:
+            if await conn.fetchval("SELECT 1 FROM tenants WHERE name = $1", tenant) is None:
+                raise _codec.tenant_not_found(tenant)
+            rows = await conn.fetch(
+                f"SELECT {_PROVIDER_HEALTH_COLUMNS} FROM provider_health WHERE tenant = $1 "  # noqa: S608
+                'ORDER BY provider COLLATE "C", model COLLATE "C"',
+                tenant,
+            )
+        return [_provider_health_from_row(r) for r in rows]
 
     # change log --------------------------------------------------------------
 

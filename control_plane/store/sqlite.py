@@ -30,11 +30,15 @@ from keyplane.domain import (
     ChangeRecord,
     ClientKey,
     EntityKind,
+    HealthState,
+    KeyHealth,
     KeyStatus,
     Provider,
+    ProviderHealth,
     ProviderKey,
     Route,
     Tenant,
+    key_health_entity_id,
 )
 from keyplane.errors import Unavailable
 
@@ -97,6 +101,34 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "learnt key and provider health",
+        (
+            # Only non-healthy entries are stored; model '' is key-wide.
+            """CREATE TABLE key_health (
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                key_id TEXT NOT NULL REFERENCES provider_keys(id) ON DELETE CASCADE,
+                model TEXT NOT NULL,
+                state TEXT NOT NULL,
+                until TEXT,
+                reason TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (key_id, model)
+            )""",
+            "CREATE INDEX key_health_by_tenant ON key_health (tenant, key_id, model)",
+            """CREATE TABLE provider_health (
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                provider TEXT NOT NULL,
+                model TEXT NOT NULL,
+                state TEXT NOT NULL,
+                until TEXT,
+                reason TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (tenant, provider, model)
+            )""",
+        ),
+    ),
 )
 
 _KEY_COLUMNS = (
@@ -105,6 +137,13 @@ _KEY_COLUMNS = (
 )
 _ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at"
 _CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at"
+_KEY_HEALTH_COLUMNS = "tenant, key_id, model, state, until, reason, updated_at"
+_PROVIDER_HEALTH_COLUMNS = "tenant, provider, model, state, until, reason, updated_at"
+# An upsert that rewrites the row only when what it says changed (null-safe
+# comparison), so RETURNING yields nothing for a repeated identical verdict.
+_HEALTH_CHANGED = (
+    "{t}.state IS NOT excluded.state OR {t}.until IS NOT excluded.until OR {t}.reason IS NOT excluded.reason"
+)
 
 
 def _ts(value: datetime, field: str) -> str:
@@ -161,6 +200,38 @@ def _client_key_from_row(row: sqlite3.Row) -> ClientKey:
         prefix=row["prefix"],
         token_sha256=bytes(row["token_sha256"]),
         created_at=_parse_ts(row["created_at"]),
+    )
+
+
+def _opt_ts(value: datetime | None, field: str) -> str | None:
+    return None if value is None else _ts(value, field)
+
+
+def _parse_opt_ts(text: str | None) -> datetime | None:
+    return None if text is None else _parse_ts(text)
+
+
+def _key_health_from_row(row: sqlite3.Row) -> KeyHealth:
+    return KeyHealth(
+        tenant=row["tenant"],
+        key_id=row["key_id"],
+        model=row["model"],
+        state=HealthState(row["state"]),
+        until=_parse_opt_ts(row["until"]),
+        reason=row["reason"],
+        updated_at=_parse_ts(row["updated_at"]),
+    )
+
+
+def _provider_health_from_row(row: sqlite3.Row) -> ProviderHealth:
+    return ProviderHealth(
+        tenant=row["tenant"],
+        provider=Provider(row["provider"]),
+        model=row["model"],
+        state=HealthState(row["state"]),
+        until=_parse_opt_ts(row["until"]),
+        reason=row["reason"],
+        updated_at=_parse_ts(row["updated_at"]),
     )
 
 
@@ -272,12 +343,15 @@ class SqliteStore:
 
     async def _log(
         self, conn: aiosqlite.Connection, tenant: str, kind: EntityKind, entity_id: str, op: ChangeOp
-    ) -> None:
-        await self._execute(
-            conn,
+    ) -> int:
+        """Append one change row; returns its version."""
+        async with conn.execute(
             "INSERT INTO changes (tenant, kind, entity_id, op, created_at) VALUES (?, ?, ?, ?, ?)",
             (tenant, kind.value, entity_id, op.value, _ts(datetime.now(UTC), "created_at")),
-        )
+        ) as cursor:
+            version = cursor.lastrowid
+        assert version is not None
+        return version
 
     async def _require_tenant(self, conn: aiosqlite.Connection, tenant: str) -> None:
         if await self._fetchone(conn, "SELECT 1 FROM tenants WHERE name = ?", (tenant,)) is None:
@@ -536,6 +610,137 @@ class SqliteStore:
 
     async def delete_client_key(self, tenant: str, client_key_id: str) -> None:
         await self._delete("client_keys", EntityKind.CLIENT_KEY, tenant, client_key_id)
+
+    # learnt health -----------------------------------------------------------
+
+    async def _require_key(self, conn: aiosqlite.Connection, tenant: str, key_id: str) -> None:
+        row = await self._fetchone(conn, "SELECT 1 FROM provider_keys WHERE tenant = ? AND id = ?", (tenant, key_id))
+        if row is None:
+            await self._require_tenant(conn, tenant)
+            raise _codec.not_found("provider_keys", tenant, key_id)
+
+    async def put_key_health(self, health: KeyHealth) -> int | None:
+        until = _opt_ts(health.until, "until")
+        updated_at = _ts(health.updated_at, "updated_at")
+        async with self._transaction() as conn:
+            await self._require_key(conn, health.tenant, health.key_id)
+            if health.state is HealthState.HEALTHY:
+                changed = await self._execute(
+                    conn,
+                    "DELETE FROM key_health WHERE key_id = ? AND model = ?",
+                    (health.key_id, health.model),
+                )
+                op = ChangeOp.DELETE
+            else:
+                row = await self._fetchone(
+                    conn,
+                    f"INSERT INTO key_health ({_KEY_HEALTH_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
+                    "ON CONFLICT (key_id, model) DO UPDATE SET state = excluded.state, until = excluded.until, "
+                    "reason = excluded.reason, updated_at = excluded.updated_at "
+                    f"WHERE {_HEALTH_CHANGED.format(t='key_health')} RETURNING 1",
+                    (
+                        health.tenant,
+                        health.key_id,
+                        health.model,
+                        health.state.value,
+                        until,
+                        health.reason,
+                        updated_at,
+                    ),
+                )
+                changed = 0 if row is None else 1
+                op = ChangeOp.PUT
+            if changed == 0:
+                return None
+            return await self._log(conn, health.tenant, EntityKind.KEY_HEALTH, health.entity_id, op)
+
+    async def get_key_health(self, tenant: str, key_id: str, model: str) -> KeyHealth | None:
+        async with self._session() as conn:
+            row = await self._fetchone(
+                conn,
+                f"SELECT {_KEY_HEALTH_COLUMNS} FROM key_health WHERE tenant = ? AND key_id = ? AND model = ?",  # noqa: S608
+                (tenant, key_id, model),
+            )
+        return None if row is None else _key_health_from_row(row)
+
+    async def list_key_health(self, tenant: str) -> list[KeyHealth]:
+        async with self._session() as conn:
+            await self._require_tenant(conn, tenant)
+            rows = await self._fetchall(
+                conn,
+                f"SELECT {_KEY_HEALTH_COLUMNS} FROM key_health WHERE tenant = ? ORDER BY key_id, model",  # noqa: S608
+                (tenant,),
+            )
+        return [_key_health_from_row(r) for r in rows]
+
+    async def clear_key_health(self, tenant: str, key_id: str) -> list[int]:
+        async with self._transaction() as conn:
+            await self._require_key(conn, tenant, key_id)
+            rows = await self._fetchall(
+                conn, "DELETE FROM key_health WHERE tenant = ? AND key_id = ? RETURNING model", (tenant, key_id)
+            )
+            return [
+                await self._log(
+                    conn, tenant, EntityKind.KEY_HEALTH, key_health_entity_id(key_id, model), ChangeOp.DELETE
+                )
+                for model in sorted(r["model"] for r in rows)
+            ]
+
+    async def put_provider_health(self, health: ProviderHealth) -> int | None:
+        until = _opt_ts(health.until, "until")
+        updated_at = _ts(health.updated_at, "updated_at")
+        async with self._transaction() as conn:
+            await self._require_tenant(conn, health.tenant)
+            if health.state is HealthState.HEALTHY:
+                changed = await self._execute(
+                    conn,
+                    "DELETE FROM provider_health WHERE tenant = ? AND provider = ? AND model = ?",
+                    (health.tenant, health.provider.value, health.model),
+                )
+                op = ChangeOp.DELETE
+            else:
+                row = await self._fetchone(
+                    conn,
+                    f"INSERT INTO provider_health ({_PROVIDER_HEALTH_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "  # noqa: S608
+                    "ON CONFLICT (tenant, provider, model) DO UPDATE SET state = excluded.state, "
+                    "until = excluded.until, reason = excluded.reason, updated_at = excluded.updated_at "
+                    f"WHERE {_HEALTH_CHANGED.format(t='provider_health')} RETURNING 1",
+                    (
+                        health.tenant,
+                        health.provider.value,
+                        health.model,
+                        health.state.value,
+                        until,
+                        health.reason,
+                        updated_at,
+                    ),
+                )
+                changed = 0 if row is None else 1
+                op = ChangeOp.PUT
+            if changed == 0:
+                return None
+            return await self._log(conn, health.tenant, EntityKind.PROVIDER_HEALTH, health.entity_id, op)
+
+    async def get_provider_health(self, tenant: str, provider: Provider, model: str) -> ProviderHealth | None:
+        async with self._session() as conn:
+            row = await self._fetchone(
+                conn,
+                f"SELECT {_PROVIDER_HEALTH_COLUMNS} FROM provider_health "  # noqa: S608
+                "WHERE tenant = ? AND provider = ? AND model = ?",
+                (tenant, provider.value, model),
+            )
+        return None if row is None else _provider_health_from_row(row)
+
+    async def list_provider_health(self, tenant: str) -> list[ProviderHealth]:
+        async with self._session() as conn:
+            await self._require_tenant(conn, tenant)
+            rows = await self._fetchall(
+                conn,
+                f"SELECT {_PROVIDER_HEALTH_COLUMNS} FROM provider_health "  # noqa: S608
+                "WHERE tenant = ? ORDER BY provider, model",
+                (tenant,),
+            )
+        return [_provider_health_from_row(r) for r in rows]
 
     # change log --------------------------------------------------------------
 

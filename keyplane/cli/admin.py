@@ -7,7 +7,9 @@ import getpass
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -33,6 +35,9 @@ _PROVIDER_TO_PROTO = {p: resources_pb2.Provider.Value("PROVIDER_" + p.name) for 
 _PROVIDER_FROM_PROTO = {v: k.value for k, v in _PROVIDER_TO_PROTO.items()}
 _STATUS_TO_PROTO = {s: resources_pb2.KeyStatus.Value("KEY_STATUS_" + s.name) for s in KeyStatus}
 _STATUS_FROM_PROTO = {v: k.value for k, v in _STATUS_TO_PROTO.items()}
+_HEALTH_FROM_PROTO = {
+    v: name.removeprefix("HEALTH_STATE_").lower() for name, v in resources_pb2.HealthState.items() if v != 0
+}
 
 
 class CliError(Exception):
@@ -180,6 +185,11 @@ def _dispatch(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin:
         _routes(args, client, out)
     elif group == "client-keys":
         _client_keys(args, client, out)
+    elif group == "health":
+        _health(args, client, out)
+    elif group == "sidecars":
+        resp = client.call("ListSidecars", admin_pb2.ListSidecarsRequest())
+        _emit(args, resp, _sidecars_table(resp.sidecars), out)
     return 0
 
 
@@ -260,6 +270,83 @@ def _client_keys(args: argparse.Namespace, client: AdminClient, out: TextIO) -> 
         _emit(args, resp, f"deleted client key {args.id}", out)
 
 
+def _health(args: argparse.Namespace, client: AdminClient, out: TextIO) -> None:
+    if args.action == "show":
+        resp = client.call("GetHealth", admin_pb2.GetHealthRequest(tenant=args.tenant))
+        _emit(args, resp, health_table(resp, now=time.time()), out)
+    elif args.action == "reset":
+        reset = admin_pb2.ResetKeyHealthRequest(tenant=args.tenant, key_id=args.key_id)
+        resp = client.call("ResetKeyHealth", reset)
+        _emit(args, resp, f"reset the health of key {args.key_id}", out)
+
+
+def _until(entry: resources_pb2.KeyHealth | resources_pb2.ProviderHealth, now: float) -> str:
+    """``2025-01-02 03:04:05 (in 12s)`` in local time, or ``-`` when it lasts until reset."""
+    if not entry.HasField("until"):
+        return "-"
+    until = entry.until.ToNanoseconds() / 1e9
+    local = datetime.fromtimestamp(until).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    left = until - now
+    return f"{local} (in {left:.0f}s)" if left >= 0 else f"{local} (ended {-left:.0f}s ago)"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]
+
+
+def health_table(resp: admin_pb2.GetHealthResponse, *, now: float) -> str:
+    """The human view of ``GetHealth``: key-wide and per-model key entries,
+    then per-(provider, model) entries; anything not listed is healthy."""
+    if not resp.key_health and not resp.provider_health:
+        return "all keys and providers are healthy"
+    lines: list[str] = []
+    if resp.key_health:
+        rows = [
+            (
+                h.key_id,
+                h.model or "(all models)",
+                _HEALTH_FROM_PROTO.get(h.state, "?"),
+                _until(h, now),
+                h.reason,
+            )
+            for h in resp.key_health
+        ]
+        lines += _table(("KEY", "MODEL", "STATE", "UNTIL", "REASON"), rows)
+    if resp.provider_health:
+        if lines:
+            lines.append("")
+        rows = [
+            (
+                _PROVIDER_FROM_PROTO.get(h.provider, "?"),
+                h.model,
+                _HEALTH_FROM_PROTO.get(h.state, "?"),
+                _until(h, now),
+                h.reason,
+            )
+            for h in resp.provider_health
+        ]
+        lines += _table(("PROVIDER", "MODEL", "STATE", "UNTIL", "REASON"), rows)
+    lines.append("(keys and providers not listed are healthy)")
+    return "\n".join(lines)
+
+
+def _sidecars_table(sidecars: Any) -> str:
+    if not sidecars:
+        return "(no sidecars connected)"
+    rows = [
+        (
+            s.sidecar_id or "-",
+            ",".join(s.tenants) or "*",
+            s.peer,
+            datetime.fromtimestamp(s.connect_time.ToNanoseconds() / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            str(s.version),
+        )
+        for s in sidecars
+    ]
+    return "\n".join(_table(("SIDECAR", "TENANTS", "PEER", "CONNECTED", "VERSION"), rows))
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
@@ -289,7 +376,7 @@ def _secret_source(parser: argparse.ArgumentParser) -> None:
 
 
 def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace], int]]) -> None:
-    """Register the tenants/keys/routes/client-keys command groups."""
+    """Register the tenants/keys/routes/client-keys/health/sidecars command groups."""
 
     def group(name: str, help_text: str) -> Any:
         parser = sub.add_parser(name, help=help_text)
@@ -350,3 +437,10 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
     )
     action(cks, "list", "list client keys", _tenant)
     action(cks, "delete", "revoke a client key", _tenant).add_argument("id")
+
+    health = group("health", "learnt key and provider health (re-enable a key with 'keys enable')")
+    action(health, "show", "keys and providers that are not healthy, with reasons and until-times", _tenant)
+    action(health, "reset", "clear what was learnt about one key (every model)", _tenant).add_argument("key_id")
+
+    sidecars = group("sidecars", "the sidecars connected to this control plane")
+    action(sidecars, "list", "connected sidecars with their tenants and versions")

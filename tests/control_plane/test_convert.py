@@ -91,3 +91,90 @@ def test_tenant_and_client_keys() -> None:
     assert (admin.id, admin.prefix) == ("ck_1", "kp-abcdefg")
     assert b"\x07" * 32 not in admin.SerializeToString()
     assert convert.sidecar_client_key_to_proto(ck).token_sha256 == b"\x07" * 32
+
+
+def test_health_enums_round_trip() -> None:
+    from keyplane.health.classify import ErrorClass
+
+    from keyplane.domain import HealthState
+    from keyplane.v1 import sidecar_service_pb2 as spb
+
+    for state in HealthState:
+        assert convert.health_state_from_proto(convert.health_state_to_proto(state)) is state
+    for error_class in ErrorClass:
+        assert convert.error_class_from_proto(convert.error_class_to_proto(error_class)) is error_class
+    assert convert.health_state_from_proto(rpb.HEALTH_STATE_UNSPECIFIED) is None
+    assert convert.error_class_from_proto(spb.OUTCOME_CLASS_UNSPECIFIED) is None
+    assert len(rpb.HealthState.values()) == len(HealthState) + 1
+    assert len(spb.OutcomeClass.values()) == len(ErrorClass) + 1
+
+
+def test_health_changes_through_records_and_messages() -> None:
+    from keyplane.health.machine import HealthChange, KeyScope, ProviderScope, Verdict
+
+    from keyplane.domain import HealthState, KeyHealth, ProviderHealth
+
+    until = NOW.timestamp() + 30
+    changes = [
+        HealthChange(KeyScope("pk_1", ""), Verdict(HealthState.UNHEALTHY, None, "401 invalid_api_key")),
+        HealthChange(KeyScope("pk_1", "gpt-4o"), Verdict(HealthState.COOLDOWN, until, "429 rate limited")),
+        HealthChange(ProviderScope(Provider.GEMINI, "gemini-2.0"), Verdict(HealthState.DEGRADED, until, "503")),
+        HealthChange(KeyScope("pk_2", "m"), Verdict(HealthState.HEALTHY, None, "")),
+    ]
+    for change in changes:
+        record = convert.health_record("acme", change, updated_at=NOW)
+        assert record.tenant == "acme" and record.updated_at == NOW
+        assert isinstance(record, KeyHealth if isinstance(change.scope, KeyScope) else ProviderHealth)
+        assert convert.health_change_from_record(record) == change
+        message = convert.health_change_to_proto(change, updated_at=NOW)
+        assert convert.health_change_from_proto(message) == change
+        assert message.HasField("until") is (change.verdict.until is not None)
+        assert convert.datetime_from_timestamp(message.update_time) == NOW
+    key_record = convert.health_record("acme", changes[1], updated_at=NOW)
+    assert isinstance(key_record, KeyHealth)
+    assert key_record.until == datetime.fromtimestamp(until, tz=UTC)
+    assert convert.key_health_from_proto("acme", convert.key_health_to_proto(key_record)) == key_record
+    with pytest.raises(ValueError):
+        convert.health_change_from_proto(rpb.KeyHealth(key_id="pk_1"))  # no state
+    with pytest.raises(ValueError):
+        convert.health_change_from_proto(rpb.ProviderHealth(model="m", state=rpb.HEALTH_STATE_DEGRADED))
+
+
+def test_outcomes_round_trip_and_are_bounded() -> None:
+    from keyplane.health.classify import Classification, ErrorClass
+    from keyplane.health.machine import Outcome
+
+    from keyplane.v1 import sidecar_service_pb2 as spb
+
+    outcome = Outcome(
+        key_id="pk_1",
+        provider=Provider.ANTHROPIC,
+        model="claude",
+        classification=Classification(ErrorClass.RATE_LIMITED, 429, "429 rate limited", 2.5),
+        provider_final=True,
+        recovered=False,
+    )
+    message = convert.outcome_to_proto("acme", outcome, latency_ms=40, request_id="r1", time=NOW)
+    assert message.tenant == "acme" and message.outcome_class == spb.OUTCOME_CLASS_RATE_LIMITED
+    assert message.retry_after.ToNanoseconds() == 2_500_000_000
+    assert convert.outcome_from_proto(message) == outcome
+
+    message.retry_after.FromSeconds(10**6)
+    message.reason = "x\n" * 500
+    parsed = convert.outcome_from_proto(message)
+    assert parsed.classification.retry_after == convert.MAX_RETRY_AFTER
+    assert len(parsed.classification.reason) <= convert.MAX_REASON_CHARS
+    assert "\n" not in parsed.classification.reason
+    message.ClearField("retry_after")
+    message.reason = ""
+    assert convert.outcome_from_proto(message).classification == Classification(
+        ErrorClass.RATE_LIMITED, 429, "429 rate_limited", None
+    )
+    for broken in (
+        spb.Outcome(key_id="pk_1", model="m", provider=rpb.PROVIDER_OPENAI),
+        spb.Outcome(key_id="pk_1", model="m", outcome_class=spb.OUTCOME_CLASS_SUCCESS),
+        spb.Outcome(model="m", provider=rpb.PROVIDER_OPENAI, outcome_class=spb.OUTCOME_CLASS_SUCCESS),
+        spb.Outcome(key_id="pk_1", provider=rpb.PROVIDER_OPENAI, outcome_class=spb.OUTCOME_CLASS_SUCCESS),
+    ):
+        with pytest.raises(ValueError):
+            convert.outcome_from_proto(broken)

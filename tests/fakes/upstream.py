@@ -1,8 +1,9 @@
 """A real, local OpenAI-compatible upstream for tests (aiohttp.web on 127.0.0.1).
 
 It records every request, answers chat completions in OpenAI's JSON shape,
-streams with OpenAI's SSE framing, and can be told to answer a given secret
-with a canned status and body (OpenAI's real error bodies are provided).
+streams with OpenAI's SSE framing, and can be programmed per secret (and per
+model) to answer with a canned status, headers and body -- the providers'
+real error bodies are provided -- or with a stream that breaks mid-way.
 """
 
 from __future__ import annotations
@@ -17,12 +18,19 @@ from typing import Any
 from aiohttp import web
 
 __all__ = [
+    "ANTHROPIC_OVERLOADED",
+    "BROKEN_STREAM",
+    "COMPLETION",
+    "CONTEXT_LENGTH_EXCEEDED",
+    "GEMINI_INVALID_API_KEY",
     "INVALID_API_KEY",
     "RATE_LIMITED",
     "SERVER_ERROR",
+    "SERVICE_UNAVAILABLE",
     "FakeUpstream",
     "RecordedRequest",
     "Reply",
+    "rate_limited",
 ]
 
 
@@ -33,6 +41,14 @@ class RecordedRequest:
     # Lower-case names.
     headers: dict[str, str]
     json: Any
+    # Monotonic time the request arrived.
+    at: float = 0.0
+
+    @property
+    def model(self) -> str | None:
+        if isinstance(self.json, dict) and isinstance(self.json.get("model"), str):
+            return str(self.json["model"])
+        return None
 
     @property
     def secret(self) -> str | None:
@@ -46,10 +62,28 @@ class RecordedRequest:
 @dataclass(frozen=True)
 class Reply:
     status: int
-    body: dict[str, Any]
+    # Any JSON value; None means a normal completion (streamed when asked for).
+    body: Any
     headers: dict[str, str] = field(default_factory=dict)
     # Seconds to wait before answering (to provoke read timeouts).
     delay: float = 0.0
+    # For a normal completion: drop the connection after this many streamed content chunks.
+    break_after: int | None = None
+
+
+@dataclass
+class _Rule:
+    secret: str
+    model: str | None
+    reply: Reply
+    # None: for ever.
+    remaining: int | None
+
+
+# A normal completion (the default for any secret).
+COMPLETION = Reply(200, None)
+# A completion whose stream is cut after two content chunks (non-streaming requests are answered whole).
+BROKEN_STREAM = Reply(200, None, break_after=2)
 
 
 # OpenAI's real bodies.
@@ -91,6 +125,53 @@ RATE_LIMITED = Reply(
 )
 
 
+# Gemini's OpenAI-compatible endpoint: an invalid key is a 400, the body a JSON list.
+GEMINI_INVALID_API_KEY = Reply(
+    400,
+    [
+        {
+            "error": {
+                "code": 400,
+                "message": "API key not valid. Please pass a valid API key.",
+                "status": "INVALID_ARGUMENT",
+                "details": [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": "API_KEY_INVALID",
+                        "domain": "googleapis.com",
+                        "metadata": {"service": "generativelanguage.googleapis.com"},
+                    }
+                ],
+            }
+        }
+    ],
+)
+# OpenAI: the request itself is too long (a client error: nobody's fault but the app's).
+CONTEXT_LENGTH_EXCEEDED = Reply(
+    400,
+    {
+        "error": {
+            "message": "This model's maximum context length is 128000 tokens. However, your messages resulted in "
+            "130532 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error",
+            "param": "messages",
+            "code": "context_length_exceeded",
+        }
+    },
+)
+ANTHROPIC_OVERLOADED = Reply(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+SERVICE_UNAVAILABLE = Reply(
+    503,
+    {"error": {"code": 503, "message": "The model is overloaded. Please try again later.", "status": "UNAVAILABLE"}},
+)
+
+
+def rate_limited(retry_after: float | None) -> Reply:
+    """OpenAI's 429, with ``Retry-After`` (seconds) when given."""
+    headers = {} if retry_after is None else {"retry-after": f"{retry_after:g}"}
+    return Reply(429, RATE_LIMITED.body, headers)
+
+
 class FakeUpstream:
     """``async with FakeUpstream() as up:`` then point keys at ``up.base_url``."""
 
@@ -103,8 +184,10 @@ class FakeUpstream:
     ) -> None:
         self.chunks = tuple(chunks)
         self.chunk_delay = chunk_delay
-        # secret -> canned reply; anything else gets a normal completion.
+        # secret -> canned reply; anything else gets a normal completion
+        # (rules set with ``program`` take precedence).
         self.replies: dict[str, Reply] = dict(replies or {})
+        self._rules: list[_Rule] = []
         self.requests: list[RecordedRequest] = []
         # When set, a stream sends its first chunk then waits for this gate.
         self.stream_gate: asyncio.Event | None = None
@@ -133,6 +216,35 @@ class FakeUpstream:
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
 
+    def secrets(self, since: int = 0, *, model: str | None = None) -> list[str | None]:
+        """The credentials of the chat requests from index ``since`` on (optionally one model's)."""
+        return [r.secret for r in self.chat_requests()[since:] if model is None or r.model == model]
+
+    def program(self, secret: str, reply: Reply, *, model: str | None = None, times: int | None = None) -> None:
+        """Answer ``secret``'s requests (only those for ``model`` when given) with ``reply``,
+        ``times`` times or for ever. The newest matching rule wins; ``COMPLETION`` restores
+        normal answers."""
+        self._rules.insert(0, _Rule(secret, model, reply, times))
+
+    def reset(self, secret: str | None = None) -> None:
+        """Forget the programmed replies (of one secret, or all)."""
+        self._rules = [r for r in self._rules if secret is not None and r.secret != secret]
+        if secret is None:
+            self.replies.clear()
+        else:
+            self.replies.pop(secret, None)
+
+    def _reply_for(self, secret: str, model: str | None) -> Reply | None:
+        for rule in self._rules:
+            if rule.secret != secret or (rule.model is not None and rule.model != model):
+                continue
+            if rule.remaining is not None:
+                if rule.remaining <= 0:
+                    continue
+                rule.remaining -= 1
+            return rule.reply
+        return self.replies.get(secret)
+
     async def __aenter__(self) -> FakeUpstream:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -160,17 +272,22 @@ class FakeUpstream:
             path=request.path,
             headers={k.lower(): v for k, v in request.headers.items()},
             json=body,
+            at=time.monotonic(),
         )
         self.requests.append(recorded)
         if request.method != "POST" or not request.path.endswith("/chat/completions"):
             return _json(
                 404, {"error": {"message": "Not found", "type": "invalid_request_error", "param": None, "code": None}}
             )
-        canned = self.replies.get(recorded.secret or "")
+        canned = self._reply_for(recorded.secret or "", recorded.model)
+        break_after = self.break_after
         if canned is not None:
             if canned.delay:
                 await asyncio.sleep(canned.delay)
-            return _json(canned.status, canned.body, canned.headers)
+            if canned.body is not None:
+                return _json(canned.status, canned.body, canned.headers)
+            if canned.break_after is not None:
+                break_after = canned.break_after
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return _json(
                 400,
@@ -184,7 +301,7 @@ class FakeUpstream:
                 },
             )
         if body.get("stream") is True:
-            return await self._stream(request, body)
+            return await self._stream(request, body, break_after)
         return _json(200, self._completion(body))
 
     def _completion(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -219,7 +336,7 @@ class FakeUpstream:
         }
         return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
-    async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, body: dict[str, Any], break_after: int | None) -> web.StreamResponse:
         model: str = body["model"]
         response = web.StreamResponse(
             status=200,
@@ -232,7 +349,7 @@ class FakeUpstream:
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
                 await response.write(self._chunk(model, {"content": text}, None))
-                if self.break_after is not None and index + 1 >= self.break_after:
+                if break_after is not None and index + 1 >= break_after:
                     assert request.transport is not None
                     request.transport.abort()
                     self.stream_aborted.set()
@@ -251,7 +368,7 @@ class FakeUpstream:
         return response
 
 
-def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
         body=json.dumps(body).encode(),

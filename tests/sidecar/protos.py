@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
 OPENAI = resources_pb2.PROVIDER_OPENAI
+GEMINI = resources_pb2.PROVIDER_GEMINI
 ANTHROPIC = resources_pb2.PROVIDER_ANTHROPIC
 AZURE = resources_pb2.PROVIDER_AZURE_OPENAI
 COMPATIBLE = resources_pb2.PROVIDER_OPENAI_COMPATIBLE
@@ -15,6 +18,10 @@ VLLM = resources_pb2.PROVIDER_VLLM
 ACTIVE = resources_pb2.KEY_STATUS_ACTIVE
 DISABLED = resources_pb2.KEY_STATUS_DISABLED
 REVOKED = resources_pb2.KEY_STATUS_REVOKED
+HEALTHY = resources_pb2.HEALTH_STATE_HEALTHY
+COOLDOWN = resources_pb2.HEALTH_STATE_COOLDOWN
+UNHEALTHY = resources_pb2.HEALTH_STATE_UNHEALTHY
+DEGRADED = resources_pb2.HEALTH_STATE_DEGRADED
 
 
 def pkey(
@@ -64,15 +71,54 @@ def client_key(id: str, token: str) -> sidecar_service_pb2.SidecarClientKey:
     return sidecar_service_pb2.SidecarClientKey(id=id, token_sha256=hashlib.sha256(token.encode()).digest())
 
 
+def _timestamp(epoch: float | None) -> Timestamp | None:
+    if epoch is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(epoch * 1e9))
+    return ts
+
+
+def key_health(
+    key_id: str,
+    model: str = "",
+    state: resources_pb2.HealthState.ValueType = UNHEALTHY,
+    *,
+    until: float | None = None,
+    reason: str = "401 invalid_api_key",
+) -> resources_pb2.KeyHealth:
+    return resources_pb2.KeyHealth(key_id=key_id, model=model, state=state, until=_timestamp(until), reason=reason)
+
+
+def provider_health(
+    provider: resources_pb2.Provider.ValueType,
+    model: str,
+    state: resources_pb2.HealthState.ValueType = DEGRADED,
+    *,
+    until: float | None = None,
+    reason: str = "503 failed end to end",
+) -> resources_pb2.ProviderHealth:
+    return resources_pb2.ProviderHealth(
+        provider=provider, model=model, state=state, until=_timestamp(until), reason=reason
+    )
+
+
 def tenant_state(
     tenant: str,
     *,
     keys: Sequence[sidecar_service_pb2.SidecarProviderKey] = (),
     routes: Sequence[resources_pb2.Route] = (),
     client_keys: Sequence[sidecar_service_pb2.SidecarClientKey] = (),
+    key_health: Sequence[resources_pb2.KeyHealth] = (),
+    provider_health: Sequence[resources_pb2.ProviderHealth] = (),
 ) -> sidecar_service_pb2.TenantState:
     return sidecar_service_pb2.TenantState(
-        tenant=tenant, keys=list(keys), routes=list(routes), client_keys=list(client_keys)
+        tenant=tenant,
+        keys=list(keys),
+        routes=list(routes),
+        client_keys=list(client_keys),
+        key_health=list(key_health),
+        provider_health=list(provider_health),
     )
 
 
@@ -113,3 +159,11 @@ def client_key_deleted(version: int, tenant: str, ck_id: str) -> sidecar_service
 
 def tenant_deleted(version: int, tenant: str) -> sidecar_service_pb2.Change:
     return sidecar_service_pb2.Change(version=version, tenant=tenant, tenant_deleted=True)
+
+
+def key_health_put(version: int, tenant: str, kh: resources_pb2.KeyHealth) -> sidecar_service_pb2.Change:
+    return sidecar_service_pb2.Change(version=version, tenant=tenant, key_health=kh)
+
+
+def provider_health_put(version: int, tenant: str, ph: resources_pb2.ProviderHealth) -> sidecar_service_pb2.Change:
+    return sidecar_service_pb2.Change(version=version, tenant=tenant, provider_health=ph)

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from keyplane.domain import ClientKey, KeyStatus, Provider, ProviderKey, Route, RouteTarget, Tenant
+from keyplane.domain import (
+    ClientKey,
+    HealthState,
+    KeyHealth,
+    KeyStatus,
+    Provider,
+    ProviderHealth,
+    ProviderKey,
+    Route,
+    RouteTarget,
+    Tenant,
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -63,4 +74,46 @@ def client_key(ck_id: str = "ck_1", *, tenant: str = "acme", label: str = "web",
         prefix="kp_live_ab",
         token_sha256=bytes(range(32)),
         created_at=ts(n),
+    )
+
+
+def key_health(
+    key_id: str = "pk_1",
+    model: str = "",
+    *,
+    tenant: str = "acme",
+    state: HealthState = HealthState.UNHEALTHY,
+    until: datetime | None = None,
+    reason: str = "401 invalid_api_key",
+    n: int = 0,
+) -> KeyHealth:
+    return KeyHealth(
+        tenant=tenant,
+        key_id=key_id,
+        model=model,
+        state=state,
+        until=until,
+        reason=reason,
+        updated_at=ts(n),
+    )
+
+
+def provider_health(
+    provider: Provider = Provider.OPENAI,
+    model: str = "gpt-4o",
+    *,
+    tenant: str = "acme",
+    state: HealthState = HealthState.DEGRADED,
+    until: datetime | None = ts(30),
+    reason: str = "3 failures in 60s",
+    n: int = 0,
+) -> ProviderHealth:
+    return ProviderHealth(
+        tenant=tenant,
+        provider=provider,
+        model=model,
+        state=state,
+        until=until,
+        reason=reason,
+        updated_at=ts(n),
     )

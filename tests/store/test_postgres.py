@@ -37,6 +37,32 @@ async def test_listener_on_another_replica_hears_a_write(pg_backend: Backend) ->
     assert [c.entity_id for c in await reader.changes_since(0)] == ["acme", "pk_1"]
 
 
+async def test_health_writes_notify_other_replicas(pg_backend: Backend) -> None:
+    writer = pg_backend.open()
+    await writer.migrate()
+    reader = pg_backend.open()
+    heard: asyncio.Queue[int] = asyncio.Queue()
+
+    async def listener(version: int) -> None:
+        await heard.put(version)
+
+    await reader.listen_changes(listener)
+    await writer.create_tenant(f.tenant())
+    await writer.create_provider_key(f.provider_key())
+    for model in ("", "gpt-4o"):
+        version = await writer.put_key_health(f.key_health("pk_1", model))
+        assert version is not None
+        await _wait_for(heard, version)
+    version = await writer.put_provider_health(f.provider_health())
+    assert version is not None
+    await _wait_for(heard, version)
+    # Each entry a clear deletes is announced, the last one included.
+    versions = await writer.clear_key_health("acme", "pk_1")
+    assert len(versions) == 2
+    await _wait_for(heard, versions[-1])
+    assert await reader.list_key_health("acme") == []
+
+
 async def test_listener_survives_a_lost_connection(pg_backend: Backend) -> None:
     writer = pg_backend.open()
     await writer.migrate()

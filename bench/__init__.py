@@ -1,0 +1,1 @@
+"""keyplane benchmarks: run each with ``python -m bench.<name>`` (see docs/benchmarks.md)."""

@@ -1,0 +1,72 @@
+"""Extract what classification needs from an upstream error body (pure, bounded)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+__all__ = ["MAX_SCAN", "ScannedBody", "scan_body"]
+
+MAX_SCAN = 64 * 1024  # bytes of body ever looked at
+_FIELDS = ("message", "code", "type", "status", "reason")
+_CODE_FIELDS = ("code", "type", "status")
+# A code is echoed into reasons only when it looks like an identifier in lower snake
+# case (or a SCREAMING one): keys carry dashes or mixed case, so they never match.
+_SAFE_CODE = re.compile(r"[a-z][a-z0-9_]{2,47}|[A-Z][A-Z0-9_]{2,47}")
+_MAX_DEPTH = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedBody:
+    haystack: str  # lower-cased: JSON error fields, then the raw text
+    code: str | None  # first safe identifier-like error code/type/status, for reasons
+    codes: frozenset[str]  # every code/type/status value seen, as given
+    retry_delay: str | None = None  # Gemini google.rpc.RetryInfo "retryDelay" ("47s"), as given
+
+
+def _walk(node: object, strings: list[str], codes: list[str], delays: list[str], depth: int) -> None:
+    if depth > _MAX_DEPTH:
+        return
+    if isinstance(node, list):
+        for item in node[:16]:
+            _walk(item, strings, codes, delays, depth + 1)
+        return
+    if not isinstance(node, dict):
+        return
+    delay = node.get("retryDelay")
+    if isinstance(delay, str):
+        delays.append(delay)
+    for name in _FIELDS:
+        value = node.get(name)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, str | int):
+            text = str(value)
+            strings.append(text)
+            if name in _CODE_FIELDS:
+                codes.append(text)
+    for key in ("error", "details", "errors", "metadata"):
+        child = node.get(key)
+        if isinstance(child, dict | list):
+            _walk(child, strings, codes, delays, depth + 1)
+
+
+def scan_body(body: bytes) -> ScannedBody:
+    """Lower-cased searchable text plus the error codes of a (possibly JSON) body."""
+    text = body[:MAX_SCAN].decode("utf-8", errors="replace")
+    strings: list[str] = []
+    codes: list[str] = []
+    delays: list[str] = []
+    stripped = text.strip()
+    if stripped[:1] in ("{", "["):
+        try:
+            parsed: object = json.loads(stripped)
+        except ValueError:
+            parsed = None
+        _walk(parsed, strings, codes, delays, 0)
+    code = next((c for c in codes if _SAFE_CODE.fullmatch(c)), None)
+    haystack = "\n".join([*strings, text]).lower()
+    return ScannedBody(
+        haystack=haystack, code=code, codes=frozenset(codes), retry_delay=delays[0] if delays else None
+    )

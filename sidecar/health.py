@@ -1,0 +1,140 @@
+"""One tenant's key and provider health as this sidecar sees it.
+
+Two ``keyplane.health.HealthBook``s side by side, both pure (the clock is
+passed in, wall-clock epoch seconds):
+
+- ``pushed``: the control plane's verdicts, adopted as they arrive over the
+  watch stream (``HealthBook.apply``); it folds every sidecar's reports.
+- ``local``: this sidecar's own attempt outcomes (``HealthBook.record``),
+  effective at once, before any round trip to the control plane.
+
+A key is usable only if both books allow it; a provider is degraded if
+either says so. A pushed HEALTHY for a key (an admin reset, a re-enable, a
+recovery seen elsewhere) clears what the local book holds for that scope, so
+the local book never outlives the fleet's verdict.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from keyplane.domain import HealthState, Provider
+from keyplane.health.machine import HealthBook, HealthChange, HealthPolicy, KeyScope, Outcome, ProviderScope, Verdict
+
+__all__ = ["TenantHealth"]
+
+_log = logging.getLogger(__name__)
+
+# How often (seconds of the passed-in clock) idle healthy entries are evicted.
+_EVICT_EVERY = 30.0
+
+
+class TenantHealth:
+    """Pushed and local health of one tenant; mutated only on the event loop."""
+
+    __slots__ = ("_last_evict", "_policy", "local", "pushed", "tenant")
+
+    def __init__(self, tenant: str, policy: HealthPolicy) -> None:
+        self.tenant = tenant
+        self._policy = policy
+        self.pushed = HealthBook(policy)
+        self.local = HealthBook(policy)
+        self._last_evict: float | None = None
+
+    # --- reads (request path) -----------------------------------------------------
+
+    def key_usable(self, key_id: str, model: str, now: float) -> bool:
+        return self.pushed.key_usable(key_id, model, now) and self.local.key_usable(key_id, model, now)
+
+    def key_block_reason(self, key_id: str, model: str, now: float) -> str | None:
+        """None when usable, else the state that keeps the key out ("unhealthy" or "cooldown")."""
+        if self.key_usable(key_id, model, now):
+            return None
+        for book in (self.local, self.pushed):
+            if book.verdict(KeyScope(key_id, ""), now).state is HealthState.UNHEALTHY:
+                return HealthState.UNHEALTHY.value
+        return HealthState.COOLDOWN.value
+
+    def provider_degraded(self, provider: Provider, model: str, now: float) -> bool:
+        return self.pushed.provider_degraded(provider, model, now) or self.local.provider_degraded(provider, model, now)
+
+    # --- this sidecar's findings --------------------------------------------------
+
+    def record(self, outcome: Outcome, now: float) -> list[HealthChange]:
+        changes = self.local.record(outcome, now)
+        for change in changes:
+            _log_change(self.tenant, "local", change)
+        self._maybe_evict(now)
+        return changes
+
+    # --- the control plane's verdicts ---------------------------------------------
+
+    def apply_pushed(self, change: HealthChange) -> None:
+        """Adopt one verdict from the watch stream."""
+        self.pushed.apply(change)
+        scope = change.scope
+        if isinstance(scope, KeyScope) and change.verdict.state is HealthState.HEALTHY:
+            if scope.model:
+                # Only this (key, model) recovered; keep local findings for the rest.
+                self.local.apply(change)
+            else:
+                self.local.reset_key(scope.key_id)
+        elif isinstance(scope, ProviderScope) and change.verdict.state is HealthState.HEALTHY:
+            self.local.apply(change)
+
+    def replace_pushed(self, changes: Iterable[HealthChange], now: float) -> None:
+        """A snapshot: the pushed book becomes exactly ``changes`` (non-healthy entries).
+
+        Keys the old pushed book held as not healthy and the snapshot no longer
+        lists were reset meanwhile (e.g. by an admin while the stream was down):
+        the local book forgets them too.
+        """
+        before = {c.scope.key_id for c in self.pushed.unhealthy(now) if isinstance(c.scope, KeyScope)}
+        book = HealthBook(self._policy)
+        for change in changes:
+            book.apply(change)
+        after = {c.scope.key_id for c in book.unhealthy(now) if isinstance(c.scope, KeyScope)}
+        self.pushed = book
+        for key_id in before - after:
+            self.local.reset_key(key_id)
+
+    # --- key lifecycle ------------------------------------------------------------
+
+    def reset_key(self, key_id: str) -> None:
+        """The key was re-enabled or rotated: this sidecar's findings about it are void."""
+        self.local.reset_key(key_id)
+
+    def forget_key(self, key_id: str) -> None:
+        self.pushed.forget_key(key_id)
+        self.local.forget_key(key_id)
+
+    def _maybe_evict(self, now: float) -> None:
+        if self._last_evict is None:
+            self._last_evict = now
+            return
+        if now - self._last_evict >= _EVICT_EVERY:
+            self._last_evict = now
+            self.local.evict(now)
+            self.pushed.evict(now)
+
+
+def _log_change(tenant: str, source: str, change: HealthChange) -> None:
+    scope = change.scope
+    verdict: Verdict = change.verdict
+    if isinstance(scope, KeyScope):
+        what = f"key {scope.key_id} model {scope.model or '*'}"
+    else:
+        what = f"provider {scope.provider.value} model {scope.model}"
+    level = logging.INFO if verdict.state is HealthState.HEALTHY else logging.WARNING
+    until = f" until {verdict.until:.3f}" if verdict.until is not None else ""
+    _log.log(
+        level,
+        "%s health of tenant %s: %s -> %s%s (%s)",
+        source,
+        tenant,
+        what,
+        verdict.state.value,
+        until,
+        verdict.reason,
+    )

@@ -1,0 +1,302 @@
+"""Outcome reports to the control plane: one long-lived ReportOutcomes stream.
+
+Requests only ever call ``enqueue``: an O(1) append to a bounded deque that
+never blocks and never awaits. When the deque is full the oldest outcome is
+dropped (and counted). A background task drains it in batches (up to
+``report_batch_size`` outcomes, or whatever arrived within
+``report_interval``) into one client stream (grpc.aio stream-unary fed by an
+async request iterator). When the stream breaks it reconnects with jittered
+exponential backoff; meanwhile outcomes older than ``report_max_age`` are
+dropped (counted) rather than sent late, so an unreachable control plane
+costs a bounded amount of memory and never penalises keys for the past.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from keyplane.health.classify import ErrorClass
+from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
+
+from .config import SidecarConfig
+from .metrics import SidecarMetrics
+from .model import provider_to_proto
+from .proxy import AttemptRecord
+from .watch import Backoff, open_channel
+
+__all__ = ["OutcomeReporter", "ReporterStats", "outcome_to_proto"]
+
+_log = logging.getLogger(__name__)
+
+_CLASSES: dict[ErrorClass, sidecar_service_pb2.OutcomeClass.ValueType] = {
+    ErrorClass.SUCCESS: sidecar_service_pb2.OUTCOME_CLASS_SUCCESS,
+    ErrorClass.CREDENTIAL: sidecar_service_pb2.OUTCOME_CLASS_CREDENTIAL,
+    ErrorClass.RATE_LIMITED: sidecar_service_pb2.OUTCOME_CLASS_RATE_LIMITED,
+    ErrorClass.UPSTREAM_ERROR: sidecar_service_pb2.OUTCOME_CLASS_UPSTREAM_ERROR,
+    ErrorClass.CLIENT_ERROR: sidecar_service_pb2.OUTCOME_CLASS_CLIENT_ERROR,
+    ErrorClass.STREAM_BROKEN: sidecar_service_pb2.OUTCOME_CLASS_STREAM_BROKEN,
+}
+
+
+def _timestamp(epoch: float) -> Timestamp:
+    seconds = int(epoch // 1)
+    nanos = min(round((epoch - seconds) * 1e9), 999_999_999)
+    return Timestamp(seconds=seconds, nanos=nanos)
+
+
+def outcome_to_proto(tenant: str, record: AttemptRecord, request_id: str) -> sidecar_service_pb2.Outcome | None:
+    """The report for one attempt; None for a keyless attempt (nothing to attribute it to)."""
+    key_id = record.key_id
+    if key_id is None:
+        return None
+    c = record.classification
+    when = _timestamp(record.started)
+    outcome = sidecar_service_pb2.Outcome(
+        tenant=tenant,
+        key_id=key_id,
+        provider=provider_to_proto(record.provider),
+        model=record.model,
+        outcome_class=_CLASSES[c.error_class],
+        status_code=max(0, c.status),
+        latency_ms=min(record.latency_ms, 2**32 - 1),
+        recovered=record.recovered,
+        provider_final=record.provider_final,
+        request_id=request_id,
+        time=when,
+        reason=c.reason[:200],
+    )
+    if c.retry_after is not None:
+        retry_after = Duration()
+        retry_after.FromNanoseconds(int(c.retry_after * 1e9))
+        outcome.retry_after.CopyFrom(retry_after)
+    return outcome
+
+
+@dataclass(slots=True)
+class ReporterStats:
+    """Counters since start (tests, logs); the same numbers feed the metrics."""
+
+    enqueued: int = 0
+    sent: int = 0
+    # reason ("queue_full", "stale", "unsent") -> count
+    dropped: dict[str, int] = field(default_factory=dict)
+    streams: int = 0
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Book-keeping of one ReportOutcomes call."""
+
+    ended: bool = False
+    delivered: bool = False
+    inflight: int = 0
+
+
+class OutcomeReporter:
+    """``enqueue`` from anywhere on the loop; ``run`` as a task; ``stop`` then await the task."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        metrics: SidecarMetrics | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._queue: deque[tuple[float, sidecar_service_pb2.Outcome]] = deque()
+        self._capacity = config.report_queue_size
+        self._backoff = Backoff(config.watch_backoff_base, config.watch_backoff_cap, rng)
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._unreported_drops = 0
+        self._call: (
+            grpc.aio.StreamUnaryCall[
+                sidecar_service_pb2.ReportOutcomesRequest, sidecar_service_pb2.ReportOutcomesResponse
+            ]
+            | None
+        ) = None
+        self.stats = ReporterStats()
+
+    # --- the request path ---------------------------------------------------------------
+
+    def enqueue(self, outcome: sidecar_service_pb2.Outcome) -> None:
+        """Queue one outcome; O(1), never blocks. A full queue drops its oldest."""
+        if self._stopping:
+            self._drop(1, "unsent")
+            return
+        if len(self._queue) >= self._capacity:
+            self._queue.popleft()
+            self._drop(1, "queue_full")
+        self._queue.append((self._clock(), outcome))
+        self.stats.enqueued += 1
+        self._wakeup.set()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run`` to flush what is queued over a live stream, then return."""
+        self._stopping = True
+        self._wakeup.set()
+
+    def abort(self) -> None:
+        """Give up on flushing: cancel the live call."""
+        self._stopping = True
+        call = self._call
+        if call is not None:
+            call.cancel()
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        channel = open_channel(self._config)
+        try:
+            stub = sidecar_service_pb2_grpc.SidecarServiceStub(channel)
+            while not self._stopping:
+                if await self._stream_once(stub):
+                    self._backoff.reset()
+                if self._stopping:
+                    break
+                self._drop_stale()
+                delay = self._backoff.next_delay()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped(), delay)
+        finally:
+            left = len(self._queue)
+            self._queue.clear()
+            if left:
+                self._drop(left, "unsent")
+            await channel.close(None)
+
+    async def _stopped(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    # --- one stream ---------------------------------------------------------------------
+
+    async def _stream_once(self, stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub) -> bool:
+        """One ReportOutcomes call until it ends; True if it carried at least one batch."""
+        stream = _Stream()
+        requests = self._requests(stream)
+        metadata = (("authorization", f"Bearer {self._config.sidecar_token}"),)
+        call = stub.ReportOutcomes(requests, metadata=metadata)
+        self._call = call
+        self.stats.streams += 1
+        try:
+            response = await call
+            _log.debug("outcome stream closed; the control plane accepted %d", response.accepted)
+        except grpc.aio.AioRpcError as exc:
+            self._log_rpc_error(exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        finally:
+            self._call = None
+            stream.ended = True
+            self._wakeup.set()
+            with contextlib.suppress(RuntimeError):  # still running inside grpc's poller: it ends on its own
+                await requests.aclose()
+        return stream.delivered
+
+    async def _requests(self, stream: _Stream) -> AsyncIterator[sidecar_service_pb2.ReportOutcomesRequest]:
+        try:
+            while True:
+                request = await self._next_batch(stream)
+                if request is None:
+                    return
+                stream.inflight = len(request.outcomes)
+                yield request
+                # grpc asks for the next request only once this one is written.
+                self._sent(stream.inflight)
+                stream.inflight = 0
+                stream.delivered = True
+        finally:
+            if stream.inflight:
+                self._drop(stream.inflight, "unsent")
+                stream.inflight = 0
+
+    async def _next_batch(self, stream: _Stream) -> sidecar_service_pb2.ReportOutcomesRequest | None:
+        config = self._config
+        while True:
+            if stream.ended:
+                return None
+            self._drop_stale()
+            if self._queue:
+                if len(self._queue) < config.report_batch_size and not self._stopping:
+                    # Let a burst gather into one batch.
+                    await asyncio.sleep(config.report_interval)
+                    if stream.ended:
+                        return None
+                    self._drop_stale()
+                    if not self._queue:
+                        continue
+                count = min(len(self._queue), config.report_batch_size)
+                outcomes = [self._queue.popleft()[1] for _ in range(count)]
+                dropped, self._unreported_drops = self._unreported_drops, 0
+                return sidecar_service_pb2.ReportOutcomesRequest(
+                    outcomes=outcomes, sidecar_id=config.sidecar_id, dropped=dropped
+                )
+            if self._stopping:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    # --- counting -----------------------------------------------------------------------
+
+    def _drop_stale(self) -> None:
+        horizon = self._clock() - self._config.report_max_age
+        stale = 0
+        while self._queue and self._queue[0][0] < horizon:
+            self._queue.popleft()
+            stale += 1
+        if stale:
+            self._drop(stale, "stale")
+
+    def _drop(self, count: int, reason: str) -> None:
+        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + count
+        self._unreported_drops += count
+        if self._metrics is not None:
+            self._metrics.outcomes_dropped.labels(reason).inc(count)
+
+    def _sent(self, count: int) -> None:
+        self.stats.sent += count
+        if self._metrics is not None:
+            self._metrics.outcomes_sent.inc(count)
+
+    def _log_rpc_error(self, exc: grpc.aio.AioRpcError) -> None:
+        if self._stopping and exc.code() is grpc.StatusCode.CANCELLED:
+            return
+        failures = self._backoff.failures
+        loud = failures == 0 or failures % 50 == 0
+        _log.log(
+            logging.WARNING if loud else logging.DEBUG,
+            "outcome report stream to %s failed: %s %s; %d outcome(s) queued, %d dropped so far",
+            self._config.control_plane_target,
+            exc.code().name,
+            (exc.details() or "")[:200],
+            len(self._queue),
+            self.stats.dropped_total,
+        )
