@@ -31,13 +31,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from keyplane.health.machine import HealthBook, HealthChange, HealthPolicy, KeyScope, Outcome, ProviderScope, Verdict
-
 from control_plane.hub import SnapshotHub
 from control_plane.store.base import Store
 from keyplane import convert
 from keyplane.domain import ChangeRecord, HealthState, KeyHealth
 from keyplane.errors import NotFound
+from keyplane.health.machine import HealthBook, HealthChange, HealthPolicy, KeyScope, Outcome, ProviderScope, Verdict
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
 __all__ = ["AggregatorStats", "HealthAggregator", "ReportedOutcome"]
@@ -112,7 +111,8 @@ class HealthAggregator:
             health = self._hub.health(tenant)
             if health is None:
                 continue
-            for message in (*health[0], *health[1]):
+            messages: list[resources_pb2.KeyHealth | resources_pb2.ProviderHealth] = [*health[0], *health[1]]
+            for message in messages:
                 change = _change_from_proto(message)
                 if change is not None:
                     self._book(tenant).apply(change)
@@ -159,10 +159,14 @@ class HealthAggregator:
         return accepted
 
     async def ingest(self, outcomes: Iterable[ReportedOutcome]) -> int:
-        """Fold ``outcomes``, then persist and publish any transition. Never
-        raises for store trouble (the transitions are retried later)."""
+        """Fold ``outcomes``, then persist and publish the transitions they
+        caused, so they reach the sidecars before this returns. Never raises
+        for store trouble (the transitions are kept and retried later)."""
+        transitions = self.stats.transitions
         accepted = self.fold(outcomes)
-        if self._dirty:
+        if self.stats.transitions != transitions:
+            # Only for new transitions: older unpersisted ones are the retry
+            # task's business, so a store outage does not stall every report.
             await self.flush()
         return accepted
 
@@ -237,17 +241,19 @@ class HealthAggregator:
         HEALTHY for each), in the book and in the pending transitions.
         Raises what the store raises."""
         async with self._flush_lock:
-            for version in await self._store.clear_key_health(tenant, key_id):
-                self._remember_own(version)
-            book = self._books.get(tenant)
-            if book is not None:
-                book.reset_key(key_id)
-            self._drop_dirty_key(tenant, key_id)
             try:
-                await self._hub.catch_up()
-            except Exception as exc:
-                log.warning("health reset but not yet published to sidecars: %s", type(exc).__name__)
-            self._drain_inbox()
+                for version in await self._store.clear_key_health(tenant, key_id):
+                    self._remember_own(version)
+                book = self._books.get(tenant)
+                if book is not None:
+                    book.reset_key(key_id)
+                self._drop_dirty_key(tenant, key_id)
+                try:
+                    await self._hub.catch_up()
+                except Exception as exc:
+                    log.warning("health reset but not yet published to sidecars: %s", type(exc).__name__)
+            finally:
+                self._drain_inbox()
 
     def _drop_dirty_key(self, tenant: str, key_id: str) -> None:
         for slot in [s for s in self._dirty if s[0] == tenant and isinstance(s[1], KeyScope) and s[1].key_id == key_id]:
@@ -315,7 +321,8 @@ class HealthAggregator:
             health = self._hub.health(tenant)
             if health is None:
                 continue
-            for message in (*health[0], *health[1]):
+            messages: list[resources_pb2.KeyHealth | resources_pb2.ProviderHealth] = [*health[0], *health[1]]
+            for message in messages:
                 if not message.HasField("until") or message.until.ToSeconds() > stale_before:
                     continue
                 change = _change_from_proto(message)

@@ -358,6 +358,23 @@ class SidecarApp:
         deadline: float,
         send: Send,
     ) -> int:
+        try:
+            return await self._attempt_and_relay(ctx, model, plan, body_for, headers, stream, deadline, send)
+        finally:
+            # Also when the app hung up mid-way: what was attempted is reported.
+            ctx.flush()
+
+    async def _attempt_and_relay(
+        self,
+        ctx: _Request,
+        model: str,
+        plan: list[Attempt],
+        body_for: Callable[[str], bytes],
+        headers: dict[str, str],
+        stream: bool,
+        deadline: float,
+        send: Send,
+    ) -> int:
         health = ctx.health
         wall_clock = self.state.wall_clock
 
@@ -379,7 +396,8 @@ class SidecarApp:
             wall_clock=wall_clock,
         )
         ctx.excluded = dict(result.excluded)
-        ctx.report(result.records)
+        # Recovered flags are final for these now; a streamed answer's own record comes later.
+        ctx.flush()
         if isinstance(result, AttemptsFailed):
             _log.warning(
                 "request %s for %s failed after %d attempt(s); excluded %s",
@@ -451,7 +469,7 @@ class SidecarApp:
                 ending = classify_response(response.status, response.headers, b"", now=self.state.wall_clock())
             record = complete(reply, ending, now_loop=asyncio.get_running_loop().time())
             ctx.attempted(record)
-            ctx.report([record])
+            ctx.flush()
         return response.status
 
     def count_attempt(self, record: AttemptRecord) -> None:
@@ -465,7 +483,7 @@ class SidecarApp:
 class _Request:
     """One chat request's book-keeping: the attempt observer, reports and answer headers."""
 
-    __slots__ = ("app", "excluded", "health", "request_id", "tenant")
+    __slots__ = ("app", "excluded", "health", "request_id", "tenant", "unreported")
 
     def __init__(self, app: SidecarApp, tenant: str, request_id: str) -> None:
         self.app = app
@@ -474,10 +492,13 @@ class _Request:
         self.health: TenantHealth = app.state.health(tenant)
         # key id -> class or health state
         self.excluded: dict[str, str] = {}
+        # Attempts seen but not yet queued for the control plane.
+        self.unreported: list[AttemptRecord] = []
 
     def attempted(self, record: AttemptRecord) -> None:
         """Metrics, and this sidecar's own health book at once (no round trip)."""
         self.app.count_attempt(record)
+        self.unreported.append(record)
         key_id = record.key_id
         if key_id is None:
             return
@@ -494,7 +515,9 @@ class _Request:
     def misconfigured(self, attempt: Attempt) -> None:
         self.app.metrics.upstream_attempts.labels(attempt.target.provider.value, "config_error").inc()
 
-    def report(self, records: Iterable[AttemptRecord]) -> None:
+    def flush(self) -> None:
+        """Queue the attempts seen so far for the control plane (never blocks)."""
+        records, self.unreported = self.unreported, []
         reporter = self.app.reporter
         if reporter is None:
             return

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,7 +27,7 @@ import grpc.aio
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from keyplane.health.classify import ErrorClass
+from keyplane import convert
 from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
 
 from .config import SidecarConfig
@@ -39,15 +39,6 @@ from .watch import Backoff, open_channel
 __all__ = ["OutcomeReporter", "ReporterStats", "outcome_to_proto"]
 
 _log = logging.getLogger(__name__)
-
-_CLASSES: dict[ErrorClass, sidecar_service_pb2.OutcomeClass.ValueType] = {
-    ErrorClass.SUCCESS: sidecar_service_pb2.OUTCOME_CLASS_SUCCESS,
-    ErrorClass.CREDENTIAL: sidecar_service_pb2.OUTCOME_CLASS_CREDENTIAL,
-    ErrorClass.RATE_LIMITED: sidecar_service_pb2.OUTCOME_CLASS_RATE_LIMITED,
-    ErrorClass.UPSTREAM_ERROR: sidecar_service_pb2.OUTCOME_CLASS_UPSTREAM_ERROR,
-    ErrorClass.CLIENT_ERROR: sidecar_service_pb2.OUTCOME_CLASS_CLIENT_ERROR,
-    ErrorClass.STREAM_BROKEN: sidecar_service_pb2.OUTCOME_CLASS_STREAM_BROKEN,
-}
 
 
 def _timestamp(epoch: float) -> Timestamp:
@@ -68,7 +59,7 @@ def outcome_to_proto(tenant: str, record: AttemptRecord, request_id: str) -> sid
         key_id=key_id,
         provider=provider_to_proto(record.provider),
         model=record.model,
-        outcome_class=_CLASSES[c.error_class],
+        outcome_class=convert.error_class_to_proto(c.error_class),
         status_code=max(0, c.status),
         latency_ms=min(record.latency_ms, 2**32 - 1),
         recovered=record.recovered,
@@ -221,7 +212,7 @@ class OutcomeReporter:
                 await requests.aclose()
         return stream.delivered
 
-    async def _requests(self, stream: _Stream) -> AsyncIterator[sidecar_service_pb2.ReportOutcomesRequest]:
+    async def _requests(self, stream: _Stream) -> AsyncGenerator[sidecar_service_pb2.ReportOutcomesRequest, None]:
         try:
             while True:
                 request = await self._next_batch(stream)

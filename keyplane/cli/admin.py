@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -290,7 +290,7 @@ def _until(entry: resources_pb2.KeyHealth | resources_pb2.ProviderHealth, now: f
     return f"{local} (in {left:.0f}s)" if left >= 0 else f"{local} (ended {-left:.0f}s ago)"
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]
 
@@ -331,7 +331,7 @@ def health_table(resp: admin_pb2.GetHealthResponse, *, now: float) -> str:
     return "\n".join(lines)
 
 
-def _sidecars_table(sidecars: Any) -> str:
+def _sidecars_table(sidecars: Sequence[admin_pb2.SidecarInfo]) -> str:
     if not sidecars:
         return "(no sidecars connected)"
     rows = [

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 __all__ = ["MAX_SCAN", "ScannedBody", "scan_body"]
 
 MAX_SCAN = 64 * 1024  # bytes of body ever looked at
-_FIELDS = ("message", "code", "type", "status", "reason")
+# Error fields whose text is searched. "error" and "detail" count when they are plain strings
+# ({"error": "Invalid API key"}, FastAPI's {"detail": ...}); as objects they are walked.
+_FIELDS = ("message", "code", "type", "status", "reason", "error", "detail", "msg")
 _CODE_FIELDS = ("code", "type", "status")
 # A code is echoed into reasons only when it looks like an identifier in lower snake
 # case (or a SCREAMING one): keys carry dashes or mixed case, so they never match.
@@ -19,7 +21,7 @@ _MAX_DEPTH = 8
 
 @dataclass(frozen=True, slots=True)
 class ScannedBody:
-    haystack: str  # lower-cased: JSON error fields, then the raw text
+    haystack: str  # lower-cased: the JSON error fields, or the raw text when the body is not JSON
     code: str | None  # first safe identifier-like error code/type/status, for reasons
     codes: frozenset[str]  # every code/type/status value seen, as given
     retry_delay: str | None = None  # Gemini google.rpc.RetryInfo "retryDelay" ("47s"), as given
@@ -37,6 +39,10 @@ def _walk(node: object, strings: list[str], codes: list[str], delays: list[str],
     delay = node.get("retryDelay")
     if isinstance(delay, str):
         delays.append(delay)
+    # The nested error object first: Anthropic wraps it in {"type": "error", "error": {...}}.
+    inner = node.get("error")
+    if isinstance(inner, dict | list):
+        _walk(inner, strings, codes, delays, depth + 1)
     for name in _FIELDS:
         value = node.get(name)
         if isinstance(value, bool):
@@ -46,7 +52,7 @@ def _walk(node: object, strings: list[str], codes: list[str], delays: list[str],
             strings.append(text)
             if name in _CODE_FIELDS:
                 codes.append(text)
-    for key in ("error", "details", "errors", "metadata"):
+    for key in ("details", "errors", "detail", "metadata"):
         child = node.get(key)
         if isinstance(child, dict | list):
             _walk(child, strings, codes, delays, depth + 1)
@@ -66,7 +72,7 @@ def scan_body(body: bytes) -> ScannedBody:
             parsed = None
         _walk(parsed, strings, codes, delays, 0)
     code = next((c for c in codes if _SAFE_CODE.fullmatch(c)), None)
-    haystack = "\n".join([*strings, text]).lower()
-    return ScannedBody(
-        haystack=haystack, code=code, codes=frozenset(codes), retry_delay=delays[0] if delays else None
-    )
+    # When the body is JSON with error fields, only those are searched: free text elsewhere in
+    # the body (an echoed request parameter, say) must not mark a key invalid for every model.
+    haystack = "\n".join(strings if strings else [text]).lower()
+    return ScannedBody(haystack=haystack, code=code, codes=frozenset(codes), retry_delay=delays[0] if delays else None)

@@ -95,9 +95,6 @@ _QUOTA_MARKERS: tuple[tuple[str, str], ...] = (
 )
 
 
-_AUTH_LABEL = {401: "unauthorized", 403: "forbidden"}
-
-
 def _marker(scanned: ScannedBody, markers: tuple[tuple[str, str], ...]) -> str | None:
     for needle, label in markers:
         if needle in scanned.haystack:
@@ -140,13 +137,15 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes, *, n
         credential = "unauthorized"
     if credential is not None:
         return Classification(ErrorClass.CREDENTIAL, status, f"{status} {credential}")
+    if status == 401:
+        return Classification(ErrorClass.CREDENTIAL, status, f"401 {scanned.code or 'unauthorized'}")
     quota = _marker(scanned, _QUOTA_MARKERS)
     if quota is not None:
         return Classification(ErrorClass.RATE_LIMITED, status, f"{status} {quota}", _wait(headers, scanned, now))
     if status == 402:  # Payment Required (OpenRouter: out of credits): same as quota exhausted.
         return Classification(ErrorClass.RATE_LIMITED, status, "402 payment required", _wait(headers, scanned, now))
-    if status in (401, 403):
-        return Classification(ErrorClass.CREDENTIAL, status, f"{status} {scanned.code or _AUTH_LABEL[status]}")
+    if status == 403:
+        return Classification(ErrorClass.CREDENTIAL, status, f"403 {scanned.code or 'forbidden'}")
     return Classification(ErrorClass.CLIENT_ERROR, status, f"{status} {scanned.code or 'client error'}")
 
 

@@ -45,8 +45,15 @@ class HealthPolicy:
     max_entries: int = 100_000  # hard cap: evict least recently touched healthy entries, then oldest
 
     def __post_init__(self) -> None:
-        for name in ("error_window", "base_cooldown", "max_cooldown", "rate_limit_default", "provider_window",
-                     "provider_cooldown", "idle_ttl"):
+        for name in (
+            "error_window",
+            "base_cooldown",
+            "max_cooldown",
+            "rate_limit_default",
+            "provider_window",
+            "provider_cooldown",
+            "idle_ttl",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"HealthPolicy.{name} must be > 0")
         for name in ("error_threshold", "provider_threshold", "max_entries"):
@@ -102,6 +109,16 @@ Scope = KeyScope | ProviderScope
 class HealthChange:
     scope: Scope
     verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class _TripRule:
+    """How a sliding-window breaker trips: (key, model) -> COOLDOWN, (provider, model) -> DEGRADED."""
+
+    window: float
+    threshold: int
+    base_cooldown: float
+    state: HealthState
 
 
 def _backoff(base: float, exponent: int, cap: float) -> float:
@@ -263,8 +280,8 @@ class HealthBook:
         policy = self.policy
         entry = self._entry(scope, now, create=True)
         assert entry is not None
-        self._trip(scope, entry, reason, now, policy.error_window, policy.error_threshold, policy.base_cooldown,
-                   HealthState.COOLDOWN, changes)
+        rule = _TripRule(policy.error_window, policy.error_threshold, policy.base_cooldown, HealthState.COOLDOWN)
+        self._trip(scope, entry, rule, reason, now, changes)
 
     def _provider(self, outcome: Outcome, now: float, changes: list[HealthChange]) -> None:
         scope = ProviderScope(outcome.provider, outcome.model)
@@ -278,31 +295,25 @@ class HealthBook:
         assert entry is not None
         policy = self.policy
         reason = outcome.classification.reason or kind.value
-        self._trip(scope, entry, reason, now, policy.provider_window, policy.provider_threshold,
-                   policy.provider_cooldown, HealthState.DEGRADED, changes)
+        rule = _TripRule(
+            policy.provider_window, policy.provider_threshold, policy.provider_cooldown, HealthState.DEGRADED
+        )
+        self._trip(scope, entry, rule, reason, now, changes)
 
     def _trip(
-        self,
-        scope: Scope,
-        entry: Entry,
-        reason: str,
-        now: float,
-        window: float,
-        threshold: int,
-        base: float,
-        state: HealthState,
-        changes: list[HealthChange],
+        self, scope: Scope, entry: Entry, rule: _TripRule, reason: str, now: float, changes: list[HealthChange]
     ) -> None:
         """Count a failure in the sliding window; trip (or re-trip when half-open) the scope."""
+        state = rule.state
         if entry.state is state and entry.until is not None and entry.until > now:
             return  # already tripped: attempts that were in flight do not extend it
         half_open = entry.state is state and entry.trips > 0
-        entry.record_failure(now, window, threshold)
-        if not half_open and len(entry.failures) < threshold:
+        entry.record_failure(now, rule.window, rule.threshold)
+        if not half_open and len(entry.failures) < rule.threshold:
             return
         entry.trips += 1
         entry.failures.clear()
-        until = now + _backoff(base, entry.trips - 1, self.policy.max_cooldown)
+        until = now + _backoff(rule.base_cooldown, entry.trips - 1, self.policy.max_cooldown)
         self._set(scope, entry, state, until, reason, changes)
 
 

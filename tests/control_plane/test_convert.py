@@ -9,8 +9,21 @@ import pytest
 
 from keyplane import convert
 from keyplane.crypto import SecretBox, fingerprint, last4
-from keyplane.domain import ClientKey, KeyStatus, Provider, ProviderKey, Route, RouteTarget, Tenant
+from keyplane.domain import (
+    ClientKey,
+    HealthState,
+    KeyHealth,
+    KeyStatus,
+    Provider,
+    ProviderHealth,
+    ProviderKey,
+    Route,
+    RouteTarget,
+    Tenant,
+)
+from keyplane.health import Classification, ErrorClass, HealthChange, KeyScope, Outcome, ProviderScope, Verdict
 from keyplane.v1 import resources_pb2 as rpb
+from keyplane.v1 import sidecar_service_pb2 as spb
 
 NOW = datetime(2025, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
 SECRET = "sk-convert-SECRET-abcdefgh"
@@ -94,11 +107,6 @@ def test_tenant_and_client_keys() -> None:
 
 
 def test_health_enums_round_trip() -> None:
-    from keyplane.health.classify import ErrorClass
-
-    from keyplane.domain import HealthState
-    from keyplane.v1 import sidecar_service_pb2 as spb
-
     for state in HealthState:
         assert convert.health_state_from_proto(convert.health_state_to_proto(state)) is state
     for error_class in ErrorClass:
@@ -110,10 +118,6 @@ def test_health_enums_round_trip() -> None:
 
 
 def test_health_changes_through_records_and_messages() -> None:
-    from keyplane.health.machine import HealthChange, KeyScope, ProviderScope, Verdict
-
-    from keyplane.domain import HealthState, KeyHealth, ProviderHealth
-
     until = NOW.timestamp() + 30
     changes = [
         HealthChange(KeyScope("pk_1", ""), Verdict(HealthState.UNHEALTHY, None, "401 invalid_api_key")),
@@ -141,11 +145,6 @@ def test_health_changes_through_records_and_messages() -> None:
 
 
 def test_outcomes_round_trip_and_are_bounded() -> None:
-    from keyplane.health.classify import Classification, ErrorClass
-    from keyplane.health.machine import Outcome
-
-    from keyplane.v1 import sidecar_service_pb2 as spb
-
     outcome = Outcome(
         key_id="pk_1",
         provider=Provider.ANTHROPIC,

@@ -16,9 +16,11 @@ import asyncpg
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
+from keyplane.health import KeyScope
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from tests.control_plane.conftest import ADMIN_MD, SECRET, HarnessFactory, next_message
+from tests.control_plane.test_health import credential, report, watching
 
 PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -79,3 +81,33 @@ async def test_a_write_through_one_replica_reaches_the_other(
     assert change.key_put.status == rpb.KEY_STATUS_DISABLED
     assert change.key_put.secret == SECRET
     assert change.version > version
+
+
+async def test_health_learnt_by_one_replica_reaches_the_other(make_harness: HarnessFactory, pg_url: str) -> None:
+    master_key = os.urandom(32)
+    one = await make_harness(store_url=pg_url, master_key=master_key)
+    two = await make_harness(store_url=pg_url, master_key=master_key)
+    await one.tenant()
+    key = await one.key()
+    watcher = await watching(two)
+    await two.plane.hub.catch_up()  # the setup writes, in case NOTIFY is still on its way
+
+    # A sidecar of replica one reports a dead key; a sidecar of replica two hears of it.
+    assert await report(one, [credential(key.id)]) == 1
+    seen: list[rpb.KeyHealth] = []
+    async with asyncio.timeout(2.0):
+        while not seen:
+            message = await next_message(watcher, within=2.0)
+            seen = [c.key_health for c in message.delta.changes if c.HasField("key_health")]
+    assert [(h.key_id, h.model, h.state) for h in seen] == [(key.id, "", rpb.HEALTH_STATE_UNHEALTHY)]
+    # Replica two's books adopted it too.
+    assert [c.scope for c in two.plane.aggregator.verdicts("acme")] == [KeyScope(key.id, "")]
+
+    # A reset through replica two clears replica one's books: the same failure is news again.
+    await two.admin.ResetKeyHealth(apb.ResetKeyHealthRequest(tenant="acme", key_id=key.id), metadata=ADMIN_MD)
+    async with asyncio.timeout(2.0):
+        while one.plane.aggregator.verdicts("acme"):
+            await one.plane.hub.catch_up()
+    version = await one.latest_version()
+    assert await report(one, [credential(key.id)]) == 1
+    assert await one.latest_version() > version

@@ -243,6 +243,21 @@ async def test_gemini_invalid_key_is_skipped_by_the_whole_fleet(fleet: Fleet) ->
     # Key 1 was only ever sent once, by the first sidecar.
     assert up.secrets().count("sk-gemini-bad-key-0001") == 1
 
+    # The admin fixes the key and resets its health: every sidecar uses it again, the
+    # first one included (its own finding is cleared by the pushed reset).
+    up.reset("sk-gemini-bad-key-0001")
+    await fleet.admin.ResetKeyHealth(apb.ResetKeyHealthRequest(tenant=TENANT, key_id=g1), metadata=ADMIN_MD)
+    assert _key_health(await fleet.health(), g1) == []
+
+    async def restored() -> bool:
+        return all(s.state.health(TENANT).key_usable(g1, "gemini-2.0-flash", time.time()) for s in fleet.sidecars)
+
+    await eventually(restored, what="key 1 usable again on every sidecar")
+    for sidecar in (0, 1):
+        r = await fleet.chat(sidecar, "chat")
+        assert r.status_code == 200, r.text
+        assert r.headers["x-keyplane-key"] == g1
+
 
 # (b) ------------------------------------------------------------------------------------
 
