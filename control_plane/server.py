@@ -97,7 +97,17 @@ class ControlPlane:
             server = aio.server(
                 interceptors=[AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens))],
                 # A second control plane on a taken port must fail, not share it.
-                options=[("grpc.so_reuseport", 0)],
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    # Sidecars ping idle watch streams every 60 s: accept that
+                    # (the default would answer with GOAWAY "too_many_pings").
+                    ("grpc.keepalive_permit_without_calls", 1),
+                    ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
+                    ("grpc.http2.max_ping_strikes", 0),
+                    # And find dead sidecars ourselves, so their streams are freed.
+                    ("grpc.keepalive_time_ms", 60_000),
+                    ("grpc.keepalive_timeout_ms", 20_000),
+                ],
             )
             self._server = server
             admin_service_pb2_grpc.add_AdminServiceServicer_to_server(

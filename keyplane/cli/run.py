@@ -50,7 +50,7 @@ async def _wait_for_signal() -> None:
 
 
 async def _run_up(args: argparse.Namespace) -> int:
-    from control_plane.config import ControlPlaneConfig
+    from control_plane.config import ControlPlaneConfig, redact_url
     from control_plane.server import ControlPlane
     from sidecar.config import SidecarConfig
     from sidecar.server import Sidecar
@@ -79,7 +79,7 @@ async def _run_up(args: argparse.Namespace) -> int:
     try:
         await sc.start()
         lines = [
-            f"keyplane control plane listening on {target} (store: {_redact_url(store_url)})",
+            f"keyplane control plane listening on {target} (store: {redact_url(store_url)})",
             f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1",
             f"admin token: {home.admin_token_file}  (the admin CLI finds it; data in {home.root})",
             "next steps:",
@@ -98,15 +98,8 @@ async def _run_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _redact_url(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
-
 async def _run_control_plane(args: argparse.Namespace) -> int:
-    from control_plane.config import ControlPlaneConfig
+    from control_plane.config import ControlPlaneConfig, redact_url
     from control_plane.server import ControlPlane
 
     admin_token = (
@@ -131,7 +124,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
         )
     )
     await cp.start()
-    print(f"keyplane control plane listening on port {cp.port} (store: {_redact_url(args.store)})", flush=True)
+    print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
     try:
         await _wait_for_signal()
     finally:
