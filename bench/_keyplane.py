@@ -28,6 +28,7 @@ __all__ = [
     "TENANT",
     "Admin",
     "ControlPlaneProc",
+    "drop_schema",
     "keyplane_env",
     "keyplane_src",
     "start_control_plane",
@@ -189,3 +190,19 @@ def start_sidecar(cp: ControlPlaneProc, *, cpus: frozenset[int] | None = None, t
             proc.stop()
             raise RuntimeError("the sidecar never became ready")
         time.sleep(0.05)
+
+
+def drop_schema(url: str, schema: str) -> None:
+    """Drop a throwaway Postgres schema made by a benchmark."""
+    import asyncio
+
+    import asyncpg
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())

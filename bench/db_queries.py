@@ -14,7 +14,7 @@ during the run was caused by the traffic. The sidecar is the real
 
     python -m bench.db_queries                 # 10,000 requests
     python -m bench.db_queries --smoke         # 500 requests
-    python -m bench.db_queries --store postgresql://postgres@127.0.0.1:5432/test?schema=bench_dbq
+    python -m bench.db_queries --store postgresql://postgres@127.0.0.1:5432/test   # throwaway schema
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import secrets
 import signal
 import sys
 import tempfile
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from bench import loadgen
-from bench._keyplane import TENANT, Admin, start_control_plane, start_sidecar
+from bench._keyplane import TENANT, Admin, drop_schema, start_control_plane, start_sidecar
 from bench._procs import Proc
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 
@@ -66,6 +67,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from control_plane.server import ControlPlane
     from control_plane.store.base import Store
     from control_plane.store.factory import open_store
+    from control_plane.store.sqlite import SqliteStore
     from keyplane.crypto import load_master_key
     from keyplane.home import read_token_file
 
@@ -90,9 +92,8 @@ async def _serve(args: argparse.Namespace) -> int:
     cp = ControlPlane(config, store=cast(Store, counting))
     await cp.start()
     traced = False
-    connect = getattr(inner, "_connection", None)
-    if connect is not None:  # SQLite: trace every statement on the store's connection
-        conn = await connect()
+    if isinstance(inner, SqliteStore):  # trace every statement on the store's one connection
+        conn = await inner._connection()
 
         def trace(sql: str) -> None:
             statements[" ".join(sql.split())[:70]] += 1
@@ -158,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", help="store URL (default: a fresh SQLite file)")
     args = parser.parse_args(args_list)
     total = 500 if args.smoke else args.requests
+    store, schema = args.store, None
+    if store and store.startswith("postgres") and "schema=" not in store:
+        schema = "bench_dbq_" + secrets.token_hex(4)  # a throwaway schema, dropped at the end
+        store += ("&" if "?" in store else "?") + f"schema={schema}"
     workdir = Path(tempfile.mkdtemp(prefix="bench-dbq-"))
     counts_file = workdir / "counts.json"
     procs: list[Proc] = []
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(upstream)
         base = upstream.match.group(1)
         cp = start_control_plane(
-            store=args.store,
+            store=store,
             argv=[sys.executable, "-m", "bench.db_queries", "serve-control-plane"],
             extra_env={COUNTS_ENV: str(counts_file)},
         )
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.stop()
         if cp is not None:
             cp.stop()
+        if schema is not None:
+            drop_schema(args.store, schema)
         for leftover in workdir.iterdir():
             leftover.unlink()
         workdir.rmdir()

@@ -34,7 +34,7 @@ from typing import IO
 from google.protobuf import field_mask_pb2
 
 from bench import loadgen
-from bench._keyplane import TENANT, Admin, ControlPlaneProc, start_control_plane
+from bench._keyplane import TENANT, Admin, ControlPlaneProc, drop_schema, start_control_plane
 from bench._procs import cpu_seconds
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import resources_pb2
@@ -230,19 +230,6 @@ def measure(
     }
 
 
-def _drop_schema(url: str, schema: str) -> None:
-    import asyncpg
-
-    async def drop() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
-
-    asyncio.run(drop())
-
-
 def main(argv: list[str] | None = None) -> int:
     args_list = sys.argv[1:] if argv is None else argv
     if args_list and args_list[0] == "watch":
@@ -293,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             for cp in cps:
                 cp.stop()
             if schema and args.store:
-                _drop_schema(args.store, schema)
+                drop_schema(args.store, schema)
     print()
     print(
         "| streams | replicas | writes | last stream p50 ms | p99 ms | max ms | from send p50 ms "
