@@ -16,25 +16,34 @@ awaited). The answer carries ``x-keyplane-attempts``, ``x-keyplane-provider``,
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import itertools
 import json
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
 from typing import Any, TypeVar
 
 import aiohttp
 
-from keyplane.health.classify import Classification, classify_response, stream_broken
+from keyplane.health.classify import Classification, ErrorClass, stream_broken
 from keyplane.health.machine import Outcome
 
 from . import errors
 from .health import TenantHealth
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import SidecarMetrics, status_class
+from .metrics import LabelledChildren, SidecarMetrics, status_class
 from .model import Key, Target
-from .proxy import AttemptRecord, AttemptsFailed, UpstreamReply, complete, describe, excluded_header, run_attempts
-from .reporter import OutcomeReporter, outcome_to_proto
+from .proxy import (
+    AttemptRecord,
+    AttemptsFailed,
+    UpstreamReply,
+    classify_status,
+    complete,
+    describe,
+    excluded_header,
+    run_attempts,
+)
+from .reporter import OutcomeReporter
 from .router import Attempt, Balancer, plan_attempts
 from .state import SidecarState
 from .upstream import UpstreamClient
@@ -60,6 +69,15 @@ _PASSED_RESPONSE_HEADERS = frozenset(
     {"content-type", "retry-after", "retry-after-ms", "x-request-id", "openai-processing-ms", "cache-control"}
 )
 _PASSED_RESPONSE_PREFIXES = ("x-ratelimit-",)
+
+# Request ids: 32 hex characters like a uuid4 hex, but a per-process random
+# prefix plus a counter (no os.urandom call and no UUID object per request).
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def _request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class _ClientGone(Exception):
@@ -119,23 +137,41 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 async def _unless_disconnected(receive: Receive, work: Coroutine[Any, Any, _T]) -> tuple[bool, _T | None]:
-    """Run ``work`` but cancel it if the app hangs up; returns (finished, result)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+    """Run ``work`` but cancel it if the app hangs up; returns (finished, result).
+
+    ``work`` runs in the calling task; one watcher task waits for
+    ``http.disconnect`` and cancels the calling task. The watcher only runs
+    while this task is suspended inside ``work``, so its cancellation lands
+    there, and it is cancelled before this returns.
+    """
+    current = asyncio.current_task()
+    if current is None:  # pragma: no cover - always called from a task
+        raise RuntimeError("_unless_disconnected needs a running task")
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _wait_for_disconnect(receive)
+        gone = True
+        current.cancel()
+
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return True, task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return False, None
+        result = await work
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        result = None
     finally:
-        for t in (task, watcher):
-            if not t.done():
-                t.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+        if not watcher.done():
+            watcher.cancel()
+    if gone:
+        # Our own cancellation (``work`` may have swallowed it): undo it, but keep
+        # any cancellation requested by someone else (e.g. server shutdown).
+        if current.uncancel() > 0:
+            raise asyncio.CancelledError
+        return False, None
+    return True, result
 
 
 class SidecarApp:
@@ -163,6 +199,11 @@ class SidecarApp:
         self.stale_after = stale_after
         self.request_timeout = request_timeout
         self.reporter = reporter
+        m = self.metrics
+        self._requests_count = LabelledChildren(m.requests)
+        self._attempts_count = LabelledChildren(m.upstream_attempts)
+        self._classes_count = LabelledChildren(m.attempt_classes)
+        self._fallbacks_count = LabelledChildren(m.fallbacks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -211,7 +252,7 @@ class SidecarApp:
             else:
                 status = await _send_error(send, errors.not_found(path))
         finally:
-            self.metrics.requests.labels(endpoint, status_class(status)).inc()
+            self._requests_count.get(endpoint, status_class(status)).inc()
 
     # --- endpoints ----------------------------------------------------------------------
 
@@ -303,7 +344,7 @@ class SidecarApp:
         route = self.state.route(tenant, model)
         if route is None:
             return await _send_error(send, errors.model_not_found(model))
-        ctx = _Request(self, tenant, uuid.uuid4().hex)
+        ctx = _Request(self, tenant, _request_id())
         deadline = asyncio.get_running_loop().time() + self.request_timeout
         health = ctx.health
         now = self.state.wall_clock()
@@ -333,6 +374,8 @@ class SidecarApp:
         encoded: dict[str, bytes] = {}
 
         def body_for(upstream_model: str) -> bytes:
+            if upstream_model == model:
+                return raw  # pass-through: the app's bytes already name this model
             body = encoded.get(upstream_model)
             if body is None:
                 payload["model"] = upstream_model
@@ -407,15 +450,16 @@ class SidecarApp:
                 excluded_header(ctx.excluded) or "-",
             )
             return await _send_error(send, result.error, ctx.headers(attempts=result.attempts))
-        _log.info(
-            "request %s for %s answered %d by %s after %d attempt(s)%s",
-            ctx.request_id,
-            model,
-            result.response.status,
-            describe(result.attempt),
-            result.attempts,
-            f"; excluded {excluded_header(ctx.excluded)}" if ctx.excluded else "",
-        )
+        if _log.isEnabledFor(logging.INFO):
+            _log.info(
+                "request %s for %s answered %d by %s after %d attempt(s)%s",
+                ctx.request_id,
+                model,
+                result.response.status,
+                describe(result.attempt),
+                result.attempts,
+                f"; excluded {excluded_header(ctx.excluded)}" if ctx.excluded else "",
+            )
         try:
             return await self._relay(ctx, result, send)
         finally:
@@ -466,18 +510,18 @@ class SidecarApp:
         finally:
             if ending is None:
                 # Complete, or the app went away: the upstream itself did its job.
-                ending = classify_response(response.status, response.headers, b"", now=self.state.wall_clock())
+                ending = classify_status(response.status, response.headers, b"", self.state.wall_clock)
             record = complete(reply, ending, now_loop=asyncio.get_running_loop().time())
             ctx.attempted(record)
             ctx.flush()
         return response.status
 
     def count_attempt(self, record: AttemptRecord) -> None:
-        provider = record.provider.value
-        self.metrics.upstream_attempts.labels(provider, record.outcome).inc()
-        self.metrics.attempt_classes.labels(provider, record.classification.error_class.value).inc()
+        provider = record.attempt.target.provider.value
+        self._attempts_count.get(provider, record.outcome).inc()
+        self._classes_count.get(provider, record.classification.error_class.value).inc()
         if record.retried:
-            self.metrics.fallbacks.labels(provider).inc()
+            self._fallbacks_count.get(provider).inc()
 
 
 class _Request:
@@ -497,34 +541,52 @@ class _Request:
 
     def attempted(self, record: AttemptRecord) -> None:
         """Metrics, and this sidecar's own health book at once (no round trip)."""
-        self.app.count_attempt(record)
+        app = self.app
+        app.count_attempt(record)
+        key = record.attempt.key
+        if key is None:
+            return  # keyless: nothing to attribute in the health book or the reports
         self.unreported.append(record)
-        key_id = record.key_id
-        if key_id is None:
+        classification = record.classification
+        if classification.error_class is ErrorClass.SUCCESS:
+            # A plain success: the health book's fast path (no Outcome object).
+            target = record.attempt.target
+            self.health.record_success(
+                key.id,
+                target.provider,
+                target.upstream_model,
+                classification,
+                provider_final=record.provider_final,
+                recovered=record.recovered,
+                now=app.state.wall_clock(),
+            )
             return
         outcome = Outcome(
-            key_id=key_id,
+            key_id=key.id,
             provider=record.provider,
             model=record.model,
-            classification=record.classification,
+            classification=classification,
             provider_final=record.provider_final,
             recovered=record.recovered,
         )
-        self.health.record(outcome, self.app.state.wall_clock())
+        self.health.record(outcome, app.state.wall_clock())
 
     def misconfigured(self, attempt: Attempt) -> None:
-        self.app.metrics.upstream_attempts.labels(attempt.target.provider.value, "config_error").inc()
+        self.app._attempts_count.get(attempt.target.provider.value, "config_error").inc()
 
     def flush(self) -> None:
         """Queue the attempts seen so far for the control plane (never blocks)."""
-        records, self.unreported = self.unreported, []
+        records = self.unreported
+        if not records:
+            return
+        self.unreported = []
         reporter = self.app.reporter
         if reporter is None:
             return
+        # Only keyed attempts are kept in ``unreported``; the protobuf is built in
+        # the reporter's batch task, off the request path.
         for record in records:
-            message = outcome_to_proto(self.tenant, record, self.request_id)
-            if message is not None:
-                reporter.enqueue(message)
+            reporter.enqueue_record(self.tenant, record, self.request_id)
 
     def headers(
         self, *, attempts: int, answer: Key | None = None, target: Target | None = None

@@ -41,8 +41,9 @@ class SidecarConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Upper bound on upstream attempts (keys x targets) for one request.
     max_attempts: int = 8
-    # Connections kept per upstream host.
-    upstream_limit_per_host: int = 100
+    # Connections kept per upstream host: also the most concurrent calls to one
+    # provider host (more queue inside the client's connector).
+    upstream_limit_per_host: int = 256
     # Honour HTTP(S)_PROXY / NO_PROXY for upstream calls.
     upstream_trust_env: bool = False
     # Control-plane channel.

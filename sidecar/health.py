@@ -20,6 +20,7 @@ import logging
 from collections.abc import Iterable
 
 from keyplane.domain import HealthState, Provider
+from keyplane.health.classify import Classification
 from keyplane.health.machine import HealthBook, HealthChange, HealthPolicy, KeyScope, Outcome, ProviderScope, Verdict
 
 __all__ = ["TenantHealth"]
@@ -67,6 +68,36 @@ class TenantHealth:
             _log_change(self.tenant, "local", change)
         self._maybe_evict(now)
         return changes
+
+    def record_success(
+        self,
+        key_id: str,
+        provider: Provider,
+        model: str,
+        classification: Classification,
+        *,
+        provider_final: bool,
+        recovered: bool,
+        now: float,
+    ) -> list[HealthChange]:
+        """``record`` for a SUCCESS, without building an ``Outcome`` when it cannot matter.
+
+        A success only resets entries the local book already holds (key and
+        provider scopes); with an empty local book it changes nothing, so only
+        the periodic eviction is kept. Otherwise it is exactly ``record``.
+        """
+        if len(self.local):
+            outcome = Outcome(
+                key_id=key_id,
+                provider=provider,
+                model=model,
+                classification=classification,
+                provider_final=provider_final,
+                recovered=recovered,
+            )
+            return self.record(outcome, now)
+        self._maybe_evict(now)
+        return []
 
     # --- the control plane's verdicts ---------------------------------------------
 

@@ -10,13 +10,38 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from .state import SidecarState
 
-__all__ = ["CONTENT_TYPE", "SidecarMetrics", "status_class"]
+__all__ = ["CONTENT_TYPE", "LabelledChildren", "SidecarMetrics", "status_class"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+_STATUS_CLASSES = {n: f"{n}xx" for n in range(10)}
+
 
 def status_class(status: int) -> str:
-    return f"{status // 100}xx"
+    n = status // 100
+    found = _STATUS_CLASSES.get(n)
+    return found if found is not None else f"{n}xx"
+
+
+class LabelledChildren:
+    """The labelled children of one counter, looked up once per label tuple.
+
+    ``Counter.labels()`` validates, hashes and takes a lock on every call; the
+    request path calls ``get(...).inc()`` instead. Label values are bounded
+    (see the module docstring), so the cache is too.
+    """
+
+    __slots__ = ("_children", "_counter")
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._children: dict[tuple[str, ...], Counter] = {}
+
+    def get(self, *labels: str) -> Counter:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._counter.labels(*labels)
+        return child
 
 
 class SidecarMetrics:

@@ -41,6 +41,7 @@ __all__ = [
     "AttemptRecord",
     "AttemptsFailed",
     "UpstreamReply",
+    "classify_status",
     "complete",
     "excluded_header",
     "run_attempts",
@@ -51,6 +52,28 @@ _log = logging.getLogger(__name__)
 _ANSWERS = frozenset({ErrorClass.SUCCESS, ErrorClass.CLIENT_ERROR})
 # Less than this left of the deadline is not worth another attempt.
 _MIN_ATTEMPT_BUDGET = 0.005
+
+# classify_response's answer for a 2xx (it depends on the status alone), prebuilt
+# per status so that the common case allocates nothing.
+_SUCCESS: dict[int, Classification] = {s: classify_response(s, {}, b"", now=0.0) for s in range(200, 300)}
+_OUTCOME_LABELS: dict[int, str] = {n: f"{n}xx" for n in range(10)}
+
+
+def classify_status(
+    status: int, headers: Mapping[str, str], body: bytes, wall_clock: Callable[[], float]
+) -> Classification:
+    """``classify_response``, with the clock read and the call skipped for a 2xx."""
+    found = _SUCCESS.get(status)
+    if found is not None:
+        return found
+    return classify_response(status, headers, body, now=wall_clock())
+
+
+def _outcome_label(status: int) -> str:
+    n = status // 100
+    found = _OUTCOME_LABELS.get(n)
+    return found if found is not None else f"{n}xx"
+
 
 # Why an attempt's key is out right now ("unhealthy", "cooldown"), or None if usable.
 BlockReason = Callable[[Attempt], str | None]
@@ -230,7 +253,8 @@ async def run_attempts(
     records: list[AttemptRecord] = []
     tried: set[tuple[str, str]] = set()
     dead: set[str] = set()  # keys that failed their credentials in this request
-    failure = errors.bad_gateway()
+    # The error body is built only if every attempt fails.
+    failure: Callable[[], errors.ErrorResponse] = errors.bad_gateway
     sent = 0
     index = 0
     while index < len(plan):
@@ -246,7 +270,7 @@ async def run_attempts(
         remaining = deadline - loop.time()
         if remaining < _MIN_ATTEMPT_BUDGET:
             _log.warning("request deadline reached after %d attempt(s); giving up", sent)
-            failure = errors.upstream_timeout()
+            failure = errors.upstream_timeout
             break
         tried.add(_slot(attempt))
         started_loop = loop.time()
@@ -263,7 +287,7 @@ async def run_attempts(
         except UpstreamConfigError as exc:
             _log.warning("skipping attempt %s: %s", describe(attempt), exc)
             observer.misconfigured(attempt)
-            failure = errors.bad_gateway("No upstream is configured correctly for this model.")
+            failure = _misconfigured
             continue
         sent += 1
         latency_ms = max(0, round((loop.time() - started_loop) * 1000))
@@ -272,9 +296,10 @@ async def run_attempts(
             response, head = result.response, result.head
             if result.streaming:
                 # Committed: the first bytes are in. How the stream ends is the caller's to classify.
-                _log.info(
-                    "attempt %d %s: streaming %d after %d ms", sent, describe(attempt), response.status, latency_ms
-                )
+                if _log.isEnabledFor(logging.INFO):
+                    _log.info(
+                        "attempt %d %s: streaming %d after %d ms", sent, describe(attempt), response.status, latency_ms
+                    )
                 _mark_recovered(records, attempt.target.provider)
                 return UpstreamReply(
                     response=response,
@@ -287,8 +312,8 @@ async def run_attempts(
                     started_loop=started_loop,
                     started_wall=started_wall,
                 )
-            classification = classify_response(response.status, response.headers, head, now=wall_clock())
-            outcome = f"{response.status // 100}xx"
+            classification = classify_status(response.status, response.headers, head, wall_clock)
+            outcome = _outcome_label(response.status)
         else:
             response, head = None, b""
             classification, outcome = result
@@ -329,10 +354,14 @@ async def run_attempts(
             response.release()
         if attempt.key is not None:
             out.setdefault(attempt.key.id, cls.value)
-        failure = errors.upstream_timeout() if outcome == "timeout" else errors.bad_gateway()
+        failure = errors.upstream_timeout if outcome == "timeout" else errors.bad_gateway
         if following is None:
             break
-    return AttemptsFailed(error=failure, attempts=sent, records=records, excluded=out)
+    return AttemptsFailed(error=failure(), attempts=sent, records=records, excluded=out)
+
+
+def _misconfigured() -> errors.ErrorResponse:
+    return errors.bad_gateway("No upstream is configured correctly for this model.")
 
 
 def complete(reply: UpstreamReply, classification: Classification, *, now_loop: float) -> AttemptRecord:
@@ -343,7 +372,7 @@ def complete(reply: UpstreamReply, classification: Classification, *, now_loop: 
         classification=classification,
         started=reply.started_wall,
         latency_ms=max(0, round((now_loop - reply.started_loop) * 1000)),
-        outcome=f"{status // 100}xx",
+        outcome=_outcome_label(status),
         provider_final=True,
     )
 
@@ -352,7 +381,8 @@ def _log_attempt(number: int, record: AttemptRecord) -> None:
     c = record.classification
     then = "; trying the next attempt" if record.retried else ""
     if c.error_class is ErrorClass.SUCCESS:
-        _log.info("attempt %d %s: %d in %d ms", number, describe(record.attempt), c.status, record.latency_ms)
+        if _log.isEnabledFor(logging.INFO):
+            _log.info("attempt %d %s: %d in %d ms", number, describe(record.attempt), c.status, record.latency_ms)
         return
     _log.log(
         logging.INFO if c.error_class is ErrorClass.CLIENT_ERROR else logging.WARNING,

@@ -31,7 +31,7 @@ from keyplane import convert
 from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
 
 from .config import SidecarConfig
-from .metrics import SidecarMetrics
+from .metrics import LabelledChildren, SidecarMetrics
 from .model import provider_to_proto
 from .proxy import AttemptRecord
 from .watch import Backoff, open_channel
@@ -75,6 +75,19 @@ def outcome_to_proto(tenant: str, record: AttemptRecord, request_id: str) -> sid
     return outcome
 
 
+# An attempt queued from the request path: (tenant, record, request id).
+_Pending = tuple[str, AttemptRecord, str]
+
+
+def _message(item: sidecar_service_pb2.Outcome | _Pending) -> sidecar_service_pb2.Outcome:
+    if isinstance(item, tuple):
+        tenant, record, request_id = item
+        message = outcome_to_proto(tenant, record, request_id)
+        assert message is not None  # enqueue_record keeps keyed records only
+        return message
+    return item
+
+
 @dataclass(slots=True)
 class ReporterStats:
     """Counters since start (tests, logs); the same numbers feed the metrics."""
@@ -113,7 +126,8 @@ class OutcomeReporter:
         self._config = config
         self._metrics = metrics
         self._clock = clock
-        self._queue: deque[tuple[float, sidecar_service_pb2.Outcome]] = deque()
+        # (enqueued at, a ready message or (tenant, record, request id) built into one later)
+        self._queue: deque[tuple[float, sidecar_service_pb2.Outcome | _Pending]] = deque()
         self._capacity = config.report_queue_size
         self._backoff = Backoff(config.watch_backoff_base, config.watch_backoff_cap, rng)
         self._wakeup = asyncio.Event()
@@ -126,11 +140,25 @@ class OutcomeReporter:
             | None
         ) = None
         self.stats = ReporterStats()
+        self._dropped_count = LabelledChildren(metrics.outcomes_dropped) if metrics is not None else None
 
     # --- the request path ---------------------------------------------------------------
 
     def enqueue(self, outcome: sidecar_service_pb2.Outcome) -> None:
         """Queue one outcome; O(1), never blocks. A full queue drops its oldest."""
+        self._put(outcome)
+
+    def enqueue_record(self, tenant: str, record: AttemptRecord, request_id: str) -> None:
+        """Queue one keyed attempt; the ``Outcome`` message is built in the batch task.
+
+        Same contract as ``enqueue`` (O(1), never blocks); ``record`` must not be
+        changed afterwards. A keyless record is ignored (nothing to attribute).
+        """
+        if record.attempt.key is None:
+            return
+        self._put((tenant, record, request_id))
+
+    def _put(self, outcome: sidecar_service_pb2.Outcome | _Pending) -> None:
         if self._stopping:
             self._drop(1, "unsent")
             return
@@ -245,7 +273,7 @@ class OutcomeReporter:
                     if not self._queue:
                         continue
                 count = min(len(self._queue), config.report_batch_size)
-                outcomes = [self._queue.popleft()[1] for _ in range(count)]
+                outcomes = [_message(self._queue.popleft()[1]) for _ in range(count)]
                 dropped, self._unreported_drops = self._unreported_drops, 0
                 return sidecar_service_pb2.ReportOutcomesRequest(
                     outcomes=outcomes, sidecar_id=config.sidecar_id, dropped=dropped
@@ -269,8 +297,8 @@ class OutcomeReporter:
     def _drop(self, count: int, reason: str) -> None:
         self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + count
         self._unreported_drops += count
-        if self._metrics is not None:
-            self._metrics.outcomes_dropped.labels(reason).inc(count)
+        if self._dropped_count is not None:
+            self._dropped_count.get(reason).inc(count)
 
     def _sent(self, count: int) -> None:
         self.stats.sent += count

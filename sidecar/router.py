@@ -137,7 +137,10 @@ def plan_attempts(
     get a node from the target's pool, round robin.
     """
     attempts: list[Attempt] = []
-    for target in _ordered_targets(tenant, route, balancer, demoted):
+    # One target needs no ordering (its round robin has nothing to rotate and a
+    # stable partition of one is itself).
+    targets = route.targets if len(route.targets) == 1 else _ordered_targets(tenant, route, balancer, demoted)
+    for target in targets:
         nodes: tuple[str, ...] = ()
         if target.provider is Provider.VLLM and target.node_urls:
             nodes = balancer.rotate(("nodes", tenant, route.public_model, target.node_urls), target.node_urls)
@@ -146,8 +149,10 @@ def plan_attempts(
             keys = [k for k in keys if usable(target, k)]
             if not keys:
                 continue  # every key is out; never fall back to going unauthenticated
-        key_order: list[Key | None]
-        if keys:
+        key_order: Sequence[Key | None]
+        if len(keys) == 1:
+            key_order = keys  # a round robin of one always picks it
+        elif keys:
             wrr = balancer.wrr(("keys", tenant, target.provider))
             key_order = [keys[i] for i in wrr.order([(k.id, k.weight) for k in keys])]
         elif nodes:

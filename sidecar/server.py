@@ -127,6 +127,8 @@ class Sidecar:
                 log_config=None,
                 access_log=False,
                 server_header=False,
+                # Loopback listener: no X-Forwarded-* to honour (and no middleware per request).
+                proxy_headers=False,
                 timeout_graceful_shutdown=max(1, round(self.config.shutdown_grace)),
             )
             self._server = _Server(uv_config)

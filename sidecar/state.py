@@ -76,6 +76,10 @@ class TenantView:
 
 _EMPTY_VIEW = TenantView(routes={}, active_keys={}, models=())
 
+# Client tokens recently authenticated, so that the same token is not hashed on
+# every request. Bounded; emptied whenever the client keys change.
+_AUTH_CACHE_SIZE = 256
+
 
 @dataclass(frozen=True, slots=True)
 class _ClientEntry:
@@ -101,6 +105,8 @@ class SidecarState:
         self._data: dict[str, _TenantData] = {}
         self._views: dict[str, TenantView] = {}
         self._clients: dict[bytes, _ClientEntry] = {}
+        # token -> tenant, for tokens that authenticated (never for rejected ones).
+        self._recent_tokens: dict[str, str] = {}
         self._version = 0
         self._ready = False
         self._connected = False
@@ -234,6 +240,7 @@ class SidecarState:
             for digest in td.client_keys.values():
                 clients[digest] = _ClientEntry(tenant=tenant, digest=digest)
         self._clients = clients
+        self._recent_tokens = {}
 
     # --- what requests read ----------------------------------------------------------
 
@@ -264,13 +271,29 @@ class SidecarState:
         return max(0.0, self._clock() - self._last_update)
 
     def authenticate(self, token: str) -> str | None:
-        """The tenant owning this client token, or None."""
+        """The tenant owning this client token, or None.
+
+        A token that authenticated is remembered (at most ``_AUTH_CACHE_SIZE``,
+        forgotten when client keys change) so that it is not hashed again. The
+        memo only ever holds valid tokens, so a miss means "hash and compare in
+        constant time" exactly as before, and a lookup can only find a token
+        equal to the one given: dict lookups compare strings only on a full
+        match of their (per-process randomised) hash, which leaks nothing about
+        how close a guess is.
+        """
         if not token:
             return None
+        recent = self._recent_tokens
+        tenant = recent.get(token)
+        if tenant is not None:
+            return tenant
         digest = hashlib.sha256(token.encode()).digest()
         entry = self._clients.get(digest)
         if entry is None or not hmac.compare_digest(entry.digest, digest):
             return None
+        if len(recent) >= _AUTH_CACHE_SIZE:
+            recent.clear()
+        recent[token] = entry.tenant
         return entry.tenant
 
     def tenant(self, tenant: str) -> TenantView:

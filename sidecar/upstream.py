@@ -7,6 +7,7 @@ built here carries the provider secret, so it is never logged or repr'd.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -62,20 +63,35 @@ def _base_url(attempt: Attempt) -> str:
     return default
 
 
+# Forwarded app headers first, then the credential: the order ``build_request`` always had.
+_FORWARDED_ORDER: tuple[str, ...] = tuple(FORWARDED_REQUEST_HEADERS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fixed_part(base_url: str, provider: Provider, secret: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The URL and credential header of (base URL, provider, secret); bounded cache,
+    so a rotated secret ages out. Nothing here is logged or repr'd."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    credential: tuple[tuple[str, str], ...] = ()
+    if secret:
+        if provider is Provider.AZURE_OPENAI:
+            credential = (("api-key", secret),)
+        else:
+            credential = (("authorization", f"Bearer {secret}"),)
+    return url, credential
+
+
 def build_request(attempt: Attempt, app_headers: Mapping[str, str]) -> UpstreamRequest:
     """URL and headers for one attempt. ``app_headers`` has lower-case names."""
-    url = _base_url(attempt).rstrip("/") + "/chat/completions"
+    key = attempt.key
+    url, credential = _fixed_part(_base_url(attempt), attempt.target.provider, key.secret if key is not None else "")
     headers = {"content-type": "application/json"}
-    for name in FORWARDED_REQUEST_HEADERS:
+    for name in _FORWARDED_ORDER:
         value = app_headers.get(name)
         if value:
             headers[name] = value
-    key = attempt.key
-    if key is not None and key.secret:
-        if attempt.target.provider is Provider.AZURE_OPENAI:
-            headers["api-key"] = key.secret
-        else:
-            headers["authorization"] = f"Bearer {key.secret}"
+    for name, value in credential:
+        headers[name] = value
     return UpstreamRequest(url=url, headers=headers)
 
 
@@ -88,7 +104,7 @@ class UpstreamClient:
         connect_timeout: float = 10.0,
         read_timeout: float = 600.0,
         total_timeout: float | None = 600.0,
-        limit_per_host: int = 100,
+        limit_per_host: int = 256,
         keepalive_timeout: float = 60.0,
         trust_env: bool = False,
     ) -> None:
