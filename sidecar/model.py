@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from keyplane.domain import HealthState, Provider
+from keyplane.convert import health_state_from_proto, provider_from_proto, provider_to_proto
+from keyplane.domain import Provider
 from keyplane.health.machine import HealthChange, KeyScope, ProviderScope, Verdict
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
@@ -26,37 +27,9 @@ __all__ = [
     "route_from_proto",
 ]
 
-_PROVIDERS_TO_PROTO: dict[Provider, resources_pb2.Provider.ValueType] = {
-    Provider.OPENAI: resources_pb2.PROVIDER_OPENAI,
-    Provider.ANTHROPIC: resources_pb2.PROVIDER_ANTHROPIC,
-    Provider.AZURE_OPENAI: resources_pb2.PROVIDER_AZURE_OPENAI,
-    Provider.GEMINI: resources_pb2.PROVIDER_GEMINI,
-    Provider.OPENROUTER: resources_pb2.PROVIDER_OPENROUTER,
-    Provider.OPENAI_COMPATIBLE: resources_pb2.PROVIDER_OPENAI_COMPATIBLE,
-    Provider.VLLM: resources_pb2.PROVIDER_VLLM,
-}
-_PROVIDERS: dict[int, Provider] = {int(v): k for k, v in _PROVIDERS_TO_PROTO.items()}
-
-
-_HEALTH_STATES: dict[int, HealthState] = {
-    resources_pb2.HEALTH_STATE_HEALTHY: HealthState.HEALTHY,
-    resources_pb2.HEALTH_STATE_COOLDOWN: HealthState.COOLDOWN,
-    resources_pb2.HEALTH_STATE_UNHEALTHY: HealthState.UNHEALTHY,
-    resources_pb2.HEALTH_STATE_DEGRADED: HealthState.DEGRADED,
-}
-
-
-def provider_from_proto(value: int) -> Provider | None:
-    """The domain provider, or None for UNSPECIFIED / values this build does not know."""
-    return _PROVIDERS.get(value)
-
-
-def provider_to_proto(provider: Provider) -> resources_pb2.Provider.ValueType:
-    return _PROVIDERS_TO_PROTO[provider]
-
 
 def _verdict(state: int, until: Timestamp, has_until: bool, reason: str) -> Verdict | None:
-    health = _HEALTH_STATES.get(state)
+    health = health_state_from_proto(state)
     if health is None:
         return None
     return Verdict(state=health, until=until.ToNanoseconds() / 1e9 if has_until else None, reason=reason)

@@ -18,6 +18,7 @@ from google.protobuf import field_mask_pb2
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from keyplane import convert
 from keyplane.domain import KeyStatus, Provider
 from keyplane.home import Home, read_token_file
 from keyplane.v1 import admin_service_pb2 as admin_pb2
@@ -31,10 +32,17 @@ ADMIN_TOKEN_ENV = "KEYPLANE_ADMIN_TOKEN"
 DEFAULT_SERVER = "127.0.0.1:50051"
 RPC_TIMEOUT = 10.0
 
-_PROVIDER_TO_PROTO = {p: resources_pb2.Provider.Value("PROVIDER_" + p.name) for p in Provider}
-_PROVIDER_FROM_PROTO = {v: k.value for k, v in _PROVIDER_TO_PROTO.items()}
-_STATUS_TO_PROTO = {s: resources_pb2.KeyStatus.Value("KEY_STATUS_" + s.name) for s in KeyStatus}
-_STATUS_FROM_PROTO = {v: k.value for k, v in _STATUS_TO_PROTO.items()}
+
+def _provider_name(value: int) -> str:
+    provider = convert.provider_from_proto(value)
+    return provider.value if provider is not None else "?"
+
+
+def _status_name(value: int) -> str:
+    status = convert.key_status_from_proto(value)
+    return status.value if status is not None else "?"
+
+
 _HEALTH_FROM_PROTO = {
     v: name.removeprefix("HEALTH_STATE_").lower() for name, v in resources_pb2.HealthState.items() if v != 0
 }
@@ -46,7 +54,7 @@ class CliError(Exception):
 
 def _provider(name: str) -> int:
     try:
-        return _PROVIDER_TO_PROTO[Provider(name)]
+        return convert.provider_to_proto(Provider(name))
     except ValueError:
         choices = ", ".join(p.value for p in Provider)
         raise argparse.ArgumentTypeError(f"unknown provider {name!r}; one of: {choices}") from None
@@ -131,15 +139,15 @@ def _read_secret(args: argparse.Namespace, stdin: TextIO) -> str:
 def _key_row(key: resources_pb2.ProviderKey) -> str:
     models = ",".join(key.allowed_models) or "*"
     return (
-        f"{key.id}  {_PROVIDER_FROM_PROTO.get(key.provider, '?'):<17} {key.label:<20} "
-        f"{_STATUS_FROM_PROTO.get(key.status, '?'):<8} w={key.weight:<3} ...{key.last4 or '????'} "
+        f"{key.id}  {_provider_name(key.provider):<17} {key.label:<20} "
+        f"{_status_name(key.status):<8} w={key.weight:<3} ...{key.last4 or '????'} "
         f"fp={key.fingerprint} models={models} {key.base_url}"
     )
 
 
 def _route_row(route: resources_pb2.Route) -> str:
     targets = " ".join(
-        f"{_PROVIDER_FROM_PROTO.get(t.provider, '?')}:{t.upstream_model}@{t.priority}*{t.weight}"
+        f"{_provider_name(t.provider)}:{t.upstream_model}@{t.priority}*{t.weight}"
         + (("=" + ",".join(t.node_urls)) if t.node_urls else "")
         for t in route.targets
     )
@@ -219,7 +227,7 @@ def _keys(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: Tex
         update = admin_pb2.UpdateProviderKeyRequest(
             tenant=args.tenant,
             id=args.id,
-            key=resources_pb2.ProviderKey(status=_STATUS_TO_PROTO[status]),
+            key=resources_pb2.ProviderKey(status=convert.key_status_to_proto(status)),
             update_mask=field_mask_pb2.FieldMask(paths=["status"]),
         )
         resp = client.call("UpdateProviderKey", update)
@@ -318,7 +326,7 @@ def health_table(resp: admin_pb2.GetHealthResponse, *, now: float) -> str:
             lines.append("")
         rows = [
             (
-                _PROVIDER_FROM_PROTO.get(h.provider, "?"),
+                _provider_name(h.provider),
                 h.model,
                 _HEALTH_FROM_PROTO.get(h.state, "?"),
                 _until(h, now),
