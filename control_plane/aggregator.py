@@ -238,7 +238,9 @@ class HealthAggregator:
 
     async def reset_key(self, tenant: str, key_id: str) -> None:
         """Clear every learnt entry of one key: in the store (publishing
-        HEALTHY for each), in the book and in the pending transitions.
+        HEALTHY for each, and always one for the key-wide scope, so that
+        every sidecar drops its own findings about the key even when the
+        store held nothing), in the book and in the pending transitions.
         Raises what the store raises."""
         async with self._flush_lock:
             try:
@@ -286,7 +288,16 @@ class HealthAggregator:
                 # Learnt elsewhere (another replica, or a reset through it).
                 message = change.key_health if which == "key_health" else change.provider_health
                 health_change = _change_from_proto(message)
-                if health_change is not None and self._hub.has_tenant(tenant):
+                if health_change is None or not self._hub.has_tenant(tenant):
+                    continue
+                if _is_key_reset(health_change):
+                    # Only a reset makes a key-wide entry HEALTHY: forget the whole key,
+                    # as the sidecars do.
+                    book = self._books.get(tenant)
+                    if book is not None:
+                        book.reset_key(change.key_health.key_id)
+                    self._drop_dirty_key(tenant, change.key_health.key_id)
+                else:
                     self._book(tenant).apply(health_change)
 
     # background ------------------------------------------------------------------
@@ -344,6 +355,11 @@ def _change_from_proto(message: resources_pb2.KeyHealth | resources_pb2.Provider
         return convert.health_change_from_proto(message)
     except ValueError:
         return None
+
+
+def _is_key_reset(change: HealthChange) -> bool:
+    scope = change.scope
+    return isinstance(scope, KeyScope) and not scope.model and change.verdict.state is HealthState.HEALTHY
 
 
 def _log_transition(tenant: str, change: HealthChange, now: float) -> None:

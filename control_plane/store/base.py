@@ -98,10 +98,13 @@ class Store(Protocol):
         """Non-healthy entries of a tenant ordered by key id then model; NotFound if no such tenant."""
 
     async def clear_key_health(self, tenant: str, key_id: str) -> list[int]:
-        """Delete every entry of one key (key-wide and per model), one change
-        row (op DELETE) per deleted entry, in model order; returns their
-        versions (empty when there was nothing). NotFound if the key does not
-        exist in the tenant."""
+        """Delete every entry of one key (key-wide and per model) and log the
+        reset: one change row (op DELETE) for the key-wide entry whether or
+        not it existed, then one per deleted per-model entry, in model order;
+        returns their versions (never empty). The key-wide row is what makes
+        the reset reach the sidecars, which read a key-wide HEALTHY as "forget
+        everything learnt about this key", including findings that never
+        reached the store. NotFound if the key does not exist in the tenant."""
 
     async def put_provider_health(self, health: ProviderHealth) -> int | None:
         """NotFound if the tenant does not exist."""

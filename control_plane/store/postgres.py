@@ -704,7 +704,8 @@ class PostgresStore:
                 await self._log(
                     conn, tenant, EntityKind.KEY_HEALTH, key_health_entity_id(key_id, model), ChangeOp.DELETE
                 )
-                for model in sorted(r["model"] for r in rows)
+                # The key-wide entry ("") always: a reset must reach the sidecars.
+                for model in sorted({"", *(r["model"] for r in rows)})
             ]
 
     async def put_provider_health(self, health: ProviderHealth) -> int | None:

@@ -335,6 +335,47 @@ async def test_reset_and_reenable_and_rotate_clear_health(harness: Harness) -> N
     assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_reset_is_published_even_when_nothing_was_stored(harness: Harness) -> None:
+    """A sidecar may hold findings the control plane never heard of (a report
+    that never arrived): a reset always sends the key-wide HEALTHY that makes
+    every sidecar forget the key, whatever the store held."""
+    key1, _ = await setup_keys(harness)
+    watcher = await watching(harness)
+
+    # Nothing stored for the key.
+    await harness.admin.ResetKeyHealth(apb.ResetKeyHealthRequest(tenant="acme", key_id=key1), metadata=ADMIN_MD)
+    [change] = await health_changes(watcher)
+    assert (change.key_health.key_id, change.key_health.model, change.key_health.state) == (
+        key1,
+        "",
+        rpb.HEALTH_STATE_HEALTHY,
+    )
+    assert list((await get_health(harness)).key_health) == []
+
+    # Only a per-model cooldown stored: the key-wide reset comes too (first).
+    limited = outcome(key1, C.OUTCOME_CLASS_RATE_LIMITED, status=429, retry_after=60)
+    assert await report(harness, [limited]) == 1
+    [change] = await health_changes(watcher)
+    assert (change.key_health.model, change.key_health.state) == (MODEL, rpb.HEALTH_STATE_COOLDOWN)
+    await harness.admin.ResetKeyHealth(apb.ResetKeyHealthRequest(tenant="acme", key_id=key1), metadata=ADMIN_MD)
+    seen: list[spb.Change] = []
+    async with asyncio.timeout(2.0):
+        while len(seen) < 2:
+            seen += await health_changes(watcher)
+    assert [(c.key_health.key_id, c.key_health.model, c.key_health.state) for c in seen] == [
+        (key1, "", rpb.HEALTH_STATE_HEALTHY),
+        (key1, MODEL, rpb.HEALTH_STATE_HEALTHY),
+    ]
+    assert list((await get_health(harness)).key_health) == []
+    assert harness.plane.aggregator.verdicts("acme") == []
+
+    # A sidecar resuming from before the reset gets it too (from the ring).
+    resumed = harness.watch(("acme",), resume_version=seen[0].version - 1, sidecar_id="sc-resumed")
+    message = await next_message(resumed)
+    assert message.WhichOneof("payload") == "delta"
+    assert [(c.key_health.key_id, c.key_health.model) for c in message.delta.changes] == [(key1, ""), (key1, MODEL)]
+
+
 async def test_deleting_a_key_drops_its_health(harness: Harness) -> None:
     key1, key2 = await setup_keys(harness)
     assert await report(harness, [credential(key1), credential(key2)]) == 2

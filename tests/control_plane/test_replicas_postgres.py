@@ -19,8 +19,9 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from keyplane.health import KeyScope
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
+from keyplane.v1 import sidecar_service_pb2 as spb
 from tests.control_plane.conftest import ADMIN_MD, SECRET, HarnessFactory, next_message
-from tests.control_plane.test_health import credential, report, watching
+from tests.control_plane.test_health import credential, outcome, report, watching
 
 PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -111,3 +112,35 @@ async def test_health_learnt_by_one_replica_reaches_the_other(make_harness: Harn
     version = await one.latest_version()
     assert await report(one, [credential(key.id)]) == 1
     assert await one.latest_version() > version
+
+
+async def test_a_reset_with_nothing_stored_reaches_the_sidecars_and_books_of_the_other(
+    make_harness: HarnessFactory, pg_url: str
+) -> None:
+    master_key = os.urandom(32)
+    one = await make_harness(store_url=pg_url, master_key=master_key)
+    two = await make_harness(store_url=pg_url, master_key=master_key)
+    await one.tenant()
+    key = await one.key()
+    watcher = await watching(one)
+    await one.plane.hub.catch_up()  # the setup writes, in case NOTIFY is still on its way
+
+    # Replica one has counted two upstream errors (one short of a cooldown): nothing is stored.
+    error = outcome(key.id, spb.OUTCOME_CLASS_UPSTREAM_ERROR, status=503)
+    assert await report(one, [error, error]) == 2
+    version = await one.latest_version()
+
+    # A reset through replica two reaches replica one's sidecars ...
+    await two.admin.ResetKeyHealth(apb.ResetKeyHealthRequest(tenant="acme", key_id=key.id), metadata=ADMIN_MD)
+    seen: list[rpb.KeyHealth] = []
+    async with asyncio.timeout(2.0):
+        while not seen:
+            message = await next_message(watcher, within=2.0)
+            seen = [c.key_health for c in message.delta.changes if c.HasField("key_health")]
+    assert [(h.key_id, h.model, h.state) for h in seen] == [(key.id, "", rpb.HEALTH_STATE_HEALTHY)]
+    assert message.version > version
+    # ... and replica one's books forgot the whole key: the next error starts a fresh count.
+    version = await one.latest_version()
+    assert await report(one, [error]) == 1
+    assert await one.latest_version() == version
+    assert one.plane.aggregator.verdicts("acme") == []

@@ -107,7 +107,7 @@ class Fleet:
             metadata=ADMIN_MD,
         )
 
-    async def start_sidecars(self, count: int = 2) -> None:
+    async def start_sidecars(self, count: int = 2, *, report_outcomes: bool = True) -> None:
         response = await self.admin.CreateClientKey(
             apb.CreateClientKeyRequest(tenant=TENANT, label="app"), metadata=ADMIN_MD
         )
@@ -126,6 +126,7 @@ class Fleet:
                 watch_backoff_base=0.05,
                 watch_backoff_cap=0.5,
                 health_policy=POLICY,
+                report_outcomes=report_outcomes,
                 report_interval=0.01,
             )
             sidecar = Sidecar(config)
@@ -257,6 +258,50 @@ async def test_gemini_invalid_key_is_skipped_by_the_whole_fleet(fleet: Fleet) ->
         r = await fleet.chat(sidecar, "chat")
         assert r.status_code == 200, r.text
         assert r.headers["x-keyplane-key"] == g1
+
+
+async def test_a_reset_clears_a_credential_finding_the_control_plane_never_heard_of(fleet: Fleet) -> None:
+    """The sidecar found the key invalid on its own and its report never reached the
+    control plane (here: reports are off), so the store has nothing for the key. An
+    admin reset still reaches the sidecar over Watch and clears its finding, for
+    every model."""
+    g1 = await fleet.key("g1", rpb.PROVIDER_GEMINI, "sk-gemini-bad-key-0001", weight=100)
+    g2 = await fleet.key("g2", rpb.PROVIDER_GEMINI, "sk-gemini-good-key-0002")
+    await fleet.route("chat", (rpb.PROVIDER_GEMINI, "gemini-2.0-flash", 0))
+    await fleet.route("other", (rpb.PROVIDER_GEMINI, "gemini-2.5-pro", 0))
+    await fleet.start_sidecars(1, report_outcomes=False)
+    up = fleet.upstream
+    up.program("sk-gemini-bad-key-0001", GEMINI_INVALID_API_KEY)
+
+    r = await fleet.chat(0, "chat")
+    assert r.status_code == 200, r.text
+    assert r.headers["x-keyplane-key"] == g2
+    assert r.headers["x-keyplane-excluded"] == f"{g1}:credential"
+    # A local verdict only: the control plane knows nothing of it ...
+    assert fleet.plane.aggregator.stats.accepted == 0
+    assert list((await fleet.health()).key_health) == []
+    # ... and the sidecar skips the key for every model.
+    for model in ("chat", "other"):
+        r = await fleet.chat(0, model)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-keyplane-attempts"] == "1"
+        assert r.headers["x-keyplane-key"] == g2
+        assert r.headers["x-keyplane-excluded"] == f"{g1}:unhealthy"
+
+    up.reset("sk-gemini-bad-key-0001")
+    version = await fleet.plane.store.latest_version()
+    await fleet.admin.ResetKeyHealth(apb.ResetKeyHealthRequest(tenant=TENANT, key_id=g1), metadata=ADMIN_MD)
+    assert await fleet.plane.store.latest_version() > version  # the reset is a change, even with nothing stored
+    await fleet.synced()
+
+    mark = len(up.chat_requests())
+    for model in ("chat", "other"):
+        r = await fleet.chat(0, model)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-keyplane-attempts"] == "1"
+        assert r.headers["x-keyplane-key"] == g1
+        assert "x-keyplane-excluded" not in r.headers
+    assert up.secrets(mark) == ["sk-gemini-bad-key-0001"] * 2
 
 
 # (b) ------------------------------------------------------------------------------------

@@ -166,9 +166,28 @@ async def test_clear_key_health(store: Store) -> None:
     ]
     assert [c.version for c in records] == versions
     assert [h.key_id for h in await store.list_key_health("acme")] == ["pk_2"]
-    # Nothing left: no change rows.
-    assert await store.clear_key_health("acme", "pk_1") == []
-    assert await store.latest_version() == version + 3
+
+
+async def test_clear_key_health_always_logs_the_key_wide_reset(store: Store) -> None:
+    """A reset must reach the sidecars even when the store held nothing (or
+    nothing key-wide) for the key: their own findings may never have been
+    reported. So the key-wide entry is always logged, first."""
+    await two_keys(store)
+    version = await store.latest_version()
+
+    # Nothing stored at all.
+    assert await store.clear_key_health("acme", "pk_1") == [version + 1]
+    assert await changes(store, version) == [("acme", KH, "pk_1/", DELETE)]
+
+    # Only a per-model entry stored: the key-wide reset comes too.
+    await store.put_key_health(cooldown("pk_1", "gpt-4o"))
+    version = await store.latest_version()
+    assert await store.clear_key_health("acme", "pk_1") == [version + 1, version + 2]
+    assert await changes(store, version) == [
+        ("acme", KH, "pk_1/", DELETE),
+        ("acme", KH, "pk_1/gpt-4o", DELETE),
+    ]
+    assert await store.list_key_health("acme") == []
 
 
 async def test_key_health_goes_with_its_key(store: Store) -> None:

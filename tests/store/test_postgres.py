@@ -61,6 +61,9 @@ async def test_health_writes_notify_other_replicas(pg_backend: Backend) -> None:
     assert len(versions) == 2
     await _wait_for(heard, versions[-1])
     assert await reader.list_key_health("acme") == []
+    # A clear with nothing stored still announces the key-wide reset.
+    [version] = await writer.clear_key_health("acme", "pk_1")
+    await _wait_for(heard, version)
 
 
 async def test_listener_survives_a_lost_connection(pg_backend: Backend) -> None:
