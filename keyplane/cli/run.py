@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from keyplane.cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane.crypto import load_master_key
 from keyplane.home import Home, read_token_file
 
@@ -55,6 +56,8 @@ async def _run_up(args: argparse.Namespace) -> int:
     from sidecar.config import SidecarConfig
     from sidecar.server import Sidecar
 
+    health_policy = health_policy_from_args(args)
+    intervals = aggregator_intervals_from_args(args)
     home = Home(args.home) if args.home else Home.default()
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     master_key = load_master_key(home.master_key_file, create=True)
@@ -68,13 +71,21 @@ async def _run_up(args: argparse.Namespace) -> int:
             admin_token=admin_token,
             sidecar_tokens={sidecar_token: ("*",)},
             master_key=master_key,
+            health_policy=health_policy,
+            **intervals,
         )
     )
     await cp.start()
     host = args.listen.rsplit(":", 1)[0]
     target = f"{host}:{cp.port}"
     sc = Sidecar(
-        SidecarConfig(control_plane_target=target, sidecar_token=sidecar_token, host=args.host, port=args.port)
+        SidecarConfig(
+            control_plane_target=target,
+            sidecar_token=sidecar_token,
+            host=args.host,
+            port=args.port,
+            health_policy=health_policy,
+        )
     )
     try:
         await sc.start()
@@ -102,6 +113,8 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     from control_plane.config import ControlPlaneConfig, redact_url
     from control_plane.server import ControlPlane
 
+    health_policy = health_policy_from_args(args)
+    intervals = aggregator_intervals_from_args(args)
     admin_token = (
         read_token_file(args.admin_token_file) if args.admin_token_file else os.environ.get("KEYPLANE_ADMIN_TOKEN", "")
     )
@@ -121,6 +134,8 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             admin_token=admin_token,
             sidecar_tokens=sidecar_tokens,
             master_key=master_key,
+            health_policy=health_policy,
+            **intervals,
         )
     )
     await cp.start()
@@ -136,6 +151,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
     from sidecar.config import SidecarConfig
     from sidecar.server import Sidecar
 
+    health_policy = health_policy_from_args(args)
     if args.token_file:
         token = read_token_file(args.token_file)
     elif os.environ.get(SIDECAR_TOKEN_ENV):
@@ -152,6 +168,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
             tenants=tuple(args.tenant or ()),
             host=args.host,
             port=args.port,
+            health_policy=health_policy,
         )
     )
     await sc.start()
@@ -205,5 +222,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     sc.add_argument("--port", type=int, default=8787)
     handlers["sidecar"] = _runner(_run_sidecar)
 
+    add_health_flags(up, aggregator=True)
+    add_health_flags(cp, aggregator=True)
+    add_health_flags(sc, aggregator=False)
     for parser in (up, cp, sc):
         parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
