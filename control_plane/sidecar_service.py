@@ -94,8 +94,12 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         assert scope is not None and self._health is not None
         accepted = rejected = 0
         sidecar_id = ""
+        first = True
         async for request in request_iterator:
             sidecar_id = request.sidecar_id[:_MAX_SIDECAR_ID] or sidecar_id
+            if first:
+                first = False
+                log.info("sidecar %r (%s) reporting outcomes", sidecar_id, context.peer())
             batch, invalid, out_of_scope = _validate_batch(request, scope)
             self._health.note_rejected(invalid=invalid, out_of_scope=out_of_scope, dropped_by_sidecar=request.dropped)
             if out_of_scope and not rejected:
@@ -106,7 +110,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
                     accepted += await self._health.ingest(batch)
                 except Exception:
                     log.exception("folding an outcome report failed")
-        log.debug("sidecar %r reported %d outcomes (%d rejected)", sidecar_id, accepted, rejected)
+        log.debug("sidecar %r (%s) reported %d outcomes (%d rejected)", sidecar_id, context.peer(), accepted, rejected)
         return pb.ReportOutcomesResponse(accepted=accepted)
 
 

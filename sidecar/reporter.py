@@ -9,6 +9,8 @@ async request iterator). When the stream breaks it reconnects with jittered
 exponential backoff; meanwhile outcomes older than ``report_max_age`` are
 dropped (counted) rather than sent late, so an unreachable control plane
 costs a bounded amount of memory and never penalises keys for the past.
+In a sidecar the stream shares the watch stream's channel (one TCP
+connection to the control plane).
 """
 
 from __future__ import annotations
@@ -188,8 +190,13 @@ class OutcomeReporter:
             call.cancel()
         self._wakeup.set()
 
-    async def run(self) -> None:
-        channel = open_channel(self._config)
+    async def run(self, channel: grpc.aio.Channel | None = None) -> None:
+        """Report until ``stop``. On ``channel`` when given (shared; its owner
+        closes it, after this returns), else on a channel of its own, closed
+        on return."""
+        own = channel is None
+        if channel is None:
+            channel = open_channel(self._config)
         try:
             stub = sidecar_service_pb2_grpc.SidecarServiceStub(channel)
             while not self._stopping:
@@ -206,7 +213,8 @@ class OutcomeReporter:
             self._queue.clear()
             if left:
                 self._drop(left, "unsent")
-            await channel.close(None)
+            if own:
+                await channel.close(None)
 
     async def _stopped(self) -> None:
         while not self._stopping:

@@ -1,8 +1,14 @@
-"""Runs a sidecar: the upstream client, the watch stream and the HTTP server.
+"""Runs a sidecar: the upstream client, the watch stream, the outcome reports
+and the HTTP server.
 
 ``Sidecar`` works inside an existing event loop (a CLI's ``asyncio.run`` or a
 pytest-asyncio test): ``await start()`` returns once the socket listens,
 ``await stop()`` drains and closes everything.
+
+The watch stream and the outcome reports share one gRPC channel, so a sidecar
+holds one TCP connection to the control plane (one keepalive, one reconnect).
+Each stream still retries on its own backoff; the channel is closed last, once
+both are done (the reports flush over it on stop).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import signal
 import socket
 from collections.abc import Generator
 
+import grpc.aio
 import uvicorn
 
 from .app import SidecarApp
@@ -23,7 +30,7 @@ from .reporter import OutcomeReporter
 from .router import Balancer
 from .state import SidecarState
 from .upstream import UpstreamClient
-from .watch import WatchClient
+from .watch import WatchClient, open_channel
 
 __all__ = ["Sidecar", "serve"]
 
@@ -89,6 +96,8 @@ class Sidecar:
             reporter=self.reporter,
         )
         self.watch = WatchClient(config, self.state) if watch else None
+        # The one channel to the control plane, opened by ``start`` (inside the loop).
+        self._channel: grpc.aio.Channel | None = None
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -113,10 +122,14 @@ class Sidecar:
             raise RuntimeError("the sidecar is already started")
         await self.upstream.start()
         try:
+            if self.watch is not None or self.reporter is not None:
+                self._channel = open_channel(self.config)
             if self.watch is not None:
-                self._watch_task = asyncio.create_task(self.watch.run(), name="keyplane-sidecar-watch")
+                self._watch_task = asyncio.create_task(self.watch.run(self._channel), name="keyplane-sidecar-watch")
             if self.reporter is not None:
-                self._report_task = asyncio.create_task(self.reporter.run(), name="keyplane-sidecar-reports")
+                self._report_task = asyncio.create_task(
+                    self.reporter.run(self._channel), name="keyplane-sidecar-reports"
+                )
             sock = _bind(self.config.host, self.config.port)
             self._port = int(sock.getsockname()[1])
             uv_config = uvicorn.Config(
@@ -158,7 +171,9 @@ class Sidecar:
         """Stop accepting requests, let in-flight ones finish (up to the grace), close all."""
         server, serve_task = self._server, self._serve_task
         watch_task, report_task = self._watch_task, self._report_task
+        channel = self._channel
         self._server = self._serve_task = self._watch_task = self._report_task = None
+        self._channel = None
         try:
             if server is not None and serve_task is not None:
                 server.should_exit = True
@@ -179,6 +194,9 @@ class Sidecar:
                 try:
                     await self._stop_reporter(report_task)
                 finally:
+                    if channel is not None:
+                        # After both streams: the reports flushed over it.
+                        await _close_channel(channel)
                     await self.upstream.close()
                     self._port = None
 
@@ -211,6 +229,13 @@ class Sidecar:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+async def _close_channel(channel: grpc.aio.Channel) -> None:
+    try:
+        await channel.close(None)
+    except Exception as exc:
+        _log.error("closing the control-plane channel failed: %s", type(exc).__name__)
 
 
 async def serve(config: SidecarConfig, *, handle_signals: bool = True) -> None:

@@ -1,8 +1,12 @@
-"""The sidecar's only link to the control plane: one long-lived Watch stream.
+"""The sidecar's view of the control plane: one long-lived Watch stream.
 
 Every message is applied to ``SidecarState``. When the stream breaks, the
 sidecar keeps serving its last-known-good state and reconnects with jittered
 exponential backoff, asking only for what it missed (``resume_version``).
+
+``open_channel`` makes the sidecar's one channel (one TCP connection) to the
+control plane; ``Sidecar`` shares it between this stream and the outcome
+reports (``sidecar.reporter``).
 """
 
 from __future__ import annotations
@@ -109,8 +113,12 @@ class WatchClient:
         if call is not None:
             call.cancel()
 
-    async def run(self) -> None:
-        channel = open_channel(self._config)
+    async def run(self, channel: grpc.aio.Channel | None = None) -> None:
+        """Watch until ``stop``. On ``channel`` when given (shared; its owner
+        closes it), else on a channel of its own, closed on return."""
+        own = channel is None
+        if channel is None:
+            channel = open_channel(self._config)
         try:
             stub = sidecar_service_pb2_grpc.SidecarServiceStub(channel)
             while not self._stopping.is_set():
@@ -124,7 +132,8 @@ class WatchClient:
                 except TimeoutError:
                     pass
         finally:
-            await channel.close(None)
+            if own:
+                await channel.close(None)
 
     async def _watch_once(self, stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub) -> bool:
         """One stream, until it ends; True if it delivered at least one message."""
