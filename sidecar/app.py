@@ -20,8 +20,8 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, MutableMapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
 
 import aiohttp
 
@@ -46,7 +46,7 @@ from .proxy import (
 from .reporter import OutcomeReporter
 from .router import Attempt, Balancer, plan_attempts
 from .state import SidecarState
-from .upstream import UpstreamClient
+from .upstream import FORWARDED_REQUEST_HEADERS, UpstreamClient
 
 __all__ = ["Message", "Receive", "Scope", "Send", "SidecarApp"]
 
@@ -56,7 +56,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-_T = TypeVar("_T")
 
 _JSON = b"application/json"
 ATTEMPTS_HEADER = b"x-keyplane-attempts"
@@ -66,9 +65,9 @@ EXCLUDED_HEADER = b"x-keyplane-excluded"
 REQUEST_ID_HEADER = b"x-keyplane-request-id"
 # Upstream response headers the app may see (besides the status and body).
 _PASSED_RESPONSE_HEADERS = frozenset(
-    {"content-type", "retry-after", "retry-after-ms", "x-request-id", "openai-processing-ms", "cache-control"}
+    {b"content-type", b"retry-after", b"retry-after-ms", b"x-request-id", b"openai-processing-ms", b"cache-control"}
 )
-_PASSED_RESPONSE_PREFIXES = ("x-ratelimit-",)
+_PASSED_RESPONSE_PREFIXES = (b"x-ratelimit-",)
 
 # Request ids: 32 hex characters like a uuid4 hex, but a per-process random
 # prefix plus a counter (no os.urandom call and no UUID object per request).
@@ -84,8 +83,25 @@ class _ClientGone(Exception):
     """The app disconnected while its request body was being read."""
 
 
+# The app's request headers the sidecar reads (ASGI gives names in lower case):
+# its credential, the declared body size and what is forwarded upstream.
+_READ_HEADERS: dict[bytes, str] = {
+    name.encode("latin-1"): name for name in ("authorization", "content-length", *FORWARDED_REQUEST_HEADERS)
+}
+
+
 def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    """The headers the sidecar reads, by lower-case name; the rest are never decoded."""
+    wanted = _READ_HEADERS
+    out: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        key = wanted.get(name)
+        if key is None:
+            key = wanted.get(name.lower())
+            if key is None:
+                continue
+        out[key] = value.decode("latin-1")
+    return out
 
 
 def _bearer(headers: dict[str, str]) -> str | None:
@@ -99,11 +115,12 @@ def _bearer(headers: dict[str, str]) -> str | None:
 
 
 def _upstream_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers the app may see, as raw bytes (never decoded)."""
     out: list[tuple[bytes, bytes]] = []
-    for name, value in response.headers.items():
+    for name, value in response.raw_headers:
         lower = name.lower()
         if lower in _PASSED_RESPONSE_HEADERS or lower.startswith(_PASSED_RESPONSE_PREFIXES):
-            out.append((lower.encode("latin-1"), value.encode("latin-1")))
+            out.append((lower, value))
     return out
 
 
@@ -136,42 +153,46 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             return
 
 
-async def _unless_disconnected(receive: Receive, work: Coroutine[Any, Any, _T]) -> tuple[bool, _T | None]:
-    """Run ``work`` but cancel it if the app hangs up; returns (finished, result).
+class DisconnectWatch:
+    """Cancels the request's task if the app hangs up while it is being answered.
 
-    ``work`` runs in the calling task; one watcher task waits for
-    ``http.disconnect`` and cancels the calling task. The watcher only runs
-    while this task is suspended inside ``work``, so its cancellation lands
-    there, and it is cancelled before this returns.
+    Watching costs a task per request, so it starts only once the request has
+    been in flight for ``after`` seconds: a hang-up is acted on within that
+    time, and the many requests answered sooner (a cached or tiny completion)
+    never pay for a watcher. ``close()`` before returning; ``gone`` says whether
+    the watcher cancelled the task (the caller then ``uncancel()``s it).
     """
-    current = asyncio.current_task()
-    if current is None:  # pragma: no cover - always called from a task
-        raise RuntimeError("_unless_disconnected needs a running task")
-    gone = False
 
-    async def watch() -> None:
-        nonlocal gone
-        await _wait_for_disconnect(receive)
-        gone = True
-        current.cancel()
+    __slots__ = ("_receive", "_task", "_timer", "_watcher", "gone")
 
-    watcher = asyncio.ensure_future(watch())
-    try:
-        result = await work
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        result = None
-    finally:
-        if not watcher.done():
+    def __init__(self, receive: Receive, task: asyncio.Task[Any], after: float) -> None:
+        self._receive = receive
+        self._task = task
+        self._watcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.gone = False
+        if after > 0:
+            self._timer = task.get_loop().call_later(after, self._start)
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        self._timer = None
+        if not self._task.done():
+            self._watcher = self._task.get_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        await _wait_for_disconnect(self._receive)
+        self.gone = True
+        self._task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        watcher = self._watcher
+        if watcher is not None and not watcher.done():
             watcher.cancel()
-    if gone:
-        # Our own cancellation (``work`` may have swallowed it): undo it, but keep
-        # any cancellation requested by someone else (e.g. server shutdown).
-        if current.uncancel() > 0:
-            raise asyncio.CancelledError
-        return False, None
-    return True, result
 
 
 class SidecarApp:
@@ -189,6 +210,7 @@ class SidecarApp:
         stale_after: float = 300.0,
         request_timeout: float = 600.0,
         reporter: OutcomeReporter | None = None,
+        disconnect_watch_after: float = 0.05,
     ) -> None:
         self.state = state
         self.upstream = upstream
@@ -199,6 +221,8 @@ class SidecarApp:
         self.stale_after = stale_after
         self.request_timeout = request_timeout
         self.reporter = reporter
+        # Seconds a chat request runs before an app hang-up is watched for (``DisconnectWatch``).
+        self.disconnect_watch_after = disconnect_watch_after
         m = self.metrics
         self._requests_count = LabelledChildren(m.requests)
         self._attempts_count = LabelledChildren(m.upstream_attempts)
@@ -206,24 +230,10 @@ class SidecarApp:
         self._fallbacks_count = LabelledChildren(m.fallbacks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http":
-            await self._http(scope, receive, send)
-        elif kind == "lifespan":
-            await self._lifespan(receive, send)
-        elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1008})
-
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # HTTP is handled in this frame (one coroutine layer less on the hot path).
+        if scope["type"] != "http":
+            await self._not_http(scope, receive, send)
+            return
         path: str = scope["path"]
         if len(path) > 1:
             path = path.rstrip("/")
@@ -253,6 +263,22 @@ class SidecarApp:
                 status = await _send_error(send, errors.not_found(path))
         finally:
             self._requests_count.get(endpoint, status_class(status)).inc()
+
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     # --- endpoints ----------------------------------------------------------------------
 
@@ -345,7 +371,8 @@ class SidecarApp:
         if route is None:
             return await _send_error(send, errors.model_not_found(model))
         ctx = _Request(self, tenant, _request_id())
-        deadline = asyncio.get_running_loop().time() + self.request_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
         health = ctx.health
         now = self.state.wall_clock()
 
@@ -382,15 +409,30 @@ class SidecarApp:
                 body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
             return body
 
-        finished, status = await _unless_disconnected(
-            receive, self._proxy(ctx, model, plan, body_for, headers, stream, deadline, send)
-        )
-        if not finished or status is None:
+        task = asyncio.current_task(loop)
+        if task is None:  # pragma: no cover - uvicorn runs every request in a task
+            raise RuntimeError("a chat request must run in a task")
+        watch = DisconnectWatch(receive, task, self.disconnect_watch_after)
+        status = 499
+        try:
+            status = await self._answer(ctx, model, plan, body_for, headers, stream, deadline, send)
+        except asyncio.CancelledError:
+            if not watch.gone:
+                raise
+        finally:
+            watch.close()
+            # Also when the app hung up mid-way: what was attempted is reported.
+            ctx.flush()
+        if watch.gone:
+            # The watcher's cancellation (``_answer`` may have swallowed it): undo it,
+            # but keep any cancellation requested by someone else (e.g. shutdown).
+            if task.uncancel() > 0:
+                raise asyncio.CancelledError
             self.metrics.client_disconnects.inc()
             return 499
         return status
 
-    async def _proxy(
+    async def _answer(
         self,
         ctx: _Request,
         model: str,
@@ -401,23 +443,7 @@ class SidecarApp:
         deadline: float,
         send: Send,
     ) -> int:
-        try:
-            return await self._attempt_and_relay(ctx, model, plan, body_for, headers, stream, deadline, send)
-        finally:
-            # Also when the app hung up mid-way: what was attempted is reported.
-            ctx.flush()
-
-    async def _attempt_and_relay(
-        self,
-        ctx: _Request,
-        model: str,
-        plan: list[Attempt],
-        body_for: Callable[[str], bytes],
-        headers: dict[str, str],
-        stream: bool,
-        deadline: float,
-        send: Send,
-    ) -> int:
+        """Run the attempts and pass the answer (or the failure) to the app."""
         health = ctx.health
         wall_clock = self.state.wall_clock
 
@@ -460,25 +486,35 @@ class SidecarApp:
                 result.attempts,
                 f"; excluded {excluded_header(ctx.excluded)}" if ctx.excluded else "",
             )
+        response = result.response
         try:
-            return await self._relay(ctx, result, send)
-        finally:
-            if result.response.content.at_eof():
-                result.response.release()
-            else:
-                result.response.close()
-
-    async def _relay(self, ctx: _Request, reply: UpstreamReply, send: Send) -> int:
-        response = reply.response
-        extra = [
-            *_upstream_headers(response),
-            *ctx.headers(attempts=reply.attempts, answer=reply.attempt.key, target=reply.attempt.target),
-        ]
-        if not reply.streaming:
-            headers = [(b"content-length", str(len(reply.head)).encode()), *extra]
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            await send({"type": "http.response.body", "body": reply.head, "more_body": False})
+            extra = [
+                *_upstream_headers(response),
+                *ctx.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target),
+            ]
+            if result.streaming:
+                return await self._relay_stream(ctx, result, extra, send)
+            head = result.head
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": [(b"content-length", str(len(head)).encode()), *extra],
+                }
+            )
+            await send({"type": "http.response.body", "body": head, "more_body": False})
             return response.status
+        finally:
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()
+
+    async def _relay_stream(
+        self, ctx: _Request, reply: UpstreamReply, extra: list[tuple[bytes, bytes]], send: Send
+    ) -> int:
+        """Pass a committed stream to the app chunk by chunk, then classify how it ended."""
+        response = reply.response
         # Until the stream ends well, a cut (or the app hanging up) is how it ended.
         ending: Classification | None = None
         try:

@@ -185,41 +185,9 @@ def _next_index(
     return None
 
 
-@dataclass(slots=True)
-class _Got:
-    response: aiohttp.ClientResponse
-    head: bytes
-    streaming: bool
-
-
-async def _send(
-    upstream: UpstreamClient,
-    attempt: Attempt,
-    body: bytes,
-    app_headers: Mapping[str, str],
-    *,
-    stream: bool,
-    time_left: float,
-) -> _Got | tuple[Classification, str]:
-    """The response, or (classification, outcome label) when nothing usable came back.
-    Raises ``UpstreamConfigError``."""
-    try:
-        response = await upstream.chat_completion(attempt, body, app_headers, time_left=time_left)
-    except TimeoutError:
-        return classify_exception("timeout"), "timeout"
-    except aiohttp.ClientError:
-        return classify_exception("connect"), "connect_error"
-    streaming = stream and 200 <= response.status < 300
-    try:
-        # Read before committing: a failure here has sent nothing to the app yet.
-        head = await (response.content.readany() if streaming else response.read())
-    except TimeoutError:
-        response.close()
-        return classify_exception("timeout"), "timeout"
-    except aiohttp.ClientError:
-        response.close()
-        return classify_exception("connect"), "connect_error"
-    return _Got(response, head, streaming)
+# What a failed call is classified as (and its metrics label), prebuilt.
+_TIMED_OUT: tuple[Classification, str] = (classify_exception("timeout"), "timeout")
+_CONNECT_FAILED: tuple[Classification, str] = (classify_exception("connect"), "connect_error")
 
 
 def _mark_recovered(records: list[AttemptRecord], provider: Provider) -> None:
@@ -276,25 +244,40 @@ async def run_attempts(
         started_loop = loop.time()
         started_wall = wall_clock()
         try:
-            result = await _send(
-                upstream,
-                attempt,
-                body_for(attempt.target.upstream_model),
-                app_headers,
-                stream=stream,
-                time_left=remaining,
+            pending = upstream.chat_completion(
+                attempt, body_for(attempt.target.upstream_model), app_headers, time_left=remaining
             )
         except UpstreamConfigError as exc:
             _log.warning("skipping attempt %s: %s", describe(attempt), exc)
             observer.misconfigured(attempt)
             failure = _misconfigured
             continue
+        # The call, inline (no coroutine frame per attempt): the response, or
+        # ``failed`` when nothing usable came back.
+        response: aiohttp.ClientResponse | None = None
+        head = b""
+        streaming = False
+        failed: tuple[Classification, str] | None = None
+        try:
+            response = await pending
+            streaming = stream and 200 <= response.status < 300
+            # Read before committing: a failure here has sent nothing to the app yet.
+            head = await (response.content.readany() if streaming else response.read())
+        except TimeoutError:
+            failed = _TIMED_OUT
+        except aiohttp.ClientError:
+            failed = _CONNECT_FAILED
+        except BaseException:  # cancelled (the app hung up, shutdown): free the connection
+            if response is not None:
+                response.close()
+            raise
+        if failed is not None and response is not None:
+            response.close()
+            response = None
         sent += 1
         latency_ms = max(0, round((loop.time() - started_loop) * 1000))
-        response: aiohttp.ClientResponse | None
-        if isinstance(result, _Got):
-            response, head = result.response, result.head
-            if result.streaming:
+        if response is not None:
+            if streaming:
                 # Committed: the first bytes are in. How the stream ends is the caller's to classify.
                 if _log.isEnabledFor(logging.INFO):
                     _log.info(
@@ -315,8 +298,8 @@ async def run_attempts(
             classification = classify_status(response.status, response.headers, head, wall_clock)
             outcome = _outcome_label(response.status)
         else:
-            response, head = None, b""
-            classification, outcome = result
+            assert failed is not None
+            classification, outcome = failed
         cls = classification.error_class
         if cls is ErrorClass.CREDENTIAL and attempt.key is not None:
             dead.add(attempt.key.id)

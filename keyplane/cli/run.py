@@ -15,6 +15,7 @@ from typing import Any
 from keyplane.cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane.crypto import load_master_key
 from keyplane.home import Home, read_token_file
+from keyplane.runtime import tune_gc
 
 __all__ = ["add_run_commands"]
 
@@ -102,6 +103,7 @@ async def _run_up(args: argparse.Namespace) -> int:
         if args.listen != "127.0.0.1:50051":
             lines.append(f"  (pass --server {target} to the admin commands, or export KEYPLANE_SERVER={target})")
         print("\n".join(lines), flush=True)
+        tune_gc()
         await _wait_for_signal()
     finally:
         await sc.stop()
@@ -140,6 +142,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     )
     await cp.start()
     print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
+    tune_gc()
     try:
         await _wait_for_signal()
     finally:
@@ -173,6 +176,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
     )
     await sc.start()
     print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
+    tune_gc()
     try:
         await _wait_for_signal()
     finally:

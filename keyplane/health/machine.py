@@ -149,11 +149,15 @@ class HealthBook:
 
     def key_usable(self, key_id: str, model: str, now: float) -> bool:
         """False if the key is bad key-wide or (key, model) is in an unexpired cooldown."""
+        if not self._entries:
+            return True  # the common case on the request path: nothing known against anything
         if self.verdict(KeyScope(key_id, ""), now).active(now):
             return False
         return not (model and self.verdict(KeyScope(key_id, model), now).active(now))
 
     def provider_degraded(self, provider: Provider, model: str, now: float) -> bool:
+        if not self._entries:
+            return False
         return self.verdict(ProviderScope(provider, model), now).active(now)
 
     def unhealthy(self, now: float) -> list[HealthChange]:

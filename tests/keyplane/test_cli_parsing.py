@@ -15,8 +15,14 @@ from keyplane.v1 import resources_pb2
         ("openai:gpt-4o", "PROVIDER_OPENAI", "gpt-4o", 0, 1, []),
         ("anthropic:claude-sonnet-4@1", "PROVIDER_ANTHROPIC", "claude-sonnet-4", 1, 1, []),
         ("gemini:gemini-2.5-flash@2*5", "PROVIDER_GEMINI", "gemini-2.5-flash", 2, 5, []),
-        ("vllm:llama@0=http://n1:8000/v1,http://n2:8000/v1", "PROVIDER_VLLM", "llama", 0, 1,
-         ["http://n1:8000/v1", "http://n2:8000/v1"]),
+        (
+            "vllm:llama@0=http://n1:8000/v1,http://n2:8000/v1",
+            "PROVIDER_VLLM",
+            "llama",
+            0,
+            1,
+            ["http://n1:8000/v1", "http://n2:8000/v1"],
+        ),
         ("openai_compatible:org/model:free", "PROVIDER_OPENAI_COMPATIBLE", "org/model:free", 0, 1, []),
     ],
 )
@@ -24,7 +30,11 @@ def test_target_spec(spec: str, provider: str, model: str, priority: int, weight
     target = _target(spec)
     assert resources_pb2.Provider.Name(target.provider) == provider
     assert (target.upstream_model, target.priority, target.weight, list(target.node_urls)) == (
-        model, priority, weight, nodes)
+        model,
+        priority,
+        weight,
+        nodes,
+    )
 
 
 @pytest.mark.parametrize(

@@ -277,6 +277,22 @@ async def test_client_disconnect_mid_stream_stops_the_upstream(
     assert not upstream.stream_finished.is_set()
 
 
+async def test_app_hang_up_while_waiting_for_the_upstream_is_noticed(
+    sidecar: Sidecar, client: httpx.AsyncClient, upstream: FakeUpstream
+) -> None:
+    """A non-streaming call the app gives up on is abandoned upstream too (within the
+    disconnect watch delay), not waited out."""
+    sidecar.state.apply(standard_snapshot(upstream))
+    upstream.program("sk-one", Reply(200, None, delay=3.0))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth(), timeout=0.3)
+    while "keyplane_sidecar_client_disconnects_total 1.0" not in (await client.get("/metrics")).text:
+        assert loop.time() - started < 2.0, "the sidecar waited for the upstream after the app hung up"
+        await asyncio.sleep(0.02)
+
+
 # --- models and metrics -----------------------------------------------------------------
 
 

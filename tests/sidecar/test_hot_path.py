@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -13,7 +14,7 @@ from aiohttp import web
 from keyplane.domain import Provider
 from keyplane.health.classify import Classification, ErrorClass, classify_exception, classify_response
 from keyplane.health.machine import HealthPolicy, Outcome
-from sidecar.app import Message, _unless_disconnected
+from sidecar.app import DisconnectWatch, Message
 from sidecar.health import TenantHealth
 from sidecar.proxy import classify_status
 from sidecar.server import Sidecar
@@ -174,18 +175,63 @@ async def _hang_up() -> Message:
     return {"type": "http.disconnect"}
 
 
-async def test_unless_disconnected_finishes_and_leaves_no_task() -> None:
+async def _watched(receive: Callable[[], Awaitable[Message]], after: float, work: Awaitable[int]) -> tuple[bool, int]:
+    """The way ``SidecarApp._chat`` uses a ``DisconnectWatch``: (hung up, result)."""
+    task = asyncio.current_task()
+    assert task is not None
+    watch = DisconnectWatch(receive, task, after)
+    result = -1
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        if not watch.gone:
+            raise
+    finally:
+        watch.close()
+    if watch.gone:
+        if task.uncancel() > 0:
+            raise asyncio.CancelledError
+        return True, -1
+    return False, result
+
+
+@pytest.mark.parametrize("after", [0.0, 0.05])
+async def test_disconnect_watch_finishes_and_leaves_no_task(after: float) -> None:
     async def work() -> int:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.1)  # outlives the delay: the watcher did start
         return 7
 
     before = len(asyncio.all_tasks())
-    assert await _unless_disconnected(_never, work()) == (True, 7)
+    assert await _watched(_never, after, work()) == (False, 7)
     await asyncio.sleep(0)
     assert len(asyncio.all_tasks()) == before
 
 
-async def test_unless_disconnected_cancels_the_work_on_hang_up() -> None:
+async def test_disconnect_watch_starts_no_task_for_a_quick_answer() -> None:
+    started: list[asyncio.Task[object]] = []
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+
+    def spy(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        started.append(task)
+        return task
+
+    async def work() -> int:
+        await asyncio.sleep(0)
+        return 3
+
+    loop.set_task_factory(spy)
+    try:
+        assert await _watched(_never, 0.05, work()) == (False, 3)
+        await asyncio.sleep(0.1)  # the timer was cancelled: nothing starts later either
+    finally:
+        loop.set_task_factory(factory)
+    assert started == []
+
+
+@pytest.mark.parametrize("after", [0.0, 0.02])
+async def test_disconnect_watch_cancels_the_work_on_hang_up(after: float) -> None:
     cancelled = asyncio.Event()
 
     async def work() -> int:
@@ -196,19 +242,19 @@ async def test_unless_disconnected_cancels_the_work_on_hang_up() -> None:
             raise
         return 1
 
-    assert await _unless_disconnected(_hang_up, work()) == (False, None)
+    assert await _watched(_hang_up, after, work()) == (True, -1)
     assert cancelled.is_set()
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
     await asyncio.sleep(0)  # this task was not left cancelled
 
 
-async def test_unless_disconnected_keeps_a_cancellation_from_outside() -> None:
+async def test_disconnect_watch_keeps_a_cancellation_from_outside() -> None:
     async def work() -> int:
         await asyncio.sleep(30)
         return 1
 
-    task = asyncio.create_task(_unless_disconnected(_never, work()))
+    task = asyncio.create_task(_watched(_never, 0.0, work()))
     await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
