@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
-from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from keyplane import convert
 from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
@@ -38,56 +36,55 @@ from .model import provider_to_proto
 from .proxy import AttemptRecord
 from .watch import Backoff, open_channel
 
-__all__ = ["OutcomeReporter", "ReporterStats", "outcome_to_proto"]
+__all__ = ["OutcomeReporter", "ReporterStats", "fill_outcome", "outcome_to_proto"]
 
 _log = logging.getLogger(__name__)
 
 
-def _timestamp(epoch: float) -> Timestamp:
-    seconds = int(epoch // 1)
-    nanos = min(round((epoch - seconds) * 1e9), 999_999_999)
-    return Timestamp(seconds=seconds, nanos=nanos)
+# Outcomes built per slice of a batch before the batch task yields to the event
+# loop: a batch of hundreds is built in slices, so requests are never held up
+# behind the whole batch (a slice is tens of microseconds).
+_BUILD_SLICE = 32
+
+
+def fill_outcome(message: sidecar_service_pb2.Outcome, tenant: str, record: AttemptRecord, request_id: str) -> None:
+    """Write the report of one keyed attempt into ``message`` (field by field, in
+    place: about half the cost of building a message and copying it into a batch)."""
+    key = record.attempt.key
+    if key is None:
+        raise ValueError("a keyless attempt has no outcome to report")
+    c = record.classification
+    target = record.attempt.target
+    message.tenant = tenant
+    message.key_id = key.id
+    message.provider = provider_to_proto(target.provider)
+    message.model = target.upstream_model
+    message.outcome_class = convert.error_class_to_proto(c.error_class)
+    message.status_code = max(0, c.status)
+    message.latency_ms = min(record.latency_ms, 2**32 - 1)
+    message.recovered = record.recovered
+    message.provider_final = record.provider_final
+    message.request_id = request_id
+    started = record.started
+    seconds = int(started // 1)
+    message.time.seconds = seconds
+    message.time.nanos = min(round((started - seconds) * 1e9), 999_999_999)
+    message.reason = c.reason[:200]
+    if c.retry_after is not None:
+        message.retry_after.FromNanoseconds(int(c.retry_after * 1e9))
 
 
 def outcome_to_proto(tenant: str, record: AttemptRecord, request_id: str) -> sidecar_service_pb2.Outcome | None:
     """The report for one attempt; None for a keyless attempt (nothing to attribute it to)."""
-    key_id = record.key_id
-    if key_id is None:
+    if record.attempt.key is None:
         return None
-    c = record.classification
-    when = _timestamp(record.started)
-    outcome = sidecar_service_pb2.Outcome(
-        tenant=tenant,
-        key_id=key_id,
-        provider=provider_to_proto(record.provider),
-        model=record.model,
-        outcome_class=convert.error_class_to_proto(c.error_class),
-        status_code=max(0, c.status),
-        latency_ms=min(record.latency_ms, 2**32 - 1),
-        recovered=record.recovered,
-        provider_final=record.provider_final,
-        request_id=request_id,
-        time=when,
-        reason=c.reason[:200],
-    )
-    if c.retry_after is not None:
-        retry_after = Duration()
-        retry_after.FromNanoseconds(int(c.retry_after * 1e9))
-        outcome.retry_after.CopyFrom(retry_after)
-    return outcome
+    message = sidecar_service_pb2.Outcome()
+    fill_outcome(message, tenant, record, request_id)
+    return message
 
 
 # An attempt queued from the request path: (tenant, record, request id).
 _Pending = tuple[str, AttemptRecord, str]
-
-
-def _message(item: sidecar_service_pb2.Outcome | _Pending) -> sidecar_service_pb2.Outcome:
-    if isinstance(item, tuple):
-        tenant, record, request_id = item
-        message = outcome_to_proto(tenant, record, request_id)
-        assert message is not None  # enqueue_record keeps keyed records only
-        return message
-    return item
 
 
 @dataclass(slots=True)
@@ -280,16 +277,36 @@ class OutcomeReporter:
                     self._drop_stale()
                     if not self._queue:
                         continue
-                count = min(len(self._queue), config.report_batch_size)
-                outcomes = [_message(self._queue.popleft()[1]) for _ in range(count)]
-                dropped, self._unreported_drops = self._unreported_drops, 0
-                return sidecar_service_pb2.ReportOutcomesRequest(
-                    outcomes=outcomes, sidecar_id=config.sidecar_id, dropped=dropped
-                )
+                return await self._build_batch(stream)
             if self._stopping:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    async def _build_batch(self, stream: _Stream) -> sidecar_service_pb2.ReportOutcomesRequest | None:
+        """Up to ``report_batch_size`` queued outcomes as one request, built in slices."""
+        queue = self._queue
+        request = sidecar_service_pb2.ReportOutcomesRequest(sidecar_id=self._config.sidecar_id)
+        outcomes = request.outcomes
+        add = outcomes.add
+        for built in range(self._config.report_batch_size):
+            if not queue:
+                break
+            if built and built % _BUILD_SLICE == 0:
+                await asyncio.sleep(0)  # let requests run between slices
+                if stream.ended:
+                    self._drop(len(outcomes), "unsent")
+                    return None
+                if not queue:
+                    break
+            item = queue.popleft()[1]
+            if isinstance(item, tuple):
+                tenant, record, request_id = item
+                fill_outcome(add(), tenant, record, request_id)
+            else:
+                outcomes.append(item)
+        request.dropped, self._unreported_drops = self._unreported_drops, 0
+        return request
 
     # --- counting -----------------------------------------------------------------------
 

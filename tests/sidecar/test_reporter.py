@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from keyplane.domain import Provider
-from keyplane.health.classify import classify_exception
+from keyplane.health.classify import classify_exception, classify_response
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2
 from keyplane.v1 import sidecar_service_pb2 as pb
@@ -46,6 +46,9 @@ def outcome(key_id: str, n: int = 0) -> pb.Outcome:
         provider_final=True,
         request_id=f"req-{n}",
     )
+
+
+SUCCESS = classify_response(200, {}, b"", now=0.0)
 
 
 def reporter_config(target: str, **overrides: object) -> SidecarConfig:
@@ -111,6 +114,35 @@ async def test_outcomes_reach_the_control_plane_over_one_stream(plane: Plane, ke
     stats = running.reporter.stats
     assert stats.sent == 1210 and stats.dropped_total == 0
     assert stats.streams == 1  # one long-lived stream for everything
+
+
+async def test_queued_attempt_records_are_built_and_delivered_in_batches(plane: Plane, key_id: str) -> None:
+    """The request path's ``enqueue_record``: the batch task writes each record into the
+    batch message (in slices) and every one reaches the control plane."""
+    running = Running(OutcomeReporter(reporter_config(plane.address, report_batch_size=300)))
+    target = Target(provider=Provider.OPENAI, upstream_model="gpt-4o-mini", priority=0, weight=1, node_urls=())
+    attempt = Attempt(target=target, key=key(key_id, provider=Provider.OPENAI))
+    try:
+        for n in range(1000):  # several batches, each built over several slices
+            record = AttemptRecord(
+                attempt=attempt,
+                classification=classify_exception("timeout") if n % 10 == 0 else SUCCESS,
+                started=time.time(),
+                latency_ms=n,
+                outcome="timeout" if n % 10 == 0 else "2xx",
+                provider_final=True,
+            )
+            running.reporter.enqueue_record("acme", record, f"req-{n}")
+
+        async def all_in() -> bool:
+            return accepted(plane) >= 1000
+
+        await eventually(all_in)
+    finally:
+        await running.stop()
+    stats = running.reporter.stats
+    assert stats.sent == 1000 and stats.dropped_total == 0
+    assert accepted(plane) == 1000
 
 
 async def test_stop_flushes_what_is_queued(plane: Plane, key_id: str) -> None:
