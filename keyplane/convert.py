@@ -374,7 +374,10 @@ def health_change_from_proto(message: resources_pb2.KeyHealth | resources_pb2.Pr
 
 def _clean_reason(text: str) -> str:
     """At most MAX_REASON_CHARS printable characters."""
-    return "".join(ch if ch.isprintable() else " " for ch in text[:MAX_REASON_CHARS]).strip()
+    text = text[:MAX_REASON_CHARS]
+    if text.isprintable():  # the usual case: nothing to replace
+        return text.strip()
+    return "".join(ch if ch.isprintable() else " " for ch in text).strip()
 
 
 def outcome_from_proto(message: sidecar_service_pb2.Outcome) -> Outcome:

@@ -179,6 +179,8 @@ class HealthBook:
         kind = cls.error_class
         if kind is ErrorClass.CLIENT_ERROR:
             return changes
+        if kind is ErrorClass.SUCCESS and not self._entries:
+            return changes  # a success only resets entries; an empty book has none
         key_model = KeyScope(outcome.key_id, outcome.model)
         if kind is ErrorClass.SUCCESS:
             self._succeed(key_model, now, changes)
