@@ -42,6 +42,8 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
     def __init__(self, hub: SnapshotHub, health: HealthAggregator | None = None) -> None:
         self._hub = hub
         self._health = health
+        # Converted success outcomes, reused across reports (see ``_validate_batch``).
+        self._successes: dict[_SuccessKey, ReportedOutcome] = {}
 
     def _watch_set(self, request: pb.WatchRequest) -> frozenset[str] | None:
         scope = current_sidecar_scope()
@@ -100,7 +102,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             if first:
                 first = False
                 log.info("sidecar %r (%s) reporting outcomes", sidecar_id, context.peer())
-            batch, invalid, out_of_scope = _validate_batch(request, scope)
+            batch, invalid, out_of_scope = _validate_batch(request, scope, self._successes)
             self._health.note_rejected(invalid=invalid, out_of_scope=out_of_scope, dropped_by_sidecar=request.dropped)
             if out_of_scope and not rejected:
                 log.warning("sidecar %r (%s) reported outcomes outside its tenant scope", sidecar_id, context.peer())
@@ -114,18 +116,53 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         return pb.ReportOutcomesResponse(accepted=accepted)
 
 
-def _validate_batch(request: pb.ReportOutcomesRequest, scope: SidecarScope) -> tuple[list[ReportedOutcome], int, int]:
-    """(the valid outcomes, how many were invalid, how many were out of scope)."""
+# Reports are mostly successes that look alike (same tenant, key, model, status and
+# reason); their converted form is immutable, so it is converted once and reused.
+_SUCCESS = pb.OUTCOME_CLASS_SUCCESS
+_MAX_REUSED = 4096
+_SuccessKey = tuple[str, str, int, str, int, str, bool, bool]
+
+
+def _validate_batch(
+    request: pb.ReportOutcomesRequest,
+    scope: SidecarScope,
+    successes: dict[_SuccessKey, ReportedOutcome] | None = None,
+) -> tuple[list[ReportedOutcome], int, int]:
+    """(the valid outcomes, how many were invalid, how many were out of scope).
+
+    ``successes`` memoises converted successes across batches (bounded)."""
     batch: list[ReportedOutcome] = []
     invalid = out_of_scope = 0
     for message in request.outcomes:
-        if not scope.allows(message.tenant):
+        tenant = message.tenant
+        if not scope.allows(tenant):
             out_of_scope += 1
             continue
+        key: _SuccessKey | None = None
+        if successes is not None and message.outcome_class == _SUCCESS and not message.HasField("retry_after"):
+            key = (
+                tenant,
+                message.key_id,
+                message.provider,
+                message.model,
+                message.status_code,
+                message.reason,
+                message.provider_final,
+                message.recovered,
+            )
+            found = successes.get(key)
+            if found is not None:
+                batch.append(found)
+                continue
         try:
             outcome = convert.outcome_from_proto(message)
         except ValueError:
             invalid += 1
             continue
-        batch.append(ReportedOutcome(message.tenant, outcome))
+        reported = ReportedOutcome(tenant, outcome)
+        if key is not None and successes is not None:
+            if len(successes) >= _MAX_REUSED:
+                successes.clear()
+            successes[key] = reported
+        batch.append(reported)
     return batch, invalid, out_of_scope

@@ -456,3 +456,26 @@ async def test_list_sidecars(harness: Harness) -> None:
         await asyncio.sleep(0.02)
     else:
         raise AssertionError("cancelled watch streams are still listed")
+
+
+async def test_repeated_successes_are_counted_validated_and_still_clear_a_cooldown(harness: Harness) -> None:
+    """Look-alike successes are converted once and reused: every one is still
+    validated, scoped and counted, and one arriving after a failure still resets it."""
+    [key1] = await setup_keys(harness, 1)
+    ok = outcome(key1, C.OUTCOME_CLASS_SUCCESS, status=200, provider_final=True, reason="200 ok")
+    invalid = [
+        outcome(key1, C.OUTCOME_CLASS_SUCCESS, status=200, model=""),  # no model
+        outcome(key1, C.OUTCOME_CLASS_SUCCESS, status=200, provider=rpb.PROVIDER_UNSPECIFIED),  # no provider
+    ]
+    unknown = outcome("pk_no_such_key", C.OUTCOME_CLASS_SUCCESS, status=200)
+    batch = [ok, ok, ok, *invalid, unknown]
+    assert await report(harness, batch, batch) == 6
+    stats = harness.plane.aggregator.stats
+    assert (stats.invalid, stats.unknown, stats.accepted) == (4, 2, 6)
+
+    limited = outcome(key1, C.OUTCOME_CLASS_RATE_LIMITED, status=429, retry_after=60.0)
+    assert await report(harness, [limited]) == 1
+    [cooling] = (await get_health(harness)).key_health
+    assert cooling.state == rpb.HEALTH_STATE_COOLDOWN
+    assert await report(harness, [ok]) == 1  # the reused success clears the cooldown
+    assert list((await get_health(harness)).key_health) == []
