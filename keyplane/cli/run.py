@@ -172,6 +172,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             health_policy=health_policy,
+            report_outcomes=not args.no_outcome_reports,
         )
     )
     await sc.start()
@@ -224,6 +225,12 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     sc.add_argument("--tenant", action="append", help="tenant to serve (repeatable; default all the token allows)")
     sc.add_argument("--host", default="127.0.0.1")
     sc.add_argument("--port", type=int, default=8787)
+    sc.add_argument(
+        "--no-outcome-reports",
+        action="store_true",
+        help="do not report attempt outcomes to the control plane (this sidecar still acts on its own "
+        "findings, but the fleet no longer learns from them)",
+    )
     handlers["sidecar"] = _runner(_run_sidecar)
 
     add_health_flags(up, aggregator=True)

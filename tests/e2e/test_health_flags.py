@@ -238,3 +238,69 @@ async def test_bad_values_stop_the_command_with_a_clear_message(tmp_path: Path) 
     assert result.code == 1
     assert "KEYPLANE_HEALTH_IDLE_TTL: must be a positive number of seconds, got '0'" in result.stderr
     assert not (tmp_path / "home").exists()  # stopped before touching anything
+
+
+async def test_a_sidecar_without_outcome_reports_acts_alone(tmp_path: Path, upstream: FakeUpstream) -> None:
+    """``--no-outcome-reports``: the sidecar still cools the key down itself, but the
+    control plane (which would cool it down after one error too) never hears of it."""
+    admin_file = tmp_path / "admin.token"
+    admin_file.write_text(ADMIN_TOKEN + "\n")
+    tokens_file = tmp_path / "sidecar.tokens"
+    tokens_file.write_text(f"{SIDECAR_TOKEN} acme\n")
+    sidecar_file = tmp_path / "sidecar.token"
+    sidecar_file.write_text(SIDECAR_TOKEN + "\n")
+    env = child_env(tmp_path / "home", {"KEYPLANE_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()})
+    plane_process = await start(
+        [
+            "control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            f"sqlite:///{tmp_path / 'keyplane.db'}",
+            "--admin-token-file",
+            str(admin_file),
+            "--sidecar-tokens-file",
+            str(tokens_file),
+            "--health-error-threshold",
+            "1",
+        ],
+        env,
+        r"control plane listening on port \d+",
+    )
+    processes: list[Running] = [plane_process]
+    port = plane_process.find(r"listening on port (\d+)").group(1)
+    target = f"127.0.0.1:{port}"
+    plane = Plane(target)
+    admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+    try:
+        key_id, token = await plane.configure(upstream, admin_md)
+        sidecar = await start(
+            [
+                "sidecar",
+                "--control-plane",
+                target,
+                "--token-file",
+                str(sidecar_file),
+                "--port",
+                "0",
+                "--health-error-threshold",
+                "1",
+                "--no-outcome-reports",
+            ],
+            env,
+            r"sidecar listening on http://",
+        )
+        processes.append(sidecar)
+        url = sidecar.find(r"(http://\S+/v1)").group(1)
+        await _wait_until_served(url, token)
+        upstream.program(SECRET, SERVICE_UNAVAILABLE, times=1)
+        first = await _chat(url, token)
+        assert first.headers["x-keyplane-excluded"] == f"{key_id}:upstream_error"
+        second = await _chat(url, token)
+        assert second.headers["x-keyplane-excluded"] == f"{key_id}:cooldown"
+        await asyncio.sleep(0.5)  # ten report intervals: a report would have been folded by now
+        assert await plane.cooldowns(admin_md) == {}
+    finally:
+        await plane.close()
+        for process in reversed(processes):
+            assert await process.stop() == 0, process.output
