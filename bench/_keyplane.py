@@ -167,11 +167,17 @@ class Admin:
         return key_ids, client.token
 
 
-def start_sidecar(cp: ControlPlaneProc, *, cpus: frozenset[int] | None = None, timeout: float = 60.0) -> Proc:
-    """``keyplane sidecar`` on a free port; returns once /healthz says ready."""
+def start_sidecar(
+    cp: ControlPlaneProc,
+    *,
+    cpus: frozenset[int] | None = None,
+    timeout: float = 60.0,
+    extra_args: Sequence[str] = (),
+) -> Proc:
+    """``keyplane sidecar`` on a free port (plus ``extra_args``); returns once /healthz says ready."""
     env = keyplane_env({"KEYPLANE_SIDECAR_TOKEN": cp.sidecar_token, "KEYPLANE_HOME": str(cp.home)}, cp.src)
     proc = Proc.start(
-        [*KEYPLANE, "sidecar", "--control-plane", cp.address, "--port", "0", "--log-level", "warning"],
+        [*KEYPLANE, "sidecar", "--control-plane", cp.address, "--port", "0", "--log-level", "warning", *extra_args],
         ready=r"listening on (http://\S+)/v1",
         cpus=cpus,
         env=env,

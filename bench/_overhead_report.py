@@ -283,6 +283,14 @@ def verdicts(report: Report) -> list[str]:
         False,
         " ms",
     )
+    if any(c.target == "sidecar-noreports" for c in report.cases):
+        line(
+            "conc 1 json-small: sidecar without outcome reports, added p99",
+            _median(_per_round(report, "json-small", 1, _added("sidecar-noreports", "p99_ms"))),
+            1.0,
+            False,
+            " ms",
+        )
     concs = sorted({c.concurrency for c in report.cases})
     top = concs[-1] if concs else 0
     for mix in ("json-small", "sse-small", "json-8k", "sse-8k"):

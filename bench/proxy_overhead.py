@@ -362,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(upstream)
         base = upstream.match.group(1)
         targets: list[Target] = [Target("direct", base + "/v1/chat/completions", (), None)]
-        if "sidecar" in args.targets:
+        sidecars = [name for name in ("sidecar", "sidecar-noreports") if name in args.targets]
+        if sidecars:
             cp = start_control_plane(cpus=driver_cpus)
             cleanups.append(cp.stop)
             admin = Admin(cp.address, cp.admin_token)
@@ -370,16 +371,20 @@ def main(argv: list[str] | None = None) -> int:
                 _, token = admin.setup(base, [MODEL, GAP_MODEL])
             finally:
                 admin.close()
-            sidecar = start_sidecar(cp, cpus=proxy_cpus)
-            procs.append(sidecar)
-            targets.append(
-                Target(
-                    "sidecar",
-                    sidecar.match.group(1) + "/v1/chat/completions",
-                    (("Authorization", f"Bearer {token}"),),
-                    sidecar,
+            for name in sidecars:
+                # sidecar-noreports: the same sidecar without outcome reports, so the
+                # control plane's ingest (on the driver core here) is out of the picture.
+                extra = ("--no-outcome-reports",) if name == "sidecar-noreports" else ()
+                sidecar = start_sidecar(cp, cpus=proxy_cpus, extra_args=extra)
+                procs.append(sidecar)
+                targets.append(
+                    Target(
+                        name,
+                        sidecar.match.group(1) + "/v1/chat/completions",
+                        (("Authorization", f"Bearer {token}"),),
+                        sidecar,
+                    )
                 )
-            )
         if args.compare_src is not None:
             cp_b = start_control_plane(cpus=driver_cpus, src=args.compare_src.resolve())
             cleanups.append(cp_b.stop)
