@@ -10,8 +10,9 @@ passed in, wall-clock epoch seconds):
 
 A key is usable only if both books allow it; a provider is degraded if
 either says so. A pushed HEALTHY for a key (an admin reset, a re-enable, a
-recovery seen elsewhere) clears what the local book holds for that scope, so
-the local book never outlives the fleet's verdict.
+recovery seen elsewhere) clears what the local book holds for that scope, and
+a full snapshot starts the local book over, so the local book never outlives
+the fleet's verdict.
 """
 
 from __future__ import annotations
@@ -115,20 +116,23 @@ class TenantHealth:
             self.local.apply(change)
 
     def replace_pushed(self, changes: Iterable[HealthChange], now: float) -> None:
-        """A snapshot: the pushed book becomes exactly ``changes`` (non-healthy entries).
+        """A snapshot: the pushed book becomes exactly ``changes`` (non-healthy
+        entries) and the local book starts over.
 
-        Keys the old pushed book held as not healthy and the snapshot no longer
-        lists were reset meanwhile (e.g. by an admin while the stream was down):
-        the local book forgets them too.
+        A full snapshot is the fleet's whole verdict. A sidecar gets one when it
+        starts and after a gap it could not resume from; during such a gap an
+        admin may have reset keys (or they recovered elsewhere) and this sidecar
+        saw none of it, so none of its own findings may outlive the snapshot.
+        What the control plane heard of is in ``changes``; a finding it never
+        heard of is learnt again from the next failure (one retried attempt).
         """
-        before = {c.scope.key_id for c in self.pushed.unhealthy(now) if isinstance(c.scope, KeyScope)}
         book = HealthBook(self._policy)
         for change in changes:
             book.apply(change)
-        after = {c.scope.key_id for c in book.unhealthy(now) if isinstance(c.scope, KeyScope)}
         self.pushed = book
-        for key_id in before - after:
-            self.local.reset_key(key_id)
+        if len(self.local):
+            _log.info("tenant %s: full snapshot, this sidecar's own health findings start over", self.tenant)
+            self.local = HealthBook(self._policy)
 
     # --- key lifecycle ------------------------------------------------------------
 

@@ -135,16 +135,25 @@ def test_reenabling_or_rotating_a_key_resets_local_findings() -> None:
     assert usable(state, "k1")
 
 
-def test_a_snapshot_that_no_longer_lists_a_key_resets_it_locally() -> None:
+def test_a_full_snapshot_is_the_whole_verdict_local_findings_start_over() -> None:
     state, _ = make_state()
     state.apply(snapshot(key_health=[p.key_health("k1")]))
     state.health("acme").record(credential_failure("k1"), state.wall_clock())
     state.health("acme").record(credential_failure("k2"), state.wall_clock())
-    # Reconnected after an admin reset of k1: k1 is healthy again everywhere. k2's finding
-    # has not reached the control plane's snapshot yet and stays.
+    assert not usable(state, "k1") and not usable(state, "k2")
+    # Reconnected after a gap it could not resume from: an admin reset k1, and k2 (whose
+    # finding the control plane never heard of) may have been reset too; this sidecar
+    # cannot tell, so the snapshot wins for both.
     state.apply(snapshot(20))
     assert usable(state, "k1")
+    assert usable(state, "k2")
+    # A key that is still bad is learnt again from its next failure.
+    state.health("acme").record(credential_failure("k2"), state.wall_clock())
     assert not usable(state, "k2")
+    # What the snapshot itself says is kept.
+    state.apply(snapshot(30, key_health=[p.key_health("k1")]))
+    assert not usable(state, "k1")
+    assert usable(state, "k2")
 
 
 def test_deleted_keys_and_tenants_drop_their_health() -> None:
