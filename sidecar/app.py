@@ -465,8 +465,6 @@ class SidecarApp:
             wall_clock=wall_clock,
         )
         ctx.excluded = dict(result.excluded)
-        # Recovered flags are final for these now; a streamed answer's own record comes later.
-        ctx.flush()
         if isinstance(result, AttemptsFailed):
             _log.warning(
                 "request %s for %s failed after %d attempt(s); excluded %s",
@@ -493,6 +491,8 @@ class SidecarApp:
                 *ctx.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target),
             ]
             if result.streaming:
+                # The failed attempts before it are reported now, not when the stream ends.
+                ctx.flush()
                 return await self._relay_stream(ctx, result, extra, send)
             head = result.head
             await send(
@@ -509,6 +509,9 @@ class SidecarApp:
                 response.release()
             else:
                 response.close()
+            if result.record is not None:
+                # The answer is on its way: now its bookkeeping (``_chat`` flushes the reports).
+                ctx.attempted(result.record)
 
     async def _relay_stream(
         self, ctx: _Request, reply: UpstreamReply, extra: list[tuple[bytes, bytes]], send: Send

@@ -14,7 +14,8 @@ Every attempt is classified with ``keyplane.health`` (DESIGN.md's table):
 The last attempt's answer is passed through whatever it was. One deadline
 bounds the whole request; each attempt gets what is left of it. Attempts
 are handed to an ``AttemptObserver`` the moment they are classified (local
-health, metrics); ``recovered`` is set on earlier attempts when a later
+health, metrics), except the answer's own, which the caller hands over once
+the answer is relayed; ``recovered`` is set on earlier attempts when a later
 attempt on the same provider succeeds.
 """
 
@@ -137,6 +138,10 @@ class UpstreamReply:
     # Monotonic (loop) time and wall-clock time the answering attempt started.
     started_loop: float = 0.0
     started_wall: float = 0.0
+    # A non-streamed answer's own record, not yet handed to the observer: the
+    # caller does that once the answer is on its way to the app (it is
+    # bookkeeping, so it stays off the response's path). None for a stream.
+    record: AttemptRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +320,6 @@ async def run_attempts(
         )
         _log_attempt(sent, record)
         records.append(record)
-        observer.attempted(record)
         if response is not None and (cls in _ANSWERS or following is None):
             if cls is ErrorClass.SUCCESS:
                 _mark_recovered(records[:-1], attempt.target.provider)
@@ -332,7 +336,9 @@ async def run_attempts(
                 excluded=out,
                 started_loop=started_loop,
                 started_wall=started_wall,
+                record=record,
             )
+        observer.attempted(record)
         if response is not None:
             response.release()
         if attempt.key is not None:
