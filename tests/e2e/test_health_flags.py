@@ -108,69 +108,88 @@ async def _chat(url: str, token: str) -> httpx.Response:
         )
 
 
-async def test_control_plane_and_sidecar_run_the_policy_their_flags_and_environment_set(
-    tmp_path: Path, upstream: FakeUpstream
-) -> None:
-    admin_file = tmp_path / "admin.token"
-    admin_file.write_text(ADMIN_TOKEN + "\n")
-    tokens_file = tmp_path / "sidecar.tokens"
-    tokens_file.write_text(f"{SIDECAR_TOKEN} acme\n")
-    sidecar_file = tmp_path / "sidecar.token"
-    sidecar_file.write_text(SIDECAR_TOKEN + "\n")
-    env = child_env(
-        tmp_path / "home",
-        {
-            "KEYPLANE_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
-            # From the environment: caps the 40 s asked for on the command line.
-            "KEYPLANE_HEALTH_MAX_COOLDOWN": "25",
-        },
-    )
-    # The control plane cools a (key, model) down after 2 errors (default 3) ...
-    plane_process = await start(
-        [
-            "control-plane",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            f"sqlite:///{tmp_path / 'keyplane.db'}",
-            "--admin-token-file",
-            str(admin_file),
-            "--sidecar-tokens-file",
-            str(tokens_file),
-            "--health-error-threshold",
-            "2",
-            "--health-base-cooldown",
-            "40",
-        ],
-        env,
-        r"control plane listening on port \d+",
-    )
-    processes: list[Running] = [plane_process]
-    port = plane_process.find(r"listening on port (\d+)").group(1)
-    target = f"127.0.0.1:{port}"
-    plane = Plane(target)
-    admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
-    try:
-        key_id, token = await plane.configure(upstream, admin_md)
-        # ... and this sidecar after 1 (locally, before the control plane says anything).
-        sidecar = await start(
+class Deployment:
+    """A real ``keyplane control-plane`` (SQLite) and ``keyplane sidecar`` processes."""
+
+    def __init__(self, tmp_path: Path, env_extra: dict[str, str] | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.admin_file = tmp_path / "admin.token"
+        self.admin_file.write_text(ADMIN_TOKEN + "\n")
+        self.tokens_file = tmp_path / "sidecar.tokens"
+        self.tokens_file.write_text(f"{SIDECAR_TOKEN} acme\n")
+        self.sidecar_file = tmp_path / "sidecar.token"
+        self.sidecar_file.write_text(SIDECAR_TOKEN + "\n")
+        self.env = child_env(
+            tmp_path / "home",
+            {"KEYPLANE_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(), **(env_extra or {})},
+        )
+        self.admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+        self.processes: list[Running] = []
+        self.plane: Plane | None = None
+
+    async def start_plane(self, *flags: str) -> Plane:
+        process = await start(
+            [
+                "control-plane",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                f"sqlite:///{self.tmp_path / 'keyplane.db'}",
+                "--admin-token-file",
+                str(self.admin_file),
+                "--sidecar-tokens-file",
+                str(self.tokens_file),
+                *flags,
+            ],
+            self.env,
+            r"control plane listening on port \d+",
+        )
+        self.processes.append(process)
+        port = process.find(r"listening on port (\d+)").group(1)
+        self.plane = Plane(f"127.0.0.1:{port}")
+        return self.plane
+
+    async def start_sidecar(self, token: str, *flags: str) -> str:
+        """A sidecar with ``flags``, serving once this returns; its base URL."""
+        assert self.plane is not None
+        process = await start(
             [
                 "sidecar",
                 "--control-plane",
-                target,
+                self.plane.target,
                 "--token-file",
-                str(sidecar_file),
+                str(self.sidecar_file),
                 "--port",
                 "0",
-                "--health-error-threshold",
-                "1",
+                *flags,
             ],
-            env,
+            self.env,
             r"sidecar listening on http://",
         )
-        processes.append(sidecar)
-        url = sidecar.find(r"(http://\S+/v1)").group(1)
+        self.processes.append(process)
+        url = process.find(r"(http://\S+/v1)").group(1)
         await _wait_until_served(url, token)
+        return url
+
+    async def stop(self) -> None:
+        if self.plane is not None:
+            await self.plane.close()
+        for process in reversed(self.processes):
+            assert await process.stop() == 0, process.output
+
+
+async def test_control_plane_and_sidecar_run_the_policy_their_flags_and_environment_set(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    # From the environment: caps the 40 s asked for on the command line.
+    deployment = Deployment(tmp_path, {"KEYPLANE_HEALTH_MAX_COOLDOWN": "25"})
+    try:
+        # The control plane cools a (key, model) down after 2 errors (default 3) ...
+        plane = await deployment.start_plane("--health-error-threshold", "2", "--health-base-cooldown", "40")
+        admin_md = deployment.admin_md
+        key_id, token = await plane.configure(upstream, admin_md)
+        # ... and this sidecar after 1 (locally, before the control plane says anything).
+        url = await deployment.start_sidecar(token, "--health-error-threshold", "1")
 
         # The sidecar: one 503 and the only key cools down there at once.
         upstream.program(SECRET, SERVICE_UNAVAILABLE, times=1)
@@ -188,9 +207,7 @@ async def test_control_plane_and_sidecar_run_the_policy_their_flags_and_environm
         left = (await plane.cooldowns(admin_md))[OTHER_MODEL]
         assert 20.0 < left <= 25.0
     finally:
-        await plane.close()
-        for process in reversed(processes):
-            assert await process.stop() == 0, process.output
+        await deployment.stop()
 
 
 async def test_up_hands_its_flags_to_the_control_plane(tmp_path: Path, upstream: FakeUpstream) -> None:
@@ -243,64 +260,17 @@ async def test_bad_values_stop_the_command_with_a_clear_message(tmp_path: Path) 
 async def test_a_sidecar_without_outcome_reports_acts_alone(tmp_path: Path, upstream: FakeUpstream) -> None:
     """``--no-outcome-reports``: the sidecar still cools the key down itself, but the
     control plane (which would cool it down after one error too) never hears of it."""
-    admin_file = tmp_path / "admin.token"
-    admin_file.write_text(ADMIN_TOKEN + "\n")
-    tokens_file = tmp_path / "sidecar.tokens"
-    tokens_file.write_text(f"{SIDECAR_TOKEN} acme\n")
-    sidecar_file = tmp_path / "sidecar.token"
-    sidecar_file.write_text(SIDECAR_TOKEN + "\n")
-    env = child_env(tmp_path / "home", {"KEYPLANE_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()})
-    plane_process = await start(
-        [
-            "control-plane",
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            f"sqlite:///{tmp_path / 'keyplane.db'}",
-            "--admin-token-file",
-            str(admin_file),
-            "--sidecar-tokens-file",
-            str(tokens_file),
-            "--health-error-threshold",
-            "1",
-        ],
-        env,
-        r"control plane listening on port \d+",
-    )
-    processes: list[Running] = [plane_process]
-    port = plane_process.find(r"listening on port (\d+)").group(1)
-    target = f"127.0.0.1:{port}"
-    plane = Plane(target)
-    admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+    deployment = Deployment(tmp_path)
     try:
-        key_id, token = await plane.configure(upstream, admin_md)
-        sidecar = await start(
-            [
-                "sidecar",
-                "--control-plane",
-                target,
-                "--token-file",
-                str(sidecar_file),
-                "--port",
-                "0",
-                "--health-error-threshold",
-                "1",
-                "--no-outcome-reports",
-            ],
-            env,
-            r"sidecar listening on http://",
-        )
-        processes.append(sidecar)
-        url = sidecar.find(r"(http://\S+/v1)").group(1)
-        await _wait_until_served(url, token)
+        plane = await deployment.start_plane("--health-error-threshold", "1")
+        key_id, token = await plane.configure(upstream, deployment.admin_md)
+        url = await deployment.start_sidecar(token, "--health-error-threshold", "1", "--no-outcome-reports")
         upstream.program(SECRET, SERVICE_UNAVAILABLE, times=1)
         first = await _chat(url, token)
         assert first.headers["x-keyplane-excluded"] == f"{key_id}:upstream_error"
         second = await _chat(url, token)
         assert second.headers["x-keyplane-excluded"] == f"{key_id}:cooldown"
         await asyncio.sleep(0.5)  # ten report intervals: a report would have been folded by now
-        assert await plane.cooldowns(admin_md) == {}
+        assert await plane.cooldowns(deployment.admin_md) == {}
     finally:
-        await plane.close()
-        for process in reversed(processes):
-            assert await process.stop() == 0, process.output
+        await deployment.stop()

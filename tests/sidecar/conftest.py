@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,6 +12,7 @@ from sidecar.server import Sidecar
 from tests.fakes.upstream import FakeUpstream
 
 from . import protos as p
+from .plane import Plane
 
 TENANT = "acme"
 CLIENT_TOKEN = "kp-acme-client-token-0123456789"
@@ -76,3 +78,13 @@ async def client(sidecar: Sidecar) -> AsyncIterator[httpx.AsyncClient]:
 
 def auth(token: str = CLIENT_TOKEN) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def plane(tmp_path: Path, unused_tcp_port: int) -> AsyncIterator[Plane]:
+    """A real control plane on a fixed port, stopped after the test."""
+    p = Plane(tmp_path, unused_tcp_port)
+    try:
+        yield p
+    finally:
+        await p.stop()

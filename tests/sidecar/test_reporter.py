@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -21,17 +20,8 @@ from sidecar.reporter import OutcomeReporter, outcome_to_proto
 from sidecar.router import Attempt
 
 from .conftest import sidecar_config
+from .plane import ADMIN_MD, SIDECAR_TOKEN, Plane, eventually
 from .test_router import key
-from .test_watch import ADMIN_MD, SIDECAR_TOKEN, Plane, eventually
-
-
-@pytest.fixture
-async def plane(tmp_path: Path, unused_tcp_port: int) -> AsyncIterator[Plane]:
-    p = Plane(tmp_path, unused_tcp_port)
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 def outcome(key_id: str, n: int = 0) -> pb.Outcome:

@@ -10,7 +10,6 @@ import contextlib
 import ipaddress
 import logging
 import ssl
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,19 +25,10 @@ from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
 
 from .conftest import sidecar_config
+from .plane import ADMIN_MD, SIDECAR_TOKEN, Plane, eventually
 from .test_reporter import accepted, outcome
-from .test_watch import ADMIN_MD, SIDECAR_TOKEN, Plane, eventually
 
 SIDECAR_ID = "sc-one-connection"
-
-
-@pytest.fixture
-async def plane(tmp_path: Path, unused_tcp_port: int) -> AsyncIterator[Plane]:
-    p = Plane(tmp_path, unused_tcp_port)
-    try:
-        yield p
-    finally:
-        await p.stop()
 
 
 async def _setup(plane: Plane) -> tuple[admin_service_pb2_grpc.AdminServiceAsyncStub, str]:
