@@ -20,7 +20,7 @@ from keyplane.health import KeyScope
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import sidecar_service_pb2 as spb
-from tests.control_plane.conftest import ADMIN_MD, SECRET, HarnessFactory, next_message
+from tests.control_plane.conftest import ADMIN_MD, SECRET, Harness, HarnessFactory, next_message
 from tests.control_plane.test_health import credential, outcome, report, watching
 
 PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -43,14 +43,20 @@ async def pg_url() -> AsyncIterator[str]:
         await admin.close()
 
 
-async def test_a_write_through_one_replica_reaches_the_other(
-    make_harness: HarnessFactory, pg_url: str, tmp_path: Path
-) -> None:
+async def two_replicas(make_harness: HarnessFactory, pg_url: str) -> tuple[Harness, Harness, rpb.ProviderKey]:
+    """Two control-plane replicas on one Postgres (same master key); tenant acme and one
+    key written through the first."""
     master_key = os.urandom(32)
     one = await make_harness(store_url=pg_url, master_key=master_key)
     two = await make_harness(store_url=pg_url, master_key=master_key)
     await one.tenant()
-    key = await one.key()
+    return one, two, await one.key()
+
+
+async def test_a_write_through_one_replica_reaches_the_other(
+    make_harness: HarnessFactory, pg_url: str, tmp_path: Path
+) -> None:
+    one, two, key = await two_replicas(make_harness, pg_url)
 
     version = await one.latest_version()
     call = two.watch()
@@ -85,11 +91,7 @@ async def test_a_write_through_one_replica_reaches_the_other(
 
 
 async def test_health_learnt_by_one_replica_reaches_the_other(make_harness: HarnessFactory, pg_url: str) -> None:
-    master_key = os.urandom(32)
-    one = await make_harness(store_url=pg_url, master_key=master_key)
-    two = await make_harness(store_url=pg_url, master_key=master_key)
-    await one.tenant()
-    key = await one.key()
+    one, two, key = await two_replicas(make_harness, pg_url)
     watcher = await watching(two)
     await two.plane.hub.catch_up()  # the setup writes, in case NOTIFY is still on its way
 
@@ -117,11 +119,7 @@ async def test_health_learnt_by_one_replica_reaches_the_other(make_harness: Harn
 async def test_a_reset_with_nothing_stored_reaches_the_sidecars_and_books_of_the_other(
     make_harness: HarnessFactory, pg_url: str
 ) -> None:
-    master_key = os.urandom(32)
-    one = await make_harness(store_url=pg_url, master_key=master_key)
-    two = await make_harness(store_url=pg_url, master_key=master_key)
-    await one.tenant()
-    key = await one.key()
+    one, two, key = await two_replicas(make_harness, pg_url)
     watcher = await watching(one)
     await one.plane.hub.catch_up()  # the setup writes, in case NOTIFY is still on its way
 
