@@ -95,6 +95,15 @@ def build_request(attempt: Attempt, app_headers: Mapping[str, str]) -> UpstreamR
     return UpstreamRequest(url=url, headers=headers)
 
 
+def _read_cap(read_timeout: float, total: float | None) -> float | None:
+    """The per-read timeout worth arming: none when the whole-attempt timeout
+    ends first anyway. (aiohttp re-arms a read timer on every chunk it
+    receives, which costs a timer per chunk for nothing in that case.)"""
+    if total is not None and read_timeout >= total:
+        return None
+    return read_timeout
+
+
 class UpstreamClient:
     """One pooled HTTP client for every provider; ``start`` before use, ``close`` after."""
 
@@ -108,7 +117,11 @@ class UpstreamClient:
         keepalive_timeout: float = 60.0,
         trust_env: bool = False,
     ) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=total_timeout, sock_connect=connect_timeout, sock_read=read_timeout)
+        self._timeout = aiohttp.ClientTimeout(
+            total=total_timeout,
+            sock_connect=connect_timeout,
+            sock_read=_read_cap(read_timeout, total_timeout),
+        )
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._limit_per_host = limit_per_host
@@ -161,7 +174,7 @@ class UpstreamClient:
         client_timeout = self._timeout
         if time_left is not None:
             client_timeout = aiohttp.ClientTimeout(
-                total=time_left, sock_connect=self._connect_timeout, sock_read=self._read_timeout
+                total=time_left, sock_connect=self._connect_timeout, sock_read=_read_cap(self._read_timeout, time_left)
             )
         return session.post(
             request.url, data=body, headers=request.headers, allow_redirects=False, timeout=client_timeout
