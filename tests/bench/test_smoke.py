@@ -40,8 +40,9 @@ def test_fake_upstream_compare() -> None:
 
 
 def test_proxy_overhead() -> None:
-    out = run_smoke("bench.proxy_overhead")
+    out = run_smoke("bench.proxy_overhead", "--targets", "direct", "sidecar", "sidecar-noreports", "ideal")
     assert re.search(r"\| json-small \| 1 \| sidecar \| \d+ \| [\d.]+ \|", out), out
+    assert re.search(r"\| json-small \| 1 \| sidecar-noreports \| \d+ \| [\d.]+ \|", out), out
     assert re.search(r"\| sse-small \| sidecar \| [\d.]+ \|", out), out  # TTFB probe
     assert re.search(r"\| sidecar \| 3 \| [\d.]+ \| [\d.]+ \|", out), out  # inter-chunk timing
     assert "### Targets" in out
