@@ -126,7 +126,7 @@ _SuccessKey = tuple[str, str, int, str, int, str, bool, bool]
 def _validate_batch(
     request: pb.ReportOutcomesRequest,
     scope: SidecarScope,
-    successes: dict[_SuccessKey, ReportedOutcome] | None = None,
+    successes: dict[_SuccessKey, ReportedOutcome],
 ) -> tuple[list[ReportedOutcome], int, int]:
     """(the valid outcomes, how many were invalid, how many were out of scope).
 
@@ -139,7 +139,7 @@ def _validate_batch(
             out_of_scope += 1
             continue
         key: _SuccessKey | None = None
-        if successes is not None and message.outcome_class == _SUCCESS and not message.HasField("retry_after"):
+        if message.outcome_class == _SUCCESS and not message.HasField("retry_after"):
             key = (
                 tenant,
                 message.key_id,
@@ -160,7 +160,7 @@ def _validate_batch(
             invalid += 1
             continue
         reported = ReportedOutcome(tenant, outcome)
-        if key is not None and successes is not None:
+        if key is not None:
             if len(successes) >= _MAX_REUSED:
                 successes.clear()
             successes[key] = reported
