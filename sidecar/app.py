@@ -622,8 +622,7 @@ class _Request:
         reporter = self.app.reporter
         if reporter is None:
             return
-        # Only keyed attempts are kept in ``unreported``; the protobuf is built in
-        # the reporter's batch task, off the request path.
+        # Only keyed attempts are kept in ``unreported``.
         for record in records:
             reporter.enqueue_record(self.tenant, record, self.request_id)
 

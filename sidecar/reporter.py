@@ -1,7 +1,8 @@
 """Outcome reports to the control plane: one long-lived ReportOutcomes stream.
 
-Requests only ever call ``enqueue``: an O(1) append to a bounded deque that
-never blocks and never awaits. When the deque is full the oldest outcome is
+Requests only ever call ``enqueue`` or ``enqueue_record``: the outcome is
+encoded at once (a microsecond or two, ``sidecar.outcome_wire``) and appended
+to a bounded deque; that never blocks and never awaits. When the deque is full the oldest outcome is
 dropped (and counted). A background task drains it in batches (up to
 ``report_batch_size`` outcomes, or whatever arrived within
 ``report_interval``) into one client stream (grpc.aio stream-unary fed by an
@@ -27,12 +28,11 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
-from keyplane import convert
-from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
+from keyplane.v1 import sidecar_service_pb2
 
 from .config import SidecarConfig
 from .metrics import LabelledChildren, SidecarMetrics
-from .model import provider_to_proto
+from .outcome_wire import OutcomeEncoder, batch_request, fill_outcome, frame_outcome, outcome_to_proto
 from .proxy import AttemptRecord
 from .watch import Backoff, open_channel
 
@@ -41,50 +41,8 @@ __all__ = ["OutcomeReporter", "ReporterStats", "fill_outcome", "outcome_to_proto
 _log = logging.getLogger(__name__)
 
 
-# Outcomes built per slice of a batch before the batch task yields to the event
-# loop: a batch of hundreds is built in slices, so requests are never held up
-# behind the whole batch (a slice is tens of microseconds).
-_BUILD_SLICE = 32
-
-
-def fill_outcome(message: sidecar_service_pb2.Outcome, tenant: str, record: AttemptRecord, request_id: str) -> None:
-    """Write the report of one keyed attempt into ``message`` (field by field, in
-    place: about half the cost of building a message and copying it into a batch)."""
-    key = record.attempt.key
-    if key is None:
-        raise ValueError("a keyless attempt has no outcome to report")
-    c = record.classification
-    target = record.attempt.target
-    message.tenant = tenant
-    message.key_id = key.id
-    message.provider = provider_to_proto(target.provider)
-    message.model = target.upstream_model
-    message.outcome_class = convert.error_class_to_proto(c.error_class)
-    message.status_code = max(0, c.status)
-    message.latency_ms = min(record.latency_ms, 2**32 - 1)
-    message.recovered = record.recovered
-    message.provider_final = record.provider_final
-    message.request_id = request_id
-    started = record.started
-    seconds = int(started // 1)
-    message.time.seconds = seconds
-    message.time.nanos = min(round((started - seconds) * 1e9), 999_999_999)
-    message.reason = c.reason[:200]
-    if c.retry_after is not None:
-        message.retry_after.FromNanoseconds(int(c.retry_after * 1e9))
-
-
-def outcome_to_proto(tenant: str, record: AttemptRecord, request_id: str) -> sidecar_service_pb2.Outcome | None:
-    """The report for one attempt; None for a keyless attempt (nothing to attribute it to)."""
-    if record.attempt.key is None:
-        return None
-    message = sidecar_service_pb2.Outcome()
-    fill_outcome(message, tenant, record, request_id)
-    return message
-
-
-# An attempt queued from the request path: (tenant, record, request id).
-_Pending = tuple[str, AttemptRecord, str]
+# The ReportOutcomes method, called with batches already serialized.
+_REPORT_METHOD = "/" + sidecar_service_pb2.DESCRIPTOR.services_by_name["SidecarService"].full_name + "/ReportOutcomes"
 
 
 @dataclass(slots=True)
@@ -100,6 +58,14 @@ class ReporterStats:
     @property
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """One serialized ReportOutcomesRequest and how many outcomes it carries."""
+
+    payload: bytes
+    count: int
 
 
 @dataclass(slots=True)
@@ -125,19 +91,15 @@ class OutcomeReporter:
         self._config = config
         self._metrics = metrics
         self._clock = clock
-        # (enqueued at, a ready message or (tenant, record, request id) built into one later)
-        self._queue: deque[tuple[float, sidecar_service_pb2.Outcome | _Pending]] = deque()
+        # (enqueued at, an outcome encoded and framed for the batch)
+        self._queue: deque[tuple[float, bytes]] = deque()
+        self._encoder = OutcomeEncoder()
         self._capacity = config.report_queue_size
         self._backoff = Backoff(config.watch_backoff_base, config.watch_backoff_cap, rng)
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._unreported_drops = 0
-        self._call: (
-            grpc.aio.StreamUnaryCall[
-                sidecar_service_pb2.ReportOutcomesRequest, sidecar_service_pb2.ReportOutcomesResponse
-            ]
-            | None
-        ) = None
+        self._call: grpc.aio.StreamUnaryCall[bytes, sidecar_service_pb2.ReportOutcomesResponse] | None = None
         self.stats = ReporterStats()
         self._dropped_count = LabelledChildren(metrics.outcomes_dropped) if metrics is not None else None
 
@@ -145,19 +107,23 @@ class OutcomeReporter:
 
     def enqueue(self, outcome: sidecar_service_pb2.Outcome) -> None:
         """Queue one outcome; O(1), never blocks. A full queue drops its oldest."""
-        self._put(outcome)
+        self._put(frame_outcome(outcome.SerializeToString()))
 
     def enqueue_record(self, tenant: str, record: AttemptRecord, request_id: str) -> None:
-        """Queue one keyed attempt; the ``Outcome`` message is built in the batch task.
+        """Queue one keyed attempt, encoded now (same contract as ``enqueue``).
 
-        Same contract as ``enqueue`` (O(1), never blocks); ``record`` must not be
-        changed afterwards. A keyless record is ignored (nothing to attribute).
+        Encoding here rather than in the batch task spreads the cost evenly over
+        the requests instead of holding up whichever request is in flight when
+        a batch is built. A keyless record is ignored (nothing to attribute).
         """
         if record.attempt.key is None:
             return
-        self._put((tenant, record, request_id))
+        if self._stopping:
+            self._drop(1, "unsent")
+            return
+        self._put(frame_outcome(self._encoder.encode(tenant, record, request_id)))
 
-    def _put(self, outcome: sidecar_service_pb2.Outcome | _Pending) -> None:
+    def _put(self, outcome: bytes) -> None:
         if self._stopping:
             self._drop(1, "unsent")
             return
@@ -195,9 +161,14 @@ class OutcomeReporter:
         if channel is None:
             channel = open_channel(self._config)
         try:
-            stub = sidecar_service_pb2_grpc.SidecarServiceStub(channel)
+            report: grpc.aio.StreamUnaryMultiCallable[bytes, sidecar_service_pb2.ReportOutcomesResponse]
+            report = channel.stream_unary(
+                _REPORT_METHOD,
+                request_serializer=None,  # batches are serialized by ``batch_request``
+                response_deserializer=sidecar_service_pb2.ReportOutcomesResponse.FromString,
+            )
             while not self._stopping:
-                if await self._stream_once(stub):
+                if await self._stream_once(report):
                     self._backoff.reset()
                 if self._stopping:
                     break
@@ -220,12 +191,14 @@ class OutcomeReporter:
 
     # --- one stream ---------------------------------------------------------------------
 
-    async def _stream_once(self, stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub) -> bool:
+    async def _stream_once(
+        self, report: grpc.aio.StreamUnaryMultiCallable[bytes, sidecar_service_pb2.ReportOutcomesResponse]
+    ) -> bool:
         """One ReportOutcomes call until it ends; True if it carried at least one batch."""
         stream = _Stream()
         requests = self._requests(stream)
         metadata = (("authorization", f"Bearer {self._config.sidecar_token}"),)
-        call = stub.ReportOutcomes(requests, metadata=metadata)
+        call = report(requests, metadata=metadata)
         self._call = call
         self.stats.streams += 1
         try:
@@ -245,14 +218,14 @@ class OutcomeReporter:
                 await requests.aclose()
         return stream.delivered
 
-    async def _requests(self, stream: _Stream) -> AsyncGenerator[sidecar_service_pb2.ReportOutcomesRequest, None]:
+    async def _requests(self, stream: _Stream) -> AsyncGenerator[bytes, None]:
         try:
             while True:
-                request = await self._next_batch(stream)
-                if request is None:
+                batch = await self._next_batch(stream)
+                if batch is None:
                     return
-                stream.inflight = len(request.outcomes)
-                yield request
+                stream.inflight = batch.count
+                yield batch.payload
                 # grpc asks for the next request only once this one is written.
                 self._sent(stream.inflight)
                 stream.inflight = 0
@@ -262,7 +235,7 @@ class OutcomeReporter:
                 self._drop(stream.inflight, "unsent")
                 stream.inflight = 0
 
-    async def _next_batch(self, stream: _Stream) -> sidecar_service_pb2.ReportOutcomesRequest | None:
+    async def _next_batch(self, stream: _Stream) -> _Batch | None:
         config = self._config
         while True:
             if stream.ended:
@@ -277,36 +250,20 @@ class OutcomeReporter:
                     self._drop_stale()
                     if not self._queue:
                         continue
-                return await self._build_batch(stream)
+                return self._take_batch()
             if self._stopping:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
 
-    async def _build_batch(self, stream: _Stream) -> sidecar_service_pb2.ReportOutcomesRequest | None:
-        """Up to ``report_batch_size`` queued outcomes as one request, built in slices."""
+    def _take_batch(self) -> _Batch:
+        """Up to ``report_batch_size`` queued outcomes as one serialized request."""
         queue = self._queue
-        request = sidecar_service_pb2.ReportOutcomesRequest(sidecar_id=self._config.sidecar_id)
-        outcomes = request.outcomes
-        add = outcomes.add
-        for built in range(self._config.report_batch_size):
-            if not queue:
-                break
-            if built and built % _BUILD_SLICE == 0:
-                await asyncio.sleep(0)  # let requests run between slices
-                if stream.ended:
-                    self._drop(len(outcomes), "unsent")
-                    return None
-                if not queue:
-                    break
-            item = queue.popleft()[1]
-            if isinstance(item, tuple):
-                tenant, record, request_id = item
-                fill_outcome(add(), tenant, record, request_id)
-            else:
-                outcomes.append(item)
-        request.dropped, self._unreported_drops = self._unreported_drops, 0
-        return request
+        popleft = queue.popleft
+        count = min(len(queue), self._config.report_batch_size)
+        framed = [popleft()[1] for _ in range(count)]
+        dropped, self._unreported_drops = self._unreported_drops, 0
+        return _Batch(batch_request(framed, self._config.sidecar_id, dropped), count)
 
     # --- counting -----------------------------------------------------------------------
 

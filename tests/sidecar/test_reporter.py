@@ -106,14 +106,14 @@ async def test_outcomes_reach_the_control_plane_over_one_stream(plane: Plane, ke
     assert stats.streams == 1  # one long-lived stream for everything
 
 
-async def test_queued_attempt_records_are_built_and_delivered_in_batches(plane: Plane, key_id: str) -> None:
-    """The request path's ``enqueue_record``: the batch task writes each record into the
-    batch message (in slices) and every one reaches the control plane."""
+async def test_queued_attempt_records_are_encoded_and_delivered_in_batches(plane: Plane, key_id: str) -> None:
+    """The request path's ``enqueue_record``: each record is encoded when queued, the
+    batches are joined from those bytes, and every one reaches the control plane."""
     running = Running(OutcomeReporter(reporter_config(plane.address, report_batch_size=300)))
     target = Target(provider=Provider.OPENAI, upstream_model="gpt-4o-mini", priority=0, weight=1, node_urls=())
     attempt = Attempt(target=target, key=key(key_id, provider=Provider.OPENAI))
     try:
-        for n in range(1000):  # several batches, each built over several slices
+        for n in range(1000):  # several batches
             record = AttemptRecord(
                 attempt=attempt,
                 classification=classify_exception("timeout") if n % 10 == 0 else SUCCESS,
