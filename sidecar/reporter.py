@@ -1,12 +1,15 @@
 """Outcome reports to the control plane: one long-lived ReportOutcomes stream.
 
 Requests only ever call ``enqueue`` or ``enqueue_record``: the outcome is
-encoded at once (a microsecond or two, ``sidecar.outcome_wire``) and appended
-to a bounded deque; that never blocks and never awaits. When the deque is full the oldest outcome is
-dropped (and counted). A background task drains it in batches (up to
-``report_batch_size`` outcomes, or whatever arrived within
-``report_interval``) into one client stream (grpc.aio stream-unary fed by an
-async request iterator). When the stream breaks it reconnects with jittered
+encoded at once (a few microseconds, ``sidecar.outcome_wire``) and appended
+to a bounded deque; that never blocks and never awaits. When the deque is
+full the oldest outcome is dropped (and counted). A background task drains it
+in batches into one client stream (grpc.aio stream-unary fed by an async
+request iterator): a batch leaves when it holds ``report_batch_size``
+outcomes, ``report_failure_interval`` after a failure was queued (what the
+fleet must learn fast), or ``report_interval`` after its first success (the
+bulk; every write costs the event loop a fixed few hundred microseconds, so
+successes go in few, large batches). When the stream breaks it reconnects with jittered
 exponential backoff; meanwhile outcomes older than ``report_max_age`` are
 dropped (counted) rather than sent late, so an unreachable control plane
 costs a bounded amount of memory and never penalises keys for the past.
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
+from keyplane.health.classify import ErrorClass
 from keyplane.v1 import sidecar_service_pb2
 
 from .config import SidecarConfig
@@ -42,6 +46,7 @@ _log = logging.getLogger(__name__)
 
 
 # The ReportOutcomes method, called with batches already serialized.
+_SUCCESS = sidecar_service_pb2.OUTCOME_CLASS_SUCCESS
 _REPORT_METHOD = "/" + sidecar_service_pb2.DESCRIPTOR.services_by_name["SidecarService"].full_name + "/ReportOutcomes"
 
 
@@ -97,6 +102,12 @@ class OutcomeReporter:
         self._capacity = config.report_queue_size
         self._backoff = Backoff(config.watch_backoff_base, config.watch_backoff_cap, rng)
         self._wakeup = asyncio.Event()
+        # When the batch being gathered must leave (loop time; None: no batch
+        # yet), whether it holds a failure, and the batch task's pause (resolved
+        # to cut it short).
+        self._flush_at: float | None = None
+        self._urgent = False
+        self._pause_done: asyncio.Future[None] | None = None
         self._stopping = False
         self._unreported_drops = 0
         self._call: grpc.aio.StreamUnaryCall[bytes, sidecar_service_pb2.ReportOutcomesResponse] | None = None
@@ -107,7 +118,7 @@ class OutcomeReporter:
 
     def enqueue(self, outcome: sidecar_service_pb2.Outcome) -> None:
         """Queue one outcome; O(1), never blocks. A full queue drops its oldest."""
-        self._put(frame_outcome(outcome.SerializeToString()))
+        self._put(frame_outcome(outcome.SerializeToString()), outcome.outcome_class != _SUCCESS)
 
     def enqueue_record(self, tenant: str, record: AttemptRecord, request_id: str) -> None:
         """Queue one keyed attempt, encoded now (same contract as ``enqueue``).
@@ -121,9 +132,12 @@ class OutcomeReporter:
         if self._stopping:
             self._drop(1, "unsent")
             return
-        self._put(frame_outcome(self._encoder.encode(tenant, record, request_id)))
+        self._put(
+            frame_outcome(self._encoder.encode(tenant, record, request_id)),
+            record.classification.error_class is not ErrorClass.SUCCESS,
+        )
 
-    def _put(self, outcome: bytes) -> None:
+    def _put(self, outcome: bytes, failure: bool) -> None:
         if self._stopping:
             self._drop(1, "unsent")
             return
@@ -133,6 +147,26 @@ class OutcomeReporter:
         self._queue.append((self._clock(), outcome))
         self.stats.enqueued += 1
         self._wakeup.set()
+        if failure:
+            self._hurry()
+        elif len(self._queue) >= self._config.report_batch_size:
+            self._cut_pause()
+
+    def _hurry(self) -> None:
+        """A failure is queued: the batch leaves within ``report_failure_interval``."""
+        self._urgent = True
+        flush_at = self._flush_at
+        if flush_at is None:
+            return  # the batch task sets it when it starts gathering
+        soon = asyncio.get_running_loop().time() + self._config.report_failure_interval
+        if soon < flush_at:
+            self._flush_at = soon
+            self._cut_pause()
+
+    def _cut_pause(self) -> None:
+        pause = self._pause_done
+        if pause is not None and not pause.done():
+            pause.set_result(None)
 
     @property
     def queued(self) -> int:
@@ -144,6 +178,7 @@ class OutcomeReporter:
         """Ask ``run`` to flush what is queued over a live stream, then return."""
         self._stopping = True
         self._wakeup.set()
+        self._cut_pause()
 
     def abort(self) -> None:
         """Give up on flushing: cancel the live call."""
@@ -152,6 +187,7 @@ class OutcomeReporter:
         if call is not None:
             call.cancel()
         self._wakeup.set()
+        self._cut_pause()
 
     async def run(self, channel: grpc.aio.Channel | None = None) -> None:
         """Report until ``stop``. On ``channel`` when given (shared; its owner
@@ -214,6 +250,7 @@ class OutcomeReporter:
             self._call = None
             stream.ended = True
             self._wakeup.set()
+            self._cut_pause()
             with contextlib.suppress(RuntimeError):  # still running inside grpc's poller: it ends on its own
                 await requests.aclose()
         return stream.delivered
@@ -237,24 +274,38 @@ class OutcomeReporter:
 
     async def _next_batch(self, stream: _Stream) -> _Batch | None:
         config = self._config
+        loop = asyncio.get_running_loop()
         while True:
             if stream.ended:
                 return None
             self._drop_stale()
             if self._queue:
                 if len(self._queue) < config.report_batch_size and not self._stopping:
-                    # Let a burst gather into one batch.
-                    await asyncio.sleep(config.report_interval)
-                    if stream.ended:
-                        return None
-                    self._drop_stale()
-                    if not self._queue:
+                    # Let the batch gather (see the module docstring for how long).
+                    if self._flush_at is None:
+                        wait = config.report_failure_interval if self._urgent else config.report_interval
+                        self._flush_at = loop.time() + wait
+                    left = self._flush_at - loop.time()
+                    if left > 0:
+                        await self._pause(loop, left)
                         continue
                 return self._take_batch()
+            self._flush_at, self._urgent = None, False  # (stale outcomes dropped: nothing to send)
             if self._stopping:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    async def _pause(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """Sleep ``seconds``, or less if ``_cut_pause`` is called meanwhile."""
+        done: asyncio.Future[None] = loop.create_future()
+        self._pause_done = done
+        timer = loop.call_later(seconds, _settle, done)
+        try:
+            await done
+        finally:
+            timer.cancel()
+            self._pause_done = None
 
     def _take_batch(self) -> _Batch:
         """Up to ``report_batch_size`` queued outcomes as one serialized request."""
@@ -262,6 +313,9 @@ class OutcomeReporter:
         popleft = queue.popleft
         count = min(len(queue), self._config.report_batch_size)
         framed = [popleft()[1] for _ in range(count)]
+        self._flush_at = None
+        if not queue:
+            self._urgent = False  # (a failure left over, if any, keeps the next batch urgent)
         dropped, self._unreported_drops = self._unreported_drops, 0
         return _Batch(batch_request(framed, self._config.sidecar_id, dropped), count)
 
@@ -301,3 +355,8 @@ class OutcomeReporter:
             len(self._queue),
             self.stats.dropped_total,
         )
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

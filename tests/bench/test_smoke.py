@@ -71,3 +71,9 @@ def test_db_queries() -> None:
 def test_profile_sidecar() -> None:
     out = run_smoke("bench.profile_sidecar")
     assert re.search(r"\| sidecar\.app \(ASGI handler, relay\) \| [\d.]+% \|", out), out
+
+
+def test_reporter_lag() -> None:
+    out = run_smoke("bench.reporter_lag")
+    assert re.search(r"\| off \| \d+ \| [\d.]+ \|", out), out
+    assert re.search(r"\| on \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \| [\d.]+ \| [1-9]\d* \|", out), out

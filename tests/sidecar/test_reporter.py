@@ -135,6 +135,85 @@ async def test_queued_attempt_records_are_encoded_and_delivered_in_batches(plane
     assert accepted(plane) == 1000
 
 
+def timeout_record(attempt: Attempt, n: int) -> AttemptRecord:
+    return AttemptRecord(
+        attempt=attempt,
+        classification=classify_exception("timeout"),
+        started=time.time(),
+        latency_ms=n,
+        outcome="timeout",
+        provider_final=True,
+    )
+
+
+def success_record(attempt: Attempt, n: int) -> AttemptRecord:
+    return AttemptRecord(
+        attempt=attempt, classification=SUCCESS, started=time.time(), latency_ms=n, outcome="2xx", provider_final=True
+    )
+
+
+async def test_successes_gather_but_a_failure_leaves_at_once(plane: Plane, key_id: str) -> None:
+    """Plain successes wait up to ``report_interval`` (long here); a queued failure
+    sends the batch within ``report_failure_interval``, the successes with it."""
+    config = reporter_config(plane.address, report_interval=30.0, report_failure_interval=0.02)
+    running = Running(OutcomeReporter(config))
+    attempt = Attempt(
+        target=Target(Provider.OPENAI, "gpt-4o-mini", 0, 1, ()), key=key(key_id, provider=Provider.OPENAI)
+    )
+    try:
+        for n in range(5):
+            running.reporter.enqueue_record("acme", success_record(attempt, n), f"req-{n}")
+        await asyncio.sleep(0.5)
+        assert accepted(plane) == 0 and running.reporter.queued == 5  # still gathering
+        started = time.monotonic()
+        running.reporter.enqueue_record("acme", timeout_record(attempt, 5), "req-5")
+
+        async def all_in() -> bool:
+            return accepted(plane) == 6
+
+        await eventually(all_in)
+        assert time.monotonic() - started < 5.0
+        # The next successes gather again.
+        running.reporter.enqueue_record("acme", success_record(attempt, 6), "req-6")
+        await asyncio.sleep(0.5)
+        assert accepted(plane) == 6 and running.reporter.queued == 1
+        # A failure enqueued as a ready message hurries the batch as well.
+        failed = outcome(key_id, 7)
+        failed.outcome_class, failed.status_code = pb.OUTCOME_CLASS_UPSTREAM_ERROR, 503
+        running.reporter.enqueue(failed)
+
+        async def both_in() -> bool:
+            return accepted(plane) == 8
+
+        await eventually(both_in)
+    finally:
+        await running.stop()
+    assert running.reporter.stats.sent == 8
+
+
+async def test_a_full_batch_leaves_without_waiting(plane: Plane, key_id: str) -> None:
+    config = reporter_config(plane.address, report_interval=30.0, report_batch_size=50)
+    running = Running(OutcomeReporter(config))
+    attempt = Attempt(
+        target=Target(Provider.OPENAI, "gpt-4o-mini", 0, 1, ()), key=key(key_id, provider=Provider.OPENAI)
+    )
+    try:
+        for n in range(120):
+            running.reporter.enqueue_record("acme", success_record(attempt, n), f"req-{n}")
+
+        async def two_batches_in() -> bool:
+            return accepted(plane) == 100
+
+        await eventually(two_batches_in)
+        await asyncio.sleep(0.3)
+        assert accepted(plane) == 100 and running.reporter.queued == 20  # the rest gathers
+        stopping = time.monotonic()
+    finally:
+        await running.stop()
+    assert time.monotonic() - stopping < 5.0  # stop cuts the 30 s wait short and flushes
+    assert accepted(plane) == 120 and running.reporter.stats.sent == 120
+
+
 async def test_stop_flushes_what_is_queued(plane: Plane, key_id: str) -> None:
     running = Running(OutcomeReporter(reporter_config(plane.address)))
     running.reporter.enqueue(outcome(key_id))
