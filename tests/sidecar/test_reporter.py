@@ -110,18 +110,10 @@ async def test_queued_attempt_records_are_encoded_and_delivered_in_batches(plane
     """The request path's ``enqueue_record``: each record is encoded when queued, the
     batches are joined from those bytes, and every one reaches the control plane."""
     running = Running(OutcomeReporter(reporter_config(plane.address, report_batch_size=300)))
-    target = Target(provider=Provider.OPENAI, upstream_model="gpt-4o-mini", priority=0, weight=1, node_urls=())
-    attempt = Attempt(target=target, key=key(key_id, provider=Provider.OPENAI))
+    attempt = openai_attempt(key_id)
     try:
         for n in range(1000):  # several batches
-            record = AttemptRecord(
-                attempt=attempt,
-                classification=classify_exception("timeout") if n % 10 == 0 else SUCCESS,
-                started=time.time(),
-                latency_ms=n,
-                outcome="timeout" if n % 10 == 0 else "2xx",
-                provider_final=True,
-            )
+            record = timeout_record(attempt, n) if n % 10 == 0 else success_record(attempt, n)
             running.reporter.enqueue_record("acme", record, f"req-{n}")
 
         async def all_in() -> bool:
@@ -133,6 +125,10 @@ async def test_queued_attempt_records_are_encoded_and_delivered_in_batches(plane
     stats = running.reporter.stats
     assert stats.sent == 1000 and stats.dropped_total == 0
     assert accepted(plane) == 1000
+
+
+def openai_attempt(key_id: str) -> Attempt:
+    return Attempt(target=Target(Provider.OPENAI, "gpt-4o-mini", 0, 1, ()), key=key(key_id, provider=Provider.OPENAI))
 
 
 def timeout_record(attempt: Attempt, n: int) -> AttemptRecord:
@@ -152,17 +148,19 @@ def success_record(attempt: Attempt, n: int) -> AttemptRecord:
     )
 
 
+def queue_successes(reporter: OutcomeReporter, attempt: Attempt, numbers: range) -> None:
+    for n in numbers:
+        reporter.enqueue_record("acme", success_record(attempt, n), f"req-{n}")
+
+
 async def test_successes_gather_but_a_failure_leaves_at_once(plane: Plane, key_id: str) -> None:
     """Plain successes wait up to ``report_interval`` (long here); a queued failure
     sends the batch within ``report_failure_interval``, the successes with it."""
     config = reporter_config(plane.address, report_interval=30.0, report_failure_interval=0.02)
     running = Running(OutcomeReporter(config))
-    attempt = Attempt(
-        target=Target(Provider.OPENAI, "gpt-4o-mini", 0, 1, ()), key=key(key_id, provider=Provider.OPENAI)
-    )
+    attempt = openai_attempt(key_id)
     try:
-        for n in range(5):
-            running.reporter.enqueue_record("acme", success_record(attempt, n), f"req-{n}")
+        queue_successes(running.reporter, attempt, range(5))
         await asyncio.sleep(0.5)
         assert accepted(plane) == 0 and running.reporter.queued == 5  # still gathering
         started = time.monotonic()
@@ -194,12 +192,9 @@ async def test_successes_gather_but_a_failure_leaves_at_once(plane: Plane, key_i
 async def test_a_full_batch_leaves_without_waiting(plane: Plane, key_id: str) -> None:
     config = reporter_config(plane.address, report_interval=30.0, report_batch_size=50)
     running = Running(OutcomeReporter(config))
-    attempt = Attempt(
-        target=Target(Provider.OPENAI, "gpt-4o-mini", 0, 1, ()), key=key(key_id, provider=Provider.OPENAI)
-    )
+    attempt = openai_attempt(key_id)
     try:
-        for n in range(120):
-            running.reporter.enqueue_record("acme", success_record(attempt, n), f"req-{n}")
+        queue_successes(running.reporter, attempt, range(120))
 
         async def two_batches_in() -> bool:
             return accepted(plane) == 100
