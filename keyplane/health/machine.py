@@ -179,12 +179,17 @@ class HealthBook:
         kind = cls.error_class
         if kind is ErrorClass.CLIENT_ERROR:
             return changes
-        if kind is ErrorClass.SUCCESS and not self._entries:
-            return changes  # a success only resets entries; an empty book has none
-        key_model = KeyScope(outcome.key_id, outcome.model)
         if kind is ErrorClass.SUCCESS:
-            self._succeed(key_model, now, changes)
-        elif kind is ErrorClass.CREDENTIAL:
+            # A success only clears what is known (and the entry with it: a healthy
+            # entry holds nothing a missing one does not), so it never adds entries.
+            if self._entries:
+                if outcome.key_id in self._by_key:
+                    self._succeed(KeyScope(outcome.key_id, outcome.model), changes)
+                # Any success proves the provider serves the model.
+                self._succeed(ProviderScope(outcome.provider, outcome.model), changes)
+            return changes
+        key_model = KeyScope(outcome.key_id, outcome.model)
+        if kind is ErrorClass.CREDENTIAL:
             key_wide = KeyScope(outcome.key_id, "")
             entry = self._entry(key_wide, now, create=True)
             assert entry is not None
@@ -259,13 +264,13 @@ class HealthBook:
         if changed:
             changes.append(HealthChange(scope, Verdict(state, until, reason)))
 
-    def _succeed(self, scope: Scope, now: float, changes: list[HealthChange]) -> None:
-        entry = self._entry(scope, now, create=False)
+    def _succeed(self, scope: Scope, changes: list[HealthChange]) -> None:
+        """Back to healthy: the transition if it was not, and the entry goes (its
+        failure window, trips and rate-limit count all start over anyway)."""
+        entry = self._entries.pop(scope)
         if entry is None:
             return
-        entry.failures.clear()
-        entry.trips = 0
-        entry.rate_limits = 0
+        self._unindex(scope)
         self._set(scope, entry, HealthState.HEALTHY, None, "", changes)
 
     def _rate_limit(self, scope: KeyScope, cls: Classification, now: float, changes: list[HealthChange]) -> None:
@@ -292,9 +297,6 @@ class HealthBook:
     def _provider(self, outcome: Outcome, now: float, changes: list[HealthChange]) -> None:
         scope = ProviderScope(outcome.provider, outcome.model)
         kind = outcome.classification.error_class
-        if kind is ErrorClass.SUCCESS:
-            self._succeed(scope, now, changes)  # any success proves the provider serves the model
-            return
         if not outcome.provider_final or outcome.recovered:
             return  # a same-provider retry recovered it (or may still): never the provider's fault
         entry = self._entry(scope, now, create=True)

@@ -132,6 +132,33 @@ def test_success_resets_the_rate_limit_backoff() -> None:
     ]
 
 
+def test_success_drops_what_it_clears_and_leaves_the_rest() -> None:
+    """A success empties its scopes out of the book (a healthy entry holds nothing
+    a missing one does not), so a healthy fleet's book stays empty; other keys,
+    models and key-wide verdicts stay."""
+    book = HealthBook()
+    book.record(outcome(ErrorClass.RATE_LIMITED, "k1", "A"), T0)
+    book.record(outcome(ErrorClass.RATE_LIMITED, "k2", "A"), T0)
+    book.record(outcome(ErrorClass.UPSTREAM_ERROR, "k1", "B", final=True), T0)
+    book.record(outcome(ErrorClass.CREDENTIAL, "k3", "A"), T0)
+    entries = len(book)
+    assert book.record(outcome(ErrorClass.SUCCESS, "k9", "C"), T0 + 1) == []  # nothing known of k9 or C
+    assert len(book) == entries
+    assert book.record(outcome(ErrorClass.SUCCESS, "k3", "A"), T0 + 1) == []  # a key-wide verdict stays
+    assert not book.key_usable("k3", "A", T0 + 1)
+    assert book.record(outcome(ErrorClass.SUCCESS, "k1", "A"), T0 + 1) == [key_change("k1", "A", HEALTHY, None, "")]
+    assert len(book) == entries - 1
+    assert not book.key_usable("k2", "A", T0 + 1)  # another key of the same model keeps its cooldown
+    # k1/B and the provider's window for B: a success on B clears both, silently (neither had tripped).
+    assert book.record(outcome(ErrorClass.SUCCESS, "k1", "B"), T0 + 1) == []
+    assert len(book) == entries - 3
+    book.record(outcome(ErrorClass.SUCCESS, "k2", "A"), T0 + 1)
+    assert [c.scope for c in book.unhealthy(T0 + 1)] == [KeyScope("k3", "")]
+    assert len(book) == 1
+    book.reset_key("k3")
+    assert len(book) == 0
+
+
 def test_shorter_rate_limit_never_shortens_a_cooldown() -> None:
     book = HealthBook()
     book.record(outcome(ErrorClass.RATE_LIMITED, retry_after=30.0), T0)
