@@ -77,3 +77,9 @@ def test_reporter_lag() -> None:
     out = run_smoke("bench.reporter_lag")
     assert re.search(r"\| off \| \d+ \| [\d.]+ \|", out), out
     assert re.search(r"\| on \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \| [\d.]+ \| [1-9]\d* \|", out), out
+
+
+def test_client_stack() -> None:
+    out = run_smoke("bench.client_stack")
+    for stack in ("uvicorn-aiohttp", "uvicorn-raw", "raw-aiohttp", "raw-raw"):
+        assert re.search(rf"\| 1 \| {stack} \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out), out
