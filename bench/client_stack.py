@@ -189,9 +189,9 @@ async def _serve_raw(sock: socket.socket, make_client: Callable[[], UpstreamClie
 
 
 def serve_main(argv: list[str]) -> int:
-    import uvicorn
     import uvloop
 
+    from bench import ideal_proxy
     from bench.fake_upstream import bind
 
     parser = argparse.ArgumentParser(prog="bench.client_stack serve")
@@ -207,17 +207,7 @@ def serve_main(argv: list[str]) -> int:
     sock = bind("127.0.0.1", 0)
     print(f"{args.stack} listening on http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
     if server_kind == "uvicorn":
-        config = uvicorn.Config(
-            AsgiProxy(make_client),
-            http="httptools",
-            lifespan="off",
-            log_level="warning",
-            log_config=None,
-            access_log=False,
-            server_header=False,
-            proxy_headers=False,
-        )
-        uvloop.run(uvicorn.Server(config).serve(sockets=[sock]))
+        ideal_proxy.serve(AsgiProxy(make_client), sock)  # exactly the ideal proxy's server
     else:
         uvloop.run(_serve_raw(sock, make_client))
     return 0

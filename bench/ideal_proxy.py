@@ -11,6 +11,7 @@ no JSON parsing, no metrics.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -53,21 +54,14 @@ class IdealProxy:
             await send({"type": "http.response.body", "body": b""})
 
 
-def main(argv: list[str] | None = None) -> int:
+def serve(app: Any, sock: socket.socket) -> None:
+    """Run an ASGI app on ``sock`` the way the ideal proxy runs: uvicorn with
+    httptools on uvloop, nothing else per request (also ``bench.client_stack``)."""
     import uvicorn
     import uvloop
 
-    from bench.fake_upstream import bind
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8900")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8901, help="0 picks a free port (printed at startup)")
-    args = parser.parse_args(argv)
-    sock = bind(args.host, args.port)
-    print(f"ideal proxy listening on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
     config = uvicorn.Config(
-        IdealProxy(args.upstream),
+        app,
         http="httptools",
         lifespan="off",
         log_level="warning",
@@ -77,6 +71,19 @@ def main(argv: list[str] | None = None) -> int:
         backlog=4096,
     )
     uvloop.run(uvicorn.Server(config).serve(sockets=[sock]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.fake_upstream import bind
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:8900")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8901, help="0 picks a free port (printed at startup)")
+    args = parser.parse_args(argv)
+    sock = bind(args.host, args.port)
+    print(f"ideal proxy listening on http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
+    serve(IdealProxy(args.upstream), sock)
     return 0
 
 
