@@ -249,6 +249,9 @@ class OutcomeReporter:
         finally:
             self._call = None
             stream.ended = True
+            # The next stream gathers its first batch afresh: handed over at once,
+            # it could be lost to a call that fails before it connects.
+            self._flush_at = None
             self._wakeup.set()
             self._cut_pause()
             with contextlib.suppress(RuntimeError):  # still running inside grpc's poller: it ends on its own
