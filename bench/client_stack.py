@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve_main(argv[1:])
-    from bench import _wrk
+    from bench import _wrk, fake_upstream
     from bench._procs import DRIVER_CPUS, PROXY_CPUS, Proc, cpu_seconds
     from bench.proxy_overhead import MIXES, Target, _load
 
@@ -244,11 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[Proc] = []
     rows: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     try:
-        upstream = Proc.start(
-            [sys.executable, "-m", "bench.fake_upstream", "--port", "0"],
-            ready=r"listening on (http://\S+)/v1",
-            cpus=driver_cpus,
-        )
+        upstream = fake_upstream.start_process(cpus=driver_cpus)
         procs.append(upstream)
         up_hostport = upstream.match.group(1).removeprefix("http://")
         targets: list[Target] = []

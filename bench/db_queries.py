@@ -33,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
-from bench import loadgen
+from bench import fake_upstream, loadgen
 from bench._keyplane import TENANT, Admin, drop_schema, start_control_plane, start_sidecar
 from bench._procs import Proc
 from keyplane.v1 import admin_service_pb2 as admin_pb2
@@ -168,11 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[Proc] = []
     cp = None
     try:
-        upstream = Proc.start(
-            [sys.executable, "-m", "bench.fake_upstream", "--port", "0"],
-            ready=r"listening on (http://\S+)/v1",
-            cpus=None,
-        )
+        upstream = fake_upstream.start_process(cpus=None)
         procs.append(upstream)
         base = upstream.match.group(1)
         cp = start_control_plane(

@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from bench._procs import Proc, cpu_seconds
+
 __all__ = ["Answer", "Responder", "bind", "main"]
 
 Scope = MutableMapping[str, Any]
@@ -273,23 +275,28 @@ def serve(server: str, host: str, port: int, *, delay: float, chunks: int) -> No
         pass
 
 
+def start_process(*options: str, cpus: frozenset[int] | None) -> Proc:
+    """The fake upstream in a process of its own on a free port (``options``: more
+    command-line options); ``.match.group(1)`` is its base URL, without ``/v1``."""
+    return Proc.start(
+        [sys.executable, "-m", "bench.fake_upstream", "--port", "0", *options],
+        ready=r"listening on (http://\S+)/v1",
+        cpus=cpus,
+    )
+
+
 def compare(*, smoke: bool, duration: float) -> int:
     """Serve with each implementation in turn and load it the same way."""
     from bench import loadgen
-    from bench._procs import Proc, cpu_seconds
 
     body = json.dumps({"model": "bench-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64})
     results: dict[str, list[float]] = {"asgi": [], "aiohttp": []}
     rounds = 1 if smoke else 3
     for _ in range(rounds):
         for server in ("asgi", "aiohttp"):
-            proc = Proc.start(
-                [sys.executable, "-m", "bench.fake_upstream", "--server", server, "--port", "0"],
-                ready=r"listening on (http://\S+)",
-                cpus=None,
-            )
+            proc = start_process("--server", server, cpus=None)
             try:
-                url = proc.match.group(1) + "/chat/completions"
+                url = proc.match.group(1) + "/v1/chat/completions"
                 before = cpu_seconds(proc.pid)
                 stats = loadgen.run_load(
                     loadgen.LoadSpec(url=url, body=body.encode(), concurrency=32, duration=duration), smoke=smoke

@@ -24,7 +24,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from bench import _wrk, loadgen
+from bench import _wrk, fake_upstream, loadgen
 from bench._keyplane import Admin, start_control_plane, start_sidecar
 from bench._procs import DRIVER_CPUS, PROXY_CPUS, Proc
 from bench.proxy_overhead import MIXES, MODEL
@@ -110,11 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
         out = Path(tmp) / "stacks.txt"
         try:
-            upstream = Proc.start(
-                [sys.executable, "-m", "bench.fake_upstream", "--port", "0"],
-                ready=r"listening on (http://\S+)/v1",
-                cpus=DRIVER_CPUS or None,
-            )
+            upstream = fake_upstream.start_process(cpus=DRIVER_CPUS or None)
             procs.append(upstream)
             cp = start_control_plane(cpus=DRIVER_CPUS or None)
             admin = Admin(cp.address, cp.admin_token)

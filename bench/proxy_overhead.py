@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench import _wrk, loadgen
+from bench import _wrk, fake_upstream, loadgen
 from bench._keyplane import Admin, start_control_plane, start_sidecar
 from bench._overhead_report import (
     GAP_MS,
@@ -354,11 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
-        upstream = Proc.start(
-            [sys.executable, "-m", "bench.fake_upstream", "--port", "0", "--chunks", str(STREAM_CHUNKS)],
-            ready=r"listening on (http://\S+)/v1",
-            cpus=driver_cpus,
-        )
+        upstream = fake_upstream.start_process("--chunks", str(STREAM_CHUNKS), cpus=driver_cpus)
         procs.append(upstream)
         base = upstream.match.group(1)
         targets: list[Target] = [Target("direct", base + "/v1/chat/completions", (), None)]

@@ -24,9 +24,8 @@ from keyplane.v1 import admin_service_pb2_grpc, resources_pb2
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
 
-from .conftest import sidecar_config
-from .plane import ADMIN_MD, SIDECAR_TOKEN, Plane, eventually
-from .test_reporter import accepted, outcome
+from .plane import ADMIN_MD, Plane, eventually
+from .test_reporter import accepted, outcome, reporter_config
 
 SIDECAR_ID = "sc-one-connection"
 
@@ -45,17 +44,7 @@ async def _setup(plane: Plane) -> tuple[admin_service_pb2_grpc.AdminServiceAsync
 
 
 def _config(target: str, **overrides: object) -> SidecarConfig:
-    values: dict[str, object] = {
-        "control_plane_target": target,
-        "sidecar_token": SIDECAR_TOKEN,
-        "tenants": ("acme",),
-        "sidecar_id": SIDECAR_ID,
-        "watch_backoff_base": 0.05,
-        "watch_backoff_cap": 0.3,
-        "report_interval": 0.01,
-    }
-    values.update(overrides)
-    return sidecar_config(**values)
+    return reporter_config(target, **{"sidecar_id": SIDECAR_ID, **overrides})
 
 
 async def _watch_peers(admin: admin_service_pb2_grpc.AdminServiceAsyncStub) -> list[str]:
