@@ -23,13 +23,12 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-import aiohttp
-
 from keyplane.health.classify import Classification, ErrorClass, stream_broken
 from keyplane.health.machine import Outcome
 
 from . import errors
 from .health import TenantHealth
+from .http_client import HttpResponse, UpstreamError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import LabelledChildren, SidecarMetrics, status_class
 from .model import Key, Target
@@ -114,7 +113,7 @@ def _bearer(headers: dict[str, str]) -> str | None:
     return token.strip()
 
 
-def _upstream_headers(response: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+def _upstream_headers(response: HttpResponse) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers the app may see, as raw bytes (never decoded)."""
     out: list[tuple[bytes, bytes]] = []
     for name, value in response.raw_headers:
@@ -505,7 +504,7 @@ class SidecarApp:
             await send({"type": "http.response.body", "body": head, "more_body": False})
             return response.status
         finally:
-            if response.content.at_eof():
+            if response.at_eof():
                 response.release()
             else:
                 response.close()
@@ -525,9 +524,9 @@ class SidecarApp:
             if reply.head:
                 await send({"type": "http.response.body", "body": reply.head, "more_body": True})
             try:
-                async for chunk in response.content.iter_any():
+                async for chunk in response.iter_any():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, UpstreamError) as exc:
                 provider = reply.attempt.target.provider.value
                 what = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
                 _log.warning(

@@ -46,6 +46,10 @@ class SidecarConfig:
     upstream_limit_per_host: int = 256
     # Honour HTTP(S)_PROXY / NO_PROXY for upstream calls.
     upstream_trust_env: bool = False
+    # CA bundle (PEM) upstream TLS certificates are checked against; None: the system's.
+    upstream_ca_file: str | None = None
+    # Idle upstream connections are closed after this long.
+    upstream_keepalive_timeout: float = 60.0
     # Control-plane channel.
     control_plane_tls: bool = False
     control_plane_ca_file: str | None = None
@@ -88,6 +92,7 @@ class SidecarConfig:
         for name in (
             "upstream_connect_timeout",
             "upstream_read_timeout",
+            "upstream_keepalive_timeout",
             "request_timeout",
             "stale_after",
             "report_interval",

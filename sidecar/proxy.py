@@ -28,12 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import aiohttp
-
 from keyplane.domain import Provider
 from keyplane.health.classify import Classification, ErrorClass, classify_exception, classify_response
 
 from . import errors
+from .http_client import HttpResponse, UpstreamError
 from .router import Attempt
 from .upstream import UpstreamClient, UpstreamConfigError
 
@@ -123,9 +122,9 @@ class AttemptObserver(Protocol):
 class UpstreamReply:
     """The answer to return. ``head`` is the whole body when not streaming (or on
     a non-2xx status), else the first bytes of the stream; the rest is still in
-    ``response.content``. The caller must release ``response``."""
+    ``response``. The caller must release ``response``."""
 
-    response: aiohttp.ClientResponse
+    response: HttpResponse
     head: bytes
     streaming: bool
     attempt: Attempt
@@ -259,7 +258,7 @@ async def run_attempts(
             continue
         # The call, inline (no coroutine frame per attempt): the response, or
         # ``failed`` when nothing usable came back.
-        response: aiohttp.ClientResponse | None = None
+        response: HttpResponse | None = None
         head = b""
         streaming = False
         failed: tuple[Classification, str] | None = None
@@ -267,10 +266,10 @@ async def run_attempts(
             response = await pending
             streaming = stream and 200 <= response.status < 300
             # Read before committing: a failure here has sent nothing to the app yet.
-            head = await (response.content.readany() if streaming else response.read())
+            head = await (response.readany() if streaming else response.read())
         except TimeoutError:
             failed = _TIMED_OUT
-        except aiohttp.ClientError:
+        except UpstreamError:
             failed = _CONNECT_FAILED
         except BaseException:  # cancelled (the app hung up, shutdown): free the connection
             if response is not None:

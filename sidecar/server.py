@@ -79,7 +79,9 @@ class Sidecar:
             read_timeout=config.upstream_read_timeout,
             total_timeout=config.request_timeout,
             limit_per_host=config.upstream_limit_per_host,
+            keepalive_timeout=config.upstream_keepalive_timeout,
             trust_env=config.upstream_trust_env,
+            ca_file=config.upstream_ca_file,
         )
         self.metrics = SidecarMetrics(self.state)
         reporting = (watch if report is None else report) and config.report_outcomes

@@ -1,4 +1,4 @@
-"""Calls to upstream providers over one shared, pooled aiohttp session.
+"""Calls to upstream providers over one shared, pooled HTTP client (``http_client``).
 
 Every provider is spoken to through its OpenAI-compatible chat completions
 endpoint; only the base URL and the credential header differ. The request
@@ -11,10 +11,9 @@ import functools
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from keyplane.domain import Provider
 
+from .http_client import HttpClient, HttpResponse
 from .router import Attempt
 
 __all__ = [
@@ -95,15 +94,6 @@ def build_request(attempt: Attempt, app_headers: Mapping[str, str]) -> UpstreamR
     return UpstreamRequest(url=url, headers=headers)
 
 
-def _read_cap(read_timeout: float, total: float | None) -> float | None:
-    """The per-read timeout worth arming: none when the whole-attempt timeout
-    ends first anyway. (aiohttp re-arms a read timer on every chunk it
-    receives, which costs a timer per chunk for nothing in that case.)"""
-    if total is not None and read_timeout >= total:
-        return None
-    return read_timeout
-
-
 class UpstreamClient:
     """One pooled HTTP client for every provider; ``start`` before use, ``close`` after."""
 
@@ -116,39 +106,33 @@ class UpstreamClient:
         limit_per_host: int = 256,
         keepalive_timeout: float = 60.0,
         trust_env: bool = False,
+        ca_file: str | None = None,
     ) -> None:
-        self._timeout = aiohttp.ClientTimeout(
-            total=total_timeout,
-            sock_connect=connect_timeout,
-            sock_read=_read_cap(read_timeout, total_timeout),
-        )
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._total_timeout = total_timeout
         self._limit_per_host = limit_per_host
         self._keepalive_timeout = keepalive_timeout
         self._trust_env = trust_env
-        self._session: aiohttp.ClientSession | None = None
+        self._ca_file = ca_file
+        self._http: HttpClient | None = None
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._http is not None:
             return
-        connector = aiohttp.TCPConnector(
-            limit=0,  # no global cap; the per-host cap protects each provider
+        self._http = HttpClient(
+            connect_timeout=self._connect_timeout,
+            read_timeout=self._read_timeout,
             limit_per_host=self._limit_per_host,
             keepalive_timeout=self._keepalive_timeout,
-            ttl_dns_cache=300,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
             trust_env=self._trust_env,
-            raise_for_status=False,
+            ca_file=self._ca_file,
         )
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
 
     def chat_completion(
         self,
@@ -157,25 +141,23 @@ class UpstreamClient:
         app_headers: Mapping[str, str],
         *,
         time_left: float | None = None,
-    ) -> Awaitable[aiohttp.ClientResponse]:
+    ) -> Awaitable[HttpResponse]:
         """Send one chat completion; the awaitable returns once the upstream's headers are in.
 
         ``time_left`` caps the whole attempt, reading its body included (what is
         left of the request's deadline); None keeps the client's total timeout.
         The caller owns the response: read or stream its body, then ``release()``.
         Raises ``UpstreamConfigError`` at once; the awaitable raises
-        ``aiohttp.ClientError`` or ``TimeoutError``. (A plain method handing back
-        aiohttp's awaitable: one coroutine frame less on every request.)
+        ``UpstreamError`` or ``TimeoutError``.
         """
-        session = self._session
-        if session is None:
+        http = self._http
+        if http is None:
             raise RuntimeError("UpstreamClient.start() was not called")
         request = build_request(attempt, app_headers)
-        client_timeout = self._timeout
-        if time_left is not None:
-            client_timeout = aiohttp.ClientTimeout(
-                total=time_left, sock_connect=self._connect_timeout, sock_read=_read_cap(self._read_timeout, time_left)
+        try:
+            return http.post(
+                request.url, request.headers, body, timeout=self._total_timeout if time_left is None else time_left
             )
-        return session.post(
-            request.url, data=body, headers=request.headers, allow_redirects=False, timeout=client_timeout
-        )
+        except ValueError as exc:  # an unusable URL, or a header value with a line break
+            key = attempt.key.id if attempt.key is not None else "-"
+            raise UpstreamConfigError(f"{attempt.target.provider.value} key {key}: {exc}") from None

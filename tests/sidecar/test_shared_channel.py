@@ -7,22 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import ssl
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import admin_service_pb2_grpc, resources_pb2
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
+from tests.fakes.tls import self_signed_certificate
 
 from .plane import ADMIN_MD, Plane, eventually
 from .test_reporter import accepted, outcome, reporter_config
@@ -108,31 +103,6 @@ async def test_watch_and_reports_share_one_connection(plane: Plane, caplog: pyte
 # --- over TLS ------------------------------------------------------------------------------
 
 
-def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """(certificate, key) PEM files for 127.0.0.1, the certificate its own CA."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keyplane test control plane")])
-    now = datetime.now(UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cp.crt", directory / "cp.key"
-    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
 class TlsTerminator:
     """A TLS-terminating TCP proxy in front of the control plane (as an ingress
     would be): every TLS connection it accepts becomes one plain connection to
@@ -200,7 +170,7 @@ async def test_over_tls_too_the_sidecar_opens_one_connection(
 ) -> None:
     caplog.set_level(logging.INFO, logger="control_plane.sidecar_service")
     admin, key_id = await _setup(plane)
-    cert_file, key_file = _self_signed_certificate(tmp_path)
+    cert_file, key_file = self_signed_certificate(tmp_path)
     terminator = TlsTerminator(plane.address, cert_file, key_file)
     await terminator.start()
     try:
