@@ -82,7 +82,18 @@ class HttpResponse:
     (the connection goes back to the pool when the body was read to its end)
     or ``close()`` (the connection is dropped)."""
 
-    __slots__ = ("_chunks", "_conn", "_eof", "_exc", "_headers", "_size", "_waiter", "raw_headers", "status")
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_eof",
+        "_exc",
+        "_headers",
+        "_size",
+        "_waiter",
+        "_whole",
+        "raw_headers",
+        "status",
+    )
 
     def __init__(self, conn: _Connection, status: int, raw_headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
@@ -95,6 +106,8 @@ class HttpResponse:
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._headers: dict[str, str] | None = None
+        # ``read()`` waits for the whole body: no backpressure then.
+        self._whole = False
 
     @property
     def headers(self) -> dict[str, str]:
@@ -120,6 +133,11 @@ class HttpResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
+        if not self._eof:
+            self._whole = True
+            conn = self._conn
+            if conn is not None and conn.paused:
+                conn.resume()
         while not self._eof:
             if self._exc is not None:
                 raise self._exc
@@ -385,7 +403,7 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         response._feed(body)
-        if response._size > _HIGH_WATER and not self.paused and self.transport is not None:
+        if response._size > _HIGH_WATER and not response._whole and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
 
@@ -496,6 +514,10 @@ class _Pool:
             by = self.loop.time() + self.client.connect_timeout
             async with asyncio.timeout_at(by if deadline is None else min(by, deadline)):
                 conn = await self._connect()
+        except TimeoutError:
+            self.open -= 1
+            self._wake()
+            raise
         except OSError as exc:  # refused, unreachable, DNS (gaierror), TLS (SSLError)
             self.open -= 1
             self._wake()
@@ -628,7 +650,7 @@ class HttpClient:
 
     def proxy_for(self, scheme: str, host: str) -> _Proxy | None:
         proxy = self._proxies.get(scheme)
-        if proxy is None or urllib.request.proxy_bypass_environment(host, self._proxy_env):
+        if proxy is None or urllib.request.proxy_bypass_environment(host, self._proxy_env):  # type: ignore[attr-defined]
             return None
         return proxy
 
