@@ -6,7 +6,7 @@ through the sidecar, and meanwhile samples the sidecar process with
 ``py-spy record --format raw`` (collapsed stacks; py-spy must be installed:
 ``pip install py-spy``). Prints where the samples fall: self time by
 function, inclusive time by function, and inclusive time by area (sidecar
-modules, aiohttp client, uvicorn/httptools server, json, prometheus_client,
+modules, the upstream HTTP client, uvicorn/httptools server, json, prometheus_client,
 logging, asyncio/uvloop).
 
     python -m bench.profile_sidecar [--mix json-small|sse-small|json-8k|sse-8k] [--seconds 10]
@@ -33,6 +33,7 @@ AREAS = (
     ("sidecar/app.py", "sidecar.app (ASGI handler, relay)"),
     ("sidecar/proxy.py", "sidecar.proxy (attempt loop)"),
     ("sidecar/upstream.py", "sidecar.upstream (request build)"),
+    ("sidecar/http_client.py", "sidecar.http_client (upstream HTTP)"),
     ("sidecar/router.py", "sidecar.router (plan)"),
     ("sidecar/state.py", "sidecar.state (lookups)"),
     ("sidecar/metrics.py", "sidecar.metrics"),

@@ -4,7 +4,7 @@ CPython's cyclic garbage collector, left at its defaults (a young-generation
 collection every 700 net allocations), runs hundreds of times a second under
 proxy load, promotes every in-flight request's objects to older generations,
 and so triggers full collections of the whole heap (tens of thousands of
-objects: grpc, protobuf, aiohttp, the snapshot) every second or so, each a
+objects: grpc, protobuf, the snapshot) every second or so, each a
 pause of 20-30 ms on the request path. Measured on the sidecar at
 concurrency 32 (docs/benchmarks.md): about 10% of its CPU, and the p99 tail.
 
