@@ -83,3 +83,29 @@ def test_client_stack() -> None:
     out = run_smoke("bench.client_stack")
     for stack in ("uvicorn-aiohttp", "uvicorn-raw", "raw-aiohttp", "raw-raw"):
         assert re.search(rf"\| 1 \| {stack} \| \d+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out), out
+
+
+def test_wire_latency() -> None:
+    out = run_smoke("bench.wire_latency")
+    if "not measured:" in out:  # no tcpdump, or no right to capture: said plainly
+        assert re.search(r"# wire latency: not measured: \S", out), out
+        return
+    for target in ("direct", "sidecar", "sidecar-noreports", "ideal"):
+        assert re.search(rf"\| {target} \| [\d.]+ \| [\d.]+ \| ", out), out
+    assert re.search(r"\| sidecar \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \| [+-][\d.]+ \|", out), out
+
+
+def test_wire_latencies_pairs_each_request_with_the_last_segment_of_its_answer() -> None:
+    from bench.wire_latency import wire_latencies
+
+    text = "\n".join(
+        [
+            "100.000000 IP 127.0.0.1.5000 > 127.0.0.1.8000: Flags [P.], length 200",
+            "100.000300 IP 127.0.0.1.8000 > 127.0.0.1.5000: Flags [P.], length 90",
+            "100.000400 IP 127.0.0.1.8000 > 127.0.0.1.5000: Flags [P.], length 60",
+            "100.001000 IP 127.0.0.1.5000 > 127.0.0.1.8000: Flags [P.], length 200",
+            "100.001250 IP 127.0.0.1.8000 > 127.0.0.1.5000: Flags [P.], length 150",
+            "100.002000 IP 127.0.0.1.5000 > 127.0.0.1.8000: Flags [P.], length 200",  # no answer captured
+        ]
+    )
+    assert [round(x, 3) for x in wire_latencies(text, 8000)] == [0.4, 0.25]

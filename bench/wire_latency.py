@@ -1,0 +1,213 @@
+"""Added latency where the wire sees it: timestamps taken by tcpdump at each target's socket.
+
+At concurrency 1 a load generator's latency figures hold its own scheduling
+too: how soon its process runs again once the answer is in its socket. On
+this two-core machine the load generator shares a core with the fake
+upstream and the control plane, so work elsewhere (the control plane
+folding outcome reports, the loopback traffic they make) shows up in the
+load generator's tail as if the proxy had been slow. This benchmark takes
+the load generator out of the measurement: for each target it runs the same
+load as ``bench.proxy_overhead`` (json-small, concurrency 1, wrk when
+installed) while ``tcpdump -i lo`` records the target's port, and times each
+request from its request segment arriving at the target's port to the last
+segment of the answer leaving it. Added wire latency = target - direct
+(the fake upstream's own port), per round; wrk's own figures are printed
+alongside.
+
+Targets: direct, sidecar (outcome reports on, the default), sidecar-noreports,
+ideal (``bench.ideal_proxy``); the order rotates each round. Needs tcpdump and
+the right to capture on lo (root or CAP_NET_RAW); without them it says so and
+exits 0 (Debian: ``apt-get install tcpdump``).
+
+    python -m bench.wire_latency [--duration 5] [--rounds 3]
+    python -m bench.wire_latency --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import fake_upstream
+from bench._keyplane import Admin, start_control_plane, start_sidecar
+from bench._procs import DRIVER_CPUS, PROXY_CPUS, Proc, pin_note
+
+TARGETS = ("direct", "sidecar", "sidecar-noreports", "ideal")
+MODEL = "bench-model"
+_SEGMENT = re.compile(r"^(\d+\.\d+) IP 127\.0\.0\.1\.(\d+) > 127\.0\.0\.1\.(\d+):")
+
+
+def wire_latencies(tcpdump_text: str, port: int) -> list[float]:
+    """Per request, ms from its request segment reaching ``port`` to the last answer
+    segment leaving it before the next request (``tcpdump -n -tt`` lines)."""
+    out: list[float] = []
+    request_at: float | None = None
+    answered_at: float | None = None
+    for line in tcpdump_text.splitlines():
+        m = _SEGMENT.match(line)
+        if m is None:
+            continue
+        at, src, dst = float(m.group(1)), int(m.group(2)), int(m.group(3))
+        if dst == port:
+            if request_at is not None and answered_at is not None:
+                out.append((answered_at - request_at) * 1000)
+            request_at, answered_at = at, None
+        elif src == port and request_at is not None:
+            answered_at = at
+    if request_at is not None and answered_at is not None:
+        out.append((answered_at - request_at) * 1000)
+    return out
+
+
+def capture_available() -> str | None:
+    """None when tcpdump can capture on lo here, else why not."""
+    if shutil.which("tcpdump") is None:
+        return "tcpdump is not installed (Debian: apt-get install tcpdump)"
+    # A capture that sees nothing never ends by itself: start one and see whether it stays up.
+    with tempfile.NamedTemporaryFile(suffix=".pcap") as f:
+        proc = subprocess.Popen(
+            ["tcpdump", "-i", "lo", "-w", f.name, "tcp port 9"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            return f"tcpdump cannot capture on lo: {err[-200:]}"
+        proc.terminate()
+        proc.wait()
+    return None
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def measure(
+    url: str, port: int, headers: tuple[tuple[str, str], ...], duration: float
+) -> tuple[list[float], float, float]:
+    """(wire latencies ms, load generator p50, p99) for one run against ``url``."""
+    from bench import _wrk
+    from bench.proxy_overhead import MIXES, Target, _load
+
+    body = next(m for m in MIXES if m.name == "json-small").body(MODEL)
+    with tempfile.TemporaryDirectory(prefix="bench-wire-") as tmp:
+        pcap = Path(tmp) / "cap.pcap"
+        capture = subprocess.Popen(
+            [
+                "tcpdump",
+                "-i",
+                "lo",
+                "-n",
+                "-s",
+                "128",
+                "-w",
+                str(pcap),
+                f"tcp port {port} and (tcp[tcpflags] & tcp-push != 0)",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # capturing before the first request
+        try:
+            _, errors, _, p50, p99, _, _ = _load(
+                Target("t", url, headers, None), body, 1, duration, _wrk.available(), DRIVER_CPUS or None
+            )
+        finally:
+            time.sleep(0.2)
+            capture.terminate()
+            capture.wait()
+        if errors:
+            raise RuntimeError(f"{errors} errors against {url}")
+        text = subprocess.run(
+            ["tcpdump", "-r", str(pcap), "-n", "-tt"], capture_output=True, text=True, check=True
+        ).stdout
+    return wire_latencies(text, port), p50, p99
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="1 s per target, one round")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per target and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.smoke:
+        args.duration, args.rounds = 1.0, 1
+    why_not = capture_available()
+    if why_not is not None:
+        print(f"# wire latency: not measured: {why_not}")
+        return 0
+    driver, proxy = DRIVER_CPUS or None, PROXY_CPUS or None
+    print(f"# wire latency: json-small, concurrency 1, {args.duration:g} s x {args.rounds} round(s); {pin_note(True)}")
+    procs: list[Proc] = []
+    stops = []
+    try:
+        upstream = fake_upstream.start_process(cpus=driver)
+        procs.append(upstream)
+        base = upstream.match.group(1)
+        urls: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {"direct": (base + "/v1/chat/completions", ())}
+        cp = start_control_plane(cpus=driver)
+        stops.append(cp.stop)
+        admin = Admin(cp.address, cp.admin_token)
+        try:
+            _, token = admin.setup(base, [MODEL])
+        finally:
+            admin.close()
+        for name in ("sidecar", "sidecar-noreports"):
+            extra = ("--no-outcome-reports",) if name == "sidecar-noreports" else ()
+            sidecar = start_sidecar(cp, cpus=proxy, extra_args=extra)
+            procs.append(sidecar)
+            urls[name] = (sidecar.match.group(1) + "/v1/chat/completions", (("Authorization", f"Bearer {token}"),))
+        ideal = Proc.start(
+            [sys.executable, "-m", "bench.ideal_proxy", "--upstream", base, "--port", "0"],
+            ready=r"listening on (http://\S+)/v1",
+            cpus=proxy,
+        )
+        procs.append(ideal)
+        urls["ideal"] = (ideal.match.group(1) + "/v1/chat/completions", ())
+        for url, headers in urls.values():  # warm up: connections, pools
+            measure(url, int(url.split(":")[2].split("/")[0]), headers, 1.0)
+        rows: dict[str, list[tuple[float, float, float, float]]] = {t: [] for t in TARGETS}
+        for round_no in range(args.rounds):
+            order = TARGETS[round_no % len(TARGETS) :] + TARGETS[: round_no % len(TARGETS)]
+            for name in order:
+                url, headers = urls[name]
+                wire, p50, p99 = measure(url, int(url.split(":")[2].split("/")[0]), headers, args.duration)
+                w50, w99 = _percentile(wire, 50), _percentile(wire, 99)
+                rows[name].append((w50, w99, p50, p99))
+                print(
+                    f"r{round_no} {name:18} {len(wire):6d} requests  wire p50 {w50:.3f} p99 {w99:.3f} ms"
+                    f"  | load generator p50 {p50:.3f} p99 {p99:.3f} ms",
+                    flush=True,
+                )
+    finally:
+        for stop in stops:
+            stop()
+        for proc in procs:
+            proc.stop()
+    print()
+    print("| target | wire p50 ms | wire p99 ms | added wire p50 | added wire p99 | load gen. p50 | load gen. p99 |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    direct = rows["direct"]
+    for name in TARGETS:
+        runs = rows[name]
+        added50 = [r[0] - d[0] for r, d in zip(runs, direct, strict=True)]
+        added99 = [r[1] - d[1] for r, d in zip(runs, direct, strict=True)]
+        added = (
+            "- | -" if name == "direct" else f"{statistics.median(added50):+.3f} | {statistics.median(added99):+.3f}"
+        )
+        print(
+            f"| {name} | {statistics.median(r[0] for r in runs):.3f} | {statistics.median(r[1] for r in runs):.3f} | "
+            f"{added} | {statistics.median(r[2] for r in runs):.3f} | {statistics.median(r[3] for r in runs):.3f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
