@@ -87,6 +87,10 @@ class SidecarConfig:
             raise ValueError("max_attempts must be at least 1")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
+        if self.upstream_limit_per_host < 1:
+            raise ValueError("upstream_limit_per_host must be at least 1")
+        if self.upstream_ca_file is not None and not os.path.isfile(self.upstream_ca_file):
+            raise ValueError(f"upstream_ca_file is not a file: {self.upstream_ca_file}")
         if self.report_queue_size < 1 or self.report_batch_size < 1:
             raise ValueError("report_queue_size and report_batch_size must be at least 1")
         for name in (

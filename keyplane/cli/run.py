@@ -10,12 +10,16 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keyplane.cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane.crypto import load_master_key
 from keyplane.home import Home, read_token_file
 from keyplane.runtime import tune_gc
+
+if TYPE_CHECKING:
+    from keyplane.health.machine import HealthPolicy
+    from sidecar.config import SidecarConfig
 
 __all__ = ["add_run_commands"]
 
@@ -150,8 +154,28 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _run_sidecar(args: argparse.Namespace) -> int:
+def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy: HealthPolicy) -> SidecarConfig:
+    """The ``keyplane sidecar`` flags as a config (``ValueError`` for values out of range)."""
     from sidecar.config import SidecarConfig
+
+    return SidecarConfig(
+        control_plane_target=args.control_plane,
+        sidecar_token=token,
+        tenants=tuple(args.tenant or ()),
+        host=args.host,
+        port=args.port,
+        health_policy=health_policy,
+        report_outcomes=not args.no_outcome_reports,
+        upstream_connect_timeout=args.upstream_connect_timeout,
+        upstream_read_timeout=args.upstream_read_timeout,
+        request_timeout=args.request_timeout,
+        upstream_limit_per_host=args.upstream_limit_per_host,
+        upstream_trust_env=args.upstream_trust_env,
+        upstream_ca_file=str(args.upstream_ca_file) if args.upstream_ca_file else None,
+    )
+
+
+async def _run_sidecar(args: argparse.Namespace) -> int:
     from sidecar.server import Sidecar
 
     health_policy = health_policy_from_args(args)
@@ -164,17 +188,11 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         if not default.exists():
             raise SystemExit(f"sidecar needs a token: --token-file or {SIDECAR_TOKEN_ENV}")
         token = read_token_file(default)
-    sc = Sidecar(
-        SidecarConfig(
-            control_plane_target=args.control_plane,
-            sidecar_token=token,
-            tenants=tuple(args.tenant or ()),
-            host=args.host,
-            port=args.port,
-            health_policy=health_policy,
-            report_outcomes=not args.no_outcome_reports,
-        )
-    )
+    try:
+        config = sidecar_config_from_args(args, token, health_policy)
+    except ValueError as exc:
+        raise SystemExit(f"sidecar: {exc}") from None
+    sc = Sidecar(config)
     await sc.start()
     print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
     tune_gc()
@@ -230,6 +248,28 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         action="store_true",
         help="do not report attempt outcomes to the control plane (this sidecar still acts on its own "
         "findings, but the fleet no longer learns from them)",
+    )
+    upstream = sc.add_argument_group("upstream calls")
+    upstream.add_argument(
+        "--upstream-connect-timeout", type=float, default=10.0, help="seconds to connect (TCP, proxy, TLS)"
+    )
+    upstream.add_argument(
+        "--upstream-read-timeout", type=float, default=600.0, help="longest silence between two bytes of an answer"
+    )
+    upstream.add_argument(
+        "--request-timeout", type=float, default=600.0, help="one deadline for a whole app request, every attempt"
+    )
+    upstream.add_argument(
+        "--upstream-limit-per-host", type=int, default=256, help="connections per provider host (more requests queue)"
+    )
+    upstream.add_argument(
+        "--upstream-trust-env",
+        action="store_true",
+        help="send upstream calls through HTTP_PROXY / HTTPS_PROXY (http:// proxies; https via CONNECT), "
+        "except hosts in NO_PROXY",
+    )
+    upstream.add_argument(
+        "--upstream-ca-file", type=Path, help="PEM bundle to verify upstream TLS against (default: the system's)"
     )
     handlers["sidecar"] = _runner(_run_sidecar)
 

@@ -1,0 +1,65 @@
+"""The upstream flags of ``keyplane sidecar``, through the real parser, into the
+config the sidecar runs with; bad values are refused before it starts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from keyplane.cli import build_parser
+from keyplane.cli.run import sidecar_config_from_args
+from keyplane.health.machine import HealthPolicy
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    handlers: dict[str, object] = {}
+    return build_parser(handlers).parse_args(["sidecar", *argv])  # type: ignore[arg-type]
+
+
+def test_defaults() -> None:
+    config = sidecar_config_from_args(parse(), "tok", HealthPolicy())
+    assert (config.upstream_connect_timeout, config.upstream_read_timeout, config.request_timeout) == (10, 600, 600)
+    assert config.upstream_limit_per_host == 256
+    assert config.upstream_trust_env is False
+    assert config.upstream_ca_file is None
+    assert config.report_outcomes is True
+
+
+def test_every_upstream_flag_reaches_the_config(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    args = parse(
+        "--upstream-connect-timeout=2.5",
+        "--upstream-read-timeout=30",
+        "--request-timeout=120",
+        "--upstream-limit-per-host=16",
+        "--upstream-trust-env",
+        f"--upstream-ca-file={ca}",
+        "--no-outcome-reports",
+        "--tenant=acme",
+    )
+    config = sidecar_config_from_args(args, "tok", HealthPolicy())
+    assert config.upstream_connect_timeout == 2.5
+    assert config.upstream_read_timeout == 30
+    assert config.request_timeout == 120
+    assert config.upstream_limit_per_host == 16
+    assert config.upstream_trust_env is True
+    assert config.upstream_ca_file == str(ca)
+    assert config.report_outcomes is False
+    assert config.tenants == ("acme",)
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--upstream-connect-timeout=0", "upstream_connect_timeout must be positive"),
+        ("--request-timeout=-1", "request_timeout must be positive"),
+        ("--upstream-limit-per-host=0", "upstream_limit_per_host must be at least 1"),
+        ("--upstream-ca-file=/no/such/ca.pem", "upstream_ca_file is not a file"),
+    ],
+)
+def test_bad_values_are_refused(flag: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        sidecar_config_from_args(parse(flag), "tok", HealthPolicy())
