@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import fake_upstream
@@ -46,20 +47,24 @@ _SEGMENT = re.compile(r"^(\d+\.\d+) IP 127\.0\.0\.1\.(\d+) > 127\.0\.0\.1\.(\d+)
 
 def wire_latencies(tcpdump_text: str, port: int) -> list[float]:
     """Per request, ms from its request segment reaching ``port`` to the last answer
-    segment leaving it before the next request (``tcpdump -n -tt`` lines)."""
+    segment leaving it before the next request (``tcpdump -n -tt`` lines). Segments are
+    put in time order first: a capture interleaves what the two cores sent, and its
+    file order can put a request before the end of the answer it followed."""
+    segments: list[tuple[float, bool]] = []  # (time, is a request to ``port``)
+    for line in tcpdump_text.splitlines():
+        m = _SEGMENT.match(line)
+        if m is not None:
+            segments.append((float(m.group(1)), int(m.group(3)) == port))
+    segments.sort(key=lambda seg: seg[0])
     out: list[float] = []
     request_at: float | None = None
     answered_at: float | None = None
-    for line in tcpdump_text.splitlines():
-        m = _SEGMENT.match(line)
-        if m is None:
-            continue
-        at, src, dst = float(m.group(1)), int(m.group(2)), int(m.group(3))
-        if dst == port:
+    for at, is_request in segments:
+        if is_request:
             if request_at is not None and answered_at is not None:
                 out.append((answered_at - request_at) * 1000)
             request_at, answered_at = at, None
-        elif src == port and request_at is not None:
+        elif request_at is not None:
             answered_at = at
     if request_at is not None and answered_at is not None:
         out.append((answered_at - request_at) * 1000)
@@ -89,10 +94,24 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def measure(
-    url: str, port: int, headers: tuple[tuple[str, str], ...], duration: float
-) -> tuple[list[float], float, float]:
-    """(wire latencies ms, load generator p50, p99) for one run against ``url``."""
+@dataclass(frozen=True)
+class Run:
+    wire_ms: list[float]
+    # What the load generator saw.
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    # Segments tcpdump reported it could not keep (its buffer overflowed).
+    dropped: int
+
+    @property
+    def complete(self) -> bool:
+        """Every request was timed: a capture that lost segments would lose the slow ones first."""
+        return self.dropped == 0 and len(self.wire_ms) >= self.requests - 2
+
+
+def measure(url: str, port: int, headers: tuple[tuple[str, str], ...], duration: float) -> Run:
+    """One run of the load against ``url`` with ``port`` captured."""
     from bench import _wrk
     from bench.proxy_overhead import MIXES, Target, _load
 
@@ -107,28 +126,33 @@ def measure(
                 "-n",
                 "-s",
                 "128",
+                "-B",
+                "65536",  # KiB: 5 s of segments fit, nothing is dropped while tcpdump sleeps
                 "-w",
                 str(pcap),
-                f"tcp port {port} and (tcp[tcpflags] & tcp-push != 0)",
+                # Segments that carry data (no bare ACKs).
+                f"tcp port {port} and (((ip[2:2] - ((ip[0] & 0xf) << 2)) - ((tcp[12] & 0xf0) >> 2)) != 0)",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         time.sleep(0.5)  # capturing before the first request
         try:
-            _, errors, _, p50, p99, _, _ = _load(
+            requests, errors, _, p50, p99, _, _ = _load(
                 Target("t", url, headers, None), body, 1, duration, _wrk.available(), DRIVER_CPUS or None
             )
         finally:
-            time.sleep(0.2)
+            time.sleep(1.5)  # tcpdump reads its buffer about once a second: let it read the last segments
             capture.terminate()
-            capture.wait()
+            _, err = capture.communicate()
+        drops = re.search(r"(\d+) packets? dropped by kernel", err or "")
         if errors:
             raise RuntimeError(f"{errors} errors against {url}")
         text = subprocess.run(
             ["tcpdump", "-r", str(pcap), "-n", "-tt"], capture_output=True, text=True, check=True
         ).stdout
-    return wire_latencies(text, port), p50, p99
+    return Run(wire_latencies(text, port), requests, p50, p99, int(drops.group(1)) if drops else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,16 +198,19 @@ def main(argv: list[str] | None = None) -> int:
         for url, headers in urls.values():  # warm up: connections, pools
             measure(url, int(url.split(":")[2].split("/")[0]), headers, 1.0)
         rows: dict[str, list[tuple[float, float, float, float]]] = {t: [] for t in TARGETS}
+        incomplete = 0
         for round_no in range(args.rounds):
             order = TARGETS[round_no % len(TARGETS) :] + TARGETS[: round_no % len(TARGETS)]
             for name in order:
                 url, headers = urls[name]
-                wire, p50, p99 = measure(url, int(url.split(":")[2].split("/")[0]), headers, args.duration)
-                w50, w99 = _percentile(wire, 50), _percentile(wire, 99)
-                rows[name].append((w50, w99, p50, p99))
+                run = measure(url, int(url.split(":")[2].split("/")[0]), headers, args.duration)
+                w50, w99 = _percentile(run.wire_ms, 50), _percentile(run.wire_ms, 99)
+                rows[name].append((w50, w99, run.p50_ms, run.p99_ms))
+                incomplete += 0 if run.complete else 1
                 print(
-                    f"r{round_no} {name:18} {len(wire):6d} requests  wire p50 {w50:.3f} p99 {w99:.3f} ms"
-                    f"  | load generator p50 {p50:.3f} p99 {p99:.3f} ms",
+                    f"r{round_no} {name:18} {len(run.wire_ms):6d} of {run.requests:6d} requests timed"
+                    f" ({run.dropped} segments dropped)  wire p50 {w50:.3f} p99 {w99:.3f} ms"
+                    f"  | load generator p50 {run.p50_ms:.3f} p99 {run.p99_ms:.3f} ms",
                     flush=True,
                 )
     finally:
@@ -205,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {name} | {statistics.median(r[0] for r in runs):.3f} | {statistics.median(r[1] for r in runs):.3f} | "
             f"{added} | {statistics.median(r[2] for r in runs):.3f} | {statistics.median(r[3] for r in runs):.3f} |"
+        )
+    if incomplete:
+        print(
+            f"\nWARNING: {incomplete} run(s) did not time every request (capture incomplete); their tails are suspect"
         )
     return 0
 
