@@ -1,18 +1,19 @@
 """Added latency where the wire sees it: timestamps taken by tcpdump at each target's socket.
 
-At concurrency 1 a load generator's latency figures hold its own scheduling
-too: how soon its process runs again once the answer is in its socket. On
-this two-core machine the load generator shares a core with the fake
-upstream and the control plane, so work elsewhere (the control plane
-folding outcome reports, the loopback traffic they make) shows up in the
-load generator's tail as if the proxy had been slow. This benchmark takes
-the load generator out of the measurement: for each target it runs the same
-load as ``bench.proxy_overhead`` (json-small, concurrency 1, wrk when
-installed) while ``tcpdump -i lo`` records the target's port, and times each
-request from its request segment arriving at the target's port to the last
-segment of the answer leaving it. Added wire latency = target - direct
-(the fake upstream's own port), per round; wrk's own figures are printed
-alongside.
+A load generator's latency figure holds its own time around each exchange
+too (its process waking, parsing, timing). At concurrency 1 on this two-core
+machine that share is what separates wrk's tail from the proxy's: with
+outcome reports on, wrk's p99 for the sidecar is 2-3x what the sidecar's
+socket shows (docs/benchmarks.md). This benchmark takes the load generator
+out of the measurement: for each target it runs the same load as
+``bench.proxy_overhead`` (json-small, concurrency 1, wrk when installed)
+while ``tcpdump -i lo`` records the target's port (headers only, segments
+that carry data), and times each request from its request segment arriving
+at the target's port to the last segment of the answer leaving it. Added
+wire latency = target - direct (the fake upstream's own port), per round.
+Alongside: the load generator's own p50/p99, and its turnaround (the last
+answer segment leaving -> its next request arriving), which bounds what the
+load generator itself adds to a round trip as the wire sees it.
 
 Targets: direct, sidecar (outcome reports on, the default), sidecar-noreports,
 ideal (``bench.ideal_proxy``); the order rotates each round. Needs tcpdump and
@@ -47,28 +48,40 @@ _SEGMENT = re.compile(r"^(\d+\.\d+) IP 127\.0\.0\.1\.(\d+) > 127\.0\.0\.1\.(\d+)
 
 def wire_latencies(tcpdump_text: str, port: int) -> list[float]:
     """Per request, ms from its request segment reaching ``port`` to the last answer
-    segment leaving it before the next request (``tcpdump -n -tt`` lines). Segments are
-    put in time order first: a capture interleaves what the two cores sent, and its
-    file order can put a request before the end of the answer it followed."""
+    segment leaving it before the next request (``tcpdump -n -tt`` lines)."""
+    return _exchanges(tcpdump_text, port)[0]
+
+
+def turnarounds(tcpdump_text: str, port: int) -> list[float]:
+    """Per answer, ms from its last segment leaving ``port`` to the load generator's
+    next request arriving: the load generator's own share of a round trip."""
+    return _exchanges(tcpdump_text, port)[1]
+
+
+def _exchanges(tcpdump_text: str, port: int) -> tuple[list[float], list[float]]:
+    # Segments in time order: a capture interleaves what the two cores sent, and its
+    # file order can put a request before the end of the answer it followed.
     segments: list[tuple[float, bool]] = []  # (time, is a request to ``port``)
     for line in tcpdump_text.splitlines():
         m = _SEGMENT.match(line)
         if m is not None:
             segments.append((float(m.group(1)), int(m.group(3)) == port))
     segments.sort(key=lambda seg: seg[0])
-    out: list[float] = []
+    latencies: list[float] = []
+    turns: list[float] = []
     request_at: float | None = None
     answered_at: float | None = None
     for at, is_request in segments:
         if is_request:
             if request_at is not None and answered_at is not None:
-                out.append((answered_at - request_at) * 1000)
+                latencies.append((answered_at - request_at) * 1000)
+                turns.append((at - answered_at) * 1000)
             request_at, answered_at = at, None
         elif request_at is not None:
             answered_at = at
     if request_at is not None and answered_at is not None:
-        out.append((answered_at - request_at) * 1000)
-    return out
+        latencies.append((answered_at - request_at) * 1000)
+    return latencies, turns
 
 
 def capture_available() -> str | None:
@@ -97,6 +110,7 @@ def _percentile(values: list[float], q: float) -> float:
 @dataclass(frozen=True)
 class Run:
     wire_ms: list[float]
+    turnaround_ms: list[float]
     # What the load generator saw.
     requests: int
     p50_ms: float
@@ -152,7 +166,8 @@ def measure(url: str, port: int, headers: tuple[tuple[str, str], ...], duration:
         text = subprocess.run(
             ["tcpdump", "-r", str(pcap), "-n", "-tt"], capture_output=True, text=True, check=True
         ).stdout
-    return Run(wire_latencies(text, port), requests, p50, p99, int(drops.group(1)) if drops else 0)
+    latencies, turns = _exchanges(text, port)
+    return Run(latencies, turns, requests, p50, p99, int(drops.group(1)) if drops else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"r{round_no} {name:18} {len(run.wire_ms):6d} of {run.requests:6d} requests timed"
                     f" ({run.dropped} segments dropped)  wire p50 {w50:.3f} p99 {w99:.3f} ms"
-                    f"  | load generator p50 {run.p50_ms:.3f} p99 {run.p99_ms:.3f} ms",
+                    f"  | load generator p50 {run.p50_ms:.3f} p99 {run.p99_ms:.3f} ms,"
+                    f" its turnaround p99 {_percentile(run.turnaround_ms, 99):.3f} ms",
                     flush=True,
                 )
     finally:
