@@ -13,7 +13,11 @@ at the target's port to the last segment of the answer leaving it. Added
 wire latency = target - direct (the fake upstream's own port), per round.
 Alongside: the load generator's own p50/p99, and its turnaround (the last
 answer segment leaving -> its next request arriving), which bounds what the
-load generator itself adds to a round trip as the wire sees it.
+load generator itself adds to a round trip as the wire sees it; and, right
+after each captured run, the same requests for the same time from a minimal
+closed-loop C client (``bench/c/closed_loop.c``: blocking sockets, one
+request at a time, CLOCK_MONOTONIC per request; built with the machine's C
+compiler, left out without one), a second opinion on wrk's figures.
 
 Targets: direct, sidecar (outcome reports on, the default), sidecar-noreports,
 ideal (``bench.ideal_proxy``); the order rotates each round. Needs tcpdump and
@@ -37,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import fake_upstream
+from bench import _closed_loop, fake_upstream
 from bench._keyplane import Admin, start_control_plane, start_sidecar
 from bench._procs import DRIVER_CPUS, PROXY_CPUS, Proc, pin_note
 
@@ -100,6 +104,19 @@ def capture_available() -> str | None:
         proc.terminate()
         proc.wait()
     return None
+
+
+def _request_bytes(port: int, headers: tuple[tuple[str, str], ...]) -> bytes:
+    """The json-small request as the closed-loop C client sends it."""
+    from bench.proxy_overhead import MIXES
+
+    body = next(m for m in MIXES if m.name == "json-small").body(MODEL)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+        f"{extra}Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -186,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# wire latency: json-small, concurrency 1, {args.duration:g} s x {args.rounds} round(s); {pin_note(True)}")
     procs: list[Proc] = []
     stops = []
+    workdir = Path(tempfile.mkdtemp(prefix="bench-wire-"))
     try:
         upstream = fake_upstream.start_process(cpus=driver)
         procs.append(upstream)
@@ -212,21 +230,30 @@ def main(argv: list[str] | None = None) -> int:
         urls["ideal"] = (ideal.match.group(1) + "/v1/chat/completions", ())
         for url, headers in urls.values():  # warm up: connections, pools
             measure(url, int(url.split(":")[2].split("/")[0]), headers, 1.0)
-        rows: dict[str, list[tuple[float, float, float, float]]] = {t: [] for t in TARGETS}
+        closed_loop = _closed_loop.build(workdir)
+        if closed_loop is None:
+            print("# no C compiler: the closed-loop C client's columns are left out")
+        rows: dict[str, list[tuple[float, ...]]] = {t: [] for t in TARGETS}
         incomplete = 0
         for round_no in range(args.rounds):
             order = TARGETS[round_no % len(TARGETS) :] + TARGETS[: round_no % len(TARGETS)]
             for name in order:
                 url, headers = urls[name]
-                run = measure(url, int(url.split(":")[2].split("/")[0]), headers, args.duration)
+                port = int(url.split(":")[2].split("/")[0])
+                run = measure(url, port, headers, args.duration)
                 w50, w99 = _percentile(run.wire_ms, 50), _percentile(run.wire_ms, 99)
-                rows[name].append((w50, w99, run.p50_ms, run.p99_ms))
+                c50 = c99 = float("nan")
+                if closed_loop is not None:
+                    c = _closed_loop.run(closed_loop, port, _request_bytes(port, headers), args.duration, driver)
+                    c50, c99 = c.p50_ms, c.p99_ms
+                rows[name].append((w50, w99, run.p50_ms, run.p99_ms, c50, c99))
                 incomplete += 0 if run.complete else 1
                 print(
                     f"r{round_no} {name:18} {len(run.wire_ms):6d} of {run.requests:6d} requests timed"
                     f" ({run.dropped} segments dropped)  wire p50 {w50:.3f} p99 {w99:.3f} ms"
                     f"  | load generator p50 {run.p50_ms:.3f} p99 {run.p99_ms:.3f} ms,"
-                    f" its turnaround p99 {_percentile(run.turnaround_ms, 99):.3f} ms",
+                    f" its turnaround p99 {_percentile(run.turnaround_ms, 99):.3f} ms"
+                    f"  | C client p50 {c50:.3f} p99 {c99:.3f} ms",
                     flush=True,
                 )
     finally:
@@ -234,20 +261,28 @@ def main(argv: list[str] | None = None) -> int:
             stop()
         for proc in procs:
             proc.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     print()
-    print("| target | wire p50 ms | wire p99 ms | added wire p50 | added wire p99 | load gen. p50 | load gen. p99 |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| target | wire p50 ms | wire p99 ms | added wire p50 | added wire p99 | load gen. p50 | load gen. p99 "
+        "| added load gen. p99 | C client p50 | C client p99 | added C client p99 |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     direct = rows["direct"]
     for name in TARGETS:
         runs = rows[name]
-        added50 = [r[0] - d[0] for r, d in zip(runs, direct, strict=True)]
-        added99 = [r[1] - d[1] for r, d in zip(runs, direct, strict=True)]
-        added = (
-            "- | -" if name == "direct" else f"{statistics.median(added50):+.3f} | {statistics.median(added99):+.3f}"
-        )
+
+        def median(i: int, runs: list[tuple[float, ...]] = runs) -> str:
+            return f"{statistics.median(r[i] for r in runs):.3f}"
+
+        def added(i: int, runs: list[tuple[float, ...]] = runs, name: str = name) -> str:
+            if name == "direct":
+                return "-"
+            return f"{statistics.median(r[i] - d[i] for r, d in zip(runs, direct, strict=True)):+.3f}"
+
         print(
-            f"| {name} | {statistics.median(r[0] for r in runs):.3f} | {statistics.median(r[1] for r in runs):.3f} | "
-            f"{added} | {statistics.median(r[2] for r in runs):.3f} | {statistics.median(r[3] for r in runs):.3f} |"
+            f"| {name} | {median(0)} | {median(1)} | {added(0)} | {added(1)} | {median(2)} | {median(3)} "
+            f"| {added(3)} | {median(4)} | {median(5)} | {added(5)} |"
         )
     if incomplete:
         print(

@@ -93,6 +93,8 @@ def test_wire_latency() -> None:
     for target in ("direct", "sidecar", "sidecar-noreports", "ideal"):
         assert re.search(rf"\| {target} \| [\d.]+ \| [\d.]+ \| ", out), out
     assert re.search(r"\| sidecar \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \| [+-][\d.]+ \|", out), out
+    if "no C compiler" not in out:
+        assert re.search(r"\| sidecar \|( [+-]?[\d.]+ \|){10}$", out, re.MULTILINE), out
 
 
 def test_wire_latencies_pairs_each_request_with_the_last_segment_of_its_answer() -> None:
