@@ -277,7 +277,8 @@ def verdicts(report: Report) -> list[str]:
         " ms",
     )
     line(
-        "conc 1 json-small: sidecar added p99",
+        f"conc 1 json-small: sidecar added p99 ({report.settings.get('load_generator', 'load generator')}'s view;"
+        " bench.wire_latency times it at the socket and with a C closed-loop client too)",
         _median(_per_round(report, "json-small", 1, _added("sidecar", "p99_ms"))),
         1.0,
         False,
