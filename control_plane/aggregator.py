@@ -53,6 +53,8 @@ class ReportedOutcome:
 
     tenant: str
     outcome: Outcome
+    # When the attempt began (epoch seconds, the sidecar's clock), if reported.
+    started: float | None = None
 
 
 @dataclass(slots=True)
@@ -151,7 +153,7 @@ class HealthAggregator:
                 self.stats.unknown += 1
                 continue
             accepted += 1
-            for change in self._book(item.tenant).record(outcome, now):
+            for change in self._book(item.tenant).record(outcome, now, started=item.started):
                 self._dirty[(item.tenant, change.scope)] = change
                 self.stats.transitions += 1
                 _log_transition(item.tenant, change, now)

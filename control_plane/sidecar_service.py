@@ -28,6 +28,7 @@ from control_plane.hub import SnapshotHub
 from control_plane.status import status_for
 from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
+from keyplane.health.machine import Outcome
 from keyplane.v1 import sidecar_service_pb2 as pb
 from keyplane.v1 import sidecar_service_pb2_grpc
 
@@ -43,7 +44,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         self._hub = hub
         self._health = health
         # Converted success outcomes, reused across reports (see ``_validate_batch``).
-        self._successes: dict[_SuccessKey, ReportedOutcome] = {}
+        self._successes: dict[_SuccessKey, Outcome] = {}
 
     def _watch_set(self, request: pb.WatchRequest) -> frozenset[str] | None:
         scope = current_sidecar_scope()
@@ -123,10 +124,18 @@ _MAX_REUSED = 4096
 _SuccessKey = tuple[str, str, int, str, int, str, bool, bool]
 
 
+def _started(message: pb.Outcome) -> float | None:
+    """When the reported attempt began (epoch seconds), if the sidecar said."""
+    if not message.HasField("time"):
+        return None
+    stamp = message.time
+    return stamp.seconds + stamp.nanos * 1e-9
+
+
 def _validate_batch(
     request: pb.ReportOutcomesRequest,
     scope: SidecarScope,
-    successes: dict[_SuccessKey, ReportedOutcome],
+    successes: dict[_SuccessKey, Outcome],
 ) -> tuple[list[ReportedOutcome], int, int]:
     """(the valid outcomes, how many were invalid, how many were out of scope).
 
@@ -152,17 +161,16 @@ def _validate_batch(
             )
             found = successes.get(key)
             if found is not None:
-                batch.append(found)
+                batch.append(ReportedOutcome(tenant, found, _started(message)))
                 continue
         try:
             outcome = convert.outcome_from_proto(message)
         except ValueError:
             invalid += 1
             continue
-        reported = ReportedOutcome(tenant, outcome)
         if key is not None:
             if len(successes) >= _MAX_REUSED:
                 successes.clear()
-            successes[key] = reported
-        batch.append(reported)
+            successes[key] = outcome
+        batch.append(ReportedOutcome(tenant, outcome, _started(message)))
     return batch, invalid, out_of_scope

@@ -597,6 +597,7 @@ class _Request:
                 provider_final=record.provider_final,
                 recovered=record.recovered,
                 now=app.state.wall_clock(),
+                started=record.started,
             )
             return
         outcome = Outcome(

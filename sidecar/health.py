@@ -63,8 +63,9 @@ class TenantHealth:
 
     # --- this sidecar's findings --------------------------------------------------
 
-    def record(self, outcome: Outcome, now: float) -> list[HealthChange]:
-        changes = self.local.record(outcome, now)
+    def record(self, outcome: Outcome, now: float, *, started: float | None = None) -> list[HealthChange]:
+        """Fold one of this sidecar's attempts in (``HealthBook.record``)."""
+        changes = self.local.record(outcome, now, started=started)
         for change in changes:
             _log_change(self.tenant, "local", change)
         self._maybe_evict(now)
@@ -80,6 +81,7 @@ class TenantHealth:
         provider_final: bool,
         recovered: bool,
         now: float,
+        started: float | None = None,
     ) -> list[HealthChange]:
         """``record`` for a SUCCESS, without building an ``Outcome`` when it cannot matter.
 
@@ -96,7 +98,7 @@ class TenantHealth:
                 provider_final=provider_final,
                 recovered=recovered,
             )
-            return self.record(outcome, now)
+            return self.record(outcome, now, started=started)
         self._maybe_evict(now)
         return []
 

@@ -25,6 +25,7 @@ class Entry:
     failures: deque[float] = field(default_factory=deque)  # recent failure times, at most `threshold`
     trips: int = 0  # consecutive error trips (drives the doubling and the half-open re-trip)
     rate_limits: int = 0  # consecutive 429s without Retry-After doubling
+    since: float = float("-inf")  # when the current state (or its ``until``) was set
 
     def verdict_active(self, now: float) -> bool:
         """Not healthy at ``now``."""

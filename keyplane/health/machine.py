@@ -171,8 +171,16 @@ class HealthBook:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def record(self, outcome: Outcome, now: float) -> list[HealthChange]:
-        """Fold one attempt in; return the transitions it caused (state or until changed)."""
+    def record(self, outcome: Outcome, now: float, *, started: float | None = None) -> list[HealthChange]:
+        """Fold one attempt in; return the transitions it caused (state or until changed).
+
+        ``started``: when the attempt began (epoch seconds), if known. A success
+        that began before a scope went into its current cooldown (or degraded
+        state) does not end it: it answers a question asked before the 429 or
+        the errors, so it says nothing about now, and the provider's
+        Retry-After is honoured. (Several sidecars report the same key: a
+        request that started just before another one's 429 often succeeds
+        just after it.)"""
         self._clock = max(self._clock, now)
         changes: list[HealthChange] = []
         cls = outcome.classification
@@ -184,16 +192,16 @@ class HealthBook:
             # entry holds nothing a missing one does not), so it never adds entries.
             if self._entries:
                 if outcome.key_id in self._by_key:
-                    self._succeed(KeyScope(outcome.key_id, outcome.model), changes)
+                    self._succeed(KeyScope(outcome.key_id, outcome.model), now, started, changes)
                 # Any success proves the provider serves the model.
-                self._succeed(ProviderScope(outcome.provider, outcome.model), changes)
+                self._succeed(ProviderScope(outcome.provider, outcome.model), now, started, changes)
             return changes
         key_model = KeyScope(outcome.key_id, outcome.model)
         if kind is ErrorClass.CREDENTIAL:
             key_wide = KeyScope(outcome.key_id, "")
             entry = self._entry(key_wide, now, create=True)
             assert entry is not None
-            self._set(key_wide, entry, HealthState.UNHEALTHY, None, cls.reason or "credential", changes)
+            self._set(key_wide, entry, HealthState.UNHEALTHY, None, cls.reason or "credential", now, changes)
         elif kind is ErrorClass.RATE_LIMITED:
             self._rate_limit(key_model, cls, now, changes)
         elif kind in _WINDOWED:
@@ -226,6 +234,8 @@ class HealthBook:
             return
         entry = self._entry(scope, self._clock, create=True)
         assert entry is not None
+        if entry.state is not verdict.state or entry.until != verdict.until:
+            entry.since = self._clock
         entry.state, entry.until, entry.reason = verdict.state, verdict.until, verdict.reason
 
     def evict(self, now: float) -> int:
@@ -257,21 +267,27 @@ class HealthBook:
         state: HealthState,
         until: float | None,
         reason: str,
+        now: float,
         changes: list[HealthChange],
     ) -> None:
         changed = entry.state is not state or entry.until != until
         entry.state, entry.until, entry.reason = state, until, reason
         if changed:
+            entry.since = now
             changes.append(HealthChange(scope, Verdict(state, until, reason)))
 
-    def _succeed(self, scope: Scope, changes: list[HealthChange]) -> None:
+    def _succeed(self, scope: Scope, now: float, started: float | None, changes: list[HealthChange]) -> None:
         """Back to healthy: the transition if it was not, and the entry goes (its
-        failure window, trips and rate-limit count all start over anyway)."""
-        entry = self._entries.pop(scope)
+        failure window, trips and rate-limit count all start over anyway) --
+        unless the success began before the scope's active state was set."""
+        entry = self._entries.get(scope)
         if entry is None:
             return
+        if started is not None and started < entry.since and entry.verdict_active(now):
+            return
+        self._entries.pop(scope)
         self._unindex(scope)
-        self._set(scope, entry, HealthState.HEALTHY, None, "", changes)
+        self._set(scope, entry, HealthState.HEALTHY, None, "", now, changes)
 
     def _rate_limit(self, scope: KeyScope, cls: Classification, now: float, changes: list[HealthChange]) -> None:
         policy = self.policy
@@ -285,7 +301,7 @@ class HealthBook:
         until = now + wait
         if entry.state is HealthState.COOLDOWN and entry.until is not None and entry.until >= until:
             return  # already out for at least as long
-        self._set(scope, entry, HealthState.COOLDOWN, until, cls.reason or "rate limited", changes)
+        self._set(scope, entry, HealthState.COOLDOWN, until, cls.reason or "rate limited", now, changes)
 
     def _error(self, scope: KeyScope, reason: str, now: float, changes: list[HealthChange]) -> None:
         policy = self.policy
@@ -322,7 +338,7 @@ class HealthBook:
         entry.trips += 1
         entry.failures.clear()
         until = now + _backoff(rule.base_cooldown, entry.trips - 1, self.policy.max_cooldown)
-        self._set(scope, entry, state, until, reason, changes)
+        self._set(scope, entry, state, until, reason, now, changes)
 
 
 def _sort_key(change: HealthChange) -> tuple[int, str, str]:

@@ -48,6 +48,7 @@ def outcome(
     recovered: bool = False,
     retry_after: float | None = None,
     reason: str = "",
+    started: float | None = None,
 ) -> spb.Outcome:
     message = spb.Outcome(
         tenant=tenant,
@@ -64,6 +65,8 @@ def outcome(
     )
     if retry_after is not None:
         message.retry_after.CopyFrom(Duration(seconds=int(retry_after), nanos=int(retry_after % 1 * 1e9)))
+    if started is not None:
+        message.time.FromNanoseconds(int(started * 1e9))
     return message
 
 
@@ -479,3 +482,30 @@ async def test_repeated_successes_are_counted_validated_and_still_clear_a_cooldo
     assert cooling.state == rpb.HEALTH_STATE_COOLDOWN
     assert await report(harness, [ok]) == 1  # the reused success clears the cooldown
     assert list((await get_health(harness)).key_health) == []
+
+
+async def test_a_success_that_began_before_the_429_leaves_the_cooldown(harness: Harness) -> None:
+    """Two sidecars on one key: one's request started before the other's 429 and
+    succeeded after it. Its success must not end the cooldown Retry-After asked for;
+    a success that began after the 429 was learnt does end it."""
+    [key1] = await setup_keys(harness, 1)
+    before = time.time() - 0.5
+    limited = outcome(key1, C.OUTCOME_CLASS_RATE_LIMITED, status=429, retry_after=60.0, started=before + 0.1)
+    assert await report(harness, [limited]) == 1
+    [cooling] = (await get_health(harness)).key_health
+    assert cooling.state == rpb.HEALTH_STATE_COOLDOWN
+    call = await watching(harness)
+    try:
+        stale = outcome(key1, C.OUTCOME_CLASS_SUCCESS, status=200, provider_final=True, started=before)
+        assert await report(harness, [stale, stale]) == 2
+        [still] = (await get_health(harness)).key_health
+        assert still.state == rpb.HEALTH_STATE_COOLDOWN
+        fresh = outcome(key1, C.OUTCOME_CLASS_SUCCESS, status=200, provider_final=True, started=time.time())
+        assert await report(harness, [fresh]) == 1
+        assert list((await get_health(harness)).key_health) == []
+        # The watchers heard only the end of the cooldown, not a flap.
+        [change] = await health_changes(call)
+        assert change.WhichOneof("change") == "key_health"
+        assert change.key_health.state == rpb.HEALTH_STATE_HEALTHY
+    finally:
+        call.cancel()

@@ -159,6 +159,58 @@ def test_success_drops_what_it_clears_and_leaves_the_rest() -> None:
     assert len(book) == 0
 
 
+def test_a_success_that_began_before_a_cooldown_does_not_end_it() -> None:
+    """Retry-After is honoured: a request that started before another one's 429
+    and succeeded after it says nothing about the key now."""
+    book = HealthBook()
+    book.record(outcome(ErrorClass.RATE_LIMITED, retry_after=30), T0 + 1.0)
+    # Began 0.5 s before the 429 was folded in: the cooldown stands, nothing changes.
+    assert book.record(outcome(ErrorClass.SUCCESS, final=True), T0 + 1.2, started=T0 + 0.5) == []
+    assert not book.key_usable("k1", "A", T0 + 1.2)
+    # A success that began after it (a probe, or a sidecar that had not heard yet) ends it.
+    assert book.record(outcome(ErrorClass.SUCCESS, final=True), T0 + 2.0, started=T0 + 1.5) == [
+        key_change("k1", "A", HEALTHY, None, "")
+    ]
+    assert book.key_usable("k1", "A", T0 + 2.0)
+    # Without a start time a success ends it, as before (older sidecars send none).
+    book.record(outcome(ErrorClass.RATE_LIMITED, retry_after=30), T0 + 3.0)
+    assert book.record(outcome(ErrorClass.SUCCESS, final=True), T0 + 3.1) == [key_change("k1", "A", HEALTHY, None, "")]
+
+
+def test_a_longer_429_moves_the_line_and_an_expired_cooldown_ends_with_any_success() -> None:
+    book = HealthBook()
+    book.record(outcome(ErrorClass.RATE_LIMITED, retry_after=10), T0)
+    book.record(outcome(ErrorClass.RATE_LIMITED, retry_after=20), T0 + 5.0)  # extends: set again at T0 + 5
+    assert book.record(outcome(ErrorClass.SUCCESS, final=True), T0 + 6.0, started=T0 + 4.0) == []
+    # Past ``until`` (half-open) even an old success ends it: nothing is active to honour.
+    assert book.record(outcome(ErrorClass.SUCCESS, final=True), T0 + 26.0, started=T0 + 4.0) == [
+        key_change("k1", "A", HEALTHY, None, "")
+    ]
+
+
+def test_a_degraded_provider_is_not_healed_by_a_success_that_began_before() -> None:
+    book = HealthBook(HealthPolicy(provider_threshold=1))
+    [degraded] = [
+        c for c in book.record(outcome(ErrorClass.UPSTREAM_ERROR, final=True), T0) if isinstance(c.scope, ProviderScope)
+    ]
+    assert degraded.verdict.state is DEGRADED
+    changes = book.record(outcome(ErrorClass.SUCCESS, key="k2", final=True), T0 + 0.1, started=T0 - 0.2)
+    assert changes == []
+    assert book.provider_degraded(OPENAI, "A", T0 + 0.1)
+    changes = book.record(outcome(ErrorClass.SUCCESS, key="k2", final=True), T0 + 0.3, started=T0 + 0.2)
+    assert changes == [provider_change(OPENAI, "A", HEALTHY, None, "")]
+
+
+def test_apply_sets_the_line_at_the_latest_time_seen() -> None:
+    book = HealthBook()
+    book.record(outcome(ErrorClass.SUCCESS), T0 + 10.0)  # the clock the book has seen
+    book.apply(key_change("k1", "A", COOLDOWN, T0 + 60.0, "429 rate limited"))
+    assert book.record(outcome(ErrorClass.SUCCESS, final=True), T0 + 11.0, started=T0 + 9.0) == []
+    assert book.record(outcome(ErrorClass.SUCCESS, final=True), T0 + 12.0, started=T0 + 10.5) == [
+        key_change("k1", "A", HEALTHY, None, "")
+    ]
+
+
 def test_shorter_rate_limit_never_shortens_a_cooldown() -> None:
     book = HealthBook()
     book.record(outcome(ErrorClass.RATE_LIMITED, retry_after=30.0), T0)

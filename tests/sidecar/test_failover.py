@@ -237,3 +237,25 @@ async def test_a_completed_stream_counts_as_success(upstream: FakeUpstream) -> N
         metrics = (await client.get("/metrics")).text
     assert 'keyplane_sidecar_upstream_attempt_classes_total{error_class="success",provider="gemini"} 1.0' in metrics
     assert 'keyplane_sidecar_upstream_fallbacks_total{provider="gemini"} 1.0' in metrics
+
+
+async def test_a_success_that_began_before_a_429_leaves_the_cooldown(upstream: FakeUpstream) -> None:
+    """Request A on g1 is slow and succeeds; request B, sent while A is in flight,
+    gets a 429 on g1 (Retry-After 30 s) and moves to g2. A's success ends after the
+    429 but began before it: g1 stays cooled down for the model, as the provider asked."""
+    upstream.program(SECRETS["g1"], rate_limited(30), times=1)  # older rule: the second request
+    upstream.program(SECRETS["g1"], Reply(200, None, delay=0.4), times=1)  # newest: the first
+    async with Sidecar(sidecar_config(), watch=False) as sc, httpx.AsyncClient(base_url=sc.url) as client:
+        sc.state.apply(fleet_snapshot(upstream))  # type: ignore[arg-type]
+        first = asyncio.create_task(post(client))
+        await asyncio.sleep(0.15)
+        second = await post(client)
+        assert second.status_code == 200
+        assert second.headers["x-keyplane-attempts"] == "2"  # g1 (429), then g2
+        health = sc.state.health(TENANT)
+        assert not health.key_usable("g1", "gemini-2.0-flash", sc.state.wall_clock())
+        a = await first
+        assert a.status_code == 200 and a.headers["x-keyplane-key"] == "g1"
+        assert not health.key_usable("g1", "gemini-2.0-flash", sc.state.wall_clock())
+        third = await post(client)
+        assert third.headers["x-keyplane-key"] == "g2"  # g1 is still out
