@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from control_plane.hub import SnapshotHub
@@ -53,8 +53,6 @@ class ReportedOutcome:
 
     tenant: str
     outcome: Outcome
-    # When the attempt began (epoch seconds, the sidecar's clock), if reported.
-    started: float | None = None
 
 
 @dataclass(slots=True)
@@ -142,30 +140,53 @@ class HealthAggregator:
             book = self._books[tenant] = HealthBook(self._policy)
         return book
 
-    def fold(self, outcomes: Iterable[ReportedOutcome]) -> int:
+    def fold(
+        self, outcomes: Sequence[ReportedOutcome], messages: Sequence[sidecar_service_pb2.Outcome] | None = None
+    ) -> int:
         """Record ``outcomes`` in the books (no I/O); returns how many were
-        accepted. Transitions wait for ``flush``."""
+        accepted. Transitions wait for ``flush``. ``messages``, parallel to
+        ``outcomes``: the reports they came from, for the time each attempt
+        began (read only when the tenant's book holds anything it could
+        matter to)."""
         now = self._clock()
         accepted = 0
-        for item in outcomes:
+        # Per tenant in this batch: does its book hold anything a start time matters
+        # to? Asked once, and set again by a transition (which adds what it matters to).
+        holds: dict[str, bool] = {}
+        for index, item in enumerate(outcomes):
             outcome = item.outcome
-            if self._hub.key_provider(item.tenant, outcome.key_id) is not outcome.provider:
+            tenant = item.tenant
+            if self._hub.key_provider(tenant, outcome.key_id) is not outcome.provider:
                 self.stats.unknown += 1
                 continue
             accepted += 1
-            for change in self._book(item.tenant).record(outcome, now, started=item.started):
-                self._dirty[(item.tenant, change.scope)] = change
-                self.stats.transitions += 1
-                _log_transition(item.tenant, change, now)
+            book = self._book(tenant)
+            started: float | None = None
+            if messages is not None:
+                held = holds.get(tenant)
+                if held is None:
+                    held = holds[tenant] = len(book) > 0
+                if held:
+                    stamp = messages[index].time
+                    started = (stamp.seconds + stamp.nanos * 1e-9) or None
+            changes = book.record(outcome, now, started=started)
+            if changes:
+                holds[tenant] = True
+                for change in changes:
+                    self._dirty[(tenant, change.scope)] = change
+                    self.stats.transitions += 1
+                    _log_transition(tenant, change, now)
         self.stats.accepted += accepted
         return accepted
 
-    async def ingest(self, outcomes: Iterable[ReportedOutcome]) -> int:
+    async def ingest(
+        self, outcomes: Sequence[ReportedOutcome], messages: Sequence[sidecar_service_pb2.Outcome] | None = None
+    ) -> int:
         """Fold ``outcomes``, then persist and publish the transitions they
         caused, so they reach the sidecars before this returns. Never raises
         for store trouble (the transitions are kept and retried later)."""
         transitions = self.stats.transitions
-        accepted = self.fold(outcomes)
+        accepted = self.fold(outcomes, messages)
         if self.stats.transitions != transitions:
             # Only for new transitions: older unpersisted ones are the retry
             # task's business, so a store outage does not stall every report.

@@ -28,7 +28,6 @@ from control_plane.hub import SnapshotHub
 from control_plane.status import status_for
 from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
-from keyplane.health.machine import Outcome
 from keyplane.v1 import sidecar_service_pb2 as pb
 from keyplane.v1 import sidecar_service_pb2_grpc
 
@@ -44,7 +43,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         self._hub = hub
         self._health = health
         # Converted success outcomes, reused across reports (see ``_validate_batch``).
-        self._successes: dict[_SuccessKey, Outcome] = {}
+        self._successes: dict[_SuccessKey, ReportedOutcome] = {}
 
     def _watch_set(self, request: pb.WatchRequest) -> frozenset[str] | None:
         scope = current_sidecar_scope()
@@ -103,14 +102,14 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             if first:
                 first = False
                 log.info("sidecar %r (%s) reporting outcomes", sidecar_id, context.peer())
-            batch, invalid, out_of_scope = _validate_batch(request, scope, self._successes)
+            batch, messages, invalid, out_of_scope = _validate_batch(request, scope, self._successes)
             self._health.note_rejected(invalid=invalid, out_of_scope=out_of_scope, dropped_by_sidecar=request.dropped)
             if out_of_scope and not rejected:
                 log.warning("sidecar %r (%s) reported outcomes outside its tenant scope", sidecar_id, context.peer())
             rejected += invalid + out_of_scope
             if batch:
                 try:
-                    accepted += await self._health.ingest(batch)
+                    accepted += await self._health.ingest(batch, messages)
                 except Exception:
                     log.exception("folding an outcome report failed")
         log.debug("sidecar %r (%s) reported %d outcomes (%d rejected)", sidecar_id, context.peer(), accepted, rejected)
@@ -124,23 +123,17 @@ _MAX_REUSED = 4096
 _SuccessKey = tuple[str, str, int, str, int, str, bool, bool]
 
 
-def _started(message: pb.Outcome) -> float | None:
-    """When the reported attempt began (epoch seconds), if the sidecar said."""
-    if not message.HasField("time"):
-        return None
-    stamp = message.time
-    return stamp.seconds + stamp.nanos * 1e-9
-
-
 def _validate_batch(
     request: pb.ReportOutcomesRequest,
     scope: SidecarScope,
-    successes: dict[_SuccessKey, Outcome],
-) -> tuple[list[ReportedOutcome], int, int]:
-    """(the valid outcomes, how many were invalid, how many were out of scope).
+    successes: dict[_SuccessKey, ReportedOutcome],
+) -> tuple[list[ReportedOutcome], list[pb.Outcome], int, int]:
+    """(the valid outcomes, the messages they came from, how many were invalid,
+    how many were out of scope).
 
     ``successes`` memoises converted successes across batches (bounded)."""
     batch: list[ReportedOutcome] = []
+    messages: list[pb.Outcome] = []
     invalid = out_of_scope = 0
     for message in request.outcomes:
         tenant = message.tenant
@@ -161,16 +154,19 @@ def _validate_batch(
             )
             found = successes.get(key)
             if found is not None:
-                batch.append(ReportedOutcome(tenant, found, _started(message)))
+                batch.append(found)
+                messages.append(message)
                 continue
         try:
             outcome = convert.outcome_from_proto(message)
         except ValueError:
             invalid += 1
             continue
+        reported = ReportedOutcome(tenant, outcome)
         if key is not None:
             if len(successes) >= _MAX_REUSED:
                 successes.clear()
-            successes[key] = outcome
-        batch.append(ReportedOutcome(tenant, outcome, _started(message)))
-    return batch, invalid, out_of_scope
+            successes[key] = reported
+        batch.append(reported)
+        messages.append(message)
+    return batch, messages, invalid, out_of_scope
