@@ -36,6 +36,15 @@ async def post(http: HttpClient, url: str, body: bytes = b"{}", **kw: float) -> 
     return await http.post(url + "/v1/chat/completions", JSON, body, **kw)
 
 
+async def fetch(http: HttpClient, url: str, body: bytes = b"{}", **kw: float) -> bytes:
+    """The whole answer's body; the connection goes back to the pool."""
+    reply = await post(http, url, body, **kw)
+    try:
+        return await reply.read()
+    finally:
+        reply.release()
+
+
 async def test_keep_alive_reuses_one_connection_and_sends_the_request_as_given(client: HttpClient) -> None:
     async with RawServer(answer_each) as server:
         for i in range(3):
@@ -80,9 +89,7 @@ async def test_connection_close_is_not_reused(client: HttpClient) -> None:
 
     async with RawServer(close_each) as server:
         for _ in range(2):
-            reply = await post(client, server.url)
-            assert await reply.read() == b"bye"
-            reply.release()
+            assert await fetch(client, server.url) == b"bye"
         assert server.accepted == 2
 
 
@@ -127,17 +134,11 @@ async def test_chunked_and_until_close_bodies(client: HttpClient) -> None:
         await writer.drain()
 
     async with RawServer(chunked) as server:
-        reply = await post(client, server.url)
-        assert await reply.read() == b"hello world"
-        reply.release()
-        reply = await post(client, server.url)
-        assert await reply.read() == b"again"
-        reply.release()
+        assert await fetch(client, server.url) == b"hello world"
+        assert await fetch(client, server.url) == b"again"
         assert server.accepted == 1
     async with RawServer(until_close) as server:
-        reply = await post(client, server.url)
-        assert await reply.read() == b"part one, part two"
-        reply.release()
+        assert await fetch(client, server.url) == b"part one, part two"
         assert client.stats()[f"http://127.0.0.1:{server.port}"] == {"open": 0, "idle": 0}
 
 
@@ -210,9 +211,7 @@ async def test_release_of_an_unfinished_body_drops_the_connection(client: HttpCl
         reply = await post(client, server.url)
         assert await reply.readany() == b"12345"
         reply.release()
-        reply = await post(client, server.url)
-        assert await reply.read() == b"1234567890"
-        reply.release()
+        assert await fetch(client, server.url) == b"1234567890"
         assert server.accepted == 2
         assert client.stats()[f"http://127.0.0.1:{server.port}"] == {"open": 1, "idle": 1}
 
@@ -366,12 +365,8 @@ async def test_a_keep_alive_connection_closed_under_a_request_is_retried_once_on
         await reader.read()
 
     async with RawServer(close_on_second) as server:
-        reply = await post(client, server.url)
-        assert await reply.read() == b"first"
-        reply.release()
-        reply = await post(client, server.url, b'{"again":1}')
-        assert await reply.read() == b"first"  # the new connection's first answer
-        reply.release()
+        assert await fetch(client, server.url) == b"first"
+        assert await fetch(client, server.url, b'{"again":1}') == b"first"  # the new connection's first answer
         assert server.accepted == 2
         assert [r.body for r in server.requests] == [b"{}", b'{"again":1}', b'{"again":1}']
 
@@ -476,9 +471,7 @@ async def test_tls_is_verified_against_the_ca_file(certificate: tuple[Path, Path
         system = HttpClient()
         try:
             for host in ("127.0.0.1", "localhost"):
-                reply = await post(trusting, f"https://{host}:{server.port}", b"secret")
-                assert await reply.read() == b"echo:secret"
-                reply.release()
+                assert await fetch(trusting, f"https://{host}:{server.port}", b"secret") == b"echo:secret"
             with pytest.raises(UpstreamError, match="SSLCertVerificationError"):
                 await post(system, server.url)
         finally:
@@ -547,9 +540,7 @@ async def test_trust_env_goes_through_the_proxy(
         try:
             for url, body in ((plain.url, b"plain"), (f"https://localhost:{tls.port}", b"tunnelled")):
                 for _ in range(2):
-                    reply = await post(http, url, body)
-                    assert await reply.read() == b"echo:" + body
-                    reply.release()
+                    assert await fetch(http, url, body) == b"echo:" + body
             assert proxy.seen == [
                 f"POST http://127.0.0.1:{plain.port}/v1/chat/completions HTTP/1.1",
                 f"CONNECT localhost:{tls.port} HTTP/1.1",
