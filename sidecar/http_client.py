@@ -236,7 +236,6 @@ class _Connection(asyncio.Protocol):
         self._informational = False
         self._until_close = False
         self._complete = False
-        self._released = False
         self._keep_alive = False
         self._deadline: float | None = None
         self._last_read = 0.0
@@ -251,7 +250,7 @@ class _Connection(asyncio.Protocol):
         self._response = None
         self._raw_headers = []
         self._got_bytes = self._informational = self._until_close = False
-        self._complete = self._released = False
+        self._complete = False
         self.busy = True
         self._deadline = deadline
         if self.pool.read_timeout is not None:
@@ -267,7 +266,6 @@ class _Connection(asyncio.Protocol):
         self._drop()
 
     def released(self, *, reusable: bool) -> None:
-        self._released = True
         self._response = None
         transport = self.transport
         if reusable and self._complete and self._keep_alive and transport is not None and not transport.is_closing():
