@@ -504,10 +504,7 @@ class SidecarApp:
             await send({"type": "http.response.body", "body": head, "more_body": False})
             return response.status
         finally:
-            if response.at_eof():
-                response.release()
-            else:
-                response.close()
+            response.release()  # back to the pool only when the body was read to its end
             if result.record is not None:
                 # The answer is on its way: now its bookkeeping (``_chat`` flushes the reports).
                 ctx.attempted(result.record)
