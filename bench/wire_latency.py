@@ -106,6 +106,11 @@ def capture_available() -> str | None:
     return None
 
 
+def _port(url: str) -> int:
+    """The port of an ``http://127.0.0.1:PORT/...`` URL."""
+    return int(url.split(":")[2].split("/")[0])
+
+
 def _request_bytes(port: int, headers: tuple[tuple[str, str], ...]) -> bytes:
     """The json-small request as the closed-loop C client sends it."""
     from bench.proxy_overhead import MIXES
@@ -229,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(ideal)
         urls["ideal"] = (ideal.match.group(1) + "/v1/chat/completions", ())
         for url, headers in urls.values():  # warm up: connections, pools
-            measure(url, int(url.split(":")[2].split("/")[0]), headers, 1.0)
+            measure(url, _port(url), headers, 1.0)
         closed_loop = _closed_loop.build(workdir)
         if closed_loop is None:
             print("# no C compiler: the closed-loop C client's columns are left out")
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             order = TARGETS[round_no % len(TARGETS) :] + TARGETS[: round_no % len(TARGETS)]
             for name in order:
                 url, headers = urls[name]
-                port = int(url.split(":")[2].split("/")[0])
+                port = _port(url)
                 run = measure(url, port, headers, args.duration)
                 w50, w99 = _percentile(run.wire_ms, 50), _percentile(run.wire_ms, 99)
                 c50 = c99 = float("nan")
