@@ -59,6 +59,10 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
     async def Watch(
         self, request: pb.WatchRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchResponse]:
+        # Everything needed from the context is read now: after the client
+        # cancels, touching the context can crash grpcio (a segfault was
+        # reproduced with one ``context.peer()`` in the ``finally`` below).
+        peer = context.peer()
         try:
             tenants = self._watch_set(request)
         except PermissionError:
@@ -68,11 +72,11 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             assert mapped is not None
             await context.abort(*mapped)
         sidecar_id = request.sidecar_id[:_MAX_SIDECAR_ID]
-        subscription = self._hub.subscribe(tenants, request.resume_version, sidecar_id=sidecar_id, peer=context.peer())
+        subscription = self._hub.subscribe(tenants, request.resume_version, sidecar_id=sidecar_id, peer=peer)
         log.info(
             "sidecar %r (%s) watching %s from version %d",
             sidecar_id,
-            context.peer(),
+            peer,
             "all tenants" if tenants is None else ",".join(sorted(tenants)),
             request.resume_version,
         )
@@ -81,13 +85,14 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
                 yield response
         finally:
             subscription.close()
-            log.info("sidecar %r (%s) stream ended", sidecar_id, context.peer())
+            log.info("sidecar %r (%s) stream ended", sidecar_id, peer)
 
     async def ReportOutcomes(
         self,
         request_iterator: AsyncIterator[pb.ReportOutcomesRequest],
         context: aio.ServicerContext[Any, Any],
     ) -> pb.ReportOutcomesResponse:
+        peer = context.peer()  # read once, before any await (see Watch)
         scope = current_sidecar_scope()
         if scope is None:  # only when served without the AuthInterceptor
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid sidecar token")
@@ -101,18 +106,18 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             sidecar_id = request.sidecar_id[:_MAX_SIDECAR_ID] or sidecar_id
             if first:
                 first = False
-                log.info("sidecar %r (%s) reporting outcomes", sidecar_id, context.peer())
+                log.info("sidecar %r (%s) reporting outcomes", sidecar_id, peer)
             batch, messages, invalid, out_of_scope = _validate_batch(request, scope, self._successes)
             self._health.note_rejected(invalid=invalid, out_of_scope=out_of_scope, dropped_by_sidecar=request.dropped)
             if out_of_scope and not rejected:
-                log.warning("sidecar %r (%s) reported outcomes outside its tenant scope", sidecar_id, context.peer())
+                log.warning("sidecar %r (%s) reported outcomes outside its tenant scope", sidecar_id, peer)
             rejected += invalid + out_of_scope
             if batch:
                 try:
                     accepted += await self._health.ingest(batch, messages)
                 except Exception:
                     log.exception("folding an outcome report failed")
-        log.debug("sidecar %r (%s) reported %d outcomes (%d rejected)", sidecar_id, context.peer(), accepted, rejected)
+        log.debug("sidecar %r (%s) reported %d outcomes (%d rejected)", sidecar_id, peer, accepted, rejected)
         return pb.ReportOutcomesResponse(accepted=accepted)
 
 
