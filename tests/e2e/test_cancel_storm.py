@@ -21,10 +21,9 @@ import grpc
 from grpc import aio
 
 from keyplane.v1 import admin_service_pb2 as apb
-from keyplane.v1 import admin_service_pb2_grpc
+from keyplane.v1 import admin_service_pb2_grpc, sidecar_service_pb2_grpc
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import sidecar_service_pb2 as spb
-from keyplane.v1 import sidecar_service_pb2_grpc
 from tests.e2e import processes
 
 ADMIN_TOKEN = "kpa-storm-admin-0123456789abcdef"
@@ -129,16 +128,10 @@ async def test_cancel_storm_leaves_the_control_plane_serving(tmp_path: Path) -> 
         try:
             stubs = [sidecar_service_pb2_grpc.SidecarServiceStub(c) for c in channels]
             await _bounded(
-                [
-                    asyncio.ensure_future(limited(_cancelled_watch(stubs[i % len(stubs)], rng)))
-                    for i in range(WATCHES)
-                ]
+                [asyncio.ensure_future(limited(_cancelled_watch(stubs[i % len(stubs)], rng))) for i in range(WATCHES)]
             )
             await _bounded(
-                [
-                    asyncio.ensure_future(limited(_cancelled_report(stubs[i % len(stubs)], rng)))
-                    for i in range(REPORTS)
-                ]
+                [asyncio.ensure_future(limited(_cancelled_report(stubs[i % len(stubs)], rng))) for i in range(REPORTS)]
             )
         finally:
             for channel in channels:
