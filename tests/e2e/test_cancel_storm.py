@@ -35,7 +35,7 @@ REPORTS = 200
 CONCURRENCY = 50
 
 
-async def _cancelled_watch(stub: sidecar_service_pb2_grpc.SidecarServiceStub, rng: random.Random) -> None:
+async def _cancelled_watch(stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub, rng: random.Random) -> None:
     call = stub.Watch(spb.WatchRequest(sidecar_id=f"storm-{rng.random()}"), metadata=SIDECAR_MD)
     await asyncio.sleep(rng.uniform(0.0, 0.05))
     call.cancel()
@@ -59,7 +59,7 @@ def _outcome(tenant: str, index: int) -> spb.Outcome:
     )
 
 
-async def _cancelled_report(stub: sidecar_service_pb2_grpc.SidecarServiceStub, rng: random.Random) -> None:
+async def _cancelled_report(stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub, rng: random.Random) -> None:
     sent_one = asyncio.Event()
 
     async def batches() -> AsyncIterator[spb.ReportOutcomesRequest]:
@@ -114,7 +114,7 @@ async def test_cancel_storm_leaves_the_control_plane_serving(tmp_path: Path) -> 
         port = int(plane.find(r"listening on port (\d+)").group(1))
         target = f"127.0.0.1:{port}"
         async with aio.insecure_channel(target) as channel:
-            admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+            admin: admin_service_pb2_grpc.AdminServiceAsyncStub = admin_service_pb2_grpc.AdminServiceStub(channel)
             await admin.CreateTenant(apb.CreateTenantRequest(name="acme"), metadata=ADMIN_MD)
         rng = random.Random(1234)
         limit = asyncio.Semaphore(CONCURRENCY)
@@ -126,7 +126,9 @@ async def test_cancel_storm_leaves_the_control_plane_serving(tmp_path: Path) -> 
         # Several channels, so cancellations also race connection setup.
         channels = [aio.insecure_channel(target) for _ in range(4)]
         try:
-            stubs = [sidecar_service_pb2_grpc.SidecarServiceStub(c) for c in channels]
+            stubs: list[sidecar_service_pb2_grpc.SidecarServiceAsyncStub] = [
+                sidecar_service_pb2_grpc.SidecarServiceStub(c) for c in channels
+            ]
             await _bounded(
                 [asyncio.ensure_future(limited(_cancelled_watch(stubs[i % len(stubs)], rng))) for i in range(WATCHES)]
             )
@@ -135,12 +137,14 @@ async def test_cancel_storm_leaves_the_control_plane_serving(tmp_path: Path) -> 
             )
         finally:
             for channel in channels:
-                await channel.close()
+                await channel.close(grace=None)
 
         assert plane.process.returncode is None, plane.output
         # Still serving: a new watcher gets its snapshot, and a write reaches it.
         async with aio.insecure_channel(target) as channel:
-            sidecar = sidecar_service_pb2_grpc.SidecarServiceStub(channel)
+            sidecar: sidecar_service_pb2_grpc.SidecarServiceAsyncStub = sidecar_service_pb2_grpc.SidecarServiceStub(
+                channel
+            )
             admin = admin_service_pb2_grpc.AdminServiceStub(channel)
             call = sidecar.Watch(spb.WatchRequest(sidecar_id="after-storm"), metadata=SIDECAR_MD)
             first = await asyncio.wait_for(call.read(), 10)
