@@ -24,6 +24,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
+from control_plane import limits
 from control_plane import validation as v
 from control_plane.aggregator import HealthAggregator
 from control_plane.hub import SnapshotHub, SubscriberInfo
@@ -31,7 +32,7 @@ from control_plane.status import map_errors
 from control_plane.store.base import Store
 from keyplane import convert
 from keyplane.crypto import SecretBox, fingerprint, last4
-from keyplane.domain import ClientKey, KeyStatus, ProviderKey, Route, RouteTarget, Tenant
+from keyplane.domain import ClientKey, EntityKind, KeyStatus, ProviderKey, Route, RouteTarget, Tenant
 from keyplane.errors import InvalidArgument, NotFound
 from keyplane.ids import CLIENT_KEY_PREFIX, PROVIDER_KEY_PREFIX, ROUTE_PREFIX, new_id
 from keyplane.v1 import admin_service_pb2 as pb
@@ -58,6 +59,7 @@ def new_client_token() -> str:
 def _targets(messages: list[resources_pb2.RouteTarget]) -> tuple[RouteTarget, ...]:
     if not messages:
         raise InvalidArgument("targets: a route needs at least one target")
+    limits.check_route_shape([len(m.node_urls) for m in messages])
     return tuple(
         v.validate_route_target(
             index,
@@ -104,6 +106,32 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         except Exception as exc:
             log.warning("write committed but not yet published to sidecars: %s", type(exc).__name__)
 
+    # configuration caps --------------------------------------------------------
+    def _check_key_fits(self, key: ProviderKey, secret_chars: int, *, new: bool) -> None:
+        """The key, as sidecars will hold it, fits in its tenant's caps."""
+        usage = self._hub.usage(key.tenant)
+        if new:
+            limits.check_room(usage, "keys", key.tenant)
+        # Tags and length prefixes: a few bytes on top of the fields.
+        adding = convert.sidecar_key_to_proto(key, "").ByteSize() + secret_chars + 8
+        removing = 0 if new else self._hub.encoded_size(key.tenant, EntityKind.PROVIDER_KEY, key.id)
+        limits.check_snapshot_growth(usage, key.tenant, adding=adding, removing=removing)
+
+    def _check_route_fits(self, route: Route, *, new: bool) -> None:
+        size = convert.route_to_proto(route).ByteSize()
+        limits.check_route_bytes(size)
+        usage = self._hub.usage(route.tenant)
+        if new:
+            limits.check_room(usage, "routes", route.tenant)
+        removing = 0 if new else self._hub.encoded_size(route.tenant, EntityKind.ROUTE, route.id)
+        limits.check_snapshot_growth(usage, route.tenant, adding=size + 8, removing=removing)
+
+    def _check_client_key_fits(self, client_key: ClientKey) -> None:
+        usage = self._hub.usage(client_key.tenant)
+        limits.check_room(usage, "client_keys", client_key.tenant)
+        adding = convert.sidecar_client_key_to_proto(client_key).ByteSize() + 8
+        limits.check_snapshot_growth(usage, client_key.tenant, adding=adding)
+
     # tenants -------------------------------------------------------------------
     @map_errors
     async def CreateTenant(self, request: pb.CreateTenantRequest, context: Context) -> pb.CreateTenantResponse:
@@ -149,6 +177,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         secret = v.validate_secret(request.secret, provider)
         base_url = v.validate_base_url(request.base_url, provider)
         weight = v.validate_weight(request.weight)
+        limits.check_allowed_models(len(request.allowed_models))
         allowed_models = v.validate_allowed_models(request.allowed_models)
         key_id = new_id(PROVIDER_KEY_PREFIX)
         now = self._clock()
@@ -165,6 +194,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             updated_at=now,
             **self._seal(key_id, secret),
         )
+        self._check_key_fits(key, len(secret), new=True)
         created = await self._store.create_provider_key(key)
         await self._publish()
         log.info("created provider key %s (%s) for tenant %s", key_id, provider.value, tenant)
@@ -213,6 +243,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             elif path == "weight":
                 changes["weight"] = v.validate_weight(wanted.weight, field="key.weight")
             elif path == "allowed_models":
+                limits.check_allowed_models(len(wanted.allowed_models), field="key.allowed_models")
                 changes["allowed_models"] = v.validate_allowed_models(wanted.allowed_models, field="key.allowed_models")
             elif path == "base_url":
                 changes["base_url"] = v.validate_base_url(wanted.base_url, current.provider, field="key.base_url")
@@ -220,6 +251,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             secret = v.validate_secret(request.new_secret, current.provider, field="new_secret")
             changes.update(self._seal(key_id, secret))
         updated = dataclasses.replace(current, updated_at=self._clock(), **changes)
+        self._check_key_fits(updated, len(request.new_secret) or v.MAX_SECRET_CHARS, new=False)
         stored = await self._store.update_provider_key(updated)
         await self._publish()
         if changes.get("status") is KeyStatus.ACTIVE or request.new_secret:
@@ -259,6 +291,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             created_at=now,
             updated_at=now,
         )
+        self._check_route_fits(route, new=True)
         created = await self._store.create_route(route)
         await self._publish()
         log.info("created route %s (%s) for tenant %s", route.id, public_model, tenant)
@@ -281,6 +314,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         targets = _targets(list(request.targets))
         current = await self._store.get_route(tenant, route_id)
         updated = dataclasses.replace(current, targets=targets, updated_at=self._clock())
+        self._check_route_fits(updated, new=False)
         stored = await self._store.update_route(updated)
         await self._publish()
         log.info("updated route %s of tenant %s", route_id, tenant)
@@ -309,6 +343,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             token_sha256=hashlib.sha256(token.encode()).digest(),
             created_at=self._clock(),
         )
+        self._check_client_key_fits(client_key)
         created = await self._store.create_client_key(client_key)
         await self._publish()
         log.info("created client key %s for tenant %s", client_key.id, tenant)

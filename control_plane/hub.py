@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 
+from control_plane.limits import TenantUsage
 from control_plane.store.base import Store
 from keyplane import convert
 from keyplane.crypto import MasterKeyError, SecretBox
@@ -39,16 +40,18 @@ from keyplane.domain import (
     ChangeOp,
     ChangeRecord,
     EntityKind,
+    KeyStatus,
     Provider,
     ProviderKey,
     key_health_entity_id,
     provider_health_entity_id,
     split_health_entity_id,
 )
-from keyplane.errors import NotFound
+from keyplane.errors import KeyplaneError, NotFound
+from keyplane.limits import MAX_DELTA_MESSAGE_BYTES, MAX_WATCH_MESSAGE_BYTES
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
-__all__ = ["ChangeListener", "SnapshotHub", "SubscriberInfo", "Subscription"]
+__all__ = ["ChangeListener", "SnapshotHub", "SnapshotTooLarge", "SubscriberInfo", "Subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,10 @@ _PAGE = 1000
 # Told of every published change, in version order, right after memory moved
 # (synchronously: it must not block; exceptions are logged and swallowed).
 ChangeListener = Callable[[ChangeRecord, sidecar_service_pb2.Change], None]
+
+
+class SnapshotTooLarge(KeyplaneError):
+    """The snapshot a watcher asked for would pass the sidecar's receive limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +86,17 @@ class _TenantState:
     key_health: dict[str, resources_pb2.KeyHealth] = field(default_factory=dict)
     provider_health: dict[str, resources_pb2.ProviderHealth] = field(default_factory=dict)
     cached: sidecar_service_pb2.TenantState | None = None
+    cached_size: int = -1
+
+    def size(self, name: str) -> int:
+        """The encoded size of ``to_proto(name)``."""
+        if self.cached is None or self.cached_size < 0:
+            self.cached_size = self.to_proto(name).ByteSize()
+        return self.cached_size
 
     def to_proto(self, name: str) -> sidecar_service_pb2.TenantState:
         if self.cached is None:
+            self.cached_size = -1
             self.cached = sidecar_service_pb2.TenantState(
                 tenant=name,
                 keys=list(self.keys.values()),
@@ -133,7 +148,8 @@ class Subscription:
         self._hub = hub
         self.tenants = tenants
         self._max_pending = max_pending
-        self._pending: deque[sidecar_service_pb2.Change] = deque()
+        # Each queued change with its encoded size.
+        self._pending: deque[tuple[sidecar_service_pb2.Change, int]] = deque()
         self._snapshot_due = False
         self._send_empty_delta = False
         self._wake = asyncio.Event()
@@ -151,19 +167,19 @@ class Subscription:
         self._snapshot_due = True
         self._wake.set()
 
-    def _start_with_delta(self, missed: list[sidecar_service_pb2.Change]) -> None:
+    def _start_with_delta(self, missed: list[tuple[sidecar_service_pb2.Change, int]]) -> None:
         self._pending.extend(missed)
         self._send_empty_delta = True
         self._wake.set()
 
-    def _push(self, change: sidecar_service_pb2.Change) -> None:
+    def _push(self, change: sidecar_service_pb2.Change, size: int) -> None:
         if self._closed or self._snapshot_due:
             return  # the snapshot still to be built will include it
         if len(self._pending) >= self._max_pending:
             self._pending.clear()
             self._snapshot_due = True
         else:
-            self._pending.append(change)
+            self._pending.append((change, size))
         self._wake.set()
 
     # consumer side (the stream) ------------------------------------------------
@@ -177,8 +193,10 @@ class Subscription:
         return self._closed
 
     async def next(self) -> sidecar_service_pb2.WatchResponse | None:
-        """The next message (all queued changes coalesced into one delta), or
-        None once the subscription is closed."""
+        """The next message (queued changes coalesced into one delta of at
+        most ``MAX_DELTA_MESSAGE_BYTES``, the rest following in the next), or
+        None once the subscription is closed. ``SnapshotTooLarge`` when the
+        snapshot due would not fit in one message."""
         while not self._closed:
             if self._snapshot_due:
                 self._snapshot_due = False
@@ -189,10 +207,19 @@ class Subscription:
                 return response
             if self._pending or self._send_empty_delta:
                 self._send_empty_delta = False
-                delta = sidecar_service_pb2.Delta(changes=list(self._pending))
-                self._pending.clear()
-                # Every change up to hub.version for our tenants is in the delta.
-                self._delivered = self._hub.version
+                changes: list[sidecar_service_pb2.Change] = []
+                taken = 0
+                pending = self._pending
+                while pending and (not changes or taken + pending[0][1] <= MAX_DELTA_MESSAGE_BYTES):
+                    change, size = pending.popleft()
+                    changes.append(change)
+                    taken += size
+                # With nothing left, every change up to hub.version for our
+                # tenants is in the delta; else only those up to the last one.
+                self._delivered = changes[-1].version if pending else self._hub.version
+                if pending:
+                    self._wake.set()
+                delta = sidecar_service_pb2.Delta(changes=changes)
                 return sidecar_service_pb2.WatchResponse(version=self._delivered, delta=delta)
             self._wake.clear()
             await self._wake.wait()
@@ -262,7 +289,7 @@ class SnapshotHub:
         self._lock = asyncio.Lock()
         self._tenants: dict[str, _TenantState] = {}
         self._version = 0
-        self._ring: deque[sidecar_service_pb2.Change] = deque(maxlen=log_size)
+        self._ring: deque[tuple[sidecar_service_pb2.Change, int]] = deque(maxlen=log_size)
         # The ring holds every published change with floor < version <= current.
         self._ring_floor = 0
         self._subscribers: set[Subscription] = set()
@@ -303,6 +330,32 @@ class SnapshotHub:
             [state.key_health[k] for k in sorted(state.key_health)],
             [state.provider_health[k] for k in sorted(state.provider_health)],
         )
+
+    def usage(self, tenant: str) -> TenantUsage:
+        """What the tenant holds as sent to sidecars (all zero for an unknown tenant)."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return TenantUsage()
+        return TenantUsage(
+            keys=len(state.keys),
+            routes=len(state.routes),
+            client_keys=len(state.client_keys),
+            snapshot_bytes=state.size(tenant),
+        )
+
+    def encoded_size(self, tenant: str, kind: EntityKind, entity_id: str) -> int:
+        """The encoded size of one key, route or client key as sidecars hold it (0 if absent)."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return 0
+        found: dict[str, sidecar_service_pb2.SidecarProviderKey] | dict[str, resources_pb2.Route] | None = None
+        if kind is EntityKind.PROVIDER_KEY:
+            found = state.keys
+        elif kind is EntityKind.ROUTE:
+            found = state.routes
+        if found is None or entity_id not in found:
+            return 0
+        return found[entity_id].ByteSize()
 
     def add_listener(self, listener: ChangeListener) -> None:
         """Call ``listener`` for every change published from now on."""
@@ -511,13 +564,18 @@ class SnapshotHub:
 
     def _publish(self, change: sidecar_service_pb2.Change) -> None:
         if self._ring.maxlen is not None and len(self._ring) == self._ring.maxlen:
-            self._ring_floor = self._ring[0].version
-        self._ring.append(change)
+            self._ring_floor = self._ring[0][0].version
+        size = change.ByteSize()
+        self._ring.append((change, size))
         for subscription in self._subscribers:
             if subscription.matches(change.tenant):
-                subscription._push(change)
+                subscription._push(change, size)
 
     def _open_key(self, key: ProviderKey) -> sidecar_service_pb2.SidecarProviderKey | None:
+        """The key as sidecars get it; only an active key carries its secret
+        (a disabled or revoked one is sent by id and state alone)."""
+        if key.status is not KeyStatus.ACTIVE:
+            return convert.sidecar_key_to_proto(key, "")
         try:
             secret = self._box.open(key.secret_ciphertext, associated_data=key.id)
         except MasterKeyError:
@@ -533,6 +591,13 @@ class SnapshotHub:
     def snapshot(self, tenants: frozenset[str] | None) -> sidecar_service_pb2.WatchResponse:
         """A full snapshot of ``tenants`` (None: all) from memory, at ``version``."""
         names = sorted(self._tenants if tenants is None else (t for t in tenants if t in self._tenants))
+        size = sum(self._tenants[n].size(n) for n in names)
+        if size > MAX_WATCH_MESSAGE_BYTES - 1024 * 1024:
+            raise SnapshotTooLarge(
+                f"the snapshot of {len(names)} tenant(s) is {size // (1024 * 1024)} MiB, more than one watch "
+                f"message may carry ({MAX_WATCH_MESSAGE_BYTES // (1024 * 1024)} MiB): watch fewer tenants "
+                "(keyplane sidecar --tenant)"
+            )
         snapshot = sidecar_service_pb2.Snapshot(tenants=[self._tenants[n].to_proto(n) for n in names])
         return sidecar_service_pb2.WatchResponse(version=self._version, snapshot=snapshot)
 
@@ -560,7 +625,7 @@ class SnapshotHub:
             connected_at=self._clock(),
         )
         if 0 < resume_version <= self._version and resume_version >= self._ring_floor:
-            missed = [c for c in self._ring if c.version > resume_version and subscription.matches(c.tenant)]
+            missed = [e for e in self._ring if e[0].version > resume_version and subscription.matches(e[0].tenant)]
             if len(missed) > self._max_pending:
                 subscription._start_with_snapshot()
             else:

@@ -24,7 +24,7 @@ from grpc import aio
 from control_plane import validation as v
 from control_plane.aggregator import HealthAggregator, ReportedOutcome
 from control_plane.auth import SidecarScope, current_sidecar_scope
-from control_plane.hub import SnapshotHub
+from control_plane.hub import SnapshotHub, SnapshotTooLarge
 from control_plane.status import status_for
 from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
@@ -83,6 +83,9 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         try:
             async for response in subscription:
                 yield response
+        except SnapshotTooLarge as exc:
+            log.error("sidecar %r (%s): %s", sidecar_id, peer, exc)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         finally:
             subscription.close()
             log.info("sidecar %r (%s) stream ended", sidecar_id, peer)

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from keyplane.limits import MAX_WATCH_MESSAGE_BYTES
 from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
 
 from .config import SidecarConfig
@@ -28,7 +29,7 @@ __all__ = ["Backoff", "WatchClient", "open_channel"]
 
 _log = logging.getLogger(__name__)
 
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_MAX_MESSAGE_BYTES = MAX_WATCH_MESSAGE_BYTES  # the control plane keeps every message under it
 
 
 class Backoff:
