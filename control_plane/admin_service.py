@@ -27,7 +27,8 @@ from grpc import aio
 from control_plane import limits
 from control_plane import validation as v
 from control_plane.aggregator import HealthAggregator
-from control_plane.hub import SnapshotHub, SubscriberInfo
+from control_plane.hub import SnapshotHub
+from control_plane.snapshot_cache import SubscriberInfo
 from control_plane.status import map_errors
 from control_plane.store.base import Store
 from keyplane import convert
@@ -109,25 +110,25 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     # configuration caps --------------------------------------------------------
     def _check_key_fits(self, key: ProviderKey, secret_chars: int, *, new: bool) -> None:
         """The key, as sidecars will hold it, fits in its tenant's caps."""
-        usage = self._hub.usage(key.tenant)
+        usage = self._hub.cache.usage(key.tenant)
         if new:
             limits.check_room(usage, "keys", key.tenant)
         # Tags and length prefixes: a few bytes on top of the fields.
         adding = convert.sidecar_key_to_proto(key, "").ByteSize() + secret_chars + 8
-        removing = 0 if new else self._hub.encoded_size(key.tenant, EntityKind.PROVIDER_KEY, key.id)
+        removing = 0 if new else self._hub.cache.encoded_size(key.tenant, EntityKind.PROVIDER_KEY, key.id)
         limits.check_snapshot_growth(usage, key.tenant, adding=adding, removing=removing)
 
     def _check_route_fits(self, route: Route, *, new: bool) -> None:
         size = convert.route_to_proto(route).ByteSize()
         limits.check_route_bytes(size)
-        usage = self._hub.usage(route.tenant)
+        usage = self._hub.cache.usage(route.tenant)
         if new:
             limits.check_room(usage, "routes", route.tenant)
-        removing = 0 if new else self._hub.encoded_size(route.tenant, EntityKind.ROUTE, route.id)
+        removing = 0 if new else self._hub.cache.encoded_size(route.tenant, EntityKind.ROUTE, route.id)
         limits.check_snapshot_growth(usage, route.tenant, adding=size + 8, removing=removing)
 
     def _check_client_key_fits(self, client_key: ClientKey) -> None:
-        usage = self._hub.usage(client_key.tenant)
+        usage = self._hub.cache.usage(client_key.tenant)
         limits.check_room(usage, "client_keys", client_key.tenant)
         adding = convert.sidecar_client_key_to_proto(client_key).ByteSize() + 8
         limits.check_snapshot_growth(usage, client_key.tenant, adding=adding)
@@ -367,7 +368,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     @map_errors
     async def GetHealth(self, request: pb.GetHealthRequest, context: Context) -> pb.GetHealthResponse:
         tenant = v.validate_tenant_name(request.tenant)
-        health = self._hub.health(tenant)
+        health = self._hub.cache.health(tenant)
         if health is None:
             raise NotFound(f"tenant {tenant!r} not found")
         key_health, provider_health = health
@@ -393,7 +394,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
 
     @map_errors
     async def ListSidecars(self, request: pb.ListSidecarsRequest, context: Context) -> pb.ListSidecarsResponse:
-        return pb.ListSidecarsResponse(sidecars=[_sidecar_info(i) for i in self._hub.connected()])
+        return pb.ListSidecarsResponse(sidecars=[_sidecar_info(i) for i in self._hub.cache.connected()])
 
 
 def _sidecar_info(info: SubscriberInfo) -> pb.SidecarInfo:

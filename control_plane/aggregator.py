@@ -105,10 +105,10 @@ class HealthAggregator:
         """Adopt the health the hub loaded from the store, follow the hub and
         start the retry/sweep task. Call after ``hub.start()``."""
         # No await between these: nothing published can fall in between.
-        self._hub.add_listener(self._on_change)
+        self._hub.cache.add_listener(self._on_change)
         loaded = 0
-        for tenant in self._hub.tenant_names():
-            health = self._hub.health(tenant)
+        for tenant in self._hub.cache.tenant_names():
+            health = self._hub.cache.health(tenant)
             if health is None:
                 continue
             messages: list[resources_pb2.KeyHealth | resources_pb2.ProviderHealth] = [*health[0], *health[1]]
@@ -122,7 +122,7 @@ class HealthAggregator:
 
     async def close(self) -> None:
         """Stop the background task and try one last flush."""
-        self._hub.remove_listener(self._on_change)
+        self._hub.cache.remove_listener(self._on_change)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,7 +156,7 @@ class HealthAggregator:
         for index, item in enumerate(outcomes):
             outcome = item.outcome
             tenant = item.tenant
-            if self._hub.key_provider(tenant, outcome.key_id) is not outcome.provider:
+            if self._hub.cache.key_provider(tenant, outcome.key_id) is not outcome.provider:
                 self.stats.unknown += 1
                 continue
             accepted += 1
@@ -311,7 +311,7 @@ class HealthAggregator:
                 # Learnt elsewhere (another replica, or a reset through it).
                 message = change.key_health if which == "key_health" else change.provider_health
                 health_change = _change_from_proto(message)
-                if health_change is None or not self._hub.has_tenant(tenant):
+                if health_change is None or not self._hub.cache.has_tenant(tenant):
                     continue
                 if _is_key_reset(health_change):
                     # Only a reset makes a key-wide entry HEALTHY: forget the whole key,
@@ -345,14 +345,14 @@ class HealthAggregator:
         now = self._clock()
         evicted = 0
         for tenant in list(self._books):
-            if not self._hub.has_tenant(tenant):
+            if not self._hub.cache.has_tenant(tenant):
                 del self._books[tenant]
                 continue
             evicted += self._books[tenant].evict(now)
         self.stats.evicted += evicted
         stale_before = now - self._policy.idle_ttl
-        for tenant in self._hub.tenant_names():
-            health = self._hub.health(tenant)
+        for tenant in self._hub.cache.tenant_names():
+            health = self._hub.cache.health(tenant)
             if health is None:
                 continue
             messages: list[resources_pb2.KeyHealth | resources_pb2.ProviderHealth] = [*health[0], *health[1]]

@@ -114,7 +114,7 @@ class ControlPlane:
                 AdminService(store, self._hub, box, health=self._aggregator), server
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(
-                SidecarService(self._hub, self._aggregator), server
+                SidecarService(self._hub.cache, self._aggregator), server
             )
             self._health = AsyncHealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

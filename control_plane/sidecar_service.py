@@ -2,8 +2,8 @@
 long-lived ReportOutcomes stream per sidecar.
 
 The Watch handler only checks the request against the token's scope and
-forwards what the hub's subscription yields; the queueing, coalescing and
-snapshot-or-delta decisions live in ``control_plane.hub``.
+forwards what its subscription to the snapshot cache yields; the queueing,
+coalescing and snapshot-or-delta decisions live in ``control_plane.snapshot_cache``.
 
 The ReportOutcomes handler validates each outcome (tenant within the token's
 scope, a known class and provider, a key id and a model); invalid outcomes
@@ -24,7 +24,7 @@ from grpc import aio
 from control_plane import validation as v
 from control_plane.aggregator import HealthAggregator, ReportedOutcome
 from control_plane.auth import SidecarScope, current_sidecar_scope
-from control_plane.hub import SnapshotHub, SnapshotTooLarge
+from control_plane.snapshot_cache import SnapshotCache, SnapshotTooLarge
 from control_plane.status import status_for
 from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
@@ -39,8 +39,8 @@ _MAX_SIDECAR_ID = 256
 
 
 class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
-    def __init__(self, hub: SnapshotHub, health: HealthAggregator | None = None) -> None:
-        self._hub = hub
+    def __init__(self, cache: SnapshotCache, health: HealthAggregator | None = None) -> None:
+        self._cache = cache
         self._health = health
         # Converted success outcomes, reused across reports (see ``_validate_batch``).
         self._successes: dict[_SuccessKey, ReportedOutcome] = {}
@@ -51,7 +51,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             raise PermissionError
         requested = [v.validate_tenant_name(t, field="tenants") for t in request.tenants]
         tenants = scope.resolve(requested)
-        unknown = sorted(t for t in set(requested) if not self._hub.has_tenant(t))
+        unknown = sorted(t for t in set(requested) if not self._cache.has_tenant(t))
         if unknown:
             raise NotFound(f"unknown tenant(s): {', '.join(unknown)}")
         return tenants
@@ -72,7 +72,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             assert mapped is not None
             await context.abort(*mapped)
         sidecar_id = request.sidecar_id[:_MAX_SIDECAR_ID]
-        subscription = self._hub.subscribe(tenants, request.resume_version, sidecar_id=sidecar_id, peer=peer)
+        subscription = self._cache.subscribe(tenants, request.resume_version, sidecar_id=sidecar_id, peer=peer)
         log.info(
             "sidecar %r (%s) watching %s from version %d",
             sidecar_id,

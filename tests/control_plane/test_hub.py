@@ -14,6 +14,7 @@ import pytest
 
 from control_plane import hub as hub_module
 from control_plane.hub import SnapshotHub
+from control_plane.snapshot_cache import Subscription
 from control_plane.store import SqliteStore
 from keyplane.crypto import SecretBox, fingerprint, last4
 from keyplane.domain import ClientKey, KeyStatus, Provider, ProviderKey, Route, RouteTarget, Tenant
@@ -65,7 +66,7 @@ def _route(route_id: str, tenant: str = "acme") -> Route:
     )
 
 
-async def _next(subscription: hub_module.Subscription, within: float = 1.0) -> spb.WatchResponse:
+async def _next(subscription: Subscription, within: float = 1.0) -> spb.WatchResponse:
     message = await asyncio.wait_for(subscription.next(), within)
     assert message is not None
     return message
@@ -90,7 +91,7 @@ async def test_start_loads_everything_and_snapshots_come_from_memory(store: Sqli
     try:
         assert hub.version == await store.latest_version()
         await store.close()  # the database is gone: snapshots still work
-        message = hub.snapshot(None)
+        message = hub.cache.snapshot(None)
         assert message.version == hub.version
         acme, empty = message.snapshot.tenants
         assert (acme.tenant, empty.tenant) == ("acme", "empty")
@@ -99,7 +100,7 @@ async def test_start_loads_everything_and_snapshots_come_from_memory(store: Sqli
         assert [r.id for r in acme.routes] == ["rt_1"]
         assert list(acme.routes[0].targets[0].node_urls) == ["http://10.0.0.1:8000"]
         assert [(c.id, c.token_sha256) for c in acme.client_keys] == [("ck_1", b"\x01" * 32)]
-        only_empty = hub.snapshot(frozenset({"empty", "gone"}))
+        only_empty = hub.cache.snapshot(frozenset({"empty", "gone"}))
         assert [t.tenant for t in only_empty.snapshot.tenants] == ["empty"]
     finally:
         await hub.close()
@@ -108,7 +109,7 @@ async def test_start_loads_everything_and_snapshots_come_from_memory(store: Sqli
 async def test_catch_up_publishes_in_version_order(hub: SnapshotHub, store: SqliteStore, box: SecretBox) -> None:
     await store.create_tenant(Tenant("acme", NOW))
     await hub.catch_up()
-    subscription = hub.subscribe(None, 0, sidecar_id="s1")
+    subscription = hub.cache.subscribe(None, 0, sidecar_id="s1")
     assert (await _next(subscription)).snapshot.tenants[0].tenant == "acme"
 
     await store.create_provider_key(_key(box, "pk_1"))
@@ -126,11 +127,11 @@ async def test_catch_up_publishes_in_version_order(hub: SnapshotHub, store: Sqli
     await hub.catch_up()
     message = await _next(subscription)
     assert [c.tenant_deleted for c in message.delta.changes] == [True]
-    assert not hub.has_tenant("acme")
-    assert list(hub.snapshot(None).snapshot.tenants) == []
+    assert not hub.cache.has_tenant("acme")
+    assert list(hub.cache.snapshot(None).snapshot.tenants) == []
 
     subscription.close()
-    assert hub.connected() == []
+    assert hub.cache.connected() == []
     assert await subscription.next() is None
 
 
@@ -139,8 +140,8 @@ async def test_slow_subscriber_gets_one_snapshot_and_never_blocks(
 ) -> None:
     await store.create_tenant(Tenant("acme", NOW))
     await hub.catch_up()
-    slow = hub.subscribe(None, 0, sidecar_id="slow")
-    fast = hub.subscribe(frozenset({"acme"}), 0, sidecar_id="fast")
+    slow = hub.cache.subscribe(None, 0, sidecar_id="slow")
+    fast = hub.cache.subscribe(frozenset({"acme"}), 0, sidecar_id="fast")
     await _next(slow)
     await _next(fast)
     for n in range(20):  # max_pending is 5
@@ -157,7 +158,7 @@ async def test_slow_subscriber_gets_one_snapshot_and_never_blocks(
     await store.create_provider_key(_key(box, "pk_last"))
     await hub.catch_up()
     assert [c.key_put.id for c in (await _next(slow)).delta.changes] == ["pk_last"]
-    infos = {i.sidecar_id: i for i in hub.connected()}
+    infos = {i.sidecar_id: i for i in hub.cache.connected()}
     assert infos["slow"].version == hub.version  # fast has not read pk_last yet
     assert infos["fast"].version == hub.version - 1
     assert infos["fast"].tenants == frozenset({"acme"})
@@ -168,7 +169,7 @@ async def test_a_few_pending_changes_are_coalesced_into_one_delta(
 ) -> None:
     await store.create_tenant(Tenant("acme", NOW))
     await hub.catch_up()
-    subscription = hub.subscribe(None, hub.version)
+    subscription = hub.cache.subscribe(None, hub.version)
     assert list((await _next(subscription)).delta.changes) == []
     for n in range(3):
         await store.create_provider_key(_key(box, f"pk_{n}"))
@@ -186,8 +187,8 @@ async def test_resume_too_far_back_for_the_queue_gets_a_snapshot(
     for n in range(8):  # inside the ring (50) but more than max_pending (5)
         await store.create_provider_key(_key(box, f"pk_{n}"))
     await hub.catch_up()
-    assert (await _next(hub.subscribe(None, held))).WhichOneof("payload") == "snapshot"
-    assert (await _next(hub.subscribe(None, held + 5))).WhichOneof("payload") == "delta"
+    assert (await _next(hub.cache.subscribe(None, held))).WhichOneof("payload") == "snapshot"
+    assert (await _next(hub.cache.subscribe(None, held + 5))).WhichOneof("payload") == "delta"
 
 
 async def test_catch_up_pages_through_a_long_log(
@@ -198,7 +199,7 @@ async def test_catch_up_pages_through_a_long_log(
     for n in range(5):
         await store.create_route(_route(f"rt_{n}"))
     assert await hub.catch_up() == await store.latest_version()
-    assert len(hub.snapshot(None).snapshot.tenants[0].routes) == 5
+    assert len(hub.cache.snapshot(None).snapshot.tenants[0].routes) == 5
 
 
 async def test_a_key_that_does_not_open_is_not_sent(
@@ -213,7 +214,7 @@ async def test_a_key_that_does_not_open_is_not_sent(
     await store.create_provider_key(dataclasses.replace(moved, secret_ciphertext=good.secret_ciphertext))
     hub = SnapshotHub(store, box)
     await hub.start()
-    keys = hub.snapshot(None).snapshot.tenants[0].keys
+    keys = hub.cache.snapshot(None).snapshot.tenants[0].keys
     assert [k.id for k in keys] == ["pk_good"]
     await hub.close()
     assert "pk_bad" in caplog.text and SECRET not in caplog.text
@@ -221,7 +222,7 @@ async def test_a_key_that_does_not_open_is_not_sent(
 
 async def test_subscribe_after_close_ends_at_once(hub: SnapshotHub) -> None:
     await hub.close()
-    assert await hub.subscribe(None, 0).next() is None
+    assert await hub.cache.subscribe(None, 0).next() is None
 
 
 async def test_the_poller_picks_up_writes_nobody_announced(store: SqliteStore, box: SecretBox) -> None:
@@ -229,7 +230,7 @@ async def test_the_poller_picks_up_writes_nobody_announced(store: SqliteStore, b
     hub = SnapshotHub(store, box, poll_interval=0.02)
     await hub.start()
     try:
-        subscription = hub.subscribe(None, hub.version)
+        subscription = hub.cache.subscribe(None, hub.version)
         await _next(subscription)
         await store.create_route(_route("rt_1"))  # no catch_up() call
         message = await _next(subscription, within=1.0)

@@ -171,7 +171,7 @@ async def test_a_tenant_cannot_grow_past_the_snapshot_cap(harness: Harness) -> N
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "the most a tenant may hold is 16.0 MiB" in details
     assert 50 < created < 100
-    usage = harness.plane.hub.usage("acme")
+    usage = harness.plane.hub.cache.usage("acme")
     assert usage.routes == created
     assert usage.snapshot_bytes <= MAX_TENANT_SNAPSHOT_BYTES
     # A sidecar with the real receive limit gets the whole tenant in one message.

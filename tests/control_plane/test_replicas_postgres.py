@@ -20,7 +20,7 @@ from keyplane.health import KeyScope
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import sidecar_service_pb2 as spb
-from tests.control_plane.conftest import ADMIN_MD, SECRET, Harness, HarnessFactory, next_message
+from tests.control_plane.conftest import ADMIN_MD, Harness, HarnessFactory, next_message
 from tests.control_plane.test_health import credential, outcome, report, watching
 
 PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")

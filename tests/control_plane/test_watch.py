@@ -84,7 +84,7 @@ async def test_snapshot_then_deltas(harness: Harness, caplog: pytest.LogCaptureF
     [change] = delta.delta.changes
     assert change.tenant == "acme" and change.tenant_deleted
 
-    infos = harness.plane.hub.connected()
+    infos = harness.plane.hub.cache.connected()
     assert [(i.sidecar_id, i.tenants, i.version) for i in infos] == [("sc-test", None, delta.version)]
     assert infos[0].peer.startswith("ipv4:127.0.0.1:")
     assert SECRET not in caplog.text

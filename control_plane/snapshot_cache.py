@@ -1,0 +1,507 @@
+"""The control plane's in-memory snapshot and its fan-out to watch streams.
+
+``SnapshotCache`` is fed from outside and only serves (go-control-plane's
+snapshot cache is the model): ``load`` hands it every tenant once, ``apply``
+moves it one change-log record at a time, in version order. It keeps each
+tenant's state as sidecars get it, a bounded ring of recent changes (for
+resuming sidecars) and the subscribers. No I/O: the follower in
+``control_plane.hub`` reads the store and feeds it, and tests feed it by hand.
+
+Every subscriber has its own bounded queue; ``apply`` only appends to it and
+never waits. A subscriber that falls more than ``max_pending`` changes behind
+loses its queued changes and gets one fresh snapshot instead. Snapshots are
+built from memory, never from the store, so a fleet of reconnecting sidecars
+never touches the database.
+
+Learnt health (KEY_HEALTH / PROVIDER_HEALTH changes) is kept the same way:
+only entries that are not healthy stay in memory and go into snapshots; a
+change to HEALTHY is published as a ``KeyHealth`` / ``ProviderHealth`` with
+state HEALTHY, meaning "forget any earlier entry". A deleted key's health
+goes with it.
+
+Invariant: memory reflects exactly ``version`` and every change up to
+``version`` has been published to the subscribers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+
+from control_plane.limits import TenantUsage
+from keyplane import convert
+from keyplane.domain import (
+    ChangeOp,
+    ChangeRecord,
+    EntityKind,
+    Provider,
+    key_health_entity_id,
+    provider_health_entity_id,
+)
+from keyplane.errors import KeyplaneError
+from keyplane.limits import MAX_DELTA_MESSAGE_BYTES, MAX_WATCH_MESSAGE_BYTES
+from keyplane.v1 import resources_pb2, sidecar_service_pb2
+
+__all__ = [
+    "ChangeListener",
+    "SnapshotCache",
+    "SnapshotTooLarge",
+    "SubscriberInfo",
+    "Subscription",
+    "TenantContents",
+]
+
+log = logging.getLogger(__name__)
+
+# Told of every published change, in version order, right after memory moved
+# (synchronously: it must not block; exceptions are logged and swallowed).
+ChangeListener = Callable[[ChangeRecord, sidecar_service_pb2.Change], None]
+
+
+class SnapshotTooLarge(KeyplaneError):
+    """The snapshot a watcher asked for would pass the sidecar's receive limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberInfo:
+    """One connected watch stream, for the admin's view of the fleet."""
+
+    sidecar_id: str
+    tenants: frozenset[str] | None  # None: every tenant
+    peer: str
+    connected_at: datetime
+    version: int  # the version of the last message handed to the stream
+
+
+@dataclass(slots=True)
+class _TenantState:
+    keys: dict[str, sidecar_service_pb2.SidecarProviderKey] = field(default_factory=dict)
+    routes: dict[str, resources_pb2.Route] = field(default_factory=dict)
+    client_keys: dict[str, sidecar_service_pb2.SidecarClientKey] = field(default_factory=dict)
+    # Only entries that are not healthy, by change-log entity id.
+    key_health: dict[str, resources_pb2.KeyHealth] = field(default_factory=dict)
+    provider_health: dict[str, resources_pb2.ProviderHealth] = field(default_factory=dict)
+    cached: sidecar_service_pb2.TenantState | None = None
+    cached_size: int = -1
+
+    def size(self, name: str) -> int:
+        """The encoded size of ``to_proto(name)``."""
+        if self.cached is None or self.cached_size < 0:
+            self.cached_size = self.to_proto(name).ByteSize()
+        return self.cached_size
+
+    def to_proto(self, name: str) -> sidecar_service_pb2.TenantState:
+        if self.cached is None:
+            self.cached_size = -1
+            self.cached = sidecar_service_pb2.TenantState(
+                tenant=name,
+                keys=list(self.keys.values()),
+                routes=list(self.routes.values()),
+                client_keys=list(self.client_keys.values()),
+                key_health=[self.key_health[k] for k in sorted(self.key_health)],
+                provider_health=[self.provider_health[k] for k in sorted(self.provider_health)],
+            )
+        return self.cached
+
+    def put_key_health(self, health: resources_pb2.KeyHealth) -> None:
+        entity_id = key_health_entity_id(health.key_id, health.model)
+        if health.state == resources_pb2.HEALTH_STATE_HEALTHY:
+            self.key_health.pop(entity_id, None)
+        elif health.key_id in self.keys:
+            self.key_health[entity_id] = health
+
+    def put_provider_health(self, health: resources_pb2.ProviderHealth) -> None:
+        provider = convert.provider_from_proto(health.provider)
+        if provider is None:
+            return
+        entity_id = provider_health_entity_id(provider, health.model)
+        if health.state == resources_pb2.HEALTH_STATE_HEALTHY:
+            self.provider_health.pop(entity_id, None)
+        else:
+            self.provider_health[entity_id] = health
+
+    def drop_key(self, key_id: str) -> None:
+        self.keys.pop(key_id, None)
+        prefix = key_health_entity_id(key_id, "")
+        for entity_id in [e for e in self.key_health if e.startswith(prefix)]:
+            del self.key_health[entity_id]
+
+
+class Subscription:
+    """One watcher's view: iterate it for ``WatchResponse`` messages; it ends
+    when closed (by the watcher or by ``SnapshotCache.close``)."""
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        tenants: frozenset[str] | None,
+        *,
+        max_pending: int,
+        sidecar_id: str,
+        peer: str,
+        connected_at: datetime,
+    ) -> None:
+        self._cache = cache
+        self.tenants = tenants
+        self._max_pending = max_pending
+        # Each queued change with its encoded size.
+        self._pending: deque[tuple[sidecar_service_pb2.Change, int]] = deque()
+        self._snapshot_due = False
+        self._send_empty_delta = False
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._delivered = 0
+        self._sidecar_id = sidecar_id
+        self._peer = peer
+        self._connected_at = connected_at
+
+    # producer side (the cache) ---------------------------------------------------
+    def matches(self, tenant: str) -> bool:
+        return self.tenants is None or tenant in self.tenants
+
+    def _start_with_snapshot(self) -> None:
+        self._snapshot_due = True
+        self._wake.set()
+
+    def _start_with_delta(self, missed: list[tuple[sidecar_service_pb2.Change, int]]) -> None:
+        self._pending.extend(missed)
+        self._send_empty_delta = True
+        self._wake.set()
+
+    def _push(self, change: sidecar_service_pb2.Change, size: int) -> None:
+        if self._closed or self._snapshot_due:
+            return  # the snapshot still to be built will include it
+        if len(self._pending) >= self._max_pending:
+            self._pending.clear()
+            self._snapshot_due = True
+        else:
+            self._pending.append((change, size))
+        self._wake.set()
+
+    # consumer side (the stream) ------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Changes queued and not yet taken by the stream."""
+        return len(self._pending)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def next(self) -> sidecar_service_pb2.WatchResponse | None:
+        """The next message (queued changes coalesced into one delta of at
+        most ``MAX_DELTA_MESSAGE_BYTES``, the rest following in the next), or
+        None once the subscription is closed. ``SnapshotTooLarge`` when the
+        snapshot due would not fit in one message."""
+        while not self._closed:
+            if self._snapshot_due:
+                self._snapshot_due = False
+                self._send_empty_delta = False
+                self._pending.clear()
+                response = self._cache.snapshot(self.tenants)
+                self._delivered = response.version
+                return response
+            if self._pending or self._send_empty_delta:
+                self._send_empty_delta = False
+                changes: list[sidecar_service_pb2.Change] = []
+                taken = 0
+                pending = self._pending
+                while pending and (not changes or taken + pending[0][1] <= MAX_DELTA_MESSAGE_BYTES):
+                    change, size = pending.popleft()
+                    changes.append(change)
+                    taken += size
+                # With nothing left, every change up to cache.version for our
+                # tenants is in the delta; else only those up to the last one.
+                self._delivered = changes[-1].version if pending else self._cache.version
+                if pending:
+                    self._wake.set()
+                delta = sidecar_service_pb2.Delta(changes=changes)
+                return sidecar_service_pb2.WatchResponse(version=self._delivered, delta=delta)
+            self._wake.clear()
+            await self._wake.wait()
+        return None
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> sidecar_service_pb2.WatchResponse:
+        response = await self.next()
+        if response is None:
+            raise StopAsyncIteration
+        return response
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pending.clear()
+        self._wake.set()
+        self._cache._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def info(self) -> SubscriberInfo:
+        return SubscriberInfo(
+            sidecar_id=self._sidecar_id,
+            tenants=self.tenants,
+            peer=self._peer,
+            connected_at=self._connected_at,
+            version=self._delivered,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TenantContents:
+    """One tenant as loaded from the store, in the form sidecars get it."""
+
+    keys: tuple[sidecar_service_pb2.SidecarProviderKey, ...] = ()
+    routes: tuple[resources_pb2.Route, ...] = ()
+    client_keys: tuple[sidecar_service_pb2.SidecarClientKey, ...] = ()
+    key_health: tuple[resources_pb2.KeyHealth, ...] = ()
+    provider_health: tuple[resources_pb2.ProviderHealth, ...] = ()
+
+    def to_state(self) -> _TenantState:
+        state = _TenantState()
+        state.keys = {k.id: k for k in self.keys}
+        state.routes = {r.id: r for r in self.routes}
+        state.client_keys = {c.id: c for c in self.client_keys}
+        for key_health in self.key_health:
+            state.put_key_health(key_health)
+        for provider_health in self.provider_health:
+            state.put_provider_health(provider_health)
+        return state
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class SnapshotCache:
+    def __init__(
+        self,
+        *,
+        log_size: int = 10000,
+        max_pending: int = 1000,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        if log_size < 1 or max_pending < 1:
+            raise ValueError("log_size and max_pending must be at least 1")
+        self._max_pending = max_pending
+        self._clock = clock
+        self._tenants: dict[str, _TenantState] = {}
+        self._version = 0
+        self._ring: deque[tuple[sidecar_service_pb2.Change, int]] = deque(maxlen=log_size)
+        # The ring holds every published change with floor < version <= current.
+        self._ring_floor = 0
+        self._subscribers: set[Subscription] = set()
+        self._listeners: list[ChangeListener] = []
+        self._loaded = False
+        self._closed = False
+
+    # state ---------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def has_tenant(self, name: str) -> bool:
+        return name in self._tenants
+
+    def tenant_names(self) -> list[str]:
+        return sorted(self._tenants)
+
+    def connected(self) -> list[SubscriberInfo]:
+        return sorted((s.info for s in self._subscribers), key=lambda i: (i.connected_at, i.sidecar_id))
+
+    def key_provider(self, tenant: str, key_id: str) -> Provider | None:
+        """The provider of a key the sidecars know, or None (no such tenant or key)."""
+        state = self._tenants.get(tenant)
+        key = state.keys.get(key_id) if state is not None else None
+        return convert.provider_from_proto(key.provider) if key is not None else None
+
+    def health(self, tenant: str) -> tuple[list[resources_pb2.KeyHealth], list[resources_pb2.ProviderHealth]] | None:
+        """The tenant's entries that are not healthy (key health ordered by key
+        id then model, provider health by provider then model), as last
+        written; None for an unknown tenant. Cooldowns whose ``until`` has
+        passed are included: callers decide what "now" is."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return None
+        return (
+            [state.key_health[k] for k in sorted(state.key_health)],
+            [state.provider_health[k] for k in sorted(state.provider_health)],
+        )
+
+    def usage(self, tenant: str) -> TenantUsage:
+        """What the tenant holds as sent to sidecars (all zero for an unknown tenant)."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return TenantUsage()
+        return TenantUsage(
+            keys=len(state.keys),
+            routes=len(state.routes),
+            client_keys=len(state.client_keys),
+            snapshot_bytes=state.size(tenant),
+        )
+
+    def encoded_size(self, tenant: str, kind: EntityKind, entity_id: str) -> int:
+        """The encoded size of one key, route or client key as sidecars hold it (0 if absent)."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return 0
+        found: dict[str, sidecar_service_pb2.SidecarProviderKey] | dict[str, resources_pb2.Route] | None = None
+        if kind is EntityKind.PROVIDER_KEY:
+            found = state.keys
+        elif kind is EntityKind.ROUTE:
+            found = state.routes
+        if found is None or entity_id not in found:
+            return 0
+        return found[entity_id].ByteSize()
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """Call ``listener`` for every change published from now on."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ChangeListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    # feeding -------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self, version: int, tenants: Mapping[str, TenantContents]) -> None:
+        """Start from ``tenants`` as they were at ``version`` (before any subscriber)."""
+        if self._subscribers:
+            raise RuntimeError("SnapshotCache.load() after subscribers joined")
+        self._version = version
+        self._ring_floor = version
+        self._ring.clear()
+        self._tenants = {name: contents.to_state() for name, contents in tenants.items()}
+        self._loaded = True
+
+    def apply(self, record: ChangeRecord, change: sidecar_service_pb2.Change | None) -> None:
+        """Move to ``record.version``: apply ``change`` (None: nothing to apply,
+        e.g. a PUT of an entity a later change deleted) and publish it."""
+        self._version = record.version
+        if change is None:
+            return
+        if record.kind is EntityKind.TENANT:
+            if record.op is ChangeOp.DELETE:
+                self._tenants.pop(record.tenant, None)
+            else:
+                # A tenant PUT carries no payload: the tenant exists, empty at first.
+                self._tenants.setdefault(record.tenant, _TenantState())
+                return
+        elif record.op is ChangeOp.PUT or record.tenant in self._tenants:
+            # A PUT was just read back from the store, so its tenant exists.
+            state = self._tenants.setdefault(record.tenant, _TenantState())
+            state.cached = None
+            which = change.WhichOneof("change")
+            if which == "key_put":
+                state.keys[change.key_put.id] = change.key_put
+            elif which == "key_deleted":
+                state.drop_key(change.key_deleted)
+            elif which == "route_put":
+                state.routes[change.route_put.id] = change.route_put
+            elif which == "route_deleted":
+                state.routes.pop(change.route_deleted, None)
+            elif which == "client_key_put":
+                state.client_keys[change.client_key_put.id] = change.client_key_put
+            elif which == "client_key_deleted":
+                state.client_keys.pop(change.client_key_deleted, None)
+            elif which == "key_health":
+                state.put_key_health(change.key_health)
+            elif which == "provider_health":
+                state.put_provider_health(change.provider_health)
+        self._publish(change)
+        for listener in list(self._listeners):
+            try:
+                listener(record, change)
+            except Exception:
+                log.exception("snapshot cache change listener failed")
+
+    def _publish(self, change: sidecar_service_pb2.Change) -> None:
+        if self._ring.maxlen is not None and len(self._ring) == self._ring.maxlen:
+            self._ring_floor = self._ring[0][0].version
+        size = change.ByteSize()
+        self._ring.append((change, size))
+        for subscription in self._subscribers:
+            if subscription.matches(change.tenant):
+                subscription._push(change, size)
+
+    def close(self) -> None:
+        """End every subscription; later subscriptions end at once."""
+        self._closed = True
+        for subscription in list(self._subscribers):
+            subscription.close()
+
+    # subscribers -------------------------------------------------------------------
+    def snapshot(self, tenants: frozenset[str] | None) -> sidecar_service_pb2.WatchResponse:
+        """A full snapshot of ``tenants`` (None: all) from memory, at ``version``."""
+        names = sorted(self._tenants if tenants is None else (t for t in tenants if t in self._tenants))
+        size = sum(self._tenants[n].size(n) for n in names)
+        if size > MAX_WATCH_MESSAGE_BYTES - 1024 * 1024:
+            raise SnapshotTooLarge(
+                f"the snapshot of {len(names)} tenant(s) is {size // (1024 * 1024)} MiB, more than one watch "
+                f"message may carry ({MAX_WATCH_MESSAGE_BYTES // (1024 * 1024)} MiB): watch fewer tenants "
+                "(keyplane sidecar --tenant)"
+            )
+        snapshot = sidecar_service_pb2.Snapshot(tenants=[self._tenants[n].to_proto(n) for n in names])
+        return sidecar_service_pb2.WatchResponse(version=self._version, snapshot=snapshot)
+
+    def subscribe(
+        self,
+        tenants: frozenset[str] | None,
+        resume_version: int,
+        *,
+        sidecar_id: str = "",
+        peer: str = "",
+    ) -> Subscription:
+        """Watch ``tenants`` (None: every tenant, present and future).
+
+        The first message is a delta of the changes after ``resume_version``
+        (possibly empty) when the ring still holds them all, else a snapshot.
+        """
+        if not self._loaded:
+            raise RuntimeError("SnapshotCache.load() has not been called")
+        subscription = Subscription(
+            self,
+            tenants,
+            max_pending=self._max_pending,
+            sidecar_id=sidecar_id,
+            peer=peer,
+            connected_at=self._clock(),
+        )
+        if 0 < resume_version <= self._version and resume_version >= self._ring_floor:
+            missed = [e for e in self._ring if e[0].version > resume_version and subscription.matches(e[0].tenant)]
+            if len(missed) > self._max_pending:
+                subscription._start_with_snapshot()
+            else:
+                subscription._start_with_delta(missed)
+        else:
+            subscription._start_with_snapshot()
+        if self._closed:
+            subscription.close()
+        else:
+            self._subscribers.add(subscription)
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
