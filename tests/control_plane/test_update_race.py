@@ -27,7 +27,7 @@ from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import sidecar_service_pb2 as spb
 from sidecar.state import SidecarState
-from tests.control_plane.conftest import ADMIN_MD, EOF, SECRET, Harness, HarnessFactory, WatchCall
+from tests.control_plane.conftest import ADMIN_MD, EOF, SECRET, Harness, HarnessFactory, WatchCall, next_message
 
 PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 PAIRS = 200
@@ -162,7 +162,7 @@ async def test_concurrent_rotations_and_updates_end_with_the_last_rotated_secret
     # A sidecar that connects now gets it in its snapshot too.
     for n, replica in enumerate(replicas):
         fresh = Watcher(replica.watch(tenants=("acme",), sidecar_id=f"sc-late-{n}"))
-        fresh.state.apply(await asyncio.wait_for(fresh.call.read(), 5))
+        fresh.state.apply(await next_message(fresh.call, within=5))
         assert fresh.key(key.id) == (last_secret, current_weight)
 
     for task in followers:
