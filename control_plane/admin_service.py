@@ -9,6 +9,12 @@ Health is read from the hub's memory (what the sidecars were told), never
 from the store. Resetting a key's health, re-enabling a key (status ACTIVE)
 or rotating its secret clears its learnt health through the aggregator, so
 its in-memory books forget the key too.
+
+Updates write only what they name (the update_mask fields, or the secret of
+a rotation), so concurrent updates of different fields never undo each
+other. An update that carries an etag (AIP-154; the request's ``etag``, else
+the resource's) is a compare-and-set in the store and fails with ABORTED
+when the object changed since that etag was read.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from control_plane.aggregator import HealthAggregator
 from control_plane.hub import SnapshotHub
 from control_plane.snapshot_cache import SubscriberInfo
 from control_plane.status import map_errors
-from control_plane.store.base import Store
+from control_plane.store.base import ProviderKeyUpdate, RouteUpdate, SealedSecret, Store
 from keyplane import convert
 from keyplane.crypto import SecretBox, fingerprint, last4
 from keyplane.domain import ClientKey, EntityKind, KeyStatus, ProviderKey, Route, RouteTarget, Tenant
@@ -39,13 +45,20 @@ from keyplane.ids import CLIENT_KEY_PREFIX, PROVIDER_KEY_PREFIX, ROUTE_PREFIX, n
 from keyplane.v1 import admin_service_pb2 as pb
 from keyplane.v1 import admin_service_pb2_grpc, resources_pb2
 
-__all__ = ["CLIENT_TOKEN_PREFIX", "UPDATABLE_KEY_FIELDS", "AdminService", "new_client_token"]
+__all__ = [
+    "CLIENT_TOKEN_PREFIX",
+    "UPDATABLE_KEY_FIELDS",
+    "UPDATABLE_ROUTE_FIELDS",
+    "AdminService",
+    "new_client_token",
+]
 
 log = logging.getLogger(__name__)
 
 Context = aio.ServicerContext[Any, Any]
 CLIENT_TOKEN_PREFIX = "kp-"
 UPDATABLE_KEY_FIELDS = ("label", "status", "weight", "allowed_models", "base_url")
+UPDATABLE_ROUTE_FIELDS = ("targets", "public_model")
 
 
 def _utcnow() -> datetime:
@@ -55,6 +68,34 @@ def _utcnow() -> datetime:
 def new_client_token() -> str:
     """A fresh client bearer token: ``kp-`` and 43 URL-safe characters."""
     return CLIENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def _expected_revision(request_etag: str, resource_etag: str, *, resource: str) -> int | None:
+    """The revision an update's etag precondition names; None: unconditional.
+    The request's ``etag`` wins; the resource's own etag counts when it is
+    the only one (AIP-154); both set and different is a client bug."""
+    if request_etag and resource_etag and request_etag != resource_etag:
+        raise InvalidArgument(f"etag and {resource}.etag differ; send one etag")
+    etag = request_etag or resource_etag
+    if not etag:
+        return None
+    try:
+        return convert.revision_from_etag(etag)
+    except ValueError:
+        field = "etag" if request_etag else f"{resource}.etag"
+        raise InvalidArgument(f"{field}: not an etag this API returned; use the etag from a Get or List") from None
+
+
+def _mask(paths: list[str], updatable: tuple[str, ...]) -> list[str]:
+    unique = list(dict.fromkeys(paths))
+    unknown = [p for p in unique if p not in updatable]
+    if unknown:
+        hint = " (rotate the secret with new_secret)" if "secret" in unknown else ""
+        raise InvalidArgument(
+            f"update_mask: cannot update {', '.join(repr(p) for p in unknown)}; "
+            f"updatable fields: {', '.join(updatable)}{hint}"
+        )
+    return unique
 
 
 def _targets(messages: list[resources_pb2.RouteTarget]) -> tuple[RouteTarget, ...]:
@@ -161,12 +202,12 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         return pb.DeleteTenantResponse()
 
     # provider keys ---------------------------------------------------------------
-    def _seal(self, key_id: str, secret: str) -> dict[str, Any]:
-        return {
-            "secret_ciphertext": self._box.seal(secret, associated_data=key_id),
-            "fingerprint": fingerprint(secret),
-            "last4": last4(secret),
-        }
+    def _seal(self, key_id: str, secret: str) -> SealedSecret:
+        return SealedSecret(
+            ciphertext=self._box.seal(secret, associated_data=key_id),
+            fingerprint=fingerprint(secret),
+            last4=last4(secret),
+        )
 
     @map_errors
     async def CreateProviderKey(
@@ -182,6 +223,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         allowed_models = v.validate_allowed_models(request.allowed_models)
         key_id = new_id(PROVIDER_KEY_PREFIX)
         now = self._clock()
+        sealed = self._seal(key_id, secret)
         key = ProviderKey(
             id=key_id,
             tenant=tenant,
@@ -193,7 +235,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             allowed_models=allowed_models,
             created_at=now,
             updated_at=now,
-            **self._seal(key_id, secret),
+            secret_ciphertext=sealed.ciphertext,
+            fingerprint=sealed.fingerprint,
+            last4=sealed.last4,
         )
         self._check_key_fits(key, len(secret), new=True)
         created = await self._store.create_provider_key(key)
@@ -219,18 +263,14 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     ) -> pb.UpdateProviderKeyResponse:
         tenant = v.validate_tenant_name(request.tenant)
         key_id = v.validate_id(request.id)
-        paths = list(dict.fromkeys(request.update_mask.paths))
-        unknown = [p for p in paths if p not in UPDATABLE_KEY_FIELDS]
-        if unknown:
-            hint = " (rotate the secret with new_secret)" if "secret" in unknown else ""
-            raise InvalidArgument(
-                f"update_mask: cannot update {', '.join(repr(p) for p in unknown)}; "
-                f"updatable fields: {', '.join(UPDATABLE_KEY_FIELDS)}{hint}"
-            )
+        paths = _mask(list(request.update_mask.paths), UPDATABLE_KEY_FIELDS)
+        expected = _expected_revision(request.etag, request.key.etag, resource="key")
         if not paths and not request.new_secret:
             raise InvalidArgument(
                 f"nothing to update: name fields in update_mask ({', '.join(UPDATABLE_KEY_FIELDS)}) or set new_secret"
             )
+        # Read for the provider only, which never changes; the write below
+        # takes nothing else from this read.
         current = await self._store.get_provider_key(tenant, key_id)
         wanted = request.key
         changes: dict[str, Any] = {}
@@ -250,10 +290,11 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                 changes["base_url"] = v.validate_base_url(wanted.base_url, current.provider, field="key.base_url")
         if request.new_secret:
             secret = v.validate_secret(request.new_secret, current.provider, field="new_secret")
-            changes.update(self._seal(key_id, secret))
-        updated = dataclasses.replace(current, updated_at=self._clock(), **changes)
-        self._check_key_fits(updated, len(request.new_secret) or v.MAX_SECRET_CHARS, new=False)
-        stored = await self._store.update_provider_key(updated)
+            changes["secret"] = self._seal(key_id, secret)
+        update = ProviderKeyUpdate(updated_at=self._clock(), **changes)
+        preview = dataclasses.replace(current, **{name: value for name, value in changes.items() if name != "secret"})
+        self._check_key_fits(preview, len(request.new_secret) or v.MAX_SECRET_CHARS, new=False)
+        stored = await self._store.update_provider_key(tenant, key_id, update, expected_revision=expected)
         await self._publish()
         if changes.get("status") is KeyStatus.ACTIVE or request.new_secret:
             # Re-enabled or rotated: whatever was learnt about the old state is moot.
@@ -312,13 +353,32 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def UpdateRoute(self, request: pb.UpdateRouteRequest, context: Context) -> pb.UpdateRouteResponse:
         tenant = v.validate_tenant_name(request.tenant)
         route_id = v.validate_id(request.id)
-        targets = _targets(list(request.targets))
-        current = await self._store.get_route(tenant, route_id)
-        updated = dataclasses.replace(current, targets=targets, updated_at=self._clock())
-        self._check_route_fits(updated, new=False)
-        stored = await self._store.update_route(updated)
+        expected = _expected_revision(request.etag, request.route.etag, resource="route")
+        paths = _mask(list(request.update_mask.paths), UPDATABLE_ROUTE_FIELDS)
+        if not paths:
+            # No mask: replace the targets (what UpdateRoute always did).
+            update = RouteUpdate(updated_at=self._clock(), targets=_targets(list(request.targets)))
+            paths = ["targets"]
+        else:
+            if request.targets:
+                raise InvalidArgument("targets: with an update_mask, send the new targets in route.targets")
+            wanted = request.route
+            update = RouteUpdate(
+                updated_at=self._clock(),
+                targets=_targets(list(wanted.targets)) if "targets" in paths else None,
+                public_model=(
+                    v.validate_public_model(wanted.public_model, field="route.public_model")
+                    if "public_model" in paths
+                    else None
+                ),
+            )
+        if update.targets is not None:
+            now = update.updated_at
+            preview = Route(route_id, tenant, update.public_model or "", update.targets, now, now)
+            self._check_route_fits(preview, new=False)
+        stored = await self._store.update_route(tenant, route_id, update, expected_revision=expected)
         await self._publish()
-        log.info("updated route %s of tenant %s", route_id, tenant)
+        log.info("updated route %s of tenant %s (%s)", route_id, tenant, ", ".join(paths))
         return pb.UpdateRouteResponse(route=convert.route_to_proto(stored))
 
     @map_errors

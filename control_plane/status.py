@@ -18,7 +18,7 @@ import grpc
 from grpc import aio
 
 from control_plane.auth import PermissionDenied
-from keyplane.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from keyplane.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, Unavailable
 
 __all__ = ["map_errors", "status_for"]
 
@@ -46,6 +46,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, AlreadyExists):
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
+    if isinstance(exc, Aborted):
+        return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, PermissionDenied):
         return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, Unavailable):

@@ -43,6 +43,7 @@ __all__ = [
     "epoch_from_datetime",
     "error_class_from_proto",
     "error_class_to_proto",
+    "etag_from_revision",
     "health_change_from_proto",
     "health_change_from_record",
     "health_change_to_proto",
@@ -60,6 +61,7 @@ __all__ = [
     "provider_health_to_proto",
     "provider_key_to_proto",
     "provider_to_proto",
+    "revision_from_etag",
     "route_from_proto",
     "route_target_from_proto",
     "route_target_to_proto",
@@ -175,9 +177,31 @@ def epoch_from_datetime(value: datetime) -> float:
     return value.timestamp()
 
 
+# etags -----------------------------------------------------------------------
+# An etag is the object's store revision as ``r<revision>``. Clients must
+# treat it as opaque: compare it for equality and send it back, nothing else.
+_ETAG_PREFIX = "r"
+
+
+def etag_from_revision(revision: int) -> str:
+    return f"{_ETAG_PREFIX}{revision}"
+
+
+def revision_from_etag(etag: str) -> int:
+    """The revision an etag stands for; ValueError when it is not one of ours."""
+    digits = etag.removeprefix(_ETAG_PREFIX)
+    if digits == etag or not digits.isascii() or not digits.isdigit() or len(digits) > 18 or int(digits) < 1:
+        raise ValueError(f"etag {etag[:40]!r} is not an etag this API returned")
+    return int(digits)
+
+
 # resources -------------------------------------------------------------------
 def tenant_to_proto(tenant: Tenant) -> resources_pb2.Tenant:
-    return resources_pb2.Tenant(name=tenant.name, create_time=timestamp_from_datetime(tenant.created_at))
+    return resources_pb2.Tenant(
+        name=tenant.name,
+        create_time=timestamp_from_datetime(tenant.created_at),
+        etag=etag_from_revision(tenant.revision),
+    )
 
 
 def provider_key_to_proto(key: ProviderKey) -> resources_pb2.ProviderKey:
@@ -195,6 +219,7 @@ def provider_key_to_proto(key: ProviderKey) -> resources_pb2.ProviderKey:
         last4=key.last4,
         create_time=timestamp_from_datetime(key.created_at),
         update_time=timestamp_from_datetime(key.updated_at),
+        etag=etag_from_revision(key.revision),
     )
 
 
@@ -244,6 +269,7 @@ def route_to_proto(route: Route) -> resources_pb2.Route:
         targets=[route_target_to_proto(t) for t in route.targets],
         create_time=timestamp_from_datetime(route.created_at),
         update_time=timestamp_from_datetime(route.updated_at),
+        etag=etag_from_revision(route.revision),
     )
 
 
@@ -256,6 +282,7 @@ def route_from_proto(message: resources_pb2.Route) -> Route:
         targets=tuple(route_target_from_proto(t) for t in message.targets),
         created_at=datetime_from_timestamp(message.create_time),
         updated_at=datetime_from_timestamp(message.update_time),
+        revision=revision_from_etag(message.etag) if message.etag else 1,
     )
 
 
@@ -267,6 +294,7 @@ def client_key_to_proto(client_key: ClientKey) -> resources_pb2.ClientKey:
         label=client_key.label,
         prefix=client_key.prefix,
         create_time=timestamp_from_datetime(client_key.created_at),
+        etag=etag_from_revision(client_key.revision),
     )
 
 

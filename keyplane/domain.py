@@ -52,6 +52,9 @@ class KeyStatus(enum.StrEnum):
 class Tenant:
     name: str
     created_at: datetime
+    # Every mutable object carries a revision: 1 when created, +1 on every
+    # update; the admin API shows it as an opaque etag. The store assigns it.
+    revision: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ class ProviderKey:
     last4: str
     created_at: datetime
     updated_at: datetime
+    revision: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,7 @@ class Route:
     targets: tuple[RouteTarget, ...]
     created_at: datetime
     updated_at: datetime
+    revision: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +107,7 @@ class ClientKey:
     prefix: str
     token_sha256: bytes
     created_at: datetime
+    revision: int = 1
 
 
 class HealthState(enum.StrEnum):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AlreadyExists", "InvalidArgument", "KeyplaneError", "NotFound", "Unavailable"]
+__all__ = ["Aborted", "AlreadyExists", "InvalidArgument", "KeyplaneError", "NotFound", "Unavailable"]
 
 
 class KeyplaneError(Exception):
@@ -23,3 +23,8 @@ class InvalidArgument(KeyplaneError):
 
 class Unavailable(KeyplaneError):
     """The store cannot be reached (gRPC UNAVAILABLE)."""
+
+
+class Aborted(KeyplaneError):
+    """A write's precondition failed: the object changed since the caller read
+    it (stale etag). The caller should read it again and retry (gRPC ABORTED)."""

@@ -11,12 +11,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from keyplane.domain import Provider, RouteTarget
-from keyplane.errors import AlreadyExists, InvalidArgument, NotFound
+from keyplane.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 
 __all__ = [
     "KIND_NAMES",
+    "SET_COLUMNS",
     "already_exists",
     "not_found",
+    "stale",
     "targets_from_json",
     "targets_to_json",
     "tenant_not_found",
@@ -29,6 +31,25 @@ KIND_NAMES = {
     "provider_keys": "provider key",
     "routes": "route",
     "client_keys": "client key",
+}
+
+
+# The columns an update may name, per table (what goes into an UPDATE's SET).
+SET_COLUMNS = {
+    "provider_keys": frozenset(
+        {
+            "label",
+            "status",
+            "weight",
+            "allowed_models",
+            "base_url",
+            "secret_ciphertext",
+            "fingerprint",
+            "last4",
+            "updated_at",
+        }
+    ),
+    "routes": frozenset({"public_model", "targets", "updated_at"}),
 }
 
 
@@ -83,3 +104,11 @@ def already_exists(table: str, field: str, value: str, tenant: str | None = None
     per_tenant = tenant is not None and table != "tenants" and field != "id"
     where = f" in tenant {tenant!r}" if per_tenant else ""
     return AlreadyExists(f"{KIND_NAMES[table]} {field} {value!r} already exists{where}")
+
+
+def stale(table: str, tenant: str, entity_id: str, expected: int, current: int) -> Aborted:
+    """A compare-and-set update found another revision than the caller read."""
+    return Aborted(
+        f"{KIND_NAMES[table]} {entity_id!r} in tenant {tenant!r} was changed since it was read "
+        f"(revision {current}, the request expected {expected}); read it again and retry"
+    )

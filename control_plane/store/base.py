@@ -9,20 +9,110 @@ write gets a new, strictly larger version; the control plane reads the log
 Errors: ``keyplane.errors.NotFound`` for a missing tenant or object (including
 a write naming an unknown tenant), ``AlreadyExists`` for a taken unique name
 (tenant name; provider key label, route public_model and client key label,
-each unique per tenant), ``Unavailable`` when the database cannot be reached.
-A failed write leaves nothing behind (no row, no change-log entry).
+each unique per tenant), ``Aborted`` when an update's ``expected_revision``
+is not the object's revision any more, ``Unavailable`` when the database
+cannot be reached. A failed write leaves nothing behind (no row, no
+change-log entry).
 
-Callers assign ids and timestamps; the store persists what it is given.
+Callers assign ids and timestamps; the store persists what it is given,
+except ``revision``: the store sets it to 1 on create and adds 1 on every
+update, in the same statement that writes the row. Updates write only the
+columns they name (``ProviderKeyUpdate``, ``RouteUpdate``), so two
+concurrent updates of different fields never undo each other; in
+particular a secret rotation is never reverted by a field update, which
+never writes the secret columns. With ``expected_revision`` an update is a
+compare-and-set: ``UPDATE ... WHERE id = ? AND revision = ?``, one atomic
+statement, never a read-then-check.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
 
-from keyplane.domain import ChangeRecord, ClientKey, KeyHealth, Provider, ProviderHealth, ProviderKey, Route, Tenant
+from keyplane.domain import (
+    ChangeRecord,
+    ClientKey,
+    KeyHealth,
+    KeyStatus,
+    Provider,
+    ProviderHealth,
+    ProviderKey,
+    Route,
+    RouteTarget,
+    Tenant,
+)
 
-__all__ = ["ChangeListener", "Store"]
+__all__ = ["ChangeListener", "ProviderKeyUpdate", "RouteUpdate", "SealedSecret", "Store"]
+
+
+@dataclass(frozen=True, slots=True)
+class SealedSecret:
+    """A provider secret as stored: AES-GCM ciphertext, fingerprint, last 4."""
+
+    ciphertext: bytes
+    fingerprint: str
+    last4: str
+
+    def __repr__(self) -> str:
+        return f"SealedSecret(fingerprint={self.fingerprint!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKeyUpdate:
+    """The columns one provider-key update writes (AIP-134 field mask): a
+    field left None is not written. ``secret`` set is a rotation: only then
+    are the secret columns (ciphertext, fingerprint, last4) written."""
+
+    updated_at: datetime
+    label: str | None = None
+    status: KeyStatus | None = None
+    weight: int | None = None
+    allowed_models: tuple[str, ...] | None = None
+    base_url: str | None = None
+    secret: SealedSecret | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """Column name -> domain value of everything this update writes
+        (``revision`` aside, which the store bumps itself)."""
+        columns: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("label", self.label),
+                ("status", self.status),
+                ("weight", self.weight),
+                ("allowed_models", self.allowed_models),
+                ("base_url", self.base_url),
+            )
+            if value is not None
+        }
+        if self.secret is not None:
+            columns["secret_ciphertext"] = self.secret.ciphertext
+            columns["fingerprint"] = self.secret.fingerprint
+            columns["last4"] = self.secret.last4
+        columns["updated_at"] = self.updated_at
+        return columns
+
+
+@dataclass(frozen=True, slots=True)
+class RouteUpdate:
+    """The columns one route update writes; a field left None is not written."""
+
+    updated_at: datetime
+    public_model: str | None = None
+    targets: tuple[RouteTarget, ...] | None = None
+
+    def columns(self) -> dict[str, Any]:
+        columns: dict[str, Any] = {
+            name: value
+            for name, value in (("public_model", self.public_model), ("targets", self.targets))
+            if value is not None
+        }
+        columns["updated_at"] = self.updated_at
+        return columns
+
 
 # Called with the newest version after another process wrote a change.
 ChangeListener = Callable[[int], Awaitable[None]]
@@ -52,8 +142,12 @@ class Store(Protocol):
     async def list_provider_keys(self, tenant: str) -> list[ProviderKey]:
         """Keys of one tenant ordered by creation; NotFound if no such tenant."""
 
-    async def update_provider_key(self, key: ProviderKey) -> ProviderKey:
-        """Replace every mutable field of the key with the given (tenant, id)."""
+    async def update_provider_key(
+        self, tenant: str, key_id: str, update: ProviderKeyUpdate, *, expected_revision: int | None = None
+    ) -> ProviderKey:
+        """Write the columns ``update`` names, ``revision + 1``, and nothing
+        else; returns the key as stored. With ``expected_revision``: Aborted
+        unless the key's revision is still that (compare-and-set)."""
 
     async def delete_provider_key(self, tenant: str, key_id: str) -> None: ...
 
@@ -64,8 +158,10 @@ class Store(Protocol):
 
     async def list_routes(self, tenant: str) -> list[Route]: ...
 
-    async def update_route(self, route: Route) -> Route:
-        """Replace public_model, targets and updated_at of the route with (tenant, id)."""
+    async def update_route(
+        self, tenant: str, route_id: str, update: RouteUpdate, *, expected_revision: int | None = None
+    ) -> Route:
+        """Like ``update_provider_key``: only the named columns, revision + 1."""
 
     async def delete_route(self, tenant: str, route_id: str) -> None: ...
 

@@ -18,12 +18,13 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 
 from control_plane.store import _codec
-from control_plane.store.base import ChangeListener
+from control_plane.store.base import ChangeListener, ProviderKeyUpdate, RouteUpdate
 from control_plane.store.migrations import Migration, pending
 from keyplane.domain import (
     ChangeOp,
@@ -133,6 +134,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        3,
+        "revisions (etags) of mutable objects",
+        (
+            "ALTER TABLE tenants ADD COLUMN revision bigint NOT NULL DEFAULT 1",
+            "ALTER TABLE provider_keys ADD COLUMN revision bigint NOT NULL DEFAULT 1",
+            "ALTER TABLE routes ADD COLUMN revision bigint NOT NULL DEFAULT 1",
+            "ALTER TABLE client_keys ADD COLUMN revision bigint NOT NULL DEFAULT 1",
+        ),
+    ),
 )
 
 # constraint name -> (table, field named in the AlreadyExists message)
@@ -161,10 +172,11 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 _KEY_COLUMNS = (
     "id, tenant, provider, label, base_url, status, weight, allowed_models, "
-    "secret_ciphertext, fingerprint, last4, created_at, updated_at"
+    "secret_ciphertext, fingerprint, last4, created_at, updated_at, revision"
 )
-_ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at"
-_CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at"
+_ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at, revision"
+_CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at, revision"
+_TENANT_COLUMNS = "name, created_at, revision"
 _KEY_HEALTH_COLUMNS = "tenant, key_id, model, state, until, reason, updated_at"
 _PROVIDER_HEALTH_COLUMNS = "tenant, provider, model, state, until, reason, updated_at"
 # An upsert rewrites the row only when what it says changed, so RETURNING
@@ -206,6 +218,7 @@ def _key_from_row(row: asyncpg.Record) -> ProviderKey:
         last4=row["last4"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        revision=row["revision"],
     )
 
 
@@ -217,6 +230,7 @@ def _route_from_row(row: asyncpg.Record) -> Route:
         targets=_codec.targets_from_json(row["targets"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        revision=row["revision"],
     )
 
 
@@ -228,7 +242,25 @@ def _client_key_from_row(row: asyncpg.Record) -> ClientKey:
         prefix=row["prefix"],
         token_sha256=bytes(row["token_sha256"]),
         created_at=row["created_at"],
+        revision=row["revision"],
     )
+
+
+def _tenant_from_row(row: asyncpg.Record) -> Tenant:
+    return Tenant(name=row["name"], created_at=row["created_at"], revision=row["revision"])
+
+
+def _column_value(column: str, value: Any) -> Any:
+    """A domain value of an updatable column as asyncpg takes it."""
+    if column == "status":
+        return value.value
+    if column == "allowed_models":
+        return list(value)
+    if column == "targets":
+        return _codec.targets_to_json(value)
+    if column == "updated_at":
+        return _codec.utc(value, "updated_at")
+    return value
 
 
 def _key_health_from_row(row: asyncpg.Record) -> KeyHealth:
@@ -449,11 +481,14 @@ class PostgresStore:
     # tenants -----------------------------------------------------------------
 
     async def create_tenant(self, tenant: Tenant) -> Tenant:
-        tenant = replace(tenant, created_at=_codec.utc(tenant.created_at, "created_at"))
+        tenant = replace(tenant, created_at=_codec.utc(tenant.created_at, "created_at"), revision=1)
         async with self._transaction() as conn:
             try:
                 await conn.execute(
-                    "INSERT INTO tenants (name, created_at) VALUES ($1, $2)", tenant.name, tenant.created_at
+                    f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES ($1, $2, $3)",  # noqa: S608
+                    tenant.name,
+                    tenant.created_at,
+                    tenant.revision,
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise _conflict(exc, tenant.name, {"name": tenant.name}) from None
@@ -462,15 +497,15 @@ class PostgresStore:
 
     async def get_tenant(self, name: str) -> Tenant:
         async with self._connection() as conn:
-            row = await conn.fetchrow("SELECT name, created_at FROM tenants WHERE name = $1", name)
+            row = await conn.fetchrow(f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE name = $1", name)  # noqa: S608
         if row is None:
             raise _codec.tenant_not_found(name)
-        return Tenant(name=row["name"], created_at=row["created_at"])
+        return _tenant_from_row(row)
 
     async def list_tenants(self) -> list[Tenant]:
         async with self._connection() as conn:
-            rows = await conn.fetch("SELECT name, created_at FROM tenants ORDER BY created_at, name")
-        return [Tenant(name=r["name"], created_at=r["created_at"]) for r in rows]
+            rows = await conn.fetch(f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY created_at, name")  # noqa: S608
+        return [_tenant_from_row(r) for r in rows]
 
     async def delete_tenant(self, name: str) -> None:
         async with self._transaction() as conn:
@@ -485,12 +520,13 @@ class PostgresStore:
             key,
             created_at=_codec.utc(key.created_at, "created_at"),
             updated_at=_codec.utc(key.updated_at, "updated_at"),
+            revision=1,
         )
         async with self._transaction() as conn:
             try:
                 await conn.execute(
                     f"INSERT INTO provider_keys ({_KEY_COLUMNS}) "  # noqa: S608
-                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
                     key.id,
                     key.tenant,
                     key.provider.value,
@@ -504,6 +540,7 @@ class PostgresStore:
                     key.last4,
                     key.created_at,
                     key.updated_at,
+                    key.revision,
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise _conflict(exc, key.tenant, {"id": key.id, "label": key.label}) from None
@@ -516,32 +553,66 @@ class PostgresStore:
     async def list_provider_keys(self, tenant: str) -> list[ProviderKey]:
         return [_key_from_row(r) for r in await self._list("provider_keys", _KEY_COLUMNS, tenant)]
 
-    async def update_provider_key(self, key: ProviderKey) -> ProviderKey:
-        updated_at = _codec.utc(key.updated_at, "updated_at")
+    async def _update(
+        self,
+        table: str,
+        columns: str,
+        kind: EntityKind,
+        tenant: str,
+        entity_id: str,
+        values: dict[str, Any],
+        expected_revision: int | None,
+    ) -> asyncpg.Record:
+        """Write the named columns and ``revision + 1`` in one statement,
+        conditional on ``expected_revision`` when given; log the change.
+        A concurrent update of the row makes this one wait for its commit and
+        then re-check the condition (the row lock), so the compare-and-set is
+        atomic under READ COMMITTED."""
+        unknown = set(values) - _codec.SET_COLUMNS[table]
+        if unknown:
+            raise ValueError(f"{table}: cannot update {sorted(unknown)}")
+        names = list(values)
+        assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, start=1))
+        params = [_column_value(name, values[name]) for name in names] + [tenant, entity_id]
+        n = len(names)
+        condition = ""
+        if expected_revision is not None:
+            condition = f" AND revision = ${n + 3}"
+            params.append(expected_revision)
         async with self._transaction() as conn:
             try:
-                row = await conn.fetchrow(
-                    "UPDATE provider_keys SET provider = $1, label = $2, base_url = $3, status = $4, "  # noqa: S608
-                    "weight = $5, allowed_models = $6, secret_ciphertext = $7, fingerprint = $8, last4 = $9, "
-                    f"updated_at = $10 WHERE tenant = $11 AND id = $12 RETURNING {_KEY_COLUMNS}",
-                    key.provider.value,
-                    key.label,
-                    key.base_url,
-                    key.status.value,
-                    key.weight,
-                    list(key.allowed_models),
-                    key.secret_ciphertext,
-                    key.fingerprint,
-                    key.last4,
-                    updated_at,
-                    key.tenant,
-                    key.id,
+                row: asyncpg.Record | None = await conn.fetchrow(
+                    f"UPDATE {table} SET {assignments}, revision = revision + 1 "  # noqa: S608
+                    f"WHERE tenant = ${n + 1} AND id = ${n + 2}{condition} RETURNING {columns}",
+                    *params,
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
-                raise _conflict(exc, key.tenant, {"label": key.label}) from None
+                unique = {k: str(v) for k, v in values.items() if k in ("label", "public_model")}
+                raise _conflict(exc, tenant, unique) from None
             if row is None:
-                raise _codec.not_found("provider_keys", key.tenant, key.id)
-            await self._log(conn, key.tenant, EntityKind.PROVIDER_KEY, key.id, ChangeOp.PUT)
+                current = await conn.fetchval(
+                    f"SELECT revision FROM {table} WHERE tenant = $1 AND id = $2",  # noqa: S608
+                    tenant,
+                    entity_id,
+                )
+                if current is None or expected_revision is None:
+                    raise _codec.not_found(table, tenant, entity_id)
+                raise _codec.stale(table, tenant, entity_id, expected_revision, int(current))
+            await self._log(conn, tenant, kind, entity_id, ChangeOp.PUT)
+        return row
+
+    async def update_provider_key(
+        self, tenant: str, key_id: str, update: ProviderKeyUpdate, *, expected_revision: int | None = None
+    ) -> ProviderKey:
+        row = await self._update(
+            "provider_keys",
+            _KEY_COLUMNS,
+            EntityKind.PROVIDER_KEY,
+            tenant,
+            key_id,
+            update.columns(),
+            expected_revision,
+        )
         return _key_from_row(row)
 
     async def delete_provider_key(self, tenant: str, key_id: str) -> None:
@@ -554,17 +625,19 @@ class PostgresStore:
             route,
             created_at=_codec.utc(route.created_at, "created_at"),
             updated_at=_codec.utc(route.updated_at, "updated_at"),
+            revision=1,
         )
         async with self._transaction() as conn:
             try:
                 await conn.execute(
-                    f"INSERT INTO routes ({_ROUTE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",  # noqa: S608
+                    f"INSERT INTO routes ({_ROUTE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",  # noqa: S608
                     route.id,
                     route.tenant,
                     route.public_model,
                     _codec.targets_to_json(route.targets),
                     route.created_at,
                     route.updated_at,
+                    route.revision,
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise _conflict(exc, route.tenant, {"id": route.id, "public_model": route.public_model}) from None
@@ -577,24 +650,12 @@ class PostgresStore:
     async def list_routes(self, tenant: str) -> list[Route]:
         return [_route_from_row(r) for r in await self._list("routes", _ROUTE_COLUMNS, tenant)]
 
-    async def update_route(self, route: Route) -> Route:
-        updated_at = _codec.utc(route.updated_at, "updated_at")
-        async with self._transaction() as conn:
-            try:
-                row = await conn.fetchrow(
-                    "UPDATE routes SET public_model = $1, targets = $2, updated_at = $3 "  # noqa: S608
-                    f"WHERE tenant = $4 AND id = $5 RETURNING {_ROUTE_COLUMNS}",
-                    route.public_model,
-                    _codec.targets_to_json(route.targets),
-                    updated_at,
-                    route.tenant,
-                    route.id,
-                )
-            except asyncpg.IntegrityConstraintViolationError as exc:
-                raise _conflict(exc, route.tenant, {"public_model": route.public_model}) from None
-            if row is None:
-                raise _codec.not_found("routes", route.tenant, route.id)
-            await self._log(conn, route.tenant, EntityKind.ROUTE, route.id, ChangeOp.PUT)
+    async def update_route(
+        self, tenant: str, route_id: str, update: RouteUpdate, *, expected_revision: int | None = None
+    ) -> Route:
+        row = await self._update(
+            "routes", _ROUTE_COLUMNS, EntityKind.ROUTE, tenant, route_id, update.columns(), expected_revision
+        )
         return _route_from_row(row)
 
     async def delete_route(self, tenant: str, route_id: str) -> None:
@@ -603,17 +664,18 @@ class PostgresStore:
     # client keys -------------------------------------------------------------
 
     async def create_client_key(self, client_key: ClientKey) -> ClientKey:
-        client_key = replace(client_key, created_at=_codec.utc(client_key.created_at, "created_at"))
+        client_key = replace(client_key, created_at=_codec.utc(client_key.created_at, "created_at"), revision=1)
         async with self._transaction() as conn:
             try:
                 await conn.execute(
-                    f"INSERT INTO client_keys ({_CLIENT_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",  # noqa: S608
+                    f"INSERT INTO client_keys ({_CLIENT_KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",  # noqa: S608
                     client_key.id,
                     client_key.tenant,
                     client_key.label,
                     client_key.prefix,
                     client_key.token_sha256,
                     client_key.created_at,
+                    client_key.revision,
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 values = {"id": client_key.id, "label": client_key.label}

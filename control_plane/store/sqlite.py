@@ -23,7 +23,7 @@ from typing import Any
 import aiosqlite
 
 from control_plane.store import _codec
-from control_plane.store.base import ChangeListener
+from control_plane.store.base import ChangeListener, ProviderKeyUpdate, RouteUpdate
 from control_plane.store.migrations import Migration, pending
 from keyplane.domain import (
     ChangeOp,
@@ -129,14 +129,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        3,
+        "revisions (etags) of mutable objects",
+        (
+            "ALTER TABLE tenants ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+            "ALTER TABLE provider_keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+            "ALTER TABLE routes ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+            "ALTER TABLE client_keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+        ),
+    ),
 )
 
 _KEY_COLUMNS = (
     "id, tenant, provider, label, base_url, status, weight, allowed_models, "
-    "secret_ciphertext, fingerprint, last4, created_at, updated_at"
+    "secret_ciphertext, fingerprint, last4, created_at, updated_at, revision"
 )
-_ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at"
-_CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at"
+_ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at, revision"
+_CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at, revision"
+_TENANT_COLUMNS = "name, created_at, revision"
 _KEY_HEALTH_COLUMNS = "tenant, key_id, model, state, until, reason, updated_at"
 _PROVIDER_HEALTH_COLUMNS = "tenant, provider, model, state, until, reason, updated_at"
 # An upsert that rewrites the row only when what it says changed (null-safe
@@ -178,6 +189,7 @@ def _key_from_row(row: sqlite3.Row) -> ProviderKey:
         last4=row["last4"],
         created_at=_parse_ts(row["created_at"]),
         updated_at=_parse_ts(row["updated_at"]),
+        revision=row["revision"],
     )
 
 
@@ -189,6 +201,7 @@ def _route_from_row(row: sqlite3.Row) -> Route:
         targets=_codec.targets_from_json(row["targets"]),
         created_at=_parse_ts(row["created_at"]),
         updated_at=_parse_ts(row["updated_at"]),
+        revision=row["revision"],
     )
 
 
@@ -200,7 +213,25 @@ def _client_key_from_row(row: sqlite3.Row) -> ClientKey:
         prefix=row["prefix"],
         token_sha256=bytes(row["token_sha256"]),
         created_at=_parse_ts(row["created_at"]),
+        revision=row["revision"],
     )
+
+
+def _tenant_from_row(row: sqlite3.Row) -> Tenant:
+    return Tenant(name=row["name"], created_at=_parse_ts(row["created_at"]), revision=row["revision"])
+
+
+def _column_value(column: str, value: Any) -> Any:
+    """A domain value of an updatable column as SQLite stores it."""
+    if column == "status":
+        return value.value
+    if column == "allowed_models":
+        return _models_to_json(value)
+    if column == "targets":
+        return _codec.targets_to_json(value)
+    if column == "updated_at":
+        return _ts(value, "updated_at")
+    return value
 
 
 def _opt_ts(value: datetime | None, field: str) -> str | None:
@@ -415,13 +446,13 @@ class SqliteStore:
     # tenants -----------------------------------------------------------------
 
     async def create_tenant(self, tenant: Tenant) -> Tenant:
-        tenant = replace(tenant, created_at=_codec.utc(tenant.created_at, "created_at"))
+        tenant = replace(tenant, created_at=_codec.utc(tenant.created_at, "created_at"), revision=1)
         async with self._transaction() as conn:
             try:
                 await self._execute(
                     conn,
-                    "INSERT INTO tenants (name, created_at) VALUES (?, ?)",
-                    (tenant.name, _ts(tenant.created_at, "created_at")),
+                    f"INSERT INTO tenants ({_TENANT_COLUMNS}) VALUES (?, ?, ?)",  # noqa: S608
+                    (tenant.name, _ts(tenant.created_at, "created_at"), tenant.revision),
                 )
             except sqlite3.IntegrityError as exc:
                 raise _conflict(exc, "tenants", tenant.name, {"name": tenant.name}) from None
@@ -430,15 +461,19 @@ class SqliteStore:
 
     async def get_tenant(self, name: str) -> Tenant:
         async with self._session() as conn:
-            row = await self._fetchone(conn, "SELECT name, created_at FROM tenants WHERE name = ?", (name,))
+            row = await self._fetchone(conn, f"SELECT {_TENANT_COLUMNS} FROM tenants WHERE name = ?", (name,))  # noqa: S608
         if row is None:
             raise _codec.tenant_not_found(name)
-        return Tenant(name=row["name"], created_at=_parse_ts(row["created_at"]))
+        return _tenant_from_row(row)
 
     async def list_tenants(self) -> list[Tenant]:
         async with self._session() as conn:
-            rows = await self._fetchall(conn, "SELECT name, created_at FROM tenants ORDER BY created_at, name", ())
-        return [Tenant(name=r["name"], created_at=_parse_ts(r["created_at"])) for r in rows]
+            rows = await self._fetchall(
+                conn,
+                f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY created_at, name",  # noqa: S608
+                (),
+            )
+        return [_tenant_from_row(r) for r in rows]
 
     async def delete_tenant(self, name: str) -> None:
         async with self._transaction() as conn:
@@ -453,12 +488,13 @@ class SqliteStore:
             key,
             created_at=_codec.utc(key.created_at, "created_at"),
             updated_at=_codec.utc(key.updated_at, "updated_at"),
+            revision=1,
         )
         async with self._transaction() as conn:
             try:
                 await self._execute(
                     conn,
-                    f"INSERT INTO provider_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    f"INSERT INTO provider_keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
                     (
                         key.id,
                         key.tenant,
@@ -473,6 +509,7 @@ class SqliteStore:
                         key.last4,
                         _ts(key.created_at, "created_at"),
                         _ts(key.updated_at, "updated_at"),
+                        key.revision,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -486,34 +523,61 @@ class SqliteStore:
     async def list_provider_keys(self, tenant: str) -> list[ProviderKey]:
         return [_key_from_row(r) for r in await self._list("provider_keys", _KEY_COLUMNS, tenant)]
 
-    async def update_provider_key(self, key: ProviderKey) -> ProviderKey:
+    async def _update(
+        self,
+        table: str,
+        columns: str,
+        kind: EntityKind,
+        tenant: str,
+        entity_id: str,
+        values: dict[str, Any],
+        expected_revision: int | None,
+    ) -> sqlite3.Row:
+        """Write the named columns and ``revision + 1`` in one statement,
+        conditional on ``expected_revision`` when given; log the change."""
+        unknown = set(values) - _codec.SET_COLUMNS[table]
+        if unknown:
+            raise ValueError(f"{table}: cannot update {sorted(unknown)}")
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        condition = "" if expected_revision is None else " AND revision = ?"
+        params = [_column_value(name, value) for name, value in values.items()] + [tenant, entity_id]
+        if expected_revision is not None:
+            params.append(expected_revision)
         async with self._transaction() as conn:
             try:
                 row = await self._fetchone(
                     conn,
-                    "UPDATE provider_keys SET provider = ?, label = ?, base_url = ?, status = ?, weight = ?, "  # noqa: S608
-                    "allowed_models = ?, secret_ciphertext = ?, fingerprint = ?, last4 = ?, updated_at = ? "
-                    f"WHERE tenant = ? AND id = ? RETURNING {_KEY_COLUMNS}",
-                    (
-                        key.provider.value,
-                        key.label,
-                        key.base_url,
-                        key.status.value,
-                        key.weight,
-                        _models_to_json(key.allowed_models),
-                        key.secret_ciphertext,
-                        key.fingerprint,
-                        key.last4,
-                        _ts(key.updated_at, "updated_at"),
-                        key.tenant,
-                        key.id,
-                    ),
+                    f"UPDATE {table} SET {assignments}, revision = revision + 1 "  # noqa: S608
+                    f"WHERE tenant = ? AND id = ?{condition} RETURNING {columns}",
+                    params,
                 )
             except sqlite3.IntegrityError as exc:
-                raise _conflict(exc, "provider_keys", key.tenant, {"label": key.label}) from None
+                unique = {k: str(v) for k, v in values.items() if k in ("label", "public_model")}
+                raise _conflict(exc, table, tenant, unique) from None
             if row is None:
-                raise _codec.not_found("provider_keys", key.tenant, key.id)
-            await self._log(conn, key.tenant, EntityKind.PROVIDER_KEY, key.id, ChangeOp.PUT)
+                current = await self._fetchone(
+                    conn,
+                    f"SELECT revision FROM {table} WHERE tenant = ? AND id = ?",  # noqa: S608
+                    (tenant, entity_id),
+                )
+                if current is None or expected_revision is None:
+                    raise _codec.not_found(table, tenant, entity_id)
+                raise _codec.stale(table, tenant, entity_id, expected_revision, current["revision"])
+            await self._log(conn, tenant, kind, entity_id, ChangeOp.PUT)
+        return row
+
+    async def update_provider_key(
+        self, tenant: str, key_id: str, update: ProviderKeyUpdate, *, expected_revision: int | None = None
+    ) -> ProviderKey:
+        row = await self._update(
+            "provider_keys",
+            _KEY_COLUMNS,
+            EntityKind.PROVIDER_KEY,
+            tenant,
+            key_id,
+            update.columns(),
+            expected_revision,
+        )
         return _key_from_row(row)
 
     async def delete_provider_key(self, tenant: str, key_id: str) -> None:
@@ -526,12 +590,13 @@ class SqliteStore:
             route,
             created_at=_codec.utc(route.created_at, "created_at"),
             updated_at=_codec.utc(route.updated_at, "updated_at"),
+            revision=1,
         )
         async with self._transaction() as conn:
             try:
                 await self._execute(
                     conn,
-                    f"INSERT INTO routes ({_ROUTE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    f"INSERT INTO routes ({_ROUTE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
                     (
                         route.id,
                         route.tenant,
@@ -539,6 +604,7 @@ class SqliteStore:
                         _codec.targets_to_json(route.targets),
                         _ts(route.created_at, "created_at"),
                         _ts(route.updated_at, "updated_at"),
+                        route.revision,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -553,26 +619,12 @@ class SqliteStore:
     async def list_routes(self, tenant: str) -> list[Route]:
         return [_route_from_row(r) for r in await self._list("routes", _ROUTE_COLUMNS, tenant)]
 
-    async def update_route(self, route: Route) -> Route:
-        async with self._transaction() as conn:
-            try:
-                row = await self._fetchone(
-                    conn,
-                    "UPDATE routes SET public_model = ?, targets = ?, updated_at = ? "  # noqa: S608
-                    f"WHERE tenant = ? AND id = ? RETURNING {_ROUTE_COLUMNS}",
-                    (
-                        route.public_model,
-                        _codec.targets_to_json(route.targets),
-                        _ts(route.updated_at, "updated_at"),
-                        route.tenant,
-                        route.id,
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise _conflict(exc, "routes", route.tenant, {"public_model": route.public_model}) from None
-            if row is None:
-                raise _codec.not_found("routes", route.tenant, route.id)
-            await self._log(conn, route.tenant, EntityKind.ROUTE, route.id, ChangeOp.PUT)
+    async def update_route(
+        self, tenant: str, route_id: str, update: RouteUpdate, *, expected_revision: int | None = None
+    ) -> Route:
+        row = await self._update(
+            "routes", _ROUTE_COLUMNS, EntityKind.ROUTE, tenant, route_id, update.columns(), expected_revision
+        )
         return _route_from_row(row)
 
     async def delete_route(self, tenant: str, route_id: str) -> None:
@@ -581,12 +633,12 @@ class SqliteStore:
     # client keys -------------------------------------------------------------
 
     async def create_client_key(self, client_key: ClientKey) -> ClientKey:
-        client_key = replace(client_key, created_at=_codec.utc(client_key.created_at, "created_at"))
+        client_key = replace(client_key, created_at=_codec.utc(client_key.created_at, "created_at"), revision=1)
         async with self._transaction() as conn:
             try:
                 await self._execute(
                     conn,
-                    f"INSERT INTO client_keys ({_CLIENT_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    f"INSERT INTO client_keys ({_CLIENT_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
                     (
                         client_key.id,
                         client_key.tenant,
@@ -594,6 +646,7 @@ class SqliteStore:
                         client_key.prefix,
                         client_key.token_sha256,
                         _ts(client_key.created_at, "created_at"),
+                        client_key.revision,
                     ),
                 )
             except sqlite3.IntegrityError as exc:

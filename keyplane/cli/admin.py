@@ -141,7 +141,7 @@ def _key_row(key: resources_pb2.ProviderKey) -> str:
     return (
         f"{key.id}  {_provider_name(key.provider):<17} {key.label:<20} "
         f"{_status_name(key.status):<8} w={key.weight:<3} ...{key.last4 or '????'} "
-        f"fp={key.fingerprint} models={models} {key.base_url}"
+        f"fp={key.fingerprint} models={models} {key.base_url} etag={key.etag}"
     )
 
 
@@ -151,7 +151,7 @@ def _route_row(route: resources_pb2.Route) -> str:
         + (("=" + ",".join(t.node_urls)) if t.node_urls else "")
         for t in route.targets
     )
-    return f"{route.id}  {route.public_model:<24} -> {targets}"
+    return f"{route.id}  {route.public_model:<24} -> {targets}  etag={route.etag}"
 
 
 def _emit(args: argparse.Namespace, message: Message, text: str, out: TextIO) -> None:
@@ -229,12 +229,15 @@ def _keys(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: Tex
             id=args.id,
             key=resources_pb2.ProviderKey(status=convert.key_status_to_proto(status)),
             update_mask=field_mask_pb2.FieldMask(paths=["status"]),
+            etag=args.etag or "",
         )
         resp = client.call("UpdateProviderKey", update)
         _emit(args, resp, f"{action}d " + _key_row(resp.key), out)
     elif action == "rotate":
         secret = _read_secret(args, stdin)
-        rotate = admin_pb2.UpdateProviderKeyRequest(tenant=args.tenant, id=args.id, new_secret=secret)
+        rotate = admin_pb2.UpdateProviderKeyRequest(
+            tenant=args.tenant, id=args.id, new_secret=secret, etag=args.etag or ""
+        )
         resp = client.call("UpdateProviderKey", rotate)
         _emit(args, resp, "rotated " + _key_row(resp.key), out)
     elif action == "delete":
@@ -252,7 +255,7 @@ def _routes(args: argparse.Namespace, client: AdminClient, out: TextIO) -> None:
         resp = client.call("ListRoutes", admin_pb2.ListRoutesRequest(tenant=args.tenant))
         _emit(args, resp, "\n".join(_route_row(r) for r in resp.routes) or "(no routes)", out)
     elif action == "set-targets":
-        update = admin_pb2.UpdateRouteRequest(tenant=args.tenant, id=args.id, targets=args.target)
+        update = admin_pb2.UpdateRouteRequest(tenant=args.tenant, id=args.id, targets=args.target, etag=args.etag or "")
         resp = client.call("UpdateRoute", update)
         _emit(args, resp, "updated " + _route_row(resp.route), out)
     elif action == "delete":
@@ -374,6 +377,15 @@ def _tenant(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", "-t", required=True)
 
 
+def _etag(parser: argparse.ArgumentParser) -> None:
+    # Without --etag an update is unconditional; it still writes only what the
+    # command changes, so it never undoes another update of other fields.
+    parser.add_argument(
+        "--etag",
+        help="only update if the object still has this etag (from show/list); else fail with ABORTED",
+    )
+
+
 def _secret_source(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--secret-env", metavar="VAR", help="read the provider secret from this environment variable")
@@ -413,15 +425,15 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
     add.add_argument("--weight", type=int, default=1)
     add.add_argument("--model", action="append", help="restrict the key to this upstream model (repeatable)")
     action(keys, "list", "list a tenant's keys", _tenant)
-    for name, text in (
+    for name, text, *extra in (
         ("show", "show one key"),
-        ("enable", "set a key active"),
-        ("disable", "stop using a key"),
-        ("revoke", "revoke a key for good"),
+        ("enable", "set a key active", _etag),
+        ("disable", "stop using a key", _etag),
+        ("revoke", "revoke a key for good", _etag),
         ("delete", "delete a key"),
     ):
-        action(keys, name, text, _tenant).add_argument("id")
-    action(keys, "rotate", "replace a key's secret", _tenant, _secret_source).add_argument("id")
+        action(keys, name, text, _tenant, *extra).add_argument("id")
+    action(keys, "rotate", "replace a key's secret", _tenant, _secret_source, _etag).add_argument("id")
 
     routes = group("routes", "map public model names to provider targets")
     radd = action(routes, "add", "add a route", _tenant)
@@ -434,7 +446,7 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         help="provider:upstream_model[@priority][*weight][=node_url,...] (repeatable, in order)",
     )
     action(routes, "list", "list routes", _tenant)
-    rset = action(routes, "set-targets", "replace a route's targets", _tenant)
+    rset = action(routes, "set-targets", "replace a route's targets", _tenant, _etag)
     rset.add_argument("id")
     rset.add_argument("--target", action="append", required=True, type=_target)
     action(routes, "delete", "delete a route", _tenant).add_argument("id")

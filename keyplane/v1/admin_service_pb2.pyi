@@ -314,6 +314,12 @@ Global___ListProviderKeysResponse: _TypeAlias = ListProviderKeysResponse  # noqa
 
 @_typing.final
 class UpdateProviderKeyRequest(_message.Message):
+    """Writes only what it names: the fields in update_mask and, with
+    new_secret, the secret. A field update never rewrites the secret and a
+    rotation never rewrites another field, so concurrent updates of different
+    fields never undo each other.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
@@ -321,10 +327,16 @@ class UpdateProviderKeyRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     NEW_SECRET_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     id: _builtins.str
     new_secret: _builtins.str
     """When set, replaces the secret (rotation)."""
+    etag: _builtins.str
+    """Precondition (AIP-154): the etag of the key as last read. The update
+    fails with ABORTED when the key changed since then. Empty: unconditional.
+    key.etag is honoured the same way when this is empty.
+    """
     @_builtins.property
     def key(self) -> _resources_pb2.ProviderKey:
         """Fields to change, named by update_mask: label, status, weight,
@@ -341,10 +353,11 @@ class UpdateProviderKeyRequest(_message.Message):
         key: _resources_pb2.ProviderKey | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
         new_secret: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key", "new_secret", b"new_secret", "tenant", b"tenant", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "key", b"key", "new_secret", b"new_secret", "tenant", b"tenant", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -536,27 +549,47 @@ Global___ListRoutesResponse: _TypeAlias = ListRoutesResponse  # noqa: Y015
 
 @_typing.final
 class UpdateRouteRequest(_message.Message):
-    """Replaces the route's targets."""
+    """Without update_mask: replaces the route's targets with `targets`.
+    With update_mask (AIP-134): writes the fields it names (targets,
+    public_model), taking their values from `route`; `targets` must be empty.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
     TARGETS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     id: _builtins.str
+    etag: _builtins.str
+    """Precondition (AIP-154): the etag of the route as last read. The update
+    fails with ABORTED when the route changed since then. Empty:
+    unconditional. route.etag is honoured the same way when this is empty.
+    """
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.RouteTarget]: ...
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask: ...
+    @_builtins.property
+    def route(self) -> _resources_pb2.Route:
+        """The new values of the fields named in update_mask."""
+
     def __init__(
         self,
         *,
         tenant: _builtins.str = ...,
         id: _builtins.str = ...,
         targets: _abc.Iterable[_resources_pb2.RouteTarget] | None = ...,
+        etag: _builtins.str = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        route: _resources_pb2.Route | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "targets", b"targets", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id", "route", b"route", "targets", b"targets", "tenant", b"tenant", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkeyplane/v1/resources.proto\x12\x0bkeyplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x02\n\x0bProviderKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\'\n\x08provider\x18\x03 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\r\n\x05label\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x05 \x01(\t\x12&\n\x06status\x18\x06 \x01(\x0e\x32\x16.keyplane.v1.KeyStatus\x12\x0e\n\x06weight\x18\x07 \x01(\r\x12\x16\n\x0e\x61llowed_models\x18\x08 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12\r\n\x05last4\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x83\x01\n\x0bRouteTarget\x12\'\n\x08provider\x18\x01 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\x16\n\x0eupstream_model\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\r\x12\x0e\n\x06weight\x18\x04 \x01(\r\x12\x11\n\tnode_urls\x18\x05 \x03(\t\"\xc6\x01\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x14\n\x0cpublic_model\x18\x03 \x01(\t\x12)\n\x07targets\x18\x04 \x03(\x0b\x32\x18.keyplane.v1.RouteTarget\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"w\n\tClientKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbf\x01\n\tKeyHealth\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.keyplane.v1.HealthState\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\x0eProviderHealth\x12\'\n\x08provider\x18\x01 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.keyplane.v1.HealthState\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xcd\x01\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROVIDER_OPENAI\x10\x01\x12\x16\n\x12PROVIDER_ANTHROPIC\x10\x02\x12\x19\n\x15PROVIDER_AZURE_OPENAI\x10\x03\x12\x13\n\x0fPROVIDER_GEMINI\x10\x04\x12\x17\n\x13PROVIDER_OPENROUTER\x10\x05\x12\x1e\n\x1aPROVIDER_OPENAI_COMPATIBLE\x10\x06\x12\x11\n\rPROVIDER_VLLM\x10\x07*o\n\tKeyStatus\x12\x1a\n\x16KEY_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATUS_ACTIVE\x10\x01\x12\x17\n\x13KEY_STATUS_DISABLED\x10\x02\x12\x16\n\x12KEY_STATUS_REVOKED\x10\x03*\x97\x01\n\x0bHealthState\x12\x1c\n\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14HEALTH_STATE_HEALTHY\x10\x01\x12\x19\n\x15HEALTH_STATE_COOLDOWN\x10\x02\x12\x1a\n\x16HEALTH_STATE_UNHEALTHY\x10\x03\x12\x19\n\x15HEALTH_STATE_DEGRADED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bkeyplane/v1/resources.proto\x12\x0bkeyplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"U\n\x06Tenant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"\xd7\x02\n\x0bProviderKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\'\n\x08provider\x18\x03 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\r\n\x05label\x18\x04 \x01(\t\x12\x10\n\x08\x62\x61se_url\x18\x05 \x01(\t\x12&\n\x06status\x18\x06 \x01(\x0e\x32\x16.keyplane.v1.KeyStatus\x12\x0e\n\x06weight\x18\x07 \x01(\r\x12\x16\n\x0e\x61llowed_models\x18\x08 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\t \x01(\t\x12\r\n\x05last4\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\r \x01(\t\"\x83\x01\n\x0bRouteTarget\x12\'\n\x08provider\x18\x01 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\x16\n\x0eupstream_model\x18\x02 \x01(\t\x12\x10\n\x08priority\x18\x03 \x01(\r\x12\x0e\n\x06weight\x18\x04 \x01(\r\x12\x11\n\tnode_urls\x18\x05 \x03(\t\"\xd4\x01\n\x05Route\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x14\n\x0cpublic_model\x18\x03 \x01(\t\x12)\n\x07targets\x18\x04 \x03(\x0b\x32\x18.keyplane.v1.RouteTarget\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x07 \x01(\t\"\x85\x01\n\tClientKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x06 \x01(\t\"\xbf\x01\n\tKeyHealth\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.keyplane.v1.HealthState\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\x0eProviderHealth\x12\'\n\x08provider\x18\x01 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.keyplane.v1.HealthState\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xcd\x01\n\x08Provider\x12\x18\n\x14PROVIDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROVIDER_OPENAI\x10\x01\x12\x16\n\x12PROVIDER_ANTHROPIC\x10\x02\x12\x19\n\x15PROVIDER_AZURE_OPENAI\x10\x03\x12\x13\n\x0fPROVIDER_GEMINI\x10\x04\x12\x17\n\x13PROVIDER_OPENROUTER\x10\x05\x12\x1e\n\x1aPROVIDER_OPENAI_COMPATIBLE\x10\x06\x12\x11\n\rPROVIDER_VLLM\x10\x07*o\n\tKeyStatus\x12\x1a\n\x16KEY_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATUS_ACTIVE\x10\x01\x12\x17\n\x13KEY_STATUS_DISABLED\x10\x02\x12\x16\n\x12KEY_STATUS_REVOKED\x10\x03*\x97\x01\n\x0bHealthState\x12\x1c\n\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14HEALTH_STATE_HEALTHY\x10\x01\x12\x19\n\x15HEALTH_STATE_COOLDOWN\x10\x02\x12\x1a\n\x16HEALTH_STATE_UNHEALTHY\x10\x03\x12\x19\n\x15HEALTH_STATE_DEGRADED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keyplane.v1.resources_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROVIDER']._serialized_start=1357
-  _globals['_PROVIDER']._serialized_end=1562
-  _globals['_KEYSTATUS']._serialized_start=1564
-  _globals['_KEYSTATUS']._serialized_end=1675
-  _globals['_HEALTHSTATE']._serialized_start=1678
-  _globals['_HEALTHSTATE']._serialized_end=1829
+  _globals['_PROVIDER']._serialized_start=1414
+  _globals['_PROVIDER']._serialized_end=1619
+  _globals['_KEYSTATUS']._serialized_start=1621
+  _globals['_KEYSTATUS']._serialized_end=1732
+  _globals['_HEALTHSTATE']._serialized_start=1735
+  _globals['_HEALTHSTATE']._serialized_end=1886
   _globals['_TENANT']._serialized_start=77
-  _globals['_TENANT']._serialized_end=148
-  _globals['_PROVIDERKEY']._serialized_start=151
-  _globals['_PROVIDERKEY']._serialized_end=480
-  _globals['_ROUTETARGET']._serialized_start=483
-  _globals['_ROUTETARGET']._serialized_end=614
-  _globals['_ROUTE']._serialized_start=617
-  _globals['_ROUTE']._serialized_end=815
-  _globals['_CLIENTKEY']._serialized_start=817
-  _globals['_CLIENTKEY']._serialized_end=936
-  _globals['_KEYHEALTH']._serialized_start=939
-  _globals['_KEYHEALTH']._serialized_end=1130
-  _globals['_PROVIDERHEALTH']._serialized_start=1133
-  _globals['_PROVIDERHEALTH']._serialized_end=1354
+  _globals['_TENANT']._serialized_end=162
+  _globals['_PROVIDERKEY']._serialized_start=165
+  _globals['_PROVIDERKEY']._serialized_end=508
+  _globals['_ROUTETARGET']._serialized_start=511
+  _globals['_ROUTETARGET']._serialized_end=642
+  _globals['_ROUTE']._serialized_start=645
+  _globals['_ROUTE']._serialized_end=857
+  _globals['_CLIENTKEY']._serialized_start=860
+  _globals['_CLIENTKEY']._serialized_end=993
+  _globals['_KEYHEALTH']._serialized_start=996
+  _globals['_KEYHEALTH']._serialized_end=1187
+  _globals['_PROVIDERHEALTH']._serialized_start=1190
+  _globals['_PROVIDERHEALTH']._serialized_end=1411
 # @@protoc_insertion_point(module_scope)

@@ -118,8 +118,11 @@ class Tenant(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique slug: lower-case letters, digits, '-' and '_', at most 63 characters."""
+    etag: _builtins.str
+    """Opaque version of this object (AIP-154); tenants have no updates yet."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -127,10 +130,11 @@ class Tenant(_message.Message):
         *,
         name: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "etag", b"etag", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -156,6 +160,7 @@ class ProviderKey(_message.Message):
     LAST4_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     provider: Global___Provider.ValueType
@@ -166,6 +171,11 @@ class ProviderKey(_message.Message):
     fingerprint: _builtins.str
     """First 16 hex characters of SHA-256 of the secret."""
     last4: _builtins.str
+    etag: _builtins.str
+    """Opaque version of this object, new after every change (AIP-154). Send it
+    back as an update's etag to make the update fail with ABORTED when the
+    object changed since it was read.
+    """
     @_builtins.property
     def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Empty means every model."""
@@ -189,10 +199,11 @@ class ProviderKey(_message.Message):
         last4: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "base_url", b"base_url", "create_time", b"create_time", "fingerprint", b"fingerprint", "id", b"id", "label", b"label", "last4", b"last4", "provider", b"provider", "status", b"status", "tenant", b"tenant", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_models", b"allowed_models", "base_url", b"base_url", "create_time", b"create_time", "etag", b"etag", "fingerprint", b"fingerprint", "id", b"id", "label", b"label", "last4", b"last4", "provider", b"provider", "status", b"status", "tenant", b"tenant", "update_time", b"update_time", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -247,9 +258,15 @@ class Route(_message.Message):
     TARGETS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     public_model: _builtins.str
+    etag: _builtins.str
+    """Opaque version of this object, new after every change (AIP-154). Send it
+    back as an update's etag to make the update fail with ABORTED when the
+    object changed since it was read.
+    """
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteTarget]: ...
     @_builtins.property
@@ -265,10 +282,11 @@ class Route(_message.Message):
         targets: _abc.Iterable[Global___RouteTarget] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "public_model", b"public_model", "targets", b"targets", "tenant", b"tenant", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "etag", b"etag", "id", b"id", "public_model", b"public_model", "targets", b"targets", "tenant", b"tenant", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,11 +303,14 @@ class ClientKey(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     PREFIX_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     tenant: _builtins.str
     label: _builtins.str
     prefix: _builtins.str
     """The first characters of the token, enough to recognise it."""
+    etag: _builtins.str
+    """Opaque version of this object (AIP-154); client keys have no updates yet."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -300,10 +321,11 @@ class ClientKey(_message.Message):
         label: _builtins.str = ...,
         prefix: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "id", b"id", "label", b"label", "prefix", b"prefix", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "etag", b"etag", "id", b"id", "label", b"label", "prefix", b"prefix", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -177,3 +177,12 @@ def test_outcomes_round_trip_and_are_bounded() -> None:
     ):
         with pytest.raises(ValueError):
             convert.outcome_from_proto(broken)
+
+
+def test_etags_are_revisions_and_reject_anything_else() -> None:
+    assert convert.etag_from_revision(1) == "r1"
+    for revision in (1, 2, 41, 10**17):
+        assert convert.revision_from_etag(convert.etag_from_revision(revision)) == revision
+    for bad in ("", "r", "r0", "1", "x1", "r-1", "r1.0", "r 1", "r\u0661", "r" + "9" * 19, 'W/"r1"'):
+        with pytest.raises(ValueError, match="not an etag this API returned"):
+            convert.revision_from_etag(bad)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from control_plane.store import Store
-from keyplane.domain import ChangeOp, EntityKind, KeyStatus, Provider, RouteTarget
+from control_plane.store import ProviderKeyUpdate, RouteUpdate, Store
+from keyplane.domain import ChangeOp, EntityKind
 from keyplane.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from tests.store import factories as f
 from tests.store.conftest import Backend
@@ -304,79 +304,7 @@ async def test_non_utc_timestamps_come_back_as_the_same_instant_in_utc(store: St
     assert_utc(got.updated_at)
 
 
-# updates -----------------------------------------------------------------------
-
-
-async def test_update_provider_key(store: Store) -> None:
-    await store.create_tenant(f.tenant())
-    key = await store.create_provider_key(f.provider_key())
-    version = await store.latest_version()
-    changed = replace(
-        key,
-        provider=Provider.OPENAI_COMPATIBLE,
-        label="backup",
-        base_url="http://llm.internal:8080/v1",
-        status=KeyStatus.DISABLED,
-        weight=7,
-        allowed_models=(),
-        secret_ciphertext=b"new-ciphertext",
-        fingerprint="sha256:ef01",
-        last4="9876",
-        created_at=f.ts(99),  # ignored: creation time is not mutable
-        updated_at=f.ts(10),
-    )
-    expected = replace(changed, created_at=key.created_at)
-    assert await store.update_provider_key(changed) == expected
-    assert await store.get_provider_key("acme", key.id) == expected
-    assert await changes(store, version) == [("acme", EntityKind.PROVIDER_KEY, key.id, ChangeOp.PUT)]
-
-
-async def test_update_provider_key_to_a_taken_label(store: Store) -> None:
-    await store.create_tenant(f.tenant())
-    first = await store.create_provider_key(f.provider_key("pk_1", label="one"))
-    await store.create_provider_key(f.provider_key("pk_2", label="two", n=1))
-    version = await store.latest_version()
-    with pytest.raises(AlreadyExists, match="label 'two' already exists"):
-        await store.update_provider_key(replace(first, label="two", weight=99))
-    assert await store.get_provider_key("acme", "pk_1") == first
-    assert await store.latest_version() == version
-
-
-async def test_update_route(store: Store) -> None:
-    await store.create_tenant(f.tenant())
-    rt = await store.create_route(f.route())
-    await store.create_route(f.route("rt_2", public_model="taken", n=1))
-    version = await store.latest_version()
-    changed = replace(
-        rt,
-        public_model="chat-v2",
-        targets=(RouteTarget(Provider.ANTHROPIC, "claude-sonnet", priority=0, weight=5),),
-        updated_at=f.ts(10),
-    )
-    assert await store.update_route(changed) == changed
-    assert await store.get_route("acme", rt.id) == changed
-    assert await changes(store, version) == [("acme", EntityKind.ROUTE, rt.id, ChangeOp.PUT)]
-
-    with pytest.raises(AlreadyExists, match="public_model 'taken' already exists"):
-        await store.update_route(replace(changed, public_model="taken"))
-    assert await store.get_route("acme", rt.id) == changed
-    assert await store.latest_version() == version + 1
-
-
-async def test_update_of_missing_or_foreign_object_is_not_found(store: Store) -> None:
-    await store.create_tenant(f.tenant())
-    await store.create_tenant(f.tenant("other"))
-    key = await store.create_provider_key(f.provider_key())
-    rt = await store.create_route(f.route())
-    version = await store.latest_version()
-    for bad_key in [replace(key, id="nope"), replace(key, tenant="other"), replace(key, tenant="ghost")]:
-        with pytest.raises(NotFound):
-            await store.update_provider_key(bad_key)
-    for bad_route in [replace(rt, id="nope"), replace(rt, tenant="other")]:
-        with pytest.raises(NotFound):
-            await store.update_route(bad_route)
-    assert await store.latest_version() == version
-    assert await store.get_provider_key("acme", key.id) == key
+# updates: tests/store/test_updates.py
 
 
 # change log --------------------------------------------------------------------
@@ -385,9 +313,9 @@ async def test_update_of_missing_or_foreign_object_is_not_found(store: Store) ->
 async def test_every_write_appends_one_change(store: Store) -> None:
     await store.create_tenant(f.tenant())
     await store.create_provider_key(f.provider_key())
-    await store.update_provider_key(replace(f.provider_key(), weight=9))
+    await store.update_provider_key("acme", "pk_1", ProviderKeyUpdate(updated_at=f.ts(1), weight=9))
     await store.create_route(f.route())
-    await store.update_route(replace(f.route(), public_model="x"))
+    await store.update_route("acme", "rt_1", RouteUpdate(updated_at=f.ts(1), public_model="x"))
     await store.create_client_key(f.client_key())
     await store.delete_client_key("acme", "ck_1")
     await store.delete_route("acme", "rt_1")

@@ -15,6 +15,7 @@ from control_plane.store import PostgresStore, SqliteStore, Store
 from keyplane.domain import ChangeOp, EntityKind, HealthState, KeyHealth, Provider
 from keyplane.errors import InvalidArgument, NotFound
 from tests.store import factories as f
+from tests.store import legacy
 from tests.store.conftest import PG_DSN, Backend
 from tests.store.test_conformance import assert_utc, changes
 
@@ -357,23 +358,25 @@ async def applied_migrations(store: Store) -> list[int]:
     return [int(r["version"]) for r in records]
 
 
-async def test_upgrade_from_the_previous_schema_version(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_upgrade_from_the_schema_before_health(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     old = backend.open()
     module = sys.modules[type(old).__module__]
     migrations = module.MIGRATIONS
-    assert [m.version for m in migrations] == [1, 2]
+    assert [m.version for m in migrations[:2]] == [1, 2]
     with monkeypatch.context() as patch:
-        # The code before health: only migration 1.
+        # The code before health: only migration 1 (its rows written as it wrote them).
         patch.setattr(module, "MIGRATIONS", migrations[:1])
         await old.migrate()
-        await old.create_tenant(f.tenant())
-        key = await old.create_provider_key(f.provider_key())
+        await legacy.insert_tenant(old, f.tenant())
+        key = f.provider_key()
+        await legacy.insert_provider_key(old, key)
         await old.close()
 
     new = backend.open()
     assert await applied_migrations(new) == [1]
     await new.migrate()
-    assert await applied_migrations(new) == [1, 2]
+    everything = [m.version for m in migrations]
+    assert await applied_migrations(new) == everything
     version = await new.latest_version()
     assert version == 2
     assert await new.get_provider_key("acme", key.id) == key
@@ -383,7 +386,7 @@ async def test_upgrade_from_the_previous_schema_version(backend: Backend, monkey
     await new.migrate()
     again = backend.open()
     await again.migrate()
-    assert await applied_migrations(again) == [1, 2]
+    assert await applied_migrations(again) == everything
     assert await again.list_key_health("acme") == [cooldown()]
     assert await again.list_provider_health("acme") == [f.provider_health()]
     assert await again.latest_version() == 4
