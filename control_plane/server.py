@@ -73,7 +73,7 @@ class ControlPlane:
     async def start(self) -> None:
         config = self.config
         if self._store is None:
-            self._store = open_store(config.store_url)
+            self._store = open_store(config.store_url, command_timeout=config.store_timeout)
         store = self._store
         try:
             await store.migrate()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from keyplane.cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
 from keyplane.cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane.crypto import load_master_key
 from keyplane.home import Home, read_token_file
@@ -78,6 +79,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             master_key=master_key,
             health_policy=health_policy,
             **intervals,
+            **control_plane_options_from_args(args),
         )
     )
     await cp.start()
@@ -142,6 +144,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             master_key=master_key,
             health_policy=health_policy,
             **intervals,
+            **control_plane_options_from_args(args),
         )
     )
     await cp.start()
@@ -273,6 +276,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     )
     handlers["sidecar"] = _runner(_run_sidecar)
 
+    add_control_plane_flags(up)
+    add_control_plane_flags(cp)
     add_health_flags(up, aggregator=True)
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)
