@@ -14,6 +14,7 @@ from control_plane.admin_service import AdminService
 from control_plane.aggregator import HealthAggregator
 from control_plane.auth import Authenticator, AuthInterceptor
 from control_plane.config import ControlPlaneConfig
+from control_plane.decode_guard import DecodeGuardInterceptor
 from control_plane.hub import SnapshotHub
 from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
@@ -95,7 +96,10 @@ class ControlPlane:
             )
             await self._aggregator.start()
             server = aio.server(
-                interceptors=[AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens))],
+                interceptors=[
+                    AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens)),
+                    DecodeGuardInterceptor(),  # inside auth: undecodable requests are INVALID_ARGUMENT
+                ],
                 # A second control plane on a taken port must fail, not share it.
                 options=[
                     ("grpc.so_reuseport", 0),
