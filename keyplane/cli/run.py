@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from keyplane.cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
 from keyplane.cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane.crypto import load_master_key
-from keyplane.home import Home, read_token_file
+from keyplane.home import Home, ensure_private_dir, read_token_file
 from keyplane.runtime import tune_gc
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ async def _run_up(args: argparse.Namespace) -> int:
     health_policy = health_policy_from_args(args)
     intervals = aggregator_intervals_from_args(args)
     home = Home(args.home) if args.home else Home.default()
-    home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private_dir(home.root)  # tightens a group/world-accessible one, with a warning
     master_key = load_master_key(home.master_key_file, create=True)
     admin_token = home.ensure_token(home.admin_token_file, "kpa-")
     sidecar_token = home.ensure_token(home.sidecar_token_file, "kps-")
