@@ -29,6 +29,7 @@ from control_plane.aggregator import HealthAggregator
 from control_plane.hub import SnapshotHub, SubscriberInfo
 from control_plane.status import map_errors
 from control_plane.store.base import Store
+from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
 from keyplane import convert
 from keyplane.crypto import SecretBox, fingerprint, last4
 from keyplane.domain import ClientKey, KeyStatus, ProviderKey, Route, RouteTarget, Tenant
@@ -55,7 +56,7 @@ def new_client_token() -> str:
     return CLIENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-def _targets(messages: list[resources_pb2.RouteTarget]) -> tuple[RouteTarget, ...]:
+def _targets(messages: list[resources_pb2.RouteTarget], policy: UrlPolicy) -> tuple[RouteTarget, ...]:
     if not messages:
         raise InvalidArgument("targets: a route needs at least one target")
     return tuple(
@@ -66,6 +67,7 @@ def _targets(messages: list[resources_pb2.RouteTarget]) -> tuple[RouteTarget, ..
             priority=m.priority,
             weight=m.weight,
             node_urls=list(m.node_urls),
+            policy=policy,
         )
         for index, m in enumerate(messages)
     )
@@ -80,12 +82,14 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         clock: Callable[[], datetime] = _utcnow,
         *,
         health: HealthAggregator | None = None,
+        url_policy: UrlPolicy = DEFAULT_URL_POLICY,
     ) -> None:
         self._store = store
         self._hub = hub
         self._box = secret_box
         self._clock = clock
         self._health = health
+        self._url_policy = url_policy  # which hosts base URLs and vLLM node URLs may name
 
     async def _reset_key_health(self, tenant: str, key_id: str) -> None:
         """Clear the key's learnt health in the store and in the aggregator's
@@ -147,7 +151,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         provider = v.validate_provider(convert.provider_from_proto(request.provider))
         label = v.validate_label(request.label)
         secret = v.validate_secret(request.secret, provider)
-        base_url = v.validate_base_url(request.base_url, provider)
+        base_url = v.validate_base_url(request.base_url, provider, policy=self._url_policy)
         weight = v.validate_weight(request.weight)
         allowed_models = v.validate_allowed_models(request.allowed_models)
         key_id = new_id(PROVIDER_KEY_PREFIX)
@@ -215,7 +219,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             elif path == "allowed_models":
                 changes["allowed_models"] = v.validate_allowed_models(wanted.allowed_models, field="key.allowed_models")
             elif path == "base_url":
-                changes["base_url"] = v.validate_base_url(wanted.base_url, current.provider, field="key.base_url")
+                changes["base_url"] = v.validate_base_url(
+                    wanted.base_url, current.provider, field="key.base_url", policy=self._url_policy
+                )
         if request.new_secret:
             secret = v.validate_secret(request.new_secret, current.provider, field="new_secret")
             changes.update(self._seal(key_id, secret))
@@ -249,7 +255,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def CreateRoute(self, request: pb.CreateRouteRequest, context: Context) -> pb.CreateRouteResponse:
         tenant = v.validate_tenant_name(request.tenant)
         public_model = v.validate_public_model(request.public_model)
-        targets = _targets(list(request.targets))
+        targets = _targets(list(request.targets), self._url_policy)
         now = self._clock()
         route = Route(
             id=new_id(ROUTE_PREFIX),
@@ -278,7 +284,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def UpdateRoute(self, request: pb.UpdateRouteRequest, context: Context) -> pb.UpdateRouteResponse:
         tenant = v.validate_tenant_name(request.tenant)
         route_id = v.validate_id(request.id)
-        targets = _targets(list(request.targets))
+        targets = _targets(list(request.targets), self._url_policy)
         current = await self._store.get_route(tenant, route_id)
         updated = dataclasses.replace(current, targets=targets, updated_at=self._clock())
         stored = await self._store.update_route(updated)

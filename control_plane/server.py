@@ -19,6 +19,7 @@ from control_plane.hub import SnapshotHub
 from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
 from control_plane.store.factory import open_store
+from control_plane.url_policy import UrlPolicy
 from keyplane.crypto import SecretBox
 from keyplane.v1 import admin_service_pb2, admin_service_pb2_grpc, sidecar_service_pb2, sidecar_service_pb2_grpc
 
@@ -115,7 +116,14 @@ class ControlPlane:
             )
             self._server = server
             admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-                AdminService(store, self._hub, box, health=self._aggregator), server
+                AdminService(
+                    store,
+                    self._hub,
+                    box,
+                    health=self._aggregator,
+                    url_policy=UrlPolicy(deny_private=config.deny_private_base_urls),
+                ),
+                server,
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(
                 SidecarService(self._hub, self._aggregator), server
