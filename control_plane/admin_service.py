@@ -37,6 +37,7 @@ from control_plane.hub import SnapshotHub
 from control_plane.snapshot_cache import SubscriberInfo
 from control_plane.status import map_errors
 from control_plane.store.base import ProviderKeyUpdate, RouteUpdate, SealedSecret, Store
+from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
 from keyplane import convert
 from keyplane.crypto import SecretBox, fingerprint, last4
 from keyplane.domain import ClientKey, EntityKind, KeyStatus, ProviderKey, Route, RouteTarget, Tenant
@@ -98,7 +99,7 @@ def _mask(paths: list[str], updatable: tuple[str, ...]) -> list[str]:
     return unique
 
 
-def _targets(messages: list[resources_pb2.RouteTarget]) -> tuple[RouteTarget, ...]:
+def _targets(messages: list[resources_pb2.RouteTarget], policy: UrlPolicy) -> tuple[RouteTarget, ...]:
     if not messages:
         raise InvalidArgument("targets: a route needs at least one target")
     limits.check_route_shape([len(m.node_urls) for m in messages])
@@ -110,6 +111,7 @@ def _targets(messages: list[resources_pb2.RouteTarget]) -> tuple[RouteTarget, ..
             priority=m.priority,
             weight=m.weight,
             node_urls=list(m.node_urls),
+            policy=policy,
         )
         for index, m in enumerate(messages)
     )
@@ -124,12 +126,14 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         clock: Callable[[], datetime] = _utcnow,
         *,
         health: HealthAggregator | None = None,
+        url_policy: UrlPolicy = DEFAULT_URL_POLICY,
     ) -> None:
         self._store = store
         self._hub = hub
         self._box = secret_box
         self._clock = clock
         self._health = health
+        self._url_policy = url_policy  # which hosts base URLs and vLLM node URLs may name
 
     async def _reset_key_health(self, tenant: str, key_id: str) -> None:
         """Clear the key's learnt health in the store and in the aggregator's
@@ -217,7 +221,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         provider = v.validate_provider(convert.provider_from_proto(request.provider))
         label = v.validate_label(request.label)
         secret = v.validate_secret(request.secret, provider)
-        base_url = v.validate_base_url(request.base_url, provider)
+        base_url = v.validate_base_url(request.base_url, provider, policy=self._url_policy)
         weight = v.validate_weight(request.weight)
         limits.check_allowed_models(len(request.allowed_models))
         allowed_models = v.validate_allowed_models(request.allowed_models)
@@ -287,7 +291,9 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
                 limits.check_allowed_models(len(wanted.allowed_models), field="key.allowed_models")
                 changes["allowed_models"] = v.validate_allowed_models(wanted.allowed_models, field="key.allowed_models")
             elif path == "base_url":
-                changes["base_url"] = v.validate_base_url(wanted.base_url, current.provider, field="key.base_url")
+                changes["base_url"] = v.validate_base_url(
+                    wanted.base_url, current.provider, field="key.base_url", policy=self._url_policy
+                )
         if request.new_secret:
             secret = v.validate_secret(request.new_secret, current.provider, field="new_secret")
             changes["secret"] = self._seal(key_id, secret)
@@ -323,7 +329,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
     async def CreateRoute(self, request: pb.CreateRouteRequest, context: Context) -> pb.CreateRouteResponse:
         tenant = v.validate_tenant_name(request.tenant)
         public_model = v.validate_public_model(request.public_model)
-        targets = _targets(list(request.targets))
+        targets = _targets(list(request.targets), self._url_policy)
         now = self._clock()
         route = Route(
             id=new_id(ROUTE_PREFIX),
@@ -357,7 +363,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
         paths = _mask(list(request.update_mask.paths), UPDATABLE_ROUTE_FIELDS)
         if not paths:
             # No mask: replace the targets (what UpdateRoute always did).
-            update = RouteUpdate(updated_at=self._clock(), targets=_targets(list(request.targets)))
+            update = RouteUpdate(updated_at=self._clock(), targets=_targets(list(request.targets), self._url_policy))
             paths = ["targets"]
         else:
             if request.targets:
@@ -365,7 +371,7 @@ class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
             wanted = request.route
             update = RouteUpdate(
                 updated_at=self._clock(),
-                targets=_targets(list(wanted.targets)) if "targets" in paths else None,
+                targets=_targets(list(wanted.targets), self._url_policy) if "targets" in paths else None,
                 public_model=(
                     v.validate_public_model(wanted.public_model, field="route.public_model")
                     if "public_model" in paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -55,6 +56,12 @@ class ControlPlaneConfig:
     health_sweep_interval: float = 60.0
     # Retry persisting health changes this often while the store is down.
     health_retry_interval: float = 2.0
+    # Seconds a Postgres statement (or a wait for a pooled connection) may take
+    # before the call fails with UNAVAILABLE.
+    store_timeout: float = 5.0
+    # Also refuse private and loopback hosts in provider base URLs and vLLM
+    # node URLs (link-local and metadata addresses are always refused).
+    deny_private_base_urls: bool = False
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -73,6 +80,8 @@ class ControlPlaneConfig:
             raise ValueError("log_size and max_pending must be at least 1")
         if self.health_sweep_interval <= 0 or self.health_retry_interval <= 0:
             raise ValueError("health_sweep_interval and health_retry_interval must be positive")
+        if not math.isfinite(self.store_timeout) or self.store_timeout <= 0:
+            raise ValueError("store_timeout must be a positive number of seconds")
 
     def __repr__(self) -> str:
         scopes = sorted({",".join(tenants) for tenants in self.sidecar_tokens.values()})

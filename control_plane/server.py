@@ -14,10 +14,12 @@ from control_plane.admin_service import AdminService
 from control_plane.aggregator import HealthAggregator
 from control_plane.auth import Authenticator, AuthInterceptor
 from control_plane.config import ControlPlaneConfig
+from control_plane.decode_guard import DecodeGuardInterceptor
 from control_plane.hub import SnapshotHub
 from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
 from control_plane.store.factory import open_store
+from control_plane.url_policy import UrlPolicy
 from keyplane.crypto import SecretBox
 from keyplane.v1 import admin_service_pb2, admin_service_pb2_grpc, sidecar_service_pb2, sidecar_service_pb2_grpc
 
@@ -73,7 +75,7 @@ class ControlPlane:
     async def start(self) -> None:
         config = self.config
         if self._store is None:
-            self._store = open_store(config.store_url)
+            self._store = open_store(config.store_url, command_timeout=config.store_timeout)
         store = self._store
         try:
             await store.migrate()
@@ -95,7 +97,10 @@ class ControlPlane:
             )
             await self._aggregator.start()
             server = aio.server(
-                interceptors=[AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens))],
+                interceptors=[
+                    AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens)),
+                    DecodeGuardInterceptor(),  # inside auth: undecodable requests are INVALID_ARGUMENT
+                ],
                 # A second control plane on a taken port must fail, not share it.
                 options=[
                     ("grpc.so_reuseport", 0),
@@ -111,7 +116,14 @@ class ControlPlane:
             )
             self._server = server
             admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-                AdminService(store, self._hub, box, health=self._aggregator), server
+                AdminService(
+                    store,
+                    self._hub,
+                    box,
+                    health=self._aggregator,
+                    url_policy=UrlPolicy(deny_private=config.deny_private_base_urls),
+                ),
+                server,
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(
                 SidecarService(self._hub.cache, self._aggregator), server

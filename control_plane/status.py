@@ -30,6 +30,7 @@ _STORE_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     sqlite3.OperationalError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,  # a connection whose backend was killed
     ConnectionError,
     TimeoutError,
     OSError,

@@ -11,6 +11,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
+from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
 from keyplane.domain import KeyStatus, Provider, RouteTarget
 from keyplane.errors import InvalidArgument
 
@@ -128,14 +129,19 @@ def validate_url(url: str, *, field: str) -> str:
     return url.rstrip("/")
 
 
-def validate_base_url(base_url: str, provider: Provider, *, field: str = "base_url") -> str:
+def validate_base_url(
+    base_url: str, provider: Provider, *, field: str = "base_url", policy: UrlPolicy = DEFAULT_URL_POLICY
+) -> str:
     """Required for openai_compatible and azure_openai; optional otherwise,
-    where empty means the provider's default endpoint (chosen by the sidecar)."""
+    where empty means the provider's default endpoint (chosen by the sidecar).
+    Its host must be one ``policy`` allows."""
     if not base_url:
         if provider in PROVIDERS_NEEDING_BASE_URL:
             raise InvalidArgument(f"{field} is required for provider {provider.value}")
         return ""
-    return validate_url(base_url, field=field)
+    url = validate_url(base_url, field=field)
+    policy.check(url, field=field)
+    return url
 
 
 def validate_label(label: str, *, field: str = "label") -> str:
@@ -195,8 +201,10 @@ def validate_route_target(
     priority: int,
     weight: int,
     node_urls: Sequence[str],
+    policy: UrlPolicy = DEFAULT_URL_POLICY,
 ) -> RouteTarget:
-    """One target of a route; ``index`` names it in messages (``targets[1]``)."""
+    """One target of a route; ``index`` names it in messages (``targets[1]``).
+    vLLM node URLs must name hosts ``policy`` allows."""
     prefix = f"targets[{index}]"
     checked_provider = validate_provider(provider, field=f"{prefix}.provider")
     if not upstream_model:
@@ -207,7 +215,10 @@ def validate_route_target(
             raise InvalidArgument(f"{prefix}.node_urls needs at least one node URL for provider vllm")
         urls: dict[str, None] = {}
         for url_index, url in enumerate(node_urls):
-            urls[validate_url(url, field=f"{prefix}.node_urls[{url_index}]")] = None
+            url_field = f"{prefix}.node_urls[{url_index}]"
+            checked = validate_url(url, field=url_field)
+            policy.check(checked, field=url_field)
+            urls[checked] = None
         nodes = tuple(urls)
     else:
         if node_urls:

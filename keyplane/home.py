@@ -1,20 +1,61 @@
 """The embedded default's data directory and the credentials kept in it.
 
 ``KEYPLANE_HOME`` (default ``~/.keyplane``) holds the SQLite database, the
-master key, the admin token and the sidecar token, each file mode 0600, so
-``keyplane up`` needs no configuration and the admin CLI finds its token.
+master key, the admin token and the sidecar token, each file mode 0600 in a
+directory of mode 0700, so ``keyplane up`` needs no configuration and the
+admin CLI finds its token. A data directory or file that others can read is
+tightened, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["HOME_ENV", "Home", "read_token_file", "write_secret_file"]
+__all__ = [
+    "HOME_ENV",
+    "Home",
+    "ensure_private_dir",
+    "ensure_private_file",
+    "read_token_file",
+    "write_secret_file",
+]
 
 HOME_ENV = "KEYPLANE_HOME"
+
+log = logging.getLogger(__name__)
+
+
+def _tighten(path: Path, private: int) -> None:
+    """chmod ``path`` to ``private`` if group or others have any access."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return
+    try:
+        path.chmod(private)
+    except OSError as exc:
+        log.warning("%s is accessible to other users (mode %04o) and could not be tightened: %s", path, mode, exc)
+        return
+    log.warning("%s was accessible to other users (mode %04o); tightened it to %04o", path, mode, private)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) with mode 0700, or tighten an
+    existing directory that group or others can access to 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _tighten(path, 0o700)
+
+
+def ensure_private_file(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if missing (never wider, even
+    briefly), or tighten an existing one that group or others can access."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    _tighten(path, 0o600)
 
 
 def write_secret_file(path: Path, content: str) -> None:

@@ -43,11 +43,18 @@ from keyplane.domain import (
 )
 from keyplane.errors import Unavailable
 
-__all__ = ["CHANNEL", "MIGRATIONS", "PostgresStore"]
+__all__ = ["CHANNEL", "DEFAULT_COMMAND_TIMEOUT", "MIGRATIONS", "MIGRATION_TIMEOUT", "PostgresStore"]
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "keyplane_changes"
+# Seconds one statement, or the wait for a pooled connection, may take before
+# the call fails with ``Unavailable`` (a stalled or locked database must not
+# hang admin calls). A store call is a handful of statements, so it is bounded
+# by a small multiple of this.
+DEFAULT_COMMAND_TIMEOUT = 5.0
+# Each statement of ``migrate()`` (schema changes, waiting for another replica's).
+MIGRATION_TIMEOUT = 600.0
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -162,6 +169,9 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # includes TimeoutError and ConnectionRefusedError
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,  # closed pool, lost connection
+    # A backend killed between two calls can leave asyncpg's protocol in a
+    # state it reports as an internal error ("cannot switch to state ...").
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,  # shutting down, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,
@@ -300,7 +310,11 @@ def _conflict(exc: Exception, tenant: str, values: dict[str, str]) -> Exception:
 
 
 class PostgresStore:
-    """``Store`` on Postgres. Connects lazily; ``close()`` releases everything."""
+    """``Store`` on Postgres. Connects lazily; ``close()`` releases everything.
+
+    ``command_timeout`` bounds every statement and every wait for a pooled
+    connection (seconds); a timeout, like a lost connection, is ``Unavailable``.
+    """
 
     def __init__(
         self,
@@ -310,14 +324,18 @@ class PostgresStore:
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float = 5.0,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
         if not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(f"invalid schema name {schema!r}: use lowercase letters, digits and _")
+        if not command_timeout > 0:
+            raise ValueError("command_timeout must be a positive number of seconds")
         self._dsn = dsn
         self._schema = schema
         self._min_size = min_size
         self._max_size = max_size
         self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
         self._secrets, self._target = _dsn_secrets_and_target(dsn)
         self._changes_lock = _lock_key(f"keyplane.changes:{schema}")
         self._migrate_lock = _lock_key(f"keyplane.migrate:{schema}")
@@ -339,14 +357,22 @@ class PostgresStore:
     # connection handling ---------------------------------------------------
 
     def _unavailable(self, exc: BaseException) -> Unavailable:
-        detail = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, TimeoutError):
+            detail = f"no answer within {self._command_timeout:g} s"
+        else:
+            detail = f"{type(exc).__name__}: {exc}"
         for secret in self._secrets:
             detail = detail.replace(secret, "***")
         return Unavailable(f"postgres store at {self._target} unavailable ({detail})")
 
     async def _connect(self) -> asyncpg.Connection:
         """A dedicated connection (the LISTEN one), outside the pool."""
-        return await asyncpg.connect(self._dsn, timeout=self._connect_timeout, server_settings=self._server_settings())
+        return await asyncpg.connect(
+            self._dsn,
+            timeout=self._connect_timeout,
+            command_timeout=self._command_timeout,
+            server_settings=self._server_settings(),
+        )
 
     def _server_settings(self) -> dict[str, str]:
         return {"search_path": f'"{self._schema}"', "application_name": "keyplane"}
@@ -362,6 +388,7 @@ class PostgresStore:
                         min_size=self._min_size,
                         max_size=self._max_size,
                         timeout=self._connect_timeout,
+                        command_timeout=self._command_timeout,
                         server_settings=self._server_settings(),
                     )
         return self._pool
@@ -379,14 +406,14 @@ class PostgresStore:
     async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
         async with self._errors():
             pool = await self._get_pool()
-            async with pool.acquire() as conn, conn.transaction():
+            async with pool.acquire(timeout=self._command_timeout) as conn, conn.transaction():
                 yield conn
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
         async with self._errors():
             pool = await self._get_pool()
-            async with pool.acquire() as conn:
+            async with pool.acquire(timeout=self._command_timeout) as conn:
                 yield conn
 
     async def _log(self, conn: asyncpg.Connection, tenant: str, kind: EntityKind, entity_id: str, op: ChangeOp) -> int:
@@ -439,20 +466,27 @@ class PostgresStore:
     # lifecycle ---------------------------------------------------------------
 
     async def migrate(self) -> None:
+        # Migrations (and waiting for another replica's) may take longer than
+        # a command should: they get their own, generous bound.
+        timeout = max(self._command_timeout, MIGRATION_TIMEOUT)
         async with self._transaction() as conn:
             # Several replicas may start at once: one migrates, the others wait and find nothing to do.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._migrate_lock)
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
-            await conn.execute(f'SET LOCAL search_path TO "{self._schema}"')
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._migrate_lock, timeout=timeout)
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"', timeout=timeout)
+            await conn.execute(f'SET LOCAL search_path TO "{self._schema}"', timeout=timeout)
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+                timeout=timeout,
             )
-            applied = [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+            rows = await conn.fetch("SELECT version FROM schema_migrations", timeout=timeout)
+            applied = [r["version"] for r in rows]
             for migration in pending(MIGRATIONS, applied):
                 for statement in migration.statements:
-                    await conn.execute(statement)
-                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", migration.version)
+                    await conn.execute(statement, timeout=timeout)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version) VALUES ($1)", migration.version, timeout=timeout
+                )
 
     async def close(self) -> None:
         if self._closed:

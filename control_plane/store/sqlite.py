@@ -41,6 +41,7 @@ from keyplane.domain import (
     key_health_entity_id,
 )
 from keyplane.errors import Unavailable
+from keyplane.home import ensure_private_file
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
 
@@ -291,6 +292,19 @@ def _conflict(exc: sqlite3.IntegrityError, table: str, tenant: str, values: dict
     return exc
 
 
+def _prepare_file(path: Path) -> None:
+    """The database file exists with mode 0600 before SQLite opens it, so the
+    ``-wal`` and ``-shm`` files SQLite creates next to it get 0600 too (it
+    copies the database file's mode); existing ones wider than that are
+    tightened."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private_file(path)
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        if companion.exists():
+            ensure_private_file(companion)
+
+
 class SqliteStore:
     """``Store`` on SQLite. ``path`` is a file path or ``":memory:"``."""
 
@@ -312,7 +326,7 @@ class SqliteStore:
         if self._conn is None:
             memory = self._path == ":memory:"
             if not memory:
-                await asyncio.to_thread(Path(self._path).parent.mkdir, parents=True, exist_ok=True)
+                await asyncio.to_thread(_prepare_file, Path(self._path))
             conn = await aiosqlite.connect(self._path, isolation_level=None)
             try:
                 conn.row_factory = sqlite3.Row

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from keyplane.cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
 from keyplane.cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane.crypto import load_master_key
-from keyplane.home import Home, read_token_file
+from keyplane.home import Home, ensure_private_dir, read_token_file
 from keyplane.runtime import tune_gc
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ async def _run_up(args: argparse.Namespace) -> int:
     health_policy = health_policy_from_args(args)
     intervals = aggregator_intervals_from_args(args)
     home = Home(args.home) if args.home else Home.default()
-    home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private_dir(home.root)  # tightens a group/world-accessible one, with a warning
     master_key = load_master_key(home.master_key_file, create=True)
     admin_token = home.ensure_token(home.admin_token_file, "kpa-")
     sidecar_token = home.ensure_token(home.sidecar_token_file, "kps-")
@@ -78,6 +79,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             master_key=master_key,
             health_policy=health_policy,
             **intervals,
+            **control_plane_options_from_args(args),
         )
     )
     await cp.start()
@@ -142,6 +144,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             master_key=master_key,
             health_policy=health_policy,
             **intervals,
+            **control_plane_options_from_args(args),
         )
     )
     await cp.start()
@@ -273,6 +276,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     )
     handlers["sidecar"] = _runner(_run_sidecar)
 
+    add_control_plane_flags(up)
+    add_control_plane_flags(cp)
     add_health_flags(up, aggregator=True)
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)
