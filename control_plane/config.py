@@ -8,6 +8,7 @@ from types import MappingProxyType
 from urllib.parse import urlsplit, urlunsplit
 
 from keyplane.health.machine import HealthPolicy
+from keyplane.tls import ServerTls, is_loopback_listen
 
 __all__ = ["ControlPlaneConfig", "redact_url"]
 
@@ -55,6 +56,10 @@ class ControlPlaneConfig:
     health_sweep_interval: float = 60.0
     # Retry persisting health changes this often while the store is down.
     health_retry_interval: float = 2.0
+    # TLS (and mTLS with a client CA) for every connection; None: plaintext,
+    # which only a loopback ``listen`` allows unless ``insecure_plaintext``.
+    tls: ServerTls | None = None
+    insecure_plaintext: bool = False
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -73,6 +78,11 @@ class ControlPlaneConfig:
             raise ValueError("log_size and max_pending must be at least 1")
         if self.health_sweep_interval <= 0 or self.health_retry_interval <= 0:
             raise ValueError("health_sweep_interval and health_retry_interval must be positive")
+        if self.tls is None and not self.insecure_plaintext and not is_loopback_listen(self.listen):
+            raise ValueError(
+                f"refusing to serve plaintext gRPC on {self.listen} (not a loopback address): "
+                "pass --tls-cert and --tls-key (and --client-ca for mTLS), or --insecure-plaintext to force it"
+            )
 
     def __repr__(self) -> str:
         scopes = sorted({",".join(tenants) for tenants in self.sidecar_tokens.values()})
@@ -80,7 +90,8 @@ class ControlPlaneConfig:
             f"ControlPlaneConfig(listen={self.listen!r}, store_url={redact_url(self.store_url)!r}, "
             f"admin_token='***', sidecar_tokens=<{len(self.sidecar_tokens)} token(s) for {scopes}>, "
             f"master_key='***', log_size={self.log_size}, max_pending={self.max_pending}, "
-            f"poll_interval={self.poll_interval}, shutdown_grace={self.shutdown_grace})"
+            f"poll_interval={self.poll_interval}, shutdown_grace={self.shutdown_grace}, tls={self.tls}, "
+            f"insecure_plaintext={self.insecure_plaintext})"
         )
 
     __str__ = __repr__

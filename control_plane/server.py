@@ -19,6 +19,7 @@ from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
 from control_plane.store.factory import open_store
 from keyplane.crypto import SecretBox
+from keyplane.tls import CertificateReloader, server_credentials
 from keyplane.v1 import admin_service_pb2, admin_service_pb2_grpc, sidecar_service_pb2, sidecar_service_pb2_grpc
 
 __all__ = ["ControlPlane"]
@@ -45,6 +46,7 @@ class ControlPlane:
         self._aggregator: HealthAggregator | None = None
         self._server: aio.Server | None = None
         self._health: AsyncHealthServicer | None = None
+        self._tls_reloader: CertificateReloader | None = None
         self.port = 0
 
     @property
@@ -64,6 +66,11 @@ class ControlPlane:
         if self._store is None:
             raise RuntimeError("the control plane is not started")
         return self._store
+
+    @property
+    def tls_reloads(self) -> int:
+        """How many times rotated TLS files were picked up."""
+        return 0 if self._tls_reloader is None else self._tls_reloader.reloads
 
     @property
     def address(self) -> str:
@@ -119,7 +126,11 @@ class ControlPlane:
             self._health = AsyncHealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection((*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-            self.port = server.add_insecure_port(config.listen)
+            if config.tls is None:
+                self.port = server.add_insecure_port(config.listen)
+            else:
+                credentials, self._tls_reloader = server_credentials(config.tls)
+                self.port = server.add_secure_port(config.listen, credentials)
             if self.port == 0:
                 raise OSError(f"could not listen on {config.listen}")
             await server.start()
@@ -128,7 +139,8 @@ class ControlPlane:
         except BaseException:
             await self.stop(grace=0)
             raise
-        log.info("control plane serving on %s (version %d)", self.address, self._hub.version)
+        security = "plaintext" if config.tls is None else ("mTLS" if config.tls.mutual else "TLS")
+        log.info("control plane serving %s on %s (version %d)", security, self.address, self._hub.version)
 
     async def stop(self, grace: float | None = None) -> None:
         """End the watch streams, let other calls finish for ``grace`` seconds

@@ -13,9 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keyplane.cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
+from keyplane.cli.tls_flags import (
+    add_client_tls_flags,
+    add_server_tls_flags,
+    client_tls_from_args,
+    server_tls_from_args,
+)
 from keyplane.crypto import load_master_key
 from keyplane.home import Home, read_token_file
 from keyplane.runtime import tune_gc
+from keyplane.tls import TlsError
 
 if TYPE_CHECKING:
     from keyplane.health.machine import HealthPolicy
@@ -133,18 +140,25 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     else:
         raise SystemExit(f"control-plane needs sidecar tokens: --sidecar-tokens-file or {SIDECAR_TOKEN_ENV}")
     master_key = load_master_key(args.master_key_file, create=False)
-    cp = ControlPlane(
-        ControlPlaneConfig(
+    try:
+        config = ControlPlaneConfig(
             listen=args.listen,
             store_url=args.store,
             admin_token=admin_token,
             sidecar_tokens=sidecar_tokens,
             master_key=master_key,
             health_policy=health_policy,
+            tls=server_tls_from_args(args),
+            insecure_plaintext=args.insecure_plaintext,
             **intervals,
         )
-    )
-    await cp.start()
+    except ValueError as exc:  # TlsError included
+        raise SystemExit(f"control-plane: {exc}") from None
+    cp = ControlPlane(config)
+    try:
+        await cp.start()
+    except TlsError as exc:
+        raise SystemExit(f"control-plane: {exc}") from None
     print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
     tune_gc()
     try:
@@ -172,6 +186,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         upstream_limit_per_host=args.upstream_limit_per_host,
         upstream_trust_env=args.upstream_trust_env,
         upstream_ca_file=str(args.upstream_ca_file) if args.upstream_ca_file else None,
+        control_plane_tls=client_tls_from_args(args),
     )
 
 
@@ -193,7 +208,10 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"sidecar: {exc}") from None
     sc = Sidecar(config)
-    await sc.start()
+    try:
+        await sc.start()
+    except TlsError as exc:
+        raise SystemExit(f"sidecar: {exc}") from None
     print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
     tune_gc()
     try:
@@ -235,6 +253,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     cp.add_argument("--admin-token-file", type=Path)
     cp.add_argument("--sidecar-tokens-file", type=Path, help="lines of '<token> <tenant,tenant|*>'")
     cp.add_argument("--master-key-file", type=Path, help="base64 32-byte key (else KEYPLANE_MASTER_KEY)")
+    add_server_tls_flags(cp)
     handlers["control-plane"] = _runner(_run_control_plane)
 
     sc = sub.add_parser("sidecar", help="run a sidecar next to an application")
@@ -271,6 +290,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     upstream.add_argument(
         "--upstream-ca-file", type=Path, help="PEM bundle to verify upstream TLS against (default: the system's)"
     )
+    add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
 
     add_health_flags(up, aggregator=True)
