@@ -83,6 +83,9 @@ class ControlPlane:
             self._store = open_store(config.store_url)
         store = self._store
         try:
+            credentials = None
+            if config.tls is not None:  # unusable TLS files fail before the store is touched
+                credentials, self._tls_reloader = server_credentials(config.tls)
             await store.migrate()
             box = SecretBox(config.master_key)
             self._hub = SnapshotHub(
@@ -126,10 +129,9 @@ class ControlPlane:
             self._health = AsyncHealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection((*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-            if config.tls is None:
+            if credentials is None:
                 self.port = server.add_insecure_port(config.listen)
             else:
-                credentials, self._tls_reloader = server_credentials(config.tls)
                 self.port = server.add_secure_port(config.listen, credentials)
             if self.port == 0:
                 raise OSError(f"could not listen on {config.listen}")
