@@ -22,7 +22,7 @@ from keyplane.cli.tls_flags import (
 from keyplane.crypto import load_master_key
 from keyplane.home import Home, read_token_file
 from keyplane.runtime import tune_gc
-from keyplane.tls import TlsError
+from keyplane.tls import TlsError, is_loopback_listen
 
 if TYPE_CHECKING:
     from keyplane.health.machine import HealthPolicy
@@ -70,6 +70,11 @@ async def _run_up(args: argparse.Namespace) -> int:
 
     health_policy = health_policy_from_args(args)
     intervals = aggregator_intervals_from_args(args)
+    if not is_loopback_listen(args.listen):
+        raise SystemExit(
+            f"up: refusing to serve plaintext gRPC on {args.listen}: 'keyplane up' listens on loopback only; "
+            "run 'keyplane control-plane' with --tls-cert and --tls-key to serve other hosts"
+        )
     home = Home(args.home) if args.home else Home.default()
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     master_key = load_master_key(home.master_key_file, create=True)

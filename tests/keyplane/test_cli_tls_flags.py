@@ -175,3 +175,10 @@ def test_dev_certs_writes_a_ca_a_server_and_a_client_certificate(
     assert (out / "ca.crt").read_bytes() == before
     assert main(["dev-certs", "--out", str(out), "--force"]) == 0
     assert (out / "ca.crt").read_bytes() != before
+
+
+def test_up_refuses_a_public_address_before_touching_anything(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with pytest.raises(SystemExit, match=r"up: refusing to serve plaintext gRPC on 0\.0\.0\.0:50051"):
+        main(["up", "--home", str(home), "--listen", "0.0.0.0:50051", "--port", "0"])
+    assert not home.exists()
