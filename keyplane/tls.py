@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from keyplane.errors import KeyplaneError
 
@@ -138,6 +136,9 @@ def _read(path: Path, what: str) -> bytes:
 
 def _check_pair(cert_pem: bytes, key_pem: bytes, cert_file: Path, key_file: Path) -> None:
     """The first certificate in ``cert_pem`` must belong to the key in ``key_pem``."""
+    from cryptography import x509  # imported when used: the admin commands start faster
+    from cryptography.hazmat.primitives import serialization
+
     try:
         certificate = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
@@ -157,6 +158,8 @@ def _check_pair(cert_pem: bytes, key_pem: bytes, cert_file: Path, key_file: Path
 
 
 def _check_ca(ca_pem: bytes, ca_file: Path) -> None:
+    from cryptography import x509
+
     try:
         x509.load_pem_x509_certificates(ca_pem)
     except ValueError:

@@ -18,7 +18,7 @@ import logging
 import grpc
 import grpc.aio
 
-from keyplane.tls import FileSignature, TlsError, channel_credentials, channel_options
+from keyplane.tls import FileSignature, TlsError, channel_credentials, channel_options, is_loopback_listen
 
 from .config import SidecarConfig
 
@@ -63,6 +63,12 @@ class ChannelSource:
         self._own = fixed is None
         self._retire_grace = retire_grace
         tls = config.control_plane_tls if self._own else None
+        if self._own and config.control_plane_tls is None and not is_loopback_listen(config.control_plane_target):
+            _log.warning(
+                "talking to the control plane at %s in plaintext: the sidecar token and provider secrets are "
+                "not protected on the wire (pass --tls-ca, and --tls-cert/--tls-key for mTLS)",
+                config.control_plane_target,
+            )
         self._signature = tls.signature() if tls is not None else None
         self._channel = open_channel(config) if fixed is None else fixed
         # Old channels being closed (after the grace), by their closing task.

@@ -18,9 +18,11 @@ from control_plane.server import ControlPlane
 from keyplane.tls import ClientTls, ServerTls, channel_credentials
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import admin_service_pb2_grpc, resources_pb2
+from sidecar.channel import ChannelSource
 from sidecar.server import Sidecar
 from tests.fakes.tls import Pki, make_pki
 
+from .conftest import sidecar_config
 from .plane import ADMIN_MD, ADMIN_TOKEN, SIDECAR_TOKEN, eventually
 from .test_reporter import outcome, reporter_config
 
@@ -140,3 +142,13 @@ async def _create_tenant_and_key(address: str, pki: Pki) -> str:
             timeout=5,
         )
         return created.key.id
+
+
+async def test_plaintext_to_a_remote_control_plane_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="sidecar.channel")
+    for target in ("127.0.0.1:50051", "10.9.8.7:50051"):
+        source = ChannelSource(sidecar_config(control_plane_target=target))
+        await source.close()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sidecar.channel"]
+    assert len(warnings) == 1
+    assert "10.9.8.7:50051 in plaintext" in warnings[0]
