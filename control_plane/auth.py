@@ -30,6 +30,7 @@ __all__ = [
     "PermissionDenied",
     "SidecarScope",
     "bearer_token",
+    "client_certificate_subject",
     "current_sidecar_scope",
 ]
 
@@ -87,6 +88,16 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
         return None
+    return None
+
+
+def client_certificate_subject(context: aio.ServicerContext[Any, Any]) -> str | None:
+    """The subject of the certificate the caller presented over mTLS (e.g.
+    ``CN=sidecar-7,O=acme``), else None. Read it at the start of a handler."""
+    auth = context.auth_context()
+    for key in ("x509_subject", "x509_common_name"):
+        for value in auth.get(key, ()):
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return None
 
 

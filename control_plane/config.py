@@ -9,6 +9,7 @@ from types import MappingProxyType
 from urllib.parse import urlsplit, urlunsplit
 
 from keyplane.health.machine import HealthPolicy
+from keyplane.tls import ServerTls, is_loopback_listen
 
 __all__ = ["ControlPlaneConfig", "redact_url"]
 
@@ -62,6 +63,10 @@ class ControlPlaneConfig:
     # Also refuse private and loopback hosts in provider base URLs and vLLM
     # node URLs (link-local and metadata addresses are always refused).
     deny_private_base_urls: bool = False
+    # TLS (and mTLS with a client CA) for every connection; None: plaintext,
+    # which only a loopback ``listen`` allows unless ``insecure_plaintext``.
+    tls: ServerTls | None = None
+    insecure_plaintext: bool = False
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -82,6 +87,11 @@ class ControlPlaneConfig:
             raise ValueError("health_sweep_interval and health_retry_interval must be positive")
         if not math.isfinite(self.store_timeout) or self.store_timeout <= 0:
             raise ValueError("store_timeout must be a positive number of seconds")
+        if self.tls is None and not self.insecure_plaintext and not is_loopback_listen(self.listen):
+            raise ValueError(
+                f"refusing to serve plaintext gRPC on {self.listen} (not a loopback address): "
+                "pass --tls-cert and --tls-key (and --client-ca for mTLS), or --insecure-plaintext to force it"
+            )
 
     def __repr__(self) -> str:
         scopes = sorted({",".join(tenants) for tenants in self.sidecar_tokens.values()})
@@ -89,7 +99,8 @@ class ControlPlaneConfig:
             f"ControlPlaneConfig(listen={self.listen!r}, store_url={redact_url(self.store_url)!r}, "
             f"admin_token='***', sidecar_tokens=<{len(self.sidecar_tokens)} token(s) for {scopes}>, "
             f"master_key='***', log_size={self.log_size}, max_pending={self.max_pending}, "
-            f"poll_interval={self.poll_interval}, shutdown_grace={self.shutdown_grace})"
+            f"poll_interval={self.poll_interval}, shutdown_grace={self.shutdown_grace}, tls={self.tls}, "
+            f"insecure_plaintext={self.insecure_plaintext})"
         )
 
     __str__ = __repr__

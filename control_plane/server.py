@@ -21,6 +21,7 @@ from control_plane.store.base import Store
 from control_plane.store.factory import open_store
 from control_plane.url_policy import UrlPolicy
 from keyplane.crypto import SecretBox
+from keyplane.tls import CertificateReloader, server_credentials
 from keyplane.v1 import admin_service_pb2, admin_service_pb2_grpc, sidecar_service_pb2, sidecar_service_pb2_grpc
 
 __all__ = ["ControlPlane"]
@@ -47,6 +48,7 @@ class ControlPlane:
         self._aggregator: HealthAggregator | None = None
         self._server: aio.Server | None = None
         self._health: AsyncHealthServicer | None = None
+        self._tls_reloader: CertificateReloader | None = None
         self.port = 0
 
     @property
@@ -68,6 +70,11 @@ class ControlPlane:
         return self._store
 
     @property
+    def tls_reloads(self) -> int:
+        """How many times rotated TLS files were picked up."""
+        return 0 if self._tls_reloader is None else self._tls_reloader.reloads
+
+    @property
     def address(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
@@ -78,6 +85,9 @@ class ControlPlane:
             self._store = open_store(config.store_url, command_timeout=config.store_timeout)
         store = self._store
         try:
+            credentials = None
+            if config.tls is not None:  # unusable TLS files fail before the store is touched
+                credentials, self._tls_reloader = server_credentials(config.tls)
             await store.migrate()
             box = SecretBox(config.master_key)
             self._hub = SnapshotHub(
@@ -131,7 +141,10 @@ class ControlPlane:
             self._health = AsyncHealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection((*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-            self.port = server.add_insecure_port(config.listen)
+            if credentials is None:
+                self.port = server.add_insecure_port(config.listen)
+            else:
+                self.port = server.add_secure_port(config.listen, credentials)
             if self.port == 0:
                 raise OSError(f"could not listen on {config.listen}")
             await server.start()
@@ -140,7 +153,8 @@ class ControlPlane:
         except BaseException:
             await self.stop(grace=0)
             raise
-        log.info("control plane serving on %s (version %d)", self.address, self._hub.version)
+        security = "plaintext" if config.tls is None else ("mTLS" if config.tls.mutual else "TLS")
+        log.info("control plane serving %s on %s (version %d)", security, self.address, self._hub.version)
 
     async def stop(self, grace: float | None = None) -> None:
         """End the watch streams, let other calls finish for ``grace`` seconds

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from keyplane.health.machine import HealthPolicy
+from keyplane.tls import ClientTls
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "SidecarConfig", "default_sidecar_id"]
 
@@ -50,9 +51,8 @@ class SidecarConfig:
     upstream_ca_file: str | None = None
     # Idle upstream connections are closed after this long.
     upstream_keepalive_timeout: float = 60.0
-    # Control-plane channel.
-    control_plane_tls: bool = False
-    control_plane_ca_file: str | None = None
+    # Control-plane channel: TLS (and a client certificate for mTLS); None: plaintext.
+    control_plane_tls: ClientTls | None = None
     grpc_keepalive_time: float = 60.0
     watch_backoff_base: float = 0.1
     watch_backoff_cap: float = 5.0
@@ -91,6 +91,10 @@ class SidecarConfig:
             raise ValueError("upstream_limit_per_host must be at least 1")
         if self.upstream_ca_file is not None and not os.path.isfile(self.upstream_ca_file):
             raise ValueError(f"upstream_ca_file is not a file: {self.upstream_ca_file}")
+        if self.control_plane_tls is not None:
+            for path in self.control_plane_tls.files():
+                if not path.is_file():
+                    raise ValueError(f"control-plane TLS file is not a file: {path}")
         if self.report_queue_size < 1 or self.report_batch_size < 1:
             raise ValueError("report_queue_size and report_batch_size must be at least 1")
         for name in (

@@ -34,11 +34,12 @@ import grpc.aio
 from keyplane.health.classify import ErrorClass
 from keyplane.v1 import sidecar_service_pb2
 
+from .channel import ChannelSource
 from .config import SidecarConfig
 from .metrics import LabelledChildren, SidecarMetrics
 from .outcome_wire import OutcomeEncoder, batch_request, fill_outcome, frame_outcome, outcome_to_proto
 from .proxy import AttemptRecord
-from .watch import Backoff, open_channel
+from .watch import Backoff
 
 __all__ = ["OutcomeReporter", "ReporterStats", "fill_outcome", "outcome_to_proto"]
 
@@ -189,21 +190,23 @@ class OutcomeReporter:
         self._wakeup.set()
         self._cut_pause()
 
-    async def run(self, channel: grpc.aio.Channel | None = None) -> None:
+    async def run(self, channel: grpc.aio.Channel | ChannelSource | None = None) -> None:
         """Report until ``stop``. On ``channel`` when given (shared; its owner
         closes it, after this returns), else on a channel of its own, closed
-        on return."""
+        on return. Each (re)connect takes the source's current channel."""
         own = channel is None
-        if channel is None:
-            channel = open_channel(self._config)
+        if isinstance(channel, ChannelSource):
+            source = channel
+        else:
+            source = ChannelSource(self._config) if channel is None else ChannelSource(self._config, fixed=channel)
         try:
-            report: grpc.aio.StreamUnaryMultiCallable[bytes, sidecar_service_pb2.ReportOutcomesResponse]
-            report = channel.stream_unary(
-                _REPORT_METHOD,
-                request_serializer=None,  # batches are serialized by ``batch_request``
-                response_deserializer=sidecar_service_pb2.ReportOutcomesResponse.FromString,
-            )
             while not self._stopping:
+                report: grpc.aio.StreamUnaryMultiCallable[bytes, sidecar_service_pb2.ReportOutcomesResponse]
+                report = source.current().stream_unary(
+                    _REPORT_METHOD,
+                    request_serializer=None,  # batches are serialized by ``batch_request``
+                    response_deserializer=sidecar_service_pb2.ReportOutcomesResponse.FromString,
+                )
                 if await self._stream_once(report):
                     self._backoff.reset()
                 if self._stopping:
@@ -218,7 +221,7 @@ class OutcomeReporter:
             if left:
                 self._drop(left, "unsent")
             if own:
-                await channel.close(None)
+                await source.close()
 
     async def _stopped(self) -> None:
         while not self._stopping:

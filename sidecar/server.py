@@ -20,17 +20,17 @@ import signal
 import socket
 from collections.abc import Generator
 
-import grpc.aio
 import uvicorn
 
 from .app import SidecarApp
+from .channel import ChannelSource
 from .config import SidecarConfig
 from .metrics import SidecarMetrics
 from .reporter import OutcomeReporter
 from .router import Balancer
 from .state import SidecarState
 from .upstream import UpstreamClient
-from .watch import WatchClient, open_channel
+from .watch import WatchClient
 
 __all__ = ["Sidecar", "serve"]
 
@@ -99,7 +99,7 @@ class Sidecar:
         )
         self.watch = WatchClient(config, self.state) if watch else None
         # The one channel to the control plane, opened by ``start`` (inside the loop).
-        self._channel: grpc.aio.Channel | None = None
+        self._channel: ChannelSource | None = None
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
@@ -114,6 +114,11 @@ class Sidecar:
         return self._port
 
     @property
+    def channel(self) -> ChannelSource | None:
+        """The control-plane channel source (after ``start``)."""
+        return self._channel
+
+    @property
     def url(self) -> str:
         host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
         return f"http://{host}:{self.port}"
@@ -125,7 +130,7 @@ class Sidecar:
         await self.upstream.start()
         try:
             if self.watch is not None or self.reporter is not None:
-                self._channel = open_channel(self.config)
+                self._channel = ChannelSource(self.config)
             if self.watch is not None:
                 self._watch_task = asyncio.create_task(self.watch.run(self._channel), name="keyplane-sidecar-watch")
             if self.reporter is not None:
@@ -233,9 +238,9 @@ class Sidecar:
         await self.stop()
 
 
-async def _close_channel(channel: grpc.aio.Channel) -> None:
+async def _close_channel(channel: ChannelSource) -> None:
     try:
-        await channel.close(None)
+        await channel.close()
     except Exception as exc:
         _log.error("closing the control-plane channel failed: %s", type(exc).__name__)
 

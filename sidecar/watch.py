@@ -5,8 +5,9 @@ sidecar keeps serving its last-known-good state and reconnects with jittered
 exponential backoff, asking only for what it missed (``resume_version``).
 
 ``open_channel`` makes the sidecar's one channel (one TCP connection) to the
-control plane; ``Sidecar`` shares it between this stream and the outcome
-reports (``sidecar.reporter``).
+control plane; ``Sidecar`` shares it, through a ``ChannelSource`` that re-opens
+it when the TLS files change, between this stream and the outcome reports
+(``sidecar.reporter``).
 """
 
 from __future__ import annotations
@@ -14,22 +15,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from pathlib import Path
 
 import grpc
 import grpc.aio
 
-from keyplane.limits import MAX_WATCH_MESSAGE_BYTES
 from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
 
+from .channel import ChannelSource, open_channel
 from .config import SidecarConfig
 from .state import SidecarState
 
 __all__ = ["Backoff", "WatchClient", "open_channel"]
 
 _log = logging.getLogger(__name__)
-
-_MAX_MESSAGE_BYTES = MAX_WATCH_MESSAGE_BYTES  # the control plane keeps every message under it
 
 
 class Backoff:
@@ -58,25 +56,6 @@ class Backoff:
 
     def reset(self) -> None:
         self._failures = 0
-
-
-def open_channel(config: SidecarConfig) -> grpc.aio.Channel:
-    """A channel to the control plane (TLS when configured), keepalive on."""
-    options: list[tuple[str, int]] = [
-        ("grpc.keepalive_time_ms", int(config.grpc_keepalive_time * 1000)),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-        # Our own loop paces reconnects; keep the channel's from adding long waits.
-        ("grpc.initial_reconnect_backoff_ms", int(config.watch_backoff_base * 1000)),
-        ("grpc.min_reconnect_backoff_ms", int(config.watch_backoff_base * 1000)),
-        ("grpc.max_reconnect_backoff_ms", int(config.watch_backoff_cap * 1000)),
-    ]
-    if not config.control_plane_tls:
-        return grpc.aio.insecure_channel(config.control_plane_target, options=options)
-    roots = Path(config.control_plane_ca_file).read_bytes() if config.control_plane_ca_file else None
-    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-    return grpc.aio.secure_channel(config.control_plane_target, credentials, options=options)
 
 
 class WatchClient:
@@ -114,15 +93,18 @@ class WatchClient:
         if call is not None:
             call.cancel()
 
-    async def run(self, channel: grpc.aio.Channel | None = None) -> None:
+    async def run(self, channel: grpc.aio.Channel | ChannelSource | None = None) -> None:
         """Watch until ``stop``. On ``channel`` when given (shared; its owner
-        closes it), else on a channel of its own, closed on return."""
+        closes it), else on a channel of its own, closed on return. Each
+        (re)connect takes the source's current channel."""
         own = channel is None
-        if channel is None:
-            channel = open_channel(self._config)
+        if isinstance(channel, ChannelSource):
+            source = channel
+        else:
+            source = ChannelSource(self._config) if channel is None else ChannelSource(self._config, fixed=channel)
         try:
-            stub = sidecar_service_pb2_grpc.SidecarServiceStub(channel)
             while not self._stopping.is_set():
+                stub = sidecar_service_pb2_grpc.SidecarServiceStub(source.current())
                 if await self._watch_once(stub):
                     self._backoff.reset()
                 if self._stopping.is_set():
@@ -134,7 +116,7 @@ class WatchClient:
                     pass
         finally:
             if own:
-                await channel.close(None)
+                await source.close()
 
     async def _watch_once(self, stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub) -> bool:
         """One stream, until it ends; True if it delivered at least one message."""

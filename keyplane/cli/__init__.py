@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from keyplane import __version__
 from keyplane.cli.admin import CliError, add_admin_commands
 from keyplane.cli.run import add_run_commands
+from keyplane.cli.tls_flags import add_dev_certs_command
 
 __all__ = ["main"]
 
@@ -19,6 +20,7 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     add_run_commands(sub, handlers)
     add_admin_commands(sub, handlers)
+    add_dev_certs_command(sub, handlers)
     return parser
 
 

@@ -19,8 +19,10 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from keyplane import convert
+from keyplane.cli.tls_flags import add_client_tls_flags, client_tls_from_args
 from keyplane.domain import KeyStatus, Provider
 from keyplane.home import Home, read_token_file
+from keyplane.tls import ClientTls, TlsError, channel_credentials, channel_options
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import admin_service_pb2_grpc as admin_grpc
 from keyplane.v1 import resources_pb2
@@ -96,10 +98,13 @@ def _int(text: str, what: str) -> int:
 
 
 class AdminClient:
-    """A thin synchronous client: one channel, the admin token on every call."""
+    """A thin synchronous client: one channel (TLS when ``tls``), the admin token on every call."""
 
-    def __init__(self, server: str, token: str) -> None:
-        self._channel = grpc.insecure_channel(server)
+    def __init__(self, server: str, token: str, tls: ClientTls | None = None) -> None:
+        if tls is None:
+            self._channel = grpc.insecure_channel(server)
+        else:
+            self._channel = grpc.secure_channel(server, channel_credentials(tls), options=channel_options(tls))
         self._stub = admin_grpc.AdminServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
 
@@ -162,7 +167,10 @@ def _emit(args: argparse.Namespace, message: Message, text: str, out: TextIO) ->
 
 
 def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout, stdin: TextIO = sys.stdin) -> int:
-    client = AdminClient(args.server, _admin_token(args))
+    try:
+        client = AdminClient(args.server, _admin_token(args), client_tls_from_args(args))
+    except TlsError as exc:
+        raise CliError(str(exc)) from None
     try:
         return _dispatch(args, client, out, stdin)
     except grpc.RpcError as exc:
@@ -371,6 +379,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help=f"file holding the admin token (else env {ADMIN_TOKEN_ENV}, else $KEYPLANE_HOME/admin.token)",
     )
     parser.add_argument("--json", action="store_true", help="print the API response as JSON")
+    add_client_tls_flags(parser)
 
 
 def _tenant(parser: argparse.ArgumentParser) -> None:

@@ -14,9 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from keyplane.cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
 from keyplane.cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
+from keyplane.cli.tls_flags import (
+    add_client_tls_flags,
+    add_server_tls_flags,
+    client_tls_from_args,
+    server_tls_from_args,
+)
 from keyplane.crypto import load_master_key
 from keyplane.home import Home, ensure_private_dir, read_token_file
 from keyplane.runtime import tune_gc
+from keyplane.tls import TlsError, is_loopback_listen
 
 if TYPE_CHECKING:
     from keyplane.health.machine import HealthPolicy
@@ -64,6 +71,11 @@ async def _run_up(args: argparse.Namespace) -> int:
 
     health_policy = health_policy_from_args(args)
     intervals = aggregator_intervals_from_args(args)
+    if not is_loopback_listen(args.listen):
+        raise SystemExit(
+            f"up: refusing to serve plaintext gRPC on {args.listen}: 'keyplane up' listens on loopback only; "
+            "run 'keyplane control-plane' with --tls-cert and --tls-key to serve other hosts"
+        )
     home = Home(args.home) if args.home else Home.default()
     ensure_private_dir(home.root)  # tightens a group/world-accessible one, with a warning
     master_key = load_master_key(home.master_key_file, create=True)
@@ -135,19 +147,26 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     else:
         raise SystemExit(f"control-plane needs sidecar tokens: --sidecar-tokens-file or {SIDECAR_TOKEN_ENV}")
     master_key = load_master_key(args.master_key_file, create=False)
-    cp = ControlPlane(
-        ControlPlaneConfig(
+    try:
+        config = ControlPlaneConfig(
             listen=args.listen,
             store_url=args.store,
             admin_token=admin_token,
             sidecar_tokens=sidecar_tokens,
             master_key=master_key,
             health_policy=health_policy,
+            tls=server_tls_from_args(args),
+            insecure_plaintext=args.insecure_plaintext,
             **intervals,
             **control_plane_options_from_args(args),
         )
-    )
-    await cp.start()
+    except ValueError as exc:  # TlsError included
+        raise SystemExit(f"control-plane: {exc}") from None
+    cp = ControlPlane(config)
+    try:
+        await cp.start()
+    except TlsError as exc:
+        raise SystemExit(f"control-plane: {exc}") from None
     print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
     tune_gc()
     try:
@@ -175,6 +194,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         upstream_limit_per_host=args.upstream_limit_per_host,
         upstream_trust_env=args.upstream_trust_env,
         upstream_ca_file=str(args.upstream_ca_file) if args.upstream_ca_file else None,
+        control_plane_tls=client_tls_from_args(args),
     )
 
 
@@ -196,7 +216,10 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"sidecar: {exc}") from None
     sc = Sidecar(config)
-    await sc.start()
+    try:
+        await sc.start()
+    except TlsError as exc:
+        raise SystemExit(f"sidecar: {exc}") from None
     print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
     tune_gc()
     try:
@@ -238,6 +261,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     cp.add_argument("--admin-token-file", type=Path)
     cp.add_argument("--sidecar-tokens-file", type=Path, help="lines of '<token> <tenant,tenant|*>'")
     cp.add_argument("--master-key-file", type=Path, help="base64 32-byte key (else KEYPLANE_MASTER_KEY)")
+    add_server_tls_flags(cp)
     handlers["control-plane"] = _runner(_run_control_plane)
 
     sc = sub.add_parser("sidecar", help="run a sidecar next to an application")
@@ -274,6 +298,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     upstream.add_argument(
         "--upstream-ca-file", type=Path, help="PEM bundle to verify upstream TLS against (default: the system's)"
     )
+    add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
 
     add_control_plane_flags(up)

@@ -20,7 +20,7 @@ from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import sidecar_service_pb2 as spb
 from keyplane.v1 import sidecar_service_pb2_grpc
-from sidecar.watch import _MAX_MESSAGE_BYTES
+from sidecar.channel import _MAX_MESSAGE_BYTES
 from tests.control_plane.conftest import (
     ADMIN_MD,
     SECRET,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from keyplane.tls import ClientTls
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import admin_service_pb2_grpc, resources_pb2
 from sidecar.config import SidecarConfig
@@ -174,7 +175,7 @@ async def test_over_tls_too_the_sidecar_opens_one_connection(
     terminator = TlsTerminator(plane.address, cert_file, key_file)
     await terminator.start()
     try:
-        config = _config(f"127.0.0.1:{terminator.port}", control_plane_tls=True, control_plane_ca_file=str(cert_file))
+        config = _config(f"127.0.0.1:{terminator.port}", control_plane_tls=ClientTls(ca_file=cert_file))
         async with Sidecar(config) as sc:
             assert await sc.wait_ready(10)
             await _report_one(sc, plane, key_id)
