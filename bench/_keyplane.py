@@ -37,7 +37,7 @@ __all__ = [
 
 TENANT = "bench"
 OPENAI_COMPATIBLE = resources_pb2.Provider.Value("PROVIDER_OPENAI_COMPATIBLE")
-KEYPLANE = [sys.executable, "-m", "keyplane.cli"]
+KEYPLANE = [sys.executable, "-m", "keyplane_cli"]
 # Where the keyplane processes import keyplane, control_plane and sidecar from
 # (default: this checkout). Point it at another tree (e.g. ``git archive``
 # output of a commit) to measure that version with this harness.

@@ -24,7 +24,7 @@ async def keyplane(harness: Harness, home: Path, *args: str) -> str:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "keyplane.cli",
+        "keyplane_cli",
         *args,
         "--server",
         harness.plane.address,

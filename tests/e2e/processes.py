@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KEYPLANE = [sys.executable, "-m", "keyplane.cli"]
+KEYPLANE = [sys.executable, "-m", "keyplane_cli"]
 STARTUP_TIMEOUT = 30.0
 
 

@@ -7,9 +7,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from keyplane import __version__
-from keyplane.cli.admin import CliError, add_admin_commands
-from keyplane.cli.run import add_run_commands
-from keyplane.cli.tls_flags import add_dev_certs_command
+from keyplane_cli.admin import CliError, add_admin_commands
+from keyplane_cli.run import add_run_commands
+from keyplane_cli.tls_flags import add_dev_certs_command
 
 __all__ = ["main"]
 

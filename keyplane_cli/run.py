@@ -12,18 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keyplane.cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
-from keyplane.cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
-from keyplane.cli.tls_flags import (
+from keyplane.crypto import load_master_key
+from keyplane.home import Home, ensure_private_dir, read_token_file
+from keyplane.runtime import tune_gc
+from keyplane.tls import TlsError, is_loopback_listen
+from keyplane_cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
+from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
+from keyplane_cli.tls_flags import (
     add_client_tls_flags,
     add_server_tls_flags,
     client_tls_from_args,
     server_tls_from_args,
 )
-from keyplane.crypto import load_master_key
-from keyplane.home import Home, ensure_private_dir, read_token_file
-from keyplane.runtime import tune_gc
-from keyplane.tls import TlsError, is_loopback_listen
 
 if TYPE_CHECKING:
     from keyplane.health.machine import HealthPolicy

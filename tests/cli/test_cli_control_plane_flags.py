@@ -9,8 +9,8 @@ import dataclasses
 import pytest
 
 from control_plane.config import ControlPlaneConfig
-from keyplane.cli import build_parser
-from keyplane.cli.control_plane_flags import DENY_PRIVATE_ENV, STORE_TIMEOUT_ENV, control_plane_options_from_args
+from keyplane_cli import build_parser
+from keyplane_cli.control_plane_flags import DENY_PRIVATE_ENV, STORE_TIMEOUT_ENV, control_plane_options_from_args
 
 CONTROL_PLANE = ("control-plane", "--store", "sqlite:///unused.db")
 UP = ("up",)

@@ -10,14 +10,14 @@ import dataclasses
 import pytest
 
 from control_plane.config import ControlPlaneConfig
-from keyplane.cli import build_parser
-from keyplane.cli.health_flags import (
+from keyplane.health.machine import HealthPolicy
+from keyplane_cli import build_parser
+from keyplane_cli.health_flags import (
     AGGREGATOR_SETTINGS,
     POLICY_SETTINGS,
     aggregator_intervals_from_args,
     health_policy_from_args,
 )
-from keyplane.health.machine import HealthPolicy
 
 CONTROL_PLANE = ("control-plane", "--store", "sqlite:///unused.db")
 SIDECAR = ("sidecar",)

@@ -14,11 +14,11 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from control_plane.config import ControlPlaneConfig
-from keyplane.cli import build_parser, main
-from keyplane.cli.run import sidecar_config_from_args
-from keyplane.cli.tls_flags import client_tls_from_args, server_tls_from_args
 from keyplane.health.machine import HealthPolicy
 from keyplane.tls import ClientTls, ServerTls, TlsError, is_loopback_listen
+from keyplane_cli import build_parser, main
+from keyplane_cli.run import sidecar_config_from_args
+from keyplane_cli.tls_flags import client_tls_from_args, server_tls_from_args
 
 
 def _parse(*argv: str) -> argparse.Namespace:

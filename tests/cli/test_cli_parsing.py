@@ -4,9 +4,9 @@ import argparse
 
 import pytest
 
-from keyplane.cli import build_parser
-from keyplane.cli.admin import _target
 from keyplane.v1 import resources_pb2
+from keyplane_cli import build_parser
+from keyplane_cli.admin import _target
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from keyplane.cli import build_parser
-from keyplane.cli.run import sidecar_config_from_args
 from keyplane.health.machine import HealthPolicy
+from keyplane_cli import build_parser
+from keyplane_cli.run import sidecar_config_from_args
 
 
 def parse(*argv: str) -> argparse.Namespace:

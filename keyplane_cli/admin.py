@@ -19,13 +19,13 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from keyplane import convert
-from keyplane.cli.tls_flags import add_client_tls_flags, client_tls_from_args
 from keyplane.domain import KeyStatus, Provider
 from keyplane.home import Home, read_token_file
 from keyplane.tls import ClientTls, TlsError, channel_credentials, channel_options
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import admin_service_pb2_grpc as admin_grpc
 from keyplane.v1 import resources_pb2
+from keyplane_cli.tls_flags import add_client_tls_flags, client_tls_from_args
 
 __all__ = ["add_admin_commands"]
 

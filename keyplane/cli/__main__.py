@@ -1,3 +1,0 @@
-from keyplane.cli import main
-
-raise SystemExit(main())

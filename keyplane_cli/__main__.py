@@ -1,0 +1,3 @@
+from keyplane_cli import main
+
+raise SystemExit(main())
