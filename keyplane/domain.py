@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 __all__ = [
+    "AccessToken",
     "ChangeOp",
     "ChangeRecord",
     "ClientKey",
@@ -24,6 +25,7 @@ __all__ = [
     "Route",
     "RouteTarget",
     "Tenant",
+    "TokenKind",
     "key_health_entity_id",
     "provider_health_entity_id",
     "split_health_entity_id",
@@ -180,6 +182,10 @@ class EntityKind(enum.StrEnum):
     CLIENT_KEY = "client_key"
     KEY_HEALTH = "key_health"
     PROVIDER_HEALTH = "provider_health"
+    # API tokens are global: their change rows carry tenant "" (no tenant's
+    # snapshot changes; the hub feeds them to the token registry).
+    ADMIN_TOKEN = "admin_token"
+    SIDECAR_TOKEN = "sidecar_token"
 
 
 class ChangeOp(enum.StrEnum):
@@ -197,3 +203,36 @@ class ChangeRecord:
     entity_id: str
     op: ChangeOp
     created_at: datetime = field(compare=False)
+
+
+class TokenKind(enum.StrEnum):
+    """Who an API token authenticates: an admin or a sidecar."""
+
+    ADMIN = "admin"
+    SIDECAR = "sidecar"
+
+    @property
+    def entity_kind(self) -> EntityKind:
+        return EntityKind.ADMIN_TOKEN if self is TokenKind.ADMIN else EntityKind.SIDECAR_TOKEN
+
+
+@dataclass(frozen=True, slots=True)
+class AccessToken:
+    """An admin or sidecar token managed through the admin API, stored only
+    as its SHA-256. ``tenants`` is a sidecar token's scope (None: every
+    tenant, including future ones); always None for an admin token. A revoked
+    token (``revoked_at`` set) authenticates nothing and stays listed."""
+
+    id: str
+    kind: TokenKind
+    label: str
+    prefix: str
+    token_sha256: bytes
+    tenants: tuple[str, ...] | None
+    created_at: datetime
+    revoked_at: datetime | None = None
+    revision: int = 1
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None

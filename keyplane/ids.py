@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import secrets
 
-__all__ = ["CLIENT_KEY_PREFIX", "PROVIDER_KEY_PREFIX", "ROUTE_PREFIX", "new_id"]
+__all__ = [
+    "ADMIN_TOKEN_PREFIX",
+    "CLIENT_KEY_PREFIX",
+    "PROVIDER_KEY_PREFIX",
+    "ROUTE_PREFIX",
+    "SIDECAR_TOKEN_PREFIX",
+    "new_id",
+]
 
 PROVIDER_KEY_PREFIX = "pk_"
 ROUTE_PREFIX = "rt_"
 CLIENT_KEY_PREFIX = "ck_"
+ADMIN_TOKEN_PREFIX = "at_"
+SIDECAR_TOKEN_PREFIX = "st_"
 
 
 def new_id(prefix: str) -> str:

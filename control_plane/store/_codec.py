@@ -10,7 +10,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from keyplane.domain import Provider, RouteTarget
+from keyplane.domain import Provider, RouteTarget, TokenKind
 from keyplane.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "targets_from_json",
     "targets_to_json",
     "tenant_not_found",
+    "token_not_found",
+    "token_stale",
     "utc",
 ]
 
@@ -110,5 +112,16 @@ def stale(table: str, tenant: str, entity_id: str, expected: int, current: int) 
     """A compare-and-set update found another revision than the caller read."""
     return Aborted(
         f"{KIND_NAMES[table]} {entity_id!r} in tenant {tenant!r} was changed since it was read "
+        f"(revision {current}, the request expected {expected}); read it again and retry"
+    )
+
+
+def token_not_found(kind: TokenKind, token_id: str) -> NotFound:
+    return NotFound(f"{kind.value} token {token_id!r} not found")
+
+
+def token_stale(kind: TokenKind, token_id: str, expected: int, current: int) -> Aborted:
+    return Aborted(
+        f"{kind.value} token {token_id!r} was changed since it was read "
         f"(revision {current}, the request expected {expected}); read it again and retry"
     )

@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from keyplane.domain import (
+    AccessToken,
     ChangeRecord,
     ClientKey,
     KeyHealth,
@@ -43,6 +44,7 @@ from keyplane.domain import (
     Route,
     RouteTarget,
     Tenant,
+    TokenKind,
 )
 
 __all__ = ["ChangeListener", "ProviderKeyUpdate", "RouteUpdate", "SealedSecret", "Store"]
@@ -209,6 +211,28 @@ class Store(Protocol):
 
     async def list_provider_health(self, tenant: str) -> list[ProviderHealth]:
         """Non-healthy entries of a tenant ordered by provider then model; NotFound if no such tenant."""
+
+    # API tokens (admin and sidecar) ------------------------------------------
+    # Global, not per tenant: each write appends one change row with kind
+    # ADMIN_TOKEN / SIDECAR_TOKEN, op PUT, the token id, and tenant "". Only
+    # the SHA-256 of a token is stored. Tokens are never deleted: a revoked
+    # one stays listed with its ``revoked_at``.
+    async def create_token(self, token: AccessToken) -> AccessToken:
+        """AlreadyExists for a taken id (or, never in practice, token hash)."""
+
+    async def get_token(self, kind: TokenKind, token_id: str) -> AccessToken:
+        """NotFound unless a token of this kind has this id."""
+
+    async def list_tokens(self, kind: TokenKind) -> list[AccessToken]:
+        """Every token of one kind, revoked ones included, ordered by creation."""
+
+    async def revoke_token(
+        self, kind: TokenKind, token_id: str, revoked_at: datetime, *, expected_revision: int | None = None
+    ) -> AccessToken:
+        """Set ``revoked_at`` and ``revision + 1`` and log the change; returns
+        the token as stored. Revoking a revoked token changes and logs nothing
+        and returns it as it is. With ``expected_revision``: Aborted unless
+        the token's revision is still that."""
 
     # change log ------------------------------------------------------------
     async def latest_version(self) -> int:

@@ -18,6 +18,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -27,6 +28,7 @@ from control_plane.store import _codec
 from control_plane.store.base import ChangeListener, ProviderKeyUpdate, RouteUpdate
 from control_plane.store.migrations import Migration, pending
 from keyplane.domain import (
+    AccessToken,
     ChangeOp,
     ChangeRecord,
     ClientKey,
@@ -39,9 +41,10 @@ from keyplane.domain import (
     ProviderKey,
     Route,
     Tenant,
+    TokenKind,
     key_health_entity_id,
 )
-from keyplane.errors import Unavailable
+from keyplane.errors import AlreadyExists, Unavailable
 
 __all__ = ["CHANNEL", "DEFAULT_COMMAND_TIMEOUT", "MIGRATIONS", "MIGRATION_TIMEOUT", "PostgresStore"]
 
@@ -151,6 +154,27 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE client_keys ADD COLUMN revision bigint NOT NULL DEFAULT 1",
         ),
     ),
+    # Placeholder for the audit log (another branch); replaced by it on merge.
+    Migration(4, "reserved (audit log)", ()),
+    Migration(
+        5,
+        "admin and sidecar tokens managed through the API",
+        (
+            # Only the SHA-256 of a token; tenants NULL: every tenant.
+            """CREATE TABLE access_tokens (
+                id text CONSTRAINT access_tokens_pkey PRIMARY KEY,
+                kind text NOT NULL,
+                label text NOT NULL,
+                prefix text NOT NULL,
+                token_sha256 bytea NOT NULL CONSTRAINT access_tokens_token_sha256_key UNIQUE,
+                tenants text[],
+                created_at timestamptz NOT NULL,
+                revoked_at timestamptz,
+                revision bigint NOT NULL DEFAULT 1
+            )""",
+            "CREATE INDEX access_tokens_by_kind ON access_tokens (kind, created_at, id)",
+        ),
+    ),
 )
 
 # constraint name -> (table, field named in the AlreadyExists message)
@@ -187,6 +211,7 @@ _KEY_COLUMNS = (
 _ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at, revision"
 _CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at, revision"
 _TENANT_COLUMNS = "name, created_at, revision"
+_TOKEN_COLUMNS = "id, kind, label, prefix, token_sha256, tenants, created_at, revoked_at, revision"
 _KEY_HEALTH_COLUMNS = "tenant, key_id, model, state, until, reason, updated_at"
 _PROVIDER_HEALTH_COLUMNS = "tenant, provider, model, state, until, reason, updated_at"
 # An upsert rewrites the row only when what it says changed, so RETURNING
@@ -252,6 +277,21 @@ def _client_key_from_row(row: asyncpg.Record) -> ClientKey:
         prefix=row["prefix"],
         token_sha256=bytes(row["token_sha256"]),
         created_at=row["created_at"],
+        revision=row["revision"],
+    )
+
+
+def _token_from_row(row: asyncpg.Record) -> AccessToken:
+    tenants = row["tenants"]
+    return AccessToken(
+        id=row["id"],
+        kind=TokenKind(row["kind"]),
+        label=row["label"],
+        prefix=row["prefix"],
+        token_sha256=bytes(row["token_sha256"]),
+        tenants=None if tenants is None else tuple(tenants),
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
         revision=row["revision"],
     )
 
@@ -861,6 +901,77 @@ class PostgresStore:
                 tenant,
             )
         return [_provider_health_from_row(r) for r in rows]
+
+    # API tokens --------------------------------------------------------------
+
+    async def create_token(self, token: AccessToken) -> AccessToken:
+        token = replace(token, created_at=_codec.utc(token.created_at, "created_at"), revision=1)
+        revoked_at = None if token.revoked_at is None else _codec.utc(token.revoked_at, "revoked_at")
+        async with self._transaction() as conn:
+            try:
+                await conn.execute(
+                    f"INSERT INTO access_tokens ({_TOKEN_COLUMNS}) "  # noqa: S608
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    token.id,
+                    token.kind.value,
+                    token.label,
+                    token.prefix,
+                    token.token_sha256,
+                    None if token.tenants is None else list(token.tenants),
+                    token.created_at,
+                    revoked_at,
+                    token.revision,
+                )
+            except asyncpg.UniqueViolationError:
+                raise AlreadyExists(f"{token.kind.value} token {token.id!r} already exists") from None
+            await self._log(conn, "", token.kind.entity_kind, token.id, ChangeOp.PUT)
+        return token
+
+    async def get_token(self, kind: TokenKind, token_id: str) -> AccessToken:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_TOKEN_COLUMNS} FROM access_tokens WHERE kind = $1 AND id = $2",  # noqa: S608
+                kind.value,
+                token_id,
+            )
+        if row is None:
+            raise _codec.token_not_found(kind, token_id)
+        return _token_from_row(row)
+
+    async def list_tokens(self, kind: TokenKind) -> list[AccessToken]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_TOKEN_COLUMNS} FROM access_tokens WHERE kind = $1 ORDER BY created_at, id",  # noqa: S608
+                kind.value,
+            )
+        return [_token_from_row(r) for r in rows]
+
+    async def revoke_token(
+        self, kind: TokenKind, token_id: str, revoked_at: datetime, *, expected_revision: int | None = None
+    ) -> AccessToken:
+        condition = "" if expected_revision is None else " AND revision = $4"
+        params: list[Any] = [_codec.utc(revoked_at, "revoked_at"), kind.value, token_id]
+        if expected_revision is not None:
+            params.append(expected_revision)
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "UPDATE access_tokens SET revoked_at = $1, revision = revision + 1 "  # noqa: S608
+                f"WHERE kind = $2 AND id = $3 AND revoked_at IS NULL{condition} RETURNING {_TOKEN_COLUMNS}",
+                *params,
+            )
+            if row is not None:
+                await self._log(conn, "", kind.entity_kind, token_id, ChangeOp.PUT)
+                return _token_from_row(row)
+            current = await conn.fetchrow(
+                f"SELECT {_TOKEN_COLUMNS} FROM access_tokens WHERE kind = $1 AND id = $2",  # noqa: S608
+                kind.value,
+                token_id,
+            )
+        if current is None:
+            raise _codec.token_not_found(kind, token_id)
+        if expected_revision is not None and current["revision"] != expected_revision:
+            raise _codec.token_stale(kind, token_id, expected_revision, int(current["revision"]))
+        return _token_from_row(current)  # already revoked: nothing to do
 
     # change log --------------------------------------------------------------
 

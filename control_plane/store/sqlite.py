@@ -26,6 +26,7 @@ from control_plane.store import _codec
 from control_plane.store.base import ChangeListener, ProviderKeyUpdate, RouteUpdate
 from control_plane.store.migrations import Migration, pending
 from keyplane.domain import (
+    AccessToken,
     ChangeOp,
     ChangeRecord,
     ClientKey,
@@ -38,9 +39,10 @@ from keyplane.domain import (
     ProviderKey,
     Route,
     Tenant,
+    TokenKind,
     key_health_entity_id,
 )
-from keyplane.errors import Unavailable
+from keyplane.errors import AlreadyExists, Unavailable
 from keyplane.home import ensure_private_file
 
 __all__ = ["MIGRATIONS", "SqliteStore"]
@@ -140,6 +142,27 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE client_keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
         ),
     ),
+    # Placeholder for the audit log (another branch); replaced by it on merge.
+    Migration(4, "reserved (audit log)", ()),
+    Migration(
+        5,
+        "admin and sidecar tokens managed through the API",
+        (
+            # Only the SHA-256 of a token; tenants: a JSON array, NULL for every tenant.
+            """CREATE TABLE access_tokens (
+                id TEXT PRIMARY KEY,
+                kind TEXT NOT NULL,
+                label TEXT NOT NULL,
+                prefix TEXT NOT NULL,
+                token_sha256 BLOB NOT NULL UNIQUE,
+                tenants TEXT,
+                created_at TEXT NOT NULL,
+                revoked_at TEXT,
+                revision INTEGER NOT NULL DEFAULT 1
+            )""",
+            "CREATE INDEX access_tokens_by_kind ON access_tokens (kind, created_at, id)",
+        ),
+    ),
 )
 
 _KEY_COLUMNS = (
@@ -149,6 +172,7 @@ _KEY_COLUMNS = (
 _ROUTE_COLUMNS = "id, tenant, public_model, targets, created_at, updated_at, revision"
 _CLIENT_KEY_COLUMNS = "id, tenant, label, prefix, token_sha256, created_at, revision"
 _TENANT_COLUMNS = "name, created_at, revision"
+_TOKEN_COLUMNS = "id, kind, label, prefix, token_sha256, tenants, created_at, revoked_at, revision"
 _KEY_HEALTH_COLUMNS = "tenant, key_id, model, state, until, reason, updated_at"
 _PROVIDER_HEALTH_COLUMNS = "tenant, provider, model, state, until, reason, updated_at"
 # An upsert that rewrites the row only when what it says changed (null-safe
@@ -214,6 +238,21 @@ def _client_key_from_row(row: sqlite3.Row) -> ClientKey:
         prefix=row["prefix"],
         token_sha256=bytes(row["token_sha256"]),
         created_at=_parse_ts(row["created_at"]),
+        revision=row["revision"],
+    )
+
+
+def _token_from_row(row: sqlite3.Row) -> AccessToken:
+    tenants = row["tenants"]
+    return AccessToken(
+        id=row["id"],
+        kind=TokenKind(row["kind"]),
+        label=row["label"],
+        prefix=row["prefix"],
+        token_sha256=bytes(row["token_sha256"]),
+        tenants=None if tenants is None else _models_from_json(tenants),
+        created_at=_parse_ts(row["created_at"]),
+        revoked_at=_parse_opt_ts(row["revoked_at"]),
         revision=row["revision"],
     )
 
@@ -809,6 +848,80 @@ class SqliteStore:
                 (tenant,),
             )
         return [_provider_health_from_row(r) for r in rows]
+
+    # API tokens --------------------------------------------------------------
+
+    async def create_token(self, token: AccessToken) -> AccessToken:
+        token = replace(token, created_at=_codec.utc(token.created_at, "created_at"), revision=1)
+        async with self._transaction() as conn:
+            try:
+                await self._execute(
+                    conn,
+                    f"INSERT INTO access_tokens ({_TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+                    (
+                        token.id,
+                        token.kind.value,
+                        token.label,
+                        token.prefix,
+                        token.token_sha256,
+                        None if token.tenants is None else _models_to_json(token.tenants),
+                        _ts(token.created_at, "created_at"),
+                        _opt_ts(token.revoked_at, "revoked_at"),
+                        token.revision,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"{token.kind.value} token {token.id!r} already exists") from None
+            await self._log(conn, "", token.kind.entity_kind, token.id, ChangeOp.PUT)
+        return token
+
+    async def get_token(self, kind: TokenKind, token_id: str) -> AccessToken:
+        async with self._session() as conn:
+            row = await self._fetchone(
+                conn,
+                f"SELECT {_TOKEN_COLUMNS} FROM access_tokens WHERE kind = ? AND id = ?",  # noqa: S608
+                (kind.value, token_id),
+            )
+        if row is None:
+            raise _codec.token_not_found(kind, token_id)
+        return _token_from_row(row)
+
+    async def list_tokens(self, kind: TokenKind) -> list[AccessToken]:
+        async with self._session() as conn:
+            rows = await self._fetchall(
+                conn,
+                f"SELECT {_TOKEN_COLUMNS} FROM access_tokens WHERE kind = ? ORDER BY created_at, id",  # noqa: S608
+                (kind.value,),
+            )
+        return [_token_from_row(r) for r in rows]
+
+    async def revoke_token(
+        self, kind: TokenKind, token_id: str, revoked_at: datetime, *, expected_revision: int | None = None
+    ) -> AccessToken:
+        condition = "" if expected_revision is None else " AND revision = ?"
+        params: list[Any] = [_ts(revoked_at, "revoked_at"), kind.value, token_id]
+        if expected_revision is not None:
+            params.append(expected_revision)
+        async with self._transaction() as conn:
+            row = await self._fetchone(
+                conn,
+                "UPDATE access_tokens SET revoked_at = ?, revision = revision + 1 "  # noqa: S608
+                f"WHERE kind = ? AND id = ? AND revoked_at IS NULL{condition} RETURNING {_TOKEN_COLUMNS}",
+                params,
+            )
+            if row is not None:
+                await self._log(conn, "", kind.entity_kind, token_id, ChangeOp.PUT)
+                return _token_from_row(row)
+            current = await self._fetchone(
+                conn,
+                f"SELECT {_TOKEN_COLUMNS} FROM access_tokens WHERE kind = ? AND id = ?",  # noqa: S608
+                (kind.value, token_id),
+            )
+        if current is None:
+            raise _codec.token_not_found(kind, token_id)
+        if expected_revision is not None and current["revision"] != expected_revision:
+            raise _codec.token_stale(kind, token_id, expected_revision, current["revision"])
+        return _token_from_row(current)  # already revoked: nothing to do
 
     # change log --------------------------------------------------------------
 
