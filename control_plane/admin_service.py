@@ -1,5 +1,5 @@
 """The admin gRPC service: tenants, provider keys, routes, client keys, and
-the learnt health and connected sidecars.
+the learnt health and connected sidecars (API tokens: ``token_service``).
 
 Every write goes to the store first; once it returns, ``hub.catch_up()``
 publishes the change to the sidecar streams before the RPC answers. Secrets
@@ -37,6 +37,7 @@ from control_plane.hub import SnapshotHub
 from control_plane.snapshot_cache import SubscriberInfo
 from control_plane.status import map_errors
 from control_plane.store.base import ProviderKeyUpdate, RouteUpdate, SealedSecret, Store
+from control_plane.token_service import TokenAdminMixin
 from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
 from keyplane import convert
 from keyplane.crypto import SecretBox, fingerprint, last4
@@ -117,7 +118,10 @@ def _targets(messages: list[resources_pb2.RouteTarget], policy: UrlPolicy) -> tu
     )
 
 
-class AdminService(admin_service_pb2_grpc.AdminServiceServicer):
+class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer):
+    """Tenants, keys, routes, client keys and health here; the API token
+    RPCs come from ``TokenAdminMixin`` (control_plane/token_service.py)."""
+
     def __init__(
         self,
         store: Store,

@@ -6,6 +6,13 @@ sidecar tokens, health and reflection are open. Tokens are compared in
 constant time and never echoed. The tenant scope of the sidecar token that
 authenticated the call reaches the servicer through ``current_sidecar_scope()``
 (a context variable set in the call's own task).
+
+Two sources of tokens: the bootstrap ones from the token file or env (given
+at start, valid until a restart without them, never revocable through the
+API) and the managed ones created through the admin API, held as hashes in
+the ``TokenRegistry`` the snapshot hub keeps current from the change log.
+A stream opened with a managed sidecar token ends when it is revoked
+(``control_plane.revocation``).
 """
 
 from __future__ import annotations
@@ -13,16 +20,20 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from control_plane.revocation import end_on_revocation
+from control_plane.token_registry import TokenRegistry
+from keyplane.domain import TokenKind
 from keyplane.errors import KeyplaneError
 
 __all__ = [
     "ADMIN_SERVICE_PREFIX",
+    "BOOTSTRAP_TOKEN_ID",
     "OPEN_METHOD_PREFIXES",
     "SIDECAR_SERVICE_PREFIX",
     "AuthInterceptor",
@@ -42,6 +53,8 @@ OPEN_METHOD_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 ALL_TENANTS = "*"
+# The id the token-file / env tokens go by (managed ids start with at_ / st_).
+BOOTSTRAP_TOKEN_ID = "bootstrap"
 _ADMIN_DENIED = "missing or invalid admin token"
 _SIDECAR_DENIED = "missing or invalid sidecar token"
 
@@ -52,9 +65,11 @@ class PermissionDenied(KeyplaneError):
 
 @dataclass(frozen=True, slots=True)
 class SidecarScope:
-    """The tenants a sidecar token may watch; None means every tenant."""
+    """The tenants a sidecar token may watch; None means every tenant.
+    ``token_id``: the managed token it came from (None: a bootstrap token)."""
 
     tenants: frozenset[str] | None
+    token_id: str | None = field(default=None, compare=False)
 
     def allows(self, tenant: str) -> bool:
         return self.tenants is None or tenant in self.tenants
@@ -102,11 +117,18 @@ def client_certificate_subject(context: aio.ServicerContext[Any, Any]) -> str | 
 
 
 class Authenticator:
-    """Pure token checks (constant-time comparisons against every token)."""
+    """Pure token checks (constant-time comparisons against every token):
+    the bootstrap tokens given here, then the managed ones in ``registry``."""
 
-    __slots__ = ("_admin", "_sidecars")
+    __slots__ = ("_admin", "_registry", "_sidecars")
 
-    def __init__(self, admin_token: str, sidecar_tokens: Mapping[str, Sequence[str]]) -> None:
+    def __init__(
+        self,
+        admin_token: str,
+        sidecar_tokens: Mapping[str, Sequence[str]],
+        registry: TokenRegistry | None = None,
+    ) -> None:
+        self._registry = registry
         if not admin_token:
             raise ValueError("the admin token must not be empty")
         self._admin = admin_token.encode()
@@ -120,10 +142,25 @@ class Authenticator:
             sidecars.append((token.encode(), scope))
         self._sidecars = tuple(sidecars)
 
+    @property
+    def registry(self) -> TokenRegistry | None:
+        return self._registry
+
     def is_admin(self, token: str | None) -> bool:
+        return self.admin_identity(token) is not None
+
+    def admin_identity(self, token: str | None) -> str | None:
+        """Who an admin token is: ``admin-token:bootstrap`` for the configured
+        one, ``admin-token:<id>`` for a managed one; None: not an admin."""
         if token is None:
-            return False
-        return hmac.compare_digest(token.encode(), self._admin)
+            return None
+        bootstrap = hmac.compare_digest(token.encode(), self._admin)
+        managed = self._registry.find(TokenKind.ADMIN, token) if self._registry is not None else None
+        if bootstrap:
+            return f"admin-token:{BOOTSTRAP_TOKEN_ID}"
+        if managed is not None:
+            return f"admin-token:{managed.id}"
+        return None
 
     def sidecar_scope(self, token: str | None) -> SidecarScope | None:
         if token is None:
@@ -133,6 +170,9 @@ class Authenticator:
         for candidate, scope in self._sidecars:  # no early exit: constant work per token
             if hmac.compare_digest(presented, candidate) and found is None:
                 found = scope
+        managed = self._registry.find(TokenKind.SIDECAR, token) if self._registry is not None else None
+        if found is None and managed is not None:
+            found = SidecarScope(managed.tenants, token_id=managed.id)
         return found
 
 
@@ -175,6 +215,8 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
                 return _denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED, _SIDECAR_DENIED)
             # This runs in the call's own task, so the handler sees the value.
             _current_scope.set(scope)
+            if scope.token_id is not None and self._auth.registry is not None:
+                return end_on_revocation(handler, self._auth.registry, scope.token_id)
             return handler
         if not self._auth.is_admin(token):
             return _denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED, _ADMIN_DENIED)

@@ -8,6 +8,11 @@ message and applied to the cache, in version order. It learns of new changes
 from the store's listener (Postgres LISTEN/NOTIFY), from a poller as a safety
 net, and from the admin service right after each write.
 
+API token changes (ADMIN_TOKEN / SIDECAR_TOKEN, tenant "") are no tenant's
+business: they are re-read and fed to the hub's ``TokenRegistry``
+(``hub.tokens``, which the Authenticator consults) and never reach the cache
+beyond moving its version.
+
 Only an active key carries its secret to the cache (and on to sidecars); a
 disabled or revoked key goes by id and state alone. A key whose secret does
 not open with this master key is not sent at all.
@@ -23,6 +28,7 @@ from datetime import UTC, datetime
 
 from control_plane.snapshot_cache import SnapshotCache, TenantContents
 from control_plane.store.base import Store
+from control_plane.token_registry import TokenRegistry
 from keyplane import convert
 from keyplane.crypto import MasterKeyError, SecretBox
 from keyplane.domain import (
@@ -32,6 +38,7 @@ from keyplane.domain import (
     KeyStatus,
     Provider,
     ProviderKey,
+    TokenKind,
     split_health_entity_id,
 )
 from keyplane.errors import NotFound
@@ -42,6 +49,7 @@ __all__ = ["SnapshotHub"]
 log = logging.getLogger(__name__)
 
 _PAGE = 1000
+_TOKEN_KINDS = {EntityKind.ADMIN_TOKEN: TokenKind.ADMIN, EntityKind.SIDECAR_TOKEN: TokenKind.SIDECAR}
 
 
 def _utcnow() -> datetime:
@@ -58,8 +66,11 @@ class SnapshotHub:
         max_pending: int = 1000,
         poll_interval: float | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        tokens: TokenRegistry | None = None,
     ) -> None:
         self._store = store
+        # The managed API tokens that authenticate now (fed from the change log).
+        self.tokens = tokens if tokens is not None else TokenRegistry()
         self._box = secret_box
         self._poll_interval = poll_interval
         self._lock = asyncio.Lock()
@@ -84,6 +95,7 @@ class SnapshotHub:
                     tenants[tenant.name] = await self._load_tenant(tenant.name)
                 except NotFound:
                     continue  # deleted meanwhile; its TENANT/DELETE change follows
+            self.tokens.load([t for kind in TokenKind for t in await self._store.list_tokens(kind)])
             self.cache.load(version, tenants)
         log.info("snapshot hub loaded %d tenants at version %d", len(tenants), version)
         # Listen before catching up, so no write from another replica falls in between.
@@ -141,11 +153,26 @@ class SnapshotHub:
                 for record in records:
                     if record.version <= self.cache.version:
                         continue
+                    kind = _TOKEN_KINDS.get(record.kind)
+                    if kind is not None:
+                        await self._follow_token(kind, record.entity_id)
+                        self.cache.apply(record, None)  # only the version moves
+                        continue
                     change = await self._read_change(record)
                     # No await between reading and applying: the cache moves in version order.
                     self.cache.apply(record, change)
                 if len(records) < _PAGE:
                     return self.cache.version
+
+    async def _follow_token(self, kind: TokenKind, token_id: str) -> None:
+        try:
+            token = await self._store.get_token(kind, token_id)
+        except NotFound:
+            self.tokens.remove(token_id)
+            return
+        self.tokens.apply(token)
+        if token.revoked:
+            log.info("%s token %s revoked; it authenticates nothing from now on", kind.value, token_id)
 
     async def _read_change(self, record: ChangeRecord) -> sidecar_service_pb2.Change | None:
         """The Change message for ``record``, re-reading the entity for a PUT.

@@ -108,7 +108,7 @@ class ControlPlane:
             await self._aggregator.start()
             server = aio.server(
                 interceptors=[
-                    AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens)),
+                    AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens, self._hub.tokens)),
                     DecodeGuardInterceptor(),  # inside auth: undecodable requests are INVALID_ARGUMENT
                 ],
                 # A second control plane on a taken port must fail, not share it.

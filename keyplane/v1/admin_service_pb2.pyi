@@ -927,3 +927,259 @@ class SidecarInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SidecarInfo: _TypeAlias = SidecarInfo  # noqa: Y015
+
+@_typing.final
+class CreateAdminTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAdminTokenRequest: _TypeAlias = CreateAdminTokenRequest  # noqa: Y015
+
+@_typing.final
+class CreateAdminTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADMIN_TOKEN_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token itself ("kpa-..."), shown this once and never again."""
+    @_builtins.property
+    def admin_token(self) -> _resources_pb2.AdminToken: ...
+    def __init__(
+        self,
+        *,
+        admin_token: _resources_pb2.AdminToken | None = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admin_token", b"admin_token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_token", b"admin_token", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAdminTokenResponse: _TypeAlias = CreateAdminTokenResponse  # noqa: Y015
+
+@_typing.final
+class ListAdminTokensRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdminTokensRequest: _TypeAlias = ListAdminTokensRequest  # noqa: Y015
+
+@_typing.final
+class ListAdminTokensResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADMIN_TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def admin_tokens(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.AdminToken]:
+        """Oldest first, revoked ones included."""
+
+    def __init__(
+        self,
+        *,
+        admin_tokens: _abc.Iterable[_resources_pb2.AdminToken] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_tokens", b"admin_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAdminTokensResponse: _TypeAlias = ListAdminTokensResponse  # noqa: Y015
+
+@_typing.final
+class RevokeAdminTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    etag: _builtins.str
+    """Optional: revoke only if the token still has this etag (else ABORTED)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAdminTokenRequest: _TypeAlias = RevokeAdminTokenRequest  # noqa: Y015
+
+@_typing.final
+class RevokeAdminTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADMIN_TOKEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def admin_token(self) -> _resources_pb2.AdminToken: ...
+    def __init__(
+        self,
+        *,
+        admin_token: _resources_pb2.AdminToken | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["admin_token", b"admin_token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_token", b"admin_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeAdminTokenResponse: _TypeAlias = RevokeAdminTokenResponse  # noqa: Y015
+
+@_typing.final
+class CreateSidecarTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    all_tenants: _builtins.bool
+    """Every tenant, including tenants created later."""
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenants the token may watch and report for; or all_tenants."""
+
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+        all_tenants: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "label", b"label", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSidecarTokenRequest: _TypeAlias = CreateSidecarTokenRequest  # noqa: Y015
+
+@_typing.final
+class CreateSidecarTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECAR_TOKEN_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token itself ("kps-..."), shown this once and never again."""
+    @_builtins.property
+    def sidecar_token(self) -> _resources_pb2.SidecarToken: ...
+    def __init__(
+        self,
+        *,
+        sidecar_token: _resources_pb2.SidecarToken | None = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sidecar_token", b"sidecar_token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sidecar_token", b"sidecar_token", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateSidecarTokenResponse: _TypeAlias = CreateSidecarTokenResponse  # noqa: Y015
+
+@_typing.final
+class ListSidecarTokensRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSidecarTokensRequest: _TypeAlias = ListSidecarTokensRequest  # noqa: Y015
+
+@_typing.final
+class ListSidecarTokensResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECAR_TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sidecar_tokens(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.SidecarToken]:
+        """Oldest first, revoked ones included."""
+
+    def __init__(
+        self,
+        *,
+        sidecar_tokens: _abc.Iterable[_resources_pb2.SidecarToken] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sidecar_tokens", b"sidecar_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSidecarTokensResponse: _TypeAlias = ListSidecarTokensResponse  # noqa: Y015
+
+@_typing.final
+class RevokeSidecarTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    etag: _builtins.str
+    """Optional: revoke only if the token still has this etag (else ABORTED)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSidecarTokenRequest: _TypeAlias = RevokeSidecarTokenRequest  # noqa: Y015
+
+@_typing.final
+class RevokeSidecarTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECAR_TOKEN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sidecar_token(self) -> _resources_pb2.SidecarToken: ...
+    def __init__(
+        self,
+        *,
+        sidecar_token: _resources_pb2.SidecarToken | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sidecar_token", b"sidecar_token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sidecar_token", b"sidecar_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeSidecarTokenResponse: _TypeAlias = RevokeSidecarTokenResponse  # noqa: Y015

@@ -136,6 +136,36 @@ class AdminServiceStub:
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
                 _registered_method=True)
+        self.CreateAdminToken = channel.unary_unary(
+                '/keyplane.v1.AdminService/CreateAdminToken',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.CreateAdminTokenRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.CreateAdminTokenResponse.FromString,
+                _registered_method=True)
+        self.ListAdminTokens = channel.unary_unary(
+                '/keyplane.v1.AdminService/ListAdminTokens',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListAdminTokensRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListAdminTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeAdminToken = channel.unary_unary(
+                '/keyplane.v1.AdminService/RevokeAdminToken',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeAdminTokenRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeAdminTokenResponse.FromString,
+                _registered_method=True)
+        self.CreateSidecarToken = channel.unary_unary(
+                '/keyplane.v1.AdminService/CreateSidecarToken',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.CreateSidecarTokenRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.CreateSidecarTokenResponse.FromString,
+                _registered_method=True)
+        self.ListSidecarTokens = channel.unary_unary(
+                '/keyplane.v1.AdminService/ListSidecarTokens',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarTokensRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeSidecarToken = channel.unary_unary(
+                '/keyplane.v1.AdminService/RevokeSidecarToken',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -267,6 +297,48 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAdminToken(self, request, context):
+        """API tokens managed through this API (the admin and sidecar tokens from
+        the token file or env are the bootstrap ones: they keep working, are not
+        listed and cannot be revoked here). A token is returned once, by its
+        Create call; only its SHA-256 is stored. A revocation takes effect on
+        every replica at once (through the change log), without a restart, and
+        ends the streams the token opened.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdminTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeAdminToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSidecarToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSidecarTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSidecarToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -369,6 +441,36 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListSidecars,
                     request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.SerializeToString,
+            ),
+            'CreateAdminToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAdminToken,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.CreateAdminTokenRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.CreateAdminTokenResponse.SerializeToString,
+            ),
+            'ListAdminTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdminTokens,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListAdminTokensRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListAdminTokensResponse.SerializeToString,
+            ),
+            'RevokeAdminToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeAdminToken,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeAdminTokenRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeAdminTokenResponse.SerializeToString,
+            ),
+            'CreateSidecarToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSidecarToken,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.CreateSidecarTokenRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.CreateSidecarTokenResponse.SerializeToString,
+            ),
+            'ListSidecarTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSidecarTokens,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarTokensRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarTokensResponse.SerializeToString,
+            ),
+            'RevokeSidecarToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSidecarToken,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -913,6 +1015,168 @@ class AdminService:
             '/keyplane.v1.AdminService/ListSidecars',
             keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
             keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAdminToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/CreateAdminToken',
+            keyplane_dot_v1_dot_admin__service__pb2.CreateAdminTokenRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.CreateAdminTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdminTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ListAdminTokens',
+            keyplane_dot_v1_dot_admin__service__pb2.ListAdminTokensRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.ListAdminTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeAdminToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/RevokeAdminToken',
+            keyplane_dot_v1_dot_admin__service__pb2.RevokeAdminTokenRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.RevokeAdminTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSidecarToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/CreateSidecarToken',
+            keyplane_dot_v1_dot_admin__service__pb2.CreateSidecarTokenRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.CreateSidecarTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSidecarTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ListSidecarTokens',
+            keyplane_dot_v1_dot_admin__service__pb2.ListSidecarTokensRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.ListSidecarTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSidecarToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/RevokeSidecarToken',
+            keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,19 @@ class AdminServiceStub:
     """
     ListSidecars: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]
     """The sidecars connected to this control-plane replica."""
+    CreateAdminToken: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateAdminTokenRequest, _admin_service_pb2.CreateAdminTokenResponse]
+    """API tokens managed through this API (the admin and sidecar tokens from
+    the token file or env are the bootstrap ones: they keep working, are not
+    listed and cannot be revoked here). A token is returned once, by its
+    Create call; only its SHA-256 is stored. A revocation takes effect on
+    every replica at once (through the change log), without a restart, and
+    ends the streams the token opened.
+    """
+    ListAdminTokens: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAdminTokensRequest, _admin_service_pb2.ListAdminTokensResponse]
+    RevokeAdminToken: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeAdminTokenRequest, _admin_service_pb2.RevokeAdminTokenResponse]
+    CreateSidecarToken: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateSidecarTokenRequest, _admin_service_pb2.CreateSidecarTokenResponse]
+    ListSidecarTokens: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarTokensRequest, _admin_service_pb2.ListSidecarTokensResponse]
+    RevokeSidecarToken: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeSidecarTokenRequest, _admin_service_pb2.RevokeSidecarTokenResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -93,6 +106,19 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListSidecars: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]  # type: ignore[assignment]
     """The sidecars connected to this control-plane replica."""
+    CreateAdminToken: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateAdminTokenRequest, _admin_service_pb2.CreateAdminTokenResponse]  # type: ignore[assignment]
+    """API tokens managed through this API (the admin and sidecar tokens from
+    the token file or env are the bootstrap ones: they keep working, are not
+    listed and cannot be revoked here). A token is returned once, by its
+    Create call; only its SHA-256 is stored. A revocation takes effect on
+    every replica at once (through the change log), without a restart, and
+    ends the streams the token opened.
+    """
+    ListAdminTokens: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAdminTokensRequest, _admin_service_pb2.ListAdminTokensResponse]  # type: ignore[assignment]
+    RevokeAdminToken: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeAdminTokenRequest, _admin_service_pb2.RevokeAdminTokenResponse]  # type: ignore[assignment]
+    CreateSidecarToken: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateSidecarTokenRequest, _admin_service_pb2.CreateSidecarTokenResponse]  # type: ignore[assignment]
+    ListSidecarTokens: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarTokensRequest, _admin_service_pb2.ListSidecarTokensResponse]  # type: ignore[assignment]
+    RevokeSidecarToken: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeSidecarTokenRequest, _admin_service_pb2.RevokeSidecarTokenResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages tenants, provider keys, routes and client keys.
@@ -243,5 +269,54 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ListSidecarsResponse, _abc.Awaitable[_admin_service_pb2.ListSidecarsResponse]]:
         """The sidecars connected to this control-plane replica."""
+
+    @_abc_1.abstractmethod
+    def CreateAdminToken(
+        self,
+        request: _admin_service_pb2.CreateAdminTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.CreateAdminTokenResponse, _abc.Awaitable[_admin_service_pb2.CreateAdminTokenResponse]]:
+        """API tokens managed through this API (the admin and sidecar tokens from
+        the token file or env are the bootstrap ones: they keep working, are not
+        listed and cannot be revoked here). A token is returned once, by its
+        Create call; only its SHA-256 is stored. A revocation takes effect on
+        every replica at once (through the change log), without a restart, and
+        ends the streams the token opened.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAdminTokens(
+        self,
+        request: _admin_service_pb2.ListAdminTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListAdminTokensResponse, _abc.Awaitable[_admin_service_pb2.ListAdminTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeAdminToken(
+        self,
+        request: _admin_service_pb2.RevokeAdminTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RevokeAdminTokenResponse, _abc.Awaitable[_admin_service_pb2.RevokeAdminTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateSidecarToken(
+        self,
+        request: _admin_service_pb2.CreateSidecarTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.CreateSidecarTokenResponse, _abc.Awaitable[_admin_service_pb2.CreateSidecarTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListSidecarTokens(
+        self,
+        request: _admin_service_pb2.ListSidecarTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListSidecarTokensResponse, _abc.Awaitable[_admin_service_pb2.ListSidecarTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeSidecarToken(
+        self,
+        request: _admin_service_pb2.RevokeSidecarTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RevokeSidecarTokenResponse, _abc.Awaitable[_admin_service_pb2.RevokeSidecarTokenResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -414,3 +414,103 @@ class ProviderHealth(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProviderHealth: _TypeAlias = ProviderHealth  # noqa: Y015
+
+@_typing.final
+class AdminToken(_message.Message):
+    """AdminToken is an admin API token managed through the admin API; only its
+    SHA-256 is stored, the token itself is shown once when it is created.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    label: _builtins.str
+    prefix: _builtins.str
+    """The first characters of the token, enough to recognise it."""
+    etag: _builtins.str
+    """Opaque version of this object (AIP-154); new when it is revoked."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def revoke_time(self) -> _timestamp_pb2.Timestamp:
+        """Set once revoked: a revoked token authenticates nothing."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        label: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "etag", b"etag", "id", b"id", "label", b"label", "prefix", b"prefix", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdminToken: _TypeAlias = AdminToken  # noqa: Y015
+
+@_typing.final
+class SidecarToken(_message.Message):
+    """SidecarToken is a sidecar's token for the sidecar service, scoped to
+    tenants; managed like AdminToken.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    label: _builtins.str
+    prefix: _builtins.str
+    """The first characters of the token, enough to recognise it."""
+    all_tenants: _builtins.bool
+    """Every tenant, including tenants created later."""
+    etag: _builtins.str
+    """Opaque version of this object (AIP-154); new when it is revoked."""
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenants the token may watch (empty when all_tenants)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def revoke_time(self) -> _timestamp_pb2.Timestamp:
+        """Set once revoked: a revoked token authenticates nothing, and the streams
+        it opened end with UNAUTHENTICATED.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        label: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+        all_tenants: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "create_time", b"create_time", "etag", b"etag", "id", b"id", "label", b"label", "prefix", b"prefix", "revoke_time", b"revoke_time", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SidecarToken: _TypeAlias = SidecarToken  # noqa: Y015
