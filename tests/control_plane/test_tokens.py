@@ -33,7 +33,7 @@ from tests.control_plane.conftest import (
     next_message,
     rpc_error,
 )
-from tests.control_plane.test_health import credential, open_report
+from tests.control_plane.test_health import credential, open_report, report
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -309,3 +309,26 @@ def test_admin_identity_names_the_token() -> None:
     registry.remove("at_abc")
     assert auth.admin_identity("kpa-managed") is None
     assert Authenticator("boot-admin-token", {}).admin_identity("boot-admin-token") == "admin-token:bootstrap"
+
+
+async def test_streams_of_a_valid_managed_token_behave_as_before(harness: Harness) -> None:
+    await harness.tenant()
+    key = await harness.key()
+    created = await create_sidecar_token(harness, "acme")
+    # A whole report stream: the reply counts what was accepted.
+    assert await report(harness, [credential(key.id)], metadata=bearer(created.token)) == 1
+    # A watch the sidecar cancels frees its subscription.
+    watch = harness.watch(("acme",), metadata=bearer(created.token), sidecar_id="sc-leaving")
+    assert (await next_message(watch)).HasField("snapshot")
+    assert [s.sidecar_id for s in harness.plane.hub.cache.connected()] == ["sc-leaving"]
+    watch.cancel()
+    for _ in range(100):
+        if not harness.plane.hub.cache.connected():
+            break
+        await asyncio.sleep(0.01)
+    assert harness.plane.hub.cache.connected() == []
+    # Revoking it afterwards touches nothing else.
+    await harness.admin.RevokeSidecarToken(
+        apb.RevokeSidecarTokenRequest(id=created.sidecar_token.id), metadata=ADMIN_MD
+    )
+    assert harness.plane.hub.tokens.is_valid(created.sidecar_token.id) is False
