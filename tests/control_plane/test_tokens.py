@@ -332,3 +332,20 @@ async def test_streams_of_a_valid_managed_token_behave_as_before(harness: Harnes
         apb.RevokeSidecarTokenRequest(id=created.sidecar_token.id), metadata=ADMIN_MD
     )
     assert harness.plane.hub.tokens.is_valid(created.sidecar_token.id) is False
+
+
+async def test_token_changes_never_reach_the_sidecars(harness: Harness) -> None:
+    await harness.tenant()
+    watch = harness.watch(metadata=SIDECAR_ALL_MD)
+    assert (await next_message(watch)).HasField("snapshot")
+    created = await create_sidecar_token(harness, all_tenants=True)
+    await create_admin_token(harness)
+    await harness.admin.RevokeSidecarToken(
+        apb.RevokeSidecarTokenRequest(id=created.sidecar_token.id), metadata=ADMIN_MD
+    )
+    # The hub moved past the three token changes without publishing them.
+    assert harness.plane.hub.version == await harness.latest_version()
+    key = await harness.key()
+    delta = await next_message(watch)
+    assert [c.WhichOneof("change") for c in delta.delta.changes] == ["key_put"]
+    assert delta.delta.changes[0].key_put.id == key.id and delta.version == await harness.latest_version()
