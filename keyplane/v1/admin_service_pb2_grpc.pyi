@@ -60,6 +60,10 @@ class AdminServiceStub:
     """
     ListSidecars: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]
     """The sidecars connected to this control-plane replica."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]
+    """The audit log: every admin write (and every failed attempt at one),
+    newest first, with who made it, what it changed and the result.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -93,6 +97,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListSidecars: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]  # type: ignore[assignment]
     """The sidecars connected to this control-plane replica."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The audit log: every admin write (and every failed attempt at one),
+    newest first, with who made it, what it changed and the result.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages tenants, provider keys, routes and client keys.
@@ -243,5 +251,15 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ListSidecarsResponse, _abc.Awaitable[_admin_service_pb2.ListSidecarsResponse]]:
         """The sidecars connected to this control-plane replica."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _admin_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_service_pb2.ListAuditEventsResponse]]:
+        """The audit log: every admin write (and every failed attempt at one),
+        newest first, with who made it, what it changed and the result.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
