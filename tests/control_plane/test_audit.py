@@ -123,7 +123,10 @@ async def events(harness: Harness, **filters: Any) -> list[rpb.AuditEvent]:
     return list(response.events)
 
 
-def summary(event: rpb.AuditEvent) -> tuple[str, str, str, str, str, tuple[str, ...], str, str]:
+Summary = tuple[str, str, str, str, str, tuple[str, ...], str, str]
+
+
+def summary(event: rpb.AuditEvent) -> Summary:
     return (
         event.caller,
         event.method,
@@ -140,7 +143,7 @@ async def test_every_admin_write_records_one_event_and_no_secret(plane: tuple[Ha
     harness, database = plane
     admin = harness.admin
     before = datetime.now(UTC) - timedelta(seconds=1)
-    seen: list[tuple[str, ...]] = []
+    seen: list[Summary] = []
 
     async def expect(method: str, kind: str, resource: str, fields: tuple[str, ...] = (), fp: str = "") -> None:
         seen.append((CALLER, method, "acme", kind, resource, fields, fp, "ok"))
