@@ -9,8 +9,9 @@ the changed fields as it learns them and runs its store write through
 the event is inserted in the write's own transaction, so a change without its
 audit row cannot commit. A call that fails before its write committed is
 recorded too, with the status code as its result, in a transaction of its
-own, best effort (a failure to record it is logged). Unauthenticated calls
-never reach a handler and are not recorded.
+own, best effort (a failure to record it is logged; one that failed because
+the store is unavailable is only logged). Unauthenticated calls never reach
+a handler and are not recorded.
 
 Never recorded: a secret, a token, a field's value. A key creation or
 rotation records the new secret's fingerprint.
@@ -148,6 +149,10 @@ def audited(
 
 
 async def _record_failure(store: Store, draft: AuditDraft, result: str) -> None:
+    if result == "UNAVAILABLE":
+        # The store cannot be reached: recording would only wait out its timeout again.
+        log.warning("could not record the failed %s call (%s): the store is unavailable", draft.method, result)
+        return
     try:
         await store.append_audit(draft.entry(result))
     except Exception as exc:

@@ -19,6 +19,7 @@ import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 from grpc import aio
 
+from control_plane.auth import Authenticator
 from control_plane.server import ControlPlane
 from keyplane import convert
 from keyplane.crypto import fingerprint
@@ -36,6 +37,7 @@ from tests.control_plane.conftest import (
     make_config,
     rpc_error,
 )
+from tests.control_plane.test_health import credential, get_health, report
 from tests.fakes.tls import make_pki
 
 PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -368,3 +370,32 @@ async def test_the_caller_names_the_client_certificate_over_mtls(tmp_path: Path)
     caller = listed.events[0].caller
     assert caller.startswith(f"{CALLER} cert:") and "CN=ops-admin" in caller
     assert ADMIN_TOKEN not in caller
+
+
+def test_the_admin_identity_never_holds_the_token() -> None:
+    auth = Authenticator(ADMIN_TOKEN, {"sc-token": ("*",)})
+    assert auth.admin_identity(ADMIN_TOKEN) == CALLER
+    assert auth.admin_identity("sc-token") is None and auth.admin_identity(None) is None
+    assert auth.admin_identity(ADMIN_TOKEN + "x") is None
+
+
+async def test_learnt_health_is_not_an_admin_write(harness: Harness) -> None:
+    await harness.tenant()
+    key = await harness.key()
+    count = len(await events(harness))
+    version = await harness.latest_version()
+    assert await report(harness, [credential(key.id)]) == 1
+    await harness.plane.aggregator.flush()
+    assert [h.key_id for h in (await get_health(harness)).key_health] == [key.id]
+    assert await harness.latest_version() > version  # the finding was written to the store
+    assert len(await events(harness)) == count
+
+
+async def test_a_write_failing_for_an_unavailable_store_is_only_logged(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    await harness.plane.store.close()
+    with pytest.raises(aio.AioRpcError) as info:
+        await harness.tenant()
+    assert rpc_error(info)[0] == grpc.StatusCode.UNAVAILABLE
+    assert "could not record the failed CreateTenant call (UNAVAILABLE): the store is unavailable" in caplog.text
