@@ -1,5 +1,10 @@
 """The admin gRPC service: tenants, provider keys, routes, client keys, and
-the learnt health and connected sidecars (API tokens: ``token_service``).
+the learnt health and connected sidecars, and the audit log (API tokens:
+``token_service``).
+
+Every write is audited (``control_plane.audit``): its event (caller, method,
+resource, changed fields, never a secret) is written in the write's own
+transaction, and a failed attempt is recorded with its status code.
 
 Every write goes to the store first; once it returns, ``hub.catch_up()``
 publishes the change to the sidecar streams before the RPC answers. Secrets
@@ -33,10 +38,11 @@ from grpc import aio
 from control_plane import limits
 from control_plane import validation as v
 from control_plane.aggregator import HealthAggregator
+from control_plane.audit import AuditDraft, audited, list_audit_events
 from control_plane.hub import SnapshotHub
 from control_plane.snapshot_cache import SubscriberInfo
 from control_plane.status import map_errors
-from control_plane.store.base import ProviderKeyUpdate, RouteUpdate, SealedSecret, Store
+from control_plane.store.base import AuditEntry, ProviderKeyUpdate, RouteUpdate, SealedSecret, Store
 from control_plane.token_service import TokenAdminMixin
 from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
 from keyplane import convert
@@ -61,6 +67,10 @@ Context = aio.ServicerContext[Any, Any]
 CLIENT_TOKEN_PREFIX = "kp-"
 UPDATABLE_KEY_FIELDS = ("label", "status", "weight", "allowed_models", "base_url")
 UPDATABLE_ROUTE_FIELDS = ("targets", "public_model")
+# What a creation sets, as its audit event names it.
+_KEY_CREATE_FIELDS = ("provider", "label", "secret", "base_url", "weight", "allowed_models")
+_ROUTE_CREATE_FIELDS = ("public_model", "targets")
+_CLIENT_KEY_CREATE_FIELDS = ("label", "token")
 
 
 def _utcnow() -> datetime:
@@ -139,13 +149,13 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
         self._health = health
         self._url_policy = url_policy  # which hosts base URLs and vLLM node URLs may name
 
-    async def _reset_key_health(self, tenant: str, key_id: str) -> None:
+    async def _reset_key_health(self, tenant: str, key_id: str, audit: AuditEntry | None = None) -> None:
         """Clear the key's learnt health in the store and in the aggregator's
         books, and publish the HEALTHY changes."""
         if self._health is not None:
-            await self._health.reset_key(tenant, key_id)
+            await self._health.reset_key(tenant, key_id, audit=audit)
         else:
-            await self._store.clear_key_health(tenant, key_id)
+            await self._store.clear_key_health(tenant, key_id, audit=audit)
             await self._publish()
 
     async def _publish(self) -> None:
@@ -184,9 +194,14 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
 
     # tenants -------------------------------------------------------------------
     @map_errors
-    async def CreateTenant(self, request: pb.CreateTenantRequest, context: Context) -> pb.CreateTenantResponse:
+    @audited("tenant")
+    async def CreateTenant(
+        self, request: pb.CreateTenantRequest, context: Context, audit: AuditDraft
+    ) -> pb.CreateTenantResponse:
         name = v.validate_tenant_name(request.name, field="name")
-        tenant = await self._store.create_tenant(Tenant(name=name, created_at=self._clock()))
+        audit.about(name, name, ("name",))
+        new = Tenant(name=name, created_at=self._clock())
+        tenant = await audit.write(lambda entry: self._store.create_tenant(new, audit=entry))
         await self._publish()
         log.info("created tenant %s", name)
         return pb.CreateTenantResponse(tenant=convert.tenant_to_proto(tenant))
@@ -202,9 +217,13 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
         return pb.ListTenantsResponse(tenants=[convert.tenant_to_proto(t) for t in tenants])
 
     @map_errors
-    async def DeleteTenant(self, request: pb.DeleteTenantRequest, context: Context) -> pb.DeleteTenantResponse:
+    @audited("tenant")
+    async def DeleteTenant(
+        self, request: pb.DeleteTenantRequest, context: Context, audit: AuditDraft
+    ) -> pb.DeleteTenantResponse:
         name = v.validate_tenant_name(request.name, field="name")
-        await self._store.delete_tenant(name)
+        audit.about(name, name)
+        await audit.write(lambda entry: self._store.delete_tenant(name, audit=entry))
         await self._publish()
         log.info("deleted tenant %s", name)
         return pb.DeleteTenantResponse()
@@ -218,10 +237,12 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
         )
 
     @map_errors
+    @audited("provider_key")
     async def CreateProviderKey(
-        self, request: pb.CreateProviderKeyRequest, context: Context
+        self, request: pb.CreateProviderKeyRequest, context: Context, audit: AuditDraft
     ) -> pb.CreateProviderKeyResponse:
         tenant = v.validate_tenant_name(request.tenant)
+        audit.about(tenant, "", _KEY_CREATE_FIELDS)
         provider = v.validate_provider(convert.provider_from_proto(request.provider))
         label = v.validate_label(request.label)
         secret = v.validate_secret(request.secret, provider)
@@ -247,8 +268,9 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
             fingerprint=sealed.fingerprint,
             last4=sealed.last4,
         )
+        audit.about(tenant, key_id, _KEY_CREATE_FIELDS, sealed.fingerprint)
         self._check_key_fits(key, len(secret), new=True)
-        created = await self._store.create_provider_key(key)
+        created = await audit.write(lambda entry: self._store.create_provider_key(key, audit=entry))
         await self._publish()
         log.info("created provider key %s (%s) for tenant %s", key_id, provider.value, tenant)
         return pb.CreateProviderKeyResponse(key=convert.provider_key_to_proto(created))
@@ -266,12 +288,15 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
         return pb.ListProviderKeysResponse(keys=[convert.provider_key_to_proto(k) for k in keys])
 
     @map_errors
+    @audited("provider_key")
     async def UpdateProviderKey(
-        self, request: pb.UpdateProviderKeyRequest, context: Context
+        self, request: pb.UpdateProviderKeyRequest, context: Context, audit: AuditDraft
     ) -> pb.UpdateProviderKeyResponse:
         tenant = v.validate_tenant_name(request.tenant)
         key_id = v.validate_id(request.id)
+        audit.about(tenant, key_id)
         paths = _mask(list(request.update_mask.paths), UPDATABLE_KEY_FIELDS)
+        audit.fields = tuple(paths) + (("secret",) if request.new_secret else ())
         expected = _expected_revision(request.etag, request.key.etag, resource="key")
         if not paths and not request.new_secret:
             raise InvalidArgument(
@@ -301,10 +326,15 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
         if request.new_secret:
             secret = v.validate_secret(request.new_secret, current.provider, field="new_secret")
             changes["secret"] = self._seal(key_id, secret)
+            audit.fingerprint = changes["secret"].fingerprint
         update = ProviderKeyUpdate(updated_at=self._clock(), **changes)
         preview = dataclasses.replace(current, **{name: value for name, value in changes.items() if name != "secret"})
         self._check_key_fits(preview, len(request.new_secret) or v.MAX_SECRET_CHARS, new=False)
-        stored = await self._store.update_provider_key(tenant, key_id, update, expected_revision=expected)
+        stored = await audit.write(
+            lambda entry: self._store.update_provider_key(
+                tenant, key_id, update, expected_revision=expected, audit=entry
+            )
+        )
         await self._publish()
         if changes.get("status") is KeyStatus.ACTIVE or request.new_secret:
             # Re-enabled or rotated: whatever was learnt about the old state is moot.
@@ -318,20 +348,26 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
         return pb.UpdateProviderKeyResponse(key=convert.provider_key_to_proto(stored))
 
     @map_errors
+    @audited("provider_key")
     async def DeleteProviderKey(
-        self, request: pb.DeleteProviderKeyRequest, context: Context
+        self, request: pb.DeleteProviderKeyRequest, context: Context, audit: AuditDraft
     ) -> pb.DeleteProviderKeyResponse:
         tenant = v.validate_tenant_name(request.tenant)
         key_id = v.validate_id(request.id)
-        await self._store.delete_provider_key(tenant, key_id)
+        audit.about(tenant, key_id)
+        await audit.write(lambda entry: self._store.delete_provider_key(tenant, key_id, audit=entry))
         await self._publish()
         log.info("deleted provider key %s of tenant %s", key_id, tenant)
         return pb.DeleteProviderKeyResponse()
 
     # routes ------------------------------------------------------------------------
     @map_errors
-    async def CreateRoute(self, request: pb.CreateRouteRequest, context: Context) -> pb.CreateRouteResponse:
+    @audited("route")
+    async def CreateRoute(
+        self, request: pb.CreateRouteRequest, context: Context, audit: AuditDraft
+    ) -> pb.CreateRouteResponse:
         tenant = v.validate_tenant_name(request.tenant)
+        audit.about(tenant, "", _ROUTE_CREATE_FIELDS)
         public_model = v.validate_public_model(request.public_model)
         targets = _targets(list(request.targets), self._url_policy)
         now = self._clock()
@@ -343,8 +379,9 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
             created_at=now,
             updated_at=now,
         )
+        audit.about(tenant, route.id, _ROUTE_CREATE_FIELDS)
         self._check_route_fits(route, new=True)
-        created = await self._store.create_route(route)
+        created = await audit.write(lambda entry: self._store.create_route(route, audit=entry))
         await self._publish()
         log.info("created route %s (%s) for tenant %s", route.id, public_model, tenant)
         return pb.CreateRouteResponse(route=convert.route_to_proto(created))
@@ -360,11 +397,16 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
         return pb.ListRoutesResponse(routes=[convert.route_to_proto(r) for r in routes])
 
     @map_errors
-    async def UpdateRoute(self, request: pb.UpdateRouteRequest, context: Context) -> pb.UpdateRouteResponse:
+    @audited("route")
+    async def UpdateRoute(
+        self, request: pb.UpdateRouteRequest, context: Context, audit: AuditDraft
+    ) -> pb.UpdateRouteResponse:
         tenant = v.validate_tenant_name(request.tenant)
         route_id = v.validate_id(request.id)
+        audit.about(tenant, route_id)
         expected = _expected_revision(request.etag, request.route.etag, resource="route")
         paths = _mask(list(request.update_mask.paths), UPDATABLE_ROUTE_FIELDS)
+        audit.fields = tuple(paths) or ("targets",)
         if not paths:
             # No mask: replace the targets (what UpdateRoute always did).
             update = RouteUpdate(updated_at=self._clock(), targets=_targets(list(request.targets), self._url_policy))
@@ -386,24 +428,34 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
             now = update.updated_at
             preview = Route(route_id, tenant, update.public_model or "", update.targets, now, now)
             self._check_route_fits(preview, new=False)
-        stored = await self._store.update_route(tenant, route_id, update, expected_revision=expected)
+        stored = await audit.write(
+            lambda entry: self._store.update_route(tenant, route_id, update, expected_revision=expected, audit=entry)
+        )
         await self._publish()
         log.info("updated route %s of tenant %s (%s)", route_id, tenant, ", ".join(paths))
         return pb.UpdateRouteResponse(route=convert.route_to_proto(stored))
 
     @map_errors
-    async def DeleteRoute(self, request: pb.DeleteRouteRequest, context: Context) -> pb.DeleteRouteResponse:
+    @audited("route")
+    async def DeleteRoute(
+        self, request: pb.DeleteRouteRequest, context: Context, audit: AuditDraft
+    ) -> pb.DeleteRouteResponse:
         tenant = v.validate_tenant_name(request.tenant)
         route_id = v.validate_id(request.id)
-        await self._store.delete_route(tenant, route_id)
+        audit.about(tenant, route_id)
+        await audit.write(lambda entry: self._store.delete_route(tenant, route_id, audit=entry))
         await self._publish()
         log.info("deleted route %s of tenant %s", route_id, tenant)
         return pb.DeleteRouteResponse()
 
     # client keys -------------------------------------------------------------------
     @map_errors
-    async def CreateClientKey(self, request: pb.CreateClientKeyRequest, context: Context) -> pb.CreateClientKeyResponse:
+    @audited("client_key")
+    async def CreateClientKey(
+        self, request: pb.CreateClientKeyRequest, context: Context, audit: AuditDraft
+    ) -> pb.CreateClientKeyResponse:
         tenant = v.validate_tenant_name(request.tenant)
+        audit.about(tenant, "", _CLIENT_KEY_CREATE_FIELDS)
         label = v.validate_label(request.label)
         token = new_client_token()
         client_key = ClientKey(
@@ -414,8 +466,9 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
             token_sha256=hashlib.sha256(token.encode()).digest(),
             created_at=self._clock(),
         )
+        audit.about(tenant, client_key.id, _CLIENT_KEY_CREATE_FIELDS, fingerprint(token))
         self._check_client_key_fits(client_key)
-        created = await self._store.create_client_key(client_key)
+        created = await audit.write(lambda entry: self._store.create_client_key(client_key, audit=entry))
         await self._publish()
         log.info("created client key %s for tenant %s", client_key.id, tenant)
         return pb.CreateClientKeyResponse(client_key=convert.client_key_to_proto(created), token=token)
@@ -426,10 +479,14 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
         return pb.ListClientKeysResponse(client_keys=[convert.client_key_to_proto(c) for c in client_keys])
 
     @map_errors
-    async def DeleteClientKey(self, request: pb.DeleteClientKeyRequest, context: Context) -> pb.DeleteClientKeyResponse:
+    @audited("client_key")
+    async def DeleteClientKey(
+        self, request: pb.DeleteClientKeyRequest, context: Context, audit: AuditDraft
+    ) -> pb.DeleteClientKeyResponse:
         tenant = v.validate_tenant_name(request.tenant)
         client_key_id = v.validate_id(request.id)
-        await self._store.delete_client_key(tenant, client_key_id)
+        audit.about(tenant, client_key_id)
+        await audit.write(lambda entry: self._store.delete_client_key(tenant, client_key_id, audit=entry))
         await self._publish()
         log.info("deleted client key %s of tenant %s", client_key_id, tenant)
         return pb.DeleteClientKeyResponse()
@@ -454,17 +511,25 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
         )
 
     @map_errors
-    async def ResetKeyHealth(self, request: pb.ResetKeyHealthRequest, context: Context) -> pb.ResetKeyHealthResponse:
+    @audited("provider_key")
+    async def ResetKeyHealth(
+        self, request: pb.ResetKeyHealthRequest, context: Context, audit: AuditDraft
+    ) -> pb.ResetKeyHealthResponse:
         tenant = v.validate_tenant_name(request.tenant)
         key_id = v.validate_id(request.key_id, field="key_id")
+        audit.about(tenant, key_id, ("health",))
         await self._store.get_provider_key(tenant, key_id)  # NotFound for an unknown tenant or key
-        await self._reset_key_health(tenant, key_id)
+        await audit.write(lambda entry: self._reset_key_health(tenant, key_id, entry))
         log.info("reset the health of provider key %s of tenant %s", key_id, tenant)
         return pb.ResetKeyHealthResponse()
 
     @map_errors
     async def ListSidecars(self, request: pb.ListSidecarsRequest, context: Context) -> pb.ListSidecarsResponse:
         return pb.ListSidecarsResponse(sidecars=[_sidecar_info(i) for i in self._hub.cache.connected()])
+
+    @map_errors
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
+        return await list_audit_events(self._store, request)
 
 
 def _sidecar_info(info: SubscriberInfo) -> pb.SidecarInfo:

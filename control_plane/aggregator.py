@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from control_plane.hub import SnapshotHub
-from control_plane.store.base import Store
+from control_plane.store.base import AuditEntry, Store
 from keyplane import convert
 from keyplane.domain import ChangeRecord, HealthState, KeyHealth
 from keyplane.errors import NotFound
@@ -259,15 +259,16 @@ class HealthAggregator:
             return await self._store.put_key_health(record)
         return await self._store.put_provider_health(record)
 
-    async def reset_key(self, tenant: str, key_id: str) -> None:
+    async def reset_key(self, tenant: str, key_id: str, *, audit: AuditEntry | None = None) -> None:
         """Clear every learnt entry of one key: in the store (publishing
         HEALTHY for each, and always one for the key-wide scope, so that
         every sidecar drops its own findings about the key even when the
         store held nothing), in the book and in the pending transitions.
-        Raises what the store raises."""
+        ``audit`` (an admin reset) is recorded with the store write. Raises
+        what the store raises."""
         async with self._flush_lock:
             try:
-                for version in await self._store.clear_key_health(tenant, key_id):
+                for version in await self._store.clear_key_health(tenant, key_id, audit=audit):
                     self._remember_own(version)
                 book = self._books.get(tenant)
                 if book is not None:

@@ -5,7 +5,9 @@ listed as open) needs the admin token, the sidecar service needs one of the
 sidecar tokens, health and reflection are open. Tokens are compared in
 constant time and never echoed. The tenant scope of the sidecar token that
 authenticated the call reaches the servicer through ``current_sidecar_scope()``
-(a context variable set in the call's own task).
+(a context variable set in the call's own task); the identity of the admin
+caller (``admin-token:<id>``, plus `` cert:<subject>`` over mTLS; never the
+token) reaches it through ``current_caller()``, for the audit log.
 
 Two sources of tokens: the bootstrap ones from the token file or env (given
 at start, valid until a restart without them, never revocable through the
@@ -18,6 +20,7 @@ A stream opened with a managed sidecar token ends when it is revoked
 from __future__ import annotations
 
 import hmac
+import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ from keyplane.errors import KeyplaneError
 
 __all__ = [
     "ADMIN_SERVICE_PREFIX",
+    "BOOTSTRAP_ADMIN_ID",
     "BOOTSTRAP_TOKEN_ID",
     "OPEN_METHOD_PREFIXES",
     "SIDECAR_SERVICE_PREFIX",
@@ -42,6 +46,7 @@ __all__ = [
     "SidecarScope",
     "bearer_token",
     "client_certificate_subject",
+    "current_caller",
     "current_sidecar_scope",
 ]
 
@@ -53,8 +58,11 @@ OPEN_METHOD_PREFIXES = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 ALL_TENANTS = "*"
-# The id the token-file / env tokens go by (managed ids start with at_ / st_).
-BOOTSTRAP_TOKEN_ID = "bootstrap"
+# The id of the admin token given in the configuration (--admin-token-file).
+BOOTSTRAP_ADMIN_ID = "bootstrap"
+UNKNOWN_CALLER = "unknown"
+# Every bootstrap token (token file / env) goes by this id; managed ids start with at_ / st_.
+BOOTSTRAP_TOKEN_ID = BOOTSTRAP_ADMIN_ID
 _ADMIN_DENIED = "missing or invalid admin token"
 _SIDECAR_DENIED = "missing or invalid sidecar token"
 
@@ -91,6 +99,16 @@ _current_scope: ContextVar[SidecarScope | None] = ContextVar("keyplane_sidecar_s
 def current_sidecar_scope() -> SidecarScope | None:
     """The scope of the sidecar token that authenticated the current call."""
     return _current_scope.get()
+
+
+_current_caller: ContextVar[str] = ContextVar("keyplane_caller", default=UNKNOWN_CALLER)
+
+
+def current_caller() -> str:
+    """Who makes the current admin call, e.g. ``admin-token:bootstrap`` or
+    ``admin-token:bootstrap cert:CN=ops,O=acme``; ``unknown`` when the
+    service runs without the ``AuthInterceptor``."""
+    return _current_caller.get()
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -150,14 +168,16 @@ class Authenticator:
         return self.admin_identity(token) is not None
 
     def admin_identity(self, token: str | None) -> str | None:
-        """Who an admin token is: ``admin-token:bootstrap`` for the configured
-        one, ``admin-token:<id>`` for a managed one; None: not an admin."""
+        """``admin-token:<id>`` for an admin token: ``bootstrap`` for the
+        configured one, the managed token's id for one created through the
+        API; None when ``token`` is not one. The one place that decides who
+        an admin is; the identity never contains the token."""
         if token is None:
             return None
         bootstrap = hmac.compare_digest(token.encode(), self._admin)
         managed = self._registry.find(TokenKind.ADMIN, token) if self._registry is not None else None
         if bootstrap:
-            return f"admin-token:{BOOTSTRAP_TOKEN_ID}"
+            return f"admin-token:{BOOTSTRAP_ADMIN_ID}"
         if managed is not None:
             return f"admin-token:{managed.id}"
         return None
@@ -218,6 +238,28 @@ class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
             if scope.token_id is not None and self._auth.registry is not None:
                 return end_on_revocation(handler, self._auth.registry, scope.token_id)
             return handler
-        if not self._auth.is_admin(token):
+        identity = self._auth.admin_identity(token)
+        if identity is None:
             return _denying_handler(handler, grpc.StatusCode.UNAUTHENTICATED, _ADMIN_DENIED)
+        _current_caller.set(identity)
+        return _with_certificate_subject(handler, identity)
+
+
+def _with_certificate_subject(
+    handler: grpc.RpcMethodHandler[Any, Any], identity: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler``, first adding the client certificate's subject (mTLS) to
+    the caller's identity: the interceptor has no ``context`` to read it
+    from, the handler does (at its start). Unary-unary handlers only (every
+    admin method); others keep the token identity alone."""
+    behaviour: Any = handler.unary_unary
+    if handler.request_streaming or handler.response_streaming or not inspect.iscoroutinefunction(behaviour):
         return handler
+
+    async def call(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        subject = client_certificate_subject(context)
+        if subject:
+            _current_caller.set(f"{identity} cert:{subject}")
+        return await behaviour(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(call, handler.request_deserializer, handler.response_serializer)

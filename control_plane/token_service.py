@@ -4,7 +4,10 @@
 service; they live here to keep it small). A token is ``kpa-`` (admin) or
 ``kps-`` (sidecar) and 43 URL-safe characters (32 random bytes); Create
 returns it once, the store keeps its SHA-256 and its first 10 characters.
-Each write goes through the store (one change row) and is then followed by
+Each write is audited like every admin write (resource kind
+``admin_token`` / ``sidecar_token``, tenant "", the token's fingerprint on
+create, never the token) and goes through the store (one change row) and is
+then followed by
 the hub, which updates the token registry the Authenticator consults: on
 this replica before the RPC answers, on the others through the change log.
 
@@ -24,11 +27,13 @@ from typing import Any
 from grpc import aio
 
 from control_plane import validation as v
+from control_plane.audit import AuditDraft, audited
 from control_plane.auth import BOOTSTRAP_TOKEN_ID
 from control_plane.status import map_errors
 from control_plane.store.base import Store
 from control_plane.token_registry import token_sha256
 from keyplane import convert
+from keyplane.crypto import fingerprint
 from keyplane.domain import AccessToken, TokenKind
 from keyplane.errors import InvalidArgument
 from keyplane.ids import ADMIN_TOKEN_PREFIX, SIDECAR_TOKEN_PREFIX, new_id
@@ -137,7 +142,7 @@ class TokenAdminMixin:
     async def _publish(self) -> None: ...  # AdminService's: the hub catches up
 
     async def _create_token(
-        self, kind: TokenKind, label: str, tenants: tuple[str, ...] | None
+        self, kind: TokenKind, label: str, tenants: tuple[str, ...] | None, audit: AuditDraft
     ) -> tuple[AccessToken, str]:
         value = new_token(kind)
         token = AccessToken(
@@ -149,24 +154,31 @@ class TokenAdminMixin:
             tenants=tenants,
             created_at=self._clock(),
         )
-        created = await self._store.create_token(token)
+        fields = ("label",) if kind is TokenKind.ADMIN else ("label", "tenants")
+        audit.about("", token.id, fields, fingerprint(value))
+        created = await audit.write(lambda entry: self._store.create_token(token, audit=entry))
         await self._publish()  # the registry knows it before the caller does
         log.info("created %s token %s (%s)", kind.value, created.id, label)
         return created, value
 
-    async def _revoke_token(self, kind: TokenKind, token_id: str, etag: str) -> AccessToken:
+    async def _revoke_token(self, kind: TokenKind, token_id: str, etag: str, audit: AuditDraft) -> AccessToken:
         token_id = _token_id(token_id, kind)
-        revoked = await self._store.revoke_token(kind, token_id, self._clock(), expected_revision=_revision(etag))
+        audit.about("", token_id, ("revoke_time",))
+        expected, now = _revision(etag), self._clock()
+        revoked = await audit.write(
+            lambda entry: self._store.revoke_token(kind, token_id, now, expected_revision=expected, audit=entry)
+        )
         await self._publish()  # refused on this replica before the RPC answers
         log.info("revoked %s token %s", kind.value, token_id)
         return revoked
 
     # admin tokens ------------------------------------------------------------------
     @map_errors
+    @audited("admin_token")
     async def CreateAdminToken(
-        self, request: pb.CreateAdminTokenRequest, context: Context
+        self, request: pb.CreateAdminTokenRequest, context: Context, audit: AuditDraft
     ) -> pb.CreateAdminTokenResponse:
-        created, value = await self._create_token(TokenKind.ADMIN, v.validate_label(request.label), None)
+        created, value = await self._create_token(TokenKind.ADMIN, v.validate_label(request.label), None, audit)
         return pb.CreateAdminTokenResponse(admin_token=admin_token_to_proto(created), token=value)
 
     @map_errors
@@ -175,20 +187,22 @@ class TokenAdminMixin:
         return pb.ListAdminTokensResponse(admin_tokens=[admin_token_to_proto(t) for t in tokens])
 
     @map_errors
+    @audited("admin_token")
     async def RevokeAdminToken(
-        self, request: pb.RevokeAdminTokenRequest, context: Context
+        self, request: pb.RevokeAdminTokenRequest, context: Context, audit: AuditDraft
     ) -> pb.RevokeAdminTokenResponse:
-        revoked = await self._revoke_token(TokenKind.ADMIN, request.id, request.etag)
+        revoked = await self._revoke_token(TokenKind.ADMIN, request.id, request.etag, audit)
         return pb.RevokeAdminTokenResponse(admin_token=admin_token_to_proto(revoked))
 
     # sidecar tokens ------------------------------------------------------------------
     @map_errors
+    @audited("sidecar_token")
     async def CreateSidecarToken(
-        self, request: pb.CreateSidecarTokenRequest, context: Context
+        self, request: pb.CreateSidecarTokenRequest, context: Context, audit: AuditDraft
     ) -> pb.CreateSidecarTokenResponse:
         label = v.validate_label(request.label)
         tenants = _scope(list(request.tenants), request.all_tenants)
-        created, value = await self._create_token(TokenKind.SIDECAR, label, tenants)
+        created, value = await self._create_token(TokenKind.SIDECAR, label, tenants, audit)
         return pb.CreateSidecarTokenResponse(sidecar_token=sidecar_token_to_proto(created), token=value)
 
     @map_errors
@@ -199,8 +213,9 @@ class TokenAdminMixin:
         return pb.ListSidecarTokensResponse(sidecar_tokens=[sidecar_token_to_proto(t) for t in tokens])
 
     @map_errors
+    @audited("sidecar_token")
     async def RevokeSidecarToken(
-        self, request: pb.RevokeSidecarTokenRequest, context: Context
+        self, request: pb.RevokeSidecarTokenRequest, context: Context, audit: AuditDraft
     ) -> pb.RevokeSidecarTokenResponse:
-        revoked = await self._revoke_token(TokenKind.SIDECAR, request.id, request.etag)
+        revoked = await self._revoke_token(TokenKind.SIDECAR, request.id, request.etag, audit)
         return pb.RevokeSidecarTokenResponse(sidecar_token=sidecar_token_to_proto(revoked))

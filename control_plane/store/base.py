@@ -47,7 +47,16 @@ from keyplane.domain import (
     TokenKind,
 )
 
-__all__ = ["ChangeListener", "ProviderKeyUpdate", "RouteUpdate", "SealedSecret", "Store"]
+__all__ = [
+    "AuditEntry",
+    "AuditEvent",
+    "AuditQuery",
+    "ChangeListener",
+    "ProviderKeyUpdate",
+    "RouteUpdate",
+    "SealedSecret",
+    "Store",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +125,53 @@ class RouteUpdate:
         return columns
 
 
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One admin write as the audit log records it: who (``caller``, an
+    identity such as ``admin-token:bootstrap``, never a token), what (RPC
+    ``method``, the resource, the names of the changed ``fields``, the new
+    secret's ``fingerprint`` for a key creation or rotation; never a value
+    or a secret), when, and the ``result`` ("ok" or a gRPC status name).
+
+    The store writes it in the same transaction as the change it describes
+    (a write method's ``audit=`` argument), so a change without its audit
+    row cannot commit; ``append_audit`` writes one on its own (a failed
+    attempt, which has no transaction to join)."""
+
+    time: datetime
+    caller: str
+    method: str
+    tenant: str
+    resource_kind: str
+    resource_id: str
+    fields: tuple[str, ...] = ()
+    fingerprint: str = ""
+    result: str = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """A stored ``AuditEntry`` with its id (larger ids were written later)."""
+
+    id: int
+    entry: AuditEntry
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """A page of the audit log, newest first: events with id < ``before_id``
+    (None: from the newest), matching every filter given, at most ``limit``.
+    ``start`` is inclusive, ``end`` exclusive."""
+
+    limit: int
+    before_id: int | None = None
+    tenant: str | None = None
+    resource_kind: str | None = None
+    resource_id: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+
 # Called with the newest version after another process wrote a change.
 ChangeListener = Callable[[int], Awaitable[None]]
 
@@ -127,17 +183,17 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     # tenants ---------------------------------------------------------------
-    async def create_tenant(self, tenant: Tenant) -> Tenant: ...
+    async def create_tenant(self, tenant: Tenant, *, audit: AuditEntry | None = None) -> Tenant: ...
 
     async def get_tenant(self, name: str) -> Tenant: ...
 
     async def list_tenants(self) -> list[Tenant]: ...
 
-    async def delete_tenant(self, name: str) -> None:
+    async def delete_tenant(self, name: str, *, audit: AuditEntry | None = None) -> None:
         """Delete the tenant and everything it owns; logs one TENANT/DELETE change."""
 
     # provider keys ---------------------------------------------------------
-    async def create_provider_key(self, key: ProviderKey) -> ProviderKey: ...
+    async def create_provider_key(self, key: ProviderKey, *, audit: AuditEntry | None = None) -> ProviderKey: ...
 
     async def get_provider_key(self, tenant: str, key_id: str) -> ProviderKey: ...
 
@@ -145,36 +201,48 @@ class Store(Protocol):
         """Keys of one tenant ordered by creation; NotFound if no such tenant."""
 
     async def update_provider_key(
-        self, tenant: str, key_id: str, update: ProviderKeyUpdate, *, expected_revision: int | None = None
+        self,
+        tenant: str,
+        key_id: str,
+        update: ProviderKeyUpdate,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
     ) -> ProviderKey:
         """Write the columns ``update`` names, ``revision + 1``, and nothing
         else; returns the key as stored. With ``expected_revision``: Aborted
         unless the key's revision is still that (compare-and-set)."""
 
-    async def delete_provider_key(self, tenant: str, key_id: str) -> None: ...
+    async def delete_provider_key(self, tenant: str, key_id: str, *, audit: AuditEntry | None = None) -> None: ...
 
     # routes ----------------------------------------------------------------
-    async def create_route(self, route: Route) -> Route: ...
+    async def create_route(self, route: Route, *, audit: AuditEntry | None = None) -> Route: ...
 
     async def get_route(self, tenant: str, route_id: str) -> Route: ...
 
     async def list_routes(self, tenant: str) -> list[Route]: ...
 
     async def update_route(
-        self, tenant: str, route_id: str, update: RouteUpdate, *, expected_revision: int | None = None
+        self,
+        tenant: str,
+        route_id: str,
+        update: RouteUpdate,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
     ) -> Route:
         """Like ``update_provider_key``: only the named columns, revision + 1."""
 
-    async def delete_route(self, tenant: str, route_id: str) -> None: ...
+    async def delete_route(self, tenant: str, route_id: str, *, audit: AuditEntry | None = None) -> None: ...
 
     # client keys -----------------------------------------------------------
-    async def create_client_key(self, client_key: ClientKey) -> ClientKey: ...
+    async def create_client_key(self, client_key: ClientKey, *, audit: AuditEntry | None = None) -> ClientKey: ...
 
     async def get_client_key(self, tenant: str, client_key_id: str) -> ClientKey: ...
 
     async def list_client_keys(self, tenant: str) -> list[ClientKey]: ...
 
-    async def delete_client_key(self, tenant: str, client_key_id: str) -> None: ...
+    async def delete_client_key(self, tenant: str, client_key_id: str, *, audit: AuditEntry | None = None) -> None: ...
 
     # learnt health ---------------------------------------------------------
     # Written by the control plane when health *changes* (never per request).
@@ -195,7 +263,7 @@ class Store(Protocol):
     async def list_key_health(self, tenant: str) -> list[KeyHealth]:
         """Non-healthy entries of a tenant ordered by key id then model; NotFound if no such tenant."""
 
-    async def clear_key_health(self, tenant: str, key_id: str) -> list[int]:
+    async def clear_key_health(self, tenant: str, key_id: str, *, audit: AuditEntry | None = None) -> list[int]:
         """Delete every entry of one key (key-wide and per model) and log the
         reset: one change row (op DELETE) for the key-wide entry whether or
         not it existed, then one per deleted per-model entry, in model order;
@@ -217,7 +285,7 @@ class Store(Protocol):
     # ADMIN_TOKEN / SIDECAR_TOKEN, op PUT, the token id, and tenant "". Only
     # the SHA-256 of a token is stored. Tokens are never deleted: a revoked
     # one stays listed with its ``revoked_at``.
-    async def create_token(self, token: AccessToken) -> AccessToken:
+    async def create_token(self, token: AccessToken, *, audit: AuditEntry | None = None) -> AccessToken:
         """AlreadyExists for a taken id (or, never in practice, token hash)."""
 
     async def get_token(self, kind: TokenKind, token_id: str) -> AccessToken:
@@ -227,11 +295,17 @@ class Store(Protocol):
         """Every token of one kind, revoked ones included, ordered by creation."""
 
     async def revoke_token(
-        self, kind: TokenKind, token_id: str, revoked_at: datetime, *, expected_revision: int | None = None
+        self,
+        kind: TokenKind,
+        token_id: str,
+        revoked_at: datetime,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
     ) -> AccessToken:
         """Set ``revoked_at`` and ``revision + 1`` and log the change; returns
         the token as stored. Revoking a revoked token changes and logs nothing
-        and returns it as it is. With ``expected_revision``: Aborted unless
+        (its audit event is still written) and returns it as it is. With ``expected_revision``: Aborted unless
         the token's revision is still that."""
 
     # change log ------------------------------------------------------------
@@ -244,3 +318,15 @@ class Store(Protocol):
     async def listen_changes(self, listener: ChangeListener) -> None:
         """Call ``listener`` whenever another process writes (Postgres
         LISTEN/NOTIFY). The SQLite store has one writer and may do nothing."""
+
+    # audit log -------------------------------------------------------------
+    # Every write method above except the learnt-health ones the aggregator
+    # calls takes ``audit``: written in the write's own transaction, before
+    # its change-log row; if it cannot be written the write fails and leaves
+    # nothing behind.
+    async def append_audit(self, entry: AuditEntry) -> int:
+        """Write one audit event in its own transaction (a failed attempt);
+        returns its id."""
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        """Events matching ``query``, newest (largest id) first."""

@@ -24,8 +24,15 @@ from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 
-from control_plane.store import _codec
-from control_plane.store.base import ChangeListener, ProviderKeyUpdate, RouteUpdate
+from control_plane.store import _audit, _codec
+from control_plane.store.base import (
+    AuditEntry,
+    AuditEvent,
+    AuditQuery,
+    ChangeListener,
+    ProviderKeyUpdate,
+    RouteUpdate,
+)
 from control_plane.store.migrations import Migration, pending
 from keyplane.domain import (
     AccessToken,
@@ -154,8 +161,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE client_keys ADD COLUMN revision bigint NOT NULL DEFAULT 1",
         ),
     ),
-    # Placeholder for the audit log (another branch); replaced by it on merge.
-    Migration(4, "reserved (audit log)", ()),
+    Migration(
+        4,
+        "audit log of admin writes",
+        (
+            # No foreign keys: the record of a tenant outlives the tenant.
+            """CREATE TABLE audit_events (
+                id bigint GENERATED ALWAYS AS IDENTITY CONSTRAINT audit_events_pkey PRIMARY KEY,
+                event_time timestamptz NOT NULL,
+                caller text NOT NULL CONSTRAINT audit_events_caller_check CHECK (caller <> ''),
+                method text NOT NULL CONSTRAINT audit_events_method_check CHECK (method <> ''),
+                tenant text NOT NULL,
+                resource_kind text NOT NULL,
+                resource_id text NOT NULL,
+                fields jsonb NOT NULL,
+                fingerprint text NOT NULL,
+                result text NOT NULL CONSTRAINT audit_events_result_check CHECK (result <> '')
+            )""",
+            "CREATE INDEX audit_events_by_time ON audit_events (event_time, id)",
+            "CREATE INDEX audit_events_by_tenant ON audit_events (tenant, id)",
+            "CREATE INDEX audit_events_by_resource ON audit_events (resource_id, id)",
+            "CREATE INDEX audit_events_by_kind ON audit_events (resource_kind, id)",
+        ),
+    ),
     Migration(
         5,
         "admin and sidecar tokens managed through the API",
@@ -471,6 +499,20 @@ class PostgresStore:
         )
         return int(version)
 
+    @staticmethod
+    async def _audit(conn: asyncpg.Connection, entry: AuditEntry | None) -> int | None:
+        """Write the audit row of the write in progress (none when None),
+        before its change-log row; an error here fails the write: the
+        transaction rolls back."""
+        if entry is None:
+            return None
+        audit_id = await conn.fetchval(
+            f"INSERT INTO audit_events ({_audit.INSERT_COLUMNS}) "  # noqa: S608
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+            *_audit.insert_values(entry, _codec.utc(entry.time, "time")),
+        )
+        return int(audit_id)
+
     async def _list(self, table: str, columns: str, tenant: str) -> list[asyncpg.Record]:
         async with self._connection() as conn:
             if await conn.fetchval("SELECT 1 FROM tenants WHERE name = $1", tenant) is None:
@@ -492,7 +534,9 @@ class PostgresStore:
             raise _codec.not_found(table, tenant, entity_id)
         return row
 
-    async def _delete(self, table: str, kind: EntityKind, tenant: str, entity_id: str) -> None:
+    async def _delete(
+        self, table: str, kind: EntityKind, tenant: str, entity_id: str, audit: AuditEntry | None
+    ) -> None:
         async with self._transaction() as conn:
             status = await conn.execute(
                 f"DELETE FROM {table} WHERE tenant = $1 AND id = $2",  # noqa: S608
@@ -501,6 +545,7 @@ class PostgresStore:
             )
             if status == "DELETE 0":
                 raise _codec.not_found(table, tenant, entity_id)
+            await self._audit(conn, audit)
             await self._log(conn, tenant, kind, entity_id, ChangeOp.DELETE)
 
     # lifecycle ---------------------------------------------------------------
@@ -554,7 +599,7 @@ class PostgresStore:
 
     # tenants -----------------------------------------------------------------
 
-    async def create_tenant(self, tenant: Tenant) -> Tenant:
+    async def create_tenant(self, tenant: Tenant, *, audit: AuditEntry | None = None) -> Tenant:
         tenant = replace(tenant, created_at=_codec.utc(tenant.created_at, "created_at"), revision=1)
         async with self._transaction() as conn:
             try:
@@ -566,6 +611,7 @@ class PostgresStore:
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise _conflict(exc, tenant.name, {"name": tenant.name}) from None
+            await self._audit(conn, audit)
             await self._log(conn, tenant.name, EntityKind.TENANT, tenant.name, ChangeOp.PUT)
         return tenant
 
@@ -581,15 +627,16 @@ class PostgresStore:
             rows = await conn.fetch(f"SELECT {_TENANT_COLUMNS} FROM tenants ORDER BY created_at, name")  # noqa: S608
         return [_tenant_from_row(r) for r in rows]
 
-    async def delete_tenant(self, name: str) -> None:
+    async def delete_tenant(self, name: str, *, audit: AuditEntry | None = None) -> None:
         async with self._transaction() as conn:
             if await conn.execute("DELETE FROM tenants WHERE name = $1", name) == "DELETE 0":
                 raise _codec.tenant_not_found(name)
+            await self._audit(conn, audit)
             await self._log(conn, name, EntityKind.TENANT, name, ChangeOp.DELETE)
 
     # provider keys -----------------------------------------------------------
 
-    async def create_provider_key(self, key: ProviderKey) -> ProviderKey:
+    async def create_provider_key(self, key: ProviderKey, *, audit: AuditEntry | None = None) -> ProviderKey:
         key = replace(
             key,
             created_at=_codec.utc(key.created_at, "created_at"),
@@ -618,6 +665,7 @@ class PostgresStore:
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise _conflict(exc, key.tenant, {"id": key.id, "label": key.label}) from None
+            await self._audit(conn, audit)
             await self._log(conn, key.tenant, EntityKind.PROVIDER_KEY, key.id, ChangeOp.PUT)
         return key
 
@@ -636,6 +684,7 @@ class PostgresStore:
         entity_id: str,
         values: dict[str, Any],
         expected_revision: int | None,
+        audit: AuditEntry | None,
     ) -> asyncpg.Record:
         """Write the named columns and ``revision + 1`` in one statement,
         conditional on ``expected_revision`` when given; log the change.
@@ -672,11 +721,18 @@ class PostgresStore:
                 if current is None or expected_revision is None:
                     raise _codec.not_found(table, tenant, entity_id)
                 raise _codec.stale(table, tenant, entity_id, expected_revision, int(current))
+            await self._audit(conn, audit)
             await self._log(conn, tenant, kind, entity_id, ChangeOp.PUT)
         return row
 
     async def update_provider_key(
-        self, tenant: str, key_id: str, update: ProviderKeyUpdate, *, expected_revision: int | None = None
+        self,
+        tenant: str,
+        key_id: str,
+        update: ProviderKeyUpdate,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
     ) -> ProviderKey:
         row = await self._update(
             "provider_keys",
@@ -686,15 +742,16 @@ class PostgresStore:
             key_id,
             update.columns(),
             expected_revision,
+            audit,
         )
         return _key_from_row(row)
 
-    async def delete_provider_key(self, tenant: str, key_id: str) -> None:
-        await self._delete("provider_keys", EntityKind.PROVIDER_KEY, tenant, key_id)
+    async def delete_provider_key(self, tenant: str, key_id: str, *, audit: AuditEntry | None = None) -> None:
+        await self._delete("provider_keys", EntityKind.PROVIDER_KEY, tenant, key_id, audit)
 
     # routes ------------------------------------------------------------------
 
-    async def create_route(self, route: Route) -> Route:
+    async def create_route(self, route: Route, *, audit: AuditEntry | None = None) -> Route:
         route = replace(
             route,
             created_at=_codec.utc(route.created_at, "created_at"),
@@ -715,6 +772,7 @@ class PostgresStore:
                 )
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise _conflict(exc, route.tenant, {"id": route.id, "public_model": route.public_model}) from None
+            await self._audit(conn, audit)
             await self._log(conn, route.tenant, EntityKind.ROUTE, route.id, ChangeOp.PUT)
         return route
 
@@ -725,19 +783,25 @@ class PostgresStore:
         return [_route_from_row(r) for r in await self._list("routes", _ROUTE_COLUMNS, tenant)]
 
     async def update_route(
-        self, tenant: str, route_id: str, update: RouteUpdate, *, expected_revision: int | None = None
+        self,
+        tenant: str,
+        route_id: str,
+        update: RouteUpdate,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
     ) -> Route:
         row = await self._update(
-            "routes", _ROUTE_COLUMNS, EntityKind.ROUTE, tenant, route_id, update.columns(), expected_revision
+            "routes", _ROUTE_COLUMNS, EntityKind.ROUTE, tenant, route_id, update.columns(), expected_revision, audit
         )
         return _route_from_row(row)
 
-    async def delete_route(self, tenant: str, route_id: str) -> None:
-        await self._delete("routes", EntityKind.ROUTE, tenant, route_id)
+    async def delete_route(self, tenant: str, route_id: str, *, audit: AuditEntry | None = None) -> None:
+        await self._delete("routes", EntityKind.ROUTE, tenant, route_id, audit)
 
     # client keys -------------------------------------------------------------
 
-    async def create_client_key(self, client_key: ClientKey) -> ClientKey:
+    async def create_client_key(self, client_key: ClientKey, *, audit: AuditEntry | None = None) -> ClientKey:
         client_key = replace(client_key, created_at=_codec.utc(client_key.created_at, "created_at"), revision=1)
         async with self._transaction() as conn:
             try:
@@ -754,6 +818,7 @@ class PostgresStore:
             except asyncpg.IntegrityConstraintViolationError as exc:
                 values = {"id": client_key.id, "label": client_key.label}
                 raise _conflict(exc, client_key.tenant, values) from None
+            await self._audit(conn, audit)
             await self._log(conn, client_key.tenant, EntityKind.CLIENT_KEY, client_key.id, ChangeOp.PUT)
         return client_key
 
@@ -763,8 +828,8 @@ class PostgresStore:
     async def list_client_keys(self, tenant: str) -> list[ClientKey]:
         return [_client_key_from_row(r) for r in await self._list("client_keys", _CLIENT_KEY_COLUMNS, tenant)]
 
-    async def delete_client_key(self, tenant: str, client_key_id: str) -> None:
-        await self._delete("client_keys", EntityKind.CLIENT_KEY, tenant, client_key_id)
+    async def delete_client_key(self, tenant: str, client_key_id: str, *, audit: AuditEntry | None = None) -> None:
+        await self._delete("client_keys", EntityKind.CLIENT_KEY, tenant, client_key_id, audit)
 
     # learnt health -----------------------------------------------------------
 
@@ -830,12 +895,13 @@ class PostgresStore:
             )
         return [_key_health_from_row(r) for r in rows]
 
-    async def clear_key_health(self, tenant: str, key_id: str) -> list[int]:
+    async def clear_key_health(self, tenant: str, key_id: str, *, audit: AuditEntry | None = None) -> list[int]:
         async with self._transaction() as conn:
             await self._require_key(conn, tenant, key_id)
             rows = await conn.fetch(
                 "DELETE FROM key_health WHERE tenant = $1 AND key_id = $2 RETURNING model", tenant, key_id
             )
+            await self._audit(conn, audit)
             return [
                 await self._log(
                     conn, tenant, EntityKind.KEY_HEALTH, key_health_entity_id(key_id, model), ChangeOp.DELETE
@@ -904,7 +970,7 @@ class PostgresStore:
 
     # API tokens --------------------------------------------------------------
 
-    async def create_token(self, token: AccessToken) -> AccessToken:
+    async def create_token(self, token: AccessToken, *, audit: AuditEntry | None = None) -> AccessToken:
         token = replace(token, created_at=_codec.utc(token.created_at, "created_at"), revision=1)
         revoked_at = None if token.revoked_at is None else _codec.utc(token.revoked_at, "revoked_at")
         async with self._transaction() as conn:
@@ -924,6 +990,7 @@ class PostgresStore:
                 )
             except asyncpg.UniqueViolationError:
                 raise AlreadyExists(f"{token.kind.value} token {token.id!r} already exists") from None
+            await self._audit(conn, audit)
             await self._log(conn, "", token.kind.entity_kind, token.id, ChangeOp.PUT)
         return token
 
@@ -947,7 +1014,13 @@ class PostgresStore:
         return [_token_from_row(r) for r in rows]
 
     async def revoke_token(
-        self, kind: TokenKind, token_id: str, revoked_at: datetime, *, expected_revision: int | None = None
+        self,
+        kind: TokenKind,
+        token_id: str,
+        revoked_at: datetime,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
     ) -> AccessToken:
         condition = "" if expected_revision is None else " AND revision = $4"
         params: list[Any] = [_codec.utc(revoked_at, "revoked_at"), kind.value, token_id]
@@ -960,6 +1033,7 @@ class PostgresStore:
                 *params,
             )
             if row is not None:
+                await self._audit(conn, audit)
                 await self._log(conn, "", kind.entity_kind, token_id, ChangeOp.PUT)
                 return _token_from_row(row)
             current = await conn.fetchrow(
@@ -967,11 +1041,12 @@ class PostgresStore:
                 kind.value,
                 token_id,
             )
-        if current is None:
-            raise _codec.token_not_found(kind, token_id)
-        if expected_revision is not None and current["revision"] != expected_revision:
-            raise _codec.token_stale(kind, token_id, expected_revision, int(current["revision"]))
-        return _token_from_row(current)  # already revoked: nothing to do
+            if current is None:
+                raise _codec.token_not_found(kind, token_id)
+            if expected_revision is not None and current["revision"] != expected_revision:
+                raise _codec.token_stale(kind, token_id, expected_revision, int(current["revision"]))
+            await self._audit(conn, audit)  # already revoked: nothing else to do
+        return _token_from_row(current)
 
     # change log --------------------------------------------------------------
 
@@ -998,6 +1073,46 @@ class PostgresStore:
                 entity_id=r["entity_id"],
                 op=ChangeOp(r["op"]),
                 created_at=r["created_at"],
+            )
+            for r in rows
+        ]
+
+    # audit log ---------------------------------------------------------------
+
+    async def append_audit(self, entry: AuditEntry) -> int:
+        async with self._transaction() as conn:
+            audit_id = await self._audit(conn, entry)
+        assert audit_id is not None
+        return audit_id
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        params: list[Any] = []
+
+        def param(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        where = _audit.where(query, param, _codec.utc)
+        limit = param(max(query.limit, 0))
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_audit.COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT {limit}",  # noqa: S608
+                *params,
+            )
+        return [
+            AuditEvent(
+                id=int(r["id"]),
+                entry=AuditEntry(
+                    time=r["event_time"],
+                    caller=r["caller"],
+                    method=r["method"],
+                    tenant=r["tenant"],
+                    resource_kind=r["resource_kind"],
+                    resource_id=r["resource_id"],
+                    fields=_audit.fields_from_json(r["fields"]),
+                    fingerprint=r["fingerprint"],
+                    result=r["result"],
+                ),
             )
             for r in rows
         ]

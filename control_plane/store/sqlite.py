@@ -22,8 +22,15 @@ from typing import Any
 
 import aiosqlite
 
-from control_plane.store import _codec
-from control_plane.store.base import ChangeListener, ProviderKeyUpdate, RouteUpdate
+from control_plane.store import _audit, _codec
+from control_plane.store.base import (
+    AuditEntry,
+    AuditEvent,
+    AuditQuery,
+    ChangeListener,
+    ProviderKeyUpdate,
+    RouteUpdate,
+)
 from control_plane.store.migrations import Migration, pending
 from keyplane.domain import (
     AccessToken,
@@ -142,8 +149,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE client_keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
         ),
     ),
-    # Placeholder for the audit log (another branch); replaced by it on merge.
-    Migration(4, "reserved (audit log)", ()),
+    Migration(
+        4,
+        "audit log of admin writes",
+        (
+            # No foreign keys: the record of a tenant outlives the tenant.
+            """CREATE TABLE audit_events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                event_time TEXT NOT NULL,
+                caller TEXT NOT NULL CHECK (caller <> ''),
+                method TEXT NOT NULL CHECK (method <> ''),
+                tenant TEXT NOT NULL,
+                resource_kind TEXT NOT NULL,
+                resource_id TEXT NOT NULL,
+                fields TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                result TEXT NOT NULL CHECK (result <> '')
+            )""",
+            "CREATE INDEX audit_events_by_time ON audit_events (event_time, id)",
+            "CREATE INDEX audit_events_by_tenant ON audit_events (tenant, id)",
+            "CREATE INDEX audit_events_by_resource ON audit_events (resource_id, id)",
+            "CREATE INDEX audit_events_by_kind ON audit_events (resource_kind, id)",
+        ),
+    ),
     Migration(
         5,
         "admin and sidecar tokens managed through the API",
@@ -437,6 +465,17 @@ class SqliteStore:
         assert version is not None
         return version
 
+    async def _audit(self, conn: aiosqlite.Connection, entry: AuditEntry | None) -> int | None:
+        """Write the audit row of the write in progress (none when None); an
+        error here fails the write: the transaction rolls back."""
+        if entry is None:
+            return None
+        async with conn.execute(
+            f"INSERT INTO audit_events ({_audit.INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+            _audit.insert_values(entry, _ts(entry.time, "time")),
+        ) as cursor:
+            return cursor.lastrowid
+
     async def _require_tenant(self, conn: aiosqlite.Connection, tenant: str) -> None:
         if await self._fetchone(conn, "SELECT 1 FROM tenants WHERE name = ?", (tenant,)) is None:
             raise _codec.tenant_not_found(tenant)
@@ -461,7 +500,9 @@ class SqliteStore:
             raise _codec.not_found(table, tenant, entity_id)
         return row
 
-    async def _delete(self, table: str, kind: EntityKind, tenant: str, entity_id: str) -> None:
+    async def _delete(
+        self, table: str, kind: EntityKind, tenant: str, entity_id: str, audit: AuditEntry | None
+    ) -> None:
         async with self._transaction() as conn:
             deleted = await self._execute(
                 conn,
@@ -470,6 +511,7 @@ class SqliteStore:
             )
             if deleted == 0:
                 raise _codec.not_found(table, tenant, entity_id)
+            await self._audit(conn, audit)
             await self._log(conn, tenant, kind, entity_id, ChangeOp.DELETE)
 
     # lifecycle ---------------------------------------------------------------
@@ -498,7 +540,7 @@ class SqliteStore:
 
     # tenants -----------------------------------------------------------------
 
-    async def create_tenant(self, tenant: Tenant) -> Tenant:
+    async def create_tenant(self, tenant: Tenant, *, audit: AuditEntry | None = None) -> Tenant:
         tenant = replace(tenant, created_at=_codec.utc(tenant.created_at, "created_at"), revision=1)
         async with self._transaction() as conn:
             try:
@@ -509,6 +551,7 @@ class SqliteStore:
                 )
             except sqlite3.IntegrityError as exc:
                 raise _conflict(exc, "tenants", tenant.name, {"name": tenant.name}) from None
+            await self._audit(conn, audit)
             await self._log(conn, tenant.name, EntityKind.TENANT, tenant.name, ChangeOp.PUT)
         return tenant
 
@@ -528,15 +571,16 @@ class SqliteStore:
             )
         return [_tenant_from_row(r) for r in rows]
 
-    async def delete_tenant(self, name: str) -> None:
+    async def delete_tenant(self, name: str, *, audit: AuditEntry | None = None) -> None:
         async with self._transaction() as conn:
             if await self._execute(conn, "DELETE FROM tenants WHERE name = ?", (name,)) == 0:
                 raise _codec.tenant_not_found(name)
+            await self._audit(conn, audit)
             await self._log(conn, name, EntityKind.TENANT, name, ChangeOp.DELETE)
 
     # provider keys -----------------------------------------------------------
 
-    async def create_provider_key(self, key: ProviderKey) -> ProviderKey:
+    async def create_provider_key(self, key: ProviderKey, *, audit: AuditEntry | None = None) -> ProviderKey:
         key = replace(
             key,
             created_at=_codec.utc(key.created_at, "created_at"),
@@ -567,6 +611,7 @@ class SqliteStore:
                 )
             except sqlite3.IntegrityError as exc:
                 raise _conflict(exc, "provider_keys", key.tenant, {"id": key.id, "label": key.label}) from None
+            await self._audit(conn, audit)
             await self._log(conn, key.tenant, EntityKind.PROVIDER_KEY, key.id, ChangeOp.PUT)
         return key
 
@@ -585,6 +630,7 @@ class SqliteStore:
         entity_id: str,
         values: dict[str, Any],
         expected_revision: int | None,
+        audit: AuditEntry | None,
     ) -> sqlite3.Row:
         """Write the named columns and ``revision + 1`` in one statement,
         conditional on ``expected_revision`` when given; log the change."""
@@ -616,11 +662,18 @@ class SqliteStore:
                 if current is None or expected_revision is None:
                     raise _codec.not_found(table, tenant, entity_id)
                 raise _codec.stale(table, tenant, entity_id, expected_revision, current["revision"])
+            await self._audit(conn, audit)
             await self._log(conn, tenant, kind, entity_id, ChangeOp.PUT)
         return row
 
     async def update_provider_key(
-        self, tenant: str, key_id: str, update: ProviderKeyUpdate, *, expected_revision: int | None = None
+        self,
+        tenant: str,
+        key_id: str,
+        update: ProviderKeyUpdate,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
     ) -> ProviderKey:
         row = await self._update(
             "provider_keys",
@@ -630,15 +683,16 @@ class SqliteStore:
             key_id,
             update.columns(),
             expected_revision,
+            audit,
         )
         return _key_from_row(row)
 
-    async def delete_provider_key(self, tenant: str, key_id: str) -> None:
-        await self._delete("provider_keys", EntityKind.PROVIDER_KEY, tenant, key_id)
+    async def delete_provider_key(self, tenant: str, key_id: str, *, audit: AuditEntry | None = None) -> None:
+        await self._delete("provider_keys", EntityKind.PROVIDER_KEY, tenant, key_id, audit)
 
     # routes ------------------------------------------------------------------
 
-    async def create_route(self, route: Route) -> Route:
+    async def create_route(self, route: Route, *, audit: AuditEntry | None = None) -> Route:
         route = replace(
             route,
             created_at=_codec.utc(route.created_at, "created_at"),
@@ -663,6 +717,7 @@ class SqliteStore:
             except sqlite3.IntegrityError as exc:
                 values = {"id": route.id, "public_model": route.public_model}
                 raise _conflict(exc, "routes", route.tenant, values) from None
+            await self._audit(conn, audit)
             await self._log(conn, route.tenant, EntityKind.ROUTE, route.id, ChangeOp.PUT)
         return route
 
@@ -673,19 +728,25 @@ class SqliteStore:
         return [_route_from_row(r) for r in await self._list("routes", _ROUTE_COLUMNS, tenant)]
 
     async def update_route(
-        self, tenant: str, route_id: str, update: RouteUpdate, *, expected_revision: int | None = None
+        self,
+        tenant: str,
+        route_id: str,
+        update: RouteUpdate,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
     ) -> Route:
         row = await self._update(
-            "routes", _ROUTE_COLUMNS, EntityKind.ROUTE, tenant, route_id, update.columns(), expected_revision
+            "routes", _ROUTE_COLUMNS, EntityKind.ROUTE, tenant, route_id, update.columns(), expected_revision, audit
         )
         return _route_from_row(row)
 
-    async def delete_route(self, tenant: str, route_id: str) -> None:
-        await self._delete("routes", EntityKind.ROUTE, tenant, route_id)
+    async def delete_route(self, tenant: str, route_id: str, *, audit: AuditEntry | None = None) -> None:
+        await self._delete("routes", EntityKind.ROUTE, tenant, route_id, audit)
 
     # client keys -------------------------------------------------------------
 
-    async def create_client_key(self, client_key: ClientKey) -> ClientKey:
+    async def create_client_key(self, client_key: ClientKey, *, audit: AuditEntry | None = None) -> ClientKey:
         client_key = replace(client_key, created_at=_codec.utc(client_key.created_at, "created_at"), revision=1)
         async with self._transaction() as conn:
             try:
@@ -705,6 +766,7 @@ class SqliteStore:
             except sqlite3.IntegrityError as exc:
                 values = {"id": client_key.id, "label": client_key.label}
                 raise _conflict(exc, "client_keys", client_key.tenant, values) from None
+            await self._audit(conn, audit)
             await self._log(conn, client_key.tenant, EntityKind.CLIENT_KEY, client_key.id, ChangeOp.PUT)
         return client_key
 
@@ -714,8 +776,8 @@ class SqliteStore:
     async def list_client_keys(self, tenant: str) -> list[ClientKey]:
         return [_client_key_from_row(r) for r in await self._list("client_keys", _CLIENT_KEY_COLUMNS, tenant)]
 
-    async def delete_client_key(self, tenant: str, client_key_id: str) -> None:
-        await self._delete("client_keys", EntityKind.CLIENT_KEY, tenant, client_key_id)
+    async def delete_client_key(self, tenant: str, client_key_id: str, *, audit: AuditEntry | None = None) -> None:
+        await self._delete("client_keys", EntityKind.CLIENT_KEY, tenant, client_key_id, audit)
 
     # learnt health -----------------------------------------------------------
 
@@ -779,12 +841,13 @@ class SqliteStore:
             )
         return [_key_health_from_row(r) for r in rows]
 
-    async def clear_key_health(self, tenant: str, key_id: str) -> list[int]:
+    async def clear_key_health(self, tenant: str, key_id: str, *, audit: AuditEntry | None = None) -> list[int]:
         async with self._transaction() as conn:
             await self._require_key(conn, tenant, key_id)
             rows = await self._fetchall(
                 conn, "DELETE FROM key_health WHERE tenant = ? AND key_id = ? RETURNING model", (tenant, key_id)
             )
+            await self._audit(conn, audit)
             return [
                 await self._log(
                     conn, tenant, EntityKind.KEY_HEALTH, key_health_entity_id(key_id, model), ChangeOp.DELETE
@@ -851,7 +914,7 @@ class SqliteStore:
 
     # API tokens --------------------------------------------------------------
 
-    async def create_token(self, token: AccessToken) -> AccessToken:
+    async def create_token(self, token: AccessToken, *, audit: AuditEntry | None = None) -> AccessToken:
         token = replace(token, created_at=_codec.utc(token.created_at, "created_at"), revision=1)
         async with self._transaction() as conn:
             try:
@@ -872,6 +935,7 @@ class SqliteStore:
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"{token.kind.value} token {token.id!r} already exists") from None
+            await self._audit(conn, audit)
             await self._log(conn, "", token.kind.entity_kind, token.id, ChangeOp.PUT)
         return token
 
@@ -896,7 +960,13 @@ class SqliteStore:
         return [_token_from_row(r) for r in rows]
 
     async def revoke_token(
-        self, kind: TokenKind, token_id: str, revoked_at: datetime, *, expected_revision: int | None = None
+        self,
+        kind: TokenKind,
+        token_id: str,
+        revoked_at: datetime,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
     ) -> AccessToken:
         condition = "" if expected_revision is None else " AND revision = ?"
         params: list[Any] = [_ts(revoked_at, "revoked_at"), kind.value, token_id]
@@ -910,6 +980,7 @@ class SqliteStore:
                 params,
             )
             if row is not None:
+                await self._audit(conn, audit)
                 await self._log(conn, "", kind.entity_kind, token_id, ChangeOp.PUT)
                 return _token_from_row(row)
             current = await self._fetchone(
@@ -917,11 +988,12 @@ class SqliteStore:
                 f"SELECT {_TOKEN_COLUMNS} FROM access_tokens WHERE kind = ? AND id = ?",  # noqa: S608
                 (kind.value, token_id),
             )
-        if current is None:
-            raise _codec.token_not_found(kind, token_id)
-        if expected_revision is not None and current["revision"] != expected_revision:
-            raise _codec.token_stale(kind, token_id, expected_revision, current["revision"])
-        return _token_from_row(current)  # already revoked: nothing to do
+            if current is None:
+                raise _codec.token_not_found(kind, token_id)
+            if expected_revision is not None and current["revision"] != expected_revision:
+                raise _codec.token_stale(kind, token_id, expected_revision, current["revision"])
+            await self._audit(conn, audit)  # already revoked: nothing else to do
+        return _token_from_row(current)
 
     # change log --------------------------------------------------------------
 
@@ -944,3 +1016,43 @@ class SqliteStore:
 
     async def listen_changes(self, listener: ChangeListener) -> None:
         """Nothing to do: this process is the only writer of an embedded store."""
+
+    # audit log ---------------------------------------------------------------
+
+    async def append_audit(self, entry: AuditEntry) -> int:
+        async with self._transaction() as conn:
+            audit_id = await self._audit(conn, entry)
+        assert audit_id is not None
+        return audit_id
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        params: list[Any] = []
+
+        def param(value: Any) -> str:
+            params.append(value)
+            return "?"
+
+        where = _audit.where(query, param, _ts)
+        async with self._session() as conn:
+            rows = await self._fetchall(
+                conn,
+                f"SELECT {_audit.COLUMNS} FROM audit_events{where} ORDER BY id DESC LIMIT ?",  # noqa: S608
+                [*params, max(query.limit, 0)],
+            )
+        return [
+            AuditEvent(
+                id=r["id"],
+                entry=AuditEntry(
+                    time=_parse_ts(r["event_time"]),
+                    caller=r["caller"],
+                    method=r["method"],
+                    tenant=r["tenant"],
+                    resource_kind=r["resource_kind"],
+                    resource_id=r["resource_id"],
+                    fields=_audit.fields_from_json(r["fields"]),
+                    fingerprint=r["fingerprint"],
+                    result=r["result"],
+                ),
+            )
+            for r in rows
+        ]

@@ -136,6 +136,11 @@ class AdminServiceStub:
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/keyplane.v1.AdminService/ListAuditEvents',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
         self.CreateAdminToken = channel.unary_unary(
                 '/keyplane.v1.AdminService/CreateAdminToken',
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.CreateAdminTokenRequest.SerializeToString,
@@ -297,6 +302,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """The audit log: every admin write (and every failed attempt at one),
+        newest first, with who made it, what it changed and the result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateAdminToken(self, request, context):
         """API tokens managed through this API (the admin and sidecar tokens from
         the token file or env are the bootstrap ones: they keep working, are not
@@ -441,6 +454,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListSidecars,
                     request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
             'CreateAdminToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateAdminToken,
@@ -1015,6 +1033,33 @@ class AdminService:
             '/keyplane.v1.AdminService/ListSidecars',
             keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
             keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ListAuditEvents',
+            keyplane_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,10 @@ class AdminServiceStub:
     """
     ListSidecars: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]
     """The sidecars connected to this control-plane replica."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]
+    """The audit log: every admin write (and every failed attempt at one),
+    newest first, with who made it, what it changed and the result.
+    """
     CreateAdminToken: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateAdminTokenRequest, _admin_service_pb2.CreateAdminTokenResponse]
     """API tokens managed through this API (the admin and sidecar tokens from
     the token file or env are the bootstrap ones: they keep working, are not
@@ -106,6 +110,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListSidecars: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]  # type: ignore[assignment]
     """The sidecars connected to this control-plane replica."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """The audit log: every admin write (and every failed attempt at one),
+    newest first, with who made it, what it changed and the result.
+    """
     CreateAdminToken: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateAdminTokenRequest, _admin_service_pb2.CreateAdminTokenResponse]  # type: ignore[assignment]
     """API tokens managed through this API (the admin and sidecar tokens from
     the token file or env are the bootstrap ones: they keep working, are not
@@ -269,6 +277,16 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ListSidecarsResponse, _abc.Awaitable[_admin_service_pb2.ListSidecarsResponse]]:
         """The sidecars connected to this control-plane replica."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _admin_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_admin_service_pb2.ListAuditEventsResponse]]:
+        """The audit log: every admin write (and every failed attempt at one),
+        newest first, with who made it, what it changed and the result.
+        """
 
     @_abc_1.abstractmethod
     def CreateAdminToken(

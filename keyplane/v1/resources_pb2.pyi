@@ -416,6 +416,74 @@ class ProviderHealth(_message.Message):
 Global___ProviderHealth: _TypeAlias = ProviderHealth  # noqa: Y015
 
 @_typing.final
+class AuditEvent(_message.Message):
+    """AuditEvent is one admin write, or one failed attempt at one. It never
+    holds a secret or a token: only the names of the changed fields and, for a
+    key creation or rotation, the new secret's fingerprint.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    CALLER_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    RESOURCE_KIND_FIELD_NUMBER: _builtins.int
+    RESOURCE_ID_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Larger ids were written later."""
+    caller: _builtins.str
+    """Who: "admin-token:<token id>" (the configured admin token is
+    "admin-token:bootstrap"), followed by " cert:<subject>" when the caller
+    presented a client certificate.
+    """
+    method: _builtins.str
+    """The AdminService method, e.g. "UpdateProviderKey"."""
+    tenant: _builtins.str
+    resource_kind: _builtins.str
+    """tenant, provider_key, route, client_key, ..."""
+    resource_id: _builtins.str
+    fingerprint: _builtins.str
+    """The fingerprint of the new secret (key creation, rotation) or client
+    token (client key creation); empty otherwise.
+    """
+    result: _builtins.str
+    """"ok", or the gRPC status code of a failed attempt, e.g. "ABORTED"."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The fields the write set, e.g. the update_mask paths, "secret" for a
+        rotation, "health" for a health reset.
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        caller: _builtins.str = ...,
+        method: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        resource_kind: _builtins.str = ...,
+        resource_id: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+        fingerprint: _builtins.str = ...,
+        result: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "fields", b"fields", "fingerprint", b"fingerprint", "id", b"id", "method", b"method", "resource_id", b"resource_id", "resource_kind", b"resource_kind", "result", b"result", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
 class AdminToken(_message.Message):
     """AdminToken is an admin API token managed through the admin API; only its
     SHA-256 is stored, the token itself is shown once when it is created.

@@ -349,3 +349,37 @@ async def test_token_changes_never_reach_the_sidecars(harness: Harness) -> None:
     delta = await next_message(watch)
     assert [c.WhichOneof("change") for c in delta.delta.changes] == ["key_put"]
     assert delta.delta.changes[0].key_put.id == key.id and delta.version == await harness.latest_version()
+
+
+async def test_token_writes_are_audited_without_the_token(harness: Harness) -> None:
+    created = await create_sidecar_token(harness, "acme")
+    admin = await create_admin_token(harness)
+    await harness.admin.RevokeSidecarToken(
+        apb.RevokeSidecarTokenRequest(id=created.sidecar_token.id), metadata=bearer(admin.token)
+    )
+    with pytest.raises(aio.AioRpcError):
+        await harness.admin.RevokeAdminToken(apb.RevokeAdminTokenRequest(id="bootstrap"), metadata=ADMIN_MD)
+    events = (await harness.admin.ListAuditEvents(apb.ListAuditEventsRequest(), metadata=ADMIN_MD)).events
+    seen = [(e.method, e.resource_kind, e.resource_id, e.caller, list(e.fields), e.result) for e in reversed(events)]
+    assert seen == [
+        (
+            "CreateSidecarToken",
+            "sidecar_token",
+            created.sidecar_token.id,
+            "admin-token:bootstrap",
+            ["label", "tenants"],
+            "ok",
+        ),
+        ("CreateAdminToken", "admin_token", admin.admin_token.id, "admin-token:bootstrap", ["label"], "ok"),
+        (
+            "RevokeSidecarToken",
+            "sidecar_token",
+            created.sidecar_token.id,
+            f"admin-token:{admin.admin_token.id}",
+            ["revoke_time"],
+            "ok",
+        ),
+        ("RevokeAdminToken", "admin_token", "", "admin-token:bootstrap", [], "INVALID_ARGUMENT"),
+    ]
+    for token in (created.token, admin.token):
+        assert token not in str(events)
