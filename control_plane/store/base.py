@@ -27,7 +27,7 @@ statement, never a read-then-check.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -45,7 +45,15 @@ from keyplane.domain import (
     Tenant,
 )
 
-__all__ = ["ChangeListener", "ProviderKeyUpdate", "RouteUpdate", "SealedSecret", "Store"]
+__all__ = [
+    "ChangeListener",
+    "ProviderKeyUpdate",
+    "RouteUpdate",
+    "SealedSecret",
+    "SecretRewrap",
+    "Store",
+    "StoredSecret",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +120,32 @@ class RouteUpdate:
         }
         columns["updated_at"] = self.updated_at
         return columns
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSecret:
+    """One provider key's sealed secret, as master-key rewrapping reads it."""
+
+    tenant: str
+    key_id: str
+    ciphertext: bytes
+
+    def __repr__(self) -> str:
+        return f"StoredSecret(tenant={self.tenant!r}, key_id={self.key_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRewrap:
+    """Replace one key's ciphertext by another sealing of the same secret,
+    only if it is still ``old_ciphertext`` (compare-and-set)."""
+
+    tenant: str
+    key_id: str
+    old_ciphertext: bytes
+    new_ciphertext: bytes
+
+    def __repr__(self) -> str:
+        return f"SecretRewrap(tenant={self.tenant!r}, key_id={self.key_id!r})"
 
 
 # Called with the newest version after another process wrote a change.
@@ -220,3 +254,17 @@ class Store(Protocol):
     async def listen_changes(self, listener: ChangeListener) -> None:
         """Call ``listener`` whenever another process writes (Postgres
         LISTEN/NOTIFY). The SQLite store has one writer and may do nothing."""
+
+    # master-key rewrapping -------------------------------------------------
+    async def list_sealed_secrets(self, after: str = "", limit: int = 100) -> list[StoredSecret]:
+        """The sealed secrets of every tenant's provider keys with an id
+        greater than ``after``, ordered by key id, at most ``limit``."""
+
+    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap]) -> list[str]:
+        """Re-encrypt in one transaction: each key's ``secret_ciphertext``
+        becomes ``new_ciphertext`` where it still is ``old_ciphertext``
+        (``UPDATE ... WHERE tenant = ? AND id = ? AND secret_ciphertext = ?``);
+        a key rotated or deleted meanwhile is left alone. Writes nothing
+        else: not the revision, not updated_at, no change-log row (the
+        plaintext is the same, so sidecars must not see a change). Returns
+        the ids of the keys rewritten."""

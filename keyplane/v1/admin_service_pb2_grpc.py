@@ -136,6 +136,16 @@ class AdminServiceStub:
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
                 _registered_method=True)
+        self.GetMasterKeyStatus = channel.unary_unary(
+                '/keyplane.v1.AdminService/GetMasterKeyStatus',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusResponse.FromString,
+                _registered_method=True)
+        self.RewrapSecrets = channel.unary_unary(
+                '/keyplane.v1.AdminService/RewrapSecrets',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -267,6 +277,25 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMasterKeyStatus(self, request, context):
+        """The master keyring this replica holds and how many provider secrets
+        each master key seals (read from the store: the same on every replica).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RewrapSecrets(self, request, context):
+        """Re-encrypts provider secrets under the primary master key, online: a
+        secret already under it is skipped; the plaintext, the key's revision
+        and the change log stay as they are (sidecars see nothing). Processes
+        a bounded number of batches per call; call again with next_page_token
+        until done. Running it again from the start is always safe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -369,6 +398,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListSidecars,
                     request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.SerializeToString,
+            ),
+            'GetMasterKeyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMasterKeyStatus,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusResponse.SerializeToString,
+            ),
+            'RewrapSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewrapSecrets,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -913,6 +952,60 @@ class AdminService:
             '/keyplane.v1.AdminService/ListSidecars',
             keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
             keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMasterKeyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/GetMasterKeyStatus',
+            keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewrapSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/RewrapSecrets',
+            keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,
