@@ -10,7 +10,8 @@ net, and from the admin service right after each write.
 
 Only an active key carries its secret to the cache (and on to sidecars); a
 disabled or revoked key goes by id and state alone. A key whose secret does
-not open with this master key is not sent at all.
+not open with the master keyring (a master key id it does not hold, or a
+wrong key) is not sent at all.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from keyplane.domain import (
     split_health_entity_id,
 )
 from keyplane.errors import NotFound
+from keyplane.keyring import MasterKeys, UnknownMasterKey, as_master_keys
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
 __all__ = ["SnapshotHub"]
@@ -52,7 +54,7 @@ class SnapshotHub:
     def __init__(
         self,
         store: Store,
-        secret_box: SecretBox,
+        secret_box: SecretBox | MasterKeys,
         *,
         log_size: int = 10000,
         max_pending: int = 1000,
@@ -60,7 +62,7 @@ class SnapshotHub:
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self._store = store
-        self._box = secret_box
+        self._keys = as_master_keys(secret_box)  # opens with the master key a ciphertext names
         self._poll_interval = poll_interval
         self._lock = asyncio.Lock()
         self.cache = SnapshotCache(log_size=log_size, max_pending=max_pending, clock=clock)
@@ -229,7 +231,16 @@ class SnapshotHub:
         if key.status is not KeyStatus.ACTIVE:
             return convert.sidecar_key_to_proto(key, "")
         try:
-            secret = self._box.open(key.secret_ciphertext, associated_data=key.id)
+            secret = self._keys.open(key.secret_ciphertext, associated_data=key.id)
+        except UnknownMasterKey as exc:
+            log.error(
+                "provider key %s of tenant %s is sealed with master key %s, which is not in the keyring; "
+                "not sent to sidecars",
+                key.id,
+                key.tenant,
+                exc.key_id,
+            )
+            return None
         except MasterKeyError:
             log.error(
                 "provider key %s of tenant %s does not open with this master key; not sent to sidecars",

@@ -39,6 +39,7 @@ __all__ = [
     "Keyring",
     "MasterKeys",
     "UnknownMasterKey",
+    "as_master_keys",
     "ciphertext_key_id",
     "format_keyring",
     "legacy_key_id",
@@ -231,3 +232,10 @@ def format_keyring(entries: Iterable[tuple[str, bytes]]) -> str:
         *(f"{key_id} {base64.b64encode(key).decode()}" for key_id, key in entries),
     ]
     return "\n".join(lines) + "\n"
+
+
+def as_master_keys(keys: SecretBox | MasterKeys) -> MasterKeys:
+    """A single-key ``SecretBox`` as a one-key ring (its legacy id); anything else as is."""
+    if isinstance(keys, SecretBox):
+        return Keyring.single(keys._key)
+    return keys

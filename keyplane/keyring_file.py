@@ -153,7 +153,7 @@ class KeyringFile:
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077 and not self._mode_warned:
             self._mode_warned = True
-            log.warning("master keyring %s is accessible to other users (mode %04o); it should be 0600", self.path, mode)
+            log.warning("master keyring %s is accessible to other users (mode %04o); make it 0600", self.path, mode)
 
     def seal(self, secret: str, associated_data: str) -> bytes:
         return self.current().seal(secret, associated_data)

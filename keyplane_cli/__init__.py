@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from keyplane import __version__
 from keyplane_cli.admin import CliError, add_admin_commands
+from keyplane_cli.master_key import add_master_key_commands
 from keyplane_cli.run import add_run_commands
 from keyplane_cli.tls_flags import add_dev_certs_command
 
@@ -20,6 +21,7 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     add_run_commands(sub, handlers)
     add_admin_commands(sub, handlers)
+    add_master_key_commands(sub, handlers)
     add_dev_certs_command(sub, handlers)
     return parser
 
