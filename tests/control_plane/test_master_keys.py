@@ -185,7 +185,7 @@ async def test_rewrap_preconditions_and_arguments(make_harness: HarnessFactory, 
     assert "'k0', not 'k1'" in details and "re-read the keyring file" in details
     for bad in ({"batch_size": 1001}, {"batch_size": -1}, {"page_token": "has space"}):
         with pytest.raises(aio.AioRpcError) as info:
-            await plane.admin.RewrapSecrets(apb.RewrapSecretsRequest(**bad), metadata=ADMIN_MD)  # type: ignore[arg-type]
+            await plane.admin.RewrapSecrets(apb.RewrapSecretsRequest(**bad), metadata=ADMIN_MD)
         code, details = rpc_error(info)
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert details.split(":")[0].split()[0] in bad
