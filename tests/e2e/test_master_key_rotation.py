@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -108,7 +109,7 @@ async def _traffic(client: httpx.AsyncClient, stop: asyncio.Event, statuses: lis
         statuses.append(response.status_code)
 
 
-async def _steady_traffic(sidecar: Sidecar, token: str, work: asyncio.Future[None]) -> list[int]:
+async def _steady_traffic(sidecar: Sidecar, token: str, work: asyncio.Future[Any]) -> list[int]:
     """Requests from 4 concurrent clients until ``work`` is done (and a little after)."""
     stop = asyncio.Event()
     statuses: list[int] = []
