@@ -154,3 +154,43 @@ async def test_master_key_commands_against_a_running_control_plane(setup: Setup)
     finally:
         await plane.stop()
     assert "not sent to sidecars" not in plane.output
+
+
+async def test_rotate_on_one_machine_with_keyplane_up(tmp_path: Path) -> None:
+    """``keyplane up`` keeps its single key in $KEYPLANE_HOME/master.key and
+    watches $KEYPLANE_HOME/master.keyring: ``master-key rotate`` with no
+    flags moves it to a keyring without a restart."""
+    home = tmp_path / "home"
+    up = await start(["up", "--listen", "127.0.0.1:0", "--port", "0"], child_env(home), r"sidecar listening on http://")
+    try:
+        target = up.find(r"control plane listening on (\S+)").group(1)
+        env = child_env(home, {"KEYPLANE_SERVER": target, "SECRET": SECRETS["k0"]})
+
+        async def ok(*args: str) -> str:
+            result = await cli(list(args), env)
+            assert result.code == 0, result.stderr
+            return result.stdout
+
+        await ok("tenants", "create", "acme")
+        await ok("keys", "add", "-t", "acme", "-p", "openai", "-l", "main", "--secret-env", "SECRET")
+        legacy = legacy_key_id(base64.b64decode((home / "master.key").read_text()))
+        out = await ok("master-key", "rotate")
+        new_id = out.split("added master key ")[1].split()[0]
+        assert f"rewrapped 1 secret(s) under master key {new_id}" in out
+        assert [key_id for key_id, _ in read_keyring_file(home / "master.keyring")] == [legacy, new_id]
+        assert _usage(await ok("master-key", "status")) == {legacy: 0, new_id: 1}
+        assert f"retired master key {legacy}" in await ok("master-key", "retire", legacy)
+    finally:
+        assert await up.stop() == 0, up.output
+
+    # Restarted: the keyring file wins over master.key, which no longer opens anything.
+    (home / "master.key").unlink()
+    up = await start(["up", "--listen", "127.0.0.1:0", "--port", "0"], child_env(home), r"sidecar listening on http://")
+    try:
+        target = up.find(r"control plane listening on (\S+)").group(1)
+        result = await cli(["master-key", "status"], child_env(home, {"KEYPLANE_SERVER": target}))
+        assert result.code == 0 and _usage(result.stdout) == {new_id: 1}
+    finally:
+        assert await up.stop() == 0, up.output
+    assert not (home / "master.key").exists()
+    assert "not sent to sidecars" not in up.output
