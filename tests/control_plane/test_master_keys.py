@@ -25,7 +25,7 @@ from keyplane.keyring import Keyring, ciphertext_key_id, legacy_key_id
 from keyplane.keyring_file import write_keyring_file
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
-from tests.control_plane.conftest import ADMIN_MD, Harness, HarnessFactory, next_message, rpc_error
+from tests.control_plane.conftest import ADMIN_MD, SIDECAR_ALL_MD, Harness, HarnessFactory, next_message, rpc_error
 from tests.store import factories as f
 
 PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -272,3 +272,14 @@ async def test_rewrap_is_batched_and_resumes_where_it_stopped(
     rerun = await master_keys.rewrap_secrets(store, keys, batch_size=10)
     assert (rerun.examined, rerun.already_current, rerun.rewrapped, rerun.next_after) == (25, 10, 15, "")
     assert (await _status(plane))[1] == {"k0": 0, "k1": 25}
+
+
+async def test_master_key_rpcs_need_the_admin_token(harness: Harness) -> None:
+    for call, request in (
+        (harness.admin.GetMasterKeyStatus, apb.GetMasterKeyStatusRequest()),
+        (harness.admin.RewrapSecrets, apb.RewrapSecretsRequest()),
+    ):
+        for metadata in ((), SIDECAR_ALL_MD):
+            with pytest.raises(aio.AioRpcError) as info:
+                await call(request, metadata=metadata)  # type: ignore[arg-type]
+            assert rpc_error(info)[0] in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
