@@ -40,6 +40,7 @@ from control_plane import validation as v
 from control_plane.aggregator import HealthAggregator
 from control_plane.audit import AuditDraft, audited, list_audit_events
 from control_plane.hub import SnapshotHub
+from control_plane.master_key_admin import MasterKeyAdmin
 from control_plane.snapshot_cache import SubscriberInfo
 from control_plane.status import map_errors
 from control_plane.store.base import AuditEntry, ProviderKeyUpdate, RouteUpdate, SealedSecret, Store
@@ -50,6 +51,7 @@ from keyplane.crypto import SecretBox, fingerprint, last4
 from keyplane.domain import ClientKey, EntityKind, KeyStatus, ProviderKey, Route, RouteTarget, Tenant
 from keyplane.errors import InvalidArgument, NotFound
 from keyplane.ids import CLIENT_KEY_PREFIX, PROVIDER_KEY_PREFIX, ROUTE_PREFIX, new_id
+from keyplane.keyring import MasterKeys, as_master_keys
 from keyplane.v1 import admin_service_pb2 as pb
 from keyplane.v1 import admin_service_pb2_grpc, resources_pb2
 
@@ -128,15 +130,16 @@ def _targets(messages: list[resources_pb2.RouteTarget], policy: UrlPolicy) -> tu
     )
 
 
-class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer):
+class AdminService(TokenAdminMixin, MasterKeyAdmin, admin_service_pb2_grpc.AdminServiceServicer):
     """Tenants, keys, routes, client keys and health here; the API token
-    RPCs come from ``TokenAdminMixin`` (control_plane/token_service.py)."""
+    RPCs come from ``TokenAdminMixin`` (control_plane/token_service.py), the
+    master-key ones from ``MasterKeyAdmin`` (control_plane/master_key_admin.py)."""
 
     def __init__(
         self,
         store: Store,
         hub: SnapshotHub,
-        secret_box: SecretBox,
+        secret_box: SecretBox | MasterKeys,
         clock: Callable[[], datetime] = _utcnow,
         *,
         health: HealthAggregator | None = None,
@@ -144,7 +147,7 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
     ) -> None:
         self._store = store
         self._hub = hub
-        self._box = secret_box
+        self._keys = as_master_keys(secret_box)  # seals with the primary master key
         self._clock = clock
         self._health = health
         self._url_policy = url_policy  # which hosts base URLs and vLLM node URLs may name
@@ -231,7 +234,7 @@ class AdminService(TokenAdminMixin, admin_service_pb2_grpc.AdminServiceServicer)
     # provider keys ---------------------------------------------------------------
     def _seal(self, key_id: str, secret: str) -> SealedSecret:
         return SealedSecret(
-            ciphertext=self._box.seal(secret, associated_data=key_id),
+            ciphertext=self._keys.seal(secret, associated_data=key_id),
             fingerprint=fingerprint(secret),
             last4=last4(secret),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,12 +36,14 @@ class ControlPlaneConfig:
 
     ``sidecar_tokens`` maps each sidecar token to the tenants it may watch;
     ``("*",)`` means every tenant. ``master_key`` is the 32-byte AES key that
-    seals provider secrets at rest.
+    seals provider secrets at rest; ``master_keyring_file`` a keyring of
+    them (re-read when it changes), which replaces ``master_key`` whenever
+    the file exists. At least one of the two.
     """
 
     store_url: str
     admin_token: str
-    master_key: bytes
+    master_key: bytes = b""
     sidecar_tokens: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     listen: str = "127.0.0.1:50051"
     # Changes kept for resuming sidecars; older resumes get a snapshot.
@@ -67,12 +70,18 @@ class ControlPlaneConfig:
     # which only a loopback ``listen`` allows unless ``insecure_plaintext``.
     tls: ServerTls | None = None
     insecure_plaintext: bool = False
+    # Master keyring file ('<id> <base64 key>' lines, newest last) and how
+    # often (seconds) to check it for changes.
+    master_keyring_file: Path | None = None
+    master_keyring_check_interval: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.admin_token:
             raise ValueError("admin_token must not be empty")
-        if len(self.master_key) != 32:
+        if (self.master_key or self.master_keyring_file is None) and len(self.master_key) != 32:
             raise ValueError("master_key must be 32 bytes")
+        if not math.isfinite(self.master_keyring_check_interval) or self.master_keyring_check_interval < 0:
+            raise ValueError("master_keyring_check_interval must be a non-negative number of seconds")
         frozen: dict[str, tuple[str, ...]] = {}
         for token, tenants in self.sidecar_tokens.items():
             if not token:
@@ -98,7 +107,8 @@ class ControlPlaneConfig:
         return (
             f"ControlPlaneConfig(listen={self.listen!r}, store_url={redact_url(self.store_url)!r}, "
             f"admin_token='***', sidecar_tokens=<{len(self.sidecar_tokens)} token(s) for {scopes}>, "
-            f"master_key='***', log_size={self.log_size}, max_pending={self.max_pending}, "
+            f"master_key='***', master_keyring_file={self.master_keyring_file}, "
+            f"log_size={self.log_size}, max_pending={self.max_pending}, "
             f"poll_interval={self.poll_interval}, shutdown_grace={self.shutdown_grace}, tls={self.tls}, "
             f"insecure_plaintext={self.insecure_plaintext})"
         )

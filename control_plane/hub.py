@@ -15,7 +15,8 @@ beyond moving its version.
 
 Only an active key carries its secret to the cache (and on to sidecars); a
 disabled or revoked key goes by id and state alone. A key whose secret does
-not open with this master key is not sent at all.
+not open with the master keyring (a master key id it does not hold, or a
+wrong key) is not sent at all.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from keyplane.domain import (
     split_health_entity_id,
 )
 from keyplane.errors import NotFound
+from keyplane.keyring import MasterKeys, UnknownMasterKey, as_master_keys
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
 __all__ = ["SnapshotHub"]
@@ -60,7 +62,7 @@ class SnapshotHub:
     def __init__(
         self,
         store: Store,
-        secret_box: SecretBox,
+        secret_box: SecretBox | MasterKeys,
         *,
         log_size: int = 10000,
         max_pending: int = 1000,
@@ -71,7 +73,7 @@ class SnapshotHub:
         self._store = store
         # The managed API tokens that authenticate now (fed from the change log).
         self.tokens = tokens if tokens is not None else TokenRegistry()
-        self._box = secret_box
+        self._keys = as_master_keys(secret_box)  # opens with the master key a ciphertext names
         self._poll_interval = poll_interval
         self._lock = asyncio.Lock()
         self.cache = SnapshotCache(log_size=log_size, max_pending=max_pending, clock=clock)
@@ -256,7 +258,16 @@ class SnapshotHub:
         if key.status is not KeyStatus.ACTIVE:
             return convert.sidecar_key_to_proto(key, "")
         try:
-            secret = self._box.open(key.secret_ciphertext, associated_data=key.id)
+            secret = self._keys.open(key.secret_ciphertext, associated_data=key.id)
+        except UnknownMasterKey as exc:
+            log.error(
+                "provider key %s of tenant %s is sealed with master key %s, which is not in the keyring; "
+                "not sent to sidecars",
+                key.id,
+                key.tenant,
+                exc.key_id,
+            )
+            return None
         except MasterKeyError:
             log.error(
                 "provider key %s of tenant %s does not open with this master key; not sent to sidecars",

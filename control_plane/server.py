@@ -20,7 +20,8 @@ from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
 from control_plane.store.factory import open_store
 from control_plane.url_policy import UrlPolicy
-from keyplane.crypto import SecretBox
+from keyplane.keyring import Keyring, MasterKeys
+from keyplane.keyring_file import KeyringFile
 from keyplane.tls import CertificateReloader, server_credentials
 from keyplane.v1 import admin_service_pb2, admin_service_pb2_grpc, sidecar_service_pb2, sidecar_service_pb2_grpc
 
@@ -49,6 +50,7 @@ class ControlPlane:
         self._server: aio.Server | None = None
         self._health: AsyncHealthServicer | None = None
         self._tls_reloader: CertificateReloader | None = None
+        self._master_keys: MasterKeys | None = None
         self.port = 0
 
     @property
@@ -70,6 +72,13 @@ class ControlPlane:
         return self._store
 
     @property
+    def master_keys(self) -> MasterKeys:
+        """The master keyring this control plane seals and opens with."""
+        if self._master_keys is None:
+            raise RuntimeError("the control plane is not started")
+        return self._master_keys
+
+    @property
     def tls_reloads(self) -> int:
         """How many times rotated TLS files were picked up."""
         return 0 if self._tls_reloader is None else self._tls_reloader.reloads
@@ -88,8 +97,16 @@ class ControlPlane:
             credentials = None
             if config.tls is not None:  # unusable TLS files fail before the store is touched
                 credentials, self._tls_reloader = server_credentials(config.tls)
+            if config.master_keyring_file is not None:  # an unusable keyring fails before the store is touched
+                box: MasterKeys = KeyringFile(
+                    config.master_keyring_file,
+                    fallback=config.master_key or None,
+                    check_interval=config.master_keyring_check_interval,
+                )
+            else:
+                box = Keyring.single(config.master_key)
+            self._master_keys = box
             await store.migrate()
-            box = SecretBox(config.master_key)
             self._hub = SnapshotHub(
                 store,
                 box,

@@ -18,7 +18,7 @@ import grpc
 from grpc import aio
 
 from control_plane.auth import PermissionDenied
-from keyplane.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, Unavailable
+from keyplane.errors import Aborted, AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 __all__ = ["map_errors", "status_for"]
 
@@ -49,6 +49,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, Aborted):
         return grpc.StatusCode.ABORTED, str(exc)
+    if isinstance(exc, FailedPrecondition):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, PermissionDenied):
         return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, Unavailable):

@@ -71,12 +71,16 @@ class SecretBox:
     """Seals provider key secrets. The associated data binds a ciphertext to
     its key id, so a ciphertext copied onto another row does not open."""
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "_key")
 
     def __init__(self, master_key: bytes) -> None:
         if len(master_key) != 32:
             raise MasterKeyError("master key must be 32 bytes")
+        self._key = master_key  # for keyplane.keyring.as_master_keys; never shown
         self._aead = AESGCM(master_key)
+
+    def __repr__(self) -> str:
+        return "SecretBox(***)"
 
     def seal(self, secret: str, associated_data: str) -> bytes:
         nonce = os.urandom(_NONCE_BYTES)

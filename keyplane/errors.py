@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["Aborted", "AlreadyExists", "InvalidArgument", "KeyplaneError", "NotFound", "Unavailable"]
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "KeyplaneError",
+    "NotFound",
+    "Unavailable",
+]
 
 
 class KeyplaneError(Exception):
@@ -28,3 +36,8 @@ class Unavailable(KeyplaneError):
 class Aborted(KeyplaneError):
     """A write's precondition failed: the object changed since the caller read
     it (stale etag). The caller should read it again and retry (gRPC ABORTED)."""
+
+
+class FailedPrecondition(KeyplaneError):
+    """The system is not in the state the call needs, e.g. a replica that has
+    not yet picked up a new master key (gRPC FAILED_PRECONDITION)."""

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keyplane.crypto import load_master_key
+from keyplane.crypto import MasterKeyError
 from keyplane.home import Home, ensure_private_dir, read_token_file
 from keyplane.runtime import tune_gc
 from keyplane.tls import TlsError, is_loopback_listen
 from keyplane_cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
+from keyplane_cli.master_key import master_key_sources
 from keyplane_cli.tls_flags import (
     add_client_tls_flags,
     add_server_tls_flags,
@@ -78,7 +79,7 @@ async def _run_up(args: argparse.Namespace) -> int:
         )
     home = Home(args.home) if args.home else Home.default()
     ensure_private_dir(home.root)  # tightens a group/world-accessible one, with a warning
-    master_key = load_master_key(home.master_key_file, create=True)
+    master_key, keyring_file = master_key_sources(None, None, home=home, create=True)
     admin_token = home.ensure_token(home.admin_token_file, "kpa-")
     sidecar_token = home.ensure_token(home.sidecar_token_file, "kps-")
     store_url = args.store or f"sqlite:///{home.database}"
@@ -89,12 +90,16 @@ async def _run_up(args: argparse.Namespace) -> int:
             admin_token=admin_token,
             sidecar_tokens={sidecar_token: ("*",)},
             master_key=master_key,
+            master_keyring_file=keyring_file,
             health_policy=health_policy,
             **intervals,
             **control_plane_options_from_args(args),
         )
     )
-    await cp.start()
+    try:
+        await cp.start()
+    except MasterKeyError as exc:
+        raise SystemExit(f"up: {exc}") from None
     host = args.listen.rsplit(":", 1)[0]
     target = f"{host}:{cp.port}"
     sc = Sidecar(
@@ -146,7 +151,10 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
         sidecar_tokens = {os.environ[SIDECAR_TOKEN_ENV].strip(): ("*",)}
     else:
         raise SystemExit(f"control-plane needs sidecar tokens: --sidecar-tokens-file or {SIDECAR_TOKEN_ENV}")
-    master_key = load_master_key(args.master_key_file, create=False)
+    try:
+        master_key, keyring_file = master_key_sources(args.master_key_file, args.master_keyring_file)
+    except MasterKeyError as exc:
+        raise SystemExit(f"control-plane: {exc}") from None
     try:
         config = ControlPlaneConfig(
             listen=args.listen,
@@ -154,6 +162,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             admin_token=admin_token,
             sidecar_tokens=sidecar_tokens,
             master_key=master_key,
+            master_keyring_file=keyring_file,
             health_policy=health_policy,
             tls=server_tls_from_args(args),
             insecure_plaintext=args.insecure_plaintext,
@@ -165,7 +174,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     cp = ControlPlane(config)
     try:
         await cp.start()
-    except TlsError as exc:
+    except (TlsError, MasterKeyError) as exc:
         raise SystemExit(f"control-plane: {exc}") from None
     print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
     tune_gc()
@@ -261,6 +270,12 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     cp.add_argument("--admin-token-file", type=Path)
     cp.add_argument("--sidecar-tokens-file", type=Path, help="lines of '<token> <tenant,tenant|*>'")
     cp.add_argument("--master-key-file", type=Path, help="base64 32-byte key (else KEYPLANE_MASTER_KEY)")
+    cp.add_argument(
+        "--master-keyring-file",
+        type=Path,
+        help="'<id> <base64 key>' lines, newest last, re-read when it changes (else KEYPLANE_MASTER_KEYRING); "
+        "once it exists it replaces the single master key",
+    )
     add_server_tls_flags(cp)
     handlers["control-plane"] = _runner(_run_control_plane)
 

@@ -27,7 +27,7 @@ statement, never a read-then-check.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -55,7 +55,9 @@ __all__ = [
     "ProviderKeyUpdate",
     "RouteUpdate",
     "SealedSecret",
+    "SecretRewrap",
     "Store",
+    "StoredSecret",
 ]
 
 
@@ -170,6 +172,32 @@ class AuditQuery:
     resource_id: str | None = None
     start: datetime | None = None
     end: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSecret:
+    """One provider key's sealed secret, as master-key rewrapping reads it."""
+
+    tenant: str
+    key_id: str
+    ciphertext: bytes
+
+    def __repr__(self) -> str:
+        return f"StoredSecret(tenant={self.tenant!r}, key_id={self.key_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRewrap:
+    """Replace one key's ciphertext by another sealing of the same secret,
+    only if it is still ``old_ciphertext`` (compare-and-set)."""
+
+    tenant: str
+    key_id: str
+    old_ciphertext: bytes
+    new_ciphertext: bytes
+
+    def __repr__(self) -> str:
+        return f"SecretRewrap(tenant={self.tenant!r}, key_id={self.key_id!r})"
 
 
 # Called with the newest version after another process wrote a change.
@@ -330,3 +358,17 @@ class Store(Protocol):
 
     async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
         """Events matching ``query``, newest (largest id) first."""
+
+    # master-key rewrapping -------------------------------------------------
+    async def list_sealed_secrets(self, after: str = "", limit: int = 100) -> list[StoredSecret]:
+        """The sealed secrets of every tenant's provider keys with an id
+        greater than ``after``, ordered by key id, at most ``limit``."""
+
+    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap]) -> list[str]:
+        """Re-encrypt in one transaction: each key's ``secret_ciphertext``
+        becomes ``new_ciphertext`` where it still is ``old_ciphertext``
+        (``UPDATE ... WHERE tenant = ? AND id = ? AND secret_ciphertext = ?``);
+        a key rotated or deleted meanwhile is left alone. Writes nothing
+        else: not the revision, not updated_at, no change-log row (the
+        plaintext is the same, so sidecars must not see a change). Returns
+        the ids of the keys rewritten."""

@@ -15,7 +15,7 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -32,6 +32,8 @@ from control_plane.store.base import (
     ChangeListener,
     ProviderKeyUpdate,
     RouteUpdate,
+    SecretRewrap,
+    StoredSecret,
 )
 from control_plane.store.migrations import Migration, pending
 from keyplane.domain import (
@@ -1188,3 +1190,35 @@ class PostgresStore:
             except Unavailable:
                 pass
             return
+
+    # master-key rewrapping ---------------------------------------------------
+
+    async def list_sealed_secrets(self, after: str = "", limit: int = 100) -> list[StoredSecret]:
+        if limit <= 0:
+            return []
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT tenant, id, secret_ciphertext FROM provider_keys WHERE id > $1 ORDER BY id LIMIT $2",
+                after,
+                limit,
+            )
+        return [StoredSecret(r["tenant"], r["id"], bytes(r["secret_ciphertext"])) for r in rows]
+
+    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap]) -> list[str]:
+        if not rewraps:
+            return []
+        # One statement, one transaction; no change row and no NOTIFY: nothing
+        # a sidecar holds changes.
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                "UPDATE provider_keys AS p SET secret_ciphertext = u.new "
+                "FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[]) AS u(tenant, id, old, new) "
+                "WHERE p.tenant = u.tenant AND p.id = u.id AND p.secret_ciphertext = u.old "
+                "RETURNING p.tenant, p.id",
+                [r.tenant for r in rewraps],
+                [r.key_id for r in rewraps],
+                [r.old_ciphertext for r in rewraps],
+                [r.new_ciphertext for r in rewraps],
+            )
+        done = {(str(r["tenant"]), str(r["id"])) for r in rows}
+        return [r.key_id for r in rewraps if (r.tenant, r.key_id) in done]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -30,6 +30,8 @@ from control_plane.store.base import (
     ChangeListener,
     ProviderKeyUpdate,
     RouteUpdate,
+    SecretRewrap,
+    StoredSecret,
 )
 from control_plane.store.migrations import Migration, pending
 from keyplane.domain import (
@@ -1056,3 +1058,32 @@ class SqliteStore:
             )
             for r in rows
         ]
+
+    # master-key rewrapping ---------------------------------------------------
+
+    async def list_sealed_secrets(self, after: str = "", limit: int = 100) -> list[StoredSecret]:
+        if limit <= 0:
+            return []
+        async with self._session() as conn:
+            rows = await self._fetchall(
+                conn,
+                "SELECT tenant, id, secret_ciphertext FROM provider_keys WHERE id > ? ORDER BY id LIMIT ?",
+                (after, limit),
+            )
+        return [StoredSecret(r["tenant"], r["id"], bytes(r["secret_ciphertext"])) for r in rows]
+
+    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap]) -> list[str]:
+        if not rewraps:
+            return []
+        done: list[str] = []
+        async with self._transaction() as conn:
+            for rewrap in rewraps:
+                changed = await self._execute(
+                    conn,
+                    "UPDATE provider_keys SET secret_ciphertext = ? "
+                    "WHERE tenant = ? AND id = ? AND secret_ciphertext = ?",
+                    (rewrap.new_ciphertext, rewrap.tenant, rewrap.key_id, rewrap.old_ciphertext),
+                )
+                if changed:
+                    done.append(rewrap.key_id)
+        return done

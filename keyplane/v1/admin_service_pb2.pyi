@@ -1261,3 +1261,155 @@ class RevokeSidecarTokenResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeSidecarTokenResponse: _TypeAlias = RevokeSidecarTokenResponse  # noqa: Y015
+
+@_typing.final
+class GetMasterKeyStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMasterKeyStatusRequest: _TypeAlias = GetMasterKeyStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetMasterKeyStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIMARY_KEY_ID_FIELD_NUMBER: _builtins.int
+    KEYRING_KEY_IDS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    TOTAL_SECRETS_FIELD_NUMBER: _builtins.int
+    primary_key_id: _builtins.str
+    """The key new secrets are sealed with (the newest in the keyring)."""
+    total_secrets: _builtins.int
+    """All provider secrets in the store."""
+    @_builtins.property
+    def keyring_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every master key id in this replica's keyring, oldest first."""
+
+    @_builtins.property
+    def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___MasterKeyUsage]:
+        """Provider secrets per master key id, including ids not in the keyring."""
+
+    def __init__(
+        self,
+        *,
+        primary_key_id: _builtins.str = ...,
+        keyring_key_ids: _abc.Iterable[_builtins.str] | None = ...,
+        usage: _abc.Iterable[Global___MasterKeyUsage] | None = ...,
+        total_secrets: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keyring_key_ids", b"keyring_key_ids", "primary_key_id", b"primary_key_id", "total_secrets", b"total_secrets", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMasterKeyStatusResponse: _TypeAlias = GetMasterKeyStatusResponse  # noqa: Y015
+
+@_typing.final
+class MasterKeyUsage(_message.Message):
+    """MasterKeyUsage counts the provider secrets one master key seals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SECRETS_FIELD_NUMBER: _builtins.int
+    IN_KEYRING_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """Empty for secrets in the legacy format that no key in the keyring opens."""
+    secrets: _builtins.int
+    in_keyring: _builtins.bool
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        secrets: _builtins.int = ...,
+        in_keyring: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_keyring", b"in_keyring", "key_id", b"key_id", "secrets", b"secrets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MasterKeyUsage: _TypeAlias = MasterKeyUsage  # noqa: Y015
+
+@_typing.final
+class RewrapSecretsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIMARY_KEY_ID_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    primary_key_id: _builtins.str
+    """When set: FAILED_PRECONDITION unless this replica's primary master key
+    has this id (it has not picked up the keyring file yet).
+    """
+    batch_size: _builtins.int
+    """Secrets per transaction (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """Where the previous call stopped; empty: from the start."""
+    def __init__(
+        self,
+        *,
+        primary_key_id: _builtins.str = ...,
+        batch_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "page_token", b"page_token", "primary_key_id", b"primary_key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewrapSecretsRequest: _TypeAlias = RewrapSecretsRequest  # noqa: Y015
+
+@_typing.final
+class RewrapSecretsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIMARY_KEY_ID_FIELD_NUMBER: _builtins.int
+    EXAMINED_FIELD_NUMBER: _builtins.int
+    REWRAPPED_FIELD_NUMBER: _builtins.int
+    ALREADY_CURRENT_FIELD_NUMBER: _builtins.int
+    SKIPPED_CHANGED_FIELD_NUMBER: _builtins.int
+    UNREADABLE_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    primary_key_id: _builtins.str
+    examined: _builtins.int
+    """Secrets read in this call."""
+    rewrapped: _builtins.int
+    """Re-encrypted under the primary key."""
+    already_current: _builtins.int
+    """Already under the primary key."""
+    skipped_changed: _builtins.int
+    """Changed (rotated or deleted) meanwhile: left alone, the newer write wins."""
+    unreadable: _builtins.int
+    """Under a master key this replica does not hold: left alone, logged."""
+    next_page_token: _builtins.str
+    """Empty when every secret was examined."""
+    def __init__(
+        self,
+        *,
+        primary_key_id: _builtins.str = ...,
+        examined: _builtins.int = ...,
+        rewrapped: _builtins.int = ...,
+        already_current: _builtins.int = ...,
+        skipped_changed: _builtins.int = ...,
+        unreadable: _builtins.int = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_current", b"already_current", "examined", b"examined", "next_page_token", b"next_page_token", "primary_key_id", b"primary_key_id", "rewrapped", b"rewrapped", "skipped_changed", b"skipped_changed", "unreadable", b"unreadable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewrapSecretsResponse: _TypeAlias = RewrapSecretsResponse  # noqa: Y015

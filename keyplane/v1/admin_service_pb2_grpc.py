@@ -171,6 +171,16 @@ class AdminServiceStub:
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenResponse.FromString,
                 _registered_method=True)
+        self.GetMasterKeyStatus = channel.unary_unary(
+                '/keyplane.v1.AdminService/GetMasterKeyStatus',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusResponse.FromString,
+                _registered_method=True)
+        self.RewrapSecrets = channel.unary_unary(
+                '/keyplane.v1.AdminService/RewrapSecrets',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -352,6 +362,25 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMasterKeyStatus(self, request, context):
+        """The master keyring this replica holds and how many provider secrets
+        each master key seals (read from the store: the same on every replica).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RewrapSecrets(self, request, context):
+        """Re-encrypts provider secrets under the primary master key, online: a
+        secret already under it is skipped; the plaintext, the key's revision
+        and the change log stay as they are (sidecars see nothing). Processes
+        a bounded number of batches per call; call again with next_page_token
+        until done. Running it again from the start is always safe.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -489,6 +518,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeSidecarToken,
                     request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenResponse.SerializeToString,
+            ),
+            'GetMasterKeyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMasterKeyStatus,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusResponse.SerializeToString,
+            ),
+            'RewrapSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewrapSecrets,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1222,6 +1261,60 @@ class AdminService:
             '/keyplane.v1.AdminService/RevokeSidecarToken',
             keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenRequest.SerializeToString,
             keyplane_dot_v1_dot_admin__service__pb2.RevokeSidecarTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMasterKeyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/GetMasterKeyStatus',
+            keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.GetMasterKeyStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewrapSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/RewrapSecrets',
+            keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -77,6 +77,17 @@ class AdminServiceStub:
     CreateSidecarToken: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.CreateSidecarTokenRequest, _admin_service_pb2.CreateSidecarTokenResponse]
     ListSidecarTokens: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarTokensRequest, _admin_service_pb2.ListSidecarTokensResponse]
     RevokeSidecarToken: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeSidecarTokenRequest, _admin_service_pb2.RevokeSidecarTokenResponse]
+    GetMasterKeyStatus: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetMasterKeyStatusRequest, _admin_service_pb2.GetMasterKeyStatusResponse]
+    """The master keyring this replica holds and how many provider secrets
+    each master key seals (read from the store: the same on every replica).
+    """
+    RewrapSecrets: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RewrapSecretsRequest, _admin_service_pb2.RewrapSecretsResponse]
+    """Re-encrypts provider secrets under the primary master key, online: a
+    secret already under it is skipped; the plaintext, the key's revision
+    and the change log stay as they are (sidecars see nothing). Processes
+    a bounded number of batches per call; call again with next_page_token
+    until done. Running it again from the start is always safe.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -127,6 +138,17 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CreateSidecarToken: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.CreateSidecarTokenRequest, _admin_service_pb2.CreateSidecarTokenResponse]  # type: ignore[assignment]
     ListSidecarTokens: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarTokensRequest, _admin_service_pb2.ListSidecarTokensResponse]  # type: ignore[assignment]
     RevokeSidecarToken: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RevokeSidecarTokenRequest, _admin_service_pb2.RevokeSidecarTokenResponse]  # type: ignore[assignment]
+    GetMasterKeyStatus: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetMasterKeyStatusRequest, _admin_service_pb2.GetMasterKeyStatusResponse]  # type: ignore[assignment]
+    """The master keyring this replica holds and how many provider secrets
+    each master key seals (read from the store: the same on every replica).
+    """
+    RewrapSecrets: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RewrapSecretsRequest, _admin_service_pb2.RewrapSecretsResponse]  # type: ignore[assignment]
+    """Re-encrypts provider secrets under the primary master key, online: a
+    secret already under it is skipped; the plaintext, the key's revision
+    and the change log stay as they are (sidecars see nothing). Processes
+    a bounded number of batches per call; call again with next_page_token
+    until done. Running it again from the start is always safe.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages tenants, provider keys, routes and client keys.
@@ -336,5 +358,28 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.RevokeSidecarTokenRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.RevokeSidecarTokenResponse, _abc.Awaitable[_admin_service_pb2.RevokeSidecarTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetMasterKeyStatus(
+        self,
+        request: _admin_service_pb2.GetMasterKeyStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.GetMasterKeyStatusResponse, _abc.Awaitable[_admin_service_pb2.GetMasterKeyStatusResponse]]:
+        """The master keyring this replica holds and how many provider secrets
+        each master key seals (read from the store: the same on every replica).
+        """
+
+    @_abc_1.abstractmethod
+    def RewrapSecrets(
+        self,
+        request: _admin_service_pb2.RewrapSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RewrapSecretsResponse, _abc.Awaitable[_admin_service_pb2.RewrapSecretsResponse]]:
+        """Re-encrypts provider secrets under the primary master key, online: a
+        secret already under it is skipped; the plaintext, the key's revision
+        and the change log stay as they are (sidecars see nothing). Processes
+        a bounded number of batches per call; call again with next_page_token
+        until done. Running it again from the start is always safe.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
