@@ -5,12 +5,15 @@ RewrapSecrets (``AdminService`` mixes this class in; the work is in
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from grpc import aio
 
 from control_plane import master_keys
 from control_plane import validation as v
+from control_plane.audit import AuditDraft, audited
 from control_plane.status import map_errors
 from control_plane.store.base import Store
 from keyplane.errors import FailedPrecondition, InvalidArgument
@@ -29,6 +32,7 @@ class MasterKeyAdmin:
 
     _store: Store
     _keys: MasterKeys
+    _clock: Callable[[], datetime]
 
     @map_errors
     async def GetMasterKeyStatus(
@@ -48,7 +52,10 @@ class MasterKeyAdmin:
         )
 
     @map_errors
-    async def RewrapSecrets(self, request: pb.RewrapSecretsRequest, context: Context) -> pb.RewrapSecretsResponse:
+    @audited("master_key")
+    async def RewrapSecrets(
+        self, request: pb.RewrapSecretsRequest, context: Context, draft: AuditDraft
+    ) -> pb.RewrapSecretsResponse:
         batch_size = request.batch_size or master_keys.DEFAULT_BATCH
         if not 1 <= batch_size <= master_keys.MAX_BATCH:
             raise InvalidArgument(f"batch_size: must be between 1 and {master_keys.MAX_BATCH}")
@@ -59,7 +66,11 @@ class MasterKeyAdmin:
                 f"primary_key_id: this control plane seals with master key {primary!r}, not "
                 f"{request.primary_key_id!r}; wait until it has re-read the keyring file"
             )
-        progress = await master_keys.rewrap_secrets(self._store, self._keys, after=after, batch_size=batch_size)
+        # Each batch that rewrites a secret is audited in its own transaction.
+        draft.about("", primary, ("secret_ciphertext",))
+        progress = await master_keys.rewrap_secrets(
+            self._store, self._keys, after=after, batch_size=batch_size, audit=draft.entry()
+        )
         log.info(
             "rewrapped %d provider secrets under master key %s (%d examined, %d already current, "
             "%d changed meanwhile, %d unreadable)",

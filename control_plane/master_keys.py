@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from control_plane.store.base import SecretRewrap, Store
+from control_plane.store.base import AuditEntry, SecretRewrap, Store
 from keyplane.crypto import MasterKeyError
 from keyplane.keyring import Keyring, MasterKeys, UnknownMasterKey, ciphertext_key_id
 
@@ -79,9 +79,11 @@ async def rewrap_secrets(
     batch_size: int = DEFAULT_BATCH,
     time_budget: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
+    audit: AuditEntry | None = None,
 ) -> RewrapProgress:
     """Re-encrypt the secrets after key id ``after`` under the primary key,
-    ``batch_size`` per transaction, until done or ``time_budget`` is spent."""
+    ``batch_size`` per transaction, until done or ``time_budget`` is spent;
+    each transaction that rewrites a secret records ``audit`` with it."""
     ring = keys.current()
     primary = ring.primary_id
     deadline = clock() + time_budget
@@ -105,7 +107,7 @@ async def rewrap_secrets(
                 log.error("provider key %s of tenant %s %s; not rewrapped", secret.key_id, secret.tenant, reason)
                 continue
             batch.append(SecretRewrap(secret.tenant, secret.key_id, secret.ciphertext, ring.seal(plain, secret.key_id)))
-        done = await store.rewrap_secrets(batch)
+        done = await store.rewrap_secrets(batch, audit=audit)
         progress.rewrapped += len(done)
         progress.skipped_changed += len(batch) - len(done)
         if len(page) < batch_size:

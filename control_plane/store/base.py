@@ -364,11 +364,12 @@ class Store(Protocol):
         """The sealed secrets of every tenant's provider keys with an id
         greater than ``after``, ordered by key id, at most ``limit``."""
 
-    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap]) -> list[str]:
+    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap], audit: AuditEntry | None = None) -> list[str]:
         """Re-encrypt in one transaction: each key's ``secret_ciphertext``
         becomes ``new_ciphertext`` where it still is ``old_ciphertext``
         (``UPDATE ... WHERE tenant = ? AND id = ? AND secret_ciphertext = ?``);
         a key rotated or deleted meanwhile is left alone. Writes nothing
         else: not the revision, not updated_at, no change-log row (the
-        plaintext is the same, so sidecars must not see a change). Returns
-        the ids of the keys rewritten."""
+        plaintext is the same, so sidecars must not see a change) but the
+        ``audit`` row, when the batch rewrote anything. Returns the ids of
+        the keys rewritten."""

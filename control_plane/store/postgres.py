@@ -1204,7 +1204,7 @@ class PostgresStore:
             )
         return [StoredSecret(r["tenant"], r["id"], bytes(r["secret_ciphertext"])) for r in rows]
 
-    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap]) -> list[str]:
+    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap], audit: AuditEntry | None = None) -> list[str]:
         if not rewraps:
             return []
         # One statement, one transaction; no change row and no NOTIFY: nothing
@@ -1220,5 +1220,7 @@ class PostgresStore:
                 [r.old_ciphertext for r in rewraps],
                 [r.new_ciphertext for r in rewraps],
             )
+            if rows:
+                await self._audit(conn, audit)
         done = {(str(r["tenant"]), str(r["id"])) for r in rows}
         return [r.key_id for r in rewraps if (r.tenant, r.key_id) in done]

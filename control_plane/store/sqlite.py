@@ -1072,7 +1072,7 @@ class SqliteStore:
             )
         return [StoredSecret(r["tenant"], r["id"], bytes(r["secret_ciphertext"])) for r in rows]
 
-    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap]) -> list[str]:
+    async def rewrap_secrets(self, rewraps: Sequence[SecretRewrap], audit: AuditEntry | None = None) -> list[str]:
         if not rewraps:
             return []
         done: list[str] = []
@@ -1086,4 +1086,6 @@ class SqliteStore:
                 )
                 if changed:
                     done.append(rewrap.key_id)
+            if done:
+                await self._audit(conn, audit)
         return done

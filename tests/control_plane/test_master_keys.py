@@ -283,3 +283,38 @@ async def test_master_key_rpcs_need_the_admin_token(harness: Harness) -> None:
             with pytest.raises(aio.AioRpcError) as info:
                 await call(request, metadata=metadata)  # type: ignore[arg-type]
             assert rpc_error(info)[0] in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+async def test_each_rewrap_batch_is_audited_with_its_write(
+    make_harness: HarnessFactory, store_url: str, tmp_path: Path
+) -> None:
+    keyring = tmp_path / "master.keyring"
+    write_keyring_file(keyring, [("k0", K0)])
+    plane = await _plane(make_harness, store_url, keyring, master_key=b"")
+    await _keys(plane, 12)
+    write_keyring_file(keyring, [("k0", K0), ("k1", K1)])
+    await _wait_primary(plane, "k1")
+
+    async def rewrap_events() -> list[rpb.AuditEvent]:
+        listed = await plane.admin.ListAuditEvents(
+            apb.ListAuditEventsRequest(resource_kind="master_key"), metadata=ADMIN_MD
+        )
+        return list(listed.events)
+
+    response = await plane.admin.RewrapSecrets(apb.RewrapSecretsRequest(batch_size=5), metadata=ADMIN_MD)
+    assert (response.rewrapped, response.next_page_token) == (12, "")
+    events = await rewrap_events()
+    # Three transactions (5 + 5 + 2 secrets), one event each, written with them.
+    assert [(e.method, e.resource_id, e.result, list(e.fields)) for e in events] == [
+        ("RewrapSecrets", "k1", "ok", ["secret_ciphertext"])
+    ] * 3
+    assert {e.caller for e in events} == {"admin-token:bootstrap"}
+    # Nothing left to rewrap: nothing written, nothing audited.
+    again = await plane.admin.RewrapSecrets(apb.RewrapSecretsRequest(), metadata=ADMIN_MD)
+    assert (again.rewrapped, again.already_current) == (0, 12)
+    assert len(await rewrap_events()) == 3
+    # A refused call is audited as such.
+    with pytest.raises(aio.AioRpcError):
+        await plane.admin.RewrapSecrets(apb.RewrapSecretsRequest(primary_key_id="k9"), metadata=ADMIN_MD)
+    events = await rewrap_events()
+    assert (events[0].method, events[0].result) == ("RewrapSecrets", "FAILED_PRECONDITION")
