@@ -5,19 +5,16 @@ RewrapSecrets (``AdminService`` mixes this class in; the work is in
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from grpc import aio
 
 from control_plane import master_keys
 from control_plane import validation as v
+from control_plane.admin_base import AdminBase
 from control_plane.audit import AuditDraft, audited
 from control_plane.status import map_errors
-from control_plane.store.base import Store
 from keyplane.errors import FailedPrecondition, InvalidArgument
-from keyplane.keyring import MasterKeys
 from keyplane.v1 import admin_service_pb2 as pb
 
 __all__ = ["MasterKeyAdmin"]
@@ -27,12 +24,8 @@ log = logging.getLogger(__name__)
 Context = aio.ServicerContext[Any, Any]
 
 
-class MasterKeyAdmin:
-    """The master-key RPCs of ``AdminService`` (mixed in below)."""
-
-    _store: Store
-    _keys: MasterKeys
-    _clock: Callable[[], datetime]
+class MasterKeyAdmin(AdminBase):
+    """The master-key RPCs of ``AdminService``."""
 
     @map_errors
     async def GetMasterKeyStatus(

@@ -20,17 +20,16 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from typing import Any
 
 from grpc import aio
 
 from control_plane import validation as v
+from control_plane.admin_base import AdminBase
 from control_plane.audit import AuditDraft, audited
 from control_plane.auth import BOOTSTRAP_TOKEN_ID
 from control_plane.status import map_errors
-from control_plane.store.base import Store
 from control_plane.token_registry import token_sha256
 from keyplane import convert
 from keyplane.crypto import fingerprint
@@ -133,13 +132,8 @@ def _token_id(value: str, kind: TokenKind) -> str:
     return token_id
 
 
-class TokenAdminMixin:
-    """The token RPCs of ``AdminService`` (which provides these attributes)."""
-
-    _store: Store
-    _clock: Callable[[], datetime]
-
-    async def _publish(self) -> None: ...  # AdminService's: the hub catches up
+class TokenAdminMixin(AdminBase):
+    """The token RPCs of ``AdminService``."""
 
     async def _create_token(
         self, kind: TokenKind, label: str, tenants: tuple[str, ...] | None, audit: AuditDraft
