@@ -56,12 +56,15 @@ def _parse_sidecar_tokens(path: Path) -> dict[str, tuple[str, ...]]:
     return tokens
 
 
-async def _wait_for_signal() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM. Installed before anything starts,
+    so a signal sent as soon as the ready line is printed stops the process
+    cleanly instead of killing it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 async def _run_up(args: argparse.Namespace) -> int:
@@ -70,6 +73,7 @@ async def _run_up(args: argparse.Namespace) -> int:
     from sidecar.config import SidecarConfig
     from sidecar.server import Sidecar
 
+    stop = _stop_on_signals()
     health_policy = health_policy_from_args(args)
     intervals = aggregator_intervals_from_args(args)
     if not is_loopback_listen(args.listen):
@@ -127,7 +131,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             lines.append(f"  (pass --server {target} to the admin commands, or export KEYPLANE_SERVER={target})")
         print("\n".join(lines), flush=True)
         tune_gc()
-        await _wait_for_signal()
+        await stop.wait()
     finally:
         await sc.stop()
         await cp.stop()
@@ -138,6 +142,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     from control_plane.config import ControlPlaneConfig, redact_url
     from control_plane.server import ControlPlane
 
+    stop = _stop_on_signals()
     health_policy = health_policy_from_args(args)
     intervals = aggregator_intervals_from_args(args)
     admin_token = (
@@ -179,7 +184,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
     tune_gc()
     try:
-        await _wait_for_signal()
+        await stop.wait()
     finally:
         await cp.stop()
     return 0
@@ -210,6 +215,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
 async def _run_sidecar(args: argparse.Namespace) -> int:
     from sidecar.server import Sidecar
 
+    stop = _stop_on_signals()
     health_policy = health_policy_from_args(args)
     if args.token_file:
         token = read_token_file(args.token_file)
@@ -232,7 +238,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
     print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
     tune_gc()
     try:
-        await _wait_for_signal()
+        await stop.wait()
     finally:
         await sc.stop()
     return 0
