@@ -166,13 +166,15 @@ def _emit(args: argparse.Namespace, message: Message, text: str, out: TextIO) ->
         out.write(text + "\n")
 
 
-def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout, stdin: TextIO = sys.stdin) -> int:
+def with_admin_client(args: argparse.Namespace, body: Callable[[AdminClient], int]) -> int:
+    """Run ``body`` with a client of the admin API (``--server``, the admin
+    token, the TLS flags): an RPC error is one line on stderr and exit code 1."""
     try:
         client = AdminClient(args.server, _admin_token(args), client_tls_from_args(args))
     except TlsError as exc:
         raise CliError(str(exc)) from None
     try:
-        return _dispatch(args, client, out, stdin)
+        return body(client)
     except grpc.RpcError as exc:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
@@ -181,6 +183,10 @@ def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout, stdin: TextIO 
         return 1
     finally:
         client.close()
+
+
+def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout, stdin: TextIO = sys.stdin) -> int:
+    return with_admin_client(args, lambda client: _dispatch(args, client, out, stdin))
 
 
 def _dispatch(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: TextIO) -> int:

@@ -11,15 +11,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-import grpc
 from google.protobuf.json_format import MessageToDict
 
 from keyplane import convert
-from keyplane.tls import TlsError
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import resources_pb2
-from keyplane_cli.admin import AdminClient, CliError, _admin_token, _common, _table
-from keyplane_cli.tls_flags import client_tls_from_args
+from keyplane_cli.admin import AdminClient, CliError, _common, _table, with_admin_client
 
 __all__ = ["add_audit_commands", "audit_table", "parse_time"]
 
@@ -105,19 +102,7 @@ def _list(args: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
 
 
 def run_audit(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    try:
-        client = AdminClient(args.server, _admin_token(args), client_tls_from_args(args))
-    except TlsError as exc:
-        raise CliError(str(exc)) from None
-    try:
-        return _list(args, client, out)
-    except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else None
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        sys.stderr.write(f"error: {code.name if code is not None else 'ERROR'}: {details}\n")
-        return 1
-    finally:
-        client.close()
+    return with_admin_client(args, lambda client: _list(args, client, out))
 
 
 def add_audit_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace], int]]) -> None:

@@ -34,10 +34,8 @@ from keyplane.crypto import MASTER_KEY_ENV, MasterKeyError, load_master_key
 from keyplane.home import Home
 from keyplane.keyring import legacy_key_id, new_key_id, validate_key_id
 from keyplane.keyring_file import KEYRING_ENV, read_keyring_file, write_keyring_file
-from keyplane.tls import TlsError
 from keyplane.v1 import admin_service_pb2 as admin_pb2
-from keyplane_cli.admin import AdminClient, CliError, _admin_token, _common, _emit, _table
-from keyplane_cli.tls_flags import client_tls_from_args
+from keyplane_cli.admin import AdminClient, CliError, _common, _emit, _table, with_admin_client
 
 __all__ = ["add_master_key_commands", "keyring_path", "master_key_sources"]
 
@@ -199,11 +197,8 @@ def run_master_key(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         if args.action == "add":
             add_key(args, out)
             return 0
-        try:
-            client = AdminClient(args.server, _admin_token(args), client_tls_from_args(args))
-        except TlsError as exc:
-            raise CliError(str(exc)) from None
-        try:
+
+        def body(client: AdminClient) -> int:
             if args.action == "status":
                 resp = _status(client)
                 _emit(args, resp, status_text(resp), out)
@@ -215,13 +210,8 @@ def run_master_key(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 return rewrap(args, client, out, args.key_id or "")
             key_id = add_key(args, out)  # rotate
             return rewrap(args, client, out, key_id)
-        except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            sys.stderr.write(f"error: {code.name if code is not None else 'ERROR'}: {details}\n")
-            return 1
-        finally:
-            client.close()
+
+        return with_admin_client(args, body)
     except (MasterKeyError, OSError) as exc:
         raise CliError(str(exc)) from None
 

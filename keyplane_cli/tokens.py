@@ -10,14 +10,11 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from keyplane.tls import TlsError
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import resources_pb2
-from keyplane_cli.admin import AdminClient, CliError, _admin_token, _common, _emit, _table
-from keyplane_cli.tls_flags import client_tls_from_args
+from keyplane_cli.admin import AdminClient, _common, _emit, _table, with_admin_client
 
 __all__ = ["add_token_commands", "run_tokens"]
 
@@ -97,23 +94,14 @@ def _sidecar_tokens(args: argparse.Namespace, client: AdminClient, out: TextIO) 
 
 
 def run_tokens(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    try:
-        client = AdminClient(args.server, _admin_token(args), client_tls_from_args(args))
-    except TlsError as exc:
-        raise CliError(str(exc)) from None
-    try:
+    def body(client: AdminClient) -> int:
         if args.group == "admin-tokens":
             _admin_tokens(args, client, out)
         else:
             _sidecar_tokens(args, client, out)
         return 0
-    except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else None
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        sys.stderr.write(f"error: {code.name if code is not None else 'ERROR'}: {details}\n")
-        return 1
-    finally:
-        client.close()
+
+    return with_admin_client(args, body)
 
 
 def _revoke_flags(parser: argparse.ArgumentParser) -> None:
