@@ -35,8 +35,13 @@ REPORTS = 200
 CONCURRENCY = 50
 
 
-async def _cancelled_watch(stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub, rng: random.Random) -> None:
-    call = stub.Watch(spb.WatchRequest(sidecar_id=f"storm-{rng.random()}"), metadata=SIDECAR_MD)
+Metadata = tuple[tuple[str, str], ...]
+
+
+async def _cancelled_watch(
+    stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub, rng: random.Random, metadata: Metadata
+) -> None:
+    call = stub.Watch(spb.WatchRequest(sidecar_id=f"storm-{rng.random()}"), metadata=metadata)
     await asyncio.sleep(rng.uniform(0.0, 0.05))
     call.cancel()
     try:
@@ -59,7 +64,9 @@ def _outcome(tenant: str, index: int) -> spb.Outcome:
     )
 
 
-async def _cancelled_report(stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub, rng: random.Random) -> None:
+async def _cancelled_report(
+    stub: sidecar_service_pb2_grpc.SidecarServiceAsyncStub, rng: random.Random, metadata: Metadata
+) -> None:
     sent_one = asyncio.Event()
 
     async def batches() -> AsyncIterator[spb.ReportOutcomesRequest]:
@@ -70,7 +77,7 @@ async def _cancelled_report(stub: sidecar_service_pb2_grpc.SidecarServiceAsyncSt
             sent_one.set()
             await asyncio.sleep(rng.uniform(0.0, 0.005))
 
-    call = stub.ReportOutcomes(batches(), metadata=SIDECAR_MD)
+    call = stub.ReportOutcomes(batches(), metadata=metadata)
     await asyncio.wait_for(sent_one.wait(), 10)
     await asyncio.sleep(rng.uniform(0.0, 0.02))
     call.cancel()
@@ -116,6 +123,12 @@ async def test_cancel_storm_leaves_the_control_plane_serving(tmp_path: Path) -> 
         async with aio.insecure_channel(target) as channel:
             admin: admin_service_pb2_grpc.AdminServiceAsyncStub = admin_service_pb2_grpc.AdminServiceStub(channel)
             await admin.CreateTenant(apb.CreateTenantRequest(name="acme"), metadata=ADMIN_MD)
+            # Half the calls use a token managed through the API (their streams
+            # are wrapped to end on revocation), half the bootstrap token.
+            managed = await admin.CreateSidecarToken(
+                apb.CreateSidecarTokenRequest(label="storm", all_tenants=True), metadata=ADMIN_MD
+            )
+        tokens: list[Metadata] = [SIDECAR_MD, (("authorization", f"Bearer {managed.token}"),)]
         rng = random.Random(1234)
         limit = asyncio.Semaphore(CONCURRENCY)
 
@@ -130,10 +143,16 @@ async def test_cancel_storm_leaves_the_control_plane_serving(tmp_path: Path) -> 
                 sidecar_service_pb2_grpc.SidecarServiceStub(c) for c in channels
             ]
             await _bounded(
-                [asyncio.ensure_future(limited(_cancelled_watch(stubs[i % len(stubs)], rng))) for i in range(WATCHES)]
+                [
+                    asyncio.ensure_future(limited(_cancelled_watch(stubs[i % len(stubs)], rng, tokens[i % 2])))
+                    for i in range(WATCHES)
+                ]
             )
             await _bounded(
-                [asyncio.ensure_future(limited(_cancelled_report(stubs[i % len(stubs)], rng))) for i in range(REPORTS)]
+                [
+                    asyncio.ensure_future(limited(_cancelled_report(stubs[i % len(stubs)], rng, tokens[i % 2])))
+                    for i in range(REPORTS)
+                ]
             )
         finally:
             for channel in channels:
