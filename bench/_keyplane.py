@@ -48,6 +48,15 @@ def keyplane_src() -> Path:
     return Path(os.environ.get(SRC_ENV) or repo_root()).resolve()
 
 
+def keyplane_command(src: Path | None = None) -> list[str]:
+    """The ``keyplane`` command of the tree at ``src`` (trees before the CLI
+    moved above both apps have it at ``keyplane.cli``)."""
+    tree = src or keyplane_src()
+    if not (tree / "keyplane_cli").is_dir() and (tree / "keyplane" / "cli").is_dir():
+        return [sys.executable, "-m", "keyplane.cli"]
+    return list(KEYPLANE)
+
+
 def keyplane_env(extra: dict[str, str] | None = None, src: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # keyplane from the source tree first, then this harness (``bench``).
@@ -104,7 +113,7 @@ def start_control_plane(
         },
         src,
     )
-    command = list(argv) if argv is not None else [*KEYPLANE, "control-plane"]
+    command = list(argv) if argv is not None else [*keyplane_command(src), "control-plane"]
     command += [
         "--listen",
         "127.0.0.1:0",
@@ -177,7 +186,11 @@ def start_sidecar(
     """``keyplane sidecar`` on a free port (plus ``extra_args``); returns once /healthz says ready."""
     env = keyplane_env({"KEYPLANE_SIDECAR_TOKEN": cp.sidecar_token, "KEYPLANE_HOME": str(cp.home)}, cp.src)
     proc = Proc.start(
-        [*KEYPLANE, "sidecar", "--control-plane", cp.address, "--port", "0", "--log-level", "warning", *extra_args],
+        [
+            *keyplane_command(cp.src),
+            *("sidecar", "--control-plane", cp.address, "--port", "0", "--log-level", "warning"),
+            *extra_args,
+        ],
         ready=r"listening on (http://\S+)/v1",
         cpus=cpus,
         env=env,
