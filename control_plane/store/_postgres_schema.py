@@ -1,0 +1,150 @@
+"""The Postgres store's schema: its versioned migrations, oldest first.
+
+Append-only: never edit a shipped migration, add the next version instead
+(``migrations``). ``postgres.PostgresStore.migrate()`` applies them.
+"""
+
+from __future__ import annotations
+
+from control_plane.store.migrations import Migration
+
+__all__ = ["MIGRATIONS"]
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial schema",
+        (
+            """CREATE TABLE tenants (
+                name text CONSTRAINT tenants_pkey PRIMARY KEY,
+                created_at timestamptz NOT NULL
+            )""",
+            """CREATE TABLE provider_keys (
+                id text CONSTRAINT provider_keys_pkey PRIMARY KEY,
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                provider text NOT NULL,
+                label text NOT NULL,
+                base_url text NOT NULL,
+                status text NOT NULL,
+                weight integer NOT NULL,
+                allowed_models text[] NOT NULL,
+                secret_ciphertext bytea NOT NULL,
+                fingerprint text NOT NULL,
+                last4 text NOT NULL,
+                created_at timestamptz NOT NULL,
+                updated_at timestamptz NOT NULL,
+                CONSTRAINT provider_keys_tenant_label_key UNIQUE (tenant, label)
+            )""",
+            "CREATE INDEX provider_keys_by_tenant ON provider_keys (tenant, created_at, id)",
+            """CREATE TABLE routes (
+                id text CONSTRAINT routes_pkey PRIMARY KEY,
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                public_model text NOT NULL,
+                targets jsonb NOT NULL,
+                created_at timestamptz NOT NULL,
+                updated_at timestamptz NOT NULL,
+                CONSTRAINT routes_tenant_public_model_key UNIQUE (tenant, public_model)
+            )""",
+            "CREATE INDEX routes_by_tenant ON routes (tenant, created_at, id)",
+            """CREATE TABLE client_keys (
+                id text CONSTRAINT client_keys_pkey PRIMARY KEY,
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                label text NOT NULL,
+                prefix text NOT NULL,
+                token_sha256 bytea NOT NULL,
+                created_at timestamptz NOT NULL,
+                CONSTRAINT client_keys_tenant_label_key UNIQUE (tenant, label)
+            )""",
+            "CREATE INDEX client_keys_by_tenant ON client_keys (tenant, created_at, id)",
+            "CREATE INDEX client_keys_by_token ON client_keys (token_sha256)",
+            """CREATE TABLE changes (
+                version bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                tenant text NOT NULL,
+                kind text NOT NULL,
+                entity_id text NOT NULL,
+                op text NOT NULL,
+                created_at timestamptz NOT NULL DEFAULT now()
+            )""",
+        ),
+    ),
+    Migration(
+        2,
+        "learnt key and provider health",
+        (
+            # Only non-healthy entries are stored; model '' is key-wide.
+            """CREATE TABLE key_health (
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                key_id text NOT NULL REFERENCES provider_keys (id) ON DELETE CASCADE,
+                model text NOT NULL,
+                state text NOT NULL,
+                until timestamptz,
+                reason text NOT NULL,
+                updated_at timestamptz NOT NULL,
+                CONSTRAINT key_health_pkey PRIMARY KEY (key_id, model)
+            )""",
+            "CREATE INDEX key_health_by_tenant ON key_health (tenant, key_id, model)",
+            """CREATE TABLE provider_health (
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                provider text NOT NULL,
+                model text NOT NULL,
+                state text NOT NULL,
+                until timestamptz,
+                reason text NOT NULL,
+                updated_at timestamptz NOT NULL,
+                CONSTRAINT provider_health_pkey PRIMARY KEY (tenant, provider, model)
+            )""",
+        ),
+    ),
+    Migration(
+        3,
+        "revisions (etags) of mutable objects",
+        (
+            "ALTER TABLE tenants ADD COLUMN revision bigint NOT NULL DEFAULT 1",
+            "ALTER TABLE provider_keys ADD COLUMN revision bigint NOT NULL DEFAULT 1",
+            "ALTER TABLE routes ADD COLUMN revision bigint NOT NULL DEFAULT 1",
+            "ALTER TABLE client_keys ADD COLUMN revision bigint NOT NULL DEFAULT 1",
+        ),
+    ),
+    Migration(
+        4,
+        "audit log of admin writes",
+        (
+            # No foreign keys: the record of a tenant outlives the tenant.
+            """CREATE TABLE audit_events (
+                id bigint GENERATED ALWAYS AS IDENTITY CONSTRAINT audit_events_pkey PRIMARY KEY,
+                event_time timestamptz NOT NULL,
+                caller text NOT NULL CONSTRAINT audit_events_caller_check CHECK (caller <> ''),
+                method text NOT NULL CONSTRAINT audit_events_method_check CHECK (method <> ''),
+                tenant text NOT NULL,
+                resource_kind text NOT NULL,
+                resource_id text NOT NULL,
+                fields jsonb NOT NULL,
+                fingerprint text NOT NULL,
+                result text NOT NULL CONSTRAINT audit_events_result_check CHECK (result <> '')
+            )""",
+            "CREATE INDEX audit_events_by_time ON audit_events (event_time, id)",
+            "CREATE INDEX audit_events_by_tenant ON audit_events (tenant, id)",
+            "CREATE INDEX audit_events_by_resource ON audit_events (resource_id, id)",
+            "CREATE INDEX audit_events_by_kind ON audit_events (resource_kind, id)",
+        ),
+    ),
+    Migration(
+        5,
+        "admin and sidecar tokens managed through the API",
+        (
+            # Only the SHA-256 of a token; tenants NULL: every tenant.
+            """CREATE TABLE access_tokens (
+                id text CONSTRAINT access_tokens_pkey PRIMARY KEY,
+                kind text NOT NULL,
+                label text NOT NULL,
+                prefix text NOT NULL,
+                token_sha256 bytea NOT NULL CONSTRAINT access_tokens_token_sha256_key UNIQUE,
+                tenants text[],
+                created_at timestamptz NOT NULL,
+                revoked_at timestamptz,
+                revision bigint NOT NULL DEFAULT 1
+            )""",
+            "CREATE INDEX access_tokens_by_kind ON access_tokens (kind, created_at, id)",
+        ),
+    ),
+)

@@ -1,0 +1,150 @@
+"""The SQLite store's schema: its versioned migrations, oldest first.
+
+Append-only: never edit a shipped migration, add the next version instead
+(``migrations``). ``sqlite.SqliteStore.migrate()`` applies them.
+"""
+
+from __future__ import annotations
+
+from control_plane.store.migrations import Migration
+
+__all__ = ["MIGRATIONS"]
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "initial schema",
+        (
+            """CREATE TABLE tenants (
+                name TEXT PRIMARY KEY,
+                created_at TEXT NOT NULL
+            )""",
+            """CREATE TABLE provider_keys (
+                id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                provider TEXT NOT NULL,
+                label TEXT NOT NULL,
+                base_url TEXT NOT NULL,
+                status TEXT NOT NULL,
+                weight INTEGER NOT NULL,
+                allowed_models TEXT NOT NULL,
+                secret_ciphertext BLOB NOT NULL,
+                fingerprint TEXT NOT NULL,
+                last4 TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                UNIQUE (tenant, label)
+            )""",
+            "CREATE INDEX provider_keys_by_tenant ON provider_keys (tenant, created_at, id)",
+            """CREATE TABLE routes (
+                id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                public_model TEXT NOT NULL,
+                targets TEXT NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                UNIQUE (tenant, public_model)
+            )""",
+            "CREATE INDEX routes_by_tenant ON routes (tenant, created_at, id)",
+            """CREATE TABLE client_keys (
+                id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                label TEXT NOT NULL,
+                prefix TEXT NOT NULL,
+                token_sha256 BLOB NOT NULL,
+                created_at TEXT NOT NULL,
+                UNIQUE (tenant, label)
+            )""",
+            "CREATE INDEX client_keys_by_tenant ON client_keys (tenant, created_at, id)",
+            "CREATE INDEX client_keys_by_token ON client_keys (token_sha256)",
+            """CREATE TABLE changes (
+                version INTEGER PRIMARY KEY AUTOINCREMENT,
+                tenant TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                entity_id TEXT NOT NULL,
+                op TEXT NOT NULL,
+                created_at TEXT NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        2,
+        "learnt key and provider health",
+        (
+            # Only non-healthy entries are stored; model '' is key-wide.
+            """CREATE TABLE key_health (
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                key_id TEXT NOT NULL REFERENCES provider_keys(id) ON DELETE CASCADE,
+                model TEXT NOT NULL,
+                state TEXT NOT NULL,
+                until TEXT,
+                reason TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (key_id, model)
+            )""",
+            "CREATE INDEX key_health_by_tenant ON key_health (tenant, key_id, model)",
+            """CREATE TABLE provider_health (
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                provider TEXT NOT NULL,
+                model TEXT NOT NULL,
+                state TEXT NOT NULL,
+                until TEXT,
+                reason TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (tenant, provider, model)
+            )""",
+        ),
+    ),
+    Migration(
+        3,
+        "revisions (etags) of mutable objects",
+        (
+            "ALTER TABLE tenants ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+            "ALTER TABLE provider_keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+            "ALTER TABLE routes ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+            "ALTER TABLE client_keys ADD COLUMN revision INTEGER NOT NULL DEFAULT 1",
+        ),
+    ),
+    Migration(
+        4,
+        "audit log of admin writes",
+        (
+            # No foreign keys: the record of a tenant outlives the tenant.
+            """CREATE TABLE audit_events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                event_time TEXT NOT NULL,
+                caller TEXT NOT NULL CHECK (caller <> ''),
+                method TEXT NOT NULL CHECK (method <> ''),
+                tenant TEXT NOT NULL,
+                resource_kind TEXT NOT NULL,
+                resource_id TEXT NOT NULL,
+                fields TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                result TEXT NOT NULL CHECK (result <> '')
+            )""",
+            "CREATE INDEX audit_events_by_time ON audit_events (event_time, id)",
+            "CREATE INDEX audit_events_by_tenant ON audit_events (tenant, id)",
+            "CREATE INDEX audit_events_by_resource ON audit_events (resource_id, id)",
+            "CREATE INDEX audit_events_by_kind ON audit_events (resource_kind, id)",
+        ),
+    ),
+    Migration(
+        5,
+        "admin and sidecar tokens managed through the API",
+        (
+            # Only the SHA-256 of a token; tenants: a JSON array, NULL for every tenant.
+            """CREATE TABLE access_tokens (
+                id TEXT PRIMARY KEY,
+                kind TEXT NOT NULL,
+                label TEXT NOT NULL,
+                prefix TEXT NOT NULL,
+                token_sha256 BLOB NOT NULL UNIQUE,
+                tenants TEXT,
+                created_at TEXT NOT NULL,
+                revoked_at TEXT,
+                revision INTEGER NOT NULL DEFAULT 1
+            )""",
+            "CREATE INDEX access_tokens_by_kind ON access_tokens (kind, created_at, id)",
+        ),
+    ),
+)
