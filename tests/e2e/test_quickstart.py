@@ -199,6 +199,7 @@ async def test_disable_and_delete_reach_every_sidecar_within_a_second(
         # With no usable key left the app gets a clear OpenAI-shaped error, not a hang.
         await dep.ok("keys", "disable", "-t", "acme", first_id)
         await asyncio.sleep(1.0)
+        before = len(upstream.chat_requests())
         async with httpx.AsyncClient() as client:
             for url in sidecars:
                 resp = await client.post(
@@ -207,7 +208,17 @@ async def test_disable_and_delete_reach_every_sidecar_within_a_second(
                     json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]},
                 )
                 assert resp.status_code == 503
-                assert "error" in resp.json()
+                assert resp.headers["content-type"].startswith("application/json")
+                assert resp.json() == {
+                    "error": {
+                        "message": "No usable provider key for model 'gpt-test'.",
+                        "type": "upstream_error",
+                        "param": "model",
+                        "code": "no_usable_key",
+                    }
+                }
+        # Said without trying the disabled key upstream.
+        assert len(upstream.chat_requests()) == before
     finally:
         assert await other.stop() == 0, other.output
 
