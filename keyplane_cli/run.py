@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,24 @@ def _parse_sidecar_tokens(path: Path) -> dict[str, tuple[str, ...]]:
     return tokens
 
 
+async def _start(starting: Awaitable[None], address: str, flag: str) -> None:
+    """Await a server's start; an address it cannot bind is one line naming
+    the address and the flag that sets it, not a traceback."""
+    try:
+        await starting
+    except OSError as exc:
+        if not _is_bind_error(exc):
+            raise
+        detail = exc.strerror.lower() if exc.strerror else "the address is in use or not available here"
+        raise SystemExit(f"keyplane: cannot listen on {address}: {detail} (choose another with {flag})") from None
+
+
+def _is_bind_error(exc: OSError) -> bool:
+    from control_plane.server import ListenError
+
+    return isinstance(exc, ListenError) or exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+
+
 def _stop_on_signals() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM. Installed before anything starts,
     so a signal sent as soon as the ready line is printed stops the process
@@ -101,7 +120,7 @@ async def _run_up(args: argparse.Namespace) -> int:
         )
     )
     try:
-        await cp.start()
+        await _start(cp.start(), args.listen, "--listen")
     except MasterKeyError as exc:
         raise SystemExit(f"up: {exc}") from None
     host = args.listen.rsplit(":", 1)[0]
@@ -116,7 +135,7 @@ async def _run_up(args: argparse.Namespace) -> int:
         )
     )
     try:
-        await sc.start()
+        await _start(sc.start(), f"{args.host}:{args.port}", "--host/--port")
         lines = [
             f"keyplane control plane listening on {target} (store: {redact_url(store_url)})",
             f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1",
@@ -178,7 +197,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
         raise SystemExit(f"control-plane: {exc}") from None
     cp = ControlPlane(config)
     try:
-        await cp.start()
+        await _start(cp.start(), args.listen, "--listen")
     except (TlsError, MasterKeyError) as exc:
         raise SystemExit(f"control-plane: {exc}") from None
     print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
@@ -232,7 +251,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         raise SystemExit(f"sidecar: {exc}") from None
     sc = Sidecar(config)
     try:
-        await sc.start()
+        await _start(sc.start(), f"{args.host}:{args.port}", "--host/--port")
     except TlsError as exc:
         raise SystemExit(f"sidecar: {exc}") from None
     print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
@@ -271,9 +290,15 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     handlers["up"] = _runner(_run_up)
 
     cp = sub.add_parser("control-plane", help="run the control plane")
-    cp.add_argument("--listen", default="0.0.0.0:50051")
+    cp.add_argument(
+        "--listen",
+        default="0.0.0.0:50051",
+        help="gRPC address (default 0.0.0.0:50051; off loopback it needs TLS or --insecure-plaintext)",
+    )
     cp.add_argument("--store", required=True, help="sqlite:///path.db or postgresql://user@host/db[?schema=s]")
-    cp.add_argument("--admin-token-file", type=Path)
+    cp.add_argument(
+        "--admin-token-file", type=Path, help="file holding the bootstrap admin token (else KEYPLANE_ADMIN_TOKEN)"
+    )
     cp.add_argument("--sidecar-tokens-file", type=Path, help="lines of '<token> <tenant,tenant|*>'")
     cp.add_argument("--master-key-file", type=Path, help="base64 32-byte key (else KEYPLANE_MASTER_KEY)")
     cp.add_argument(
@@ -289,8 +314,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     sc.add_argument("--control-plane", default="127.0.0.1:50051", help="control plane gRPC address")
     sc.add_argument("--token-file", type=Path, help="sidecar token file (else KEYPLANE_SIDECAR_TOKEN)")
     sc.add_argument("--tenant", action="append", help="tenant to serve (repeatable; default all the token allows)")
-    sc.add_argument("--host", default="127.0.0.1")
-    sc.add_argument("--port", type=int, default=8787)
+    sc.add_argument("--host", default="127.0.0.1", help="HTTP address apps call (keep it on loopback)")
+    sc.add_argument("--port", type=int, default=8787, help="HTTP port apps call (0 = any free port)")
     sc.add_argument(
         "--no-outcome-reports",
         action="store_true",
@@ -328,4 +353,6 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)
     for parser in (up, cp, sc):
-        parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        parser.add_argument(
+            "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
+        )
