@@ -398,7 +398,7 @@ def _sidecars_table(sidecars: Sequence[admin_pb2.SidecarInfo]) -> str:
     rows = [
         (
             s.sidecar_id or "-",
-            ",".join(s.tenants) or "*",
+            "*" if s.all_tenants else ",".join(s.tenants),
             s.peer,
             datetime.fromtimestamp(s.connect_time.ToNanoseconds() / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             str(s.version),
