@@ -107,3 +107,12 @@ def test_the_committed_stubs_are_what_buf_generates(tmp_path: Path) -> None:
     assert fresh_files, "buf generated nothing"
     _, mismatch, errors = filecmp.cmpfiles(fresh, committed, [str(p) for p in fresh_files], shallow=False)
     assert (mismatch, errors) == ([], []), "clients/ts/gen is stale: run `npm --prefix clients/ts run generate`"
+
+
+def test_the_readme_example_is_the_typechecked_example_file() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```typescript\n", readme.index("## Clients in other languages")) + len("```typescript\n")
+    snippet = readme[start : readme.index("```\n", start)]
+    example = (TS / "src" / "example.ts").read_text()
+    code = "".join(line for line in example.splitlines(keepends=True) if not line.startswith("//"))
+    assert snippet == code, "README's TypeScript example differs from clients/ts/src/example.ts"
