@@ -48,7 +48,7 @@ class EdgeLimits:
     body_timeout: float = 30.0
 
 
-# How long a refused connection's leftovers are read and dropped before it is closed.
+# How long a refused connection stays half-open (answer sent, nothing read) before it is closed.
 LINGER = 1.0
 
 
@@ -158,6 +158,12 @@ class EdgeProtocol(HttpToolsProtocol):
             # Still no end of head after the limit: cut it here (at most one read past it).
             self._refuse(head_too_large(limits.max_head_bytes))
 
+    def shutdown(self) -> None:
+        if self._refused:
+            self.transport.close()  # answered already; no need to linger through a shutdown
+            return
+        super().shutdown()
+
     def send_400_response(self, msg: str) -> None:
         # uvicorn's plain-text 400; data_received above no longer calls it, kept JSON all the same.
         self._refuse(malformed())
@@ -250,9 +256,11 @@ class EdgeProtocol(HttpToolsProtocol):
         if not transport.can_write_eof():
             transport.close()
             return
-        # Half-close and drop what still arrives for a moment: closing with unread
-        # bytes would reset the connection and could destroy the answer in flight.
+        # Half-close, stop reading, and close a moment later: closing at once with
+        # unread bytes would reset the connection and could destroy the answer in
+        # flight; not reading bounds what a flooding client costs meanwhile.
         transport.write_eof()
+        transport.pause_reading()
         self._timer = self.loop.call_later(LINGER, transport.close)
 
     def _arm(self, seconds: float, what: str) -> None:
