@@ -27,12 +27,13 @@ connection is closed and nothing more it sends is parsed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from . import errors
 
@@ -207,8 +208,12 @@ class EdgeProtocol(HttpToolsProtocol):
         self._in_head = False
         self._disarm()
         super().on_headers_complete()
-        if upgrade and self.cycle is not None:
-            self.cycle.keep_alive = False
+        cycle = self.cycle
+        if cycle is not None:
+            # An exception in the app before its answer: a JSON 500, not uvicorn's plain text.
+            setattr(cycle, "send_500_response", functools.partial(_send_500, cycle))  # noqa: B010
+            if upgrade:
+                cycle.keep_alive = False
         self._arm(limits.body_timeout, "body")
 
     def on_body(self, body: bytes) -> None:
@@ -282,6 +287,24 @@ class EdgeProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self._refuse(request_timeout(what, seconds))
+
+
+_INTERNAL_ERROR = errors.error_body("The sidecar failed to handle the request.", "server_error", code="internal_error")
+
+
+async def _send_500(cycle: RequestResponseCycle) -> None:
+    await cycle.send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(_INTERNAL_ERROR)),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await cycle.send({"type": "http.response.body", "body": _INTERNAL_ERROR, "more_body": False})
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

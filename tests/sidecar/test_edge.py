@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
+from sidecar.edge_protocol import EdgeLimits, edge_protocol
 from sidecar.server import Sidecar
 from tests.fakes.upstream import FakeUpstream
 
@@ -212,3 +216,29 @@ async def test_pathological_json_gets_400_and_never_reaches_the_upstream(
     assert error["type"] == "invalid_request_error"
     assert fragment in str(error["message"])
     assert upstream.requests == []
+
+
+async def test_an_exception_in_the_app_is_an_openai_shaped_500() -> None:
+    # The edge protocol alone, serving an ASGI app that fails before answering.
+    async def boom(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    config = uvicorn.Config(
+        boom, http=edge_protocol(EdgeLimits()), ws="none", lifespan="off", log_config=None, log_level="critical"
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event
+            await asyncio.sleep(0.01)
+        got = await exchange(sock.getsockname()[1], b"GET /anything HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert got.status == 500
+        assert got.openai_error()["type"] == "server_error"
+        assert b"boom" not in got.raw
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
