@@ -125,6 +125,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._body_bytes = 0
         self._refused = False
         self._refusal: errors.ErrorResponse | None = None
+        # A refusal waiting for an earlier request's answer to finish.
+        self._deferred: errors.ErrorResponse | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     # --- connection ------------------------------------------------------------------
@@ -160,7 +162,7 @@ class EdgeProtocol(HttpToolsProtocol):
             self._refuse(head_too_large(limits.max_head_bytes))
 
     def shutdown(self) -> None:
-        if self._refused:
+        if self._refused and self._deferred is None:
             self.transport.close()  # answered already; no need to linger through a shutdown
             return
         super().shutdown()
@@ -236,25 +238,45 @@ class EdgeProtocol(HttpToolsProtocol):
         raise _Refuse(error)
 
     def _refuse(self, error: errors.ErrorResponse | None) -> None:
-        """Answer ``error`` (when no response of the app has started) and close."""
+        """Answer ``error`` and close; nothing more from this connection is parsed.
+
+        In a head, the cycle is the previous request's: when its answer is still
+        going out (a pipelining client), the refusal waits for it (and for the
+        requests queued behind it), then goes out. In a body, the cycle is this
+        request's: answered when its app has not started an answer, else closed."""
         if self._refused:
             return
         self._refused = True
         self._disarm()
         cycle = self.cycle
         transport = self.transport
-        if cycle is None:
-            writable = True
-        elif self._in_head:
-            # The cycle is the previous request's: answer only once its response is complete.
-            writable = cycle.response_complete
-        else:
-            writable = not cycle.response_started
+        if self._in_head:
+            if error is not None and cycle is not None and not cycle.response_complete:
+                self._deferred = error
+                transport.pause_reading()
+                return
+            self._answer_and_close(error)
+            return
+        writable = not self.pipeline and (cycle is None or not cycle.response_started)
         if cycle is not None and not cycle.response_complete:
             # The app (if it runs) sees a disconnect and writes nothing more.
             cycle.disconnected = True
             cycle.message_event.set()
-        if error is None or not writable or transport.is_closing():
+        if not writable:
+            transport.close()
+            return
+        self._answer_and_close(error)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        error = self._deferred
+        if error is not None and not self.pipeline and self.cycle.response_complete:
+            self._deferred = None
+            self._answer_and_close(error)
+
+    def _answer_and_close(self, error: errors.ErrorResponse | None) -> None:
+        transport = self.transport
+        if error is None or transport.is_closing():
             transport.close()
             return
         transport.write(_answer(error))
@@ -266,6 +288,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # flight; not reading bounds what a flooding client costs meanwhile.
         transport.write_eof()
         transport.pause_reading()
+        self._disarm()
         self._timer = self.loop.call_later(LINGER, transport.close)
 
     def _arm(self, seconds: float, what: str) -> None:
@@ -280,6 +303,11 @@ class EdgeProtocol(HttpToolsProtocol):
     def _expired(self, what: str, seconds: float) -> None:
         self._timer = None
         if self.transport is None or self.transport.is_closing():
+            return
+        if self.pipeline or (self._in_head and self.cycle is not None and not self.cycle.response_complete):
+            # Waiting behind an answer in progress (a pipelining client): reading is
+            # paused meanwhile, and that answer's own deadline bounds the wait.
+            self._arm(seconds, what)
             return
         if what == "head" and self._head_bytes == 0:
             # Nothing of a request arrived: an idle connection, closed without an answer.

@@ -242,3 +242,21 @@ async def test_an_exception_in_the_app_is_an_openai_shaped_500() -> None:
         server.should_exit = True
         await serving
         sock.close()
+
+
+async def test_garbage_after_pipelined_requests_is_answered_after_their_answers(edge: Sidecar) -> None:
+    valid = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    try:
+        writer.write(valid + valid + b"GARBAGE\r\n\r\n")
+        async with asyncio.timeout(5.0):
+            raw = await reader.read(-1)  # to the close
+    finally:
+        writer.close()
+    answers = raw.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"200", b"400"], raw
+    head, _, body = answers[2].partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head
+    assert json.loads(body)["error"]["code"] == "bad_request"
+    for answer in answers[:2]:
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["status"] == "ok"
