@@ -260,3 +260,34 @@ async def test_garbage_after_pipelined_requests_is_answered_after_their_answers(
     assert json.loads(body)["error"]["code"] == "bad_request"
     for answer in answers[:2]:
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["status"] == "ok"
+
+
+async def test_the_uvicorn_internals_the_edge_relies_on() -> None:
+    # The edge subclasses uvicorn's httptools protocol (pinned in pyproject.toml):
+    # an upgrade that moves these fails here first.
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+    assert uvicorn.__version__.startswith("0.54."), uvicorn.__version__
+    for name in (
+        "data_received",
+        "send_400_response",
+        "on_message_begin",
+        "on_url",
+        "on_header",
+        "on_headers_complete",
+        "on_body",
+        "on_message_complete",
+        "on_response_complete",
+        "shutdown",
+        "_unset_keepalive_if_required",
+    ):
+        assert callable(getattr(HttpToolsProtocol, name)), name
+    assert callable(RequestResponseCycle.send_500_response)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    config = uvicorn.Config(app, log_config=None)
+    protocol = edge_protocol(EdgeLimits())(config=config, server_state=uvicorn.server.ServerState(), app_state={})
+    for attribute in ("parser", "pipeline", "cycle", "flow", "loop", "logger"):
+        assert hasattr(protocol, attribute), attribute
