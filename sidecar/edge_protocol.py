@@ -6,7 +6,9 @@ uvicorn answers bad framing with a plain-text 400 ("Invalid HTTP request
 received."), has no limit on a request head (httptools gathers a header of any
 size in memory) and no timeout on a request that stops half way. This subclass:
 
-- answers every parse error with a JSON 400 (``send_400_response``);
+- answers every parse error with a JSON 400 (``data_received``; uvicorn's
+  ``send_400_response`` is overridden too) and an exception in the app before
+  its answer with a JSON 500 (in place of uvicorn's plain text);
 - refuses a head larger than ``max_head_bytes`` or with more than
   ``max_headers`` fields with 431, counting raw bytes as they arrive (so a
   huge header is cut after the limit, not buffered);
@@ -19,9 +21,11 @@ size in memory) and no timeout on a request that stops half way. This subclass:
   an ``Upgrade`` request without one is answered normally and the connection
   closed after it (there is nothing to upgrade to).
 
-An answer is written only while no response of the app has started on the
-connection; otherwise the connection is just closed. After a refusal the
-connection is closed and nothing more it sends is parsed.
+An answer is written only while no response of the app has started for the
+request; otherwise the connection is just closed. A refusal in the head of a
+pipelined request waits until the answers before it are out. After a refusal
+nothing more the connection sends is parsed; it is half-closed and closed
+``LINGER`` later (closing with unread bytes would reset the answer away).
 """
 
 from __future__ import annotations
