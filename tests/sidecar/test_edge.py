@@ -105,7 +105,7 @@ async def test_a_huge_header_is_cut_after_the_limit_and_healthz_keeps_answering(
     # Cut within the limit plus a read or two, and socket buffers (kernel side, both ends).
     assert sent < 32 * 1024 * 1024, sent
     assert took < 5.0
-    assert worst < 0.5, worst
+    assert worst < 1.0, worst  # (the flood runs in the same event loop as the sidecar)
 
 
 async def test_a_head_that_stops_half_way_gets_408(edge: Sidecar) -> None:
