@@ -18,6 +18,7 @@ from keyplane.home import Home, ensure_private_dir, read_token_file
 from keyplane.runtime import tune_gc
 from keyplane.tls import TlsError, is_loopback_listen
 from keyplane_cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
+from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
 from keyplane_cli.tls_flags import (
@@ -132,6 +133,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             health_policy=health_policy,
+            **edge_options_from_args(args),
         )
     )
     try:
@@ -228,6 +230,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         upstream_trust_env=args.upstream_trust_env,
         upstream_ca_file=str(args.upstream_ca_file) if args.upstream_ca_file else None,
         control_plane_tls=client_tls_from_args(args),
+        **edge_options_from_args(args),
     )
 
 
@@ -287,6 +290,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     up.add_argument("--host", default="127.0.0.1", help="sidecar HTTP host (keep it on loopback)")
     up.add_argument("--port", type=int, default=8787, help="sidecar HTTP port (0 = any free port)")
     up.add_argument("--store", help="store URL instead of the embedded SQLite file")
+    add_edge_flags(up)
     handlers["up"] = _runner(_run_up)
 
     cp = sub.add_parser("control-plane", help="run the control plane")
@@ -344,6 +348,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     upstream.add_argument(
         "--upstream-ca-file", type=Path, help="PEM bundle to verify upstream TLS against (default: the system's)"
     )
+    add_edge_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
 

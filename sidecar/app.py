@@ -43,6 +43,7 @@ from .proxy import (
     run_attempts,
 )
 from .reporter import OutcomeReporter
+from .request_json import RequestJsonError, parse_request_json
 from .router import Attempt, Balancer, plan_attempts
 from .state import SidecarState
 from .upstream import FORWARDED_REQUEST_HEADERS, UpstreamClient
@@ -358,11 +359,9 @@ class SidecarApp:
         if raw is None:
             return await _send_error(send, errors.body_too_large(self.max_body_bytes))
         try:
-            payload = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return await _send_error(send, errors.invalid_request("We could not parse the JSON body of your request."))
-        if not isinstance(payload, dict):
-            return await _send_error(send, errors.invalid_request("The request body must be a JSON object."))
+            payload = parse_request_json(raw)
+        except RequestJsonError as exc:
+            return await _send_error(send, errors.invalid_request(str(exc)))
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             return await _send_error(send, errors.invalid_request("you must provide a model parameter", param="model"))

@@ -77,6 +77,15 @@ class SidecarConfig:
     report_max_age: float = 30.0
     # How long stop() spends flushing queued outcomes.
     report_flush_timeout: float = 1.0
+    # The app-facing HTTP edge (sidecar/edge_protocol.py): a request head (request
+    # line and header fields) larger than this, or with more fields, is refused
+    # with 431; a head that has not arrived within request_head_timeout of its
+    # first byte, or a body within request_body_timeout of its head, gets 408 and
+    # the connection is closed.
+    max_request_head_bytes: int = 64 * 1024
+    max_request_headers: int = 100
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.control_plane_target:
@@ -87,6 +96,10 @@ class SidecarConfig:
             raise ValueError("max_attempts must be at least 1")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
+        if self.max_request_head_bytes < 1024:
+            raise ValueError("max_request_head_bytes must be at least 1024")
+        if self.max_request_headers < 1:
+            raise ValueError("max_request_headers must be at least 1")
         if self.upstream_limit_per_host < 1:
             raise ValueError("upstream_limit_per_host must be at least 1")
         if self.upstream_ca_file is not None and not os.path.isfile(self.upstream_ca_file):
@@ -106,6 +119,8 @@ class SidecarConfig:
             "report_interval",
             "report_failure_interval",
             "report_max_age",
+            "request_head_timeout",
+            "request_body_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -25,6 +25,7 @@ import uvicorn
 from .app import SidecarApp
 from .channel import ChannelSource
 from .config import SidecarConfig
+from .edge_protocol import EdgeLimits, edge_protocol
 from .metrics import SidecarMetrics
 from .reporter import OutcomeReporter
 from .router import Balancer
@@ -141,7 +142,17 @@ class Sidecar:
             self._port = int(sock.getsockname()[1])
             uv_config = uvicorn.Config(
                 self.app,
-                http="httptools",
+                # httptools with limits, timeouts and OpenAI-shaped refusals; no WebSockets.
+                http=edge_protocol(
+                    EdgeLimits(
+                        max_head_bytes=self.config.max_request_head_bytes,
+                        max_headers=self.config.max_request_headers,
+                        max_body_bytes=self.config.max_body_bytes,
+                        head_timeout=self.config.request_head_timeout,
+                        body_timeout=self.config.request_body_timeout,
+                    )
+                ),
+                ws="none",
                 lifespan="off",
                 log_level="warning",
                 log_config=None,
