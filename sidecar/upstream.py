@@ -1,28 +1,63 @@
-"""Calls to upstream providers over one shared, pooled HTTP client (``http_client``).
+"""Calls to upstream providers over one pooled ``aiohttp.ClientSession``.
+
+This module owns the sidecar's HTTP client (STYLE.md item 10): aiohttp's
+``ClientSession`` and its connector, tuned once when the sidecar starts, and
+a narrow interface for the attempt loop (``UpstreamClient.send`` ->
+``UpstreamResponse``). Nothing of aiohttp leaks past it: callers see our
+own response type and our own ``UpstreamError`` classes.
 
 Every provider is spoken to through its OpenAI-compatible chat completions
 endpoint; only the base URL and the credential header differ. The request
 built here carries the provider secret, so it is never logged or repr'd.
+
+What the tuning guarantees (each tested through real sockets in
+tests/sidecar/test_upstream_client.py):
+
+- a POST is written at most once per call: aiohttp retries a request on a
+  reused connection the server closed only for idempotent methods, so a
+  dead keep-alive connection fails the attempt and the attempt loop decides;
+- a connection goes back to the pool only with its answer read to the end
+  and nothing else waiting on it (aiohttp's ``should_close``);
+- response heads are bounded (``max_line_size``, ``max_field_size``,
+  ``max_headers``), and ``read(limit)`` refuses a body over ``limit``;
+- at most ``limit_per_host`` connections per host, waiters served in order;
+- TLS verified against the system's CAs plus ``ca_file`` (or ``ca_file`` only).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Mapping
+import ssl
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
+
+import aiohttp
 
 from keyplane.domain import Provider
+from keyplane.health.classify import ExceptionKind
 
-from .http_client import HttpClient, HttpResponse
 from .router import Attempt
 
 __all__ = [
     "DEFAULT_BASE_URLS",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_HEADERS",
+    "DEFAULT_MAX_HEADER_SIZE",
     "FORWARDED_REQUEST_HEADERS",
+    "UpstreamAnswerCut",
     "UpstreamClient",
     "UpstreamConfigError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamMalformed",
     "UpstreamRequest",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "UpstreamTlsError",
+    "UpstreamTooLarge",
     "build_request",
+    "make_ssl_context",
 ]
 
 DEFAULT_BASE_URLS: Mapping[Provider, str] = {
@@ -32,13 +67,77 @@ DEFAULT_BASE_URLS: Mapping[Provider, str] = {
     Provider.OPENROUTER: "https://openrouter.ai/api/v1",
 }
 
-# The only app request headers passed upstream; the app's Authorization (its
-# client key) and every hop-by-hop header stay behind.
-FORWARDED_REQUEST_HEADERS: frozenset[str] = frozenset({"accept", "user-agent"})
+# The only app request headers passed upstream (lower case); the app's
+# Authorization (its client key) and every hop-by-hop header stay behind.
+# ``x-request-id`` is always set: the app's, or the one the sidecar made up.
+FORWARDED_REQUEST_HEADERS: frozenset[str] = frozenset(
+    {"accept", "user-agent", "x-request-id", "traceparent", "tracestate", "openai-beta"}
+)
+
+# Limits on an upstream's answer (aiohttp's own defaults for the head).
+DEFAULT_MAX_HEADER_SIZE = 8190  # bytes in the status line and in any one header line
+DEFAULT_MAX_HEADERS = 128  # header lines in one response head
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streamed answer held in memory
+
+# Headers aiohttp would add on its own: no Accept-Encoding (bodies are passed
+# through undecoded, so the upstream must not compress), no default
+# User-Agent or Accept (the app's are forwarded when it sends them).
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
 
 
 class UpstreamConfigError(Exception):
-    """The attempt cannot be sent: its key or target lacks a base URL."""
+    """The attempt cannot be sent: its key or target lacks a usable base URL."""
+
+
+class UpstreamError(Exception):
+    """No usable answer from the upstream. ``kind`` is what went wrong for
+    ``keyplane.health.classify_exception``, ``label`` the metrics label.
+    Messages name the origin at most, never a header: requests carry secrets."""
+
+    kind: ClassVar[ExceptionKind] = "cut"
+    label: ClassVar[str] = "cut"
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection: refused, unreachable, DNS, a proxy that refused the tunnel."""
+
+    kind = "connect"
+    label = "connect_error"
+
+
+class UpstreamTlsError(UpstreamError):
+    """The TLS handshake failed: an untrusted certificate, a hostname mismatch."""
+
+    kind = "tls"
+    label = "tls_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    """Connecting, the first byte, a silence between two bytes, or the deadline."""
+
+    kind = "timeout"
+    label = "timeout"
+
+
+class UpstreamMalformed(UpstreamError):
+    """The answer is not HTTP/1.1 as it must be (or its head is over the limits)."""
+
+    kind = "malformed"
+    label = "malformed"
+
+
+class UpstreamAnswerCut(UpstreamError):
+    """The connection closed before the answer was complete (or before it began)."""
+
+    kind = "cut"
+    label = "cut"
+
+
+class UpstreamTooLarge(UpstreamError):
+    """A non-streamed answer over the body limit."""
+
+    kind = "too_large"
+    label = "too_large"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +162,7 @@ def _base_url(attempt: Attempt) -> str:
 
 
 # Forwarded app headers first, then the credential: the order ``build_request`` always had.
-_FORWARDED_ORDER: tuple[str, ...] = tuple(FORWARDED_REQUEST_HEADERS)
+_FORWARDED_ORDER: tuple[str, ...] = tuple(sorted(FORWARDED_REQUEST_HEADERS))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -71,6 +170,11 @@ def _fixed_part(base_url: str, provider: Provider, secret: str) -> tuple[str, tu
     """The URL and credential header of (base URL, provider, secret); bounded cache,
     so a rotated secret ages out. Nothing here is logged or repr'd."""
     url = base_url.rstrip("/") + "/chat/completions"
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest or any(c in url for c in " \t\r\n"):
+        raise UpstreamConfigError(f"base URL is not an absolute http(s) URL: {scheme[:10] or '?'}://...")
+    if any(c in secret for c in "\r\n\0"):
+        raise UpstreamConfigError("the key's secret holds a line break")
     credential: tuple[tuple[str, str], ...] = ()
     if secret:
         if provider is Provider.AZURE_OPENAI:
@@ -87,15 +191,143 @@ def build_request(attempt: Attempt, app_headers: Mapping[str, str]) -> UpstreamR
     headers = {"content-type": "application/json"}
     for name in _FORWARDED_ORDER:
         value = app_headers.get(name)
-        if value:
+        if value and "\r" not in value and "\n" not in value:
             headers[name] = value
     for name, value in credential:
         headers[name] = value
     return UpstreamRequest(url=url, headers=headers)
 
 
+def make_ssl_context(ca_file: str | None = None, *, ca_file_only: bool = False) -> ssl.SSLContext:
+    """The upstream TLS context: the system's CAs plus ``ca_file``, or ``ca_file`` alone."""
+    if ca_file_only:
+        if ca_file is None:
+            raise ValueError("ca_file_only needs a ca_file")
+        return ssl.create_default_context(cafile=ca_file)
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def _translate(exc: BaseException, *, answering: bool) -> UpstreamError:
+    """Our error for aiohttp's (or asyncio's) ``exc``; ``answering``: the head is in."""
+    error: UpstreamError
+    if isinstance(exc, TimeoutError):  # aiohttp's timeouts subclass it
+        error = UpstreamTimeout("the upstream timed out")
+    elif isinstance(exc, aiohttp.ClientSSLError):
+        inner = getattr(exc, "certificate_error", None) or exc.os_error
+        error = UpstreamTlsError(f"TLS handshake with {exc.host}:{exc.port} failed: {type(inner).__name__}")
+    elif isinstance(exc, aiohttp.ClientHttpProxyError):
+        error = UpstreamConnectError(f"the proxy refused the tunnel ({exc.status})")
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        error = UpstreamConnectError(f"cannot connect to {exc.host}:{exc.port}")
+    elif isinstance(exc, aiohttp.ClientResponseError):
+        # The parser's verdict (its ``status`` is the one it would answer with, not the upstream's).
+        error = UpstreamMalformed(f"malformed answer: {str(exc.message)[:120]}")
+    elif isinstance(exc, aiohttp.ClientPayloadError):
+        error = UpstreamAnswerCut("the connection closed in the middle of the answer")
+    elif isinstance(exc, aiohttp.ServerDisconnectedError):
+        where = "in the middle of" if answering else "before"
+        error = UpstreamAnswerCut(f"the connection closed {where} the answer")
+    elif isinstance(exc, aiohttp.ClientError | OSError):
+        error = UpstreamAnswerCut(f"the connection failed: {type(exc).__name__}")
+    else:  # pragma: no cover - every aiohttp failure is one of the above
+        error = UpstreamError(type(exc).__name__)
+    return error
+
+
+class UpstreamResponse:
+    """An upstream's answer: status and head at once, the body as it arrives.
+
+    Read the body (``read``, ``readany``, ``iter_chunks``), then ``release()``
+    (the connection goes back to the pool only when the body was read to its
+    end and nothing else came after it) or ``close()`` (the connection is
+    dropped). Read errors are ``UpstreamError``s."""
+
+    __slots__ = ("_headers", "_response", "raw_headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status: int = response.status
+        # As received: original case, duplicates kept.
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] = response.raw_headers
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Lower-case names; a repeated header's values joined with ", "."""
+        headers = self._headers
+        if headers is None:
+            headers = {}
+            for raw_name, raw_value in self.raw_headers:
+                name = raw_name.decode("latin-1").lower()
+                value = raw_value.decode("latin-1")
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            self._headers = headers
+        return headers
+
+    @property
+    def content_type(self) -> str:
+        """The media type, lower case, without parameters ("" when absent)."""
+        return self.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+    def at_eof(self) -> bool:
+        """The whole body arrived and was read."""
+        return self._response.content.at_eof()
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body; ``UpstreamTooLarge`` when it is over ``limit`` bytes."""
+        declared = self._response.content_length
+        if declared is not None and declared > limit:
+            raise UpstreamTooLarge(f"the answer's {declared} bytes are over the {limit} allowed")
+        content = self._response.content
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise UpstreamTooLarge(f"the answer is over the {limit} bytes allowed")
+                chunks.append(chunk)
+        except UpstreamError:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc, answering=True) from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def readany(self) -> bytes:
+        """The next bytes of the body as soon as any are in; b"" at its end."""
+        try:
+            return await self._response.content.readany()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc, answering=True) from None
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The rest of the body, as it arrives."""
+        content = self._response.content
+        try:
+            while chunk := await content.readany():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc, answering=True) from None
+
+    def release(self) -> None:
+        """Done with the answer: its connection is reused if it is clean, else closed."""
+        self._response.release()
+
+    def close(self) -> None:
+        """Done with the answer, whatever is left of it: the connection is closed."""
+        self._response.close()
+
+
 class UpstreamClient:
-    """One pooled HTTP client for every provider; ``start`` before use, ``close`` after."""
+    """One pooled HTTP client for every provider; ``start`` before use, ``close`` after.
+
+    ``connect_timeout`` bounds the TCP connect and the TLS handshake,
+    ``read_timeout`` the longest silence between two bytes of an answer and
+    ``total_timeout`` one call, its body included (unless ``send`` is given
+    less time)."""
 
     def __init__(
         self,
@@ -107,6 +339,10 @@ class UpstreamClient:
         keepalive_timeout: float = 60.0,
         trust_env: bool = False,
         ca_file: str | None = None,
+        ca_file_only: bool = False,
+        max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
@@ -114,50 +350,71 @@ class UpstreamClient:
         self._limit_per_host = limit_per_host
         self._keepalive_timeout = keepalive_timeout
         self._trust_env = trust_env
-        self._ca_file = ca_file
-        self._http: HttpClient | None = None
+        self._ssl = make_ssl_context(ca_file, ca_file_only=ca_file_only)
+        self._max_header_size = max_header_size
+        self._max_headers = max_headers
+        self.max_body_bytes = max_body_bytes
+        # The deadline classes: a whole request's (first attempts), and one per
+        # shorter budget (retries; built then, since each has its own).
+        self._timeout = aiohttp.ClientTimeout(total=total_timeout, sock_connect=connect_timeout, sock_read=read_timeout)
+        self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        if self._http is not None:
+        if self._session is not None:
             return
-        self._http = HttpClient(
-            connect_timeout=self._connect_timeout,
-            read_timeout=self._read_timeout,
+        connector = aiohttp.TCPConnector(
+            limit=0,  # no overall cap: each provider host has its own
             limit_per_host=self._limit_per_host,
             keepalive_timeout=self._keepalive_timeout,
+            ssl=self._ssl,
+            enable_cleanup_closed=False,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            timeout=self._timeout,
+            raise_for_status=False,
             trust_env=self._trust_env,
-            ca_file=self._ca_file,
+            max_line_size=self._max_header_size,
+            max_field_size=self._max_header_size,
+            max_headers=self._max_headers,
         )
 
     async def close(self) -> None:
-        http, self._http = self._http, None
-        if http is not None:
-            await http.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
-    def chat_completion(
-        self,
-        attempt: Attempt,
-        body: bytes,
-        app_headers: Mapping[str, str],
-        *,
-        time_left: float | None = None,
-    ) -> Awaitable[HttpResponse]:
-        """Send one chat completion; the awaitable returns once the upstream's headers are in.
+    def _timeout_for(self, time_left: float | None) -> aiohttp.ClientTimeout:
+        total = self._total_timeout
+        if time_left is None or (total is not None and time_left >= total - 0.5):
+            return self._timeout
+        return aiohttp.ClientTimeout(total=time_left, sock_connect=self._connect_timeout, sock_read=self._read_timeout)
 
-        ``time_left`` caps the whole attempt, reading its body included (what is
+    async def send(self, request: UpstreamRequest, body: bytes, *, time_left: float | None = None) -> UpstreamResponse:
+        """POST ``body``; returns once the upstream's head is in.
+
+        ``time_left`` caps the whole call, reading its body included (what is
         left of the request's deadline); None keeps the client's total timeout.
-        The caller owns the response: read or stream its body, then ``release()``.
-        Raises ``UpstreamConfigError`` at once; the awaitable raises
-        ``UpstreamError`` or ``TimeoutError``.
+        The caller owns the response: read or stream its body, then
+        ``release()`` it. Raises ``UpstreamError``; the request is written to
+        the network at most once.
         """
-        http = self._http
-        if http is None:
+        session = self._session
+        if session is None:
             raise RuntimeError("UpstreamClient.start() was not called")
-        request = build_request(attempt, app_headers)
         try:
-            return http.post(
-                request.url, request.headers, body, timeout=self._total_timeout if time_left is None else time_left
+            response = await session.post(
+                request.url,
+                data=body,
+                headers=request.headers,
+                timeout=self._timeout_for(time_left),
+                allow_redirects=False,
             )
         except ValueError as exc:  # an unusable URL, or a header value with a line break
-            key = attempt.key.id if attempt.key is not None else "-"
-            raise UpstreamConfigError(f"{attempt.target.provider.value} key {key}: {exc}") from None
+            raise UpstreamConfigError(f"unusable request: {type(exc).__name__}") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _translate(exc, answering=False) from None
+        return UpstreamResponse(response)
