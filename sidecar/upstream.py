@@ -26,17 +26,21 @@ tests/sidecar/test_upstream_client.py):
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, cast
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 
 from keyplane.domain import Provider
 from keyplane.health.classify import ExceptionKind
 
+from .host_gate import HostGate
 from .router import Attempt
 
 __all__ = [
@@ -140,6 +144,18 @@ class UpstreamTooLarge(UpstreamError):
     label = "too_large"
 
 
+@functools.lru_cache(maxsize=1024)
+def _origin_of(url: str) -> str:
+    """``scheme://host:port`` of an absolute URL: what the per-host cap counts by."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port or (443 if scheme == 'https' else 80)}"
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     url: str
@@ -237,6 +253,30 @@ def _translate(exc: BaseException, *, answering: bool) -> UpstreamError:
     return error
 
 
+class _StrictHandler(ResponseHandler):
+    """aiohttp's connection protocol, never reused with anything left on it.
+
+    aiohttp checks ``should_close`` (unread body, stray bytes, a parse error)
+    when a connection is released, but a connection idle in the pool is only
+    checked for being open: bytes arriving after the answer (a stray second
+    response, a late header block) would be parsed there and handed to the
+    next request as its answer. Here an idle connection holding anything is
+    not connected, so the pool closes it instead of reusing it.
+    """
+
+    def is_connected(self) -> bool:
+        return super().is_connected() and not self.should_close
+
+
+class _StrictConnector(aiohttp.TCPConnector):
+    """A ``TCPConnector`` whose connections are ``_StrictHandler``s."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # aiohttp builds every connection's protocol with this factory.
+        self._factory = cast("functools.partial[ResponseHandler]", functools.partial(_StrictHandler, loop=self._loop))
+
+
 class UpstreamResponse:
     """An upstream's answer: status and head at once, the body as it arrives.
 
@@ -245,10 +285,13 @@ class UpstreamResponse:
     end and nothing else came after it) or ``close()`` (the connection is
     dropped). Read errors are ``UpstreamError``s."""
 
-    __slots__ = ("_headers", "_response", "raw_headers", "status")
+    __slots__ = ("_gate", "_headers", "_origin", "_response", "raw_headers", "status")
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, gate: HostGate, origin: str) -> None:
         self._response = response
+        # The per-host slot this answer holds until ``release``/``close``.
+        self._gate: HostGate | None = gate
+        self._origin = origin
         self.status: int = response.status
         # As received: original case, duplicates kept.
         self.raw_headers: tuple[tuple[bytes, bytes], ...] = response.raw_headers
@@ -315,10 +358,17 @@ class UpstreamResponse:
     def release(self) -> None:
         """Done with the answer: its connection is reused if it is clean, else closed."""
         self._response.release()
+        self._leave()
 
     def close(self) -> None:
         """Done with the answer, whatever is left of it: the connection is closed."""
         self._response.close()
+        self._leave()
+
+    def _leave(self) -> None:
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.leave(self._origin)
 
 
 class UpstreamClient:
@@ -358,11 +408,13 @@ class UpstreamClient:
         # shorter budget (retries; built then, since each has its own).
         self._timeout = aiohttp.ClientTimeout(total=total_timeout, sock_connect=connect_timeout, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
+        # Calls in flight per origin, the waiters in line (see ``host_gate``).
+        self._gate = HostGate(limit_per_host)
 
     async def start(self) -> None:
         if self._session is not None:
             return
-        connector = aiohttp.TCPConnector(
+        connector = _StrictConnector(
             limit=0,  # no overall cap: each provider host has its own
             limit_per_host=self._limit_per_host,
             keepalive_timeout=self._keepalive_timeout,
@@ -405,6 +457,10 @@ class UpstreamClient:
         session = self._session
         if session is None:
             raise RuntimeError("UpstreamClient.start() was not called")
+        origin = _origin_of(request.url)
+        gate = self._gate
+        if not gate.try_enter(origin):
+            time_left = await self._wait_in_line(origin, time_left)
         try:
             response = await session.post(
                 request.url,
@@ -414,7 +470,30 @@ class UpstreamClient:
                 allow_redirects=False,
             )
         except ValueError as exc:  # an unusable URL, or a header value with a line break
+            gate.leave(origin)
             raise UpstreamConfigError(f"unusable request: {type(exc).__name__}") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            gate.leave(origin)
             raise _translate(exc, answering=False) from None
-        return UpstreamResponse(response)
+        except BaseException:
+            gate.leave(origin)
+            raise
+        return UpstreamResponse(response, gate, origin)
+
+    async def _wait_in_line(self, origin: str, time_left: float | None) -> float | None:
+        """Wait for a slot to ``origin`` within ``time_left``; what is left of it then."""
+        budget = self._total_timeout if time_left is None else time_left
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            async with asyncio.timeout(budget):
+                await self._gate.enter(origin)
+        except TimeoutError:
+            raise UpstreamTimeout("no connection to the upstream came free within the deadline") from None
+        if budget is None:
+            return None
+        left = budget - (loop.time() - started)
+        if left <= 0:
+            self._gate.leave(origin)
+            raise UpstreamTimeout("no connection to the upstream came free within the deadline")
+        return left
