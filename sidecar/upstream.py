@@ -469,12 +469,15 @@ class UpstreamClient:
                 timeout=self._timeout_for(time_left),
                 allow_redirects=False,
             )
-        except ValueError as exc:  # an unusable URL, or a header value with a line break
+        except aiohttp.InvalidURL as exc:
             gate.leave(origin)
             raise UpstreamConfigError(f"unusable request: {type(exc).__name__}") from None
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:  # (certificate errors are ValueErrors too)
             gate.leave(origin)
             raise _translate(exc, answering=False) from None
+        except ValueError as exc:  # a header value with a line break
+            gate.leave(origin)
+            raise UpstreamConfigError(f"unusable request: {type(exc).__name__}") from None
         except BaseException:
             gate.leave(origin)
             raise

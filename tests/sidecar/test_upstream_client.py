@@ -355,7 +355,7 @@ async def test_a_waiter_that_gets_no_connection_before_its_deadline_times_out() 
 async def test_refused_and_unresolvable_are_connect_errors(client: UpstreamClient) -> None:
     async with RawServer(answer_each) as server:
         port = server.port
-    with pytest.raises(UpstreamConnectError, match=f"cannot connect to 127.0.0.1:{port}"):
+    with pytest.raises(UpstreamConnectError, match=rf"cannot connect to 127\.0\.0\.1:{port}"):
         await post(client, f"http://127.0.0.1:{port}")
     with pytest.raises(UpstreamConnectError, match="cannot connect"):
         await post(client, "http://no-such-host.invalid")
