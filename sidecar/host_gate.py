@@ -79,9 +79,7 @@ class HostGate:
             if not waiter.done():
                 waiter.set_result(None)  # the slot changes hands; ``in_use`` stays
                 return
-        o.in_use -= 1
-        if o.in_use == 0:
-            del self._origins[origin]
+        o.in_use -= 1  # (origins are kept: there are few, and no object per call)
 
     def in_use(self, origin: str) -> int:
         o = self._origins.get(origin)

@@ -281,8 +281,7 @@ async def run_attempts(
             observer.misconfigured(attempt)
             failure = _misconfigured
             continue
-        # The call, inline (no coroutine frame of ours per attempt): the
-        # response, or ``failed`` when nothing usable came back.
+        # The call: the response, or ``failed`` when nothing usable came back.
         response: UpstreamResponse | None = None
         head = b""
         streaming = False
