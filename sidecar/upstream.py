@@ -481,6 +481,10 @@ class UpstreamClient:
         except BaseException:
             gate.leave(origin)
             raise
+        if response.status < 200:  # 101 (interim 1xx answers never get here): not an answer to pass on
+            response.close()
+            gate.leave(origin)
+            raise UpstreamMalformed(f"the upstream answered {response.status} to a POST")
         return UpstreamResponse(response, gate, origin)
 
     async def _wait_in_line(self, origin: str, time_left: float | None) -> float | None:

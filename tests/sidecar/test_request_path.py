@@ -210,3 +210,18 @@ async def test_request_id_and_trace_headers_go_upstream(upstream: FakeUpstream) 
             assert "traceparent" not in upstream.chat_requests()[-1].headers
         ids = [o.request_id for o in reported(sc)]
         assert ids[0] == "app-req-42" and len(ids) == 4 and len(set(ids)) == 4
+
+
+async def test_an_upstream_that_switches_protocols_is_an_upstream_error() -> None:
+    async def switching(server: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nxx")
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(switching) as server:
+        async with Sidecar(sidecar_config(), watch=False) as sc, httpx.AsyncClient(base_url=sc.url) as client:
+            sc.state.apply(snapshot(server.url + "/v1", keys=1))
+            r = await chat(client)
+            assert r.status_code == 502, r.text
+            assert r.json()["error"]["type"] == "upstream_error"
