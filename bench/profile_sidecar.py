@@ -34,7 +34,7 @@ AREAS = (
     ("sidecar/chat.py", "sidecar.chat (handler)"),
     ("sidecar/relay.py", "sidecar.relay (answer relay)"),
     ("sidecar/proxy.py", "sidecar.proxy (attempt loop)"),
-    ("sidecar/upstream.py", "sidecar.upstream (client glue)"),
+    ("sidecar/upstream/", "sidecar.upstream (client glue)"),
     ("sidecar/router.py", "sidecar.router (plan)"),
     ("sidecar/state.py", "sidecar.state (lookups)"),
     ("sidecar/metrics.py", "sidecar.metrics"),

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sidecar.host_gate import HostGate
+from sidecar.upstream.host_gate import HostGate
 
 A = "https://a:443"
 

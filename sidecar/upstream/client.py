@@ -1,27 +1,9 @@
-"""Calls to upstream providers over one pooled ``aiohttp.ClientSession``.
+"""The one pooled ``aiohttp.ClientSession`` of a sidecar, and the answers it gives.
 
-This module owns the sidecar's HTTP client (STYLE.md item 10): aiohttp's
-``ClientSession`` and its connector, tuned once when the sidecar starts, and
-a narrow interface for the attempt loop (``UpstreamClient.send`` ->
-``UpstreamResponse``). Nothing of aiohttp leaks past it: callers see our
-own response type and our own ``UpstreamError`` classes.
-
-Every provider is spoken to through its OpenAI-compatible chat completions
-endpoint; only the base URL and the credential header differ. The request
-built here carries the provider secret, so it is never logged or repr'd.
-
-What the tuning guarantees (each tested through real sockets in
-tests/sidecar/test_upstream_client.py):
-
-- a POST is written at most once per call: aiohttp retries a request on a
-  reused connection the server closed only for idempotent methods, so a
-  dead keep-alive connection fails the attempt and the attempt loop decides;
-- a connection goes back to the pool only with its answer read to the end
-  and nothing else waiting on it (aiohttp's ``should_close``);
-- response heads are bounded (``max_line_size``, ``max_field_size``,
-  ``max_headers``), and ``read(limit)`` refuses a body over ``limit``;
-- at most ``limit_per_host`` connections per host, waiters served in order;
-- TLS verified against the system's CAs plus ``ca_file`` (or ``ca_file`` only).
+Tuned once when the sidecar starts (no cookie jar, no auto-decompression, no
+auto headers we do not want, one prebuilt timeout per deadline class, a
+connector with the per-host cap and keep-alive, the SSL context built once);
+callers see ``UpstreamResponse`` and ``UpstreamError``s, never aiohttp's types.
 """
 
 from __future__ import annotations
@@ -29,54 +11,33 @@ from __future__ import annotations
 import asyncio
 import functools
 import ssl
-import urllib.parse
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
-from keyplane.domain import Provider
-from keyplane.health.classify import ExceptionKind
-
+from .errors import (
+    UpstreamAnswerCut,
+    UpstreamConfigError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamTimeout,
+    UpstreamTlsError,
+    UpstreamTooLarge,
+)
 from .host_gate import HostGate
-from .router import Attempt
+from .request import UpstreamRequest, origin_of
 
 __all__ = [
-    "DEFAULT_BASE_URLS",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_HEADERS",
     "DEFAULT_MAX_HEADER_SIZE",
-    "FORWARDED_REQUEST_HEADERS",
-    "UpstreamAnswerCut",
     "UpstreamClient",
-    "UpstreamConfigError",
-    "UpstreamConnectError",
-    "UpstreamError",
-    "UpstreamMalformed",
-    "UpstreamRequest",
     "UpstreamResponse",
-    "UpstreamTimeout",
-    "UpstreamTlsError",
-    "UpstreamTooLarge",
-    "build_request",
     "make_ssl_context",
 ]
-
-DEFAULT_BASE_URLS: Mapping[Provider, str] = {
-    Provider.OPENAI: "https://api.openai.com/v1",
-    Provider.ANTHROPIC: "https://api.anthropic.com/v1",
-    Provider.GEMINI: "https://generativelanguage.googleapis.com/v1beta/openai",
-    Provider.OPENROUTER: "https://openrouter.ai/api/v1",
-}
-
-# The only app request headers passed upstream (lower case); the app's
-# Authorization (its client key) and every hop-by-hop header stay behind.
-# ``x-request-id`` is always set: the app's, or the one the sidecar made up.
-FORWARDED_REQUEST_HEADERS: frozenset[str] = frozenset(
-    {"accept", "user-agent", "x-request-id", "traceparent", "tracestate", "openai-beta"}
-)
 
 # Limits on an upstream's answer (aiohttp's own defaults for the head).
 DEFAULT_MAX_HEADER_SIZE = 8190  # bytes in the status line and in any one header line
@@ -87,131 +48,6 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # a non-streamed answer held in memor
 # through undecoded, so the upstream must not compress), no default
 # User-Agent or Accept (the app's are forwarded when it sends them).
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent")
-
-
-class UpstreamConfigError(Exception):
-    """The attempt cannot be sent: its key or target lacks a usable base URL."""
-
-
-class UpstreamError(Exception):
-    """No usable answer from the upstream. ``kind`` is what went wrong for
-    ``keyplane.health.classify_exception``, ``label`` the metrics label.
-    Messages name the origin at most, never a header: requests carry secrets."""
-
-    kind: ClassVar[ExceptionKind] = "cut"
-    label: ClassVar[str] = "cut"
-
-
-class UpstreamConnectError(UpstreamError):
-    """No connection: refused, unreachable, DNS, a proxy that refused the tunnel."""
-
-    kind = "connect"
-    label = "connect_error"
-
-
-class UpstreamTlsError(UpstreamError):
-    """The TLS handshake failed: an untrusted certificate, a hostname mismatch."""
-
-    kind = "tls"
-    label = "tls_error"
-
-
-class UpstreamTimeout(UpstreamError):
-    """Connecting, the first byte, a silence between two bytes, or the deadline."""
-
-    kind = "timeout"
-    label = "timeout"
-
-
-class UpstreamMalformed(UpstreamError):
-    """The answer is not HTTP/1.1 as it must be (or its head is over the limits)."""
-
-    kind = "malformed"
-    label = "malformed"
-
-
-class UpstreamAnswerCut(UpstreamError):
-    """The connection closed before the answer was complete (or before it began)."""
-
-    kind = "cut"
-    label = "cut"
-
-
-class UpstreamTooLarge(UpstreamError):
-    """A non-streamed answer over the body limit."""
-
-    kind = "too_large"
-    label = "too_large"
-
-
-@functools.lru_cache(maxsize=1024)
-def _origin_of(url: str) -> str:
-    """``scheme://host:port`` of an absolute URL: what the per-host cap counts by."""
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return f"{scheme}://{(parts.hostname or '').lower()}:{port or (443 if scheme == 'https' else 80)}"
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamRequest:
-    url: str
-    headers: dict[str, str] = field(repr=False)
-
-
-def _base_url(attempt: Attempt) -> str:
-    key = attempt.key
-    provider = attempt.target.provider
-    if key is not None and key.base_url:
-        return key.base_url
-    if provider is Provider.VLLM:
-        if attempt.node_url:
-            return attempt.node_url
-        raise UpstreamConfigError("vllm target has no node URL")
-    default = DEFAULT_BASE_URLS.get(provider)
-    if default is None:
-        raise UpstreamConfigError(f"{provider.value} key {key.id if key else '-'} has no base_url")
-    return default
-
-
-# Forwarded app headers first, then the credential: the order ``build_request`` always had.
-_FORWARDED_ORDER: tuple[str, ...] = tuple(sorted(FORWARDED_REQUEST_HEADERS))
-
-
-@functools.lru_cache(maxsize=1024)
-def _fixed_part(base_url: str, provider: Provider, secret: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """The URL and credential header of (base URL, provider, secret); bounded cache,
-    so a rotated secret ages out. Nothing here is logged or repr'd."""
-    url = base_url.rstrip("/") + "/chat/completions"
-    scheme, _, rest = url.partition("://")
-    if scheme.lower() not in ("http", "https") or not rest or any(c in url for c in " \t\r\n"):
-        raise UpstreamConfigError(f"base URL is not an absolute http(s) URL: {scheme[:10] or '?'}://...")
-    if any(c in secret for c in "\r\n\0"):
-        raise UpstreamConfigError("the key's secret holds a line break")
-    credential: tuple[tuple[str, str], ...] = ()
-    if secret:
-        if provider is Provider.AZURE_OPENAI:
-            credential = (("api-key", secret),)
-        else:
-            credential = (("authorization", f"Bearer {secret}"),)
-    return url, credential
-
-
-def build_request(attempt: Attempt, app_headers: Mapping[str, str]) -> UpstreamRequest:
-    """URL and headers for one attempt. ``app_headers`` has lower-case names."""
-    key = attempt.key
-    url, credential = _fixed_part(_base_url(attempt), attempt.target.provider, key.secret if key is not None else "")
-    headers = {"content-type": "application/json"}
-    for name in _FORWARDED_ORDER:
-        value = app_headers.get(name)
-        if value and "\r" not in value and "\n" not in value:
-            headers[name] = value
-    for name, value in credential:
-        headers[name] = value
-    return UpstreamRequest(url=url, headers=headers)
 
 
 def make_ssl_context(ca_file: str | None = None, *, ca_file_only: bool = False) -> ssl.SSLContext:
@@ -457,7 +293,7 @@ class UpstreamClient:
         session = self._session
         if session is None:
             raise RuntimeError("UpstreamClient.start() was not called")
-        origin = _origin_of(request.url)
+        origin = origin_of(request.url)
         gate = self._gate
         if not gate.try_enter(origin):
             time_left = await self._wait_in_line(origin, time_left)
