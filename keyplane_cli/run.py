@@ -229,6 +229,10 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         upstream_limit_per_host=args.upstream_limit_per_host,
         upstream_trust_env=args.upstream_trust_env,
         upstream_ca_file=str(args.upstream_ca_file) if args.upstream_ca_file else None,
+        upstream_ca_file_only=args.upstream_ca_file_only,
+        upstream_max_header_size=args.upstream_max_header_size,
+        upstream_max_headers=args.upstream_max_headers,
+        upstream_max_body_bytes=args.upstream_max_body_bytes,
         control_plane_tls=client_tls_from_args(args),
         **edge_options_from_args(args),
     )
@@ -346,7 +350,27 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         "except hosts in NO_PROXY",
     )
     upstream.add_argument(
-        "--upstream-ca-file", type=Path, help="PEM bundle to verify upstream TLS against (default: the system's)"
+        "--upstream-ca-file", type=Path, help="PEM bundle trusted for upstream TLS, on top of the system's CAs"
+    )
+    upstream.add_argument(
+        "--upstream-ca-file-only",
+        action="store_true",
+        help="trust only --upstream-ca-file for upstream TLS, not the system's CAs",
+    )
+    upstream.add_argument(
+        "--upstream-max-header-size",
+        type=int,
+        default=8190,
+        help="most bytes in an upstream answer's status line and in any one of its header lines",
+    )
+    upstream.add_argument(
+        "--upstream-max-headers", type=int, default=128, help="most header lines in an upstream answer's head"
+    )
+    upstream.add_argument(
+        "--upstream-max-body-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="most bytes of a non-streamed upstream answer (a larger one fails the attempt as upstream_error)",
     )
     add_edge_flags(sc)
     add_client_tls_flags(sc)

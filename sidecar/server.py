@@ -83,6 +83,10 @@ class Sidecar:
             keepalive_timeout=config.upstream_keepalive_timeout,
             trust_env=config.upstream_trust_env,
             ca_file=config.upstream_ca_file,
+            ca_file_only=config.upstream_ca_file_only,
+            max_header_size=config.upstream_max_header_size,
+            max_headers=config.upstream_max_headers,
+            max_body_bytes=config.upstream_max_body_bytes,
         )
         self.metrics = SidecarMetrics(self.state)
         reporting = (watch if report is None else report) and config.report_outcomes

@@ -70,7 +70,7 @@ def test_db_queries() -> None:
 )
 def test_profile_sidecar() -> None:
     out = run_smoke("bench.profile_sidecar")
-    assert re.search(r"\| sidecar\.app \(ASGI handler, relay\) \| [\d.]+% \|", out), out
+    assert re.search(r"\| sidecar\.chat \(handler\) \| [\d.]+% \|", out), out
 
 
 def test_reporter_lag() -> None:
