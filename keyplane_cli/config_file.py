@@ -55,16 +55,16 @@ def _message(error: jsonschema.ValidationError) -> str:
     if "secret" in path:
         return f"{_where(path[: path.index('secret') + 1])}: {SECRET_HINT}"
     if error.context:
-        # oneOf: the alternative that got furthest says the most.
-        best = jsonschema.exceptions.best_match(error.context)
-        if best is not None and best.absolute_path != error.absolute_path:
+        # oneOf: say why the alternative of the value's own type failed.
+        fitting = [e for e in error.context if not (e.validator == "type" and not e.relative_path)]
+        best = jsonschema.exceptions.best_match(fitting)
+        if best is not None:
             return _message(best)
     message = error.message
-    if isinstance(error.instance, dict | list):
-        # Never echo a whole mapping: it may hold something secret-looking.
+    if isinstance(error.instance, dict | list) and error.instance:
+        # Never echo a whole mapping or list: it may hold something secret-looking.
         kind = "a mapping" if isinstance(error.instance, dict) else "a list"
-        shown = repr(error.instance)
-        message = message.replace(shown, kind) if shown in message else f"{kind} is invalid"
+        message = message.replace(repr(error.instance), kind)
     return f"{_where(path)}: {message}"
 
 
