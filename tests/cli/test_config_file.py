@@ -133,7 +133,8 @@ def test_a_whole_key_that_is_invalid_is_not_echoed() -> None:
 
 
 def test_unresolvable_references_name_the_key(tmp_path: Path) -> None:
-    assert _problems(_doc(secret={"env": "NOPE"})) == ["tenants[0].keys[0].secret: environment variable NOPE is not set"]
+    unset = _problems(_doc(secret={"env": "NOPE"}))
+    assert unset == ["tenants[0].keys[0].secret: environment variable NOPE is not set"]
     assert _problems(_doc(secret={"env": "E"}), {"E": " \n"}) == ["tenants[0].keys[0].secret: env:E is empty"]
     problems = _problems(_doc(secret={"file": "missing"}), base=tmp_path)
     assert problems == [f"tenants[0].keys[0].secret: cannot read {tmp_path / 'missing'}: FileNotFoundError"]
