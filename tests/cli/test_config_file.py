@@ -146,3 +146,18 @@ def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, {})
     assert info.value.problems[0].startswith(f"{path}: line 3 column")
+
+
+def test_the_readme_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Declarative config", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "anthropic").write_text("sk-ant-0123456789abcdef")
+    (tmp_path / "keyplane.yaml").write_text(example)
+    (acme,) = load_config(tmp_path / "keyplane.yaml", {"OPENAI_API_KEY": SECRET})
+    assert [k.label for k in acme.keys] == ["main", "claude"]
+    assert acme.routes[1].targets == (
+        TargetSpec("vllm", "llama-3", node_urls=("http://10.0.0.5:8000", "http://10.0.0.6:8000")),
+    )
+    assert acme.client_keys == ("web", "batch")
