@@ -117,7 +117,7 @@ def _status_proto(status: str) -> rpb.KeyStatus.ValueType:
     return convert.key_status_to_proto(KeyStatus(status))
 
 
-def _execute(client: AdminClient, action: Action) -> str:
+def execute_action(client: AdminClient, action: Action) -> str:
     """Carry out one action; returns a client key's new token ("" otherwise)."""
     if action.kind == "tenant":
         if action.op == "create":
@@ -297,7 +297,7 @@ def run_apply(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 if action.op == "delete" and not args.yes:
                     records.append(_record(action, "dry run: pass --yes to delete"))
                     continue
-                records.append(_record(action, "done", _execute(client, action)))
+                records.append(_record(action, "done", execute_action(client, action)))
         finally:
             # What was done (tokens included) is printed even when a later step fails.
             _render(records, args.output, out, header="applied:")
