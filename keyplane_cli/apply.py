@@ -37,6 +37,7 @@ from keyplane_cli.config_plan import (
     PlanError,
     TargetSpec,
     TenantSpec,
+    keyless_targets,
     plan,
     target_text,
 )
@@ -259,10 +260,19 @@ def _plan_for(args: argparse.Namespace, client: AdminClient) -> list[Action]:
         wanted = load_config(args.file)
     except ConfigError as exc:
         raise CliError(f"{args.file} is not a valid keyplane config:\n  " + "\n  ".join(exc.problems)) from None
+    current = read_current(client, wanted)
     try:
-        return plan(wanted, read_current(client, wanted), prune=args.prune, prune_tenants=args.prune_tenants)
+        actions = plan(wanted, current, prune=args.prune, prune_tenants=args.prune_tenants)
     except PlanError as exc:
         raise CliError(str(exc)) from None
+    for tenant in wanted:
+        missing = keyless_targets(tenant, current.get(tenant.name), prune=args.prune)
+        if missing:
+            sys.stderr.write(
+                f"warning: tenant {tenant.name!r}: no active key for the provider of {', '.join(missing)}: "
+                "requests routed there get 503 no_usable_key\n"
+            )
+    return actions
 
 
 def _rpc_errors(body: Callable[[AdminClient], int]) -> Callable[[AdminClient], int]:

@@ -27,6 +27,7 @@ __all__ = [
     "RouteSpec",
     "TargetSpec",
     "TenantSpec",
+    "keyless_targets",
     "plan",
     "target_text",
 ]
@@ -269,3 +270,20 @@ def plan(
         actions += [Action("delete", "tenant", name, name) for name in sorted(current) if name not in named]
     # Stable: within a step, the file's order.
     return sorted(actions, key=lambda a: _ORDER[(a.op, a.kind)])
+
+
+def keyless_targets(tenant: TenantSpec, current: CurrentTenant | None, *, prune: bool) -> list[str]:
+    """The route targets (``model -> provider:upstream``) whose provider will
+    have no active key in the tenant once applied: requests routed to them
+    get 503 no_usable_key. A vllm target with nodes needs no key. Keys the
+    file does not name count unless they are pruned."""
+    active = {k.provider for k in tenant.keys if k.status == "active"}
+    if current is not None and not prune:
+        named = {k.label for k in tenant.keys}
+        active |= {k.provider for k in current.keys if k.label not in named and k.status == "active"}
+    return [
+        f"{route.model} -> {t.provider}:{t.model}"
+        for route in tenant.routes
+        for t in route.targets
+        if t.provider not in active and not (t.provider == "vllm" and t.node_urls)
+    ]

@@ -15,6 +15,7 @@ from keyplane_cli.config_plan import (
     RouteSpec,
     TargetSpec,
     TenantSpec,
+    keyless_targets,
     plan,
 )
 
@@ -146,3 +147,33 @@ def test_updates_carry_the_etag_id_and_readable_changes_without_secrets() -> Non
 def test_a_changed_provider_is_refused() -> None:
     with pytest.raises(PlanError, match=r"key 'main': the provider cannot change \(openai -> anthropic\)"):
         plan([TenantSpec("acme", (KeySpec("anthropic", "main", secret=SECRET),))], {"acme": HAVE})
+
+
+VLLM_NODES = TargetSpec("vllm", "llama", node_urls=("http://10.0.0.1:8000",))
+ANTHROPIC = TargetSpec("anthropic", "claude")
+KEYLESS: list[tuple[str, TenantSpec, CurrentTenant | None, bool, list[str]]] = [
+    ("every provider has a key", WANT, HAVE, False, []),
+    ("vllm with nodes needs none", TenantSpec("acme", (), (RouteSpec("m", (VLLM_NODES,)),)), None, False, []),
+    (
+        "a disabled key is no key",
+        TenantSpec("acme", (KeySpec("openai", "main", status="disabled"),), (ROUTE,)),
+        None,
+        False,
+        ["chat -> openai:gpt-4o", "chat -> openai:gpt-4o-mini"],
+    ),
+    ("an existing key the file does not name counts", TenantSpec("acme", (), (ROUTE,)), HAVE, False, []),
+    (
+        "unless it is pruned",
+        TenantSpec("acme", (), (RouteSpec("chat", (GPT, ANTHROPIC)),)),
+        HAVE,
+        True,
+        ["chat -> openai:gpt-4o", "chat -> anthropic:claude"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("tenant", "current", "prune", "expected"), [c[1:] for c in KEYLESS], ids=[c[0] for c in KEYLESS]
+)
+def test_keyless_targets(tenant: TenantSpec, current: CurrentTenant | None, prune: bool, expected: list[str]) -> None:
+    assert keyless_targets(tenant, current, prune=prune) == expected

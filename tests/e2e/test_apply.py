@@ -190,8 +190,9 @@ async def test_apply_and_diff_round_trip(plane: Plane) -> None:
         ),
     ]
     assert _summary(await plane.plan(code=1)) == expected
-    table = (await plane.kp("diff", "-f", str(plane.file))).stdout.splitlines()
-    assert table == [
+    result = await plane.kp("diff", "-f", str(plane.file))
+    assert (result.code, result.stderr) == (1, "")
+    assert result.stdout.splitlines() == [
         "planned changes:",
         "~ provider_key acme/main: weight: 1 -> 3",
         "+ provider_key acme/claude: anthropic, weight 1, models *, secret from file:anthropic.secret",
@@ -265,3 +266,14 @@ async def test_bad_files_are_errors_that_change_nothing(plane: Plane) -> None:
     result = await plane.kp("diff", "-f", str(plane.file), env={"KEYPLANE_ADMIN_TOKEN": "adm-wrong-000000000000"})
     assert result.code == 2 and result.stderr.startswith("error: UNAUTHENTICATED: "), result.stderr
     assert "acme" not in await plane.ok("tenants", "list")
+
+
+async def test_routes_to_providers_without_an_active_key_are_warned_about(plane: Plane) -> None:
+    plane.file.write_text(V1.replace('"openai:gpt-4o-mini@1"', '"gemini:gemini-2.0-flash@1"'))
+    result = await plane.kp("apply", "-f", str(plane.file))
+    assert result.code == 0
+    assert result.stderr == (
+        "warning: tenant 'acme': no active key for the provider of chat -> gemini:gemini-2.0-flash: "
+        "requests routed there get 503 no_usable_key\n"
+    )
+    assert sorted(r["public_model"] for r in await plane.listed("routes")) == ["chat", "legacy"]
