@@ -282,11 +282,15 @@ def _rpc_errors(body: Callable[[AdminClient], int]) -> Callable[[AdminClient], i
         try:
             return body(client)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            raise CliError(f"{code.name if code is not None else 'ERROR'}: {details}") from None
+            raise CliError(_rpc_message(exc)) from None
 
     return run
+
+
+def _rpc_message(exc: grpc.RpcError) -> str:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    return f"{code.name if code is not None else 'ERROR'}: {details}"
 
 
 def run_diff(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -307,7 +311,14 @@ def run_apply(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 if action.op == "delete" and not args.yes:
                     records.append(_record(action, "dry run: pass --yes to delete"))
                     continue
-                records.append(_record(action, "done", execute_action(client, action)))
+                try:
+                    token = execute_action(client, action)
+                except grpc.RpcError as exc:
+                    raise CliError(
+                        f"{action.op} {action.kind} {action.tenant}/{action.name} failed: {_rpc_message(exc)} "
+                        "(what is listed above was done, nothing after it; run diff, then apply again)"
+                    ) from None
+                records.append(_record(action, "done", token))
         finally:
             # What was done (tokens included) is printed even when a later step fails.
             _render(records, args.output, out, header="applied:")

@@ -90,6 +90,10 @@ tenants:
         (_doc(secret={"env": "X"}, weight=0), "tenants[0].keys[0].weight: 0 is less than the minimum of 1"),
         (_doc(secret={"env": "X"}, wieght=2), "tenants[0].keys[0]: Additional properties are not allowed ('wieght'"),
         (_doc(), "tenants[0].keys[0]: 'secret' is a required property"),
+        (
+            _doc(provider="azure_openai", secret={"env": "X"}),
+            "tenants[0].keys[0]: 'base_url' is a required property",
+        ),
         (_doc(secret={"env": "X"}, status="paused"), "tenants[0].keys[0].status: 'paused' is not one of"),
         ({"tenants": [{"name": "Acme!"}]}, "tenants[0].name: 'Acme!' does not match"),
         ({"tenant": []}, "(top level): 'tenants' is a required property"),

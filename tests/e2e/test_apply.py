@@ -277,3 +277,18 @@ async def test_routes_to_providers_without_an_active_key_are_warned_about(plane:
         "requests routed there get 503 no_usable_key\n"
     )
     assert sorted(r["public_model"] for r in await plane.listed("routes")) == ["chat", "legacy"]
+
+
+async def test_a_step_the_api_refuses_stops_apply_and_says_what_was_done(plane: Plane) -> None:
+    plane.file.write_text(V1.replace('"openai:gpt-4o-mini@1"', '"vllm:llama@1"'))
+    result = await plane.kp("apply", "-f", str(plane.file))
+    assert result.code == 2
+    assert result.stdout == (
+        "applied:\n+ tenant acme\n"
+        "+ provider_key acme/main: openai, weight 1, models gpt-4o,gpt-4o-mini, secret from env:KPA_OPENAI\n"
+    )
+    assert result.stderr.endswith(
+        "error: create route acme/chat failed: INVALID_ARGUMENT: targets[1].node_urls needs at least one node URL "
+        "for provider vllm (what is listed above was done, nothing after it; run diff, then apply again)\n"
+    )
+    assert [r["public_model"] for r in await plane.listed("routes")] == []
