@@ -27,6 +27,7 @@ from keyplane.health.classify import Classification, ErrorClass, stream_broken
 from keyplane.health.machine import Outcome
 
 from . import errors
+from .access_log import AccessEntry, AccessLog
 from .health import TenantHealth
 from .http_client import HttpResponse, UpstreamError
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -210,6 +211,7 @@ class SidecarApp:
         request_timeout: float = 600.0,
         reporter: OutcomeReporter | None = None,
         disconnect_watch_after: float = 0.05,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.state = state
         self.upstream = upstream
@@ -220,6 +222,7 @@ class SidecarApp:
         self.stale_after = stale_after
         self.request_timeout = request_timeout
         self.reporter = reporter
+        self.access_log = access_log  # opt-in: one JSON line per chat request
         # Seconds a chat request runs before an app hang-up is watched for (``DisconnectWatch``).
         self.disconnect_watch_after = disconnect_watch_after
         m = self.metrics
@@ -244,8 +247,14 @@ class SidecarApp:
                 endpoint = "chat_completions"
                 if method != "POST":
                     status = await _send_error(send, errors.method_not_allowed(method, path))
-                else:
+                elif self.access_log is None:
                     status = await self._chat(scope, receive, send)
+                else:
+                    access = AccessEntry(asyncio.get_running_loop().time())
+                    try:
+                        status = await self._chat(scope, receive, send, access)
+                    finally:
+                        self.access_log.write(access, status, asyncio.get_running_loop().time())
             elif path == "/v1/models" or path.startswith("/v1/models/"):
                 endpoint = "models"
                 if method != "GET":
@@ -345,11 +354,13 @@ class SidecarApp:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> int:
+    async def _chat(self, scope: Scope, receive: Receive, send: Send, access: AccessEntry | None = None) -> int:
         headers = _headers(scope)
         tenant = self._authenticate(headers)
         if isinstance(tenant, errors.ErrorResponse):
             return await _send_error(send, tenant)
+        if access is not None:
+            access.tenant = tenant
         try:
             raw = await self._read_body(headers, receive)
         except _ClientGone:
@@ -366,10 +377,12 @@ class SidecarApp:
         model = payload.get("model")
         if not isinstance(model, str) or not model:
             return await _send_error(send, errors.invalid_request("you must provide a model parameter", param="model"))
+        if access is not None:
+            access.model = model
         route = self.state.route(tenant, model)
         if route is None:
             return await _send_error(send, errors.model_not_found(model))
-        ctx = _Request(self, tenant, _request_id())
+        ctx = _Request(self, tenant, _request_id(), access)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.request_timeout
         health = ctx.health
@@ -464,6 +477,8 @@ class SidecarApp:
             wall_clock=wall_clock,
         )
         ctx.excluded = dict(result.excluded)
+        if ctx.access is not None:
+            ctx.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
         if isinstance(result, AttemptsFailed):
             _log.warning(
                 "request %s for %s failed after %d attempt(s); excluded %s",
@@ -473,8 +488,8 @@ class SidecarApp:
                 excluded_header(ctx.excluded) or "-",
             )
             return await _send_error(send, result.error, ctx.headers(attempts=result.attempts))
-        if _log.isEnabledFor(logging.INFO):
-            _log.info(
+        if _log.isEnabledFor(logging.DEBUG):  # per request: DEBUG (an access log is ``--access-log``)
+            _log.debug(
                 "request %s for %s answered %d by %s after %d attempt(s)%s",
                 ctx.request_id,
                 model,
@@ -562,12 +577,15 @@ class SidecarApp:
 class _Request:
     """One chat request's book-keeping: the attempt observer, reports and answer headers."""
 
-    __slots__ = ("app", "excluded", "health", "request_id", "tenant", "unreported")
+    __slots__ = ("access", "app", "excluded", "health", "request_id", "tenant", "unreported")
 
-    def __init__(self, app: SidecarApp, tenant: str, request_id: str) -> None:
+    def __init__(self, app: SidecarApp, tenant: str, request_id: str, access: AccessEntry | None = None) -> None:
         self.app = app
         self.tenant = tenant
         self.request_id = request_id
+        self.access = access
+        if access is not None:
+            access.request_id = request_id
         self.health: TenantHealth = app.state.health(tenant)
         # key id -> class or health state
         self.excluded: dict[str, str] = {}

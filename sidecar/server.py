@@ -18,10 +18,12 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Generator
 
 import uvicorn
 
+from .access_log import AccessLog
 from .app import SidecarApp
 from .channel import ChannelSource
 from .config import SidecarConfig
@@ -96,6 +98,7 @@ class Sidecar:
             stale_after=config.stale_after,
             request_timeout=config.request_timeout,
             reporter=self.reporter,
+            access_log=AccessLog(sys.stdout) if config.access_log else None,
         )
         self.watch = WatchClient(config, self.state) if watch else None
         # The one channel to the control plane, opened by ``start`` (inside the loop).

@@ -25,6 +25,11 @@ def test_defaults() -> None:
     assert config.upstream_trust_env is False
     assert config.upstream_ca_file is None
     assert config.report_outcomes is True
+    assert config.access_log is False  # opt-in
+
+
+def test_access_log_flag() -> None:
+    assert sidecar_config_from_args(parse("--access-log"), "tok", HealthPolicy()).access_log is True
 
 
 def test_every_upstream_flag_reaches_the_config(tmp_path: Path) -> None:

@@ -1,0 +1,74 @@
+"""The opt-in access log (``keyplane sidecar --access-log``): one JSON line per
+chat request, written to a stream (stdout by default).
+
+Fields: ``ts`` (Unix seconds), ``request_id``, ``tenant``, ``model`` (the public
+model the app asked for), ``status``, ``attempts``, ``provider`` and ``key_id``
+of the attempt that answered (empty when none did), ``latency_ms`` (until the
+last byte, streams included). Never a secret: keys appear by id only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import TextIO
+
+from .router import Attempt
+
+__all__ = ["AccessEntry", "AccessLog", "access_line"]
+
+
+@dataclass(slots=True)
+class AccessEntry:
+    """What one request's handler learns on the way, filled as it goes."""
+
+    started: float  # loop time
+    request_id: str = ""
+    tenant: str = ""
+    model: str = ""
+    attempts: int = 0
+    provider: str = ""
+    key_id: str = ""
+
+    def answered(self, attempts: int, attempt: Attempt | None) -> None:
+        self.attempts = attempts
+        if attempt is not None:
+            self.provider = attempt.target.provider.value
+            self.key_id = attempt.key.id if attempt.key is not None else ""
+
+
+def access_line(entry: AccessEntry, status: int, latency_ms: float, ts: float) -> str:
+    """The entry as one JSON line (no newline)."""
+    return json.dumps(
+        {
+            "ts": round(ts, 3),
+            "request_id": entry.request_id,
+            "tenant": entry.tenant,
+            "model": entry.model,
+            "status": status,
+            "attempts": entry.attempts,
+            "provider": entry.provider,
+            "key_id": entry.key_id,
+            "latency_ms": round(latency_ms, 2),
+        },
+        separators=(",", ":"),
+    )
+
+
+class AccessLog:
+    """Writes access lines to ``stream``, one write (and flush) per request."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, entry: AccessEntry, status: int, now: float) -> None:
+        """``now``: the loop time the request ended, against ``entry.started``."""
+        line = access_line(entry, status, (now - entry.started) * 1000, time.time())
+        try:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream must not fail the request
+            pass
