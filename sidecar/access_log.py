@@ -9,7 +9,7 @@ last byte, streams included). Never a secret: keys appear by id only.
 
 from __future__ import annotations
 
-import json
+import json.encoder
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -17,6 +17,9 @@ from typing import TextIO
 from .router import Attempt
 
 __all__ = ["AccessEntry", "AccessLog", "access_line"]
+
+# json's own (C) string escaper: an app-chosen model name cannot break the line.
+_quote = json.encoder.encode_basestring_ascii
 
 
 @dataclass(slots=True)
@@ -39,20 +42,12 @@ class AccessEntry:
 
 
 def access_line(entry: AccessEntry, status: int, latency_ms: float, ts: float) -> str:
-    """The entry as one JSON line (no newline)."""
-    return json.dumps(
-        {
-            "ts": round(ts, 3),
-            "request_id": entry.request_id,
-            "tenant": entry.tenant,
-            "model": entry.model,
-            "status": status,
-            "attempts": entry.attempts,
-            "provider": entry.provider,
-            "key_id": entry.key_id,
-            "latency_ms": round(latency_ms, 2),
-        },
-        separators=(",", ":"),
+    """The entry as one JSON line (no newline); strings escaped as ``json.dumps`` does."""
+    q = _quote
+    return (
+        f'{{"ts":{ts:.3f},"request_id":{q(entry.request_id)},"tenant":{q(entry.tenant)},'
+        f'"model":{q(entry.model)},"status":{status:d},"attempts":{entry.attempts:d},'
+        f'"provider":{q(entry.provider)},"key_id":{q(entry.key_id)},"latency_ms":{latency_ms:.2f}}}'
     )
 
 

@@ -96,3 +96,8 @@ def test_access_line_is_compact_json_without_secrets() -> None:
         "key_id": "k9",
         "latency_ms": 12.35,
     }
+
+
+def test_access_line_escapes_what_the_app_chose() -> None:
+    entry = AccessEntry(started=0.0, tenant="acme", model='gpt"}\n{"status":1 é')
+    assert json.loads(access_line(entry, 404, 0.0, 0.0))["model"] == 'gpt"}\n{"status":1 é'
