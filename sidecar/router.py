@@ -97,15 +97,24 @@ def smooth_schedule(weights: Sequence[int]) -> list[int]:
 class KeySchedule:
     """A key sequence's smooth weighted schedule and where the next request starts."""
 
-    __slots__ = ("cursor", "keys", "slots")
+    __slots__ = ("_made", "cursor", "keys", "slots")
 
     def __init__(self, keys: Sequence[Key], cursor: int = 0) -> None:
         self.keys = keys
         self.slots = smooth_schedule([k.weight for k in keys])
         self.cursor = cursor % len(self.slots) if self.slots else 0
+        # id(target) -> (target, its keyed attempts by key index, made on first use)
+        self._made: dict[int, tuple[Target, list[Attempt | None]]] = {}
 
-    def order(self, usable: Callable[[Key], bool] | None) -> Iterator[Key]:
-        """The keys for one request, lazily: the first usable key from the cursor
+    def made_for(self, target: Target) -> list[Attempt | None]:
+        """Reusable attempts (no node) of ``target`` by key index: both are immutable."""
+        entry = self._made.get(id(target))
+        if entry is None or entry[0] is not target:  # holding the target keeps its id unique
+            entry = self._made[id(target)] = (target, [None] * len(self.keys))
+        return entry[1]
+
+    def order(self, usable: Callable[[Key], bool] | None) -> Iterator[int]:
+        """Key indices for one request, lazily: the first usable key from the cursor
         (whose turn it is; the cursor moves past it), then the other usable keys
         in sequence order after it. ``usable`` is asked only about the keys reached."""
         keys, slots = self.keys, self.slots
@@ -125,12 +134,12 @@ class KeySchedule:
         if first < 0:
             return
         self.cursor = pos
-        yield keys[first]
+        yield first
         n = len(keys)
         for step in range(1, n):
             i = (first + step) % n
             if i not in rejected and (usable is None or usable(keys[i])):
-                yield keys[i]
+                yield i
 
 
 class Balancer:
@@ -224,26 +233,43 @@ def plan_attempts(
     # stable partition of one is itself).
     targets = route.targets if len(route.targets) == 1 else _ordered_targets(tenant, route, balancer, demoted)
     for target in targets:
-        nodes: tuple[str, ...] = ()
-        if target.provider is Provider.VLLM and target.node_urls:
-            nodes = balancer.rotate(("nodes", tenant, route.public_model, target.node_urls), target.node_urls)
-        keys = keys_for(target)
-        key_order: Iterator[Key | None] | Sequence[Key | None]
-        if keys:
-            # Every key out means the target is skipped: never fall back to going unauthenticated.
-            check = _for_target(usable, target)
-            if len(keys) == 1:
-                key_order = keys if check is None or check(keys[0]) else ()  # a round robin of one
-            else:
-                schedule = balancer.schedule(("keys", tenant, target.provider, target.upstream_model), keys)
-                key_order = schedule.order(check)
-        elif nodes:
-            key_order = [None]  # self-hosted nodes need no credential
-        else:
-            continue
-        for n, key in enumerate(key_order):
-            node = nodes[n % len(nodes)] if nodes else None
-            attempts.append(Attempt(target=target, key=key, node_url=node))
+        for attempt in _target_attempts(tenant, route, target, keys_for, balancer, usable):
+            attempts.append(attempt)
             if limit is not None and len(attempts) >= limit:
                 return attempts
     return attempts
+
+
+def _target_attempts(
+    tenant: str,
+    route: Route,
+    target: Target,
+    keys_for: Callable[[Target], Sequence[Key]],
+    balancer: Balancer,
+    usable: Callable[[Target, Key], bool] | None,
+) -> Iterator[Attempt]:
+    nodes: tuple[str, ...] = ()
+    if target.provider is Provider.VLLM and target.node_urls:
+        nodes = balancer.rotate(("nodes", tenant, route.public_model, target.node_urls), target.node_urls)
+    keys = keys_for(target)
+    if not keys:
+        if nodes:
+            yield Attempt(target=target, key=None, node_url=nodes[0])  # self-hosted nodes need no credential
+        return
+    # Every key out means the target is skipped: never fall back to going unauthenticated.
+    check = _for_target(usable, target)
+    if len(keys) == 1:  # a round robin of one
+        if check is None or check(keys[0]):
+            yield Attempt(target=target, key=keys[0], node_url=nodes[0] if nodes else None)
+        return
+    schedule = balancer.schedule(("keys", tenant, target.provider, target.upstream_model), keys)
+    if nodes:
+        for n, i in enumerate(schedule.order(check)):
+            yield Attempt(target=target, key=keys[i], node_url=nodes[n % len(nodes)])
+        return
+    made = schedule.made_for(target)
+    for i in schedule.order(check):
+        found = made[i]
+        if found is None:
+            found = made[i] = Attempt(target=target, key=keys[i])
+        yield found

@@ -126,6 +126,16 @@ def test_key_schedule_order_is_lazy() -> None:
         return k.id != "k1"
 
     order = schedule.order(usable)
-    assert next(order).id == "k0"
-    assert next(order).id == "k2"  # k1 checked and skipped
+    assert next(order) == 0
+    assert next(order) == 2  # k1 checked and skipped
     assert asked == ["k0", "k1", "k2"]
+
+
+def test_attempts_carry_their_own_target_when_routes_share_a_schedule() -> None:
+    keys = [key("o1"), key("o2"), key("o3")]
+    balancer = Balancer()
+    low, high = target("m", priority=1), target("m", priority=5, weight=3)
+    for t in (low, high, low, high):
+        plan = plan_attempts("t", Route("r", "pub", (t,)), lambda _t: keys, balancer, limit=2)
+        assert all(a.target is t for a in plan)
+        assert [a.key.id for a in plan if a.key] in (["o1", "o2"], ["o2", "o3"], ["o3", "o1"])
