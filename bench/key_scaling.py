@@ -10,7 +10,8 @@ and the default log level against ``--log-level warning``.
   ``openai_compatible`` keys of weight 1 on the fake upstream and one route to
   them, and a ``keyplane sidecar`` on it at the default log level (as shipped:
   outcome reports on). At N = 1 two more sidecars of this checkout on the same
-  control plane: ``--access-log`` and ``--log-level warning``.
+  control plane: ``--access-log FILE`` (a file in the control plane's
+  temporary home) and ``--log-level warning``.
 - ``--compare-src DIR`` (or ``--compare-commit REV``: a ``git archive`` of REV
   into a temporary directory) adds the same sidecars of another tree, e.g. the
   code before the change, measured in the same run (``KEYPLANE_BENCH_SRC``
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     admin.close()
                 variants: list[tuple[str, tuple[str, ...]]] = [("sidecar" if tree == "this" else "compare", ())]
                 if tree == "this" and n == 1:
-                    variants += [("sidecar --access-log", ("--access-log",))]
+                    # To a file: this harness's stdout pipe reader is no collector to measure.
+                    variants += [("sidecar --access-log FILE", ("--access-log", str(cp.home / "access.jsonl")))]
                     variants += [("sidecar --log-level warning", ("--log-level", "warning"))]
                 for name, extra in variants:
                     sidecar = start_sidecar(cp, cpus=proxy_cpus, extra_args=extra)

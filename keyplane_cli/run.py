@@ -300,9 +300,11 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     )
     sc.add_argument(
         "--access-log",
-        action="store_true",
-        help="write one JSON line per chat request to stdout (request id, tenant, model, status, attempts, "
-        "provider, key id, latency); off by default",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="one JSON line per chat request (request id, tenant, model, status, attempts, provider, key id, "
+        "latency) on stdout, or appended to PATH; off by default",
     )
     upstream = sc.add_argument_group("upstream calls")
     upstream.add_argument(

@@ -116,5 +116,5 @@ def test_wire_latencies_pairs_each_request_with_the_last_segment_of_its_answer()
 def test_key_scaling() -> None:
     out = run_smoke("bench.key_scaling")
     assert re.search(r"\| sidecar \| 100 \| \d+ \| [\d.]+ \| [\d.]+x \| 0 \|", out), out
-    assert re.search(r"\| sidecar --access-log \| 1 \| \d+ \| [\d.]+ \| [\d.]+x \| 0 \|", out), out
+    assert re.search(r"\| sidecar --access-log FILE \| 1 \| \d+ \| [\d.]+ \| [\d.]+x \| 0 \|", out), out
     assert "target (CPU/request at 100 keys" in out

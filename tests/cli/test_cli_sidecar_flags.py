@@ -25,11 +25,14 @@ def test_defaults() -> None:
     assert config.upstream_trust_env is False
     assert config.upstream_ca_file is None
     assert config.report_outcomes is True
-    assert config.access_log is False  # opt-in
+    assert config.access_log is None  # opt-in
 
 
 def test_access_log_flag() -> None:
-    assert sidecar_config_from_args(parse("--access-log"), "tok", HealthPolicy()).access_log is True
+    assert sidecar_config_from_args(parse("--access-log"), "tok", HealthPolicy()).access_log == "-"
+    assert sidecar_config_from_args(parse("--access-log", "/var/log/kp.jsonl"), "tok", HealthPolicy()).access_log == (
+        "/var/log/kp.jsonl"
+    )
 
 
 def test_every_upstream_flag_reaches_the_config(tmp_path: Path) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import httpx
 import pytest
 
-from sidecar.access_log import AccessEntry, access_line
+from sidecar.access_log import AccessEntry, AccessLog, access_line
 from sidecar.server import Sidecar
 from tests.fakes.upstream import RATE_LIMITED, FakeUpstream, Reply
 
@@ -23,7 +24,7 @@ def _lines(out: str) -> list[dict[str, object]]:
 
 
 async def test_one_json_line_per_chat_request(upstream: FakeUpstream, capsys: pytest.CaptureFixture[str]) -> None:
-    async with Sidecar(sidecar_config(access_log=True), watch=False) as sc:
+    async with Sidecar(sidecar_config(access_log="-"), watch=False) as sc:
         capsys.readouterr()
         sc.state.apply(standard_snapshot(upstream, secrets=("sk-one", "sk-two")))
         async with httpx.AsyncClient(base_url=sc.url, timeout=20.0) as client:
@@ -101,3 +102,23 @@ def test_access_line_is_compact_json_without_secrets() -> None:
 def test_access_line_escapes_what_the_app_chose() -> None:
     entry = AccessEntry(started=0.0, tenant="acme", model='gpt"}\n{"status":1 é')
     assert json.loads(access_line(entry, 404, 0.0, 0.0))["model"] == 'gpt"}\n{"status":1 é'
+
+
+async def test_access_log_to_a_file(upstream: FakeUpstream, tmp_path: Path) -> None:
+    path = tmp_path / "access.jsonl"
+    path.write_text('{"earlier":true}\n')
+    for _ in range(2):  # the file is closed at stop and appended to by the next start
+        async with Sidecar(sidecar_config(access_log=str(path)), watch=False) as sc:
+            sc.state.apply(standard_snapshot(upstream))
+            async with httpx.AsyncClient(base_url=sc.url, timeout=20.0) as client:
+                r = await client.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
+                assert r.status_code == 200
+    earlier, *lines = _lines(path.read_text())
+    assert earlier == {"earlier": True}
+    assert [(line["status"], line["key_id"]) for line in lines] == [(200, "k1"), (200, "k1")]
+    assert "sk-one" not in path.read_text()
+
+
+def test_access_log_needs_exactly_one_destination() -> None:
+    with pytest.raises(ValueError, match="stream or a path"):
+        AccessLog()
