@@ -30,10 +30,11 @@ from bench._procs import DRIVER_CPUS, PROXY_CPUS, Proc
 from bench.proxy_overhead import MIXES, MODEL
 
 AREAS = (
-    ("sidecar/app.py", "sidecar.app (ASGI handler, relay)"),
+    ("sidecar/app.py", "sidecar.app (ASGI edge)"),
+    ("sidecar/chat.py", "sidecar.chat (handler)"),
+    ("sidecar/relay.py", "sidecar.relay (answer relay)"),
     ("sidecar/proxy.py", "sidecar.proxy (attempt loop)"),
-    ("sidecar/upstream.py", "sidecar.upstream (request build)"),
-    ("sidecar/http_client.py", "sidecar.http_client (upstream HTTP)"),
+    ("sidecar/upstream/", "sidecar.upstream (client glue)"),
     ("sidecar/router.py", "sidecar.router (plan)"),
     ("sidecar/state.py", "sidecar.state (lookups)"),
     ("sidecar/metrics.py", "sidecar.metrics"),

@@ -128,6 +128,7 @@ def _sidecar_info(info: SubscriberInfo) -> pb.SidecarInfo:
     return pb.SidecarInfo(
         sidecar_id=info.sidecar_id,
         tenants=sorted(info.tenants) if info.tenants is not None else [],
+        all_tenants=info.tenants is None,
         peer=info.peer,
         connect_time=convert.timestamp_from_datetime(info.connected_at),
         version=info.version,

@@ -25,7 +25,7 @@ from keyplane.keyring_file import KeyringFile
 from keyplane.tls import CertificateReloader, server_credentials
 from keyplane.v1 import admin_service_pb2, admin_service_pb2_grpc, sidecar_service_pb2, sidecar_service_pb2_grpc
 
-__all__ = ["ControlPlane"]
+__all__ = ["ControlPlane", "ListenError"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,10 @@ _SERVICE_NAMES = (
     admin_service_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     sidecar_service_pb2.DESCRIPTOR.services_by_name["SidecarService"].full_name,
 )
+
+
+class ListenError(OSError):
+    """The gRPC port could not be bound (in use, or not an address of this host)."""
 
 
 class ControlPlane:
@@ -158,12 +162,15 @@ class ControlPlane:
             self._health = AsyncHealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection((*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-            if credentials is None:
-                self.port = server.add_insecure_port(config.listen)
-            else:
-                self.port = server.add_secure_port(config.listen, credentials)
+            try:
+                if credentials is None:
+                    self.port = server.add_insecure_port(config.listen)
+                else:
+                    self.port = server.add_secure_port(config.listen, credentials)
+            except RuntimeError:  # grpc's "Failed to bind to address ..."
+                self.port = 0
             if self.port == 0:
-                raise OSError(f"could not listen on {config.listen}")
+                raise ListenError(f"cannot listen on {config.listen}: the address is in use or not available here")
             await server.start()
             for name in ("", *_SERVICE_NAMES):
                 await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -125,7 +125,10 @@ def _admin_token(args: argparse.Namespace) -> str:
     path = Home.default().admin_token_file
     if path.exists():
         return read_token_file(path)
-    raise CliError(f"no admin token: set {ADMIN_TOKEN_ENV}, pass --admin-token-file, or run 'keyplane up' first")
+    raise CliError(
+        f"no admin token: {path} does not exist and {ADMIN_TOKEN_ENV} is not set; pass --admin-token-file, "
+        f"set {ADMIN_TOKEN_ENV}, or run 'keyplane up' first (it writes {path})"
+    )
 
 
 def _read_secret(args: argparse.Namespace, stdin: TextIO) -> str:
@@ -138,6 +141,10 @@ def _read_secret(args: argparse.Namespace, stdin: TextIO) -> str:
         return stdin.readline().strip()
     if args.no_secret:
         return ""
+    if not stdin.isatty():
+        # getpass would read a pipe with a warning that the secret may be
+        # echoed, or fail with EOFError: say what to do instead.
+        raise CliError("no secret given and stdin is not a terminal: use --secret-env VAR or --secret-stdin")
     return getpass.getpass("provider secret: ").strip()
 
 
@@ -259,8 +266,37 @@ def _keys(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: Tex
         _emit(args, resp, f"deleted key {args.id}", out)
 
 
+def _keyless_targets(client: AdminClient, tenant: str, targets: list[resources_pb2.RouteTarget]) -> list[str]:
+    """Targets whose provider has no active key in the tenant (a vLLM target
+    with nodes needs none): requests for them would get 503 no_usable_key."""
+    keys = client.call("ListProviderKeys", admin_pb2.ListProviderKeysRequest(tenant=tenant)).keys
+    active = {k.provider for k in keys if k.status == resources_pb2.KEY_STATUS_ACTIVE}
+    return [
+        f"{_provider_name(t.provider)}:{t.upstream_model}"
+        for t in targets
+        if t.provider not in active and not (t.provider == resources_pb2.PROVIDER_VLLM and t.node_urls)
+    ]
+
+
+def _check_targets_have_keys(args: argparse.Namespace, client: AdminClient) -> None:
+    missing = _keyless_targets(client, args.tenant, list(args.target))
+    if not missing:
+        return
+    providers = sorted({m.split(":", 1)[0] for m in missing})
+    message = (
+        f"no active key in tenant {args.tenant!r} for provider(s) {', '.join(providers)}: requests routed to "
+        f"{', '.join(missing)} get 503 no_usable_key until one is added "
+        f"(keyplane keys add -t {args.tenant} -p {providers[0]} ...)"
+    )
+    if args.strict:
+        raise CliError(message + "; nothing was changed (--strict)")
+    sys.stderr.write(f"warning: {message}\n")
+
+
 def _routes(args: argparse.Namespace, client: AdminClient, out: TextIO) -> None:
     action = args.action
+    if action in ("add", "set-targets"):
+        _check_targets_have_keys(args, client)
     if action == "add":
         req = admin_pb2.CreateRouteRequest(tenant=args.tenant, public_model=args.model, targets=args.target)
         resp = client.call("CreateRoute", req)
@@ -362,7 +398,7 @@ def _sidecars_table(sidecars: Sequence[admin_pb2.SidecarInfo]) -> str:
     rows = [
         (
             s.sidecar_id or "-",
-            ",".join(s.tenants) or "*",
+            "*" if s.all_tenants else ",".join(s.tenants),
             s.peer,
             datetime.fromtimestamp(s.connect_time.ToNanoseconds() / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S"),
             str(s.version),
@@ -389,7 +425,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _tenant(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tenant", "-t", required=True)
+    parser.add_argument("--tenant", "-t", required=True, help="the tenant (isolation boundary) to work in")
 
 
 def _etag(parser: argparse.ArgumentParser) -> None:
@@ -426,18 +462,22 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         return parser
 
     tenants = group("tenants", "create, list and delete tenants")
-    action(tenants, "create", "create a tenant").add_argument("name")
+    action(tenants, "create", "create a tenant").add_argument(
+        "name", help="1-63 lower-case letters, digits, '-' or '_'"
+    )
     action(tenants, "list", "list tenants")
-    action(tenants, "delete", "delete a tenant and everything it owns").add_argument("name")
+    action(tenants, "delete", "delete a tenant and everything it owns").add_argument("name", help="the tenant")
 
     keys = group("keys", "manage provider keys (secrets are write-only)")
     add = action(keys, "add", "add a provider key", _tenant, _secret_source)
     add.add_argument(
         "--provider", "-p", required=True, type=_provider, help="one of: " + ", ".join(p.value for p in Provider)
     )
-    add.add_argument("--label", "-l", required=True)
+    add.add_argument("--label", "-l", required=True, help="a name for the key, unique in the tenant")
     add.add_argument("--base-url", help="required for openai_compatible and azure_openai")
-    add.add_argument("--weight", type=int, default=1)
+    add.add_argument(
+        "--weight", type=int, default=1, help="share of traffic among the provider's keys (1-1000, default 1)"
+    )
     add.add_argument("--model", action="append", help="restrict the key to this upstream model (repeatable)")
     action(keys, "list", "list a tenant's keys", _tenant)
     for name, text, *extra in (
@@ -447,8 +487,10 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         ("revoke", "revoke a key for good", _etag),
         ("delete", "delete a key"),
     ):
-        action(keys, name, text, _tenant, *extra).add_argument("id")
-    action(keys, "rotate", "replace a key's secret", _tenant, _secret_source, _etag).add_argument("id")
+        action(keys, name, text, _tenant, *extra).add_argument("id", help="the key's id (from keys list)")
+    action(keys, "rotate", "replace a key's secret", _tenant, _secret_source, _etag).add_argument(
+        "id", help="the key's id (from keys list)"
+    )
 
     routes = group("routes", "map public model names to provider targets")
     radd = action(routes, "add", "add a route", _tenant)
@@ -462,20 +504,36 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
     )
     action(routes, "list", "list routes", _tenant)
     rset = action(routes, "set-targets", "replace a route's targets", _tenant, _etag)
-    rset.add_argument("id")
-    rset.add_argument("--target", action="append", required=True, type=_target)
-    action(routes, "delete", "delete a route", _tenant).add_argument("id")
+    rset.add_argument("id", help="the route's id (from routes list)")
+    rset.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        type=_target,
+        help="provider:upstream_model[@priority][*weight][=node_url,...] (repeatable, in order)",
+    )
+    for parser in (radd, rset):
+        parser.add_argument(
+            "--strict",
+            action="store_true",
+            help="refuse (instead of warning) when a target's provider has no active key in the tenant",
+        )
+    action(routes, "delete", "delete a route", _tenant).add_argument("id", help="the route's id (from routes list)")
 
     cks = group("client-keys", "issue and revoke the bearer tokens apps use at the sidecar")
     action(cks, "create", "issue a client key (its token is shown once)", _tenant).add_argument(
-        "--label", "-l", required=True
+        "--label", "-l", required=True, help="a name for the app's key, unique in the tenant"
     )
     action(cks, "list", "list client keys", _tenant)
-    action(cks, "delete", "revoke a client key", _tenant).add_argument("id")
+    action(cks, "delete", "revoke a client key", _tenant).add_argument(
+        "id", help="the client key's id (from client-keys list)"
+    )
 
     health = group("health", "learnt key and provider health (re-enable a key with 'keys enable')")
     action(health, "show", "keys and providers that are not healthy, with reasons and until-times", _tenant)
-    action(health, "reset", "clear what was learnt about one key (every model)", _tenant).add_argument("key_id")
+    action(health, "reset", "clear what was learnt about one key (every model)", _tenant).add_argument(
+        "key_id", help="the key's id (from keys list)"
+    )
 
     sidecars = group("sidecars", "the sidecars connected to this control plane")
     action(sidecars, "list", "connected sidecars with their tenants and versions")

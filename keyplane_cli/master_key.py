@@ -263,5 +263,5 @@ def add_master_key_commands(sub: Any, handlers: dict[str, Callable[[argparse.Nam
     action("rotate", rotate_text, _keyring_flags, _single_key_flag, _rewrap_flags)
     action("status", "the control plane's keyring and how many secrets each master key seals")
     action("retire", "remove an unused master key from the keyring file", _keyring_flags).add_argument(
-        "key_id", metavar="ID"
+        "key_id", metavar="ID", help="the master key's id (from master-key status)"
     )

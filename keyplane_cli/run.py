@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from keyplane.home import Home, ensure_private_dir, read_token_file
 from keyplane.runtime import tune_gc
 from keyplane.tls import TlsError, is_loopback_listen
 from keyplane_cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
+from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
 from keyplane_cli.tls_flags import (
@@ -54,6 +56,24 @@ def _parse_sidecar_tokens(path: Path) -> dict[str, tuple[str, ...]]:
     if not tokens:
         raise SystemExit(f"{path}: no sidecar tokens")
     return tokens
+
+
+async def _start(starting: Awaitable[None], address: str, flag: str) -> None:
+    """Await a server's start; an address it cannot bind is one line naming
+    the address and the flag that sets it, not a traceback."""
+    try:
+        await starting
+    except OSError as exc:
+        if not _is_bind_error(exc):
+            raise
+        detail = exc.strerror.lower() if exc.strerror else "the address is in use or not available here"
+        raise SystemExit(f"keyplane: cannot listen on {address}: {detail} (choose another with {flag})") from None
+
+
+def _is_bind_error(exc: OSError) -> bool:
+    from control_plane.server import ListenError
+
+    return isinstance(exc, ListenError) or exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
 def _stop_on_signals() -> asyncio.Event:
@@ -101,7 +121,7 @@ async def _run_up(args: argparse.Namespace) -> int:
         )
     )
     try:
-        await cp.start()
+        await _start(cp.start(), args.listen, "--listen")
     except MasterKeyError as exc:
         raise SystemExit(f"up: {exc}") from None
     host = args.listen.rsplit(":", 1)[0]
@@ -113,10 +133,11 @@ async def _run_up(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             health_policy=health_policy,
+            **edge_options_from_args(args),
         )
     )
     try:
-        await sc.start()
+        await _start(sc.start(), f"{args.host}:{args.port}", "--host/--port")
         lines = [
             f"keyplane control plane listening on {target} (store: {redact_url(store_url)})",
             f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1",
@@ -178,7 +199,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
         raise SystemExit(f"control-plane: {exc}") from None
     cp = ControlPlane(config)
     try:
-        await cp.start()
+        await _start(cp.start(), args.listen, "--listen")
     except (TlsError, MasterKeyError) as exc:
         raise SystemExit(f"control-plane: {exc}") from None
     print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
@@ -209,7 +230,12 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         upstream_limit_per_host=args.upstream_limit_per_host,
         upstream_trust_env=args.upstream_trust_env,
         upstream_ca_file=str(args.upstream_ca_file) if args.upstream_ca_file else None,
+        upstream_ca_file_only=args.upstream_ca_file_only,
+        upstream_max_header_size=args.upstream_max_header_size,
+        upstream_max_headers=args.upstream_max_headers,
+        upstream_max_body_bytes=args.upstream_max_body_bytes,
         control_plane_tls=client_tls_from_args(args),
+        **edge_options_from_args(args),
     )
 
 
@@ -233,7 +259,7 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         raise SystemExit(f"sidecar: {exc}") from None
     sc = Sidecar(config)
     try:
-        await sc.start()
+        await _start(sc.start(), f"{args.host}:{args.port}", "--host/--port")
     except TlsError as exc:
         raise SystemExit(f"sidecar: {exc}") from None
     print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
@@ -269,12 +295,19 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     up.add_argument("--host", default="127.0.0.1", help="sidecar HTTP host (keep it on loopback)")
     up.add_argument("--port", type=int, default=8787, help="sidecar HTTP port (0 = any free port)")
     up.add_argument("--store", help="store URL instead of the embedded SQLite file")
+    add_edge_flags(up)
     handlers["up"] = _runner(_run_up)
 
     cp = sub.add_parser("control-plane", help="run the control plane")
-    cp.add_argument("--listen", default="0.0.0.0:50051")
+    cp.add_argument(
+        "--listen",
+        default="0.0.0.0:50051",
+        help="gRPC address (default 0.0.0.0:50051; off loopback it needs TLS or --insecure-plaintext)",
+    )
     cp.add_argument("--store", required=True, help="sqlite:///path.db or postgresql://user@host/db[?schema=s]")
-    cp.add_argument("--admin-token-file", type=Path)
+    cp.add_argument(
+        "--admin-token-file", type=Path, help="file holding the bootstrap admin token (else KEYPLANE_ADMIN_TOKEN)"
+    )
     cp.add_argument("--sidecar-tokens-file", type=Path, help="lines of '<token> <tenant,tenant|*>'")
     cp.add_argument("--master-key-file", type=Path, help="base64 32-byte key (else KEYPLANE_MASTER_KEY)")
     cp.add_argument(
@@ -290,8 +323,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     sc.add_argument("--control-plane", default="127.0.0.1:50051", help="control plane gRPC address")
     sc.add_argument("--token-file", type=Path, help="sidecar token file (else KEYPLANE_SIDECAR_TOKEN)")
     sc.add_argument("--tenant", action="append", help="tenant to serve (repeatable; default all the token allows)")
-    sc.add_argument("--host", default="127.0.0.1")
-    sc.add_argument("--port", type=int, default=8787)
+    sc.add_argument("--host", default="127.0.0.1", help="HTTP address apps call (keep it on loopback)")
+    sc.add_argument("--port", type=int, default=8787, help="HTTP port apps call (0 = any free port)")
     sc.add_argument(
         "--no-outcome-reports",
         action="store_true",
@@ -326,8 +359,29 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         "except hosts in NO_PROXY",
     )
     upstream.add_argument(
-        "--upstream-ca-file", type=Path, help="PEM bundle to verify upstream TLS against (default: the system's)"
+        "--upstream-ca-file", type=Path, help="PEM bundle trusted for upstream TLS, on top of the system's CAs"
     )
+    upstream.add_argument(
+        "--upstream-ca-file-only",
+        action="store_true",
+        help="trust only --upstream-ca-file for upstream TLS, not the system's CAs",
+    )
+    upstream.add_argument(
+        "--upstream-max-header-size",
+        type=int,
+        default=8190,
+        help="most bytes in an upstream answer's status line and in any one of its header lines",
+    )
+    upstream.add_argument(
+        "--upstream-max-headers", type=int, default=128, help="most header lines in an upstream answer's head"
+    )
+    upstream.add_argument(
+        "--upstream-max-body-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="most bytes of a non-streamed upstream answer (a larger one fails the attempt as upstream_error)",
+    )
+    add_edge_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
 
@@ -337,4 +391,6 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)
     for parser in (up, cp, sc):
-        parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+        parser.add_argument(
+            "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"
+        )

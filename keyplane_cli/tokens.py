@@ -117,7 +117,7 @@ def add_token_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         create = actions.add_parser("create", help=f"create one of the {what} (the token is printed once)")
         _common(create)
-        create.add_argument("--label", "-l", required=True)
+        create.add_argument("--label", "-l", required=True, help="what the token is for (not unique)")
         if group == "sidecar-tokens":
             scope = create.add_mutually_exclusive_group(required=True)
             scope.add_argument("--tenant", "-t", action="append", help="a tenant it may watch (repeatable)")

@@ -47,8 +47,15 @@ class SidecarConfig:
     upstream_limit_per_host: int = 256
     # Honour HTTP(S)_PROXY / NO_PROXY for upstream calls.
     upstream_trust_env: bool = False
-    # CA bundle (PEM) upstream TLS certificates are checked against; None: the system's.
+    # CA bundle (PEM) trusted for upstream TLS on top of the system's CAs
+    # (instead of them with ``upstream_ca_file_only``).
     upstream_ca_file: str | None = None
+    upstream_ca_file_only: bool = False
+    # Limits on an upstream's answer: bytes in its status line and in any one
+    # header line, header lines in its head, and bytes of a non-streamed body.
+    upstream_max_header_size: int = 8190
+    upstream_max_headers: int = 128
+    upstream_max_body_bytes: int = 64 * 1024 * 1024
     # Idle upstream connections are closed after this long.
     upstream_keepalive_timeout: float = 60.0
     # Control-plane channel: TLS (and a client certificate for mTLS); None: plaintext.
@@ -80,6 +87,15 @@ class SidecarConfig:
     report_max_age: float = 30.0
     # How long stop() spends flushing queued outcomes.
     report_flush_timeout: float = 1.0
+    # The app-facing HTTP edge (sidecar/edge_protocol.py): a request head (request
+    # line and header fields) larger than this, or with more fields, is refused
+    # with 431; a head that has not arrived within request_head_timeout of its
+    # first byte, or a body within request_body_timeout of its head, gets 408 and
+    # the connection is closed.
+    max_request_head_bytes: int = 64 * 1024
+    max_request_headers: int = 100
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.control_plane_target:
@@ -90,8 +106,17 @@ class SidecarConfig:
             raise ValueError("max_attempts must be at least 1")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be positive")
+        if self.max_request_head_bytes < 1024:
+            raise ValueError("max_request_head_bytes must be at least 1024")
+        if self.max_request_headers < 1:
+            raise ValueError("max_request_headers must be at least 1")
         if self.upstream_limit_per_host < 1:
             raise ValueError("upstream_limit_per_host must be at least 1")
+        if self.upstream_ca_file_only and self.upstream_ca_file is None:
+            raise ValueError("upstream_ca_file_only needs upstream_ca_file")
+        for name in ("upstream_max_header_size", "upstream_max_headers", "upstream_max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
         if self.upstream_ca_file is not None and not os.path.isfile(self.upstream_ca_file):
             raise ValueError(f"upstream_ca_file is not a file: {self.upstream_ca_file}")
         if self.control_plane_tls is not None:
@@ -109,6 +134,8 @@ class SidecarConfig:
             "report_interval",
             "report_failure_interval",
             "report_max_age",
+            "request_head_timeout",
+            "request_body_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

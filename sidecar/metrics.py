@@ -55,7 +55,8 @@ class SidecarMetrics:
         )
         self.upstream_attempts = Counter(
             "keyplane_sidecar_upstream_attempts",
-            "Upstream attempts, by provider and outcome (2xx..5xx, connect_error, timeout, ...).",
+            "Upstream attempts, by provider and outcome (2xx..5xx, connect_error, tls_error, timeout, "
+            "malformed, cut, too_large, config_error).",
             ["provider", "outcome"],
             registry=self.registry,
         )

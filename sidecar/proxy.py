@@ -32,9 +32,20 @@ from keyplane.domain import Provider
 from keyplane.health.classify import Classification, ErrorClass, classify_exception, classify_response
 
 from . import errors
-from .http_client import HttpResponse, UpstreamError
 from .router import Attempt
-from .upstream import UpstreamClient, UpstreamConfigError
+from .upstream import (
+    UpstreamAnswerCut,
+    UpstreamClient,
+    UpstreamConfigError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamTlsError,
+    UpstreamTooLarge,
+    build_request,
+)
 
 __all__ = [
     "AttemptObserver",
@@ -88,7 +99,8 @@ class AttemptRecord:
     # Wall-clock epoch seconds when the attempt started.
     started: float
     latency_ms: int
-    # Metrics label: "2xx".."5xx", "timeout" or "connect_error".
+    # Metrics label: "2xx".."5xx", or what failed ("connect_error", "tls_error",
+    # "timeout", "malformed", "cut", "too_large": ``UpstreamError.label``).
     outcome: str
     # No later attempt of this request went to the same provider.
     provider_final: bool
@@ -124,7 +136,7 @@ class UpstreamReply:
     a non-2xx status), else the first bytes of the stream; the rest is still in
     ``response``. The caller must release ``response``."""
 
-    response: HttpResponse
+    response: UpstreamResponse
     head: bytes
     streaming: bool
     attempt: Attempt
@@ -189,9 +201,24 @@ def _next_index(
     return None
 
 
-# What a failed call is classified as (and its metrics label), prebuilt.
-_TIMED_OUT: tuple[Classification, str] = (classify_exception("timeout"), "timeout")
-_CONNECT_FAILED: tuple[Classification, str] = (classify_exception("connect"), "connect_error")
+# What a failed call is classified as (and its metrics label), prebuilt per error class.
+_FAILED: dict[type[UpstreamError], tuple[Classification, str]] = {
+    cls: (classify_exception(cls.kind), cls.label)
+    for cls in (
+        UpstreamConnectError,
+        UpstreamTlsError,
+        UpstreamTimeout,
+        UpstreamMalformed,
+        UpstreamAnswerCut,
+        UpstreamTooLarge,
+        UpstreamError,
+    )
+}
+
+
+def _failed(exc: UpstreamError) -> tuple[Classification, str]:
+    found = _FAILED.get(type(exc))
+    return found if found is not None else (classify_exception(exc.kind), exc.label)
 
 
 def _mark_recovered(records: list[AttemptRecord], provider: Provider) -> None:
@@ -248,29 +275,29 @@ async def run_attempts(
         started_loop = loop.time()
         started_wall = wall_clock()
         try:
-            pending = upstream.chat_completion(
-                attempt, body_for(attempt.target.upstream_model), app_headers, time_left=remaining
-            )
+            request = build_request(attempt, app_headers)
         except UpstreamConfigError as exc:
             _log.warning("skipping attempt %s: %s", describe(attempt), exc)
             observer.misconfigured(attempt)
             failure = _misconfigured
             continue
-        # The call, inline (no coroutine frame per attempt): the response, or
-        # ``failed`` when nothing usable came back.
-        response: HttpResponse | None = None
+        # The call: the response, or ``failed`` when nothing usable came back.
+        response: UpstreamResponse | None = None
         head = b""
         streaming = False
         failed: tuple[Classification, str] | None = None
         try:
-            response = await pending
+            response = await upstream.send(request, body_for(attempt.target.upstream_model), time_left=remaining)
             streaming = stream and 200 <= response.status < 300
             # Read before committing: a failure here has sent nothing to the app yet.
-            head = await (response.readany() if streaming else response.read())
-        except TimeoutError:
-            failed = _TIMED_OUT
-        except UpstreamError:
-            failed = _CONNECT_FAILED
+            head = await (response.readany() if streaming else response.read(upstream.max_body_bytes))
+        except UpstreamError as exc:
+            failed = _failed(exc)
+        except UpstreamConfigError as exc:  # refused by the client before anything was sent
+            _log.warning("skipping attempt %s: %s", describe(attempt), exc)
+            observer.misconfigured(attempt)
+            failure = _misconfigured
+            continue
         except BaseException:  # cancelled (the app hung up, shutdown): free the connection
             if response is not None:
                 response.close()
@@ -342,10 +369,23 @@ async def run_attempts(
             response.release()
         if attempt.key is not None:
             out.setdefault(attempt.key.id, cls.value)
-        failure = errors.upstream_timeout if outcome == "timeout" else errors.bad_gateway
+        failure = errors.upstream_timeout if outcome == "timeout" else _bad_gateway_for(outcome)
         if following is None:
             break
     return AttemptsFailed(error=failure(), attempts=sent, records=records, excluded=out)
+
+
+_TOO_LARGE = UpstreamTooLarge.label
+
+
+def _bad_gateway_for(outcome: str) -> Callable[[], errors.ErrorResponse]:
+    if outcome == _TOO_LARGE:
+        return _too_large
+    return errors.bad_gateway
+
+
+def _too_large() -> errors.ErrorResponse:
+    return errors.bad_gateway("The upstream's answer is larger than the sidecar accepts (--upstream-max-body-bytes).")
 
 
 def _misconfigured() -> errors.ErrorResponse:

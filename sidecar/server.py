@@ -26,6 +26,7 @@ from .access_log import AccessLog
 from .app import SidecarApp
 from .channel import ChannelSource
 from .config import SidecarConfig
+from .edge_protocol import EdgeLimits, edge_protocol
 from .metrics import SidecarMetrics
 from .reporter import OutcomeReporter
 from .router import Balancer
@@ -83,6 +84,10 @@ class Sidecar:
             keepalive_timeout=config.upstream_keepalive_timeout,
             trust_env=config.upstream_trust_env,
             ca_file=config.upstream_ca_file,
+            ca_file_only=config.upstream_ca_file_only,
+            max_header_size=config.upstream_max_header_size,
+            max_headers=config.upstream_max_headers,
+            max_body_bytes=config.upstream_max_body_bytes,
         )
         self.metrics = SidecarMetrics(self.state)
         reporting = (watch if report is None else report) and config.report_outcomes
@@ -143,7 +148,17 @@ class Sidecar:
             self._port = int(sock.getsockname()[1])
             uv_config = uvicorn.Config(
                 self.app,
-                http="httptools",
+                # httptools with limits, timeouts and OpenAI-shaped refusals; no WebSockets.
+                http=edge_protocol(
+                    EdgeLimits(
+                        max_head_bytes=self.config.max_request_head_bytes,
+                        max_headers=self.config.max_request_headers,
+                        max_body_bytes=self.config.max_body_bytes,
+                        head_timeout=self.config.request_head_timeout,
+                        body_timeout=self.config.request_body_timeout,
+                    )
+                ),
+                ws="none",
                 lifespan="off",
                 log_level="warning",
                 log_config=None,

@@ -19,6 +19,7 @@ from keyplane.health._retry_after import MAX_RETRY_AFTER, parse_duration, parse_
 __all__ = [
     "Classification",
     "ErrorClass",
+    "ExceptionKind",
     "classify_exception",
     "classify_response",
     "parse_retry_after",
@@ -149,9 +150,23 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes, *, n
     return Classification(ErrorClass.CLIENT_ERROR, status, f"{status} {scanned.code or 'client error'}")
 
 
-def classify_exception(kind: Literal["connect", "timeout"]) -> Classification:
-    """No response at all (before the first byte): always an upstream error."""
-    return Classification(ErrorClass.UPSTREAM_ERROR, 0, "timeout" if kind == "timeout" else "connect error")
+# What went wrong when no usable answer came back (the reason each one reports):
+# no connection, a failed TLS handshake, a timeout, an answer that is not
+# HTTP, a connection closed before the answer was whole, an answer too large.
+ExceptionKind = Literal["connect", "tls", "timeout", "malformed", "cut", "too_large"]
+_EXCEPTION_REASONS: dict[str, str] = {
+    "connect": "connect error",
+    "tls": "tls error",
+    "timeout": "timeout",
+    "malformed": "malformed answer",
+    "cut": "answer cut off",
+    "too_large": "answer too large",
+}
+
+
+def classify_exception(kind: ExceptionKind) -> Classification:
+    """No usable response (nothing was sent to the app yet): always an upstream error."""
+    return Classification(ErrorClass.UPSTREAM_ERROR, 0, _EXCEPTION_REASONS[kind])
 
 
 def stream_broken(reason: str = "stream broken") -> Classification:

@@ -902,12 +902,17 @@ class SidecarInfo(_message.Message):
     PEER_FIELD_NUMBER: _builtins.int
     CONNECT_TIME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
     sidecar_id: _builtins.str
     peer: _builtins.str
     version: _builtins.int
+    all_tenants: _builtins.bool
+    """The stream watches every tenant, present and future (an all-tenant
+    token that named none).
+    """
     @_builtins.property
     def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Empty: every tenant its token allows."""
+        """The tenants the stream watches; empty when all_tenants is set."""
 
     @_builtins.property
     def connect_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -919,10 +924,11 @@ class SidecarInfo(_message.Message):
         peer: _builtins.str = ...,
         connect_time: _timestamp_pb2.Timestamp | None = ...,
         version: _builtins.int = ...,
+        all_tenants: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connect_time", b"connect_time", "peer", b"peer", "sidecar_id", b"sidecar_id", "tenants", b"tenants", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_tenants", b"all_tenants", "connect_time", b"connect_time", "peer", b"peer", "sidecar_id", b"sidecar_id", "tenants", b"tenants", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -70,7 +70,7 @@ def test_db_queries() -> None:
 )
 def test_profile_sidecar() -> None:
     out = run_smoke("bench.profile_sidecar")
-    assert re.search(r"\| sidecar\.app \(ASGI handler, relay\) \| [\d.]+% \|", out), out
+    assert re.search(r"\| sidecar\.chat \(handler\) \| [\d.]+% \|", out), out
 
 
 def test_reporter_lag() -> None:
@@ -87,9 +87,9 @@ def test_client_stack() -> None:
 
 def test_wire_latency() -> None:
     out = run_smoke("bench.wire_latency")
-    if "not measured:" in out:  # no tcpdump, or no right to capture: said plainly
-        assert re.search(r"# wire latency: not measured: \S", out), out
-        return
+    not_measured = re.search(r"# wire latency: not measured: (\S.*)", out)
+    if not_measured:  # no tcpdump, or no right to capture: a skip that says why, not a pass
+        pytest.skip(f"bench.wire_latency could not measure: {not_measured.group(1)}")
     for target in ("direct", "sidecar", "sidecar-noreports", "ideal"):
         assert re.search(rf"\| {target} \| [\d.]+ \| [\d.]+ \| ", out), out
     assert re.search(r"\| sidecar \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ \| [+-][\d.]+ \|", out), out

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
 import pytest
 
@@ -46,7 +47,45 @@ def test_bad_target_spec_says_what_is_wrong(spec: str, message: str) -> None:
         _target(spec)
 
 
-def test_secret_is_never_a_command_line_argument() -> None:
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+# Options whose name speaks of a secret but whose value is not one: the name
+# of a variable, or a file that holds it.
+_NOT_A_SECRET = {"--secret-env", "--secret-stdin", "--no-secret", "--admin-token-file", "--token-file"}
+_SECRET_WORDS = ("secret", "token", "password", "api-key", "apikey", "master-key")
+
+
+def test_no_command_takes_a_secret_as_an_argument() -> None:
+    """Secrets on a command line land in shell history and ``ps``: no option
+    of any command takes one as its value (files and variable names only)."""
+    offending: list[str] = []
+    checked = 0
+    for prog, parser in _parsers(build_parser({})):
+        for action in parser._actions:
+            for option in action.option_strings:
+                if not any(word in option for word in _SECRET_WORDS):
+                    continue
+                checked += 1
+                takes_value = action.nargs != 0
+                is_path = action.type is not None and getattr(action.type, "__name__", "") == "Path"
+                if takes_value and option not in _NOT_A_SECRET and not is_path and not option.endswith("-file"):
+                    offending.append(f"{prog} {option}")
+    assert checked > 10  # the walk reached the commands that handle secrets
+    assert offending == []
+
+
+def test_a_secret_given_as_an_option_is_refused() -> None:
     parser = build_parser({})
-    with pytest.raises(SystemExit):
-        parser.parse_args(["keys", "add", "-t", "a", "-p", "openai", "-l", "x", "--secret", "sk-1"])
+    for argv in (
+        ["keys", "add", "-t", "a", "-p", "openai", "-l", "x", "--secret", "sk-1"],
+        ["keys", "add", "-t", "a", "-p", "openai", "-l", "x", "--secret-value", "sk-1"],
+        ["keys", "rotate", "-t", "a", "pk_1", "--new-secret", "sk-1"],
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)

@@ -24,6 +24,9 @@ def test_defaults() -> None:
     assert config.upstream_limit_per_host == 256
     assert config.upstream_trust_env is False
     assert config.upstream_ca_file is None
+    assert config.upstream_ca_file_only is False
+    assert (config.upstream_max_header_size, config.upstream_max_headers) == (8190, 128)
+    assert config.upstream_max_body_bytes == 64 * 1024 * 1024
     assert config.report_outcomes is True
     assert config.access_log is None  # opt-in
 
@@ -45,6 +48,10 @@ def test_every_upstream_flag_reaches_the_config(tmp_path: Path) -> None:
         "--upstream-limit-per-host=16",
         "--upstream-trust-env",
         f"--upstream-ca-file={ca}",
+        "--upstream-ca-file-only",
+        "--upstream-max-header-size=4096",
+        "--upstream-max-headers=64",
+        "--upstream-max-body-bytes=1000000",
         "--no-outcome-reports",
         "--tenant=acme",
     )
@@ -55,6 +62,9 @@ def test_every_upstream_flag_reaches_the_config(tmp_path: Path) -> None:
     assert config.upstream_limit_per_host == 16
     assert config.upstream_trust_env is True
     assert config.upstream_ca_file == str(ca)
+    assert config.upstream_ca_file_only is True
+    assert (config.upstream_max_header_size, config.upstream_max_headers) == (4096, 64)
+    assert config.upstream_max_body_bytes == 1_000_000
     assert config.report_outcomes is False
     assert config.tenants == ("acme",)
 
@@ -66,6 +76,9 @@ def test_every_upstream_flag_reaches_the_config(tmp_path: Path) -> None:
         ("--request-timeout=-1", "request_timeout must be positive"),
         ("--upstream-limit-per-host=0", "upstream_limit_per_host must be at least 1"),
         ("--upstream-ca-file=/no/such/ca.pem", "upstream_ca_file is not a file"),
+        ("--upstream-ca-file-only", "upstream_ca_file_only needs upstream_ca_file"),
+        ("--upstream-max-headers=0", "upstream_max_headers must be at least 1"),
+        ("--upstream-max-body-bytes=0", "upstream_max_body_bytes must be at least 1"),
     ],
 )
 def test_bad_values_are_refused(flag: str, message: str) -> None:

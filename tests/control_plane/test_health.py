@@ -14,6 +14,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.field_mask_pb2 import FieldMask
+from google.protobuf.json_format import MessageToDict
 from grpc import aio
 
 from keyplane.v1 import admin_service_pb2 as apb
@@ -446,10 +447,13 @@ async def test_list_sidecars(harness: Harness) -> None:
     everything = harness.watch(sidecar_id="sc-all")
     await next_message(everything)
     sidecars = (await harness.admin.ListSidecars(apb.ListSidecarsRequest(), metadata=ADMIN_MD)).sidecars
-    assert [(s.sidecar_id, list(s.tenants), s.version) for s in sidecars] == [
-        ("sc-pod-7", ["acme"], first.version),
-        ("sc-all", [], first.version),
+    assert [(s.sidecar_id, list(s.tenants), s.all_tenants, s.version) for s in sidecars] == [
+        ("sc-pod-7", ["acme"], False, first.version),
+        ("sc-all", [], True, first.version),
     ]
+    # --json shows it too (an empty list alone would vanish from the JSON).
+    as_json = [MessageToDict(s, preserving_proto_field_name=True) for s in sidecars]
+    assert [(d.get("tenants"), d.get("all_tenants")) for d in as_json] == [(["acme"], None), (None, True)]
     assert all(s.peer and s.connect_time.seconds > 0 for s in sidecars)
     call.cancel()
     everything.cancel()

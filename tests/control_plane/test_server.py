@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from control_plane.config import ControlPlaneConfig, redact_url
-from control_plane.server import ControlPlane
+from control_plane.server import ControlPlane, ListenError
 from keyplane.v1 import admin_service_pb2 as apb
 from tests.control_plane.conftest import (
     ADMIN_MD,
@@ -61,7 +61,7 @@ async def test_start_fails_cleanly_on_a_taken_port(make_harness: HarnessFactory,
     running = await make_harness()
     plane = ControlPlane(make_config(tmp_path, listen=running.plane.address, store_url="sqlite:///:memory:"))
     try:
-        with pytest.raises(RuntimeError, match="bind"):
+        with pytest.raises(ListenError, match=f"cannot listen on {running.plane.address}"):
             await plane.start()
         with pytest.raises(RuntimeError, match="not started"):
             _ = plane.hub

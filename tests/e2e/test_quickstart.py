@@ -12,52 +12,17 @@ import asyncio
 import re
 import stat
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.e2e.processes import CliResult, Running, child_env, cli, start
+from tests.e2e.deployment import Deployment
+from tests.e2e.processes import child_env, cli, start
 from tests.fakes.upstream import FakeUpstream
 
 SECRET_1 = "sk-upstream-first-key-0001"
 SECRET_2 = "sk-upstream-second-key-0002"
-
-
-class Deployment:
-    def __init__(self, home: Path, up: Running) -> None:
-        self.home = home
-        self.up = up
-        self.grpc_target = up.find(r"control plane listening on (\S+)").group(1)
-        self.sidecar_url = up.find(r"sidecar listening on (http://\S+/v1)").group(1)
-        self.env = child_env(home, {"KEYPLANE_SERVER": self.grpc_target})
-
-    async def cli(self, *args: str, stdin: str | None = None) -> CliResult:
-        return await cli(list(args), self.env, stdin)
-
-    async def ok(self, *args: str, stdin: str | None = None) -> str:
-        result = await self.cli(*args, stdin=stdin)
-        assert result.code == 0, f"keyplane {' '.join(args)} failed: {result.stderr}"
-        return result.stdout
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture
-async def deployment(tmp_path: Path) -> AsyncIterator[Deployment]:
-    home = tmp_path / "home"
-    up = await start(["up", "--listen", "127.0.0.1:0", "--port", "0"], child_env(home), r"sidecar listening on http://")
-    try:
-        yield Deployment(home, up)
-    finally:
-        code = await up.stop()
-        assert code == 0, up.output
 
 
 async def _configure(dep: Deployment, upstream: FakeUpstream) -> tuple[str, str]:
@@ -199,6 +164,7 @@ async def test_disable_and_delete_reach_every_sidecar_within_a_second(
         # With no usable key left the app gets a clear OpenAI-shaped error, not a hang.
         await dep.ok("keys", "disable", "-t", "acme", first_id)
         await asyncio.sleep(1.0)
+        before = len(upstream.chat_requests())
         async with httpx.AsyncClient() as client:
             for url in sidecars:
                 resp = await client.post(
@@ -207,7 +173,17 @@ async def test_disable_and_delete_reach_every_sidecar_within_a_second(
                     json={"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]},
                 )
                 assert resp.status_code == 503
-                assert "error" in resp.json()
+                assert resp.headers["content-type"].startswith("application/json")
+                assert resp.json() == {
+                    "error": {
+                        "message": "No usable provider key for model 'gpt-test'.",
+                        "type": "upstream_error",
+                        "param": "model",
+                        "code": "no_usable_key",
+                    }
+                }
+        # Said without trying the disabled key upstream.
+        assert len(upstream.chat_requests()) == before
     finally:
         assert await other.stop() == 0, other.output
 

@@ -225,6 +225,14 @@ def test_classification_properties(error_class: ErrorClass, retry_same_provider:
 def test_exceptions_and_broken_streams() -> None:
     assert classify_exception("timeout") == Classification(U, 0, "timeout")
     assert classify_exception("connect") == Classification(U, 0, "connect error")
+    # Each way of getting no usable answer keeps its own reason (distinct in reports).
+    reasons = {kind: classify_exception(kind).reason for kind in ("tls", "malformed", "cut", "too_large")}
+    assert reasons == {
+        "tls": "tls error",
+        "malformed": "malformed answer",
+        "cut": "answer cut off",
+        "too_large": "answer too large",
+    }
     assert stream_broken() == Classification(ErrorClass.STREAM_BROKEN, 0, "stream broken")
     assert stream_broken("peer closed").reason == "peer closed"
 

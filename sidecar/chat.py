@@ -1,0 +1,418 @@
+"""The chat/completions handler: from the app's request to the attempt loop, and back.
+
+A chat completion is planned around the tenant's key and provider health
+(unusable keys left out, degraded providers last), run through the attempt
+loop (``sidecar.proxy``) under one deadline, and the answer handed to
+``sidecar.relay``. Every attempt is recorded in the local health book at once
+and queued for the control plane (never awaited). The answer carries
+``x-keyplane-attempts``, ``x-keyplane-provider``, ``x-keyplane-key`` (an id,
+never a secret), ``x-keyplane-excluded`` and ``x-keyplane-request-id``: the
+app's ``x-request-id`` when it sent a usable one, else one made up here; the
+same id is logged, reported and sent upstream as ``x-request-id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from keyplane.health.classify import ErrorClass
+from keyplane.health.machine import Outcome
+
+from . import errors
+from .access_log import AccessEntry
+from .asgi import Receive, Scope, Send, send_error
+from .health import TenantHealth
+from .model import Key, Target
+from .proxy import AttemptRecord, AttemptsFailed, describe, excluded_header, run_attempts
+from .relay import relay
+from .request_json import RequestJsonError, parse_request_json
+from .router import Attempt, plan_attempts
+from .upstream import FORWARDED_REQUEST_HEADERS
+
+if TYPE_CHECKING:
+    from .app import SidecarApp
+
+__all__ = ["DisconnectWatch", "authenticate", "chat", "read_headers", "request_id_for"]
+
+_log = logging.getLogger(__name__)
+
+ATTEMPTS_HEADER = b"x-keyplane-attempts"
+PROVIDER_HEADER = b"x-keyplane-provider"
+KEY_HEADER = b"x-keyplane-key"
+EXCLUDED_HEADER = b"x-keyplane-excluded"
+REQUEST_ID_HEADER = b"x-keyplane-request-id"
+
+# Request ids: 32 hex characters like a uuid4 hex, but a per-process random
+# prefix plus a counter (no os.urandom call and no UUID object per request).
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+# An app's own x-request-id is kept when it is 1-128 visible ASCII characters.
+_USABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def _request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def request_id_for(headers: dict[str, str]) -> str:
+    """The app's ``x-request-id`` if usable, else a new one; set in ``headers`` (sent upstream)."""
+    given = headers.get("x-request-id")
+    if given is not None and _USABLE_ID.fullmatch(given):
+        return given
+    made = headers["x-request-id"] = _request_id()
+    return made
+
+
+class _ClientGone(Exception):
+    """The app disconnected while its request body was being read."""
+
+
+# The app's request headers the sidecar reads (ASGI gives names in lower case):
+# its credential, the declared body size and what is forwarded upstream.
+_READ_HEADERS: dict[bytes, str] = {
+    name.encode("latin-1"): name for name in ("authorization", "content-length", *FORWARDED_REQUEST_HEADERS)
+}
+
+
+def read_headers(scope: Scope) -> dict[str, str]:
+    """The headers the sidecar reads, by lower-case name; the rest are never decoded."""
+    wanted = _READ_HEADERS
+    out: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        key = wanted.get(name)
+        if key is None:
+            key = wanted.get(name.lower())
+            if key is None:
+                continue
+        out[key] = value.decode("latin-1")
+    return out
+
+
+def _bearer(headers: dict[str, str]) -> str | None:
+    value = headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip()
+
+
+def authenticate(app: SidecarApp, headers: dict[str, str]) -> str | errors.ErrorResponse:
+    """The tenant of the app's client key, or the error to answer."""
+    if not app.state.is_ready:
+        return errors.not_ready()
+    token = _bearer(headers)
+    if not token:
+        return errors.missing_api_key()
+    tenant = app.state.authenticate(token)
+    if tenant is None:
+        return errors.invalid_api_key()
+    return tenant
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class DisconnectWatch:
+    """Cancels the request's task if the app hangs up while it is being answered.
+
+    Watching costs a task per request, so it starts only once the request has
+    been in flight for ``after`` seconds: a hang-up is acted on within that
+    time, and the many requests answered sooner (a cached or tiny completion)
+    never pay for a watcher. ``close()`` before returning; ``gone`` says whether
+    the watcher cancelled the task (the caller then ``uncancel()``s it).
+    """
+
+    __slots__ = ("_receive", "_task", "_timer", "_watcher", "gone")
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any], after: float) -> None:
+        self._receive = receive
+        self._task = task
+        self._watcher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.gone = False
+        if after > 0:
+            self._timer = task.get_loop().call_later(after, self._start)
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        self._timer = None
+        if not self._task.done():
+            self._watcher = self._task.get_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        await _wait_for_disconnect(self._receive)
+        self.gone = True
+        self._task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        watcher = self._watcher
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+
+
+async def _read_body(self: SidecarApp, headers: dict[str, str], receive: Receive) -> bytes | None:
+    """The request body, or None when it exceeds the cap."""
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGone
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def chat(self: SidecarApp, scope: Scope, receive: Receive, send: Send, access: AccessEntry | None = None) -> int:
+    """POST /v1/chat/completions; the status answered (499: the app hung up).
+
+    ``access`` (the opt-in access log) is filled in on the way."""
+    headers = read_headers(scope)
+    tenant = authenticate(self, headers)
+    if isinstance(tenant, errors.ErrorResponse):
+        return await send_error(send, tenant)
+    if access is not None:
+        access.tenant = tenant
+    try:
+        raw = await _read_body(self, headers, receive)
+    except _ClientGone:
+        self.metrics.client_disconnects.inc()
+        return 499
+    if raw is None:
+        return await send_error(send, errors.body_too_large(self.max_body_bytes))
+    try:
+        payload = parse_request_json(raw)
+    except RequestJsonError as exc:
+        return await send_error(send, errors.invalid_request(str(exc)))
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        return await send_error(send, errors.invalid_request("you must provide a model parameter", param="model"))
+    if access is not None:
+        access.model = model
+    route = self.state.route(tenant, model)
+    if route is None:
+        return await send_error(send, errors.model_not_found(model))
+    ctx = _Request(self, tenant, request_id_for(headers), access)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + self.request_timeout
+    health = ctx.health
+    now = self.state.wall_clock()
+
+    def usable(target: Target, key: Key) -> bool:
+        why = health.key_block_reason(key.id, target.upstream_model, now)
+        if why is None:
+            return True
+        ctx.excluded.setdefault(key.id, why)
+        return False
+
+    plan = plan_attempts(
+        tenant,
+        route,
+        lambda t: self.state.keys(tenant, t.provider, t.upstream_model),
+        self.balancer,
+        limit=self.max_attempts,
+        usable=usable,
+        demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
+    )
+    if not plan:
+        _log.warning(
+            "request %s for %s: no usable key (excluded %s)", ctx.request_id, model, excluded_header(ctx.excluded)
+        )
+        return await send_error(send, errors.no_usable_key(model), ctx.headers(attempts=0))
+    stream = payload.get("stream") is True
+    encoded: dict[str, bytes] = {}
+
+    def body_for(upstream_model: str) -> bytes:
+        if upstream_model == model:
+            return raw  # pass-through: the app's bytes already name this model
+        body = encoded.get(upstream_model)
+        if body is None:
+            payload["model"] = upstream_model
+            body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
+        return body
+
+    task = asyncio.current_task(loop)
+    if task is None:  # pragma: no cover - uvicorn runs every request in a task
+        raise RuntimeError("a chat request must run in a task")
+    watch = DisconnectWatch(receive, task, self.disconnect_watch_after)
+    status = 499
+    try:
+        status = await _answer(self, ctx, model, plan, body_for, headers, stream, deadline, send)
+    except asyncio.CancelledError:
+        if not watch.gone:
+            raise
+    finally:
+        watch.close()
+        # Also when the app hung up mid-way: what was attempted is reported.
+        ctx.flush()
+    if watch.gone:
+        # The watcher's cancellation (``_answer`` may have swallowed it): undo it,
+        # but keep any cancellation requested by someone else (e.g. shutdown).
+        if task.uncancel() > 0:
+            raise asyncio.CancelledError
+        self.metrics.client_disconnects.inc()
+        return 499
+    return status
+
+
+async def _answer(
+    self: SidecarApp,
+    ctx: _Request,
+    model: str,
+    plan: list[Attempt],
+    body_for: Callable[[str], bytes],
+    headers: dict[str, str],
+    stream: bool,
+    deadline: float,
+    send: Send,
+) -> int:
+    """Run the attempts and pass the answer (or the failure) to the app."""
+    health = ctx.health
+    wall_clock = self.state.wall_clock
+
+    def blocked(attempt: Attempt) -> str | None:
+        if attempt.key is None:
+            return None
+        return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
+
+    result = await run_attempts(
+        self.upstream,
+        plan,
+        body_for,
+        headers,
+        stream=stream,
+        deadline=deadline,
+        observer=ctx,
+        blocked=blocked,
+        excluded=ctx.excluded,
+        wall_clock=wall_clock,
+    )
+    ctx.excluded = dict(result.excluded)
+    if ctx.access is not None:
+        ctx.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
+    if isinstance(result, AttemptsFailed):
+        _log.warning(
+            "request %s for %s failed after %d attempt(s); excluded %s",
+            ctx.request_id,
+            model,
+            result.attempts,
+            excluded_header(ctx.excluded) or "-",
+        )
+        return await send_error(send, result.error, ctx.headers(attempts=result.attempts))
+    if _log.isEnabledFor(logging.DEBUG):  # per request: DEBUG (an access log is ``--access-log``)
+        _log.debug(
+            "request %s for %s answered %d by %s after %d attempt(s)%s",
+            ctx.request_id,
+            model,
+            result.response.status,
+            describe(result.attempt),
+            result.attempts,
+            f"; excluded {excluded_header(ctx.excluded)}" if ctx.excluded else "",
+        )
+    own = ctx.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target)
+    return await relay(ctx, result, own, send, metrics=self.metrics, wall_clock=wall_clock)
+
+
+class _Request:
+    """One chat request's book-keeping: the attempt observer, reports and answer headers."""
+
+    __slots__ = ("access", "app", "excluded", "health", "request_id", "tenant", "unreported")
+
+    def __init__(self, app: SidecarApp, tenant: str, request_id: str, access: AccessEntry | None = None) -> None:
+        self.app = app
+        self.tenant = tenant
+        self.request_id = request_id
+        self.access = access
+        if access is not None:
+            access.request_id = request_id
+        self.health: TenantHealth = app.state.health(tenant)
+        # key id -> class or health state
+        self.excluded: dict[str, str] = {}
+        # Attempts seen but not yet queued for the control plane.
+        self.unreported: list[AttemptRecord] = []
+
+    def attempted(self, record: AttemptRecord) -> None:
+        """Metrics, and this sidecar's own health book at once (no round trip)."""
+        app = self.app
+        app.count_attempt(record)
+        key = record.attempt.key
+        if key is None:
+            return  # keyless: nothing to attribute in the health book or the reports
+        self.unreported.append(record)
+        classification = record.classification
+        if classification.error_class is ErrorClass.SUCCESS:
+            # A plain success: the health book's fast path (no Outcome object).
+            target = record.attempt.target
+            self.health.record_success(
+                key.id,
+                target.provider,
+                target.upstream_model,
+                classification,
+                provider_final=record.provider_final,
+                recovered=record.recovered,
+                now=app.state.wall_clock(),
+                started=record.started,
+            )
+            return
+        outcome = Outcome(
+            key_id=key.id,
+            provider=record.provider,
+            model=record.model,
+            classification=classification,
+            provider_final=record.provider_final,
+            recovered=record.recovered,
+        )
+        self.health.record(outcome, app.state.wall_clock())
+
+    def misconfigured(self, attempt: Attempt) -> None:
+        self.app.count_misconfigured(attempt)
+
+    def flush(self) -> None:
+        """Queue the attempts seen so far for the control plane (never blocks)."""
+        records = self.unreported
+        if not records:
+            return
+        self.unreported = []
+        reporter = self.app.reporter
+        if reporter is None:
+            return
+        # Only keyed attempts are kept in ``unreported``.
+        for record in records:
+            reporter.enqueue_record(self.tenant, record, self.request_id)
+
+    def headers(
+        self, *, attempts: int, answer: Key | None = None, target: Target | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        out = [(ATTEMPTS_HEADER, str(attempts).encode()), (REQUEST_ID_HEADER, self.request_id.encode())]
+        if target is not None:
+            out.append((PROVIDER_HEADER, target.provider.value.encode()))
+        if answer is not None:
+            out.append((KEY_HEADER, answer.id.encode("latin-1", "replace")))
+        if self.excluded:
+            out.append((EXCLUDED_HEADER, excluded_header(self.excluded).encode("latin-1", "replace")))
+        return out

@@ -1,0 +1,113 @@
+"""The checking parse of an app's JSON request body: pure, no I/O.
+
+``parse_request_json`` accepts exactly one JSON object and refuses, with a
+typed ``RequestJsonError`` (the app answers 400 ``invalid_request_error``),
+whatever the standard parser would turn into an uncaught exception or a
+silent surprise:
+
+- invalid UTF-8 (and a UTF-16/32 body: the API speaks UTF-8 only);
+- nesting deeper than ``MAX_DEPTH`` (the stdlib parser recurses and would raise
+  RecursionError near 1,000 levels);
+- integers longer than ``MAX_NUMBER_DIGITS`` digits (Python 3.11 refuses more
+  than 4,300 with ValueError) and non-finite numbers (``NaN``, ``Infinity``,
+  and floats that overflow to infinity);
+- duplicate keys in any object (the stdlib keeps the last one silently; an
+  upstream might keep the first: refused rather than guessed);
+- a top level that is not an object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+__all__ = ["MAX_DEPTH", "MAX_NUMBER_DIGITS", "RequestJsonError", "parse_request_json"]
+
+# Chat requests nest a few levels (messages -> content parts -> ...); tool
+# schemas go deeper, still far below this.
+MAX_DEPTH = 128
+MAX_NUMBER_DIGITS = 1000
+
+
+class RequestJsonError(ValueError):
+    """The body is not an acceptable JSON object; ``str(exc)`` is safe to return to the app."""
+
+
+def _max_depth_exceeded(text: str) -> bool:
+    """True when brackets outside strings nest deeper than MAX_DEPTH (a linear scan, no recursion)."""
+    depth = 0
+    in_string = False
+    escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise RequestJsonError(f"The JSON body has a duplicate key: '{key[:100]}'.")
+        result[key] = value
+    return result
+
+
+def _int(token: str) -> int:
+    if len(token.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise RequestJsonError(f"The JSON body has a number longer than {MAX_NUMBER_DIGITS} digits.")
+    return int(token)
+
+
+def _float(token: str) -> float:
+    if len(token) > MAX_NUMBER_DIGITS:
+        raise RequestJsonError(f"The JSON body has a number longer than {MAX_NUMBER_DIGITS} characters.")
+    value = float(token)
+    if not math.isfinite(value):
+        raise RequestJsonError("The JSON body has a number out of range.")
+    return value
+
+
+def _constant(token: str) -> Any:
+    raise RequestJsonError(f"The JSON body has an invalid number: {token}.")
+
+
+def parse_request_json(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or ``RequestJsonError`` saying why not."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestJsonError("The request body is not valid UTF-8.") from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if _max_depth_exceeded(text):
+        raise RequestJsonError(f"The JSON body nests deeper than {MAX_DEPTH} levels.")
+    try:
+        payload = json.loads(
+            text,
+            object_pairs_hook=_pairs,
+            parse_int=_int,
+            parse_float=_float,
+            parse_constant=_constant,
+        )
+    except RequestJsonError:
+        raise
+    except (ValueError, RecursionError):
+        raise RequestJsonError("We could not parse the JSON body of your request.") from None
+    if not isinstance(payload, dict):
+        raise RequestJsonError("The request body must be a JSON object.")
+    return payload

@@ -1,0 +1,104 @@
+"""The request for one attempt: URL and headers per provider (pure, no I/O).
+
+Every provider is spoken to through its OpenAI-compatible chat completions
+endpoint; only the base URL and the credential header differ. The request
+built here carries the provider secret, so it is never logged or repr'd.
+"""
+
+from __future__ import annotations
+
+import functools
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from keyplane.domain import Provider
+
+from ..router import Attempt
+from .errors import UpstreamConfigError
+
+__all__ = ["DEFAULT_BASE_URLS", "FORWARDED_REQUEST_HEADERS", "UpstreamRequest", "build_request", "origin_of"]
+
+DEFAULT_BASE_URLS: Mapping[Provider, str] = {
+    Provider.OPENAI: "https://api.openai.com/v1",
+    Provider.ANTHROPIC: "https://api.anthropic.com/v1",
+    Provider.GEMINI: "https://generativelanguage.googleapis.com/v1beta/openai",
+    Provider.OPENROUTER: "https://openrouter.ai/api/v1",
+}
+
+# The only app request headers passed upstream (lower case); the app's
+# Authorization (its client key) and every hop-by-hop header stay behind.
+# ``x-request-id`` is always set: the app's, or the one the sidecar made up.
+FORWARDED_REQUEST_HEADERS: frozenset[str] = frozenset(
+    {"accept", "user-agent", "x-request-id", "traceparent", "tracestate", "openai-beta"}
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of an absolute URL: what the per-host cap counts by."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{scheme}://{(parts.hostname or '').lower()}:{port or (443 if scheme == 'https' else 80)}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    url: str
+    headers: dict[str, str] = field(repr=False)
+
+
+def _base_url(attempt: Attempt) -> str:
+    key = attempt.key
+    provider = attempt.target.provider
+    if key is not None and key.base_url:
+        return key.base_url
+    if provider is Provider.VLLM:
+        if attempt.node_url:
+            return attempt.node_url
+        raise UpstreamConfigError("vllm target has no node URL")
+    default = DEFAULT_BASE_URLS.get(provider)
+    if default is None:
+        raise UpstreamConfigError(f"{provider.value} key {key.id if key else '-'} has no base_url")
+    return default
+
+
+# Forwarded app headers first, then the credential: the order ``build_request`` always had.
+_FORWARDED_ORDER: tuple[str, ...] = tuple(sorted(FORWARDED_REQUEST_HEADERS))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fixed_part(base_url: str, provider: Provider, secret: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The URL and credential header of (base URL, provider, secret); bounded cache,
+    so a rotated secret ages out. Nothing here is logged or repr'd."""
+    url = base_url.rstrip("/") + "/chat/completions"
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest or any(c in url for c in " \t\r\n"):
+        raise UpstreamConfigError(f"base URL is not an absolute http(s) URL: {scheme[:10] or '?'}://...")
+    if any(c in secret for c in "\r\n\0"):
+        raise UpstreamConfigError("the key's secret holds a line break")
+    credential: tuple[tuple[str, str], ...] = ()
+    if secret:
+        if provider is Provider.AZURE_OPENAI:
+            credential = (("api-key", secret),)
+        else:
+            credential = (("authorization", f"Bearer {secret}"),)
+    return url, credential
+
+
+def build_request(attempt: Attempt, app_headers: Mapping[str, str]) -> UpstreamRequest:
+    """URL and headers for one attempt. ``app_headers`` has lower-case names."""
+    key = attempt.key
+    url, credential = _fixed_part(_base_url(attempt), attempt.target.provider, key.secret if key is not None else "")
+    headers = {"content-type": "application/json"}
+    for name in _FORWARDED_ORDER:
+        value = app_headers.get(name)
+        if value and "\r" not in value and "\n" not in value:
+            headers[name] = value
+    for name, value in credential:
+        headers[name] = value
+    return UpstreamRequest(url=url, headers=headers)
