@@ -183,12 +183,14 @@ def start_sidecar(
     timeout: float = 60.0,
     extra_args: Sequence[str] = (),
 ) -> Proc:
-    """``keyplane sidecar`` on a free port (plus ``extra_args``); returns once /healthz says ready."""
+    """``keyplane sidecar`` on a free port (plus ``extra_args``); returns once /healthz says ready.
+
+    At the default log level, as users run it (``extra_args`` may say otherwise)."""
     env = keyplane_env({"KEYPLANE_SIDECAR_TOKEN": cp.sidecar_token, "KEYPLANE_HOME": str(cp.home)}, cp.src)
     proc = Proc.start(
         [
             *keyplane_command(cp.src),
-            *("sidecar", "--control-plane", cp.address, "--port", "0", "--log-level", "warning"),
+            *("sidecar", "--control-plane", cp.address, "--port", "0"),
             *extra_args,
         ],
         ready=r"listening on (http://\S+)/v1",

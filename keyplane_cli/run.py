@@ -223,6 +223,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         port=args.port,
         health_policy=health_policy,
         report_outcomes=not args.no_outcome_reports,
+        access_log=args.access_log,
         upstream_connect_timeout=args.upstream_connect_timeout,
         upstream_read_timeout=args.upstream_read_timeout,
         request_timeout=args.request_timeout,
@@ -329,6 +330,14 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         action="store_true",
         help="do not report attempt outcomes to the control plane (this sidecar still acts on its own "
         "findings, but the fleet no longer learns from them)",
+    )
+    sc.add_argument(
+        "--access-log",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="one JSON line per chat request (request id, tenant, model, status, attempts, provider, key id, "
+        "latency) on stdout, or appended to PATH; off by default",
     )
     upstream = sc.add_argument_group("upstream calls")
     upstream.add_argument(

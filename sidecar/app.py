@@ -12,7 +12,10 @@ through ``sidecar.relay``. The edge never touches an upstream response.
 
 from __future__ import annotations
 
+import asyncio
+
 from . import errors
+from .access_log import AccessEntry, AccessLog
 from .asgi import Message, Receive, Scope, Send, send_bytes, send_error, send_json
 from .chat import authenticate, chat, read_headers
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -42,6 +45,7 @@ class SidecarApp:
         request_timeout: float = 600.0,
         reporter: OutcomeReporter | None = None,
         disconnect_watch_after: float = 0.05,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.state = state
         self.upstream = upstream
@@ -52,6 +56,7 @@ class SidecarApp:
         self.stale_after = stale_after
         self.request_timeout = request_timeout
         self.reporter = reporter
+        self.access_log = access_log  # opt-in: one JSON line per chat request
         # Seconds a chat request runs before an app hang-up is watched for (``DisconnectWatch``).
         self.disconnect_watch_after = disconnect_watch_after
         m = self.metrics
@@ -76,8 +81,14 @@ class SidecarApp:
                 endpoint = "chat_completions"
                 if method != "POST":
                     status = await send_error(send, errors.method_not_allowed(method, path))
-                else:
+                elif self.access_log is None:
                     status = await chat(self, scope, receive, send)
+                else:
+                    access = AccessEntry(asyncio.get_running_loop().time())
+                    try:
+                        status = await chat(self, scope, receive, send, access)
+                    finally:
+                        self.access_log.write(access, status, asyncio.get_running_loop().time())
             elif path == "/v1/models" or path.startswith("/v1/models/"):
                 endpoint = "models"
                 if method != "GET":

@@ -26,6 +26,7 @@ from keyplane.health.classify import ErrorClass
 from keyplane.health.machine import Outcome
 
 from . import errors
+from .access_log import AccessEntry
 from .asgi import Receive, Scope, Send, send_error
 from .health import TenantHealth
 from .model import Key, Target
@@ -187,12 +188,16 @@ async def _read_body(self: SidecarApp, headers: dict[str, str], receive: Receive
             return b"".join(chunks)
 
 
-async def chat(self: SidecarApp, scope: Scope, receive: Receive, send: Send) -> int:
-    """POST /v1/chat/completions; the status answered (499: the app hung up)."""
+async def chat(self: SidecarApp, scope: Scope, receive: Receive, send: Send, access: AccessEntry | None = None) -> int:
+    """POST /v1/chat/completions; the status answered (499: the app hung up).
+
+    ``access`` (the opt-in access log) is filled in on the way."""
     headers = read_headers(scope)
     tenant = authenticate(self, headers)
     if isinstance(tenant, errors.ErrorResponse):
         return await send_error(send, tenant)
+    if access is not None:
+        access.tenant = tenant
     try:
         raw = await _read_body(self, headers, receive)
     except _ClientGone:
@@ -207,10 +212,12 @@ async def chat(self: SidecarApp, scope: Scope, receive: Receive, send: Send) -> 
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         return await send_error(send, errors.invalid_request("you must provide a model parameter", param="model"))
+    if access is not None:
+        access.model = model
     route = self.state.route(tenant, model)
     if route is None:
         return await send_error(send, errors.model_not_found(model))
-    ctx = _Request(self, tenant, request_id_for(headers))
+    ctx = _Request(self, tenant, request_id_for(headers), access)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + self.request_timeout
     health = ctx.health
@@ -306,6 +313,8 @@ async def _answer(
         wall_clock=wall_clock,
     )
     ctx.excluded = dict(result.excluded)
+    if ctx.access is not None:
+        ctx.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
     if isinstance(result, AttemptsFailed):
         _log.warning(
             "request %s for %s failed after %d attempt(s); excluded %s",
@@ -315,8 +324,8 @@ async def _answer(
             excluded_header(ctx.excluded) or "-",
         )
         return await send_error(send, result.error, ctx.headers(attempts=result.attempts))
-    if _log.isEnabledFor(logging.INFO):
-        _log.info(
+    if _log.isEnabledFor(logging.DEBUG):  # per request: DEBUG (an access log is ``--access-log``)
+        _log.debug(
             "request %s for %s answered %d by %s after %d attempt(s)%s",
             ctx.request_id,
             model,
@@ -332,12 +341,15 @@ async def _answer(
 class _Request:
     """One chat request's book-keeping: the attempt observer, reports and answer headers."""
 
-    __slots__ = ("app", "excluded", "health", "request_id", "tenant", "unreported")
+    __slots__ = ("access", "app", "excluded", "health", "request_id", "tenant", "unreported")
 
-    def __init__(self, app: SidecarApp, tenant: str, request_id: str) -> None:
+    def __init__(self, app: SidecarApp, tenant: str, request_id: str, access: AccessEntry | None = None) -> None:
         self.app = app
         self.tenant = tenant
         self.request_id = request_id
+        self.access = access
+        if access is not None:
+            access.request_id = request_id
         self.health: TenantHealth = app.state.health(tenant)
         # key id -> class or health state
         self.excluded: dict[str, str] = {}

@@ -63,6 +63,9 @@ class SidecarConfig:
     grpc_keepalive_time: float = 60.0
     watch_backoff_base: float = 0.1
     watch_backoff_cap: float = 5.0
+    # One JSON line per chat request (``sidecar.access_log``): "-" for stdout or a
+    # file path to append to; None (the default): off.
+    access_log: str | None = None
     # How long stop() waits for in-flight requests before cancelling them.
     shutdown_grace: float = 10.0
     # How this sidecar's own attempt outcomes turn into local key/provider health

@@ -310,8 +310,8 @@ async def run_attempts(
         if response is not None:
             if streaming:
                 # Committed: the first bytes are in. How the stream ends is the caller's to classify.
-                if _log.isEnabledFor(logging.INFO):
-                    _log.info(
+                if _log.isEnabledFor(logging.DEBUG):
+                    _log.debug(
                         "attempt %d %s: streaming %d after %d ms", sent, describe(attempt), response.status, latency_ms
                     )
                 _mark_recovered(records, attempt.target.provider)
@@ -406,14 +406,19 @@ def complete(reply: UpstreamReply, classification: Classification, *, now_loop: 
 
 
 def _log_attempt(number: int, record: AttemptRecord) -> None:
+    # Per request, so DEBUG: a success, or the app's own error passed through.
+    # Failures that count against a key or provider stay WARNING (not per request in steady state).
     c = record.classification
-    then = "; trying the next attempt" if record.retried else ""
     if c.error_class is ErrorClass.SUCCESS:
-        if _log.isEnabledFor(logging.INFO):
-            _log.info("attempt %d %s: %d in %d ms", number, describe(record.attempt), c.status, record.latency_ms)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("attempt %d %s: %d in %d ms", number, describe(record.attempt), c.status, record.latency_ms)
         return
+    level = logging.DEBUG if c.error_class is ErrorClass.CLIENT_ERROR else logging.WARNING
+    if not _log.isEnabledFor(level):
+        return
+    then = "; trying the next attempt" if record.retried else ""
     _log.log(
-        logging.INFO if c.error_class is ErrorClass.CLIENT_ERROR else logging.WARNING,
+        level,
         "attempt %d %s: %s (%s) in %d ms%s",
         number,
         describe(record.attempt),

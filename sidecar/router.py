@@ -3,19 +3,25 @@
 No I/O and no clock. The only state is the round-robin bookkeeping in a
 ``Balancer`` the caller owns and passes in, so tables of inputs give
 deterministic plans in tests.
+
+Key selection costs O(attempts planned), not O(keys): each key sequence gets a
+precomputed smooth weighted schedule (one period, rebuilt only when the
+sequence object changes) and a cursor; a request walks the schedule from the
+cursor, checks health only for the keys it reaches and stops at the limit.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Hashable, Sequence
+import math
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 from keyplane.domain import Provider
 
 from .model import Key, Route, Target
 
-__all__ = ["Attempt", "Balancer", "SmoothWeightedRoundRobin", "plan_attempts"]
+__all__ = ["Attempt", "Balancer", "KeySchedule", "SmoothWeightedRoundRobin", "plan_attempts", "smooth_schedule"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +76,92 @@ class SmoothWeightedRoundRobin:
         return dict(self._current)
 
 
+def smooth_schedule(weights: Sequence[int]) -> list[int]:
+    """One period of a smooth weighted round robin over ``weights``: indices.
+
+    Member ``i`` appears ``w_i`` times (weights divided by their common
+    divisor; below 1 counts as 1), its turns evenly spread: its k-th turn sits
+    at (k + 1/2) / w_i of the period, ties to the lower index. Equal weights give
+    0, 1, ..., n-1; weights 2, 1 give 0, 1, 0. O(W log W) for a period of W.
+    """
+    ws = [max(w, 1) for w in weights]
+    if not ws:
+        return []
+    common = math.gcd(*ws)
+    ws = [w // common for w in ws]
+    # Equal rationals divide to the same float, so ties are exact and go by index.
+    turns = sorted(((2 * k + 1) / (2 * w), i) for i, w in enumerate(ws) for k in range(w))
+    return [i for _, i in turns]
+
+
+class KeySchedule:
+    """A key sequence's smooth weighted schedule and where the next request starts."""
+
+    __slots__ = ("_made", "cursor", "keys", "slots")
+
+    def __init__(self, keys: Sequence[Key], cursor: int = 0) -> None:
+        self.keys = keys
+        self.slots = smooth_schedule([k.weight for k in keys])
+        self.cursor = cursor % len(self.slots) if self.slots else 0
+        # id(target) -> (target, its keyed attempts by key index, made on first use)
+        self._made: dict[int, tuple[Target, list[Attempt | None]]] = {}
+
+    def made_for(self, target: Target) -> list[Attempt | None]:
+        """Reusable attempts (no node) of ``target`` by key index: both are immutable."""
+        entry = self._made.get(id(target))
+        if entry is None or entry[0] is not target:  # holding the target keeps its id unique
+            entry = self._made[id(target)] = (target, [None] * len(self.keys))
+        return entry[1]
+
+    def order(self, usable: Callable[[Key], bool] | None) -> Iterator[int]:
+        """Key indices for one request, lazily: the first usable key from the cursor
+        (whose turn it is; the cursor moves past it), then the other usable keys
+        in sequence order after it. ``usable`` is asked only about the keys reached."""
+        keys, slots = self.keys, self.slots
+        period = len(slots)
+        rejected: set[int] = set()
+        first = -1
+        pos = self.cursor
+        for _ in range(period):  # one period visits every key
+            i = slots[pos]
+            pos = pos + 1 if pos + 1 < period else 0
+            if i in rejected:
+                continue
+            if usable is None or usable(keys[i]):
+                first = i
+                break
+            rejected.add(i)
+        if first < 0:
+            return
+        self.cursor = pos
+        yield first
+        n = len(keys)
+        for step in range(1, n):
+            i = (first + step) % n
+            if i not in rejected and (usable is None or usable(keys[i])):
+                yield i
+
+
 class Balancer:
     """Round-robin state shared by every request, keyed by scope tuples."""
 
-    __slots__ = ("_counters", "_wrr")
+    __slots__ = ("_counters", "_schedules", "_wrr")
 
     def __init__(self) -> None:
         self._wrr: dict[Hashable, SmoothWeightedRoundRobin] = {}
         self._counters: dict[Hashable, itertools.count[int]] = {}
+        self._schedules: dict[Hashable, KeySchedule] = {}
+
+    def schedule(self, scope: Hashable, keys: Sequence[Key]) -> KeySchedule:
+        """The schedule of ``keys`` in ``scope``, rebuilt when ``keys`` is another object.
+
+        Key sequences are taken as immutable (the sidecar state builds new tuples
+        on every change), so identity names the key set and its weights; the
+        cursor carries over a rebuild."""
+        found = self._schedules.get(scope)
+        if found is None or found.keys is not keys:
+            found = self._schedules[scope] = KeySchedule(keys, found.cursor if found is not None else 0)
+        return found
 
     def wrr(self, scope: Hashable) -> SmoothWeightedRoundRobin:
         found = self._wrr.get(scope)
@@ -117,6 +201,12 @@ def _ordered_targets(
     ]
 
 
+def _for_target(usable: Callable[[Target, Key], bool] | None, target: Target) -> Callable[[Key], bool] | None:
+    if usable is None:
+        return None
+    return lambda key: usable(target, key)
+
+
 def plan_attempts(
     tenant: str,
     route: Route,
@@ -133,35 +223,53 @@ def plan_attempts(
     targets for which ``demoted`` is true (a degraded provider) come after all
     the others, in the same order. Within a target, the provider's keys
     (``keys_for``) that pass ``usable`` (health) come in smooth weighted
-    round-robin order, state kept per (tenant, provider). vLLM attempts also
-    get a node from the target's pool, round robin.
+    round-robin order: the key whose turn it is first, then the others. The
+    schedule and its cursor are kept per (tenant, provider, upstream model)
+    and per key sequence; only the keys reached before ``limit`` attempts are
+    checked. vLLM attempts also get a node from the target's pool, round robin.
     """
     attempts: list[Attempt] = []
     # One target needs no ordering (its round robin has nothing to rotate and a
     # stable partition of one is itself).
     targets = route.targets if len(route.targets) == 1 else _ordered_targets(tenant, route, balancer, demoted)
     for target in targets:
-        nodes: tuple[str, ...] = ()
-        if target.provider is Provider.VLLM and target.node_urls:
-            nodes = balancer.rotate(("nodes", tenant, route.public_model, target.node_urls), target.node_urls)
-        keys = keys_for(target)
-        if usable is not None and keys:
-            keys = [k for k in keys if usable(target, k)]
-            if not keys:
-                continue  # every key is out; never fall back to going unauthenticated
-        key_order: Sequence[Key | None]
-        if len(keys) == 1:
-            key_order = keys  # a round robin of one always picks it
-        elif keys:
-            wrr = balancer.wrr(("keys", tenant, target.provider))
-            key_order = [keys[i] for i in wrr.order([(k.id, k.weight) for k in keys])]
-        elif nodes:
-            key_order = [None]  # self-hosted nodes need no credential
-        else:
-            continue
-        for n, key in enumerate(key_order):
-            node = nodes[n % len(nodes)] if nodes else None
-            attempts.append(Attempt(target=target, key=key, node_url=node))
+        for attempt in _target_attempts(tenant, route, target, keys_for, balancer, usable):
+            attempts.append(attempt)
             if limit is not None and len(attempts) >= limit:
                 return attempts
     return attempts
+
+
+def _target_attempts(
+    tenant: str,
+    route: Route,
+    target: Target,
+    keys_for: Callable[[Target], Sequence[Key]],
+    balancer: Balancer,
+    usable: Callable[[Target, Key], bool] | None,
+) -> Iterator[Attempt]:
+    nodes: tuple[str, ...] = ()
+    if target.provider is Provider.VLLM and target.node_urls:
+        nodes = balancer.rotate(("nodes", tenant, route.public_model, target.node_urls), target.node_urls)
+    keys = keys_for(target)
+    if not keys:
+        if nodes:
+            yield Attempt(target=target, key=None, node_url=nodes[0])  # self-hosted nodes need no credential
+        return
+    # Every key out means the target is skipped: never fall back to going unauthenticated.
+    check = _for_target(usable, target)
+    if len(keys) == 1:  # a round robin of one
+        if check is None or check(keys[0]):
+            yield Attempt(target=target, key=keys[0], node_url=nodes[0] if nodes else None)
+        return
+    schedule = balancer.schedule(("keys", tenant, target.provider, target.upstream_model), keys)
+    if nodes:
+        for n, i in enumerate(schedule.order(check)):
+            yield Attempt(target=target, key=keys[i], node_url=nodes[n % len(nodes)])
+        return
+    made = schedule.made_for(target)
+    for i in schedule.order(check):
+        found = made[i]
+        if found is None:
+            found = made[i] = Attempt(target=target, key=keys[i])
+        yield found

@@ -22,6 +22,7 @@ from collections.abc import Generator
 
 import uvicorn
 
+from .access_log import AccessLog
 from .app import SidecarApp
 from .channel import ChannelSource
 from .config import SidecarConfig
@@ -101,6 +102,7 @@ class Sidecar:
             stale_after=config.stale_after,
             request_timeout=config.request_timeout,
             reporter=self.reporter,
+            access_log=AccessLog.to(config.access_log) if config.access_log is not None else None,
         )
         self.watch = WatchClient(config, self.state) if watch else None
         # The one channel to the control plane, opened by ``start`` (inside the loop).
@@ -220,6 +222,8 @@ class Sidecar:
                         # After both streams: the reports flushed over it.
                         await _close_channel(channel)
                     await self.upstream.close()
+                    if self.app.access_log is not None:
+                        self.app.access_log.close()
                     self._port = None
 
     async def _stop_reporter(self, task: asyncio.Task[None] | None) -> None:

@@ -111,3 +111,10 @@ def test_wire_latencies_pairs_each_request_with_the_last_segment_of_its_answer()
         ]
     )
     assert [round(x, 3) for x in wire_latencies(text, 8000)] == [0.4, 0.25]
+
+
+def test_key_scaling() -> None:
+    out = run_smoke("bench.key_scaling")
+    assert re.search(r"\| sidecar \| 100 \| \d+ \| [\d.]+ \| [\d.]+x \| 0 \|", out), out
+    assert re.search(r"\| sidecar --access-log FILE \| 1 \| \d+ \| [\d.]+ \| [\d.]+x \| 0 \|", out), out
+    assert "target (CPU/request at 100 keys" in out

@@ -28,6 +28,14 @@ def test_defaults() -> None:
     assert (config.upstream_max_header_size, config.upstream_max_headers) == (8190, 128)
     assert config.upstream_max_body_bytes == 64 * 1024 * 1024
     assert config.report_outcomes is True
+    assert config.access_log is None  # opt-in
+
+
+def test_access_log_flag() -> None:
+    assert sidecar_config_from_args(parse("--access-log"), "tok", HealthPolicy()).access_log == "-"
+    assert sidecar_config_from_args(parse("--access-log", "/var/log/kp.jsonl"), "tok", HealthPolicy()).access_log == (
+        "/var/log/kp.jsonl"
+    )
 
 
 def test_every_upstream_flag_reaches_the_config(tmp_path: Path) -> None:
