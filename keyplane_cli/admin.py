@@ -408,7 +408,8 @@ def _sidecars_table(sidecars: Sequence[admin_pb2.SidecarInfo]) -> str:
     return "\n".join(_table(("SIDECAR", "TENANTS", "PEER", "CONNECTED", "VERSION"), rows))
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def connection_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the admin API is and how to reach it: --server, the admin token, TLS."""
     parser.add_argument(
         "--server",
         default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
@@ -420,8 +421,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"file holding the admin token (else env {ADMIN_TOKEN_ENV}, else $KEYPLANE_HOME/admin.token)",
     )
-    parser.add_argument("--json", action="store_true", help="print the API response as JSON")
     add_client_tls_flags(parser)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    connection_flags(parser)
+    parser.add_argument("--json", action="store_true", help="print the API response as JSON")
 
 
 def _tenant(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from keyplane import convert
 from keyplane.domain import KeyStatus, Provider
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
-from keyplane_cli.admin import ADMIN_TOKEN_ENV, DEFAULT_SERVER, SERVER_ENV, AdminClient, CliError, with_admin_client
+from keyplane_cli.admin import AdminClient, CliError, connection_flags, with_admin_client
 from keyplane_cli.config_file import ConfigError, load_config
 from keyplane_cli.config_plan import (
     Action,
@@ -41,7 +40,6 @@ from keyplane_cli.config_plan import (
     plan,
     target_text,
 )
-from keyplane_cli.tls_flags import add_client_tls_flags
 
 __all__ = ["add_apply_commands"]
 
@@ -354,15 +352,4 @@ def add_apply_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
                 action="store_true",
                 help="carry out --prune deletions (without it they are only printed)",
             )
-        parser.add_argument(
-            "--server",
-            default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
-            help=f"control plane address (env {SERVER_ENV}, default {DEFAULT_SERVER})",
-        )
-        parser.add_argument(
-            "--admin-token-file",
-            type=Path,
-            default=None,
-            help=f"file holding the admin token (else env {ADMIN_TOKEN_ENV}, else $KEYPLANE_HOME/admin.token)",
-        )
-        add_client_tls_flags(parser)
+        connection_flags(parser)
