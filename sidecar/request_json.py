@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 __all__ = ["MAX_DEPTH", "MAX_NUMBER_DIGITS", "RequestJsonError", "parse_request_json"]
@@ -34,28 +35,34 @@ class RequestJsonError(ValueError):
     """The body is not an acceptable JSON object; ``str(exc)`` is safe to return to the app."""
 
 
+# A JSON string (escapes included), and every character but the brackets.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_PAIRS = ("{}", "[]")
+
+
 def _max_depth_exceeded(text: str) -> bool:
-    """True when brackets outside strings nest deeper than MAX_DEPTH (a linear scan, no recursion)."""
-    depth = 0
-    in_string = False
-    escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
+    """True when brackets outside strings nest deeper than MAX_DEPTH, without
+    recursion and without a Python-level loop over the characters (this runs
+    on every request): a body with few brackets cannot nest deep; else the
+    strings are cut out, only the brackets kept, and the innermost pairs
+    removed one level at a time (C-level string operations), at most
+    MAX_DEPTH times."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    brackets = "".join(_BRACKET.findall(_STRING.sub("", text)))
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return False
+        shorter = brackets.replace(_PAIRS[0], "").replace(_PAIRS[1], "")
+        if shorter == brackets:
+            # Nothing pairs up any more: not JSON. Call it deep when the
+            # openings left could nest past the limit, else let the parser say.
+            return brackets.count("[") + brackets.count("{") > MAX_DEPTH
+        brackets = shorter
+    return bool(brackets)
+
+
+_BRACKET = re.compile(r"[\[\]{}]")
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
