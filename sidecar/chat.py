@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from keyplane.health.classify import ErrorClass
 from keyplane.health.machine import Outcome
@@ -37,9 +37,33 @@ from .router import Attempt, plan_attempts
 from .upstream import FORWARDED_REQUEST_HEADERS
 
 if TYPE_CHECKING:
-    from .app import SidecarApp
+    from .metrics import SidecarMetrics
+    from .reporter import OutcomeReporter
+    from .router import Balancer
+    from .state import SidecarState
+    from .upstream import UpstreamClient
 
-__all__ = ["DisconnectWatch", "authenticate", "chat", "read_headers", "request_id_for"]
+
+class ChatApp(Protocol):
+    """What the chat handler needs of the app that calls it (``SidecarApp``):
+    the handler is called by the edge and never imports it."""
+
+    state: SidecarState
+    upstream: UpstreamClient
+    metrics: SidecarMetrics
+    balancer: Balancer
+    max_body_bytes: int
+    max_attempts: int
+    request_timeout: float
+    reporter: OutcomeReporter | None
+    disconnect_watch_after: float
+
+    def count_attempt(self, record: AttemptRecord) -> None: ...
+
+    def count_misconfigured(self, attempt: Attempt) -> None: ...
+
+
+__all__ = ["ChatApp", "DisconnectWatch", "authenticate", "chat", "read_headers", "request_id_for"]
 
 _log = logging.getLogger(__name__)
 
@@ -105,7 +129,7 @@ def _bearer(headers: dict[str, str]) -> str | None:
     return token.strip()
 
 
-def authenticate(app: SidecarApp, headers: dict[str, str]) -> str | errors.ErrorResponse:
+def authenticate(app: ChatApp, headers: dict[str, str]) -> str | errors.ErrorResponse:
     """The tenant of the app's client key, or the error to answer."""
     if not app.state.is_ready:
         return errors.not_ready()
@@ -167,7 +191,7 @@ class DisconnectWatch:
             watcher.cancel()
 
 
-async def _read_body(self: SidecarApp, headers: dict[str, str], receive: Receive) -> bytes | None:
+async def _read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -> bytes | None:
     """The request body, or None when it exceeds the cap."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -188,7 +212,7 @@ async def _read_body(self: SidecarApp, headers: dict[str, str], receive: Receive
             return b"".join(chunks)
 
 
-async def chat(self: SidecarApp, scope: Scope, receive: Receive, send: Send, access: AccessEntry | None = None) -> int:
+async def chat(self: ChatApp, scope: Scope, receive: Receive, send: Send, access: AccessEntry | None = None) -> int:
     """POST /v1/chat/completions; the status answered (499: the app hung up).
 
     ``access`` (the opt-in access log) is filled in on the way."""
@@ -281,7 +305,7 @@ async def chat(self: SidecarApp, scope: Scope, receive: Receive, send: Send, acc
 
 
 async def _answer(
-    self: SidecarApp,
+    self: ChatApp,
     ctx: _Request,
     model: str,
     plan: list[Attempt],
@@ -343,7 +367,7 @@ class _Request:
 
     __slots__ = ("access", "app", "excluded", "health", "request_id", "tenant", "unreported")
 
-    def __init__(self, app: SidecarApp, tenant: str, request_id: str, access: AccessEntry | None = None) -> None:
+    def __init__(self, app: ChatApp, tenant: str, request_id: str, access: AccessEntry | None = None) -> None:
         self.app = app
         self.tenant = tenant
         self.request_id = request_id
