@@ -13,10 +13,11 @@ the command with a message naming it.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Mapping
 from typing import TypedDict
+
+from keyplane_cli.health_flags import positive_seconds
 
 __all__ = [
     "DENY_PRIVATE_ENV",
@@ -33,16 +34,6 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
-
-
 class ControlPlaneOptions(TypedDict):
     """``ControlPlaneConfig`` keyword arguments."""
 
@@ -53,7 +44,7 @@ class ControlPlaneOptions(TypedDict):
 def add_control_plane_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=None,
         metavar="SECONDS",
         help="longest a Postgres statement (or the wait for a pooled connection) may take before the call "
@@ -78,7 +69,7 @@ def control_plane_options_from_args(
     if timeout is None:
         raw = env.get(STORE_TIMEOUT_ENV, "").strip()
         try:
-            timeout = _positive_seconds(raw) if raw else _DEFAULT_STORE_TIMEOUT
+            timeout = positive_seconds(raw) if raw else _DEFAULT_STORE_TIMEOUT
         except argparse.ArgumentTypeError as exc:
             raise SystemExit(f"{STORE_TIMEOUT_ENV}: {exc}") from None
     deny: bool | None = getattr(args, "deny_private_base_urls", None)

@@ -34,12 +34,14 @@ __all__ = [
     "add_health_flags",
     "aggregator_intervals_from_args",
     "health_policy_from_args",
+    "positive_count",
+    "positive_seconds",
 ]
 
 ENV_PREFIX = "KEYPLANE_HEALTH_"
 
 
-def _positive_seconds(text: str) -> float:
+def positive_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -49,7 +51,7 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _positive_count(text: str) -> int:
+def positive_count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -82,20 +84,20 @@ class HealthSetting:
 
 
 POLICY_SETTINGS = (
-    HealthSetting("error_window", _positive_seconds, "sliding window for upstream errors per (key, model)"),
-    HealthSetting("error_threshold", _positive_count, "errors within the window that cool a (key, model) down"),
-    HealthSetting("base_cooldown", _positive_seconds, "first cooldown after errors; doubles per consecutive trip"),
-    HealthSetting("max_cooldown", _positive_seconds, "cap on the doubling cooldowns (Retry-After is honoured as sent)"),
-    HealthSetting("rate_limit_default", _positive_seconds, "cooldown after a 429 without Retry-After; doubles, capped"),
-    HealthSetting("provider_window", _positive_seconds, "sliding window for end-to-end failures per (provider, model)"),
-    HealthSetting("provider_threshold", _positive_count, "end-to-end failures in the window that degrade a provider"),
-    HealthSetting("provider_cooldown", _positive_seconds, "how long a provider stays degraded; doubles, capped"),
-    HealthSetting("idle_ttl", _positive_seconds, "healthy entries untouched this long are forgotten"),
-    HealthSetting("max_entries", _positive_count, "most health entries kept in memory"),
+    HealthSetting("error_window", positive_seconds, "sliding window for upstream errors per (key, model)"),
+    HealthSetting("error_threshold", positive_count, "errors within the window that cool a (key, model) down"),
+    HealthSetting("base_cooldown", positive_seconds, "first cooldown after errors; doubles per consecutive trip"),
+    HealthSetting("max_cooldown", positive_seconds, "cap on the doubling cooldowns (Retry-After is honoured as sent)"),
+    HealthSetting("rate_limit_default", positive_seconds, "cooldown after a 429 without Retry-After; doubles, capped"),
+    HealthSetting("provider_window", positive_seconds, "sliding window for end-to-end failures per (provider, model)"),
+    HealthSetting("provider_threshold", positive_count, "end-to-end failures in the window that degrade a provider"),
+    HealthSetting("provider_cooldown", positive_seconds, "how long a provider stays degraded; doubles, capped"),
+    HealthSetting("idle_ttl", positive_seconds, "healthy entries untouched this long are forgotten"),
+    HealthSetting("max_entries", positive_count, "most health entries kept in memory"),
 )
 AGGREGATOR_SETTINGS = (
-    HealthSetting("sweep_interval", _positive_seconds, "how often idle health entries are evicted"),
-    HealthSetting("retry_interval", _positive_seconds, "how often unpersisted health changes are retried"),
+    HealthSetting("sweep_interval", positive_seconds, "how often idle health entries are evicted"),
+    HealthSetting("retry_interval", positive_seconds, "how often unpersisted health changes are retried"),
 )
 
 _POLICY_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(HealthPolicy)}
@@ -119,7 +121,7 @@ def add_health_flags(parser: argparse.ArgumentParser, *, aggregator: bool) -> No
             dest=setting.dest,
             type=setting.parse,
             default=None,
-            metavar="N" if setting.parse is _positive_count else "SECONDS",
+            metavar="N" if setting.parse is positive_count else "SECONDS",
             help=f"{setting.help} (default {default:g})",
         )
 
