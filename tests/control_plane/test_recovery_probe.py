@@ -8,6 +8,7 @@ fleet-wide once the provider answers again."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -100,24 +101,25 @@ async def test_exhausted_key_is_benched_probed_and_restored(make_harness: Harnes
 
 
 async def test_a_refused_base_url_is_never_probed(make_harness: HarnessFactory) -> None:
+    master_key = os.urandom(32)
+    probe = RecoveryProbeConfig(interval=0.05, lead=0.1, timeout=2.0)
     async with FakeUpstream() as fake:
-        harness = await make_harness(
-            health_policy=HealthPolicy(exhausted_bench=0.3),
-            recovery_probe=RecoveryProbeConfig(interval=0.05, lead=0.1, timeout=2.0),
-            deny_private_base_urls=False,
-        )
-        await harness.tenant("acme")
-        key = await harness.key(
+        first = await make_harness(master_key=master_key)
+        await first.tenant("acme")
+        key = await first.key(
             label="a", secret=SECRET_A, provider=rpb.PROVIDER_OPENAI_COMPATIBLE, base_url=fake.base_url
+        )
+        await first.channel.close(None)
+        await first.plane.stop(grace=0.1)
+        # Restarted with --deny-private-base-urls: the stored loopback base URL is refused now.
+        harness = await make_harness(
+            master_key=master_key,
+            deny_private_base_urls=True,
+            health_policy=HealthPolicy(exhausted_bench=0.3),
+            recovery_probe=probe,
         )
         watch = harness.watch(("acme",))
         await next_message(watch)
-        # Now the policy refuses loopback hosts (as after a restart with --deny-private-base-urls).
-        prober = harness.plane.prober
-        assert prober is not None
-        from control_plane.url_policy import UrlPolicy
-
-        prober._url_policy = UrlPolicy(deny_private=True)
         outcome = spb.Outcome(
             tenant="acme",
             key_id=key.id,
@@ -133,4 +135,5 @@ async def test_a_refused_base_url_is_never_probed(make_harness: HarnessFactory) 
         assert again.state == rpb.HEALTH_STATE_EXHAUSTED
         assert again.reason == "402 insufficient balance: Insufficient Balance"  # kept: the probe said nothing
         assert fake.requests == []
-        assert prober.stats.inconclusive >= 1
+        prober = harness.plane.prober
+        assert prober is not None and prober.stats.inconclusive >= 1
