@@ -9,6 +9,7 @@ from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit, urlunsplit
 
+from control_plane.recovery_probe import RecoveryProbeConfig
 from keyplane.health.machine import HealthPolicy
 from keyplane.tls import ServerTls, is_loopback_listen
 
@@ -74,6 +75,8 @@ class ControlPlaneConfig:
     # often (seconds) to check it for changes.
     master_keyring_file: Path | None = None
     master_keyring_check_interval: float = 1.0
+    # The background probe that restores exhausted keys (control_plane.recovery_probe).
+    recovery_probe: RecoveryProbeConfig = field(default_factory=RecoveryProbeConfig)
 
     def __post_init__(self) -> None:
         if not self.admin_token:

@@ -16,6 +16,7 @@ from control_plane.auth import Authenticator, AuthInterceptor
 from control_plane.config import ControlPlaneConfig
 from control_plane.decode_guard import DecodeGuardInterceptor
 from control_plane.hub import SnapshotHub
+from control_plane.recovery_probe import RecoveryProber
 from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
 from control_plane.store.factory import open_store
@@ -51,6 +52,7 @@ class ControlPlane:
         self._store = store
         self._hub: SnapshotHub | None = None
         self._aggregator: HealthAggregator | None = None
+        self._prober: RecoveryProber | None = None
         self._server: aio.Server | None = None
         self._health: AsyncHealthServicer | None = None
         self._tls_reloader: CertificateReloader | None = None
@@ -68,6 +70,11 @@ class ControlPlane:
         if self._aggregator is None:
             raise RuntimeError("the control plane is not started")
         return self._aggregator
+
+    @property
+    def prober(self) -> RecoveryProber | None:
+        """The recovery probe of exhausted keys (None when turned off)."""
+        return self._prober
 
     @property
     def store(self) -> Store:
@@ -127,6 +134,15 @@ class ControlPlane:
                 retry_interval=config.health_retry_interval,
             )
             await self._aggregator.start()
+            if config.recovery_probe.enabled:
+                self._prober = RecoveryProber(
+                    store,
+                    self._hub,
+                    config.health_policy,
+                    UrlPolicy(deny_private=config.deny_private_base_urls),
+                    config.recovery_probe,
+                )
+                await self._prober.start()
             server = aio.server(
                 interceptors=[
                     AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens, self._hub.tokens)),
@@ -191,6 +207,9 @@ class ControlPlane:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._prober is not None:
+            await self._prober.close()
+            self._prober = None
         if self._aggregator is not None:
             await self._aggregator.close()  # a last try at unpersisted health changes
             self._aggregator = None

@@ -95,6 +95,7 @@ _HEALTH_TO_PROTO: dict[HealthState, resources_pb2.HealthState.ValueType] = {
     HealthState.COOLDOWN: resources_pb2.HEALTH_STATE_COOLDOWN,
     HealthState.UNHEALTHY: resources_pb2.HEALTH_STATE_UNHEALTHY,
     HealthState.DEGRADED: resources_pb2.HEALTH_STATE_DEGRADED,
+    HealthState.EXHAUSTED: resources_pb2.HEALTH_STATE_EXHAUSTED,
 }
 _HEALTH_FROM_PROTO: dict[int, HealthState] = {int(v): k for k, v in _HEALTH_TO_PROTO.items()}
 
@@ -105,6 +106,7 @@ _CLASS_TO_PROTO: dict[ErrorClass, sidecar_service_pb2.OutcomeClass.ValueType] = 
     ErrorClass.UPSTREAM_ERROR: sidecar_service_pb2.OUTCOME_CLASS_UPSTREAM_ERROR,
     ErrorClass.CLIENT_ERROR: sidecar_service_pb2.OUTCOME_CLASS_CLIENT_ERROR,
     ErrorClass.STREAM_BROKEN: sidecar_service_pb2.OUTCOME_CLASS_STREAM_BROKEN,
+    ErrorClass.EXHAUSTED: sidecar_service_pb2.OUTCOME_CLASS_EXHAUSTED,
 }
 _CLASS_FROM_PROTO: dict[int, ErrorClass] = {int(v): k for k, v in _CLASS_TO_PROTO.items()}
 

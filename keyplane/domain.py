@@ -122,6 +122,9 @@ class HealthState(enum.StrEnum):
     UNHEALTHY = "unhealthy"
     # Provider only: failing end to end; its targets are tried last.
     DEGRADED = "degraded"
+    # Key-wide only: out of credits or quota; skipped for every model until
+    # ``until``, then probed by the control plane (success restores it).
+    EXHAUSTED = "exhausted"
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,13 @@ POLICY_SETTINGS = (
     HealthSetting("provider_cooldown", positive_seconds, "how long a provider stays degraded; doubles, capped"),
     HealthSetting("idle_ttl", positive_seconds, "healthy entries untouched this long are forgotten"),
     HealthSetting("max_entries", positive_count, "most health entries kept in memory"),
+    HealthSetting(
+        "exhausted_bench",
+        positive_seconds,
+        "how long a key out of credits or quota (402, 429 insufficient_quota, ...) is benched for every model "
+        "before the control plane probes it; doubles per failed probe",
+    ),
+    HealthSetting("exhausted_max_bench", positive_seconds, "cap on the doubling benches of an exhausted key"),
 )
 AGGREGATOR_SETTINGS = (
     HealthSetting("sweep_interval", positive_seconds, "how often idle health entries are evicted"),

@@ -50,12 +50,14 @@ class TenantHealth:
         return self.pushed.key_usable(key_id, model, now) and self.local.key_usable(key_id, model, now)
 
     def key_block_reason(self, key_id: str, model: str, now: float) -> str | None:
-        """None when usable, else the state that keeps the key out ("unhealthy" or "cooldown")."""
+        """None when usable, else the state that keeps the key out ("unhealthy",
+        "exhausted" or "cooldown")."""
         if self.key_usable(key_id, model, now):
             return None
         for book in (self.local, self.pushed):
-            if book.verdict(KeyScope(key_id, ""), now).state is HealthState.UNHEALTHY:
-                return HealthState.UNHEALTHY.value
+            state = book.verdict(KeyScope(key_id, ""), now).state
+            if state is HealthState.UNHEALTHY or state is HealthState.EXHAUSTED:
+                return state.value
         return HealthState.COOLDOWN.value
 
     def provider_degraded(self, provider: Provider, model: str, now: float) -> bool:

@@ -332,8 +332,8 @@ async def run_attempts(
             assert failed is not None
             classification, outcome = failed
         cls = classification.error_class
-        if cls is ErrorClass.CREDENTIAL and attempt.key is not None:
-            dead.add(attempt.key.id)
+        if (cls is ErrorClass.CREDENTIAL or cls is ErrorClass.EXHAUSTED) and attempt.key is not None:
+            dead.add(attempt.key.id)  # bad for every model: no other target of this request retries it
         following = _next_index(plan, index, tried, dead, blocked) if cls not in _ANSWERS else None
         record = AttemptRecord(
             attempt=attempt,

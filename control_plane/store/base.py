@@ -28,6 +28,7 @@ statement, never a read-then-check.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -342,6 +343,17 @@ class Store(Protocol):
 
     async def changes_since(self, version: int, limit: int = 1000) -> list[ChangeRecord]:
         """Changes with version > ``version``, oldest first, at most ``limit``."""
+
+    # leases ----------------------------------------------------------------
+    def try_lease(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """Hold the exclusive lease ``name`` for the block, across every
+        control-plane replica on this store: yields True when it is held,
+        False at once (no waiting) when another holder has it. For background
+        work that one replica should do at a time (a key's recovery probe).
+        Postgres: a session advisory lock on a pooled connection, released on
+        exit (or by Postgres when the connection dies). SQLite has one writer
+        process: the lease lives in its memory."""
+        ...
 
     async def listen_changes(self, listener: ChangeListener) -> None:
         """Call ``listener`` whenever another process writes (Postgres

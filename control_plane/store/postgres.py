@@ -18,6 +18,7 @@ names, LISTEN/NOTIFY and the one-statement rewrap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -239,6 +240,28 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
             pool = await self._get_pool()
             async with pool.acquire(timeout=self._command_timeout) as conn:
                 yield conn
+
+    @asynccontextmanager
+    async def try_lease(self, name: str) -> AsyncIterator[bool]:
+        """A session advisory lock held on one pooled connection for the block
+        (not a transaction: the block may wait on the network). Postgres frees
+        it if the connection dies; the pool's reset frees it on release too."""
+        key = _lock_key(f"keyplane.lease:{self._schema}:{name}")
+        async with self._errors():
+            pool = await self._get_pool()
+            conn = await pool.acquire(timeout=self._command_timeout)
+        try:
+            async with self._errors():
+                held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            try:
+                yield held
+            finally:
+                if held:
+                    with contextlib.suppress(Exception):
+                        await conn.execute("SELECT pg_advisory_unlock($1)", key, timeout=self._command_timeout)
+        finally:
+            with contextlib.suppress(Exception):  # a pool closed meanwhile has let the connection go
+                await pool.release(conn)
 
     async def _fetchone(self, conn: asyncpg.Connection, sql: str, params: Sequence[Any]) -> Row | None:
         row: Row | None = await conn.fetchrow(_numbered(sql), *params)

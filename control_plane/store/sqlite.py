@@ -89,9 +89,22 @@ class SqliteStore(SqlStore[aiosqlite.Connection]):
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._closed = False
+        self._leases: set[str] = set()
 
     def __repr__(self) -> str:
         return f"SqliteStore({self._path!r})"
+
+    @asynccontextmanager
+    async def try_lease(self, name: str) -> AsyncIterator[bool]:
+        """One process writes a SQLite store, so its leases live in memory."""
+        if name in self._leases:
+            yield False
+            return
+        self._leases.add(name)
+        try:
+            yield True
+        finally:
+            self._leases.discard(name)
 
     # connection and transactions ------------------------------------------
 

@@ -25,6 +25,7 @@ class ScannedBody:
     code: str | None  # first safe identifier-like error code/type/status, for reasons
     codes: frozenset[str]  # every code/type/status value seen, as given
     retry_delay: str | None = None  # Gemini google.rpc.RetryInfo "retryDelay" ("47s"), as given
+    message: str | None = None  # the first "message" string of the error, as given (may hold key fragments)
 
 
 def _walk(node: object, strings: list[str], codes: list[str], delays: list[str], depth: int) -> None:
@@ -33,6 +34,9 @@ def _walk(node: object, strings: list[str], codes: list[str], delays: list[str],
     if isinstance(node, list):
         for item in node[:16]:
             _walk(item, strings, codes, delays, depth + 1)
+        return
+    if isinstance(node, str) and depth == 0:  # a JSON string body: xAI answers '"Your team ... credits ..."'
+        strings.append(node)
         return
     if not isinstance(node, dict):
         return
@@ -71,8 +75,29 @@ def scan_body(body: bytes) -> ScannedBody:
         except ValueError:
             parsed = None
         _walk(parsed, strings, codes, delays, 0)
+    elif stripped[:1] == '"':
+        try:
+            _walk(json.loads(stripped), strings, codes, delays, 0)
+        except ValueError:
+            pass
     code = next((c for c in codes if _SAFE_CODE.fullmatch(c)), None)
     # When the body is JSON with error fields, only those are searched: free text elsewhere in
     # the body (an echoed request parameter, say) must not mark a key invalid for every model.
     haystack = "\n".join(strings if strings else [text]).lower()
-    return ScannedBody(haystack=haystack, code=code, codes=frozenset(codes), retry_delay=delays[0] if delays else None)
+    return ScannedBody(
+        haystack=haystack,
+        code=code,
+        codes=frozenset(codes),
+        retry_delay=delays[0] if delays else None,
+        message=_first_message(strings, None if stripped[:1] in ("{", "[", '"') else stripped),
+    )
+
+
+def _first_message(strings: list[str], text: str | None) -> str | None:
+    """The error's human text: the first field string with a space in it (the
+    message, which the walk meets first, not a code), else the raw text when
+    the body is not JSON at all."""
+    for candidate in strings:
+        if " " in candidate.strip():
+            return candidate
+    return text or None

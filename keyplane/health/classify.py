@@ -15,6 +15,7 @@ from typing import Literal
 
 from keyplane.health._body import ScannedBody, scan_body
 from keyplane.health._retry_after import MAX_RETRY_AFTER, parse_duration, parse_retry_after
+from keyplane.health.exhaustion import EXHAUSTION_MARKERS, provider_reason
 
 __all__ = [
     "Classification",
@@ -34,9 +35,12 @@ class ErrorClass(enum.StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     CLIENT_ERROR = "client_error"
     STREAM_BROKEN = "stream_broken"
+    EXHAUSTED = "exhausted"  # out of credits or quota: the key, for every model, for a long while
 
 
-_RETRY_SAME_PROVIDER = frozenset({ErrorClass.CREDENTIAL, ErrorClass.RATE_LIMITED, ErrorClass.UPSTREAM_ERROR})
+_RETRY_SAME_PROVIDER = frozenset(
+    {ErrorClass.CREDENTIAL, ErrorClass.RATE_LIMITED, ErrorClass.UPSTREAM_ERROR, ErrorClass.EXHAUSTED}
+)
 _HARMLESS = frozenset({ErrorClass.SUCCESS, ErrorClass.CLIENT_ERROR})
 
 
@@ -83,17 +87,11 @@ _CREDENTIAL_MARKERS: tuple[tuple[str, str], ...] = (
     ("invalid_authentication", "invalid authentication"),
 )
 
-# Quota or billing exhausted: the key cannot serve anything for a while, yet it is not
-# invalid. We classify these as RATE_LIMITED whatever the status (400, 402, 403, 429):
-# the key is taken out of rotation for (key, model) with an exponential cooldown and the
-# request moves on to the next key, but an admin does not have to re-enable it.
-_QUOTA_MARKERS: tuple[tuple[str, str], ...] = (
-    ("insufficient_quota", "insufficient_quota"),
-    ("resource_exhausted", "RESOURCE_EXHAUSTED"),
-    ("billing_hard_limit_reached", "billing limit"),
-    ("credit balance is too low", "credit balance too low"),
-    ("insufficient credits", "insufficient credits"),
-)
+# Gemini's RESOURCE_EXHAUSTED is mostly a per-minute (or per-day) quota with a RetryInfo
+# delay: a rate limit whatever the status, never a reason to bench the key for an hour.
+# Out of credits or quota (keyplane.health.exhaustion.EXHAUSTION_MARKERS, any 4xx, and
+# every 402) is EXHAUSTED instead: the key, for every model, until a recovery probe.
+_QUOTA_MARKERS: tuple[tuple[str, str], ...] = (("resource_exhausted", "RESOURCE_EXHAUSTED"),)
 
 
 def _marker(scanned: ScannedBody, markers: tuple[tuple[str, str], ...]) -> str | None:
@@ -129,6 +127,9 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes, *, n
 
     scanned = scan_body(body)
     if status == 429:
+        exhausted = _marker(scanned, EXHAUSTION_MARKERS)
+        if exhausted is not None:
+            return _exhausted(status, exhausted, scanned, headers, now)
         quota = _marker(scanned, _QUOTA_MARKERS)
         label = quota if quota is not None and quota != "RESOURCE_EXHAUSTED" else "rate limited"
         return Classification(ErrorClass.RATE_LIMITED, status, f"429 {label}", _wait(headers, scanned, now))
@@ -140,14 +141,24 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes, *, n
         return Classification(ErrorClass.CREDENTIAL, status, f"{status} {credential}")
     if status == 401:
         return Classification(ErrorClass.CREDENTIAL, status, f"401 {scanned.code or 'unauthorized'}")
+    exhausted = _marker(scanned, EXHAUSTION_MARKERS)
+    if exhausted is None and status == 402:  # Payment Required, whatever the wording
+        exhausted = "payment required"
+    if exhausted is not None:
+        return _exhausted(status, exhausted, scanned, headers, now)
     quota = _marker(scanned, _QUOTA_MARKERS)
     if quota is not None:
         return Classification(ErrorClass.RATE_LIMITED, status, f"{status} {quota}", _wait(headers, scanned, now))
-    if status == 402:  # Payment Required (OpenRouter: out of credits): same as quota exhausted.
-        return Classification(ErrorClass.RATE_LIMITED, status, "402 payment required", _wait(headers, scanned, now))
     if status == 403:
         return Classification(ErrorClass.CREDENTIAL, status, f"403 {scanned.code or 'forbidden'}")
     return Classification(ErrorClass.CLIENT_ERROR, status, f"{status} {scanned.code or 'client error'}")
+
+
+def _exhausted(status: int, label: str, scanned: ScannedBody, headers: Mapping[str, str], now: float) -> Classification:
+    """EXHAUSTED, with the provider's own words (cleaned of key material) in the reason."""
+    said = provider_reason(scanned.message)
+    reason = f"{status} {label}: {said}" if said else f"{status} {label}"
+    return Classification(ErrorClass.EXHAUSTED, status, reason, _wait(headers, scanned, now))
 
 
 # What went wrong when no usable answer came back (the reason each one reports):

@@ -4,18 +4,21 @@ Pure and deterministic: every method that depends on time takes ``now`` (wall-cl
 epoch seconds); nothing here does I/O or reads a clock. One ``HealthBook`` per tenant.
 
 Scopes:
-- ``KeyScope(key_id, "")``: key-wide, only credential failures (UNHEALTHY until reset_key).
+- ``KeyScope(key_id, "")``: key-wide: credential failures (UNHEALTHY until reset_key) and
+  exhausted credits or quota (EXHAUSTED until ``until``, growing; see ``health.exhaustion``).
 - ``KeyScope(key_id, model)``: rate limits, upstream errors and broken streams (COOLDOWN).
 - ``ProviderScope(provider, model)``: end-to-end failures only (DEGRADED).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from keyplane.domain import HealthState, Provider
 from keyplane.health._entries import Entry, EntryTable
 from keyplane.health.classify import Classification, ErrorClass
+from keyplane.health.exhaustion import bench_period
 
 __all__ = [
     "HealthBook",
@@ -43,6 +46,8 @@ class HealthPolicy:
     provider_cooldown: float = 30.0
     idle_ttl: float = 900.0  # entries untouched this long and healthy are evicted
     max_entries: int = 100_000  # hard cap: evict least recently touched healthy entries, then oldest
+    exhausted_bench: float = 300.0  # first key-wide bench of an exhausted key; doubles per re-bench
+    exhausted_max_bench: float = 3600.0  # cap on the doubling benches
 
     def __post_init__(self) -> None:
         for name in (
@@ -53,6 +58,8 @@ class HealthPolicy:
             "provider_window",
             "provider_cooldown",
             "idle_ttl",
+            "exhausted_bench",
+            "exhausted_max_bench",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"HealthPolicy.{name} must be > 0")
@@ -202,6 +209,8 @@ class HealthBook:
             entry = self._entry(key_wide, now, create=True)
             assert entry is not None
             self._set(key_wide, entry, HealthState.UNHEALTHY, None, cls.reason or "credential", now, changes)
+        elif kind is ErrorClass.EXHAUSTED:
+            self._exhaust(KeyScope(outcome.key_id, ""), cls, now, changes)
         elif kind is ErrorClass.RATE_LIMITED:
             self._rate_limit(key_model, cls, now, changes)
         elif kind in _WINDOWED:
@@ -302,6 +311,22 @@ class HealthBook:
         if entry.state is HealthState.COOLDOWN and entry.until is not None and entry.until >= until:
             return  # already out for at least as long
         self._set(scope, entry, HealthState.COOLDOWN, until, cls.reason or "rate limited", now, changes)
+
+    def _exhaust(self, scope: KeyScope, cls: Classification, now: float, changes: list[HealthChange]) -> None:
+        """Bench the key for every model; a bench that follows an expired one doubles it."""
+        entry = self._entry(scope, now, create=True)
+        assert entry is not None
+        if entry.state is HealthState.UNHEALTHY:
+            return  # a credential failure outranks it (and lasts until an admin acts)
+        previous: float | None = None
+        if entry.state is HealthState.EXHAUSTED and entry.until is not None:
+            if entry.until > now:
+                return  # already benched: attempts that were in flight do not extend it
+            if math.isfinite(entry.since):
+                previous = entry.until - entry.since
+        policy = self.policy
+        until = now + bench_period(previous, policy.exhausted_bench, policy.exhausted_max_bench)
+        self._set(scope, entry, HealthState.EXHAUSTED, until, cls.reason or "exhausted", now, changes)
 
     def _error(self, scope: KeyScope, reason: str, now: float, changes: list[HealthChange]) -> None:
         policy = self.policy

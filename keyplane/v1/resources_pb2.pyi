@@ -90,6 +90,12 @@ class _HealthStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HealthSta
     """
     HEALTH_STATE_DEGRADED: _HealthState.ValueType  # 4
     """Provider only: failing end to end; its targets are tried after the others."""
+    HEALTH_STATE_EXHAUSTED: _HealthState.ValueType  # 5
+    """Key-wide only: out of credits or quota (HTTP 402, 429 insufficient_quota,
+    "credit balance is too low", billing hard limit). Skipped for every model
+    until `until`, when the control plane probes the key in the background:
+    a success restores it, a failure extends the bench (growing, capped).
+    """
 
 class HealthState(_HealthState, metaclass=_HealthStateEnumTypeWrapper):
     """HealthState is what keyplane has learnt about a key or a provider from
@@ -108,6 +114,12 @@ rotates or resets the key.
 """
 HEALTH_STATE_DEGRADED: HealthState.ValueType  # 4
 """Provider only: failing end to end; its targets are tried after the others."""
+HEALTH_STATE_EXHAUSTED: HealthState.ValueType  # 5
+"""Key-wide only: out of credits or quota (HTTP 402, 429 insufficient_quota,
+"credit balance is too low", billing hard limit). Skipped for every model
+until `until`, when the control plane probes the key in the background:
+a success restores it, a failure extends the bench (growing, capped).
+"""
 Global___HealthState: _TypeAlias = HealthState  # noqa: Y015
 
 @_typing.final

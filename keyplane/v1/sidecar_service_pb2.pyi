@@ -39,6 +39,10 @@ class _OutcomeClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutcomeC
     """Other 4xx: the request itself was bad; penalises nobody."""
     OUTCOME_CLASS_STREAM_BROKEN: _OutcomeClass.ValueType  # 6
     """Failure after the first byte was streamed to the app."""
+    OUTCOME_CLASS_EXHAUSTED: _OutcomeClass.ValueType  # 7
+    """Out of credits or quota (402, 429 insufficient_quota, a billing answer):
+    penalises the key for every model, for minutes to an hour.
+    """
 
 class OutcomeClass(_OutcomeClass, metaclass=_OutcomeClassEnumTypeWrapper):
     """OutcomeClass is the sidecar's classification of one upstream attempt."""
@@ -54,6 +58,10 @@ OUTCOME_CLASS_CLIENT_ERROR: OutcomeClass.ValueType  # 5
 """Other 4xx: the request itself was bad; penalises nobody."""
 OUTCOME_CLASS_STREAM_BROKEN: OutcomeClass.ValueType  # 6
 """Failure after the first byte was streamed to the app."""
+OUTCOME_CLASS_EXHAUSTED: OutcomeClass.ValueType  # 7
+"""Out of credits or quota (402, 429 insufficient_quota, a billing answer):
+penalises the key for every model, for minutes to an hour.
+"""
 Global___OutcomeClass: _TypeAlias = OutcomeClass  # noqa: Y015
 
 @_typing.final

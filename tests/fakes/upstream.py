@@ -17,11 +17,14 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.health import bodies as _bodies
+
 __all__ = [
     "ANTHROPIC_OVERLOADED",
     "BROKEN_STREAM",
     "COMPLETION",
     "CONTEXT_LENGTH_EXCEEDED",
+    "EXHAUSTED_REPLIES",
     "GEMINI_INVALID_API_KEY",
     "INVALID_API_KEY",
     "RATE_LIMITED",
@@ -164,6 +167,23 @@ SERVICE_UNAVAILABLE = Reply(
     503,
     {"error": {"code": 503, "message": "The model is overloaded. Please try again later.", "status": "UNAVAILABLE"}},
 )
+
+
+# Out of credits or quota, each provider's real answer (bodies from tests/health/bodies.py,
+# served as they were received: status, JSON shape and wording).
+EXHAUSTED_REPLIES: dict[str, Reply] = {
+    "openai-429-insufficient_quota": Reply(429, json.loads(_bodies.OPENAI_INSUFFICIENT_QUOTA)),
+    "openai-400-billing_hard_limit": Reply(400, json.loads(_bodies.OPENAI_BILLING_HARD_LIMIT)),
+    "anthropic-400-credit_balance": Reply(
+        400, json.loads(_bodies.ANTHROPIC_CREDIT_BALANCE_TOO_LOW), {"request-id": "req_011CbrFTcXhtiMzr3s6EocF7"}
+    ),
+    "gemini-429-prepayment_depleted": Reply(429, json.loads(_bodies.GEMINI_PREPAYMENT_CREDITS_DEPLETED)),
+    "azure-403-call_volume_quota": Reply(403, json.loads(_bodies.AZURE_OUT_OF_CALL_VOLUME_QUOTA)),
+    "openrouter-402-insufficient_credits": Reply(402, json.loads(_bodies.OPENROUTER_INSUFFICIENT_CREDITS)),
+    "together-402-credit_limit": Reply(402, json.loads(_bodies.TOGETHER_CREDIT_LIMIT_EXCEEDED)),
+    "deepseek-402-insufficient_balance": Reply(402, json.loads(_bodies.DEEPSEEK_INSUFFICIENT_BALANCE)),
+    "xai-429-credits_used_up": Reply(429, json.loads(_bodies.XAI_CREDITS_USED_UP)),
+}
 
 
 def rate_limited(retry_after: float | None) -> Reply:

@@ -35,7 +35,16 @@ CASES: list[tuple[str, int, dict[str, str], bytes, ErrorClass, str, float | None
         "429 rate limited",
         18.642,
     ),
-    ("openai-429-insufficient_quota", 429, {}, bodies.OPENAI_INSUFFICIENT_QUOTA, R, "429 insufficient_quota", None),
+    (
+        "openai-429-insufficient_quota",
+        429,
+        {},
+        bodies.OPENAI_INSUFFICIENT_QUOTA,
+        ErrorClass.EXHAUSTED,
+        "429 insufficient_quota: You exceeded your current quota, please check your plan and billing details. "
+        "For more information on this error, read the docs: https://platform.openai.com/d...",
+        None,
+    ),
     (
         "openai-400-context_length_exceeded",
         400,
@@ -123,8 +132,16 @@ CASES: list[tuple[str, int, dict[str, str], bytes, ErrorClass, str, float | None
     # Invalid-key markers under other 4xx codes are still credential failures.
     ("openai-invalid_api_key-under-404", 404, {}, bodies.OPENAI_INVALID_API_KEY, C, "404 invalid_api_key", None),
     ("gemini-invalid-key-under-422", 422, {}, bodies.GEMINI_API_KEY_INVALID, C, "422 API key not valid", None),
-    ("quota-under-400", 400, {}, bodies.OPENAI_INSUFFICIENT_QUOTA, R, "400 insufficient_quota", None),
-    ("402-payment-required", 402, {"retry-after": "60"}, b"{}", R, "402 payment required", 60.0),
+    (
+        "quota-under-400",
+        400,
+        {},
+        bodies.OPENAI_INSUFFICIENT_QUOTA_CODE_NULL,
+        ErrorClass.EXHAUSTED,
+        "400 insufficient_quota: You exceeded your current quota, please check your plan and billing details.",
+        None,
+    ),
+    ("402-payment-required", 402, {"retry-after": "60"}, b"{}", ErrorClass.EXHAUSTED, "402 payment required", 60.0),
     # Bare statuses
     ("401-empty", 401, {}, b"", C, "401 unauthorized", None),
     ("403-html", 403, {}, b"<html>Forbidden</html>", C, "403 forbidden", None),
@@ -214,6 +231,7 @@ def test_context_length_never_penalises() -> None:
         (U, True, True),
         (X, False, False),
         (ErrorClass.STREAM_BROKEN, False, True),
+        (ErrorClass.EXHAUSTED, True, True),
     ],
 )
 def test_classification_properties(error_class: ErrorClass, retry_same_provider: bool, penalises: bool) -> None:
