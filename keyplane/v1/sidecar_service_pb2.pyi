@@ -57,6 +57,53 @@ OUTCOME_CLASS_STREAM_BROKEN: OutcomeClass.ValueType  # 6
 Global___OutcomeClass: _TypeAlias = OutcomeClass  # noqa: Y015
 
 @_typing.final
+class AckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECAR_ID_FIELD_NUMBER: _builtins.int
+    APPLIED_VERSION_FIELD_NUMBER: _builtins.int
+    REJECTED_VERSION_FIELD_NUMBER: _builtins.int
+    ERROR_DETAIL_FIELD_NUMBER: _builtins.int
+    sidecar_id: _builtins.str
+    """The sidecar_id of its Watch."""
+    applied_version: _builtins.int
+    """The version the sidecar holds and serves from."""
+    rejected_version: _builtins.int
+    """The last version it rejected, when later than applied_version; else 0."""
+    error_detail: _builtins.str
+    """Why it rejected rejected_version (short, secret-free)."""
+    def __init__(
+        self,
+        *,
+        sidecar_id: _builtins.str = ...,
+        applied_version: _builtins.int = ...,
+        rejected_version: _builtins.int = ...,
+        error_detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "error_detail", b"error_detail", "rejected_version", b"rejected_version", "sidecar_id", b"sidecar_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckRequest: _TypeAlias = AckRequest  # noqa: Y015
+
+@_typing.final
+class AckResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckResponse: _TypeAlias = AckResponse  # noqa: Y015
+
+@_typing.final
 class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
