@@ -142,8 +142,16 @@ class WatchResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    VERSION_RESET_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version the sidecar holds once it has applied this message."""
+    version_reset: _builtins.bool
+    """Set on a snapshot whose version is lower than the resume_version the
+    sidecar asked with because the store itself is behind it (restored from
+    a backup, or replaced): the sidecar takes it although it is older.
+    Otherwise a sidecar never goes back to an older version, and a replica
+    that merely lags the store catches up (or refuses the stream) first.
+    """
     @_builtins.property
     def snapshot(self) -> Global___Snapshot: ...
     @_builtins.property
@@ -154,10 +162,11 @@ class WatchResponse(_message.Message):
         version: _builtins.int = ...,
         snapshot: Global___Snapshot | None = ...,
         delta: Global___Delta | None = ...,
+        version_reset: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "payload", b"payload", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "payload", b"payload", "snapshot", b"snapshot", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "payload", b"payload", "snapshot", b"snapshot", "version", b"version", "version_reset", b"version_reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["snapshot", "delta"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
