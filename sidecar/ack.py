@@ -43,7 +43,7 @@ __all__ = ["AckSender", "Decision", "VersionGate", "check_messages"]
 _log = logging.getLogger(__name__)
 
 # Changes held back after a rejection before the gate asks for a resync instead.
-MAX_PENDING_CHANGES = 10_000
+MAX_PENDING_CHANGES = 1000
 _RETRY = 1.0
 _ACK_TIMEOUT = 5.0
 
