@@ -14,6 +14,7 @@ from typing import Any
 from grpc import aio
 
 from control_plane.aggregator import HealthAggregator
+from control_plane.fleet import FleetTracker
 from control_plane.hub import SnapshotHub
 from control_plane.store.base import AuditEntry, Store
 from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
@@ -41,6 +42,7 @@ class AdminBase:
         *,
         health: HealthAggregator | None = None,
         url_policy: UrlPolicy = DEFAULT_URL_POLICY,
+        fleet: FleetTracker | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -48,20 +50,27 @@ class AdminBase:
         self._clock = clock
         self._health = health
         self._url_policy = url_policy  # which hosts base URLs and vLLM node URLs may name
+        self._fleet = fleet  # the fleet's sync state (GetProxyStatus, WaitForVersion)
 
-    async def _reset_key_health(self, tenant: str, key_id: str, audit: AuditEntry | None = None) -> None:
+    async def _reset_key_health(self, tenant: str, key_id: str, audit: AuditEntry | None = None) -> int:
         """Clear the key's learnt health in the store and in the aggregator's
-        books, and publish the HEALTHY changes."""
+        books, and publish the HEALTHY changes; returns a version at or after them."""
         if self._health is not None:
             await self._health.reset_key(tenant, key_id, audit=audit)
         else:
             await self._store.clear_key_health(tenant, key_id, audit=audit)
-            await self._publish()
+        return await self._publish()
 
-    async def _publish(self) -> None:
-        """Push the write just made to the sidecar streams. The write is
-        committed either way: on failure the hub's poller catches up later."""
+    async def _publish(self) -> int:
+        """Push the write just made to the sidecar streams; returns a version
+        at or after it (what write responses carry, for WaitForVersion), 0 if
+        none can be read. The write is committed either way: on failure the
+        hub's poller catches up later."""
         try:
-            await self._hub.catch_up()
+            return await self._hub.catch_up()
         except Exception as exc:
             log.warning("write committed but not yet published to sidecars: %s", type(exc).__name__)
+        try:
+            return await self._store.latest_version()
+        except Exception:
+            return 0

@@ -28,6 +28,7 @@ from control_plane.audit import AuditDraft, audited, list_audit_events
 from control_plane.client_key_admin import CLIENT_TOKEN_PREFIX, ClientKeyAdmin, new_client_token
 from control_plane.key_admin import UPDATABLE_KEY_FIELDS, ProviderKeyAdmin
 from control_plane.master_key_admin import MasterKeyAdmin
+from control_plane.proxy_status_admin import ProxyStatusAdmin
 from control_plane.route_admin import UPDATABLE_ROUTE_FIELDS, RouteAdmin
 from control_plane.snapshot_cache import SubscriberInfo
 from control_plane.status import map_errors
@@ -55,9 +56,10 @@ class AdminService(
     ClientKeyAdmin,
     TokenAdminMixin,
     MasterKeyAdmin,
+    ProxyStatusAdmin,
     admin_service_pb2_grpc.AdminServiceServicer,
 ):
-    """``AdminService(store, hub, master_keys, clock, health=..., url_policy=...)``
+    """``AdminService(store, hub, master_keys, clock, health=..., url_policy=..., fleet=...)``
     (the constructor is ``AdminBase``'s)."""
 
     # tenants -------------------------------------------------------------------
@@ -70,9 +72,9 @@ class AdminService(
         audit.about(name, name, ("name",))
         new = Tenant(name=name, created_at=self._clock())
         tenant = await audit.write(lambda entry: self._store.create_tenant(new, audit=entry))
-        await self._publish()
+        version = await self._publish()
         log.info("created tenant %s", name)
-        return pb.CreateTenantResponse(tenant=convert.tenant_to_proto(tenant))
+        return pb.CreateTenantResponse(tenant=convert.tenant_to_proto(tenant), version=version)
 
     @map_errors
     async def GetTenant(self, request: pb.GetTenantRequest, context: Context) -> pb.GetTenantResponse:
@@ -92,9 +94,9 @@ class AdminService(
         name = v.validate_tenant_name(request.name, field="name")
         audit.about(name, name)
         await audit.write(lambda entry: self._store.delete_tenant(name, audit=entry))
-        await self._publish()
+        version = await self._publish()
         log.info("deleted tenant %s", name)
-        return pb.DeleteTenantResponse()
+        return pb.DeleteTenantResponse(version=version)
 
     # health and fleet ----------------------------------------------------------------
     @map_errors

@@ -59,9 +59,9 @@ class ClientKeyAdmin(AdminBase):
         audit.about(tenant, client_key.id, _CLIENT_KEY_CREATE_FIELDS, fingerprint(token))
         self._check_client_key_fits(client_key)
         created = await audit.write(lambda entry: self._store.create_client_key(client_key, audit=entry))
-        await self._publish()
+        version = await self._publish()
         log.info("created client key %s for tenant %s", client_key.id, tenant)
-        return pb.CreateClientKeyResponse(client_key=convert.client_key_to_proto(created), token=token)
+        return pb.CreateClientKeyResponse(client_key=convert.client_key_to_proto(created), token=token, version=version)
 
     @map_errors
     async def ListClientKeys(self, request: pb.ListClientKeysRequest, context: Context) -> pb.ListClientKeysResponse:
@@ -77,6 +77,6 @@ class ClientKeyAdmin(AdminBase):
         client_key_id = v.validate_id(request.id)
         audit.about(tenant, client_key_id)
         await audit.write(lambda entry: self._store.delete_client_key(tenant, client_key_id, audit=entry))
-        await self._publish()
+        version = await self._publish()
         log.info("deleted client key %s of tenant %s", client_key_id, tenant)
-        return pb.DeleteClientKeyResponse()
+        return pb.DeleteClientKeyResponse(version=version)

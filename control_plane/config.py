@@ -77,6 +77,16 @@ class ControlPlaneConfig:
     master_keyring_check_interval: float = 1.0
     # The background probe that restores exhausted keys (control_plane.recovery_probe).
     recovery_probe: RecoveryProbeConfig = field(default_factory=RecoveryProbeConfig)
+    # This replica's name in the fleet's shared sync record (proxy-status);
+    # empty: <hostname>-<pid>-<random>.
+    replica_id: str = ""
+    # How long a sidecar that resumes from a version this replica has not
+    # reached waits while the replica catches up with the store before it is
+    # refused (UNAVAILABLE: it retries, possibly on another replica).
+    lag_wait: float = 5.0
+    # How often this replica refreshes its streams in the shared record; a
+    # stream not refreshed for 3 heartbeats counts as gone (its replica died).
+    sidecar_heartbeat: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -95,6 +105,8 @@ class ControlPlaneConfig:
         object.__setattr__(self, "sidecar_tokens", MappingProxyType(frozen))
         if self.log_size < 1 or self.max_pending < 1:
             raise ValueError("log_size and max_pending must be at least 1")
+        if not (self.lag_wait > 0 and self.sidecar_heartbeat > 0):
+            raise ValueError("lag_wait and sidecar_heartbeat must be positive numbers of seconds")
         if self.health_sweep_interval <= 0 or self.health_retry_interval <= 0:
             raise ValueError("health_sweep_interval and health_retry_interval must be positive")
         if not math.isfinite(self.store_timeout) or self.store_timeout <= 0:

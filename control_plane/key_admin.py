@@ -89,9 +89,9 @@ class ProviderKeyAdmin(AdminBase):
         audit.about(tenant, key_id, _KEY_CREATE_FIELDS, sealed.fingerprint)
         self._check_key_fits(key, len(secret), new=True)
         created = await audit.write(lambda entry: self._store.create_provider_key(key, audit=entry))
-        await self._publish()
+        version = await self._publish()
         log.info("created provider key %s (%s) for tenant %s", key_id, provider.value, tenant)
-        return pb.CreateProviderKeyResponse(key=convert.provider_key_to_proto(created))
+        return pb.CreateProviderKeyResponse(key=convert.provider_key_to_proto(created), version=version)
 
     @map_errors
     async def GetProviderKey(self, request: pb.GetProviderKeyRequest, context: Context) -> pb.GetProviderKeyResponse:
@@ -153,17 +153,17 @@ class ProviderKeyAdmin(AdminBase):
                 tenant, key_id, update, expected_revision=expected, audit=entry
             )
         )
-        await self._publish()
+        version = await self._publish()
         if changes.get("status") is KeyStatus.ACTIVE or request.new_secret:
             # Re-enabled or rotated: whatever was learnt about the old state is moot.
-            await self._reset_key_health(tenant, key_id)
+            version = await self._reset_key_health(tenant, key_id)
         log.info(
             "updated provider key %s of tenant %s (%s)",
             key_id,
             tenant,
             ", ".join(paths + (["secret"] if request.new_secret else [])),
         )
-        return pb.UpdateProviderKeyResponse(key=convert.provider_key_to_proto(stored))
+        return pb.UpdateProviderKeyResponse(key=convert.provider_key_to_proto(stored), version=version)
 
     @map_errors
     @audited("provider_key")
@@ -174,9 +174,9 @@ class ProviderKeyAdmin(AdminBase):
         key_id = v.validate_id(request.id)
         audit.about(tenant, key_id)
         await audit.write(lambda entry: self._store.delete_provider_key(tenant, key_id, audit=entry))
-        await self._publish()
+        version = await self._publish()
         log.info("deleted provider key %s of tenant %s", key_id, tenant)
-        return pb.DeleteProviderKeyResponse()
+        return pb.DeleteProviderKeyResponse(version=version)
 
     @map_errors
     @audited("provider_key")
@@ -187,6 +187,6 @@ class ProviderKeyAdmin(AdminBase):
         key_id = v.validate_id(request.key_id, field="key_id")
         audit.about(tenant, key_id, ("health",))
         await self._store.get_provider_key(tenant, key_id)  # NotFound for an unknown tenant or key
-        await audit.write(lambda entry: self._reset_key_health(tenant, key_id, entry))
+        version = await audit.write(lambda entry: self._reset_key_health(tenant, key_id, entry))
         log.info("reset the health of provider key %s of tenant %s", key_id, tenant)
-        return pb.ResetKeyHealthResponse()
+        return pb.ResetKeyHealthResponse(version=version)

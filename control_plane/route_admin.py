@@ -57,9 +57,9 @@ class RouteAdmin(AdminBase):
         audit.about(tenant, route.id, _ROUTE_CREATE_FIELDS)
         self._check_route_fits(route, new=True)
         created = await audit.write(lambda entry: self._store.create_route(route, audit=entry))
-        await self._publish()
+        version = await self._publish()
         log.info("created route %s (%s) for tenant %s", route.id, public_model, tenant)
-        return pb.CreateRouteResponse(route=convert.route_to_proto(created))
+        return pb.CreateRouteResponse(route=convert.route_to_proto(created), version=version)
 
     @map_errors
     async def GetRoute(self, request: pb.GetRouteRequest, context: Context) -> pb.GetRouteResponse:
@@ -109,9 +109,9 @@ class RouteAdmin(AdminBase):
         stored = await audit.write(
             lambda entry: self._store.update_route(tenant, route_id, update, expected_revision=expected, audit=entry)
         )
-        await self._publish()
+        version = await self._publish()
         log.info("updated route %s of tenant %s (%s)", route_id, tenant, ", ".join(paths))
-        return pb.UpdateRouteResponse(route=convert.route_to_proto(stored))
+        return pb.UpdateRouteResponse(route=convert.route_to_proto(stored), version=version)
 
     @map_errors
     @audited("route")
@@ -122,6 +122,6 @@ class RouteAdmin(AdminBase):
         route_id = v.validate_id(request.id)
         audit.about(tenant, route_id)
         await audit.write(lambda entry: self._store.delete_route(tenant, route_id, audit=entry))
-        await self._publish()
+        version = await self._publish()
         log.info("deleted route %s of tenant %s", route_id, tenant)
-        return pb.DeleteRouteResponse()
+        return pb.DeleteRouteResponse(version=version)

@@ -15,6 +15,7 @@ from control_plane.aggregator import HealthAggregator
 from control_plane.auth import Authenticator, AuthInterceptor
 from control_plane.config import ControlPlaneConfig
 from control_plane.decode_guard import DecodeGuardInterceptor
+from control_plane.fleet import FleetTracker
 from control_plane.hub import SnapshotHub
 from control_plane.recovery_probe import RecoveryProber
 from control_plane.sidecar_service import SidecarService
@@ -53,6 +54,7 @@ class ControlPlane:
         self._hub: SnapshotHub | None = None
         self._aggregator: HealthAggregator | None = None
         self._prober: RecoveryProber | None = None
+        self._fleet: FleetTracker | None = None
         self._server: aio.Server | None = None
         self._health: AsyncHealthServicer | None = None
         self._tls_reloader: CertificateReloader | None = None
@@ -75,6 +77,12 @@ class ControlPlane:
     def prober(self) -> RecoveryProber | None:
         """The recovery probe of exhausted keys (None when turned off)."""
         return self._prober
+
+    @property
+    def fleet(self) -> FleetTracker:
+        if self._fleet is None:
+            raise RuntimeError("the control plane is not started")
+        return self._fleet
 
     @property
     def store(self) -> Store:
@@ -143,6 +151,14 @@ class ControlPlane:
                     config.recovery_probe,
                 )
                 await self._prober.start()
+            self._fleet = FleetTracker(
+                store,
+                self._hub.cache,
+                replica=config.replica_id or None,
+                heartbeat=config.sidecar_heartbeat,
+                expire_after=3 * config.sidecar_heartbeat,
+            )
+            await self._fleet.start()
             server = aio.server(
                 interceptors=[
                     AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens, self._hub.tokens)),
@@ -169,11 +185,19 @@ class ControlPlane:
                     box,
                     health=self._aggregator,
                     url_policy=UrlPolicy(deny_private=config.deny_private_base_urls),
+                    fleet=self._fleet,
                 ),
                 server,
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(
-                SidecarService(self._hub.cache, self._aggregator), server
+                SidecarService(
+                    self._hub.cache,
+                    self._aggregator,
+                    fleet=self._fleet,
+                    catch_up=self._hub.catch_up,
+                    lag_wait=config.lag_wait,
+                ),
+                server,
             )
             self._health = AsyncHealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -213,6 +237,9 @@ class ControlPlane:
         if self._aggregator is not None:
             await self._aggregator.close()  # a last try at unpersisted health changes
             self._aggregator = None
+        if self._fleet is not None:
+            await self._fleet.close()  # this replica's streams leave the shared record
+            self._fleet = None
         if self._store is not None:
             await self._store.close()
             self._store = None

@@ -10,12 +10,22 @@ scope, a known class and provider, a key id and a model); invalid outcomes
 are counted and skipped, never fatal to the stream. Each batch goes to the
 ``HealthAggregator``; the reply, when the sidecar ends the stream, is the
 number of outcomes accepted.
+
+With a ``FleetTracker``, the Watch handler notes every version it sends and
+the Ack handler what the sidecar applied or rejected (xDS ACK/NACK), for
+``keyplane proxy-status`` and WaitForVersion. A sidecar resuming from a
+version this replica has not reached (it lags the store) waits while the
+replica catches up from the store, or is refused with UNAVAILABLE so that it
+retries, possibly elsewhere: it is never sent an older snapshot. Only when the
+store itself is behind the sidecar (restored from a backup) is the snapshot
+sent, marked ``version_reset``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -24,6 +34,7 @@ from grpc import aio
 from control_plane import validation as v
 from control_plane.aggregator import HealthAggregator, ReportedOutcome
 from control_plane.auth import SidecarScope, current_sidecar_scope
+from control_plane.fleet import FleetTracker
 from control_plane.snapshot_cache import SnapshotCache, SnapshotTooLarge
 from control_plane.status import status_for
 from keyplane import convert
@@ -36,12 +47,25 @@ __all__ = ["SidecarService"]
 log = logging.getLogger(__name__)
 
 _MAX_SIDECAR_ID = 256
+_MAX_ERROR_DETAIL = 1024
 
 
 class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
-    def __init__(self, cache: SnapshotCache, health: HealthAggregator | None = None) -> None:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        health: HealthAggregator | None = None,
+        *,
+        fleet: FleetTracker | None = None,
+        catch_up: Callable[[], Awaitable[int]] | None = None,
+        lag_wait: float = 5.0,
+    ) -> None:
         self._cache = cache
         self._health = health
+        self._fleet = fleet
+        # Reads the store's change log into the cache (SnapshotHub.catch_up).
+        self._catch_up = catch_up
+        self._lag_wait = lag_wait
         # Converted success outcomes, reused across reports (see ``_validate_batch``).
         self._successes: dict[_SuccessKey, ReportedOutcome] = {}
 
@@ -72,7 +96,19 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             assert mapped is not None
             await context.abort(*mapped)
         sidecar_id = request.sidecar_id[:_MAX_SIDECAR_ID]
+        version_reset: bool | None = False
+        if request.resume_version > self._cache.version:
+            version_reset = await self._catch_up_to(request.resume_version, sidecar_id, peer)
+            if version_reset is None:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"this control-plane replica is at version {self._cache.version}, behind the version "
+                    f"{request.resume_version} the sidecar holds, and could not catch up with the store within "
+                    f"{self._lag_wait:g}s; retry (another replica may be ahead)",
+                )
         subscription = self._cache.subscribe(tenants, request.resume_version, sidecar_id=sidecar_id, peer=peer)
+        fleet = self._fleet
+        handle = fleet.opened(sidecar_id, tenants, peer) if fleet is not None else None
         log.info(
             "sidecar %r (%s) watching %s from version %d",
             sidecar_id,
@@ -82,13 +118,65 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         )
         try:
             async for response in subscription:
+                if version_reset and response.WhichOneof("payload") == "snapshot":
+                    response.version_reset = True
+                    version_reset = False
+                if fleet is not None and handle is not None:
+                    fleet.sent(handle, response.version)
                 yield response
         except SnapshotTooLarge as exc:
             log.error("sidecar %r (%s): %s", sidecar_id, peer, exc)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         finally:
             subscription.close()
+            if fleet is not None and handle is not None:
+                fleet.closed(handle)
             log.info("sidecar %r (%s) stream ended", sidecar_id, peer)
+
+    async def _catch_up_to(self, version: int, sidecar_id: str, peer: str) -> bool | None:
+        """The sidecar holds ``version``, ahead of this replica: read the store's
+        change log until the replica has it. False: caught up; True: the
+        store itself is behind the sidecar (its snapshot is a reset); None:
+        not caught up within ``lag_wait`` (the store is slow or away)."""
+        if self._catch_up is None:
+            return None
+        try:
+            reached = await asyncio.wait_for(self._catch_up(), self._lag_wait)
+        except Exception as exc:
+            log.warning(
+                "sidecar %r (%s) holds version %d, ahead of this replica (%d), which could not catch up: %s",
+                sidecar_id,
+                peer,
+                version,
+                self._cache.version,
+                type(exc).__name__,
+            )
+            return None
+        if reached >= version:
+            return False
+        log.warning(
+            "sidecar %r (%s) holds version %d but the store's newest is %d: the store was restored or replaced; "
+            "the sidecar is sent the store's state",
+            sidecar_id,
+            peer,
+            version,
+            reached,
+        )
+        return True
+
+    async def Ack(self, request: pb.AckRequest, context: aio.ServicerContext[Any, Any]) -> pb.AckResponse:
+        if current_sidecar_scope() is None:  # only when served without the AuthInterceptor
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid sidecar token")
+        if self._fleet is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this control plane does not track acknowledgements")
+        assert self._fleet is not None
+        sidecar_id = request.sidecar_id[:_MAX_SIDECAR_ID]
+        if not sidecar_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sidecar_id: required")
+        self._fleet.acked(
+            sidecar_id, request.applied_version, request.rejected_version, request.error_detail[:_MAX_ERROR_DETAIL]
+        )
+        return pb.AckResponse()
 
     async def ReportOutcomes(
         self,

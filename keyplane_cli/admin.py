@@ -26,6 +26,7 @@ from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import admin_service_pb2_grpc as admin_grpc
 from keyplane.v1 import resources_pb2
 from keyplane_cli.tls_flags import add_client_tls_flags, client_tls_from_args
+from keyplane_cli.wait import add_wait_flag, wait_after_write
 
 __all__ = ["add_admin_commands"]
 
@@ -107,10 +108,12 @@ class AdminClient:
             self._channel = grpc.secure_channel(server, channel_credentials(tls), options=channel_options(tls))
         self._stub = admin_grpc.AdminServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
+        self.last_response: Message | None = None
 
-    def call(self, method: str, request: Message) -> Any:
+    def call(self, method: str, request: Message, *, timeout: float = RPC_TIMEOUT) -> Any:
         rpc: Callable[..., Any] = getattr(self._stub, method)
-        return rpc(request, metadata=self._metadata, timeout=RPC_TIMEOUT)
+        self.last_response = rpc(request, metadata=self._metadata, timeout=timeout)
+        return self.last_response
 
     def close(self) -> None:
         self._channel.close()
@@ -219,6 +222,9 @@ def _dispatch(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin:
     elif group == "sidecars":
         resp = client.call("ListSidecars", admin_pb2.ListSidecarsRequest())
         _emit(args, resp, _sidecars_table(resp.sidecars), out)
+    if getattr(args, "wait", None) is not None and client.last_response is not None:
+        tenant = getattr(args, "tenant", None) or args.name
+        return wait_after_write(args, client, tenant, getattr(client.last_response, "version", 0), out)
     return 0
 
 
@@ -467,14 +473,16 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         return parser
 
     tenants = group("tenants", "create, list and delete tenants")
-    action(tenants, "create", "create a tenant").add_argument(
+    action(tenants, "create", "create a tenant", add_wait_flag).add_argument(
         "name", help="1-63 lower-case letters, digits, '-' or '_'"
     )
     action(tenants, "list", "list tenants")
-    action(tenants, "delete", "delete a tenant and everything it owns").add_argument("name", help="the tenant")
+    action(tenants, "delete", "delete a tenant and everything it owns", add_wait_flag).add_argument(
+        "name", help="the tenant"
+    )
 
     keys = group("keys", "manage provider keys (secrets are write-only)")
-    add = action(keys, "add", "add a provider key", _tenant, _secret_source)
+    add = action(keys, "add", "add a provider key", _tenant, _secret_source, add_wait_flag)
     add.add_argument(
         "--provider", "-p", required=True, type=_provider, help="one of: " + ", ".join(p.value for p in Provider)
     )
@@ -487,18 +495,18 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
     action(keys, "list", "list a tenant's keys", _tenant)
     for name, text, *extra in (
         ("show", "show one key"),
-        ("enable", "set a key active", _etag),
-        ("disable", "stop using a key", _etag),
-        ("revoke", "revoke a key for good", _etag),
-        ("delete", "delete a key"),
+        ("enable", "set a key active", _etag, add_wait_flag),
+        ("disable", "stop using a key", _etag, add_wait_flag),
+        ("revoke", "revoke a key for good", _etag, add_wait_flag),
+        ("delete", "delete a key", add_wait_flag),
     ):
         action(keys, name, text, _tenant, *extra).add_argument("id", help="the key's id (from keys list)")
-    action(keys, "rotate", "replace a key's secret", _tenant, _secret_source, _etag).add_argument(
+    action(keys, "rotate", "replace a key's secret", _tenant, _secret_source, _etag, add_wait_flag).add_argument(
         "id", help="the key's id (from keys list)"
     )
 
     routes = group("routes", "map public model names to provider targets")
-    radd = action(routes, "add", "add a route", _tenant)
+    radd = action(routes, "add", "add a route", _tenant, add_wait_flag)
     radd.add_argument("--model", "-m", required=True, help="the public model name apps ask for")
     radd.add_argument(
         "--target",
@@ -508,7 +516,7 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         help="provider:upstream_model[@priority][*weight][=node_url,...] (repeatable, in order)",
     )
     action(routes, "list", "list routes", _tenant)
-    rset = action(routes, "set-targets", "replace a route's targets", _tenant, _etag)
+    rset = action(routes, "set-targets", "replace a route's targets", _tenant, _etag, add_wait_flag)
     rset.add_argument("id", help="the route's id (from routes list)")
     rset.add_argument(
         "--target",
@@ -523,20 +531,22 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
             action="store_true",
             help="refuse (instead of warning) when a target's provider has no active key in the tenant",
         )
-    action(routes, "delete", "delete a route", _tenant).add_argument("id", help="the route's id (from routes list)")
+    action(routes, "delete", "delete a route", _tenant, add_wait_flag).add_argument(
+        "id", help="the route's id (from routes list)"
+    )
 
     cks = group("client-keys", "issue and revoke the bearer tokens apps use at the sidecar")
-    action(cks, "create", "issue a client key (its token is shown once)", _tenant).add_argument(
+    action(cks, "create", "issue a client key (its token is shown once)", _tenant, add_wait_flag).add_argument(
         "--label", "-l", required=True, help="a name for the app's key, unique in the tenant"
     )
     action(cks, "list", "list client keys", _tenant)
-    action(cks, "delete", "revoke a client key", _tenant).add_argument(
+    action(cks, "delete", "revoke a client key", _tenant, add_wait_flag).add_argument(
         "id", help="the client key's id (from client-keys list)"
     )
 
     health = group("health", "learnt key and provider health (re-enable a key with 'keys enable')")
     action(health, "show", "keys and providers that are not healthy, with reasons and until-times", _tenant)
-    action(health, "reset", "clear what was learnt about one key (every model)", _tenant).add_argument(
+    action(health, "reset", "clear what was learnt about one key (every model)", _tenant, add_wait_flag).add_argument(
         "key_id", help="the key's id (from keys list)"
     )
 

@@ -40,6 +40,7 @@ from keyplane_cli.config_plan import (
     plan,
     target_text,
 )
+from keyplane_cli.wait import add_wait_flag, wait_after_write
 
 __all__ = ["add_apply_commands"]
 
@@ -304,6 +305,7 @@ def run_apply(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     def body(client: AdminClient) -> int:
         actions = _plan_for(args, client)
         records: list[dict[str, Any]] = []
+        versions: dict[str, int] = {}  # per tenant, the newest version a write returned
         try:
             for action in actions:
                 if action.op == "delete" and not args.yes:
@@ -317,10 +319,16 @@ def run_apply(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                         "(what is listed above was done, nothing after it; run diff, then apply again)"
                     ) from None
                 records.append(_record(action, "done", token))
+                tenant = action.tenant or action.name
+                versions[tenant] = max(versions.get(tenant, 0), getattr(client.last_response, "version", 0))
         finally:
             # What was done (tokens included) is printed even when a later step fails.
             _render(records, args.output, out, header="applied:")
-        return 0
+        if args.wait is None:
+            return 0
+        report = out if args.output == "table" else sys.stderr  # stdout carries the plan's JSON/YAML alone
+        codes = [wait_after_write(args, client, tenant, versions[tenant], report) for tenant in sorted(versions)]
+        return max(codes, default=0)
 
     return with_admin_client(args, _rpc_errors(body))
 
@@ -346,6 +354,7 @@ def add_apply_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
             "-o", "--output", choices=("table", "json", "yaml"), default="table", help="plan output format"
         )
         if name == "apply":
+            add_wait_flag(parser)
             parser.add_argument(
                 "--yes",
                 "--confirm",

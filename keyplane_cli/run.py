@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keyplane.crypto import MasterKeyError
+from keyplane.domain import Provider
 from keyplane.home import Home, ensure_private_dir, read_token_file
 from keyplane.runtime import tune_gc
 from keyplane.tls import TlsError, is_loopback_listen
 from keyplane_cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
+from keyplane_cli.convergence_flags import add_convergence_flags, convergence_options_from_args
 from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
@@ -120,6 +122,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             **intervals,
             **control_plane_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
+            **convergence_options_from_args(args),
         )
     )
     try:
@@ -197,6 +200,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             **intervals,
             **control_plane_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
+            **convergence_options_from_args(args),
         )
     except ValueError as exc:  # TlsError included
         raise SystemExit(f"control-plane: {exc}") from None
@@ -238,8 +242,18 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         upstream_max_headers=args.upstream_max_headers,
         upstream_max_body_bytes=args.upstream_max_body_bytes,
         control_plane_tls=client_tls_from_args(args),
+        providers=tuple(args.provider or ()),
+        **({"sidecar_id": args.sidecar_id} if args.sidecar_id else {}),
         **edge_options_from_args(args),
     )
+
+
+def _served_provider(name: str) -> Provider:
+    try:
+        return Provider(name)
+    except ValueError:
+        choices = ", ".join(p.value for p in Provider)
+        raise argparse.ArgumentTypeError(f"unknown provider {name!r}; one of: {choices}") from None
 
 
 async def _run_sidecar(args: argparse.Namespace) -> int:
@@ -326,6 +340,19 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     sc.add_argument("--control-plane", default="127.0.0.1:50051", help="control plane gRPC address")
     sc.add_argument("--token-file", type=Path, help="sidecar token file (else KEYPLANE_SIDECAR_TOKEN)")
     sc.add_argument("--tenant", action="append", help="tenant to serve (repeatable; default all the token allows)")
+    sc.add_argument(
+        "--sidecar-id",
+        help="this sidecar's name in 'keyplane proxy-status' (default <hostname>-<pid>; e.g. the pod name)",
+    )
+    sc.add_argument(
+        "--provider",
+        action="append",
+        type=_served_provider,
+        metavar="PROVIDER",
+        help="serve only routes to this provider (repeatable; default every provider this build knows): a "
+        "configuration version with a route to another one is rejected (NACK, shown by 'keyplane proxy-status') "
+        "and the sidecar keeps serving the version it held; for sidecars whose network reaches only some providers",
+    )
     sc.add_argument("--host", default="127.0.0.1", help="HTTP address apps call (keep it on loopback)")
     sc.add_argument("--port", type=int, default=8787, help="HTTP port apps call (0 = any free port)")
     sc.add_argument(
@@ -392,6 +419,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_control_plane_flags(cp)
     add_recovery_probe_flags(up)
     add_recovery_probe_flags(cp)
+    add_convergence_flags(up)
+    add_convergence_flags(cp)
     add_health_flags(up, aggregator=True)
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)

@@ -6,6 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from keyplane.domain import Provider
 from keyplane.health.machine import HealthPolicy
 from keyplane.tls import ClientTls
 
@@ -96,6 +97,10 @@ class SidecarConfig:
     max_request_headers: int = 100
     request_head_timeout: float = 10.0
     request_body_timeout: float = 30.0
+    # Providers this sidecar serves; empty: every provider this build knows. A
+    # watch version with a route targeting another one is rejected (NACK) and
+    # the sidecar keeps what it held (sidecar/ack.py).
+    providers: tuple[Provider, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.control_plane_target:

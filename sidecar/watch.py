@@ -21,6 +21,7 @@ import grpc.aio
 
 from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
 
+from .ack import AckSender, VersionGate
 from .channel import ChannelSource, open_channel
 from .config import SidecarConfig
 from .state import SidecarState
@@ -72,6 +73,9 @@ class WatchClient:
         ) = None
         self._force_snapshot = False
         self._streams = 0
+        # Each message is applied or rejected (and acknowledged) through these (sidecar/ack.py).
+        self.gate = VersionGate(state, config.providers)
+        self.acks = AckSender(config.sidecar_id, config.sidecar_token)
 
     @property
     def streams_opened(self) -> int:
@@ -89,6 +93,7 @@ class WatchClient:
     def stop(self) -> None:
         """Ask ``run`` to return; safe to call from any task, more than once."""
         self._stopping.set()
+        self.acks.close()
         call = self._call
         if call is not None:
             call.cancel()
@@ -129,11 +134,13 @@ class WatchClient:
         metadata = (("authorization", f"Bearer {self._config.sidecar_token}"),)
         call = stub.Watch(request, metadata=metadata)
         self._call = call
+        self.gate.reset_stream()
+        self.acks.use(stub)
         received = False
         try:
             async for message in call:
                 try:
-                    state.apply(message)
+                    decision = self.gate.offer(message)
                 except Exception as exc:  # a bad message must not kill the sidecar
                     _log.error(
                         "could not apply watch message at version %d (%s); asking for a fresh snapshot",
@@ -141,6 +148,10 @@ class WatchClient:
                         type(exc).__name__,
                     )
                     self._force_snapshot = True
+                    call.cancel()
+                    break
+                self.acks.note(state.version, self.gate.rejected_version, self.gate.error_detail)
+                if decision.resync:
                     call.cancel()
                     break
                 if message.WhichOneof("payload") == "snapshot":

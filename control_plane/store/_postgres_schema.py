@@ -147,4 +147,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX access_tokens_by_kind ON access_tokens (kind, created_at, id)",
         ),
     ),
+    Migration(
+        6,
+        "the fleet's shared record of sidecar streams and acknowledgements",
+        (
+            # One row per sidecar id; tenants NULL for every tenant. Not in the change log.
+            """CREATE TABLE sidecar_status (
+                sidecar_id text CONSTRAINT sidecar_status_pkey PRIMARY KEY,
+                replica text NOT NULL DEFAULT '',
+                tenants text[],
+                peer text NOT NULL DEFAULT '',
+                connected_at timestamptz,
+                sent_version bigint NOT NULL DEFAULT 0,
+                seen_at timestamptz,
+                applied_version bigint NOT NULL DEFAULT 0,
+                rejected_version bigint NOT NULL DEFAULT 0,
+                error_detail text NOT NULL DEFAULT '',
+                acked_at timestamptz
+            )""",
+        ),
+    ),
 )

@@ -147,4 +147,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX access_tokens_by_kind ON access_tokens (kind, created_at, id)",
         ),
     ),
+    Migration(
+        6,
+        "the fleet's shared record of sidecar streams and acknowledgements",
+        (
+            # One row per sidecar id; tenants NULL for every tenant. Not in the change log.
+            """CREATE TABLE sidecar_status (
+                sidecar_id TEXT PRIMARY KEY,
+                replica TEXT NOT NULL DEFAULT '',
+                tenants TEXT,
+                peer TEXT NOT NULL DEFAULT '',
+                connected_at TEXT,
+                sent_version INTEGER NOT NULL DEFAULT 0,
+                seen_at TEXT,
+                applied_version INTEGER NOT NULL DEFAULT 0,
+                rejected_version INTEGER NOT NULL DEFAULT 0,
+                error_detail TEXT NOT NULL DEFAULT '',
+                acked_at TEXT
+            )""",
+        ),
+    ),
 )

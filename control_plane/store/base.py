@@ -57,6 +57,9 @@ __all__ = [
     "RouteUpdate",
     "SealedSecret",
     "SecretRewrap",
+    "SidecarAck",
+    "SidecarRecord",
+    "SidecarStream",
     "Store",
     "StoredSecret",
 ]
@@ -199,6 +202,46 @@ class SecretRewrap:
 
     def __repr__(self) -> str:
         return f"SecretRewrap(tenant={self.tenant!r}, key_id={self.key_id!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarStream:
+    """A Watch stream as the replica holding it reports it."""
+
+    sidecar_id: str
+    tenants: tuple[str, ...] | None  # None: every tenant
+    peer: str
+    connected_at: datetime
+    sent_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarAck:
+    """What a sidecar last said about the versions it got."""
+
+    sidecar_id: str
+    applied_version: int
+    rejected_version: int
+    error_detail: str
+    acked_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarRecord:
+    """One row: the stream side (replica "" until a replica registered the
+    stream, or after it ended) and the ack side (zeros until the first ack)."""
+
+    sidecar_id: str
+    replica: str
+    tenants: tuple[str, ...] | None
+    peer: str
+    connected_at: datetime | None
+    sent_version: int
+    seen_at: datetime | None
+    applied_version: int
+    rejected_version: int
+    error_detail: str
+    acked_at: datetime | None
 
 
 # Called with the newest version after another process wrote a change.
@@ -370,6 +413,22 @@ class Store(Protocol):
 
     async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
         """Events matching ``query``, newest (largest id) first."""
+
+    # the fleet's sync state (control_plane/store/sidecar_status.py) -----------
+    async def put_sidecar_streams(self, replica: str, streams: Sequence[SidecarStream], seen_at: datetime) -> None:
+        """Record (or refresh, as a heartbeat) the Watch streams ``replica`` holds."""
+
+    async def put_sidecar_acks(self, acks: Sequence[SidecarAck]) -> None:
+        """Record what each sidecar last acknowledged (applied or rejected)."""
+
+    async def drop_sidecar_streams(self, replica: str, sidecar_ids: Sequence[str]) -> None:
+        """Forget streams that ended on ``replica``."""
+
+    async def list_sidecar_status(self) -> list[SidecarRecord]:
+        """Every sidecar row, ordered by sidecar id."""
+
+    async def sweep_sidecar_status(self, before: datetime) -> int:
+        """Delete rows not refreshed since ``before``; returns how many."""
 
     # master-key rewrapping -------------------------------------------------
     async def list_sealed_secrets(self, after: str = "", limit: int = 100) -> list[StoredSecret]:

@@ -5,10 +5,12 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from keyplane.v1 import resources_pb2 as _resources_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +22,44 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SyncState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SyncStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SyncState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SYNC_STATE_UNSPECIFIED: _SyncState.ValueType  # 0
+    SYNC_STATE_SYNCED: _SyncState.ValueType  # 1
+    """It acknowledged the last version sent, and that holds every change of its tenants."""
+    SYNC_STATE_STALE: _SyncState.ValueType  # 2
+    """It applied everything it was sent, but its replica has not sent the newest
+    change of its tenants yet (the replica lags the store, or is about to send).
+    """
+    SYNC_STATE_NOT_ACKED: _SyncState.ValueType  # 3
+    """A version was sent and is not acknowledged yet."""
+    SYNC_STATE_REJECTED: _SyncState.ValueType  # 4
+    """It rejected the last version it got (error_detail says why) and keeps
+    serving the one it applied before.
+    """
+
+class SyncState(_SyncState, metaclass=_SyncStateEnumTypeWrapper):
+    """SyncState is how far one sidecar is from what the store holds for its tenants."""
+
+SYNC_STATE_UNSPECIFIED: SyncState.ValueType  # 0
+SYNC_STATE_SYNCED: SyncState.ValueType  # 1
+"""It acknowledged the last version sent, and that holds every change of its tenants."""
+SYNC_STATE_STALE: SyncState.ValueType  # 2
+"""It applied everything it was sent, but its replica has not sent the newest
+change of its tenants yet (the replica lags the store, or is about to send).
+"""
+SYNC_STATE_NOT_ACKED: SyncState.ValueType  # 3
+"""A version was sent and is not acknowledged yet."""
+SYNC_STATE_REJECTED: SyncState.ValueType  # 4
+"""It rejected the last version it got (error_detail says why) and keeps
+serving the one it applied before.
+"""
+Global___SyncState: _TypeAlias = SyncState  # noqa: Y015
 
 @_typing.final
 class CreateTenantRequest(_message.Message):
@@ -45,16 +85,23 @@ class CreateTenantResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     @_builtins.property
     def tenant(self) -> _resources_pb2.Tenant: ...
     def __init__(
         self,
         *,
         tenant: _resources_pb2.Tenant | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -159,12 +206,20 @@ Global___DeleteTenantRequest: _TypeAlias = DeleteTenantRequest  # noqa: Y015
 class DeleteTenantResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     def __init__(
         self,
+        *,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -216,16 +271,23 @@ class CreateProviderKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     @_builtins.property
     def key(self) -> _resources_pb2.ProviderKey: ...
     def __init__(
         self,
         *,
         key: _resources_pb2.ProviderKey | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -368,16 +430,23 @@ class UpdateProviderKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     @_builtins.property
     def key(self) -> _resources_pb2.ProviderKey: ...
     def __init__(
         self,
         *,
         key: _resources_pb2.ProviderKey | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -409,12 +478,20 @@ Global___DeleteProviderKeyRequest: _TypeAlias = DeleteProviderKeyRequest  # noqa
 class DeleteProviderKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     def __init__(
         self,
+        *,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -451,16 +528,23 @@ class CreateRouteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROUTE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     @_builtins.property
     def route(self) -> _resources_pb2.Route: ...
     def __init__(
         self,
         *,
         route: _resources_pb2.Route | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["route", b"route", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -600,16 +684,23 @@ class UpdateRouteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROUTE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     @_builtins.property
     def route(self) -> _resources_pb2.Route: ...
     def __init__(
         self,
         *,
         route: _resources_pb2.Route | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["route", b"route"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["route", b"route", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -641,12 +732,20 @@ Global___DeleteRouteRequest: _TypeAlias = DeleteRouteRequest  # noqa: Y015
 class DeleteRouteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     def __init__(
         self,
+        *,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -680,8 +779,14 @@ class CreateClientKeyResponse(_message.Message):
 
     CLIENT_KEY_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """The bearer token, shown this once and never again."""
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     @_builtins.property
     def client_key(self) -> _resources_pb2.ClientKey: ...
     def __init__(
@@ -689,10 +794,11 @@ class CreateClientKeyResponse(_message.Message):
         *,
         client_key: _resources_pb2.ClientKey | None = ...,
         token: _builtins.str = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key", b"client_key", "token", b"token", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -763,12 +869,20 @@ Global___DeleteClientKeyRequest: _TypeAlias = DeleteClientKeyRequest  # noqa: Y0
 class DeleteClientKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     def __init__(
         self,
+        *,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -845,12 +959,20 @@ Global___ResetKeyHealthRequest: _TypeAlias = ResetKeyHealthRequest  # noqa: Y015
 class ResetKeyHealthResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """A change-log version at or after this write: pass it to WaitForVersion
+    to learn when every sidecar of the tenant applied the write (0: unknown,
+    the write is committed but could not be read back yet).
+    """
     def __init__(
         self,
+        *,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -933,6 +1055,185 @@ class SidecarInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SidecarInfo: _TypeAlias = SidecarInfo  # noqa: Y015
+
+@_typing.final
+class ProxyStatus(_message.Message):
+    """ProxyStatus is one sidecar's watch stream as the fleet's shared record has it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECAR_ID_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
+    ALL_TENANTS_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    CONNECT_TIME_FIELD_NUMBER: _builtins.int
+    SENT_VERSION_FIELD_NUMBER: _builtins.int
+    APPLIED_VERSION_FIELD_NUMBER: _builtins.int
+    REJECTED_VERSION_FIELD_NUMBER: _builtins.int
+    ERROR_DETAIL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    LATEST_VERSION_FIELD_NUMBER: _builtins.int
+    ACK_TIME_FIELD_NUMBER: _builtins.int
+    sidecar_id: _builtins.str
+    replica: _builtins.str
+    """The control-plane replica holding the stream."""
+    all_tenants: _builtins.bool
+    peer: _builtins.str
+    sent_version: _builtins.int
+    """The version of the last message the replica sent."""
+    applied_version: _builtins.int
+    """The version the sidecar acknowledged as applied (what it serves from)."""
+    rejected_version: _builtins.int
+    """The last version the sidecar rejected (0: none since it last applied one)."""
+    error_detail: _builtins.str
+    """Why, in the sidecar's words."""
+    state: Global___SyncState.ValueType
+    latest_version: _builtins.int
+    """The newest change of the sidecar's tenants the answering replica knows."""
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tenants the stream watches; empty when all_tenants is set."""
+
+    @_builtins.property
+    def connect_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ack_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        sidecar_id: _builtins.str = ...,
+        replica: _builtins.str = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
+        all_tenants: _builtins.bool = ...,
+        peer: _builtins.str = ...,
+        connect_time: _timestamp_pb2.Timestamp | None = ...,
+        sent_version: _builtins.int = ...,
+        applied_version: _builtins.int = ...,
+        rejected_version: _builtins.int = ...,
+        error_detail: _builtins.str = ...,
+        state: Global___SyncState.ValueType = ...,
+        latest_version: _builtins.int = ...,
+        ack_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack_time", b"ack_time", "connect_time", b"connect_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_time", b"ack_time", "all_tenants", b"all_tenants", "applied_version", b"applied_version", "connect_time", b"connect_time", "error_detail", b"error_detail", "latest_version", b"latest_version", "peer", b"peer", "rejected_version", b"rejected_version", "replica", b"replica", "sent_version", b"sent_version", "sidecar_id", b"sidecar_id", "state", b"state", "tenants", b"tenants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyStatus: _TypeAlias = ProxyStatus  # noqa: Y015
+
+@_typing.final
+class GetProxyStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Only sidecars watching this tenant; empty: every sidecar."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProxyStatusRequest: _TypeAlias = GetProxyStatusRequest  # noqa: Y015
+
+@_typing.final
+class GetProxyStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECARS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    replica: _builtins.str
+    """The replica that answered, and the change-log version it holds."""
+    version: _builtins.int
+    @_builtins.property
+    def sidecars(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyStatus]: ...
+    def __init__(
+        self,
+        *,
+        sidecars: _abc.Iterable[Global___ProxyStatus] | None = ...,
+        replica: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replica", b"replica", "sidecars", b"sidecars", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProxyStatusResponse: _TypeAlias = GetProxyStatusResponse  # noqa: Y015
+
+@_typing.final
+class WaitForVersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    version: _builtins.int
+    """A version returned by a write."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Defaults to 10 s; at most 300 s."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        version: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "timeout", b"timeout", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitForVersionRequest: _TypeAlias = WaitForVersionRequest  # noqa: Y015
+
+@_typing.final
+class WaitForVersionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERGED_FIELD_NUMBER: _builtins.int
+    SIDECARS_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    converged: _builtins.bool
+    """Every connected sidecar of the tenant applied `version` (or later)."""
+    sidecars: _builtins.int
+    """How many connected sidecars watch the tenant, and how many applied it."""
+    applied: _builtins.int
+    @_builtins.property
+    def pending(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyStatus]:
+        """The sidecars that have not applied it: still sending or acknowledging,
+        lagging, or rejected (with the error).
+        """
+
+    def __init__(
+        self,
+        *,
+        converged: _builtins.bool = ...,
+        sidecars: _builtins.int = ...,
+        applied: _builtins.int = ...,
+        pending: _abc.Iterable[Global___ProxyStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied", b"applied", "converged", b"converged", "pending", b"pending", "sidecars", b"sidecars"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitForVersionResponse: _TypeAlias = WaitForVersionResponse  # noqa: Y015
 
 @_typing.final
 class ListAuditEventsRequest(_message.Message):

@@ -136,6 +136,16 @@ class AdminServiceStub:
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
                 _registered_method=True)
+        self.GetProxyStatus = channel.unary_unary(
+                '/keyplane.v1.AdminService/GetProxyStatus',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetProxyStatusRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetProxyStatusResponse.FromString,
+                _registered_method=True)
+        self.WaitForVersion = channel.unary_unary(
+                '/keyplane.v1.AdminService/WaitForVersion',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.WaitForVersionRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.WaitForVersionResponse.FromString,
+                _registered_method=True)
         self.ListAuditEvents = channel.unary_unary(
                 '/keyplane.v1.AdminService/ListAuditEvents',
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListAuditEventsRequest.SerializeToString,
@@ -312,6 +322,26 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProxyStatus(self, request, context):
+        """Every sidecar connected to any replica, with the version each replica
+        sent it, the version it acknowledged (or rejected, with the sidecar's
+        error) and its sync state. Read from the store, so every replica gives
+        the same answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitForVersion(self, request, context):
+        """Blocks until every sidecar connected to any replica and watching the
+        tenant has applied `version` (or later), or the timeout passes, and says
+        which have not. A sidecar that rejected a version at or after `version`
+        is reported at once (it will not apply it until the config changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAuditEvents(self, request, context):
         """The audit log: every admin write (and every failed attempt at one),
         newest first, with who made it, what it changed and the result.
@@ -483,6 +513,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListSidecars,
                     request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.SerializeToString,
+            ),
+            'GetProxyStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProxyStatus,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetProxyStatusRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetProxyStatusResponse.SerializeToString,
+            ),
+            'WaitForVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitForVersion,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.WaitForVersionRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.WaitForVersionResponse.SerializeToString,
             ),
             'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEvents,
@@ -1072,6 +1112,60 @@ class AdminService:
             '/keyplane.v1.AdminService/ListSidecars',
             keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsRequest.SerializeToString,
             keyplane_dot_v1_dot_admin__service__pb2.ListSidecarsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProxyStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/GetProxyStatus',
+            keyplane_dot_v1_dot_admin__service__pb2.GetProxyStatusRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.GetProxyStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitForVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/WaitForVersion',
+            keyplane_dot_v1_dot_admin__service__pb2.WaitForVersionRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.WaitForVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,18 @@ class AdminServiceStub:
     """
     ListSidecars: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]
     """The sidecars connected to this control-plane replica."""
+    GetProxyStatus: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetProxyStatusRequest, _admin_service_pb2.GetProxyStatusResponse]
+    """Every sidecar connected to any replica, with the version each replica
+    sent it, the version it acknowledged (or rejected, with the sidecar's
+    error) and its sync state. Read from the store, so every replica gives
+    the same answer.
+    """
+    WaitForVersion: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.WaitForVersionRequest, _admin_service_pb2.WaitForVersionResponse]
+    """Blocks until every sidecar connected to any replica and watching the
+    tenant has applied `version` (or later), or the timeout passes, and says
+    which have not. A sidecar that rejected a version at or after `version`
+    is reported at once (it will not apply it until the config changes).
+    """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]
     """The audit log: every admin write (and every failed attempt at one),
     newest first, with who made it, what it changed and the result.
@@ -121,6 +133,18 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     ListSidecars: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListSidecarsRequest, _admin_service_pb2.ListSidecarsResponse]  # type: ignore[assignment]
     """The sidecars connected to this control-plane replica."""
+    GetProxyStatus: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetProxyStatusRequest, _admin_service_pb2.GetProxyStatusResponse]  # type: ignore[assignment]
+    """Every sidecar connected to any replica, with the version each replica
+    sent it, the version it acknowledged (or rejected, with the sidecar's
+    error) and its sync state. Read from the store, so every replica gives
+    the same answer.
+    """
+    WaitForVersion: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.WaitForVersionRequest, _admin_service_pb2.WaitForVersionResponse]  # type: ignore[assignment]
+    """Blocks until every sidecar connected to any replica and watching the
+    tenant has applied `version` (or later), or the timeout passes, and says
+    which have not. A sidecar that rejected a version at or after `version`
+    is reported at once (it will not apply it until the config changes).
+    """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListAuditEventsRequest, _admin_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """The audit log: every admin write (and every failed attempt at one),
     newest first, with who made it, what it changed and the result.
@@ -299,6 +323,30 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.ListSidecarsResponse, _abc.Awaitable[_admin_service_pb2.ListSidecarsResponse]]:
         """The sidecars connected to this control-plane replica."""
+
+    @_abc_1.abstractmethod
+    def GetProxyStatus(
+        self,
+        request: _admin_service_pb2.GetProxyStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.GetProxyStatusResponse, _abc.Awaitable[_admin_service_pb2.GetProxyStatusResponse]]:
+        """Every sidecar connected to any replica, with the version each replica
+        sent it, the version it acknowledged (or rejected, with the sidecar's
+        error) and its sync state. Read from the store, so every replica gives
+        the same answer.
+        """
+
+    @_abc_1.abstractmethod
+    def WaitForVersion(
+        self,
+        request: _admin_service_pb2.WaitForVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.WaitForVersionResponse, _abc.Awaitable[_admin_service_pb2.WaitForVersionResponse]]:
+        """Blocks until every sidecar connected to any replica and watching the
+        tenant has applied `version` (or later), or the timeout passes, and says
+        which have not. A sidecar that rejected a version at or after `version`
+        is reported at once (it will not apply it until the config changes).
+        """
 
     @_abc_1.abstractmethod
     def ListAuditEvents(

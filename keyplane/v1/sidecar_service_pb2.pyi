@@ -65,6 +65,53 @@ penalises the key for every model, for minutes to an hour.
 Global___OutcomeClass: _TypeAlias = OutcomeClass  # noqa: Y015
 
 @_typing.final
+class AckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECAR_ID_FIELD_NUMBER: _builtins.int
+    APPLIED_VERSION_FIELD_NUMBER: _builtins.int
+    REJECTED_VERSION_FIELD_NUMBER: _builtins.int
+    ERROR_DETAIL_FIELD_NUMBER: _builtins.int
+    sidecar_id: _builtins.str
+    """The sidecar_id of its Watch."""
+    applied_version: _builtins.int
+    """The version the sidecar holds and serves from."""
+    rejected_version: _builtins.int
+    """The last version it rejected, when later than applied_version; else 0."""
+    error_detail: _builtins.str
+    """Why it rejected rejected_version (short, secret-free)."""
+    def __init__(
+        self,
+        *,
+        sidecar_id: _builtins.str = ...,
+        applied_version: _builtins.int = ...,
+        rejected_version: _builtins.int = ...,
+        error_detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_version", b"applied_version", "error_detail", b"error_detail", "rejected_version", b"rejected_version", "sidecar_id", b"sidecar_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckRequest: _TypeAlias = AckRequest  # noqa: Y015
+
+@_typing.final
+class AckResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckResponse: _TypeAlias = AckResponse  # noqa: Y015
+
+@_typing.final
 class WatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -103,8 +150,16 @@ class WatchResponse(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
+    VERSION_RESET_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version the sidecar holds once it has applied this message."""
+    version_reset: _builtins.bool
+    """Set on a snapshot whose version is lower than the resume_version the
+    sidecar asked with because the store itself is behind it (restored from
+    a backup, or replaced): the sidecar takes it although it is older.
+    Otherwise a sidecar never goes back to an older version, and a replica
+    that merely lags the store catches up (or refuses the stream) first.
+    """
     @_builtins.property
     def snapshot(self) -> Global___Snapshot: ...
     @_builtins.property
@@ -115,10 +170,11 @@ class WatchResponse(_message.Message):
         version: _builtins.int = ...,
         snapshot: Global___Snapshot | None = ...,
         delta: Global___Delta | None = ...,
+        version_reset: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "payload", b"payload", "snapshot", b"snapshot"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "payload", b"payload", "snapshot", b"snapshot", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "payload", b"payload", "snapshot", b"snapshot", "version", b"version", "version_reset", b"version_reset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["snapshot", "delta"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

@@ -46,6 +46,11 @@ class SidecarServiceStub:
                 request_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesResponse.FromString,
                 _registered_method=True)
+        self.Ack = channel.unary_unary(
+                '/keyplane.v1.SidecarService/Ack',
+                request_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.AckRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.AckResponse.FromString,
+                _registered_method=True)
 
 
 class SidecarServiceServicer:
@@ -73,6 +78,17 @@ class SidecarServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Ack(self, request, context):
+        """Ack tells the control plane what the sidecar did with the Watch messages
+        it got (xDS ACK/NACK): the version it applied, or a version it rejected,
+        with why, while it keeps serving the one it applied before. Sent after
+        each message (latest wins, so a sidecar may skip acks it has not sent
+        yet); any replica may take it: the record is shared through the store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SidecarServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -85,6 +101,11 @@ def add_SidecarServiceServicer_to_server(servicer, server):
                     servicer.ReportOutcomes,
                     request_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesResponse.SerializeToString,
+            ),
+            'Ack': grpc.unary_unary_rpc_method_handler(
+                    servicer.Ack,
+                    request_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.AckRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.AckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,6 +164,33 @@ class SidecarService:
             '/keyplane.v1.SidecarService/ReportOutcomes',
             keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesRequest.SerializeToString,
             keyplane_dot_v1_dot_sidecar__service__pb2.ReportOutcomesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Ack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.SidecarService/Ack',
+            keyplane_dot_v1_dot_sidecar__service__pb2.AckRequest.SerializeToString,
+            keyplane_dot_v1_dot_sidecar__service__pb2.AckResponse.FromString,
             options,
             channel_credentials,
             insecure,

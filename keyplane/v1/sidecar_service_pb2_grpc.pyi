@@ -47,6 +47,13 @@ class SidecarServiceStub:
     sidecar of the tenant over Watch. Client streaming, deliberately: one
     long-lived stream per sidecar instead of one call per batch.
     """
+    Ack: _grpc.UnaryUnaryMultiCallable[_sidecar_service_pb2.AckRequest, _sidecar_service_pb2.AckResponse]
+    """Ack tells the control plane what the sidecar did with the Watch messages
+    it got (xDS ACK/NACK): the version it applied, or a version it rejected,
+    with why, while it keeps serving the one it applied before. Sent after
+    each message (latest wins, so a sidecar may skip acks it has not sent
+    yet); any replica may take it: the record is shared through the store.
+    """
 
 @_typing.type_check_only
 class SidecarServiceAsyncStub(SidecarServiceStub):
@@ -66,6 +73,13 @@ class SidecarServiceAsyncStub(SidecarServiceStub):
     plane folds them into key and provider health and pushes changes to every
     sidecar of the tenant over Watch. Client streaming, deliberately: one
     long-lived stream per sidecar instead of one call per batch.
+    """
+    Ack: _aio.UnaryUnaryMultiCallable[_sidecar_service_pb2.AckRequest, _sidecar_service_pb2.AckResponse]  # type: ignore[assignment]
+    """Ack tells the control plane what the sidecar did with the Watch messages
+    it got (xDS ACK/NACK): the version it applied, or a version it rejected,
+    with why, while it keeps serving the one it applied before. Sent after
+    each message (latest wins, so a sidecar may skip acks it has not sent
+    yet); any replica may take it: the record is shared through the store.
     """
 
 class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -95,6 +109,19 @@ class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
         plane folds them into key and provider health and pushes changes to every
         sidecar of the tenant over Watch. Client streaming, deliberately: one
         long-lived stream per sidecar instead of one call per batch.
+        """
+
+    @_abc_1.abstractmethod
+    def Ack(
+        self,
+        request: _sidecar_service_pb2.AckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_service_pb2.AckResponse, _abc.Awaitable[_sidecar_service_pb2.AckResponse]]:
+        """Ack tells the control plane what the sidecar did with the Watch messages
+        it got (xDS ACK/NACK): the version it applied, or a version it rejected,
+        with why, while it keeps serving the one it applied before. Sent after
+        each message (latest wins, so a sidecar may skip acks it has not sent
+        yet); any replica may take it: the record is shared through the store.
         """
 
 def add_SidecarServiceServicer_to_server(servicer: SidecarServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

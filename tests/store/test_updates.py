@@ -243,7 +243,7 @@ async def test_rows_from_before_revisions_start_at_revision_one(
     old = backend.open()
     module = sys.modules[type(old).__module__]
     migrations = module.MIGRATIONS
-    assert [m.version for m in migrations] == [1, 2, 3, 4, 5]
+    assert [m.version for m in migrations[:5]] == [1, 2, 3, 4, 5]
     with monkeypatch.context() as patch:
         patch.setattr(module, "MIGRATIONS", migrations[:2])  # the schema before revisions
         await old.migrate()

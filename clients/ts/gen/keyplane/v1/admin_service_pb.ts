@@ -2,10 +2,10 @@
 // @generated from file keyplane/v1/admin_service.proto (package keyplane.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Duration, FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { AdminToken, AuditEvent, ClientKey, KeyHealth, Provider, ProviderHealth, ProviderKey, Route, RouteTarget, SidecarToken, Tenant } from "./resources_pb.js";
 import { file_keyplane_v1_resources } from "./resources_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keyplane/v1/admin_service.proto.
  */
 export const file_keyplane_v1_admin_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9rZXlwbGFuZS92MS9hZG1pbl9zZXJ2aWNlLnByb3RvEgtrZXlwbGFuZS52MSIjChNDcmVhdGVUZW5hbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiOwoUQ3JlYXRlVGVuYW50UmVzcG9uc2USIwoGdGVuYW50GAEgASgLMhMua2V5cGxhbmUudjEuVGVuYW50IiAKEEdldFRlbmFudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSI4ChFHZXRUZW5hbnRSZXNwb25zZRIjCgZ0ZW5hbnQYASABKAsyEy5rZXlwbGFuZS52MS5UZW5hbnQiFAoSTGlzdFRlbmFudHNSZXF1ZXN0IjsKE0xpc3RUZW5hbnRzUmVzcG9uc2USJAoHdGVuYW50cxgBIAMoCzITLmtleXBsYW5lLnYxLlRlbmFudCIjChNEZWxldGVUZW5hbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiFgoURGVsZXRlVGVuYW50UmVzcG9uc2UirAEKGENyZWF0ZVByb3ZpZGVyS2V5UmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSJwoIcHJvdmlkZXIYAiABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVsYWJlbBgDIAEoCRIOCgZzZWNyZXQYBCABKAkSEAoIYmFzZV91cmwYBSABKAkSDgoGd2VpZ2h0GAYgASgNEhYKDmFsbG93ZWRfbW9kZWxzGAcgAygJIkIKGUNyZWF0ZVByb3ZpZGVyS2V5UmVzcG9uc2USJQoDa2V5GAEgASgLMhgua2V5cGxhbmUudjEuUHJvdmlkZXJLZXkiMwoVR2V0UHJvdmlkZXJLZXlSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCRIKCgJpZBgCIAEoCSI/ChZHZXRQcm92aWRlcktleVJlc3BvbnNlEiUKA2tleRgBIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5IikKF0xpc3RQcm92aWRlcktleXNSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCSJCChhMaXN0UHJvdmlkZXJLZXlzUmVzcG9uc2USJgoEa2V5cxgBIAMoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5IrABChhVcGRhdGVQcm92aWRlcktleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJEiUKA2tleRgDIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5Ei8KC3VwZGF0ZV9tYXNrGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxISCgpuZXdfc2VjcmV0GAUgASgJEgwKBGV0YWcYBiABKAkiQgoZVXBkYXRlUHJvdmlkZXJLZXlSZXNwb25zZRIlCgNrZXkYASABKAsyGC5rZXlwbGFuZS52MS5Qcm92aWRlcktleSI2ChhEZWxldGVQcm92aWRlcktleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJIhsKGURlbGV0ZVByb3ZpZGVyS2V5UmVzcG9uc2UiZQoSQ3JlYXRlUm91dGVSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCRIUCgxwdWJsaWNfbW9kZWwYAiABKAkSKQoHdGFyZ2V0cxgDIAMoCzIYLmtleXBsYW5lLnYxLlJvdXRlVGFyZ2V0IjgKE0NyZWF0ZVJvdXRlUmVzcG9uc2USIQoFcm91dGUYASABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZSItCg9HZXRSb3V0ZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJIjUKEEdldFJvdXRlUmVzcG9uc2USIQoFcm91dGUYASABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZSIjChFMaXN0Um91dGVzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkiOAoSTGlzdFJvdXRlc1Jlc3BvbnNlEiIKBnJvdXRlcxgBIAMoCzISLmtleXBsYW5lLnYxLlJvdXRlIr0BChJVcGRhdGVSb3V0ZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJEikKB3RhcmdldHMYAyADKAsyGC5rZXlwbGFuZS52MS5Sb3V0ZVRhcmdldBIMCgRldGFnGAQgASgJEi8KC3VwZGF0ZV9tYXNrGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxIhCgVyb3V0ZRgGIAEoCzISLmtleXBsYW5lLnYxLlJvdXRlIjgKE1VwZGF0ZVJvdXRlUmVzcG9uc2USIQoFcm91dGUYASABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZSIwChJEZWxldGVSb3V0ZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJIhUKE0RlbGV0ZVJvdXRlUmVzcG9uc2UiNwoWQ3JlYXRlQ2xpZW50S2V5UmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSDQoFbGFiZWwYAiABKAkiVAoXQ3JlYXRlQ2xpZW50S2V5UmVzcG9uc2USKgoKY2xpZW50X2tleRgBIAEoCzIWLmtleXBsYW5lLnYxLkNsaWVudEtleRINCgV0b2tlbhgCIAEoCSInChVMaXN0Q2xpZW50S2V5c1JlcXVlc3QSDgoGdGVuYW50GAEgASgJIkUKFkxpc3RDbGllbnRLZXlzUmVzcG9uc2USKwoLY2xpZW50X2tleXMYASADKAsyFi5rZXlwbGFuZS52MS5DbGllbnRLZXkiNAoWRGVsZXRlQ2xpZW50S2V5UmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiGQoXRGVsZXRlQ2xpZW50S2V5UmVzcG9uc2UiIgoQR2V0SGVhbHRoUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkidQoRR2V0SGVhbHRoUmVzcG9uc2USKgoKa2V5X2hlYWx0aBgBIAMoCzIWLmtleXBsYW5lLnYxLktleUhlYWx0aBI0Cg9wcm92aWRlcl9oZWFsdGgYAiADKAsyGy5rZXlwbGFuZS52MS5Qcm92aWRlckhlYWx0aCI3ChVSZXNldEtleUhlYWx0aFJlcXVlc3QSDgoGdGVuYW50GAEgASgJEg4KBmtleV9pZBgCIAEoCSIYChZSZXNldEtleUhlYWx0aFJlc3BvbnNlIhUKE0xpc3RTaWRlY2Fyc1JlcXVlc3QiQgoUTGlzdFNpZGVjYXJzUmVzcG9uc2USKgoIc2lkZWNhcnMYASADKAsyGC5rZXlwbGFuZS52MS5TaWRlY2FySW5mbyKYAQoLU2lkZWNhckluZm8SEgoKc2lkZWNhcl9pZBgBIAEoCRIPCgd0ZW5hbnRzGAIgAygJEgwKBHBlZXIYAyABKAkSMAoMY29ubmVjdF90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd2ZXJzaW9uGAUgASgEEhMKC2FsbF90ZW5hbnRzGAYgASgIItkBChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEg4KBnRlbmFudBgDIAEoCRIVCg1yZXNvdXJjZV9raW5kGAQgASgJEhMKC3Jlc291cmNlX2lkGAUgASgJEi4KCnN0YXJ0X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJbChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRInCgZldmVudHMYASADKAsyFy5rZXlwbGFuZS52MS5BdWRpdEV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIoChdDcmVhdGVBZG1pblRva2VuUmVxdWVzdBINCgVsYWJlbBgBIAEoCSJXChhDcmVhdGVBZG1pblRva2VuUmVzcG9uc2USLAoLYWRtaW5fdG9rZW4YASABKAsyFy5rZXlwbGFuZS52MS5BZG1pblRva2VuEg0KBXRva2VuGAIgASgJIhgKFkxpc3RBZG1pblRva2Vuc1JlcXVlc3QiSAoXTGlzdEFkbWluVG9rZW5zUmVzcG9uc2USLQoMYWRtaW5fdG9rZW5zGAEgAygLMhcua2V5cGxhbmUudjEuQWRtaW5Ub2tlbiIzChdSZXZva2VBZG1pblRva2VuUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRldGFnGAIgASgJIkgKGFJldm9rZUFkbWluVG9rZW5SZXNwb25zZRIsCgthZG1pbl90b2tlbhgBIAEoCzIXLmtleXBsYW5lLnYxLkFkbWluVG9rZW4iUAoZQ3JlYXRlU2lkZWNhclRva2VuUmVxdWVzdBINCgVsYWJlbBgBIAEoCRIPCgd0ZW5hbnRzGAIgAygJEhMKC2FsbF90ZW5hbnRzGAMgASgIIl0KGkNyZWF0ZVNpZGVjYXJUb2tlblJlc3BvbnNlEjAKDXNpZGVjYXJfdG9rZW4YASABKAsyGS5rZXlwbGFuZS52MS5TaWRlY2FyVG9rZW4SDQoFdG9rZW4YAiABKAkiGgoYTGlzdFNpZGVjYXJUb2tlbnNSZXF1ZXN0Ik4KGUxpc3RTaWRlY2FyVG9rZW5zUmVzcG9uc2USMQoOc2lkZWNhcl90b2tlbnMYASADKAsyGS5rZXlwbGFuZS52MS5TaWRlY2FyVG9rZW4iNQoZUmV2b2tlU2lkZWNhclRva2VuUmVxdWVzdBIKCgJpZBgBIAEoCRIMCgRldGFnGAIgASgJIk4KGlJldm9rZVNpZGVjYXJUb2tlblJlc3BvbnNlEjAKDXNpZGVjYXJfdG9rZW4YASABKAsyGS5rZXlwbGFuZS52MS5TaWRlY2FyVG9rZW4iGwoZR2V0TWFzdGVyS2V5U3RhdHVzUmVxdWVzdCKQAQoaR2V0TWFzdGVyS2V5U3RhdHVzUmVzcG9uc2USFgoOcHJpbWFyeV9rZXlfaWQYASABKAkSFwoPa2V5cmluZ19rZXlfaWRzGAIgAygJEioKBXVzYWdlGAMgAygLMhsua2V5cGxhbmUudjEuTWFzdGVyS2V5VXNhZ2USFQoNdG90YWxfc2VjcmV0cxgEIAEoAyJFCg5NYXN0ZXJLZXlVc2FnZRIOCgZrZXlfaWQYASABKAkSDwoHc2VjcmV0cxgCIAEoAxISCgppbl9rZXlyaW5nGAMgASgIIlYKFFJld3JhcFNlY3JldHNSZXF1ZXN0EhYKDnByaW1hcnlfa2V5X2lkGAEgASgJEhIKCmJhdGNoX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSKzAQoVUmV3cmFwU2VjcmV0c1Jlc3BvbnNlEhYKDnByaW1hcnlfa2V5X2lkGAEgASgJEhAKCGV4YW1pbmVkGAIgASgDEhEKCXJld3JhcHBlZBgDIAEoAxIXCg9hbHJlYWR5X2N1cnJlbnQYBCABKAMSFwoPc2tpcHBlZF9jaGFuZ2VkGAUgASgDEhIKCnVucmVhZGFibGUYBiABKAMSFwoPbmV4dF9wYWdlX3Rva2VuGAcgASgJMs4UCgxBZG1pblNlcnZpY2USUwoMQ3JlYXRlVGVuYW50EiAua2V5cGxhbmUudjEuQ3JlYXRlVGVuYW50UmVxdWVzdBohLmtleXBsYW5lLnYxLkNyZWF0ZVRlbmFudFJlc3BvbnNlEkoKCUdldFRlbmFudBIdLmtleXBsYW5lLnYxLkdldFRlbmFudFJlcXVlc3QaHi5rZXlwbGFuZS52MS5HZXRUZW5hbnRSZXNwb25zZRJQCgtMaXN0VGVuYW50cxIfLmtleXBsYW5lLnYxLkxpc3RUZW5hbnRzUmVxdWVzdBogLmtleXBsYW5lLnYxLkxpc3RUZW5hbnRzUmVzcG9uc2USUwoMRGVsZXRlVGVuYW50EiAua2V5cGxhbmUudjEuRGVsZXRlVGVuYW50UmVxdWVzdBohLmtleXBsYW5lLnYxLkRlbGV0ZVRlbmFudFJlc3BvbnNlEmIKEUNyZWF0ZVByb3ZpZGVyS2V5EiUua2V5cGxhbmUudjEuQ3JlYXRlUHJvdmlkZXJLZXlSZXF1ZXN0GiYua2V5cGxhbmUudjEuQ3JlYXRlUHJvdmlkZXJLZXlSZXNwb25zZRJZCg5HZXRQcm92aWRlcktleRIiLmtleXBsYW5lLnYxLkdldFByb3ZpZGVyS2V5UmVxdWVzdBojLmtleXBsYW5lLnYxLkdldFByb3ZpZGVyS2V5UmVzcG9uc2USXwoQTGlzdFByb3ZpZGVyS2V5cxIkLmtleXBsYW5lLnYxLkxpc3RQcm92aWRlcktleXNSZXF1ZXN0GiUua2V5cGxhbmUudjEuTGlzdFByb3ZpZGVyS2V5c1Jlc3BvbnNlEmIKEVVwZGF0ZVByb3ZpZGVyS2V5EiUua2V5cGxhbmUudjEuVXBkYXRlUHJvdmlkZXJLZXlSZXF1ZXN0GiYua2V5cGxhbmUudjEuVXBkYXRlUHJvdmlkZXJLZXlSZXNwb25zZRJiChFEZWxldGVQcm92aWRlcktleRIlLmtleXBsYW5lLnYxLkRlbGV0ZVByb3ZpZGVyS2V5UmVxdWVzdBomLmtleXBsYW5lLnYxLkRlbGV0ZVByb3ZpZGVyS2V5UmVzcG9uc2USUAoLQ3JlYXRlUm91dGUSHy5rZXlwbGFuZS52MS5DcmVhdGVSb3V0ZVJlcXVlc3QaIC5rZXlwbGFuZS52MS5DcmVhdGVSb3V0ZVJlc3BvbnNlEkcKCEdldFJvdXRlEhwua2V5cGxhbmUudjEuR2V0Um91dGVSZXF1ZXN0Gh0ua2V5cGxhbmUudjEuR2V0Um91dGVSZXNwb25zZRJNCgpMaXN0Um91dGVzEh4ua2V5cGxhbmUudjEuTGlzdFJvdXRlc1JlcXVlc3QaHy5rZXlwbGFuZS52MS5MaXN0Um91dGVzUmVzcG9uc2USUAoLVXBkYXRlUm91dGUSHy5rZXlwbGFuZS52MS5VcGRhdGVSb3V0ZVJlcXVlc3QaIC5rZXlwbGFuZS52MS5VcGRhdGVSb3V0ZVJlc3BvbnNlElAKC0RlbGV0ZVJvdXRlEh8ua2V5cGxhbmUudjEuRGVsZXRlUm91dGVSZXF1ZXN0GiAua2V5cGxhbmUudjEuRGVsZXRlUm91dGVSZXNwb25zZRJcCg9DcmVhdGVDbGllbnRLZXkSIy5rZXlwbGFuZS52MS5DcmVhdGVDbGllbnRLZXlSZXF1ZXN0GiQua2V5cGxhbmUudjEuQ3JlYXRlQ2xpZW50S2V5UmVzcG9uc2USWQoOTGlzdENsaWVudEtleXMSIi5rZXlwbGFuZS52MS5MaXN0Q2xpZW50S2V5c1JlcXVlc3QaIy5rZXlwbGFuZS52MS5MaXN0Q2xpZW50S2V5c1Jlc3BvbnNlElwKD0RlbGV0ZUNsaWVudEtleRIjLmtleXBsYW5lLnYxLkRlbGV0ZUNsaWVudEtleVJlcXVlc3QaJC5rZXlwbGFuZS52MS5EZWxldGVDbGllbnRLZXlSZXNwb25zZRJKCglHZXRIZWFsdGgSHS5rZXlwbGFuZS52MS5HZXRIZWFsdGhSZXF1ZXN0Gh4ua2V5cGxhbmUudjEuR2V0SGVhbHRoUmVzcG9uc2USWQoOUmVzZXRLZXlIZWFsdGgSIi5rZXlwbGFuZS52MS5SZXNldEtleUhlYWx0aFJlcXVlc3QaIy5rZXlwbGFuZS52MS5SZXNldEtleUhlYWx0aFJlc3BvbnNlElMKDExpc3RTaWRlY2FycxIgLmtleXBsYW5lLnYxLkxpc3RTaWRlY2Fyc1JlcXVlc3QaIS5rZXlwbGFuZS52MS5MaXN0U2lkZWNhcnNSZXNwb25zZRJcCg9MaXN0QXVkaXRFdmVudHMSIy5rZXlwbGFuZS52MS5MaXN0QXVkaXRFdmVudHNSZXF1ZXN0GiQua2V5cGxhbmUudjEuTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USXwoQQ3JlYXRlQWRtaW5Ub2tlbhIkLmtleXBsYW5lLnYxLkNyZWF0ZUFkbWluVG9rZW5SZXF1ZXN0GiUua2V5cGxhbmUudjEuQ3JlYXRlQWRtaW5Ub2tlblJlc3BvbnNlElwKD0xpc3RBZG1pblRva2VucxIjLmtleXBsYW5lLnYxLkxpc3RBZG1pblRva2Vuc1JlcXVlc3QaJC5rZXlwbGFuZS52MS5MaXN0QWRtaW5Ub2tlbnNSZXNwb25zZRJfChBSZXZva2VBZG1pblRva2VuEiQua2V5cGxhbmUudjEuUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QaJS5rZXlwbGFuZS52MS5SZXZva2VBZG1pblRva2VuUmVzcG9uc2USZQoSQ3JlYXRlU2lkZWNhclRva2VuEiYua2V5cGxhbmUudjEuQ3JlYXRlU2lkZWNhclRva2VuUmVxdWVzdBonLmtleXBsYW5lLnYxLkNyZWF0ZVNpZGVjYXJUb2tlblJlc3BvbnNlEmIKEUxpc3RTaWRlY2FyVG9rZW5zEiUua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJUb2tlbnNSZXF1ZXN0GiYua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJUb2tlbnNSZXNwb25zZRJlChJSZXZva2VTaWRlY2FyVG9rZW4SJi5rZXlwbGFuZS52MS5SZXZva2VTaWRlY2FyVG9rZW5SZXF1ZXN0Gicua2V5cGxhbmUudjEuUmV2b2tlU2lkZWNhclRva2VuUmVzcG9uc2USZQoSR2V0TWFzdGVyS2V5U3RhdHVzEiYua2V5cGxhbmUudjEuR2V0TWFzdGVyS2V5U3RhdHVzUmVxdWVzdBonLmtleXBsYW5lLnYxLkdldE1hc3RlcktleVN0YXR1c1Jlc3BvbnNlElYKDVJld3JhcFNlY3JldHMSIS5rZXlwbGFuZS52MS5SZXdyYXBTZWNyZXRzUmVxdWVzdBoiLmtleXBsYW5lLnYxLlJld3JhcFNlY3JldHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_keyplane_v1_resources]);
+  fileDesc("Ch9rZXlwbGFuZS92MS9hZG1pbl9zZXJ2aWNlLnByb3RvEgtrZXlwbGFuZS52MSIjChNDcmVhdGVUZW5hbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiTAoUQ3JlYXRlVGVuYW50UmVzcG9uc2USIwoGdGVuYW50GAEgASgLMhMua2V5cGxhbmUudjEuVGVuYW50Eg8KB3ZlcnNpb24YAiABKAQiIAoQR2V0VGVuYW50UmVxdWVzdBIMCgRuYW1lGAEgASgJIjgKEUdldFRlbmFudFJlc3BvbnNlEiMKBnRlbmFudBgBIAEoCzITLmtleXBsYW5lLnYxLlRlbmFudCIUChJMaXN0VGVuYW50c1JlcXVlc3QiOwoTTGlzdFRlbmFudHNSZXNwb25zZRIkCgd0ZW5hbnRzGAEgAygLMhMua2V5cGxhbmUudjEuVGVuYW50IiMKE0RlbGV0ZVRlbmFudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSInChREZWxldGVUZW5hbnRSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEIqwBChhDcmVhdGVQcm92aWRlcktleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEicKCHByb3ZpZGVyGAIgASgOMhUua2V5cGxhbmUudjEuUHJvdmlkZXISDQoFbGFiZWwYAyABKAkSDgoGc2VjcmV0GAQgASgJEhAKCGJhc2VfdXJsGAUgASgJEg4KBndlaWdodBgGIAEoDRIWCg5hbGxvd2VkX21vZGVscxgHIAMoCSJTChlDcmVhdGVQcm92aWRlcktleVJlc3BvbnNlEiUKA2tleRgBIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5Eg8KB3ZlcnNpb24YAiABKAQiMwoVR2V0UHJvdmlkZXJLZXlSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCRIKCgJpZBgCIAEoCSI/ChZHZXRQcm92aWRlcktleVJlc3BvbnNlEiUKA2tleRgBIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5IikKF0xpc3RQcm92aWRlcktleXNSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCSJCChhMaXN0UHJvdmlkZXJLZXlzUmVzcG9uc2USJgoEa2V5cxgBIAMoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5IrABChhVcGRhdGVQcm92aWRlcktleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJEiUKA2tleRgDIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5Ei8KC3VwZGF0ZV9tYXNrGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxISCgpuZXdfc2VjcmV0GAUgASgJEgwKBGV0YWcYBiABKAkiUwoZVXBkYXRlUHJvdmlkZXJLZXlSZXNwb25zZRIlCgNrZXkYASABKAsyGC5rZXlwbGFuZS52MS5Qcm92aWRlcktleRIPCgd2ZXJzaW9uGAIgASgEIjYKGERlbGV0ZVByb3ZpZGVyS2V5UmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiLAoZRGVsZXRlUHJvdmlkZXJLZXlSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEImUKEkNyZWF0ZVJvdXRlUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSFAoMcHVibGljX21vZGVsGAIgASgJEikKB3RhcmdldHMYAyADKAsyGC5rZXlwbGFuZS52MS5Sb3V0ZVRhcmdldCJJChNDcmVhdGVSb3V0ZVJlc3BvbnNlEiEKBXJvdXRlGAEgASgLMhIua2V5cGxhbmUudjEuUm91dGUSDwoHdmVyc2lvbhgCIAEoBCItCg9HZXRSb3V0ZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJIjUKEEdldFJvdXRlUmVzcG9uc2USIQoFcm91dGUYASABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZSIjChFMaXN0Um91dGVzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkiOAoSTGlzdFJvdXRlc1Jlc3BvbnNlEiIKBnJvdXRlcxgBIAMoCzISLmtleXBsYW5lLnYxLlJvdXRlIr0BChJVcGRhdGVSb3V0ZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJEikKB3RhcmdldHMYAyADKAsyGC5rZXlwbGFuZS52MS5Sb3V0ZVRhcmdldBIMCgRldGFnGAQgASgJEi8KC3VwZGF0ZV9tYXNrGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxIhCgVyb3V0ZRgGIAEoCzISLmtleXBsYW5lLnYxLlJvdXRlIkkKE1VwZGF0ZVJvdXRlUmVzcG9uc2USIQoFcm91dGUYASABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZRIPCgd2ZXJzaW9uGAIgASgEIjAKEkRlbGV0ZVJvdXRlUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiJgoTRGVsZXRlUm91dGVSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEIjcKFkNyZWF0ZUNsaWVudEtleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEg0KBWxhYmVsGAIgASgJImUKF0NyZWF0ZUNsaWVudEtleVJlc3BvbnNlEioKCmNsaWVudF9rZXkYASABKAsyFi5rZXlwbGFuZS52MS5DbGllbnRLZXkSDQoFdG9rZW4YAiABKAkSDwoHdmVyc2lvbhgDIAEoBCInChVMaXN0Q2xpZW50S2V5c1JlcXVlc3QSDgoGdGVuYW50GAEgASgJIkUKFkxpc3RDbGllbnRLZXlzUmVzcG9uc2USKwoLY2xpZW50X2tleXMYASADKAsyFi5rZXlwbGFuZS52MS5DbGllbnRLZXkiNAoWRGVsZXRlQ2xpZW50S2V5UmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiKgoXRGVsZXRlQ2xpZW50S2V5UmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoBCIiChBHZXRIZWFsdGhSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCSJ1ChFHZXRIZWFsdGhSZXNwb25zZRIqCgprZXlfaGVhbHRoGAEgAygLMhYua2V5cGxhbmUudjEuS2V5SGVhbHRoEjQKD3Byb3ZpZGVyX2hlYWx0aBgCIAMoCzIbLmtleXBsYW5lLnYxLlByb3ZpZGVySGVhbHRoIjcKFVJlc2V0S2V5SGVhbHRoUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSDgoGa2V5X2lkGAIgASgJIikKFlJlc2V0S2V5SGVhbHRoUmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoBCIVChNMaXN0U2lkZWNhcnNSZXF1ZXN0IkIKFExpc3RTaWRlY2Fyc1Jlc3BvbnNlEioKCHNpZGVjYXJzGAEgAygLMhgua2V5cGxhbmUudjEuU2lkZWNhckluZm8imAEKC1NpZGVjYXJJbmZvEhIKCnNpZGVjYXJfaWQYASABKAkSDwoHdGVuYW50cxgCIAMoCRIMCgRwZWVyGAMgASgJEjAKDGNvbm5lY3RfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgFIAEoBBITCgthbGxfdGVuYW50cxgGIAEoCCLkAgoLUHJveHlTdGF0dXMSEgoKc2lkZWNhcl9pZBgBIAEoCRIPCgdyZXBsaWNhGAIgASgJEg8KB3RlbmFudHMYAyADKAkSEwoLYWxsX3RlbmFudHMYBCABKAgSDAoEcGVlchgFIAEoCRIwCgxjb25uZWN0X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDHNlbnRfdmVyc2lvbhgHIAEoBBIXCg9hcHBsaWVkX3ZlcnNpb24YCCABKAQSGAoQcmVqZWN0ZWRfdmVyc2lvbhgJIAEoBBIUCgxlcnJvcl9kZXRhaWwYCiABKAkSJQoFc3RhdGUYCyABKA4yFi5rZXlwbGFuZS52MS5TeW5jU3RhdGUSFgoObGF0ZXN0X3ZlcnNpb24YDCABKAQSLAoIYWNrX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIicKFUdldFByb3h5U3RhdHVzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkiZgoWR2V0UHJveHlTdGF0dXNSZXNwb25zZRIqCghzaWRlY2FycxgBIAMoCzIYLmtleXBsYW5lLnYxLlByb3h5U3RhdHVzEg8KB3JlcGxpY2EYAiABKAkSDwoHdmVyc2lvbhgDIAEoBCJkChVXYWl0Rm9yVmVyc2lvblJlcXVlc3QSDgoGdGVuYW50GAEgASgJEg8KB3ZlcnNpb24YAiABKAQSKgoHdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJ5ChZXYWl0Rm9yVmVyc2lvblJlc3BvbnNlEhEKCWNvbnZlcmdlZBgBIAEoCBIQCghzaWRlY2FycxgCIAEoDRIPCgdhcHBsaWVkGAMgASgNEikKB3BlbmRpbmcYBCADKAsyGC5rZXlwbGFuZS52MS5Qcm94eVN0YXR1cyLZAQoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSFQoNcmVzb3VyY2Vfa2luZBgEIAEoCRITCgtyZXNvdXJjZV9pZBgFIAEoCRIuCgpzdGFydF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiWwoXTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USJwoGZXZlbnRzGAEgAygLMhcua2V5cGxhbmUudjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKAoXQ3JlYXRlQWRtaW5Ub2tlblJlcXVlc3QSDQoFbGFiZWwYASABKAkiVwoYQ3JlYXRlQWRtaW5Ub2tlblJlc3BvbnNlEiwKC2FkbWluX3Rva2VuGAEgASgLMhcua2V5cGxhbmUudjEuQWRtaW5Ub2tlbhINCgV0b2tlbhgCIAEoCSIYChZMaXN0QWRtaW5Ub2tlbnNSZXF1ZXN0IkgKF0xpc3RBZG1pblRva2Vuc1Jlc3BvbnNlEi0KDGFkbWluX3Rva2VucxgBIAMoCzIXLmtleXBsYW5lLnYxLkFkbWluVG9rZW4iMwoXUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QSCgoCaWQYASABKAkSDAoEZXRhZxgCIAEoCSJIChhSZXZva2VBZG1pblRva2VuUmVzcG9uc2USLAoLYWRtaW5fdG9rZW4YASABKAsyFy5rZXlwbGFuZS52MS5BZG1pblRva2VuIlAKGUNyZWF0ZVNpZGVjYXJUb2tlblJlcXVlc3QSDQoFbGFiZWwYASABKAkSDwoHdGVuYW50cxgCIAMoCRITCgthbGxfdGVuYW50cxgDIAEoCCJdChpDcmVhdGVTaWRlY2FyVG9rZW5SZXNwb25zZRIwCg1zaWRlY2FyX3Rva2VuGAEgASgLMhkua2V5cGxhbmUudjEuU2lkZWNhclRva2VuEg0KBXRva2VuGAIgASgJIhoKGExpc3RTaWRlY2FyVG9rZW5zUmVxdWVzdCJOChlMaXN0U2lkZWNhclRva2Vuc1Jlc3BvbnNlEjEKDnNpZGVjYXJfdG9rZW5zGAEgAygLMhkua2V5cGxhbmUudjEuU2lkZWNhclRva2VuIjUKGVJldm9rZVNpZGVjYXJUb2tlblJlcXVlc3QSCgoCaWQYASABKAkSDAoEZXRhZxgCIAEoCSJOChpSZXZva2VTaWRlY2FyVG9rZW5SZXNwb25zZRIwCg1zaWRlY2FyX3Rva2VuGAEgASgLMhkua2V5cGxhbmUudjEuU2lkZWNhclRva2VuIhsKGUdldE1hc3RlcktleVN0YXR1c1JlcXVlc3QikAEKGkdldE1hc3RlcktleVN0YXR1c1Jlc3BvbnNlEhYKDnByaW1hcnlfa2V5X2lkGAEgASgJEhcKD2tleXJpbmdfa2V5X2lkcxgCIAMoCRIqCgV1c2FnZRgDIAMoCzIbLmtleXBsYW5lLnYxLk1hc3RlcktleVVzYWdlEhUKDXRvdGFsX3NlY3JldHMYBCABKAMiRQoOTWFzdGVyS2V5VXNhZ2USDgoGa2V5X2lkGAEgASgJEg8KB3NlY3JldHMYAiABKAMSEgoKaW5fa2V5cmluZxgDIAEoCCJWChRSZXdyYXBTZWNyZXRzUmVxdWVzdBIWCg5wcmltYXJ5X2tleV9pZBgBIAEoCRISCgpiYXRjaF9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiswEKFVJld3JhcFNlY3JldHNSZXNwb25zZRIWCg5wcmltYXJ5X2tleV9pZBgBIAEoCRIQCghleGFtaW5lZBgCIAEoAxIRCglyZXdyYXBwZWQYAyABKAMSFwoPYWxyZWFkeV9jdXJyZW50GAQgASgDEhcKD3NraXBwZWRfY2hhbmdlZBgFIAEoAxISCgp1bnJlYWRhYmxlGAYgASgDEhcKD25leHRfcGFnZV90b2tlbhgHIAEoCSqHAQoJU3luY1N0YXRlEhoKFlNZTkNfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFTWU5DX1NUQVRFX1NZTkNFRBABEhQKEFNZTkNfU1RBVEVfU1RBTEUQAhIYChRTWU5DX1NUQVRFX05PVF9BQ0tFRBADEhcKE1NZTkNfU1RBVEVfUkVKRUNURUQQBDKEFgoMQWRtaW5TZXJ2aWNlElMKDENyZWF0ZVRlbmFudBIgLmtleXBsYW5lLnYxLkNyZWF0ZVRlbmFudFJlcXVlc3QaIS5rZXlwbGFuZS52MS5DcmVhdGVUZW5hbnRSZXNwb25zZRJKCglHZXRUZW5hbnQSHS5rZXlwbGFuZS52MS5HZXRUZW5hbnRSZXF1ZXN0Gh4ua2V5cGxhbmUudjEuR2V0VGVuYW50UmVzcG9uc2USUAoLTGlzdFRlbmFudHMSHy5rZXlwbGFuZS52MS5MaXN0VGVuYW50c1JlcXVlc3QaIC5rZXlwbGFuZS52MS5MaXN0VGVuYW50c1Jlc3BvbnNlElMKDERlbGV0ZVRlbmFudBIgLmtleXBsYW5lLnYxLkRlbGV0ZVRlbmFudFJlcXVlc3QaIS5rZXlwbGFuZS52MS5EZWxldGVUZW5hbnRSZXNwb25zZRJiChFDcmVhdGVQcm92aWRlcktleRIlLmtleXBsYW5lLnYxLkNyZWF0ZVByb3ZpZGVyS2V5UmVxdWVzdBomLmtleXBsYW5lLnYxLkNyZWF0ZVByb3ZpZGVyS2V5UmVzcG9uc2USWQoOR2V0UHJvdmlkZXJLZXkSIi5rZXlwbGFuZS52MS5HZXRQcm92aWRlcktleVJlcXVlc3QaIy5rZXlwbGFuZS52MS5HZXRQcm92aWRlcktleVJlc3BvbnNlEl8KEExpc3RQcm92aWRlcktleXMSJC5rZXlwbGFuZS52MS5MaXN0UHJvdmlkZXJLZXlzUmVxdWVzdBolLmtleXBsYW5lLnYxLkxpc3RQcm92aWRlcktleXNSZXNwb25zZRJiChFVcGRhdGVQcm92aWRlcktleRIlLmtleXBsYW5lLnYxLlVwZGF0ZVByb3ZpZGVyS2V5UmVxdWVzdBomLmtleXBsYW5lLnYxLlVwZGF0ZVByb3ZpZGVyS2V5UmVzcG9uc2USYgoRRGVsZXRlUHJvdmlkZXJLZXkSJS5rZXlwbGFuZS52MS5EZWxldGVQcm92aWRlcktleVJlcXVlc3QaJi5rZXlwbGFuZS52MS5EZWxldGVQcm92aWRlcktleVJlc3BvbnNlElAKC0NyZWF0ZVJvdXRlEh8ua2V5cGxhbmUudjEuQ3JlYXRlUm91dGVSZXF1ZXN0GiAua2V5cGxhbmUudjEuQ3JlYXRlUm91dGVSZXNwb25zZRJHCghHZXRSb3V0ZRIcLmtleXBsYW5lLnYxLkdldFJvdXRlUmVxdWVzdBodLmtleXBsYW5lLnYxLkdldFJvdXRlUmVzcG9uc2USTQoKTGlzdFJvdXRlcxIeLmtleXBsYW5lLnYxLkxpc3RSb3V0ZXNSZXF1ZXN0Gh8ua2V5cGxhbmUudjEuTGlzdFJvdXRlc1Jlc3BvbnNlElAKC1VwZGF0ZVJvdXRlEh8ua2V5cGxhbmUudjEuVXBkYXRlUm91dGVSZXF1ZXN0GiAua2V5cGxhbmUudjEuVXBkYXRlUm91dGVSZXNwb25zZRJQCgtEZWxldGVSb3V0ZRIfLmtleXBsYW5lLnYxLkRlbGV0ZVJvdXRlUmVxdWVzdBogLmtleXBsYW5lLnYxLkRlbGV0ZVJvdXRlUmVzcG9uc2USXAoPQ3JlYXRlQ2xpZW50S2V5EiMua2V5cGxhbmUudjEuQ3JlYXRlQ2xpZW50S2V5UmVxdWVzdBokLmtleXBsYW5lLnYxLkNyZWF0ZUNsaWVudEtleVJlc3BvbnNlElkKDkxpc3RDbGllbnRLZXlzEiIua2V5cGxhbmUudjEuTGlzdENsaWVudEtleXNSZXF1ZXN0GiMua2V5cGxhbmUudjEuTGlzdENsaWVudEtleXNSZXNwb25zZRJcCg9EZWxldGVDbGllbnRLZXkSIy5rZXlwbGFuZS52MS5EZWxldGVDbGllbnRLZXlSZXF1ZXN0GiQua2V5cGxhbmUudjEuRGVsZXRlQ2xpZW50S2V5UmVzcG9uc2USSgoJR2V0SGVhbHRoEh0ua2V5cGxhbmUudjEuR2V0SGVhbHRoUmVxdWVzdBoeLmtleXBsYW5lLnYxLkdldEhlYWx0aFJlc3BvbnNlElkKDlJlc2V0S2V5SGVhbHRoEiIua2V5cGxhbmUudjEuUmVzZXRLZXlIZWFsdGhSZXF1ZXN0GiMua2V5cGxhbmUudjEuUmVzZXRLZXlIZWFsdGhSZXNwb25zZRJTCgxMaXN0U2lkZWNhcnMSIC5rZXlwbGFuZS52MS5MaXN0U2lkZWNhcnNSZXF1ZXN0GiEua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJzUmVzcG9uc2USWQoOR2V0UHJveHlTdGF0dXMSIi5rZXlwbGFuZS52MS5HZXRQcm94eVN0YXR1c1JlcXVlc3QaIy5rZXlwbGFuZS52MS5HZXRQcm94eVN0YXR1c1Jlc3BvbnNlElkKDldhaXRGb3JWZXJzaW9uEiIua2V5cGxhbmUudjEuV2FpdEZvclZlcnNpb25SZXF1ZXN0GiMua2V5cGxhbmUudjEuV2FpdEZvclZlcnNpb25SZXNwb25zZRJcCg9MaXN0QXVkaXRFdmVudHMSIy5rZXlwbGFuZS52MS5MaXN0QXVkaXRFdmVudHNSZXF1ZXN0GiQua2V5cGxhbmUudjEuTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USXwoQQ3JlYXRlQWRtaW5Ub2tlbhIkLmtleXBsYW5lLnYxLkNyZWF0ZUFkbWluVG9rZW5SZXF1ZXN0GiUua2V5cGxhbmUudjEuQ3JlYXRlQWRtaW5Ub2tlblJlc3BvbnNlElwKD0xpc3RBZG1pblRva2VucxIjLmtleXBsYW5lLnYxLkxpc3RBZG1pblRva2Vuc1JlcXVlc3QaJC5rZXlwbGFuZS52MS5MaXN0QWRtaW5Ub2tlbnNSZXNwb25zZRJfChBSZXZva2VBZG1pblRva2VuEiQua2V5cGxhbmUudjEuUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QaJS5rZXlwbGFuZS52MS5SZXZva2VBZG1pblRva2VuUmVzcG9uc2USZQoSQ3JlYXRlU2lkZWNhclRva2VuEiYua2V5cGxhbmUudjEuQ3JlYXRlU2lkZWNhclRva2VuUmVxdWVzdBonLmtleXBsYW5lLnYxLkNyZWF0ZVNpZGVjYXJUb2tlblJlc3BvbnNlEmIKEUxpc3RTaWRlY2FyVG9rZW5zEiUua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJUb2tlbnNSZXF1ZXN0GiYua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJUb2tlbnNSZXNwb25zZRJlChJSZXZva2VTaWRlY2FyVG9rZW4SJi5rZXlwbGFuZS52MS5SZXZva2VTaWRlY2FyVG9rZW5SZXF1ZXN0Gicua2V5cGxhbmUudjEuUmV2b2tlU2lkZWNhclRva2VuUmVzcG9uc2USZQoSR2V0TWFzdGVyS2V5U3RhdHVzEiYua2V5cGxhbmUudjEuR2V0TWFzdGVyS2V5U3RhdHVzUmVxdWVzdBonLmtleXBsYW5lLnYxLkdldE1hc3RlcktleVN0YXR1c1Jlc3BvbnNlElYKDVJld3JhcFNlY3JldHMSIS5rZXlwbGFuZS52MS5SZXdyYXBTZWNyZXRzUmVxdWVzdBoiLmtleXBsYW5lLnYxLlJld3JhcFNlY3JldHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_keyplane_v1_resources]);
 
 /**
  * @generated from message keyplane.v1.CreateTenantRequest
@@ -41,6 +41,15 @@ export type CreateTenantResponse = Message<"keyplane.v1.CreateTenantResponse"> &
    * @generated from field: keyplane.v1.Tenant tenant = 1;
    */
   tenant?: Tenant | undefined;
+
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
 };
 
 /**
@@ -137,6 +146,14 @@ export const DeleteTenantRequestSchema: GenMessage<DeleteTenantRequest> = /*@__P
  * @generated from message keyplane.v1.DeleteTenantResponse
  */
 export type DeleteTenantResponse = Message<"keyplane.v1.DeleteTenantResponse"> & {
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 1;
+   */
+  version: bigint;
 };
 
 /**
@@ -207,6 +224,15 @@ export type CreateProviderKeyResponse = Message<"keyplane.v1.CreateProviderKeyRe
    * @generated from field: keyplane.v1.ProviderKey key = 1;
    */
   key?: ProviderKey | undefined;
+
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
 };
 
 /**
@@ -353,6 +379,15 @@ export type UpdateProviderKeyResponse = Message<"keyplane.v1.UpdateProviderKeyRe
    * @generated from field: keyplane.v1.ProviderKey key = 1;
    */
   key?: ProviderKey | undefined;
+
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
 };
 
 /**
@@ -388,6 +423,14 @@ export const DeleteProviderKeyRequestSchema: GenMessage<DeleteProviderKeyRequest
  * @generated from message keyplane.v1.DeleteProviderKeyResponse
  */
 export type DeleteProviderKeyResponse = Message<"keyplane.v1.DeleteProviderKeyResponse"> & {
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 1;
+   */
+  version: bigint;
 };
 
 /**
@@ -432,6 +475,15 @@ export type CreateRouteResponse = Message<"keyplane.v1.CreateRouteResponse"> & {
    * @generated from field: keyplane.v1.Route route = 1;
    */
   route?: Route | undefined;
+
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
 };
 
 /**
@@ -574,6 +626,15 @@ export type UpdateRouteResponse = Message<"keyplane.v1.UpdateRouteResponse"> & {
    * @generated from field: keyplane.v1.Route route = 1;
    */
   route?: Route | undefined;
+
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
 };
 
 /**
@@ -609,6 +670,14 @@ export const DeleteRouteRequestSchema: GenMessage<DeleteRouteRequest> = /*@__PUR
  * @generated from message keyplane.v1.DeleteRouteResponse
  */
 export type DeleteRouteResponse = Message<"keyplane.v1.DeleteRouteResponse"> & {
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 1;
+   */
+  version: bigint;
 };
 
 /**
@@ -655,6 +724,15 @@ export type CreateClientKeyResponse = Message<"keyplane.v1.CreateClientKeyRespon
    * @generated from field: string token = 2;
    */
   token: string;
+
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 3;
+   */
+  version: bigint;
 };
 
 /**
@@ -724,6 +802,14 @@ export const DeleteClientKeyRequestSchema: GenMessage<DeleteClientKeyRequest> = 
  * @generated from message keyplane.v1.DeleteClientKeyResponse
  */
 export type DeleteClientKeyResponse = Message<"keyplane.v1.DeleteClientKeyResponse"> & {
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 1;
+   */
+  version: bigint;
 };
 
 /**
@@ -800,6 +886,14 @@ export const ResetKeyHealthRequestSchema: GenMessage<ResetKeyHealthRequest> = /*
  * @generated from message keyplane.v1.ResetKeyHealthResponse
  */
 export type ResetKeyHealthResponse = Message<"keyplane.v1.ResetKeyHealthResponse"> & {
+  /**
+   * A change-log version at or after this write: pass it to WaitForVersion
+   * to learn when every sidecar of the tenant applied the write (0: unknown,
+   * the write is committed but could not be read back yet).
+   *
+   * @generated from field: uint64 version = 1;
+   */
+  version: bigint;
 };
 
 /**
@@ -889,6 +983,217 @@ export const SidecarInfoSchema: GenMessage<SidecarInfo> = /*@__PURE__*/
   messageDesc(file_keyplane_v1_admin_service, 40);
 
 /**
+ * ProxyStatus is one sidecar's watch stream as the fleet's shared record has it.
+ *
+ * @generated from message keyplane.v1.ProxyStatus
+ */
+export type ProxyStatus = Message<"keyplane.v1.ProxyStatus"> & {
+  /**
+   * @generated from field: string sidecar_id = 1;
+   */
+  sidecarId: string;
+
+  /**
+   * The control-plane replica holding the stream.
+   *
+   * @generated from field: string replica = 2;
+   */
+  replica: string;
+
+  /**
+   * The tenants the stream watches; empty when all_tenants is set.
+   *
+   * @generated from field: repeated string tenants = 3;
+   */
+  tenants: string[];
+
+  /**
+   * @generated from field: bool all_tenants = 4;
+   */
+  allTenants: boolean;
+
+  /**
+   * @generated from field: string peer = 5;
+   */
+  peer: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp connect_time = 6;
+   */
+  connectTime?: Timestamp | undefined;
+
+  /**
+   * The version of the last message the replica sent.
+   *
+   * @generated from field: uint64 sent_version = 7;
+   */
+  sentVersion: bigint;
+
+  /**
+   * The version the sidecar acknowledged as applied (what it serves from).
+   *
+   * @generated from field: uint64 applied_version = 8;
+   */
+  appliedVersion: bigint;
+
+  /**
+   * The last version the sidecar rejected (0: none since it last applied one).
+   *
+   * @generated from field: uint64 rejected_version = 9;
+   */
+  rejectedVersion: bigint;
+
+  /**
+   * Why, in the sidecar's words.
+   *
+   * @generated from field: string error_detail = 10;
+   */
+  errorDetail: string;
+
+  /**
+   * @generated from field: keyplane.v1.SyncState state = 11;
+   */
+  state: SyncState;
+
+  /**
+   * The newest change of the sidecar's tenants the answering replica knows.
+   *
+   * @generated from field: uint64 latest_version = 12;
+   */
+  latestVersion: bigint;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp ack_time = 13;
+   */
+  ackTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message keyplane.v1.ProxyStatus.
+ * Use `create(ProxyStatusSchema)` to create a new message.
+ */
+export const ProxyStatusSchema: GenMessage<ProxyStatus> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 41);
+
+/**
+ * @generated from message keyplane.v1.GetProxyStatusRequest
+ */
+export type GetProxyStatusRequest = Message<"keyplane.v1.GetProxyStatusRequest"> & {
+  /**
+   * Only sidecars watching this tenant; empty: every sidecar.
+   *
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+};
+
+/**
+ * Describes the message keyplane.v1.GetProxyStatusRequest.
+ * Use `create(GetProxyStatusRequestSchema)` to create a new message.
+ */
+export const GetProxyStatusRequestSchema: GenMessage<GetProxyStatusRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 42);
+
+/**
+ * @generated from message keyplane.v1.GetProxyStatusResponse
+ */
+export type GetProxyStatusResponse = Message<"keyplane.v1.GetProxyStatusResponse"> & {
+  /**
+   * @generated from field: repeated keyplane.v1.ProxyStatus sidecars = 1;
+   */
+  sidecars: ProxyStatus[];
+
+  /**
+   * The replica that answered, and the change-log version it holds.
+   *
+   * @generated from field: string replica = 2;
+   */
+  replica: string;
+
+  /**
+   * @generated from field: uint64 version = 3;
+   */
+  version: bigint;
+};
+
+/**
+ * Describes the message keyplane.v1.GetProxyStatusResponse.
+ * Use `create(GetProxyStatusResponseSchema)` to create a new message.
+ */
+export const GetProxyStatusResponseSchema: GenMessage<GetProxyStatusResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 43);
+
+/**
+ * @generated from message keyplane.v1.WaitForVersionRequest
+ */
+export type WaitForVersionRequest = Message<"keyplane.v1.WaitForVersionRequest"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * A version returned by a write.
+   *
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
+
+  /**
+   * Defaults to 10 s; at most 300 s.
+   *
+   * @generated from field: google.protobuf.Duration timeout = 3;
+   */
+  timeout?: Duration | undefined;
+};
+
+/**
+ * Describes the message keyplane.v1.WaitForVersionRequest.
+ * Use `create(WaitForVersionRequestSchema)` to create a new message.
+ */
+export const WaitForVersionRequestSchema: GenMessage<WaitForVersionRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 44);
+
+/**
+ * @generated from message keyplane.v1.WaitForVersionResponse
+ */
+export type WaitForVersionResponse = Message<"keyplane.v1.WaitForVersionResponse"> & {
+  /**
+   * Every connected sidecar of the tenant applied `version` (or later).
+   *
+   * @generated from field: bool converged = 1;
+   */
+  converged: boolean;
+
+  /**
+   * How many connected sidecars watch the tenant, and how many applied it.
+   *
+   * @generated from field: uint32 sidecars = 2;
+   */
+  sidecars: number;
+
+  /**
+   * @generated from field: uint32 applied = 3;
+   */
+  applied: number;
+
+  /**
+   * The sidecars that have not applied it: still sending or acknowledging,
+   * lagging, or rejected (with the error).
+   *
+   * @generated from field: repeated keyplane.v1.ProxyStatus pending = 4;
+   */
+  pending: ProxyStatus[];
+};
+
+/**
+ * Describes the message keyplane.v1.WaitForVersionResponse.
+ * Use `create(WaitForVersionResponseSchema)` to create a new message.
+ */
+export const WaitForVersionResponseSchema: GenMessage<WaitForVersionResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 45);
+
+/**
  * Paged (AIP-158), newest first; every filter set must match.
  *
  * @generated from message keyplane.v1.ListAuditEventsRequest
@@ -951,7 +1256,7 @@ export type ListAuditEventsRequest = Message<"keyplane.v1.ListAuditEventsRequest
  * Use `create(ListAuditEventsRequestSchema)` to create a new message.
  */
 export const ListAuditEventsRequestSchema: GenMessage<ListAuditEventsRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 41);
+  messageDesc(file_keyplane_v1_admin_service, 46);
 
 /**
  * @generated from message keyplane.v1.ListAuditEventsResponse
@@ -975,7 +1280,7 @@ export type ListAuditEventsResponse = Message<"keyplane.v1.ListAuditEventsRespon
  * Use `create(ListAuditEventsResponseSchema)` to create a new message.
  */
 export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 42);
+  messageDesc(file_keyplane_v1_admin_service, 47);
 
 /**
  * @generated from message keyplane.v1.CreateAdminTokenRequest
@@ -992,7 +1297,7 @@ export type CreateAdminTokenRequest = Message<"keyplane.v1.CreateAdminTokenReque
  * Use `create(CreateAdminTokenRequestSchema)` to create a new message.
  */
 export const CreateAdminTokenRequestSchema: GenMessage<CreateAdminTokenRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 43);
+  messageDesc(file_keyplane_v1_admin_service, 48);
 
 /**
  * @generated from message keyplane.v1.CreateAdminTokenResponse
@@ -1016,7 +1321,7 @@ export type CreateAdminTokenResponse = Message<"keyplane.v1.CreateAdminTokenResp
  * Use `create(CreateAdminTokenResponseSchema)` to create a new message.
  */
 export const CreateAdminTokenResponseSchema: GenMessage<CreateAdminTokenResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 44);
+  messageDesc(file_keyplane_v1_admin_service, 49);
 
 /**
  * @generated from message keyplane.v1.ListAdminTokensRequest
@@ -1029,7 +1334,7 @@ export type ListAdminTokensRequest = Message<"keyplane.v1.ListAdminTokensRequest
  * Use `create(ListAdminTokensRequestSchema)` to create a new message.
  */
 export const ListAdminTokensRequestSchema: GenMessage<ListAdminTokensRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 45);
+  messageDesc(file_keyplane_v1_admin_service, 50);
 
 /**
  * @generated from message keyplane.v1.ListAdminTokensResponse
@@ -1048,7 +1353,7 @@ export type ListAdminTokensResponse = Message<"keyplane.v1.ListAdminTokensRespon
  * Use `create(ListAdminTokensResponseSchema)` to create a new message.
  */
 export const ListAdminTokensResponseSchema: GenMessage<ListAdminTokensResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 46);
+  messageDesc(file_keyplane_v1_admin_service, 51);
 
 /**
  * @generated from message keyplane.v1.RevokeAdminTokenRequest
@@ -1072,7 +1377,7 @@ export type RevokeAdminTokenRequest = Message<"keyplane.v1.RevokeAdminTokenReque
  * Use `create(RevokeAdminTokenRequestSchema)` to create a new message.
  */
 export const RevokeAdminTokenRequestSchema: GenMessage<RevokeAdminTokenRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 47);
+  messageDesc(file_keyplane_v1_admin_service, 52);
 
 /**
  * @generated from message keyplane.v1.RevokeAdminTokenResponse
@@ -1089,7 +1394,7 @@ export type RevokeAdminTokenResponse = Message<"keyplane.v1.RevokeAdminTokenResp
  * Use `create(RevokeAdminTokenResponseSchema)` to create a new message.
  */
 export const RevokeAdminTokenResponseSchema: GenMessage<RevokeAdminTokenResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 48);
+  messageDesc(file_keyplane_v1_admin_service, 53);
 
 /**
  * @generated from message keyplane.v1.CreateSidecarTokenRequest
@@ -1120,7 +1425,7 @@ export type CreateSidecarTokenRequest = Message<"keyplane.v1.CreateSidecarTokenR
  * Use `create(CreateSidecarTokenRequestSchema)` to create a new message.
  */
 export const CreateSidecarTokenRequestSchema: GenMessage<CreateSidecarTokenRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 49);
+  messageDesc(file_keyplane_v1_admin_service, 54);
 
 /**
  * @generated from message keyplane.v1.CreateSidecarTokenResponse
@@ -1144,7 +1449,7 @@ export type CreateSidecarTokenResponse = Message<"keyplane.v1.CreateSidecarToken
  * Use `create(CreateSidecarTokenResponseSchema)` to create a new message.
  */
 export const CreateSidecarTokenResponseSchema: GenMessage<CreateSidecarTokenResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 50);
+  messageDesc(file_keyplane_v1_admin_service, 55);
 
 /**
  * @generated from message keyplane.v1.ListSidecarTokensRequest
@@ -1157,7 +1462,7 @@ export type ListSidecarTokensRequest = Message<"keyplane.v1.ListSidecarTokensReq
  * Use `create(ListSidecarTokensRequestSchema)` to create a new message.
  */
 export const ListSidecarTokensRequestSchema: GenMessage<ListSidecarTokensRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 51);
+  messageDesc(file_keyplane_v1_admin_service, 56);
 
 /**
  * @generated from message keyplane.v1.ListSidecarTokensResponse
@@ -1176,7 +1481,7 @@ export type ListSidecarTokensResponse = Message<"keyplane.v1.ListSidecarTokensRe
  * Use `create(ListSidecarTokensResponseSchema)` to create a new message.
  */
 export const ListSidecarTokensResponseSchema: GenMessage<ListSidecarTokensResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 52);
+  messageDesc(file_keyplane_v1_admin_service, 57);
 
 /**
  * @generated from message keyplane.v1.RevokeSidecarTokenRequest
@@ -1200,7 +1505,7 @@ export type RevokeSidecarTokenRequest = Message<"keyplane.v1.RevokeSidecarTokenR
  * Use `create(RevokeSidecarTokenRequestSchema)` to create a new message.
  */
 export const RevokeSidecarTokenRequestSchema: GenMessage<RevokeSidecarTokenRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 53);
+  messageDesc(file_keyplane_v1_admin_service, 58);
 
 /**
  * @generated from message keyplane.v1.RevokeSidecarTokenResponse
@@ -1217,7 +1522,7 @@ export type RevokeSidecarTokenResponse = Message<"keyplane.v1.RevokeSidecarToken
  * Use `create(RevokeSidecarTokenResponseSchema)` to create a new message.
  */
 export const RevokeSidecarTokenResponseSchema: GenMessage<RevokeSidecarTokenResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 54);
+  messageDesc(file_keyplane_v1_admin_service, 59);
 
 /**
  * @generated from message keyplane.v1.GetMasterKeyStatusRequest
@@ -1230,7 +1535,7 @@ export type GetMasterKeyStatusRequest = Message<"keyplane.v1.GetMasterKeyStatusR
  * Use `create(GetMasterKeyStatusRequestSchema)` to create a new message.
  */
 export const GetMasterKeyStatusRequestSchema: GenMessage<GetMasterKeyStatusRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 55);
+  messageDesc(file_keyplane_v1_admin_service, 60);
 
 /**
  * @generated from message keyplane.v1.GetMasterKeyStatusResponse
@@ -1270,7 +1575,7 @@ export type GetMasterKeyStatusResponse = Message<"keyplane.v1.GetMasterKeyStatus
  * Use `create(GetMasterKeyStatusResponseSchema)` to create a new message.
  */
 export const GetMasterKeyStatusResponseSchema: GenMessage<GetMasterKeyStatusResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 56);
+  messageDesc(file_keyplane_v1_admin_service, 61);
 
 /**
  * MasterKeyUsage counts the provider secrets one master key seals.
@@ -1301,7 +1606,7 @@ export type MasterKeyUsage = Message<"keyplane.v1.MasterKeyUsage"> & {
  * Use `create(MasterKeyUsageSchema)` to create a new message.
  */
 export const MasterKeyUsageSchema: GenMessage<MasterKeyUsage> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 57);
+  messageDesc(file_keyplane_v1_admin_service, 62);
 
 /**
  * @generated from message keyplane.v1.RewrapSecretsRequest
@@ -1335,7 +1640,7 @@ export type RewrapSecretsRequest = Message<"keyplane.v1.RewrapSecretsRequest"> &
  * Use `create(RewrapSecretsRequestSchema)` to create a new message.
  */
 export const RewrapSecretsRequestSchema: GenMessage<RewrapSecretsRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 58);
+  messageDesc(file_keyplane_v1_admin_service, 63);
 
 /**
  * @generated from message keyplane.v1.RewrapSecretsResponse
@@ -1394,7 +1699,55 @@ export type RewrapSecretsResponse = Message<"keyplane.v1.RewrapSecretsResponse">
  * Use `create(RewrapSecretsResponseSchema)` to create a new message.
  */
 export const RewrapSecretsResponseSchema: GenMessage<RewrapSecretsResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_admin_service, 59);
+  messageDesc(file_keyplane_v1_admin_service, 64);
+
+/**
+ * SyncState is how far one sidecar is from what the store holds for its tenants.
+ *
+ * @generated from enum keyplane.v1.SyncState
+ */
+export enum SyncState {
+  /**
+   * @generated from enum value: SYNC_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * It acknowledged the last version sent, and that holds every change of its tenants.
+   *
+   * @generated from enum value: SYNC_STATE_SYNCED = 1;
+   */
+  SYNCED = 1,
+
+  /**
+   * It applied everything it was sent, but its replica has not sent the newest
+   * change of its tenants yet (the replica lags the store, or is about to send).
+   *
+   * @generated from enum value: SYNC_STATE_STALE = 2;
+   */
+  STALE = 2,
+
+  /**
+   * A version was sent and is not acknowledged yet.
+   *
+   * @generated from enum value: SYNC_STATE_NOT_ACKED = 3;
+   */
+  NOT_ACKED = 3,
+
+  /**
+   * It rejected the last version it got (error_detail says why) and keeps
+   * serving the one it applied before.
+   *
+   * @generated from enum value: SYNC_STATE_REJECTED = 4;
+   */
+  REJECTED = 4,
+}
+
+/**
+ * Describes the enum keyplane.v1.SyncState.
+ */
+export const SyncStateSchema: GenEnum<SyncState> = /*@__PURE__*/
+  enumDesc(file_keyplane_v1_admin_service, 0);
 
 /**
  * AdminService manages tenants, provider keys, routes and client keys.
@@ -1569,6 +1922,32 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof ListSidecarsRequestSchema;
     output: typeof ListSidecarsResponseSchema;
+  },
+  /**
+   * Every sidecar connected to any replica, with the version each replica
+   * sent it, the version it acknowledged (or rejected, with the sidecar's
+   * error) and its sync state. Read from the store, so every replica gives
+   * the same answer.
+   *
+   * @generated from rpc keyplane.v1.AdminService.GetProxyStatus
+   */
+  getProxyStatus: {
+    methodKind: "unary";
+    input: typeof GetProxyStatusRequestSchema;
+    output: typeof GetProxyStatusResponseSchema;
+  },
+  /**
+   * Blocks until every sidecar connected to any replica and watching the
+   * tenant has applied `version` (or later), or the timeout passes, and says
+   * which have not. A sidecar that rejected a version at or after `version`
+   * is reported at once (it will not apply it until the config changes).
+   *
+   * @generated from rpc keyplane.v1.AdminService.WaitForVersion
+   */
+  waitForVersion: {
+    methodKind: "unary";
+    input: typeof WaitForVersionRequestSchema;
+    output: typeof WaitForVersionResponseSchema;
   },
   /**
    * The audit log: every admin write (and every failed attempt at one),

@@ -14,7 +14,60 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keyplane/v1/sidecar_service.proto.
  */
 export const file_keyplane_v1_sidecar_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFrZXlwbGFuZS92MS9zaWRlY2FyX3NlcnZpY2UucHJvdG8SC2tleXBsYW5lLnYxIksKDFdhdGNoUmVxdWVzdBIPCgd0ZW5hbnRzGAEgAygJEhYKDnJlc3VtZV92ZXJzaW9uGAIgASgEEhIKCnNpZGVjYXJfaWQYAyABKAkiewoNV2F0Y2hSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEEikKCHNuYXBzaG90GAIgASgLMhUua2V5cGxhbmUudjEuU25hcHNob3RIABIjCgVkZWx0YRgDIAEoCzISLmtleXBsYW5lLnYxLkRlbHRhSABCCQoHcGF5bG9hZCI1CghTbmFwc2hvdBIpCgd0ZW5hbnRzGAEgAygLMhgua2V5cGxhbmUudjEuVGVuYW50U3RhdGUihgIKC1RlbmFudFN0YXRlEg4KBnRlbmFudBgBIAEoCRItCgRrZXlzGAIgAygLMh8ua2V5cGxhbmUudjEuU2lkZWNhclByb3ZpZGVyS2V5EiIKBnJvdXRlcxgDIAMoCzISLmtleXBsYW5lLnYxLlJvdXRlEjIKC2NsaWVudF9rZXlzGAQgAygLMh0ua2V5cGxhbmUudjEuU2lkZWNhckNsaWVudEtleRIqCgprZXlfaGVhbHRoGAUgAygLMhYua2V5cGxhbmUudjEuS2V5SGVhbHRoEjQKD3Byb3ZpZGVyX2hlYWx0aBgGIAMoCzIbLmtleXBsYW5lLnYxLlByb3ZpZGVySGVhbHRoIsoBChJTaWRlY2FyUHJvdmlkZXJLZXkSCgoCaWQYASABKAkSJwoIcHJvdmlkZXIYAiABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchIQCghiYXNlX3VybBgDIAEoCRIOCgZzZWNyZXQYBCABKAkSJgoGc3RhdHVzGAUgASgOMhYua2V5cGxhbmUudjEuS2V5U3RhdHVzEg4KBndlaWdodBgGIAEoDRIWCg5hbGxvd2VkX21vZGVscxgHIAMoCRINCgVsYWJlbBgIIAEoCSI0ChBTaWRlY2FyQ2xpZW50S2V5EgoKAmlkGAEgASgJEhQKDHRva2VuX3NoYTI1NhgCIAEoDCItCgVEZWx0YRIkCgdjaGFuZ2VzGAEgAygLMhMua2V5cGxhbmUudjEuQ2hhbmdlIpcDCgZDaGFuZ2USDwoHdmVyc2lvbhgBIAEoBBIOCgZ0ZW5hbnQYAiABKAkSMgoHa2V5X3B1dBgDIAEoCzIfLmtleXBsYW5lLnYxLlNpZGVjYXJQcm92aWRlcktleUgAEhUKC2tleV9kZWxldGVkGAQgASgJSAASJwoJcm91dGVfcHV0GAUgASgLMhIua2V5cGxhbmUudjEuUm91dGVIABIXCg1yb3V0ZV9kZWxldGVkGAYgASgJSAASNwoOY2xpZW50X2tleV9wdXQYByABKAsyHS5rZXlwbGFuZS52MS5TaWRlY2FyQ2xpZW50S2V5SAASHAoSY2xpZW50X2tleV9kZWxldGVkGAggASgJSAASGAoOdGVuYW50X2RlbGV0ZWQYCSABKAhIABIsCgprZXlfaGVhbHRoGAogASgLMhYua2V5cGxhbmUudjEuS2V5SGVhbHRoSAASNgoPcHJvdmlkZXJfaGVhbHRoGAsgASgLMhsua2V5cGxhbmUudjEuUHJvdmlkZXJIZWFsdGhIAEIICgZjaGFuZ2Ui5QIKB091dGNvbWUSDgoGdGVuYW50GAEgASgJEg4KBmtleV9pZBgCIAEoCRInCghwcm92aWRlchgDIAEoDjIVLmtleXBsYW5lLnYxLlByb3ZpZGVyEg0KBW1vZGVsGAQgASgJEjAKDW91dGNvbWVfY2xhc3MYBSABKA4yGS5rZXlwbGFuZS52MS5PdXRjb21lQ2xhc3MSEwoLc3RhdHVzX2NvZGUYBiABKA0SEgoKbGF0ZW5jeV9tcxgHIAEoDRIRCglyZWNvdmVyZWQYCCABKAgSFgoOcHJvdmlkZXJfZmluYWwYCSABKAgSLgoLcmV0cnlfYWZ0ZXIYCiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEgoKcmVxdWVzdF9pZBgLIAEoCRIoCgR0aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZWFzb24YDSABKAkiZAoVUmVwb3J0T3V0Y29tZXNSZXF1ZXN0EiYKCG91dGNvbWVzGAEgAygLMhQua2V5cGxhbmUudjEuT3V0Y29tZRISCgpzaWRlY2FyX2lkGAIgASgJEg8KB2Ryb3BwZWQYAyABKAQiKgoWUmVwb3J0T3V0Y29tZXNSZXNwb25zZRIQCghhY2NlcHRlZBgBIAEoBCqGAgoMT3V0Y29tZUNsYXNzEh0KGU9VVENPTUVfQ0xBU1NfVU5TUEVDSUZJRUQQABIZChVPVVRDT01FX0NMQVNTX1NVQ0NFU1MQARIcChhPVVRDT01FX0NMQVNTX0NSRURFTlRJQUwQAhIeChpPVVRDT01FX0NMQVNTX1JBVEVfTElNSVRFRBADEiAKHE9VVENPTUVfQ0xBU1NfVVBTVFJFQU1fRVJST1IQBBIeChpPVVRDT01FX0NMQVNTX0NMSUVOVF9FUlJPUhAFEh8KG09VVENPTUVfQ0xBU1NfU1RSRUFNX0JST0tFThAGEhsKF09VVENPTUVfQ0xBU1NfRVhIQVVTVEVEEAcyrwEKDlNpZGVjYXJTZXJ2aWNlEkAKBVdhdGNoEhkua2V5cGxhbmUudjEuV2F0Y2hSZXF1ZXN0Ghoua2V5cGxhbmUudjEuV2F0Y2hSZXNwb25zZTABElsKDlJlcG9ydE91dGNvbWVzEiIua2V5cGxhbmUudjEuUmVwb3J0T3V0Y29tZXNSZXF1ZXN0GiMua2V5cGxhbmUudjEuUmVwb3J0T3V0Y29tZXNSZXNwb25zZSgBYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_keyplane_v1_resources]);
+  fileDesc("CiFrZXlwbGFuZS92MS9zaWRlY2FyX3NlcnZpY2UucHJvdG8SC2tleXBsYW5lLnYxImkKCkFja1JlcXVlc3QSEgoKc2lkZWNhcl9pZBgBIAEoCRIXCg9hcHBsaWVkX3ZlcnNpb24YAiABKAQSGAoQcmVqZWN0ZWRfdmVyc2lvbhgDIAEoBBIUCgxlcnJvcl9kZXRhaWwYBCABKAkiDQoLQWNrUmVzcG9uc2UiSwoMV2F0Y2hSZXF1ZXN0Eg8KB3RlbmFudHMYASADKAkSFgoOcmVzdW1lX3ZlcnNpb24YAiABKAQSEgoKc2lkZWNhcl9pZBgDIAEoCSKSAQoNV2F0Y2hSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEEikKCHNuYXBzaG90GAIgASgLMhUua2V5cGxhbmUudjEuU25hcHNob3RIABIjCgVkZWx0YRgDIAEoCzISLmtleXBsYW5lLnYxLkRlbHRhSAASFQoNdmVyc2lvbl9yZXNldBgEIAEoCEIJCgdwYXlsb2FkIjUKCFNuYXBzaG90EikKB3RlbmFudHMYASADKAsyGC5rZXlwbGFuZS52MS5UZW5hbnRTdGF0ZSKGAgoLVGVuYW50U3RhdGUSDgoGdGVuYW50GAEgASgJEi0KBGtleXMYAiADKAsyHy5rZXlwbGFuZS52MS5TaWRlY2FyUHJvdmlkZXJLZXkSIgoGcm91dGVzGAMgAygLMhIua2V5cGxhbmUudjEuUm91dGUSMgoLY2xpZW50X2tleXMYBCADKAsyHS5rZXlwbGFuZS52MS5TaWRlY2FyQ2xpZW50S2V5EioKCmtleV9oZWFsdGgYBSADKAsyFi5rZXlwbGFuZS52MS5LZXlIZWFsdGgSNAoPcHJvdmlkZXJfaGVhbHRoGAYgAygLMhsua2V5cGxhbmUudjEuUHJvdmlkZXJIZWFsdGgiygEKElNpZGVjYXJQcm92aWRlcktleRIKCgJpZBgBIAEoCRInCghwcm92aWRlchgCIAEoDjIVLmtleXBsYW5lLnYxLlByb3ZpZGVyEhAKCGJhc2VfdXJsGAMgASgJEg4KBnNlY3JldBgEIAEoCRImCgZzdGF0dXMYBSABKA4yFi5rZXlwbGFuZS52MS5LZXlTdGF0dXMSDgoGd2VpZ2h0GAYgASgNEhYKDmFsbG93ZWRfbW9kZWxzGAcgAygJEg0KBWxhYmVsGAggASgJIjQKEFNpZGVjYXJDbGllbnRLZXkSCgoCaWQYASABKAkSFAoMdG9rZW5fc2hhMjU2GAIgASgMIi0KBURlbHRhEiQKB2NoYW5nZXMYASADKAsyEy5rZXlwbGFuZS52MS5DaGFuZ2UilwMKBkNoYW5nZRIPCgd2ZXJzaW9uGAEgASgEEg4KBnRlbmFudBgCIAEoCRIyCgdrZXlfcHV0GAMgASgLMh8ua2V5cGxhbmUudjEuU2lkZWNhclByb3ZpZGVyS2V5SAASFQoLa2V5X2RlbGV0ZWQYBCABKAlIABInCglyb3V0ZV9wdXQYBSABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZUgAEhcKDXJvdXRlX2RlbGV0ZWQYBiABKAlIABI3Cg5jbGllbnRfa2V5X3B1dBgHIAEoCzIdLmtleXBsYW5lLnYxLlNpZGVjYXJDbGllbnRLZXlIABIcChJjbGllbnRfa2V5X2RlbGV0ZWQYCCABKAlIABIYCg50ZW5hbnRfZGVsZXRlZBgJIAEoCEgAEiwKCmtleV9oZWFsdGgYCiABKAsyFi5rZXlwbGFuZS52MS5LZXlIZWFsdGhIABI2Cg9wcm92aWRlcl9oZWFsdGgYCyABKAsyGy5rZXlwbGFuZS52MS5Qcm92aWRlckhlYWx0aEgAQggKBmNoYW5nZSLlAgoHT3V0Y29tZRIOCgZ0ZW5hbnQYASABKAkSDgoGa2V5X2lkGAIgASgJEicKCHByb3ZpZGVyGAMgASgOMhUua2V5cGxhbmUudjEuUHJvdmlkZXISDQoFbW9kZWwYBCABKAkSMAoNb3V0Y29tZV9jbGFzcxgFIAEoDjIZLmtleXBsYW5lLnYxLk91dGNvbWVDbGFzcxITCgtzdGF0dXNfY29kZRgGIAEoDRISCgpsYXRlbmN5X21zGAcgASgNEhEKCXJlY292ZXJlZBgIIAEoCBIWCg5wcm92aWRlcl9maW5hbBgJIAEoCBIuCgtyZXRyeV9hZnRlchgKIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhISCgpyZXF1ZXN0X2lkGAsgASgJEigKBHRpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnJlYXNvbhgNIAEoCSJkChVSZXBvcnRPdXRjb21lc1JlcXVlc3QSJgoIb3V0Y29tZXMYASADKAsyFC5rZXlwbGFuZS52MS5PdXRjb21lEhIKCnNpZGVjYXJfaWQYAiABKAkSDwoHZHJvcHBlZBgDIAEoBCIqChZSZXBvcnRPdXRjb21lc1Jlc3BvbnNlEhAKCGFjY2VwdGVkGAEgASgEKoYCCgxPdXRjb21lQ2xhc3MSHQoZT1VUQ09NRV9DTEFTU19VTlNQRUNJRklFRBAAEhkKFU9VVENPTUVfQ0xBU1NfU1VDQ0VTUxABEhwKGE9VVENPTUVfQ0xBU1NfQ1JFREVOVElBTBACEh4KGk9VVENPTUVfQ0xBU1NfUkFURV9MSU1JVEVEEAMSIAocT1VUQ09NRV9DTEFTU19VUFNUUkVBTV9FUlJPUhAEEh4KGk9VVENPTUVfQ0xBU1NfQ0xJRU5UX0VSUk9SEAUSHwobT1VUQ09NRV9DTEFTU19TVFJFQU1fQlJPS0VOEAYSGwoXT1VUQ09NRV9DTEFTU19FWEhBVVNURUQQBzLpAQoOU2lkZWNhclNlcnZpY2USQAoFV2F0Y2gSGS5rZXlwbGFuZS52MS5XYXRjaFJlcXVlc3QaGi5rZXlwbGFuZS52MS5XYXRjaFJlc3BvbnNlMAESWwoOUmVwb3J0T3V0Y29tZXMSIi5rZXlwbGFuZS52MS5SZXBvcnRPdXRjb21lc1JlcXVlc3QaIy5rZXlwbGFuZS52MS5SZXBvcnRPdXRjb21lc1Jlc3BvbnNlKAESOAoDQWNrEhcua2V5cGxhbmUudjEuQWNrUmVxdWVzdBoYLmtleXBsYW5lLnYxLkFja1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_keyplane_v1_resources]);
+
+/**
+ * @generated from message keyplane.v1.AckRequest
+ */
+export type AckRequest = Message<"keyplane.v1.AckRequest"> & {
+  /**
+   * The sidecar_id of its Watch.
+   *
+   * @generated from field: string sidecar_id = 1;
+   */
+  sidecarId: string;
+
+  /**
+   * The version the sidecar holds and serves from.
+   *
+   * @generated from field: uint64 applied_version = 2;
+   */
+  appliedVersion: bigint;
+
+  /**
+   * The last version it rejected, when later than applied_version; else 0.
+   *
+   * @generated from field: uint64 rejected_version = 3;
+   */
+  rejectedVersion: bigint;
+
+  /**
+   * Why it rejected rejected_version (short, secret-free).
+   *
+   * @generated from field: string error_detail = 4;
+   */
+  errorDetail: string;
+};
+
+/**
+ * Describes the message keyplane.v1.AckRequest.
+ * Use `create(AckRequestSchema)` to create a new message.
+ */
+export const AckRequestSchema: GenMessage<AckRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_sidecar_service, 0);
+
+/**
+ * @generated from message keyplane.v1.AckResponse
+ */
+export type AckResponse = Message<"keyplane.v1.AckResponse"> & {
+};
+
+/**
+ * Describes the message keyplane.v1.AckResponse.
+ * Use `create(AckResponseSchema)` to create a new message.
+ */
+export const AckResponseSchema: GenMessage<AckResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_sidecar_service, 1);
 
 /**
  * @generated from message keyplane.v1.WatchRequest
@@ -48,7 +101,7 @@ export type WatchRequest = Message<"keyplane.v1.WatchRequest"> & {
  * Use `create(WatchRequestSchema)` to create a new message.
  */
 export const WatchRequestSchema: GenMessage<WatchRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 0);
+  messageDesc(file_keyplane_v1_sidecar_service, 2);
 
 /**
  * @generated from message keyplane.v1.WatchResponse
@@ -77,6 +130,17 @@ export type WatchResponse = Message<"keyplane.v1.WatchResponse"> & {
     value: Delta;
     case: "delta";
   } | { case: undefined; value?: undefined };
+
+  /**
+   * Set on a snapshot whose version is lower than the resume_version the
+   * sidecar asked with because the store itself is behind it (restored from
+   * a backup, or replaced): the sidecar takes it although it is older.
+   * Otherwise a sidecar never goes back to an older version, and a replica
+   * that merely lags the store catches up (or refuses the stream) first.
+   *
+   * @generated from field: bool version_reset = 4;
+   */
+  versionReset: boolean;
 };
 
 /**
@@ -84,7 +148,7 @@ export type WatchResponse = Message<"keyplane.v1.WatchResponse"> & {
  * Use `create(WatchResponseSchema)` to create a new message.
  */
 export const WatchResponseSchema: GenMessage<WatchResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 1);
+  messageDesc(file_keyplane_v1_sidecar_service, 3);
 
 /**
  * Snapshot is the whole state of the watched tenants; it replaces what the
@@ -104,7 +168,7 @@ export type Snapshot = Message<"keyplane.v1.Snapshot"> & {
  * Use `create(SnapshotSchema)` to create a new message.
  */
 export const SnapshotSchema: GenMessage<Snapshot> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 2);
+  messageDesc(file_keyplane_v1_sidecar_service, 4);
 
 /**
  * @generated from message keyplane.v1.TenantState
@@ -148,7 +212,7 @@ export type TenantState = Message<"keyplane.v1.TenantState"> & {
  * Use `create(TenantStateSchema)` to create a new message.
  */
 export const TenantStateSchema: GenMessage<TenantState> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 3);
+  messageDesc(file_keyplane_v1_sidecar_service, 5);
 
 /**
  * SidecarProviderKey is a provider key as a sidecar needs it, secret included.
@@ -202,7 +266,7 @@ export type SidecarProviderKey = Message<"keyplane.v1.SidecarProviderKey"> & {
  * Use `create(SidecarProviderKeySchema)` to create a new message.
  */
 export const SidecarProviderKeySchema: GenMessage<SidecarProviderKey> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 4);
+  messageDesc(file_keyplane_v1_sidecar_service, 6);
 
 /**
  * SidecarClientKey carries only the SHA-256 of the client token.
@@ -226,7 +290,7 @@ export type SidecarClientKey = Message<"keyplane.v1.SidecarClientKey"> & {
  * Use `create(SidecarClientKeySchema)` to create a new message.
  */
 export const SidecarClientKeySchema: GenMessage<SidecarClientKey> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 5);
+  messageDesc(file_keyplane_v1_sidecar_service, 7);
 
 /**
  * @generated from message keyplane.v1.Delta
@@ -243,7 +307,7 @@ export type Delta = Message<"keyplane.v1.Delta"> & {
  * Use `create(DeltaSchema)` to create a new message.
  */
 export const DeltaSchema: GenMessage<Delta> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 6);
+  messageDesc(file_keyplane_v1_sidecar_service, 8);
 
 /**
  * Change is one write, in version order.
@@ -330,7 +394,7 @@ export type Change = Message<"keyplane.v1.Change"> & {
  * Use `create(ChangeSchema)` to create a new message.
  */
 export const ChangeSchema: GenMessage<Change> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 7);
+  messageDesc(file_keyplane_v1_sidecar_service, 9);
 
 /**
  * Outcome is one upstream attempt of one app request.
@@ -420,7 +484,7 @@ export type Outcome = Message<"keyplane.v1.Outcome"> & {
  * Use `create(OutcomeSchema)` to create a new message.
  */
 export const OutcomeSchema: GenMessage<Outcome> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 8);
+  messageDesc(file_keyplane_v1_sidecar_service, 10);
 
 /**
  * @generated from message keyplane.v1.ReportOutcomesRequest
@@ -450,7 +514,7 @@ export type ReportOutcomesRequest = Message<"keyplane.v1.ReportOutcomesRequest">
  * Use `create(ReportOutcomesRequestSchema)` to create a new message.
  */
 export const ReportOutcomesRequestSchema: GenMessage<ReportOutcomesRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 9);
+  messageDesc(file_keyplane_v1_sidecar_service, 11);
 
 /**
  * @generated from message keyplane.v1.ReportOutcomesResponse
@@ -467,7 +531,7 @@ export type ReportOutcomesResponse = Message<"keyplane.v1.ReportOutcomesResponse
  * Use `create(ReportOutcomesResponseSchema)` to create a new message.
  */
 export const ReportOutcomesResponseSchema: GenMessage<ReportOutcomesResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 10);
+  messageDesc(file_keyplane_v1_sidecar_service, 12);
 
 /**
  * OutcomeClass is the sidecar's classification of one upstream attempt.
@@ -565,6 +629,20 @@ export const SidecarService: GenService<{
     methodKind: "client_streaming";
     input: typeof ReportOutcomesRequestSchema;
     output: typeof ReportOutcomesResponseSchema;
+  },
+  /**
+   * Ack tells the control plane what the sidecar did with the Watch messages
+   * it got (xDS ACK/NACK): the version it applied, or a version it rejected,
+   * with why, while it keeps serving the one it applied before. Sent after
+   * each message (latest wins, so a sidecar may skip acks it has not sent
+   * yet); any replica may take it: the record is shared through the store.
+   *
+   * @generated from rpc keyplane.v1.SidecarService.Ack
+   */
+  ack: {
+    methodKind: "unary";
+    input: typeof AckRequestSchema;
+    output: typeof AckResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_keyplane_v1_sidecar_service, 0);
