@@ -21,6 +21,7 @@ from keyplane_cli.control_plane_flags import add_control_plane_flags, control_pl
 from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
+from keyplane_cli.stability_flags import add_stability_flags, stability_options_from_args
 from keyplane_cli.tls_flags import (
     add_client_tls_flags,
     add_server_tls_flags,
@@ -236,6 +237,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         upstream_max_body_bytes=args.upstream_max_body_bytes,
         control_plane_tls=client_tls_from_args(args),
         **edge_options_from_args(args),
+        **stability_options_from_args(args),
     )
 
 
@@ -255,9 +257,9 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         token = read_token_file(default)
     try:
         config = sidecar_config_from_args(args, token, health_policy)
+        sc = Sidecar(config)
     except ValueError as exc:
         raise SystemExit(f"sidecar: {exc}") from None
-    sc = Sidecar(config)
     try:
         await _start(sc.start(), f"{args.host}:{args.port}", "--host/--port")
     except TlsError as exc:
@@ -382,6 +384,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         help="most bytes of a non-streamed upstream answer (a larger one fails the attempt as upstream_error)",
     )
     add_edge_flags(sc)
+    add_stability_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
 
