@@ -20,6 +20,7 @@ from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
 from control_plane.store.factory import open_store
 from control_plane.url_policy import UrlPolicy
+from control_plane.watch_admission import WatchAdmission
 from keyplane.keyring import Keyring, MasterKeys
 from keyplane.keyring_file import KeyringFile
 from keyplane.tls import CertificateReloader, server_credentials
@@ -157,7 +158,12 @@ class ControlPlane:
                 server,
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(
-                SidecarService(self._hub.cache, self._aggregator), server
+                SidecarService(
+                    self._hub.cache,
+                    self._aggregator,
+                    admission=WatchAdmission(config.watch_admit_rate, config.watch_admit_burst),
+                ),
+                server,
             )
             self._health = AsyncHealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

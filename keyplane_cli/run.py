@@ -21,7 +21,12 @@ from keyplane_cli.control_plane_flags import add_control_plane_flags, control_pl
 from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
-from keyplane_cli.stability_flags import add_stability_flags, stability_options_from_args
+from keyplane_cli.stability_flags import (
+    add_stability_flags,
+    add_watch_admission_flags,
+    stability_options_from_args,
+    watch_admission_options_from_args,
+)
 from keyplane_cli.tls_flags import (
     add_client_tls_flags,
     add_server_tls_flags,
@@ -119,6 +124,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             health_policy=health_policy,
             **intervals,
             **control_plane_options_from_args(args),
+            **watch_admission_options_from_args(args),
         )
     )
     try:
@@ -195,6 +201,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             insecure_plaintext=args.insecure_plaintext,
             **intervals,
             **control_plane_options_from_args(args),
+            **watch_admission_options_from_args(args),
         )
     except ValueError as exc:  # TlsError included
         raise SystemExit(f"control-plane: {exc}") from None
@@ -390,6 +397,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
 
     add_control_plane_flags(up)
     add_control_plane_flags(cp)
+    add_watch_admission_flags(up)
+    add_watch_admission_flags(cp)
     add_health_flags(up, aggregator=True)
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)

@@ -11,6 +11,10 @@
 - ``--watch-backoff-cap SECONDS`` (default 1): the longest wait between two
   reconnects of the watch stream (the first one after a stream broke is
   immediate; a control plane shedding load may ask for longer).
+
+And of ``keyplane control-plane`` / ``keyplane up``: ``--watch-admit-rate``
+and ``--watch-admit-burst``, how many new watch streams it serves a second
+and at once before it tells the next ones when to come back.
 """
 
 from __future__ import annotations
@@ -22,9 +26,18 @@ from typing import TypedDict
 from keyplane.home import Home
 from keyplane_cli.health_flags import positive_seconds
 
-__all__ = ["StabilityOptions", "add_stability_flags", "stability_options_from_args"]
+__all__ = [
+    "StabilityOptions",
+    "WatchAdmissionOptions",
+    "add_stability_flags",
+    "add_watch_admission_flags",
+    "stability_options_from_args",
+    "watch_admission_options_from_args",
+]
 
 _DEFAULT_BACKOFF_CAP = 1.0
+_DEFAULT_ADMIT_RATE = 1000.0
+_DEFAULT_ADMIT_BURST = 1000
 
 
 class StabilityOptions(TypedDict):
@@ -90,3 +103,49 @@ def stability_options_from_args(args: argparse.Namespace, home: Home | None = No
         max_snapshot_age=args.max_snapshot_age,
         watch_backoff_cap=args.watch_backoff_cap,
     )
+
+
+class WatchAdmissionOptions(TypedDict):
+    """``ControlPlaneConfig`` keyword arguments."""
+
+    watch_admit_rate: float
+    watch_admit_burst: int
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _positive_rate(text: str) -> float:
+    try:
+        return positive_seconds(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+
+
+def add_watch_admission_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--watch-admit-rate",
+        type=_positive_rate,
+        default=_DEFAULT_ADMIT_RATE,
+        metavar="PER_SECOND",
+        help="new watch streams served per second on average; more are told (UNAVAILABLE with a retry delay) "
+        f"when to come back, spread at this rate (default {_DEFAULT_ADMIT_RATE:g})",
+    )
+    parser.add_argument(
+        "--watch-admit-burst",
+        type=_at_least_one,
+        default=_DEFAULT_ADMIT_BURST,
+        metavar="N",
+        help=f"new watch streams served at once before the rate applies (default {_DEFAULT_ADMIT_BURST})",
+    )
+
+
+def watch_admission_options_from_args(args: argparse.Namespace) -> WatchAdmissionOptions:
+    return WatchAdmissionOptions(watch_admit_rate=args.watch_admit_rate, watch_admit_burst=args.watch_admit_burst)
