@@ -161,7 +161,10 @@ class WatchClient:
             sidecar_id=self._config.sidecar_id,
         )
         metadata = (("authorization", f"Bearer {self._config.sidecar_token}"),)
-        call = stub.Watch(request, metadata=metadata)
+        # wait_for_ready: while the control plane is away the call waits for the
+        # channel to connect (its reconnect backoff is capped like ours) instead of
+        # failing fast, so the stream opens the moment the control plane is back.
+        call = stub.Watch(request, metadata=metadata, wait_for_ready=True)
         self._call = call
         received = False
         try:
