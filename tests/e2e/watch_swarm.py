@@ -56,7 +56,7 @@ async def main(args: argparse.Namespace) -> None:
         ("grpc.use_local_subchannel_pool", 1),
         ("grpc.initial_reconnect_backoff_ms", int(config.watch_backoff_base * 1000)),
         ("grpc.min_reconnect_backoff_ms", int(config.watch_backoff_base * 1000)),
-        ("grpc.max_reconnect_backoff_ms", int(config.watch_backoff_cap * 1000 / 1.2)),
+        ("grpc.max_reconnect_backoff_ms", int(config.watch_backoff_cap * 1000 / 2)),
     ]
     channels = [aio.insecure_channel(proxy.address, options=options) for _ in range(args.channels)]
     states = [SidecarState() for _ in range(args.streams)]
