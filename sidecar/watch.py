@@ -39,6 +39,9 @@ _log = logging.getLogger(__name__)
 # A stream up at least this long earns an immediate reconnect when it breaks
 # (a control plane that accepts and drops streams at once gets the backoff).
 _STABLE_STREAM = 1.0
+# A call waiting for the channel to connect says so after this long, then once a minute.
+_WAITING_LOG_AFTER = 5.0
+_WAITING_LOG_EVERY = 60.0
 
 
 class Backoff:
@@ -95,6 +98,8 @@ class WatchClient:
         # The wait the control plane asked for when it last refused a stream (pushback).
         self._server_delay: float | None = None
         self.pushbacks = 0
+        # Says, while a call waits for the control plane, that it still does.
+        self._waiting: asyncio.TimerHandle | None = None
         self._backoff = Backoff(config.watch_backoff_base, config.watch_backoff_cap, rng)
         self._stopping = asyncio.Event()
         self._ready = asyncio.Event()
@@ -167,6 +172,8 @@ class WatchClient:
         call = stub.Watch(request, metadata=metadata, wait_for_ready=True)
         self._call = call
         received = False
+        loop = asyncio.get_running_loop()
+        self._waiting = loop.call_later(_WAITING_LOG_AFTER, self._log_waiting, loop, _WAITING_LOG_AFTER)
         try:
             async for message in call:
                 try:
@@ -188,6 +195,7 @@ class WatchClient:
                 if message.WhichOneof("payload") == "snapshot":
                     self._force_snapshot = False
                 if not received:
+                    self._cancel_waiting()
                     received = True
                     self._streams += 1
                     state.set_connected(True)
@@ -211,10 +219,30 @@ class WatchClient:
             if task is not None and task.cancelling():
                 raise
         finally:
+            self._cancel_waiting()
             self._call = None
             if received:
                 state.set_connected(False)
         return received
+
+    def _cancel_waiting(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._waiting = None
+
+    def _log_waiting(self, loop: asyncio.AbstractEventLoop, waited: float) -> None:
+        """The call has been waiting ``waited`` seconds for the control plane (timer callback)."""
+        if self._stopping.is_set() or self._call is None:
+            return
+        state = self._state
+        serving = f"serving snapshot version {state.version}" if state.is_ready else "nothing to serve yet"
+        _log.warning(
+            "cannot reach the control plane at %s for %.0fs; %s; still trying",
+            self._config.control_plane_target,
+            waited,
+            serving,
+        )
+        self._waiting = loop.call_later(_WAITING_LOG_EVERY, self._log_waiting, loop, waited + _WAITING_LOG_EVERY)
 
     def _log_rpc_error(self, exc: grpc.aio.AioRpcError) -> None:
         if self._stopping.is_set():

@@ -4,6 +4,7 @@ control plane shedding load tells the sidecar when to come back (real gRPC, real
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 
@@ -65,3 +66,18 @@ async def test_a_busy_control_plane_tells_the_sidecar_when_to_come_back(plane: P
             assert second.watch.pushbacks == 1
             assert first.watch.pushbacks == 0
             assert 0.4 <= waited < 3.0  # waited as told (0.5 s + jitter), not its own 50 ms backoff
+
+
+async def test_a_sidecar_waiting_for_an_unreachable_control_plane_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, unused_tcp_port: int
+) -> None:
+    monkeypatch.setattr("sidecar.watch._WAITING_LOG_AFTER", 0.3)
+    monkeypatch.setattr("sidecar.watch._WAITING_LOG_EVERY", 0.3)
+    config = sidecar_config(control_plane_target=f"127.0.0.1:{unused_tcp_port}", sidecar_token=SIDECAR_TOKEN)
+    with caplog.at_level(logging.WARNING, logger="sidecar.watch"):
+        async with Sidecar(config) as sc:
+            assert not await sc.wait_ready(1.0)
+    lines = [r.getMessage() for r in caplog.records if "cannot reach the control plane" in r.getMessage()]
+    assert len(lines) >= 2, lines  # at first after the delay, then again while it lasts
+    assert "nothing to serve yet" in lines[0]
+    assert SIDECAR_TOKEN not in caplog.text
