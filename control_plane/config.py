@@ -87,6 +87,10 @@ class ControlPlaneConfig:
     # How often this replica refreshes its streams in the shared record; a
     # stream not refreshed for 3 heartbeats counts as gone (its replica died).
     sidecar_heartbeat: float = 10.0
+    # New watch streams admitted per second on average, and at once: more are
+    # told when to come back (UNAVAILABLE with a retry delay), spread at the rate.
+    watch_admit_rate: float = 1000.0
+    watch_admit_burst: int = 1000
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -111,6 +115,8 @@ class ControlPlaneConfig:
             raise ValueError("health_sweep_interval and health_retry_interval must be positive")
         if not math.isfinite(self.store_timeout) or self.store_timeout <= 0:
             raise ValueError("store_timeout must be a positive number of seconds")
+        if not math.isfinite(self.watch_admit_rate) or self.watch_admit_rate <= 0 or self.watch_admit_burst < 1:
+            raise ValueError("watch_admit_rate must be positive and watch_admit_burst at least 1")
         if self.tls is None and not self.insecure_plaintext and not is_loopback_listen(self.listen):
             raise ValueError(
                 f"refusing to serve plaintext gRPC on {self.listen} (not a loopback address): "

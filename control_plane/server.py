@@ -22,6 +22,7 @@ from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
 from control_plane.store.factory import open_store
 from control_plane.url_policy import UrlPolicy
+from control_plane.watch_admission import WatchAdmission
 from keyplane.keyring import Keyring, MasterKeys
 from keyplane.keyring_file import KeyringFile
 from keyplane.tls import CertificateReloader, server_credentials
@@ -196,6 +197,7 @@ class ControlPlane:
                     fleet=self._fleet,
                     catch_up=self._hub.catch_up,
                     lag_wait=config.lag_wait,
+                    admission=WatchAdmission(config.watch_admit_rate, config.watch_admit_burst),
                 ),
                 server,
             )

@@ -1,9 +1,12 @@
 """The sidecar gRPC service: one long-lived Watch stream per sidecar, and one
 long-lived ReportOutcomes stream per sidecar.
 
-The Watch handler only checks the request against the token's scope and
-forwards what its subscription to the snapshot cache yields; the queueing,
-coalescing and snapshot-or-delta decisions live in ``control_plane.snapshot_cache``.
+The Watch handler only checks the request against the token's scope, admits
+the stream (``control_plane.watch_admission``: a stampede of reconnecting
+sidecars is told, with ``UNAVAILABLE`` and a retry delay in the trailing
+metadata, ``keyplane.pushback``, when to come back) and forwards what its
+subscription to the snapshot cache yields; the queueing, coalescing and
+snapshot-or-delta decisions live in ``control_plane.snapshot_cache``.
 
 The ReportOutcomes handler validates each outcome (tenant within the token's
 scope, a known class and provider, a key id and a model); invalid outcomes
@@ -37,8 +40,10 @@ from control_plane.auth import SidecarScope, current_sidecar_scope
 from control_plane.fleet import FleetTracker
 from control_plane.snapshot_cache import SnapshotCache, SnapshotTooLarge
 from control_plane.status import status_for
+from control_plane.watch_admission import WatchAdmission
 from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
+from keyplane.pushback import encode_retry_delay
 from keyplane.v1 import sidecar_service_pb2 as pb
 from keyplane.v1 import sidecar_service_pb2_grpc
 
@@ -59,6 +64,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         fleet: FleetTracker | None = None,
         catch_up: Callable[[], Awaitable[int]] | None = None,
         lag_wait: float = 5.0,
+        admission: WatchAdmission | None = None,
     ) -> None:
         self._cache = cache
         self._health = health
@@ -66,6 +72,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         # Reads the store's change log into the cache (SnapshotHub.catch_up).
         self._catch_up = catch_up
         self._lag_wait = lag_wait
+        self._admission = admission
         # Converted success outcomes, reused across reports (see ``_validate_batch``).
         self._successes: dict[_SuccessKey, ReportedOutcome] = {}
 
@@ -96,6 +103,14 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             assert mapped is not None
             await context.abort(*mapped)
         sidecar_id = request.sidecar_id[:_MAX_SIDECAR_ID]
+        delay = self._admission.admit() if self._admission is not None else None
+        if delay is not None:
+            log.debug("sidecar %r (%s) told to come back in %.3fs", sidecar_id, peer, delay)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the control plane is busy with reconnecting sidecars; retry in {round(delay * 1000)} ms",
+                trailing_metadata=encode_retry_delay(delay),
+            )
         version_reset: bool | None = False
         if request.resume_version > self._cache.version:
             version_reset = await self._catch_up_to(request.resume_version, sidecar_id, peer)

@@ -24,6 +24,12 @@ from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
 from keyplane_cli.recovery_probe_flags import add_recovery_probe_flags, recovery_probe_from_args
+from keyplane_cli.stability_flags import (
+    add_stability_flags,
+    add_watch_admission_flags,
+    stability_options_from_args,
+    watch_admission_options_from_args,
+)
 from keyplane_cli.tls_flags import (
     add_client_tls_flags,
     add_server_tls_flags,
@@ -123,6 +129,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             **control_plane_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
+            **watch_admission_options_from_args(args),
         )
     )
     try:
@@ -201,6 +208,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             **control_plane_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
+            **watch_admission_options_from_args(args),
         )
     except ValueError as exc:  # TlsError included
         raise SystemExit(f"control-plane: {exc}") from None
@@ -245,6 +253,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         providers=tuple(args.provider or ()),
         **({"sidecar_id": args.sidecar_id} if args.sidecar_id else {}),
         **edge_options_from_args(args),
+        **stability_options_from_args(args),
     )
 
 
@@ -272,9 +281,9 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
         token = read_token_file(default)
     try:
         config = sidecar_config_from_args(args, token, health_policy)
+        sc = Sidecar(config)
     except ValueError as exc:
         raise SystemExit(f"sidecar: {exc}") from None
-    sc = Sidecar(config)
     try:
         await _start(sc.start(), f"{args.host}:{args.port}", "--host/--port")
     except TlsError as exc:
@@ -412,6 +421,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         help="most bytes of a non-streamed upstream answer (a larger one fails the attempt as upstream_error)",
     )
     add_edge_flags(sc)
+    add_stability_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
 
@@ -421,6 +431,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_recovery_probe_flags(cp)
     add_convergence_flags(up)
     add_convergence_flags(cp)
+    add_watch_admission_flags(up)
+    add_watch_admission_flags(cp)
     add_health_flags(up, aggregator=True)
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)

@@ -101,6 +101,9 @@ class Decision:
     applied: bool
     # The stream cannot go on: reconnect, resuming from the held version.
     resync: bool = False
+    # What was applied, in order (held-back messages first): the snapshot
+    # keeper folds each of them into the persisted snapshot.
+    messages: tuple[sidecar_service_pb2.WatchResponse, ...] = ()
 
 
 def _changes(message: sidecar_service_pb2.WatchResponse) -> int:
@@ -163,7 +166,7 @@ class VersionGate:
         self.reset_stream()
         self.rejected_version = 0
         self.error_detail = ""
-        return Decision(applied=True)
+        return Decision(applied=True, messages=tuple(candidate))
 
     def _reject(self, version: int, error: str) -> None:
         if error != self.error_detail:

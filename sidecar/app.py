@@ -1,6 +1,7 @@
 """The sidecar's HTTP face: a raw ASGI app speaking the OpenAI API (the edge).
 
-POST /v1/chat/completions, GET /v1/models[/{id}], GET /healthz, GET /metrics.
+POST /v1/chat/completions, GET /v1/models[/{id}], GET /livez, GET /readyz (and its
+alias /healthz; see ``sidecar.probes``), GET /metrics.
 Every answer to a request is served from ``SidecarState`` (no network hop
 besides the upstream call); errors have the OpenAI error shape.
 
@@ -13,8 +14,9 @@ through ``sidecar.relay``. The edge never touches an upstream response.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
-from . import errors
+from . import errors, probes
 from .access_log import AccessEntry, AccessLog
 from .asgi import Message, Receive, Scope, Send, send_bytes, send_error, send_json
 from .chat import authenticate, chat, read_headers
@@ -41,7 +43,9 @@ class SidecarApp:
         balancer: Balancer | None = None,
         max_body_bytes: int = 10 * 1024 * 1024,
         max_attempts: int = 8,
-        stale_after: float = 300.0,
+        max_snapshot_age: float | None = None,
+        snapshot_age: Callable[[], float | None] | None = None,
+        restored_version: Callable[[], int | None] | None = None,
         request_timeout: float = 600.0,
         reporter: OutcomeReporter | None = None,
         disconnect_watch_after: float = 0.05,
@@ -53,7 +57,10 @@ class SidecarApp:
         self.balancer = balancer if balancer is not None else Balancer()
         self.max_body_bytes = max_body_bytes
         self.max_attempts = max_attempts
-        self.stale_after = stale_after
+        self.max_snapshot_age = max_snapshot_age
+        # How old the snapshot served is, and the persisted version it came from (sidecar.snapshot_keeper).
+        self.snapshot_age = snapshot_age if snapshot_age is not None else state.age
+        self.restored_version = restored_version
         self.request_timeout = request_timeout
         self.reporter = reporter
         self.access_log = access_log  # opt-in: one JSON line per chat request
@@ -95,9 +102,13 @@ class SidecarApp:
                     status = await send_error(send, errors.method_not_allowed(method, path))
                 else:
                     status = await self._models(scope, send, path[len("/v1/models/") :] or None)
-            elif path == "/healthz":
-                endpoint = "healthz"
-                status = await self._healthz(send)
+            elif path == "/livez":
+                endpoint = "livez"
+                code, body = probes.liveness()
+                status = await send_json(send, code, body)
+            elif path in ("/readyz", "/healthz"):
+                endpoint = path[1:]
+                status = await self._readyz(send)
             elif path == "/metrics":
                 endpoint = "metrics"
                 status = await send_bytes(send, 200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE.encode())
@@ -136,26 +147,12 @@ class SidecarApp:
             return await send_error(send, errors.model_not_found(model_id))
         return await send_json(send, 200, _model_entry(model_id))
 
-    async def _healthz(self, send: Send) -> int:
-        state = self.state
-        if not state.is_ready:
-            return await send_json(
-                send,
-                503,
-                {"status": "unavailable", "reason": "no snapshot from the control plane yet", "version": 0},
-            )
-        age = state.age()
-        if age is not None and age > self.stale_after:
-            return await send_json(
-                send,
-                503,
-                {
-                    "status": "stale",
-                    "reason": f"no contact with the control plane for {int(age)}s",
-                    "version": state.version,
-                },
-            )
-        return await send_json(send, 200, {"status": "ok", "version": state.version})
+    async def _readyz(self, send: Send) -> int:
+        restored = self.restored_version() if self.restored_version is not None else None
+        code, body = probes.readiness(
+            self.state, age=self.snapshot_age(), max_snapshot_age=self.max_snapshot_age, restored_version=restored
+        )
+        return await send_json(send, code, body)
 
     # --- metrics of the chat handler's attempts ------------------------------------------
 

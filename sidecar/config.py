@@ -38,8 +38,15 @@ class SidecarConfig:
     upstream_read_timeout: float = 600.0
     # One deadline for a whole app request: every attempt, streaming included.
     request_timeout: float = 600.0
-    # /healthz reports 503 once the control plane has been gone this long.
-    stale_after: float = 300.0
+    # /readyz (and /healthz) report 503 once the snapshot served was last in sync
+    # with the control plane longer ago than this; None (the default): never.
+    max_snapshot_age: float | None = None
+    # The persisted last-known-good snapshot (sidecar.snapshot_keeper); None: not persisted.
+    snapshot_file: str | None = None
+    # Key file the snapshot file's key is derived from; None: from the sidecar token.
+    snapshot_key_file: str | None = None
+    # Most one write of the snapshot file per this many seconds (bursts coalesce).
+    snapshot_write_interval: float = 1.0
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Upper bound on upstream attempts (keys x targets) for one request.
     max_attempts: int = 8
@@ -62,8 +69,9 @@ class SidecarConfig:
     # Control-plane channel: TLS (and a client certificate for mTLS); None: plaintext.
     control_plane_tls: ClientTls | None = None
     grpc_keepalive_time: float = 60.0
-    watch_backoff_base: float = 0.1
-    watch_backoff_cap: float = 5.0
+    # Watch reconnects: the first at once, then full jitter, doubling from base up to cap.
+    watch_backoff_base: float = 0.05
+    watch_backoff_cap: float = 1.0
     # One JSON line per chat request (``sidecar.access_log``): "-" for stdout or a
     # file path to append to; None (the default): off.
     access_log: str | None = None
@@ -128,6 +136,10 @@ class SidecarConfig:
             for path in self.control_plane_tls.files():
                 if not path.is_file():
                     raise ValueError(f"control-plane TLS file is not a file: {path}")
+        if self.max_snapshot_age is not None and self.max_snapshot_age <= 0:
+            raise ValueError("max_snapshot_age must be positive")
+        if self.snapshot_key_file is not None and not os.path.isfile(self.snapshot_key_file):
+            raise ValueError(f"snapshot_key_file is not a file: {self.snapshot_key_file}")
         if self.report_queue_size < 1 or self.report_batch_size < 1:
             raise ValueError("report_queue_size and report_batch_size must be at least 1")
         for name in (
@@ -135,7 +147,9 @@ class SidecarConfig:
             "upstream_read_timeout",
             "upstream_keepalive_timeout",
             "request_timeout",
-            "stale_after",
+            "snapshot_write_interval",
+            "watch_backoff_base",
+            "watch_backoff_cap",
             "report_interval",
             "report_failure_interval",
             "report_max_age",

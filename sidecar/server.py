@@ -19,6 +19,7 @@ import logging
 import signal
 import socket
 from collections.abc import Generator
+from pathlib import Path
 
 import uvicorn
 
@@ -30,6 +31,8 @@ from .edge_protocol import EdgeLimits, edge_protocol
 from .metrics import SidecarMetrics
 from .reporter import OutcomeReporter
 from .router import Balancer
+from .snapshot_file import SnapshotKey
+from .snapshot_keeper import SnapshotKeeper
 from .state import SidecarState
 from .upstream import UpstreamClient
 from .watch import WatchClient
@@ -90,6 +93,11 @@ class Sidecar:
             max_body_bytes=config.upstream_max_body_bytes,
         )
         self.metrics = SidecarMetrics(self.state)
+        # The persisted last-known-good snapshot (restored on start, written as it changes).
+        self.snapshots = (
+            _snapshot_keeper(config, self.state) if watch else SnapshotKeeper(self.state, path=None, key=None)
+        )
+        self.snapshots.register_metrics(self.metrics.registry)
         reporting = (watch if report is None else report) and config.report_outcomes
         self.reporter = OutcomeReporter(config, metrics=self.metrics) if reporting else None
         self.app = SidecarApp(
@@ -99,18 +107,21 @@ class Sidecar:
             balancer=Balancer(),
             max_body_bytes=config.max_body_bytes,
             max_attempts=config.max_attempts,
-            stale_after=config.stale_after,
+            max_snapshot_age=config.max_snapshot_age,
+            snapshot_age=self.snapshots.age,
+            restored_version=lambda: self.snapshots.restored_version,
             request_timeout=config.request_timeout,
             reporter=self.reporter,
             access_log=AccessLog.to(config.access_log) if config.access_log is not None else None,
         )
-        self.watch = WatchClient(config, self.state) if watch else None
+        self.watch = WatchClient(config, self.state, on_applied=self.snapshots.note) if watch else None
         # The one channel to the control plane, opened by ``start`` (inside the loop).
         self._channel: ChannelSource | None = None
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._report_task: asyncio.Task[None] | None = None
+        self._snapshot_task: asyncio.Task[None] | None = None
         self._port: int | None = None
 
     @property
@@ -136,6 +147,10 @@ class Sidecar:
             raise RuntimeError("the sidecar is already started")
         await self.upstream.start()
         try:
+            if self.snapshots.enabled:
+                # Before the stream opens: serve the persisted snapshot until the control plane answers.
+                await self.snapshots.restore()
+                self._snapshot_task = asyncio.create_task(self.snapshots.run(), name="keyplane-sidecar-snapshot")
             if self.watch is not None or self.reporter is not None:
                 self._channel = ChannelSource(self.config)
             if self.watch is not None:
@@ -195,8 +210,10 @@ class Sidecar:
         """Stop accepting requests, let in-flight ones finish (up to the grace), close all."""
         server, serve_task = self._server, self._serve_task
         watch_task, report_task = self._watch_task, self._report_task
+        snapshot_task = self._snapshot_task
         channel = self._channel
         self._server = self._serve_task = self._watch_task = self._report_task = None
+        self._snapshot_task = None
         self._channel = None
         try:
             if server is not None and serve_task is not None:
@@ -214,6 +231,7 @@ class Sidecar:
                         await watch_task
                     except Exception as exc:
                         _log.error("watch client failed: %s", type(exc).__name__)
+                await self._stop_snapshots(snapshot_task)
             finally:
                 try:
                     await self._stop_reporter(report_task)
@@ -225,6 +243,19 @@ class Sidecar:
                     if self.app.access_log is not None:
                         self.app.access_log.close()
                     self._port = None
+
+    async def _stop_snapshots(self, task: asyncio.Task[None] | None) -> None:
+        """Write what the stream applied last (after the watch stopped), then end the writer."""
+        if task is None:
+            return
+        try:
+            await self.snapshots.close()
+        except Exception as exc:
+            _log.error("persisting the snapshot on stop failed: %s", type(exc).__name__)
+        try:
+            await task
+        except Exception as exc:
+            _log.error("snapshot writer failed: %s", type(exc).__name__)
 
     async def _stop_reporter(self, task: asyncio.Task[None] | None) -> None:
         """Flush queued outcomes over the live stream, best effort, within the flush timeout."""
@@ -255,6 +286,23 @@ class Sidecar:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+def _snapshot_keeper(config: SidecarConfig, state: SidecarState) -> SnapshotKeeper:
+    if config.snapshot_file is None:
+        return SnapshotKeeper(state, path=None, key=None)
+    key = (
+        SnapshotKey.from_file(Path(config.snapshot_key_file))
+        if config.snapshot_key_file is not None
+        else SnapshotKey.from_token(config.sidecar_token)
+    )
+    return SnapshotKeeper(
+        state,
+        path=Path(config.snapshot_file),
+        key=key,
+        tenants=config.tenants,
+        interval=config.snapshot_write_interval,
+    )
 
 
 async def _close_channel(channel: ChannelSource) -> None:

@@ -84,3 +84,33 @@ def test_every_upstream_flag_reaches_the_config(tmp_path: Path) -> None:
 def test_bad_values_are_refused(flag: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         sidecar_config_from_args(parse(flag), "tok", HealthPolicy())
+
+
+def test_static_stability_flags_and_their_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KEYPLANE_HOME", str(tmp_path / "home"))
+    config = sidecar_config_from_args(parse("--port", "8799"), "tok", HealthPolicy())
+    assert config.snapshot_file == str(tmp_path / "home" / "sidecar-8799.snapshot")  # on by default
+    assert (config.snapshot_key_file, config.max_snapshot_age, config.watch_backoff_cap) == (None, None, 1.0)
+    assert sidecar_config_from_args(parse("--no-snapshot-file"), "tok", HealthPolicy()).snapshot_file is None
+    key_file = tmp_path / "snap.key"
+    key_file.write_text("0123456789abcdef0123456789abcdef")
+    config = sidecar_config_from_args(
+        parse(
+            "--snapshot-file",
+            str(tmp_path / "s.snap"),
+            "--snapshot-key-file",
+            str(key_file),
+            "--max-snapshot-age",
+            "3600",
+            "--watch-backoff-cap",
+            "0.5",
+        ),
+        "tok",
+        HealthPolicy(),
+    )
+    assert config.snapshot_file == str(tmp_path / "s.snap")
+    assert (config.snapshot_key_file, config.max_snapshot_age, config.watch_backoff_cap) == (str(key_file), 3600, 0.5)
+    with pytest.raises(ValueError, match="contradict"):
+        sidecar_config_from_args(parse("--snapshot-file", "x", "--no-snapshot-file"), "tok", HealthPolicy())
+    with pytest.raises(SystemExit):
+        parse("--max-snapshot-age", "0")

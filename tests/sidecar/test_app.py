@@ -57,30 +57,51 @@ async def test_healthz_before_and_after_snapshot(
     assert before.status_code == 503
     assert before.json()["status"] == "unavailable"
     assert before.json()["reason"]
+    assert (await client.get("/livez")).status_code == 200  # alive all the same
 
     sidecar.state.apply(standard_snapshot(upstream, version=42))
-    after = await client.get("/healthz")
-    assert after.status_code == 200
-    assert after.json() == {"status": "ok", "version": 42}
+    for path in ("/healthz", "/readyz"):
+        after = await client.get(path)
+        assert after.status_code == 200
+        body = after.json()
+        assert (body["status"], body["version"], body["source"]) == ("ok", 42, "control_plane")
+        assert body["reason"]
 
 
-async def test_healthz_turns_stale_without_the_control_plane(upstream: FakeUpstream) -> None:
+async def test_readyz_never_turns_stale_by_default_and_livez_never_fails(upstream: FakeUpstream) -> None:
     now = [1000.0]
     state = SidecarState(clock=lambda: now[0])
-    async with Sidecar(sidecar_config(stale_after=60.0), state=state, watch=False) as sc:
+    async with Sidecar(sidecar_config(), state=state, watch=False) as sc:
+        async with httpx.AsyncClient(base_url=sc.url) as c:
+            state.apply(standard_snapshot(upstream, version=7))
+            state.set_connected(True)
+            state.set_connected(False)
+            now[0] += 7 * 24 * 3600  # a week without the control plane
+            for path in ("/livez", "/readyz", "/healthz"):
+                assert (await c.get(path)).status_code == 200, path
+            assert (await c.get("/readyz")).json()["snapshot_age_seconds"] == 7 * 24 * 3600
+
+
+async def test_readyz_turns_stale_past_max_snapshot_age(upstream: FakeUpstream) -> None:
+    now = [1000.0]
+    state = SidecarState(clock=lambda: now[0])
+    async with Sidecar(sidecar_config(max_snapshot_age=60.0), state=state, watch=False) as sc:
         async with httpx.AsyncClient(base_url=sc.url) as c:
             state.apply(standard_snapshot(upstream, version=7))
             state.set_connected(True)
             now[0] += 3600  # a live stream is never stale, however quiet
-            assert (await c.get("/healthz")).status_code == 200
+            assert (await c.get("/readyz")).status_code == 200
             state.set_connected(False)
             now[0] += 59
-            assert (await c.get("/healthz")).status_code == 200
+            assert (await c.get("/readyz")).status_code == 200
             now[0] += 2
-            stale = await c.get("/healthz")
-            assert stale.status_code == 503
-            assert stale.json()["status"] == "stale"
-            assert stale.json()["version"] == 7
+            for path in ("/readyz", "/healthz"):
+                stale = await c.get(path)
+                assert stale.status_code == 503
+                assert stale.json()["status"] == "stale"
+                assert stale.json()["version"] == 7
+                assert "max-snapshot-age" in stale.json()["reason"]
+            assert (await c.get("/livez")).status_code == 200  # liveness is not about the control plane
             # Static stability: requests are still served from the last-known state.
             ok = await c.post(CHAT, json={"model": PUBLIC_MODEL, "messages": MESSAGES}, headers=auth())
             assert ok.status_code == 200
