@@ -74,6 +74,10 @@ class SqlBase(ABC, Generic[Conn]):
         """Run one statement; the number of rows it changed."""
 
     @abstractmethod
+    async def _executemany(self, conn: Conn, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for each of ``rows`` in one round trip."""
+
+    @abstractmethod
     async def _log(self, conn: Conn, tenant: str, kind: EntityKind, entity_id: str, op: ChangeOp) -> int:
         """Append one change row; the last step of a write (several in a row
         are fine). Returns its version."""

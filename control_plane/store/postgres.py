@@ -40,11 +40,26 @@ from control_plane.store.migrations import pending
 from keyplane.domain import ChangeOp, EntityKind
 from keyplane.errors import Unavailable
 
-__all__ = ["CHANNEL", "DEFAULT_COMMAND_TIMEOUT", "MIGRATIONS", "MIGRATION_TIMEOUT", "PostgresStore"]
+__all__ = ["CHANNEL", "DEFAULT_COMMAND_TIMEOUT", "MIGRATIONS", "MIGRATION_TIMEOUT", "PostgresStore", "channel_for"]
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "keyplane_changes"
+
+
+def channel_for(schema: str) -> str:
+    """The NOTIFY channel of one schema's change log: stores in other schemas
+    of the same database (other deployments, tests) do not wake this one.
+    The default schema keeps the historical name, so replicas of an older
+    release and a newer one still hear each other during a rolling upgrade."""
+    if schema == "keyplane":
+        return CHANNEL
+    name = f"{CHANNEL}__{schema}"
+    if len(name) > 63:  # NAMEDATALEN - 1: pg_notify refuses longer names
+        name = f"{CHANNEL}__{hashlib.sha256(schema.encode()).hexdigest()[:40]}"
+    return name
+
+
 # Seconds one statement, or the wait for a pooled connection, may take before
 # the call fails with ``Unavailable`` (a stalled or locked database must not
 # hang admin calls). A store call is a handful of statements, so it is bounded
@@ -163,6 +178,7 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
         self._command_timeout = command_timeout
         self._secrets, self._target = _dsn_secrets_and_target(dsn)
         self._changes_lock = _lock_key(f"keyplane.changes:{schema}")
+        self._channel = channel_for(schema)
         self._migrate_lock = _lock_key(f"keyplane.migrate:{schema}")
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
@@ -275,6 +291,9 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
         status: str = await conn.execute(_numbered(sql), *params)  # e.g. "DELETE 3", "INSERT 0 1"
         return int(status.rsplit(" ", 1)[-1])
 
+    async def _executemany(self, conn: asyncpg.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await conn.executemany(_numbered(sql), rows)
+
     async def _log(self, conn: asyncpg.Connection, tenant: str, kind: EntityKind, entity_id: str, op: ChangeOp) -> int:
         """Append the change row and notify; must be the last step of a write
         (several in a row are fine). Returns the new version."""
@@ -286,7 +305,7 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
             kind.value,
             entity_id,
             op.value,
-            CHANNEL,
+            self._channel,
         )
         return int(version)
 
@@ -368,7 +387,7 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
     async def _open_listen_connection(self) -> None:
         conn = await self._connect()
         try:
-            await conn.add_listener(CHANNEL, self._on_notify)
+            await conn.add_listener(self._channel, self._on_notify)
         except BaseException:
             conn.terminate()
             raise
@@ -379,7 +398,7 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
         try:
             version = int(str(payload))
         except ValueError:
-            log.warning("ignoring malformed %s notification", CHANNEL)
+            log.warning("ignoring malformed %s notification", self._channel)
             return
         self._dispatch(version)
 
@@ -402,7 +421,7 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
         if self._closed or conn is not self._listen_conn:
             return
         self._listen_conn = None
-        log.warning("lost the %s LISTEN connection to %s; reconnecting", CHANNEL, self._target)
+        log.warning("lost the %s LISTEN connection to %s; reconnecting", self._channel, self._target)
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:

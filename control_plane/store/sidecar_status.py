@@ -63,12 +63,20 @@ class SidecarStatusSql(SqlBase[Conn]):
             "tenants = excluded.tenants, peer = excluded.peer, connected_at = excluded.connected_at, "
             "sent_version = excluded.sent_version, seen_at = excluded.seen_at"
         )
+        rows = [
+            (
+                s.sidecar_id,
+                replica,
+                None if s.tenants is None else enc.strings(s.tenants),
+                s.peer,
+                enc.time(s.connected_at, "connected_at"),
+                s.sent_version,
+                seen,
+            )
+            for s in streams
+        ]
         async with self._transaction() as conn:
-            for s in streams:
-                tenants = None if s.tenants is None else enc.strings(s.tenants)
-                connected = enc.time(s.connected_at, "connected_at")
-                values = (s.sidecar_id, replica, tenants, s.peer, connected, s.sent_version, seen)
-                await self._execute(conn, sql, values)
+            await self._executemany(conn, sql, rows)
 
     async def put_sidecar_acks(self, acks: Sequence[SidecarAck]) -> None:
         """Record what each sidecar last acknowledged, in one transaction."""
@@ -81,12 +89,12 @@ class SidecarStatusSql(SqlBase[Conn]):
             "applied_version = excluded.applied_version, rejected_version = excluded.rejected_version, "
             "error_detail = excluded.error_detail, acked_at = excluded.acked_at"
         )
+        rows = [
+            (a.sidecar_id, a.applied_version, a.rejected_version, a.error_detail, enc.time(a.acked_at, "acked_at"))
+            for a in acks
+        ]
         async with self._transaction() as conn:
-            for a in acks:
-                acked = enc.time(a.acked_at, "acked_at")
-                await self._execute(
-                    conn, sql, (a.sidecar_id, a.applied_version, a.rejected_version, a.error_detail, acked)
-                )
+            await self._executemany(conn, sql, rows)
 
     async def drop_sidecar_streams(self, replica: str, sidecar_ids: Sequence[str]) -> None:
         """Forget streams that ended on ``replica`` (a sidecar that moved on to
@@ -94,10 +102,11 @@ class SidecarStatusSql(SqlBase[Conn]):
         if not sidecar_ids:
             return
         async with self._transaction() as conn:
-            for sidecar_id in sidecar_ids:
-                await self._execute(
-                    conn, "DELETE FROM sidecar_status WHERE sidecar_id = ? AND replica = ?", (sidecar_id, replica)
-                )
+            await self._executemany(
+                conn,
+                "DELETE FROM sidecar_status WHERE sidecar_id = ? AND replica = ?",
+                [(sidecar_id, replica) for sidecar_id in sidecar_ids],
+            )
 
     async def list_sidecar_status(self) -> list[SidecarRecord]:
         """Every row, ordered by sidecar id."""

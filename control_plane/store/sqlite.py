@@ -171,6 +171,9 @@ class SqliteStore(SqlStore[aiosqlite.Connection]):
         async with conn.execute(sql, tuple(params)) as cursor:
             return int(cursor.rowcount)
 
+    async def _executemany(self, conn: aiosqlite.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await conn.executemany(sql, [tuple(row) for row in rows])
+
     async def _log(
         self, conn: aiosqlite.Connection, tenant: str, kind: EntityKind, entity_id: str, op: ChangeOp
     ) -> int:
