@@ -210,7 +210,12 @@ def decide(
         delay = max(0.0, min(limited) - now)
         if delay <= min(rate_limit_wait_left, usable_time):
             return WaitForRecovery(delay)
-    return honest_answer(candidates, now=now)
+    answer = honest_answer(candidates, now=now)
+    if policy.enabled and isinstance(answer, NoUsableKey) and answer.reason is Block.COOLING:
+        # Cooling keys are probed all along: the next request may well find one
+        # recovered, so no Retry-After (the SDKs' own short backoff), not the cooldown's end.
+        return NoUsableKey(answer.reason, answer.providers)
+    return answer
 
 
 def _hope(candidate: Candidate) -> tuple[float, float]:

@@ -118,6 +118,7 @@ async def test_a_failed_probe_answers_the_waiters_honestly_once_their_wait_is_sp
             if r.status_code == 503:
                 assert r.json()["error"]["reason"] == "cooling"
                 assert r.headers["x-keyplane-attempts"] == "0"
+                assert "retry-after" not in r.headers and "x-should-retry" not in r.headers
         assert len(upstream.chat_requests()) - mark == 1  # never more than one probe in flight
 
 
