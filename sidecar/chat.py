@@ -402,6 +402,7 @@ def _rescue(
         has_inactive_key=lambda provider, upstream_model: state.has_inactive_key(tenant, provider, upstream_model),
         replan=replan,
         wait_until=_app_deadline(headers, deadline, deadline - self.request_timeout),
+        count=lambda action: self.metrics.rescues.labels(action).inc(),
     )
 
 

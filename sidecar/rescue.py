@@ -60,7 +60,7 @@ _log = logging.getLogger(__name__)
 
 # Rounds of probe / wait / plan again one request may go through (each costs
 # an attempt or a wait out of a finite budget; this only bounds the loop).
-_MAX_ROUNDS = 16
+_MAX_ROUNDS = 100
 # A rate limit's end is waited for this much longer (clocks are not exact).
 _SLACK = 0.02
 _UNHEALTHY = HealthState.UNHEALTHY
@@ -118,6 +118,8 @@ class Rescue:
     replan: Callable[[], list[Attempt]]
     # Loop time no wait may end after (the app's own timeout, when it said it).
     wait_until: float = float("inf")
+    # Counts each action taken (metrics): probe_ok, probe_failed, waited_for_probe, ...
+    count: Callable[[str], None] = lambda action: None
 
 
 def key_block(health: TenantHealth, key_id: str, model: str, now: float) -> tuple[Block, float | None, float] | None:
@@ -324,6 +326,7 @@ class _Run:
                 r.health.local.apply(healthy)
                 r.health.pushed.apply(healthy)
             r.gate.release(r.tenant, slot, ok)
+        r.count("probe_ok" if ok else "probe_failed")
         _log.info(
             "tenant %s: panic probe of key %s for %s %s",
             r.tenant,
@@ -334,6 +337,14 @@ class _Run:
         return result
 
     async def rescue(self, first: UpstreamReply | AttemptsFailed | None) -> UpstreamReply | AttemptsFailed:
+        try:
+            return await self._rescue(first)
+        except BaseException:
+            # Cancelled (the app hung up, shutdown) while holding a failure: free its connection.
+            self._drop_held()
+            raise
+
+    async def _rescue(self, first: UpstreamReply | AttemptsFailed | None) -> UpstreamReply | AttemptsFailed:
         r = self.r
         loop = asyncio.get_running_loop()
         if first is not None:
@@ -375,10 +386,12 @@ class _Run:
                     return self._finish(result)
             elif isinstance(step, WaitForProbe):
                 started = loop.time()
+                r.count("waited_for_probe")
                 await r.gate.wait(r.tenant, step.slots, step.timeout)
                 probe_left -= max(loop.time() - started, 1e-3)
             elif isinstance(step, WaitForRecovery):
                 started = loop.time()
+                r.count("waited_for_rate_limit")
                 await asyncio.sleep(step.delay + _SLACK)
                 limit_left -= max(loop.time() - started, 1e-3)
                 # The wait was for these: after it, trying them again is a new pass.
@@ -405,6 +418,10 @@ class _Run:
             return AttemptsFailed(failed.error, self.sent, self.records, self.excluded)
         self._drop_held()
         error = _error_for(decision, self.r.model)
+        if isinstance(decision, RateLimited):
+            self.r.count("answered_429")
+        else:
+            self.r.count(f"answered_503_{decision.reason.value}")
         return AttemptsFailed(error, self.sent, self.records, self.excluded)
 
 

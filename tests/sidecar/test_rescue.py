@@ -277,3 +277,36 @@ async def test_a_cooling_key_is_probed_when_the_other_failed_its_credentials(ups
         assert r.headers["x-keyplane-excluded"] == "k2:unhealthy"
         assert upstream.secrets(mark) == ["sk-one"]
         upstream.program("sk-one", COMPLETION)
+
+
+async def test_a_streamed_request_is_a_probe_too_and_the_metrics_say_what_happened(upstream: FakeUpstream) -> None:
+    upstream.program("sk-one", SERVER_ERROR, times=3)
+    async with Sidecar(sidecar_config(), watch=False) as sc, httpx.AsyncClient(base_url=sc.url) as client:
+        sc.state.apply(standard_snapshot(upstream))
+        for _ in range(3):
+            await post(client)
+        async with client.stream("POST", CHAT, json={**BODY, "stream": True}, headers=auth()) as r:
+            body = b"".join([chunk async for chunk in r.aiter_bytes()])
+        assert r.status_code == 200
+        assert body.endswith(b"data: [DONE]\n\n")
+        assert usable(sc)
+        metrics = (await client.get("/metrics")).text
+    assert 'keyplane_sidecar_no_usable_key_actions_total{action="probe_ok"} 1.0' in metrics
+
+
+async def test_an_app_hanging_up_during_its_probe_frees_the_probe_slot(upstream: FakeUpstream) -> None:
+    upstream.program("sk-one", SERVER_ERROR, times=3)
+    async with Sidecar(sidecar_config(), watch=False) as sc, httpx.AsyncClient(base_url=sc.url) as client:
+        sc.state.apply(standard_snapshot(upstream))
+        for _ in range(3):
+            await post(client)
+        upstream.program("sk-one", Reply(200, None, delay=2.0), times=1)
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(CHAT, json=BODY, headers=auth(), timeout=0.3)
+        for _ in range(100):
+            if len(sc.app.probes) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert len(sc.app.probes) == 0
+        r = await post(client)  # the next request probes (and the provider answers at once)
+        assert r.status_code == 200, r.text
