@@ -23,6 +23,7 @@ from keyplane_cli.convergence_flags import add_convergence_flags, convergence_op
 from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
+from keyplane_cli.panic_flags import add_panic_flags, panic_policy_from_args
 from keyplane_cli.recovery_probe_flags import add_recovery_probe_flags, recovery_probe_from_args
 from keyplane_cli.stability_flags import (
     add_stability_flags,
@@ -145,6 +146,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             host=args.host,
             port=args.port,
             health_policy=health_policy,
+            panic_policy=panic_policy_from_args(args),
             **edge_options_from_args(args),
         )
     )
@@ -237,6 +239,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         host=args.host,
         port=args.port,
         health_policy=health_policy,
+        panic_policy=panic_policy_from_args(args),
         report_outcomes=not args.no_outcome_reports,
         access_log=args.access_log,
         upstream_connect_timeout=args.upstream_connect_timeout,
@@ -436,6 +439,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_health_flags(up, aggregator=True)
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)
+    add_panic_flags(up)
+    add_panic_flags(sc)
     for parser in (up, cp, sc):
         parser.add_argument(
             "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info"

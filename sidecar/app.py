@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from keyplane.health.panic import PanicPolicy
+
 from . import errors, probes
 from .access_log import AccessEntry, AccessLog
 from .asgi import Message, Receive, Scope, Send, send_bytes, send_error, send_json
@@ -24,6 +26,7 @@ from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import LabelledChildren, SidecarMetrics, status_class
 from .proxy import AttemptRecord
 from .reporter import OutcomeReporter
+from .rescue import ProbeGate
 from .router import Attempt, Balancer
 from .state import SidecarState
 from .upstream import UpstreamClient
@@ -50,6 +53,7 @@ class SidecarApp:
         reporter: OutcomeReporter | None = None,
         disconnect_watch_after: float = 0.05,
         access_log: AccessLog | None = None,
+        panic_policy: PanicPolicy | None = None,
     ) -> None:
         self.state = state
         self.upstream = upstream
@@ -66,6 +70,10 @@ class SidecarApp:
         self.access_log = access_log  # opt-in: one JSON line per chat request
         # Seconds a chat request runs before an app hang-up is watched for (``DisconnectWatch``).
         self.disconnect_watch_after = disconnect_watch_after
+        # What a request does when no key can serve it (keyplane.health.panic), and
+        # the panic probes in flight (one per tenant, key and model).
+        self.panic_policy = panic_policy if panic_policy is not None else PanicPolicy()
+        self.probes = ProbeGate()
         m = self.metrics
         self._requests_count = LabelledChildren(m.requests)
         self._attempts_count = LabelledChildren(m.upstream_attempts)

@@ -33,6 +33,8 @@ async def send_bytes(
 
 
 async def send_error(send: Send, error: errors.ErrorResponse, extra: Iterable[tuple[bytes, bytes]] = ()) -> int:
+    if error.headers:
+        extra = (*error.headers, *extra)
     return await send_bytes(send, error.status, error.body, extra=extra)
 
 

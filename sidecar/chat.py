@@ -14,6 +14,7 @@ same id is logged, reported and sent upstream as ``x-request-id``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -29,14 +30,17 @@ from . import errors
 from .access_log import AccessEntry
 from .asgi import Receive, Scope, Send, send_error
 from .health import TenantHealth
-from .model import Key, Target
-from .proxy import AttemptRecord, AttemptsFailed, describe, excluded_header, run_attempts
+from .model import Key, Route, Target
+from .proxy import AttemptRecord, AttemptsFailed, describe, excluded_header
 from .relay import relay
 from .request_json import RequestJsonError, parse_request_json
+from .rescue import ProbeGate, Rescue, serve
 from .router import Attempt, plan_attempts
 from .upstream import FORWARDED_REQUEST_HEADERS
 
 if TYPE_CHECKING:
+    from keyplane.health.panic import PanicPolicy
+
     from .metrics import SidecarMetrics
     from .reporter import OutcomeReporter
     from .router import Balancer
@@ -57,6 +61,8 @@ class ChatApp(Protocol):
     request_timeout: float
     reporter: OutcomeReporter | None
     disconnect_watch_after: float
+    panic_policy: PanicPolicy
+    probes: ProbeGate
 
     def count_attempt(self, record: AttemptRecord) -> None: ...
 
@@ -98,10 +104,14 @@ class _ClientGone(Exception):
     """The app disconnected while its request body was being read."""
 
 
+# How long the app's SDK waits for an answer (the openai SDKs send it): no wait
+# of the sidecar's (``sidecar.rescue``) outlasts it.
+APP_TIMEOUT_HEADER = "x-stainless-read-timeout"
 # The app's request headers the sidecar reads (ASGI gives names in lower case):
-# its credential, the declared body size and what is forwarded upstream.
+# its credential, the declared body size, its timeout and what is forwarded upstream.
 _READ_HEADERS: dict[bytes, str] = {
-    name.encode("latin-1"): name for name in ("authorization", "content-length", *FORWARDED_REQUEST_HEADERS)
+    name.encode("latin-1"): name
+    for name in ("authorization", "content-length", APP_TIMEOUT_HEADER, *FORWARDED_REQUEST_HEADERS)
 }
 
 
@@ -263,11 +273,8 @@ async def chat(self: ChatApp, scope: Scope, receive: Receive, send: Send, access
         usable=usable,
         demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
     )
-    if not plan:
-        _log.warning(
-            "request %s for %s: no usable key (excluded %s)", ctx.request_id, model, excluded_header(ctx.excluded)
-        )
-        return await send_error(send, errors.no_usable_key(model), ctx.headers(attempts=0))
+    # Built only should no key be able to serve (``sidecar.rescue``).
+    rescue = functools.partial(_rescue, self, ctx, tenant, model, route, headers, deadline)
     stream = payload.get("stream") is True
     encoded: dict[str, bytes] = {}
 
@@ -286,7 +293,7 @@ async def chat(self: ChatApp, scope: Scope, receive: Receive, send: Send, access
     watch = DisconnectWatch(receive, task, self.disconnect_watch_after)
     status = 499
     try:
-        status = await _answer(self, ctx, model, plan, body_for, headers, stream, deadline, send)
+        status = await _answer(self, ctx, model, plan, body_for, headers, stream, deadline, send, rescue)
     except asyncio.CancelledError:
         if not watch.gone:
             raise
@@ -314,8 +321,10 @@ async def _answer(
     stream: bool,
     deadline: float,
     send: Send,
+    rescue: Callable[[], Rescue] | None = None,
 ) -> int:
-    """Run the attempts and pass the answer (or the failure) to the app."""
+    """Run the attempts (``sidecar.rescue.serve``: the plan, then panic probes, waits or an
+    honest answer when no key could serve) and pass the answer (or the failure) to the app."""
     health = ctx.health
     wall_clock = self.state.wall_clock
 
@@ -324,7 +333,7 @@ async def _answer(
             return None
         return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
 
-    result = await run_attempts(
+    result = await serve(
         self.upstream,
         plan,
         body_for,
@@ -335,6 +344,7 @@ async def _answer(
         blocked=blocked,
         excluded=ctx.excluded,
         wall_clock=wall_clock,
+        rescue=rescue,
     )
     ctx.excluded = dict(result.excluded)
     if ctx.access is not None:
@@ -360,6 +370,55 @@ async def _answer(
         )
     own = ctx.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target)
     return await relay(ctx, result, own, send, metrics=self.metrics, wall_clock=wall_clock)
+
+
+def _rescue(
+    self: ChatApp, ctx: _Request, tenant: str, model: str, route: Route, headers: dict[str, str], deadline: float
+) -> Rescue:
+    """What ``sidecar.rescue`` needs when no key can serve."""
+    state = self.state
+    health = ctx.health
+
+    def replan() -> list[Attempt]:
+        now = state.wall_clock()
+        return plan_attempts(
+            tenant,
+            route,
+            lambda t: state.keys(tenant, t.provider, t.upstream_model),
+            self.balancer,
+            limit=self.max_attempts,
+            usable=lambda t, k: health.key_usable(k.id, t.upstream_model, now),
+            demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
+        )
+
+    return Rescue(
+        tenant=tenant,
+        model=model,
+        route=route,
+        health=health,
+        gate=self.probes,
+        policy=self.panic_policy,
+        keys_for=lambda provider, upstream_model: state.keys(tenant, provider, upstream_model),
+        has_inactive_key=lambda provider, upstream_model: state.has_inactive_key(tenant, provider, upstream_model),
+        replan=replan,
+        wait_until=_app_deadline(headers, deadline, deadline - self.request_timeout),
+        count=lambda action: self.metrics.rescues.labels(action).inc(),
+    )
+
+
+def _app_deadline(headers: dict[str, str], deadline: float, started: float) -> float:
+    """Loop time by which the app stops waiting (its SDK's read timeout from ``started``),
+    else ``deadline``."""
+    given = headers.get(APP_TIMEOUT_HEADER)
+    if given is None:
+        return deadline
+    try:
+        seconds = float(given)
+    except ValueError:
+        return deadline
+    if not seconds > 0:  # also NaN
+        return deadline
+    return min(deadline, started + seconds)
 
 
 class _Request:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from keyplane.domain import Provider
 from keyplane.health.machine import HealthPolicy
+from keyplane.health.panic import PanicPolicy
 from keyplane.tls import ClientTls
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "SidecarConfig", "default_sidecar_id"]
@@ -80,6 +81,9 @@ class SidecarConfig:
     # How this sidecar's own attempt outcomes turn into local key/provider health
     # (applied at once, before the control plane's verdicts come back).
     health_policy: HealthPolicy = field(default_factory=HealthPolicy)
+    # What a request does when no key can serve it: panic probes of cooling keys,
+    # waits for rate limits, honest answers (keyplane.health.panic).
+    panic_policy: PanicPolicy = field(default_factory=PanicPolicy)
     # Outcome reports to the control plane (ReportOutcomes).
     report_outcomes: bool = True
     report_queue_size: int = 10_000

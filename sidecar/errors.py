@@ -6,6 +6,8 @@ Messages never include secrets or client tokens.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "no_usable_key",
     "not_found",
     "not_ready",
+    "rate_limited",
     "upstream_timeout",
 ]
 
@@ -29,6 +32,8 @@ __all__ = [
 class ErrorResponse:
     status: int
     body: bytes
+    # Headers of the answer itself (Retry-After, x-should-retry), raw.
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 def error_body(message: str, type_: str, *, param: str | None = None, code: str | None = None) -> bytes:
@@ -99,14 +104,74 @@ def upstream_timeout() -> ErrorResponse:
     return _error(504, "The upstream provider timed out.", "upstream_error", code="upstream_timeout")
 
 
-def no_usable_key(model: str) -> ErrorResponse:
-    return _error(
-        503,
-        f"No usable provider key for model '{model[:200]}'.",
-        "upstream_error",
-        param="model",
-        code="no_usable_key",
+# Answers a retry cannot help (the openai SDKs obey it).
+NO_RETRY: tuple[bytes, bytes] = (b"x-should-retry", b"false")
+
+_REASON_TEXT = {
+    "credentials": "every key failed its credentials",
+    "exhausted": "every key is out of credits or quota",
+    "disabled": "every key is disabled",
+    "no_keys": "no key is configured",
+    "cooling": "every key is cooling down after errors",
+    "rate_limited": "every key is rate limited",
+}
+
+
+def retry_after_headers(seconds: float) -> tuple[tuple[bytes, bytes], ...]:
+    """``Retry-After`` (whole seconds, rounded up: never earlier than asked) and ``retry-after-ms``."""
+    seconds = max(0.0, seconds)
+    return (
+        (b"retry-after", str(math.ceil(seconds)).encode()),
+        (b"retry-after-ms", str(math.ceil(seconds * 1000)).encode()),
     )
+
+
+def no_usable_key(
+    model: str | None,
+    *,
+    reason: str | None = None,
+    providers: Sequence[tuple[str, str]] = (),
+    retry_after: float | None = None,
+) -> ErrorResponse:
+    """503 ``no_usable_key``: ``reason`` (credentials, exhausted, disabled, no_keys,
+    cooling) and, per provider left without a usable key, its own reason, in the
+    error object; ``retry_after`` for a cooling one, else (with a reason)
+    ``x-should-retry: false``: retrying cannot help until an admin acts."""
+    what = f" for model '{model[:200]}'" if model else ""
+    message = f"No usable provider key{what}."
+    if providers:
+        message = message[:-1] + ": " + "; ".join(f"{p}: {_REASON_TEXT.get(r, r)}" for p, r in providers) + "."
+    error: dict[str, object] = {
+        "message": message,
+        "type": "upstream_error",
+        "param": "model" if model else None,
+        "code": "no_usable_key",
+    }
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    if reason is not None:
+        error["reason"] = reason
+        error["providers"] = [p for p, _ in providers]
+        if retry_after is not None:
+            headers = retry_after_headers(retry_after)
+        elif reason != "cooling":
+            headers = (NO_RETRY,)
+    body = json.dumps({"error": error}, separators=(",", ":")).encode()
+    return ErrorResponse(503, body, headers)
+
+
+def rate_limited(model: str, retry_after: float, providers: Sequence[str]) -> ErrorResponse:
+    """429 when every key left is rate limited: Retry-After is when the first one recovers."""
+    error = {
+        "message": f"Every provider key for model '{model[:200]}' is rate limited; "
+        f"the first recovers in {max(0.0, retry_after):.1f}s.",
+        "type": "rate_limit_error",
+        "param": None,
+        "code": "rate_limit_exceeded",
+        "reason": "rate_limited",
+        "providers": list(providers),
+    }
+    body = json.dumps({"error": error}, separators=(",", ":")).encode()
+    return ErrorResponse(429, body, retry_after_headers(retry_after))
 
 
 def not_ready() -> ErrorResponse:

@@ -89,6 +89,13 @@ class SidecarMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.rescues = Counter(
+            "keyplane_sidecar_no_usable_key_actions",
+            "What requests that found no usable key did (sidecar.rescue): probe_ok, probe_failed, "
+            "waited_for_probe, waited_for_rate_limit, answered_429, answered_503_<reason>.",
+            ["action"],
+            registry=self.registry,
+        )
         self.client_disconnects = Counter(
             "keyplane_sidecar_client_disconnects",
             "Requests abandoned because the app disconnected.",

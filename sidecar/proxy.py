@@ -7,12 +7,14 @@ Every attempt is classified with ``keyplane.health`` (DESIGN.md's table):
   targets); a key is never tried twice for the same upstream model in one
   request, and one that failed its credentials not at all again.
 - client_error: the upstream's answer goes to the app unchanged, no retry.
+- the last attempt failed: its answer goes to the app as it is, except a
+  failed credential (503 ``no_usable_key``, reason ``credentials``: a
+  provider's 401 would blame the app's key and quote parts of ours).
 - success: the answer. For a stream it is committed with the first bytes;
   how the stream ends (complete, or ``stream_broken``) is classified by the
   caller (``complete``), never retried.
 
-The last attempt's answer is passed through whatever it was. One deadline
-bounds the whole request; each attempt gets what is left of it. Attempts
+One deadline bounds the whole request; each attempt gets what is left of it. Attempts
 are handed to an ``AttemptObserver`` the moment they are classified (local
 health, metrics), except the answer's own, which the caller hands over once
 the answer is relayed; ``recovered`` is set on earlier attempts when a later
@@ -22,6 +24,7 @@ attempt on the same provider succeeds.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -346,7 +349,9 @@ async def run_attempts(
         )
         _log_attempt(sent, record)
         records.append(record)
-        if response is not None and (cls in _ANSWERS or following is None):
+        # The last failure goes back as it is, except a failed credential: the provider's
+        # 401 would tell the app its own key is wrong (and quote parts of ours).
+        if response is not None and (cls in _ANSWERS or (following is None and cls is not ErrorClass.CREDENTIAL)):
             if cls is ErrorClass.SUCCESS:
                 _mark_recovered(records[:-1], attempt.target.provider)
             elif attempt.key is not None and classification.penalises:
@@ -369,7 +374,12 @@ async def run_attempts(
             response.release()
         if attempt.key is not None:
             out.setdefault(attempt.key.id, cls.value)
-        failure = errors.upstream_timeout if outcome == "timeout" else _bad_gateway_for(outcome)
+        if cls is ErrorClass.CREDENTIAL:
+            if all(r.classification.error_class is ErrorClass.CREDENTIAL for r in records):
+                failure = functools.partial(_credentials_failed, attempt.target.provider)
+            # else: an earlier attempt's failure (5xx, timeout) says more than this one.
+        else:
+            failure = errors.upstream_timeout if outcome == "timeout" else _bad_gateway_for(outcome)
         if following is None:
             break
     return AttemptsFailed(error=failure(), attempts=sent, records=records, excluded=out)
@@ -386,6 +396,10 @@ def _bad_gateway_for(outcome: str) -> Callable[[], errors.ErrorResponse]:
 
 def _too_large() -> errors.ErrorResponse:
     return errors.bad_gateway("The upstream's answer is larger than the sidecar accepts (--upstream-max-body-bytes).")
+
+
+def _credentials_failed(provider: Provider) -> errors.ErrorResponse:
+    return errors.no_usable_key(None, reason="credentials", providers=[(provider.value, "credentials")])
 
 
 def _misconfigured() -> errors.ErrorResponse:

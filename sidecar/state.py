@@ -315,6 +315,14 @@ class SidecarState:
     def models(self, tenant: str) -> tuple[str, ...]:
         return self.tenant(tenant).models
 
+    def has_inactive_key(self, tenant: str, provider: Provider, upstream_model: str) -> bool:
+        """Whether the tenant holds a disabled or revoked key of ``provider`` for the model
+        (scans the tenant's keys: for the answer when nothing can serve, not the hot path)."""
+        data = self._data.get(tenant)
+        if data is None:
+            return False
+        return any(k.provider is provider and not k.active and k.allows(upstream_model) for k in data.keys.values())
+
     def health(self, tenant: str) -> TenantHealth:
         """The tenant's pushed and local health (created empty on first use)."""
         found = self._health.get(tenant)

@@ -162,6 +162,11 @@ class HealthBook:
             return False
         return not (model and self.verdict(KeyScope(key_id, model), now).active(now))
 
+    def since(self, scope: Scope) -> float | None:
+        """When the scope's current state was set (its last trip), if the book holds it."""
+        entry = self._entries.get(scope)
+        return entry.since if entry is not None else None
+
     def provider_degraded(self, provider: Provider, model: str, now: float) -> bool:
         if not self._entries:
             return False

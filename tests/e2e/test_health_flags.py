@@ -189,7 +189,8 @@ async def test_control_plane_and_sidecar_run_the_policy_their_flags_and_environm
         admin_md = deployment.admin_md
         key_id, token = await plane.configure(upstream, admin_md)
         # ... and this sidecar after 1 (locally, before the control plane says anything).
-        url = await deployment.start_sidecar(token, "--health-error-threshold", "1")
+        # (No panic routing: the cooling key is not probed by the next request.)
+        url = await deployment.start_sidecar(token, "--health-error-threshold", "1", "--no-panic-routing")
 
         # The sidecar: one 503 and the only key cools down there at once.
         upstream.program(SECRET, SERVICE_UNAVAILABLE, times=1)
@@ -264,7 +265,10 @@ async def test_a_sidecar_without_outcome_reports_acts_alone(tmp_path: Path, upst
     try:
         plane = await deployment.start_plane("--health-error-threshold", "1")
         key_id, token = await plane.configure(upstream, deployment.admin_md)
-        url = await deployment.start_sidecar(token, "--health-error-threshold", "1", "--no-outcome-reports")
+        # (No panic routing: the cooling key is not probed by the next request.)
+        url = await deployment.start_sidecar(
+            token, "--health-error-threshold", "1", "--no-outcome-reports", "--no-panic-routing"
+        )
         upstream.program(SECRET, SERVICE_UNAVAILABLE, times=1)
         first = await _chat(url, token)
         assert first.headers["x-keyplane-excluded"] == f"{key_id}:upstream_error"

@@ -176,12 +176,16 @@ async def test_disable_and_delete_reach_every_sidecar_within_a_second(
                 assert resp.headers["content-type"].startswith("application/json")
                 assert resp.json() == {
                     "error": {
-                        "message": "No usable provider key for model 'gpt-test'.",
+                        "message": "No usable provider key for model 'gpt-test': "
+                        "openai_compatible: every key is disabled.",
                         "type": "upstream_error",
                         "param": "model",
                         "code": "no_usable_key",
+                        "reason": "disabled",
+                        "providers": ["openai_compatible"],
                     }
                 }
+                assert resp.headers["x-should-retry"] == "false"
         # Said without trying the disabled key upstream.
         assert len(upstream.chat_requests()) == before
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,8 @@ class _Rule:
     reply: Reply
     # None: for ever.
     remaining: int | None
+    # Applies to this share of the matching requests (drawn from the upstream's seeded RNG).
+    chance: float = 1.0
 
 
 # A normal completion (the default for any secret).
@@ -208,6 +211,7 @@ class FakeUpstream:
         # (rules set with ``program`` take precedence).
         self.replies: dict[str, Reply] = dict(replies or {})
         self._rules: list[_Rule] = []
+        self._rng = random.Random(12)
         self.requests: list[RecordedRequest] = []
         # When set, a stream sends its first chunk then waits for this gate.
         self.stream_gate: asyncio.Event | None = None
@@ -246,6 +250,12 @@ class FakeUpstream:
         normal answers."""
         self._rules.insert(0, _Rule(secret, model, reply, times))
 
+    def flaky(self, secret: str, reply: Reply, chance: float, *, seed: int | None = None) -> None:
+        """Answer ``chance`` of ``secret``'s requests (at random) with ``reply``, the rest normally."""
+        if seed is not None:
+            self._rng.seed(seed)
+        self._rules.insert(0, _Rule(secret, None, reply, None, chance))
+
     def reset(self, secret: str | None = None) -> None:
         """Forget the programmed replies (of one secret, or all)."""
         self._rules = [r for r in self._rules if secret is not None and r.secret != secret]
@@ -257,6 +267,8 @@ class FakeUpstream:
     def _reply_for(self, secret: str, model: str | None) -> Reply | None:
         for rule in self._rules:
             if rule.secret != secret or (rule.model is not None and rule.model != model):
+                continue
+            if rule.chance < 1.0 and self._rng.random() >= rule.chance:
                 continue
             if rule.remaining is not None:
                 if rule.remaining <= 0:

@@ -9,6 +9,7 @@ import logging
 import httpx
 import pytest
 
+from keyplane.health.panic import PanicPolicy
 from sidecar.server import Sidecar
 from tests.fakes.upstream import (
     ANTHROPIC_OVERLOADED,
@@ -131,22 +132,24 @@ async def test_client_error_is_returned_unchanged_and_penalises_nobody(upstream:
         assert health.local.unhealthy(sc.state.wall_clock()) == []
 
 
-async def test_the_last_failure_is_returned_as_is(upstream: FakeUpstream) -> None:
-    limited = rate_limited(7)
-    for secret in SECRETS.values():
-        upstream.program(secret, limited)
-    async with Sidecar(sidecar_config(), watch=False) as sc, httpx.AsyncClient(base_url=sc.url) as client:
+async def test_every_key_rate_limited_is_a_429_at_the_earliest_recovery(upstream: FakeUpstream) -> None:
+    for secret, wait in zip(SECRETS.values(), (9, 7, 8), strict=True):
+        upstream.program(secret, rate_limited(wait))
+    config = sidecar_config(panic_policy=PanicPolicy(max_rate_limit_wait=0.0))
+    async with Sidecar(config, watch=False) as sc, httpx.AsyncClient(base_url=sc.url) as client:
         sc.state.apply(fleet_snapshot(upstream))  # type: ignore[arg-type]
         r = await post(client)
         assert r.status_code == 429
+        assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert r.json()["error"]["providers"] == ["gemini", "openai"]
         assert r.headers["retry-after"] == "7"
-        assert r.json() == limited.body
+        assert 6900 <= int(r.headers["retry-after-ms"]) <= 7000
         assert r.headers["x-keyplane-attempts"] == "3"
-        assert r.headers["x-keyplane-key"] == "o1"
-        # Now all three keys cool down for this model: nothing is left to try.
+        assert r.headers["x-keyplane-excluded"] == "g1:rate_limited,g2:rate_limited,o1:rate_limited"
+        # Now all three keys cool down for this model: nothing is tried, the same answer.
         r = await post(client)
-        assert r.status_code == 503
-        assert r.json()["error"]["code"] == "no_usable_key"
+        assert r.status_code == 429
+        assert 6800 <= int(r.headers["retry-after-ms"]) <= 7000
         assert r.headers["x-keyplane-attempts"] == "0"
         assert r.headers["x-keyplane-excluded"] == "g1:cooldown,g2:cooldown,o1:cooldown"
         assert len(upstream.chat_requests()) == 3
