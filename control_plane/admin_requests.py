@@ -57,6 +57,8 @@ def route_targets(messages: list[resources_pb2.RouteTarget], policy: UrlPolicy) 
             priority=m.priority,
             weight=m.weight,
             node_urls=list(m.node_urls),
+            api_version=m.api_version,
+            deployment=m.deployment,
             policy=policy,
         )
         for index, m in enumerate(messages)

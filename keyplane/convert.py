@@ -244,6 +244,8 @@ def route_target_to_proto(target: RouteTarget) -> resources_pb2.RouteTarget:
         priority=target.priority,
         weight=target.weight,
         node_urls=list(target.node_urls),
+        api_version=target.api_version,
+        deployment=target.deployment,
     )
 
 
@@ -258,6 +260,8 @@ def route_target_from_proto(message: resources_pb2.RouteTarget) -> RouteTarget:
         priority=message.priority,
         weight=message.weight,
         node_urls=tuple(message.node_urls),
+        api_version=message.api_version,
+        deployment=message.deployment,
     )
 
 

@@ -25,6 +25,7 @@ from keyplane.tls import ClientTls, TlsError, channel_credentials, channel_optio
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import admin_service_pb2_grpc as admin_grpc
 from keyplane.v1 import resources_pb2
+from keyplane_cli.targets import split_azure_suffix
 from keyplane_cli.tls_flags import add_client_tls_flags, client_tls_from_args
 
 __all__ = ["add_admin_commands"]
@@ -63,7 +64,12 @@ def _provider(name: str) -> int:
 
 
 def _target(spec: str) -> resources_pb2.RouteTarget:
-    """Parse ``provider:upstream_model[@priority][*weight][=node_url,node_url]``."""
+    """Parse ``provider:upstream_model[@priority][*weight][=node_url,node_url]``, or for
+    an Azure classic deployment ``...[?api-version=V[&deployment=NAME]]``."""
+    try:
+        spec, api_version, deployment = split_azure_suffix(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     nodes: list[str] = []
     if "=" in spec:
         spec, node_part = spec.split("=", 1)
@@ -87,6 +93,8 @@ def _target(spec: str) -> resources_pb2.RouteTarget:
         priority=priority,
         weight=weight,
         node_urls=nodes,
+        api_version=api_version,
+        deployment=deployment,
     )
 
 
@@ -157,10 +165,17 @@ def _key_row(key: resources_pb2.ProviderKey) -> str:
     )
 
 
+def _azure_suffix(t: resources_pb2.RouteTarget) -> str:
+    if not t.api_version:
+        return ""
+    return f"?api-version={t.api_version}" + (f"&deployment={t.deployment}" if t.deployment else "")
+
+
 def _route_row(route: resources_pb2.Route) -> str:
     targets = " ".join(
         f"{_provider_name(t.provider)}:{t.upstream_model}@{t.priority}*{t.weight}"
         + (("=" + ",".join(t.node_urls)) if t.node_urls else "")
+        + _azure_suffix(t)
         for t in route.targets
     )
     return f"{route.id}  {route.public_model:<24} -> {targets}  etag={route.etag}"
@@ -505,7 +520,8 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         action="append",
         required=True,
         type=_target,
-        help="provider:upstream_model[@priority][*weight][=node_url,...] (repeatable, in order)",
+        help="provider:upstream_model[@priority][*weight][=node_url,...][?api-version=V[&deployment=NAME]] "
+        "(repeatable, in order; ?api-version= for an Azure classic deployment)",
     )
     action(routes, "list", "list routes", _tenant)
     rset = action(routes, "set-targets", "replace a route's targets", _tenant, _etag)
@@ -515,7 +531,8 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         action="append",
         required=True,
         type=_target,
-        help="provider:upstream_model[@priority][*weight][=node_url,...] (repeatable, in order)",
+        help="provider:upstream_model[@priority][*weight][=node_url,...][?api-version=V[&deployment=NAME]] "
+        "(repeatable, in order; ?api-version= for an Azure classic deployment)",
     )
     for parser in (radd, rset):
         parser.add_argument(

@@ -63,11 +63,21 @@ def _target_proto(target: TargetSpec) -> rpb.RouteTarget:
         priority=target.priority,
         weight=target.weight,
         node_urls=target.node_urls,
+        api_version=target.api_version,
+        deployment=target.deployment,
     )
 
 
 def _target_spec(t: rpb.RouteTarget) -> TargetSpec:
-    return TargetSpec(_provider_name(t.provider), t.upstream_model, t.priority, t.weight, tuple(t.node_urls))
+    return TargetSpec(
+        _provider_name(t.provider),
+        t.upstream_model,
+        t.priority,
+        t.weight,
+        tuple(t.node_urls),
+        api_version=t.api_version,
+        deployment=t.deployment,
+    )
 
 
 def read_current(client: AdminClient, wanted: Sequence[TenantSpec]) -> dict[str, CurrentTenant]:

@@ -77,6 +77,9 @@ class Target:
     priority: int
     weight: int
     node_urls: tuple[str, ...]
+    # Azure OpenAI classic deployments (``sidecar.upstream.request``): empty for the v1 API.
+    api_version: str = ""
+    deployment: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,8 @@ def route_from_proto(msg: resources_pb2.Route) -> Route:
                 priority=t.priority,
                 weight=t.weight,
                 node_urls=tuple(t.node_urls),
+                api_version=t.api_version,
+                deployment=t.deployment,
             )
         )
     return Route(id=msg.id, public_model=msg.public_model, targets=tuple(targets))

@@ -71,6 +71,9 @@ def targets_to_json(targets: tuple[RouteTarget, ...]) -> str:
                 "priority": t.priority,
                 "weight": t.weight,
                 "node_urls": list(t.node_urls),
+                # Only when set, so routes without them store what they always did.
+                **({"api_version": t.api_version} if t.api_version else {}),
+                **({"deployment": t.deployment} if t.deployment else {}),
             }
             for t in targets
         ],
@@ -87,6 +90,8 @@ def targets_from_json(text: str) -> tuple[RouteTarget, ...]:
             priority=int(item["priority"]),
             weight=int(item["weight"]),
             node_urls=tuple(str(u) for u in item["node_urls"]),
+            api_version=str(item.get("api_version", "")),
+            deployment=str(item.get("deployment", "")),
         )
         for item in items
     )

@@ -220,11 +220,22 @@ class RouteTarget(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     NODE_URLS_FIELD_NUMBER: _builtins.int
+    API_VERSION_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
     provider: Global___Provider.ValueType
     upstream_model: _builtins.str
     priority: _builtins.int
     """Lower priority values are tried first."""
     weight: _builtins.int
+    api_version: _builtins.str
+    """Azure OpenAI targets only: the api-version of a classic deployment URL
+    ({base}/openai/deployments/{deployment}/chat/completions?api-version=...),
+    e.g. "2024-10-21". Empty: the v1 API ({base}/openai/v1/chat/completions).
+    """
+    deployment: _builtins.str
+    """Azure OpenAI classic deployments only: the deployment name in the URL
+    (empty: upstream_model). Needs api_version.
+    """
     @_builtins.property
     def node_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """vLLM targets only: the pool of node base URLs."""
@@ -237,10 +248,12 @@ class RouteTarget(_message.Message):
         priority: _builtins.int = ...,
         weight: _builtins.int = ...,
         node_urls: _abc.Iterable[_builtins.str] | None = ...,
+        api_version: _builtins.str = ...,
+        deployment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_urls", b"node_urls", "priority", b"priority", "provider", b"provider", "upstream_model", b"upstream_model", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "deployment", b"deployment", "node_urls", b"node_urls", "priority", b"priority", "provider", b"provider", "upstream_model", b"upstream_model", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,8 +1,13 @@
 """The request for one attempt: URL and headers per provider (pure, no I/O).
 
 Every provider is spoken to through its OpenAI-compatible chat completions
-endpoint; only the base URL and the credential header differ. The request
-built here carries the provider secret, so it is never logged or repr'd.
+endpoint; only the base URL and the credential header differ. Azure OpenAI
+has two shapes: the v1 API (``{base_url}/chat/completions`` with the base URL
+``https://{resource}.openai.azure.com/openai/v1``, or a bare resource endpoint
+to which ``/openai/v1`` is added) and, when the target names an api-version,
+a classic deployment (``{resource endpoint}/openai/deployments/{deployment}/
+chat/completions?api-version=...``); both with the ``api-key`` header. The
+request built here carries the provider secret, so it is never logged or repr'd.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ from keyplane.domain import Provider
 from ..router import Attempt
 from .errors import UpstreamConfigError
 
-__all__ = ["DEFAULT_BASE_URLS", "FORWARDED_REQUEST_HEADERS", "UpstreamRequest", "build_request", "origin_of"]
+__all__ = [
+    "DEFAULT_BASE_URLS",
+    "FORWARDED_REQUEST_HEADERS",
+    "UpstreamRequest",
+    "azure_url",
+    "build_request",
+    "origin_of",
+]
 
 DEFAULT_BASE_URLS: Mapping[Provider, str] = {
     Provider.OPENAI: "https://api.openai.com/v1",
@@ -90,10 +102,40 @@ def _fixed_part(base_url: str, provider: Provider, secret: str) -> tuple[str, tu
     return url, credential
 
 
+def azure_url(base_url: str, api_version: str, deployment: str, path: str = "/chat/completions") -> str:
+    """Azure OpenAI's URL for ``path``: the v1 API (no ``api_version``), or a classic deployment."""
+    base = base_url.rstrip("/")
+    if not api_version:
+        return base + (path if urllib.parse.urlsplit(base).path else "/openai/v1" + path)
+    # The resource endpoint: a v1 base URL (or one ending in /openai) names it too.
+    for suffix in ("/openai/v1", "/openai"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    name = urllib.parse.quote(deployment, safe="")
+    query = urllib.parse.urlencode({"api-version": api_version})
+    return f"{base}/openai/deployments/{name}{path}?{query}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _azure_part(
+    base_url: str, secret: str, api_version: str, deployment: str
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """``_fixed_part`` for Azure OpenAI (its checks and credential), with Azure's URL."""
+    _, credential = _fixed_part(base_url, Provider.AZURE_OPENAI, secret)
+    return azure_url(base_url, api_version, deployment), credential
+
+
 def build_request(attempt: Attempt, app_headers: Mapping[str, str]) -> UpstreamRequest:
     """URL and headers for one attempt. ``app_headers`` has lower-case names."""
     key = attempt.key
-    url, credential = _fixed_part(_base_url(attempt), attempt.target.provider, key.secret if key is not None else "")
+    target = attempt.target
+    secret = key.secret if key is not None else ""
+    if target.provider is Provider.AZURE_OPENAI:
+        deployment = target.deployment or target.upstream_model
+        url, credential = _azure_part(_base_url(attempt), secret, target.api_version, deployment)
+    else:
+        url, credential = _fixed_part(_base_url(attempt), target.provider, secret)
     headers = {"content-type": "application/json"}
     for name in _FORWARDED_ORDER:
         value = app_headers.get(name)

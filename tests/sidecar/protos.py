@@ -53,6 +53,8 @@ def target(
     priority: int = 0,
     weight: int = 1,
     node_urls: Sequence[str] = (),
+    api_version: str = "",
+    deployment: str = "",
 ) -> resources_pb2.RouteTarget:
     return resources_pb2.RouteTarget(
         provider=provider,
@@ -60,6 +62,8 @@ def target(
         priority=priority,
         weight=weight,
         node_urls=list(node_urls),
+        api_version=api_version,
+        deployment=deployment,
     )
 
 
