@@ -1,8 +1,10 @@
 """The sidecar's HTTP face: a raw ASGI app speaking the OpenAI API (the edge).
 
-POST /v1/chat/completions, GET /v1/models[/{id}], GET /healthz, GET /metrics.
-Every answer to a request is served from ``SidecarState`` (no network hop
-besides the upstream call); errors have the OpenAI error shape.
+POST /v1/chat/completions, POST /v1/messages[/count_tokens] (Anthropic's API,
+``sidecar.anthropic_messages``), GET /v1/models[/{id}], GET /healthz, GET
+/metrics. Every answer to a request is served from ``SidecarState`` (no
+network hop besides the upstream call); errors have the OpenAI error shape
+(Anthropic's on /v1/messages).
 
 A request walks one way (STYLE.md item 12): this edge routes it, the chat
 handler (``sidecar.chat``) runs the attempt loop (``sidecar.proxy``) over the
@@ -14,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 
-from . import errors
+from . import anthropic_errors, errors
 from .access_log import AccessEntry, AccessLog
+from .anthropic_messages import COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, messages
 from .asgi import Message, Receive, Scope, Send, send_bytes, send_error, send_json
 from .chat import authenticate, chat, read_headers
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -89,6 +92,10 @@ class SidecarApp:
                         status = await chat(self, scope, receive, send, access)
                     finally:
                         self.access_log.write(access, status, asyncio.get_running_loop().time())
+            elif path == MESSAGES_ROUTE or path == COUNT_TOKENS_ROUTE:
+                count_tokens = path == COUNT_TOKENS_ROUTE
+                endpoint = "messages_count_tokens" if count_tokens else "messages"
+                status = await self._anthropic(scope, receive, send, method, path, count_tokens)
             elif path == "/v1/models" or path.startswith("/v1/models/"):
                 endpoint = "models"
                 if method != "GET":
@@ -123,6 +130,21 @@ class SidecarApp:
                 return
 
     # --- endpoints ----------------------------------------------------------------------
+
+    async def _anthropic(
+        self, scope: Scope, receive: Receive, send: Send, method: str, path: str, count_tokens: bool
+    ) -> int:
+        if method != "POST":
+            return await send_error(send, anthropic_errors.from_openai(errors.method_not_allowed(method, path)))
+        if self.access_log is None:
+            return await messages(self, scope, receive, send, count_tokens=count_tokens)
+        access = AccessEntry(asyncio.get_running_loop().time())
+        status = 500
+        try:
+            status = await messages(self, scope, receive, send, count_tokens=count_tokens, access=access)
+        finally:
+            self.access_log.write(access, status, asyncio.get_running_loop().time())
+        return status
 
     async def _models(self, scope: Scope, send: Send, model_id: str | None) -> int:
         tenant = authenticate(self, read_headers(scope))

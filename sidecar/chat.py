@@ -440,3 +440,9 @@ class _Request:
         if self.excluded:
             out.append((EXCLUDED_HEADER, excluded_header(self.excluded).encode("latin-1", "replace")))
         return out
+
+
+# For the handlers beside this one (``sidecar.anthropic_messages``).
+RequestBook = _Request
+ClientGone = _ClientGone
+read_body = _read_body

@@ -40,6 +40,7 @@ from .upstream import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamMalformed,
+    UpstreamRequest,
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamTlsError,
@@ -239,13 +240,14 @@ async def run_attempts(
     blocked: BlockReason | None = None,
     excluded: Mapping[str, str] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    build: Callable[[Attempt, Mapping[str, str]], UpstreamRequest] = build_request,
 ) -> UpstreamReply | AttemptsFailed:
     """Try ``plan`` in order until an answer; ``deadline`` is in event-loop time.
 
     ``blocked`` is asked before every attempt (health may have changed since the
     plan was made, by this very request); ``excluded`` seeds the header with the
     keys the plan already left out. ``attempts`` counts the calls that left the
-    sidecar.
+    sidecar. ``build`` makes each attempt's request (chat completions by default).
     """
     loop = asyncio.get_running_loop()
     out: dict[str, str] = dict(excluded or {})
@@ -275,7 +277,7 @@ async def run_attempts(
         started_loop = loop.time()
         started_wall = wall_clock()
         try:
-            request = build_request(attempt, app_headers)
+            request = build(attempt, app_headers)
         except UpstreamConfigError as exc:
             _log.warning("skipping attempt %s: %s", describe(attempt), exc)
             observer.misconfigured(attempt)

@@ -28,8 +28,9 @@ _log = logging.getLogger(__name__)
 # Upstream response headers the app may see (besides the status and body).
 _PASSED_RESPONSE_HEADERS = frozenset(
     {b"content-type", b"retry-after", b"retry-after-ms", b"x-request-id", b"openai-processing-ms", b"cache-control"}
+    | {b"request-id"}  # Anthropic's
 )
-_PASSED_RESPONSE_PREFIXES = (b"x-ratelimit-",)
+_PASSED_RESPONSE_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
 
 
 class AnswerBook(Protocol):
@@ -61,15 +62,19 @@ async def relay(
     *,
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
+    broken_event: bytes | None = None,
 ) -> int:
-    """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status."""
+    """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status.
+
+    ``broken_event``: the server-sent event that tells the app its stream broke off
+    (default: chat's ``data:`` error object)."""
     response = reply.response
     try:
         extra = [*upstream_headers(response), *own_headers]
         if reply.streaming:
             # The failed attempts before it are reported now, not when the stream ends.
             book.flush()
-            return await _relay_stream(book, reply, extra, send, metrics, wall_clock)
+            return await _relay_stream(book, reply, extra, send, metrics, wall_clock, broken_event)
         head = reply.head
         await send(
             {
@@ -94,6 +99,7 @@ async def _relay_stream(
     send: Send,
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
+    broken_event: bytes | None = None,
 ) -> int:
     """Pass a committed stream to the app chunk by chunk, then classify how it ended."""
     response = reply.response
@@ -120,8 +126,10 @@ async def _relay_stream(
             if response.content_type == "text/event-stream":
                 # Like OpenAI mid-stream: an error event, so the app knows the answer is cut
                 # (the blank lines first terminate any event the upstream left half-sent).
-                error = errors.error_body("The upstream stream broke off.", "upstream_error", code="stream_broken")
-                await send({"type": "http.response.body", "body": b"\n\ndata: " + error + b"\n\n", "more_body": True})
+                if broken_event is None:
+                    error = errors.error_body("The upstream stream broke off.", "upstream_error", code="stream_broken")
+                    broken_event = b"\n\ndata: " + error + b"\n\n"
+                await send({"type": "http.response.body", "body": broken_event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         if ending is None:
