@@ -12,10 +12,11 @@ whose messages never include secrets. Pure.
 from __future__ import annotations
 
 import json
+import re
 
 from . import errors
 
-__all__ = ["BROKEN_STREAM_EVENT", "error_body", "from_openai", "missing_api_key"]
+__all__ = ["BROKEN_STREAM_EVENT", "ErrorEventWatch", "error_body", "from_openai", "missing_api_key"]
 
 _TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -64,3 +65,30 @@ def missing_api_key() -> errors.ErrorResponse:
 # A stream cut after its first byte, told like Anthropic's own mid-stream errors (the
 # blank lines first end any event the upstream left half-sent).
 BROKEN_STREAM_EVENT = b"\n\nevent: error\ndata: " + error_body("api_error", "The upstream stream broke off.") + b"\n\n"
+
+
+_ERROR_EVENT = b"event: error"
+_ERROR_TYPE = re.compile(rb'"error"\s*:\s*\{\s*"type"\s*:\s*"([a-z_]{1,40})"')
+
+
+class ErrorEventWatch:
+    """Spots Anthropic's in-band ``event: error`` in a stream relayed chunk by chunk
+    (also across a chunk boundary); ``seen`` gives its error type (``overloaded_error``),
+    or ``"error"`` when the type is not in the same bytes. One per stream."""
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def seen(self, chunk: bytes) -> str | None:
+        data = self._tail + chunk if self._tail else chunk
+        at = data.find(_ERROR_EVENT)
+        # An event line starts a line: at the very start of the stream, or after a newline.
+        while at > 0 and data[at - 1] != 0x0A:
+            at = data.find(_ERROR_EVENT, at + 1)
+        if at < 0:
+            self._tail = data[-len(_ERROR_EVENT) :]
+            return None
+        found = _ERROR_TYPE.search(data, at)
+        return found.group(1).decode() if found is not None else "error"

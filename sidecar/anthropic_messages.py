@@ -266,4 +266,5 @@ async def _answer(
         metrics=app.metrics,
         wall_clock=wall_clock,
         broken_event=anthropic_errors.BROKEN_STREAM_EVENT,
+        watch=anthropic_errors.ErrorEventWatch() if result.streaming else None,
     )

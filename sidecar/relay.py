@@ -21,7 +21,7 @@ from .metrics import SidecarMetrics
 from .proxy import AttemptRecord, UpstreamReply, classify_status, complete, describe
 from .upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
 
-__all__ = ["AnswerBook", "relay", "upstream_headers"]
+__all__ = ["AnswerBook", "StreamWatch", "relay", "upstream_headers"]
 
 _log = logging.getLogger(__name__)
 
@@ -31,6 +31,13 @@ _PASSED_RESPONSE_HEADERS = frozenset(
     | {b"request-id"}  # Anthropic's
 )
 _PASSED_RESPONSE_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+
+
+class StreamWatch(Protocol):
+    """Looks at a relayed stream's bytes for an error the upstream told in band (after
+    its 200): Anthropic's ``event: error``. The name of the error when one is seen."""
+
+    def seen(self, chunk: bytes) -> str | None: ...
 
 
 class AnswerBook(Protocol):
@@ -63,18 +70,20 @@ async def relay(
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
     broken_event: bytes | None = None,
+    watch: StreamWatch | None = None,
 ) -> int:
     """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status.
 
     ``broken_event``: the server-sent event that tells the app its stream broke off
-    (default: chat's ``data:`` error object)."""
+    (default: chat's ``data:`` error object). ``watch``: an error event it spots in
+    the stream makes the stream ``stream_broken`` (relayed as it came all the same)."""
     response = reply.response
     try:
         extra = [*upstream_headers(response), *own_headers]
         if reply.streaming:
             # The failed attempts before it are reported now, not when the stream ends.
             book.flush()
-            return await _relay_stream(book, reply, extra, send, metrics, wall_clock, broken_event)
+            return await _relay_stream(book, reply, extra, send, metrics, wall_clock, broken_event, watch)
         head = reply.head
         await send(
             {
@@ -100,6 +109,7 @@ async def _relay_stream(
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
     broken_event: bytes | None = None,
+    watch: StreamWatch | None = None,
 ) -> int:
     """Pass a committed stream to the app chunk by chunk, then classify how it ended."""
     response = reply.response
@@ -109,9 +119,13 @@ async def _relay_stream(
         await send({"type": "http.response.start", "status": response.status, "headers": extra})
         if reply.head:
             await send({"type": "http.response.body", "body": reply.head, "more_body": True})
+            if watch is not None and (told := watch.seen(reply.head)) is not None:
+                ending, watch = _told(book, reply, told, metrics), None
         try:
             async for chunk in response.iter_chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if watch is not None and (told := watch.seen(chunk)) is not None:
+                    ending, watch = _told(book, reply, told, metrics), None
         except UpstreamError as exc:
             provider = reply.attempt.target.provider.value
             what = "timed out" if isinstance(exc, UpstreamTimeout) else exc.label
@@ -139,3 +153,15 @@ async def _relay_stream(
         book.attempted(record)
         book.flush()
     return response.status
+
+
+def _told(book: AnswerBook, reply: UpstreamReply, error: str, metrics: SidecarMetrics) -> Classification:
+    """The upstream sent an error event in its stream: how the stream ended."""
+    _log.warning(
+        "request %s: stream from %s carried an error event (%s) after the first byte; not retried",
+        book.request_id,
+        describe(reply.attempt),
+        error,
+    )
+    metrics.stream_errors.labels(reply.attempt.target.provider.value).inc()
+    return stream_broken(f"stream error event: {error}"[:120])

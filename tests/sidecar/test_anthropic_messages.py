@@ -167,6 +167,8 @@ async def test_errors_in_streams(sidecar: Sidecar, fake: FakeAnthropic) -> None:
                 async for _ in stream.text_stream:
                     pass
         assert isinstance(overloaded.value.body, dict) and overloaded.value.body["error"]["type"] == "overloaded_error"
+        # ... and counts against the key like any stream broken after its first byte.
+        assert _broken_streams(sidecar) == 1
         # A stream cut after its first bytes ends with an Anthropic-shaped error event from the sidecar.
         fake.stream_error_after = None
         fake.program("sk-ant-1", BROKEN_STREAM)
@@ -174,10 +176,19 @@ async def test_errors_in_streams(sidecar: Sidecar, fake: FakeAnthropic) -> None:
             async with client.messages.stream(model="claude", max_tokens=64, messages=ASK) as stream:
                 async for _ in stream.text_stream:
                     pass
+    assert _broken_streams(sidecar) == 2
     assert broken.value.body == {
         "type": "error",
         "error": {"type": "api_error", "message": "The upstream stream broke off."},
     }
+
+
+def _broken_streams(sidecar: Sidecar) -> float:
+    metrics = sidecar.app.metrics.registry
+    value = metrics.get_sample_value(
+        "keyplane_sidecar_upstream_attempt_classes_total", {"provider": "anthropic", "error_class": "stream_broken"}
+    )
+    return value or 0.0
 
 
 async def test_the_sidecars_own_errors_have_anthropics_shape(sidecar: Sidecar, fake: FakeAnthropic) -> None:

@@ -68,3 +68,32 @@ def test_own_errors_in_anthropics_shape(error: errors.ErrorResponse, status: int
     body = json.loads(shaped.body)
     assert shaped.status == status
     assert body == {"type": "error", "error": {"type": type_, "message": json.loads(error.body)["error"]["message"]}}
+
+
+@pytest.mark.parametrize(
+    ("chunks", "found"),
+    [
+        ([b'event: ping\ndata: {"type":"ping"}\n\n'], [None]),
+        (
+            [b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'],
+            ["overloaded_error"],
+        ),
+        # Split across chunks, the type in the next one.
+        (
+            [b'data: {"type":"ping"}\n\neve', b'nt: error\ndata: {"type":"error","error":{"type":"api_error"}}'],
+            [None, "api_error"],
+        ),
+        ([b"data: {}\n\nevent: error\n", b'data: {"type":"error","error":{"type":"api_error"}}\n\n'], ["error"]),
+        # Text that merely mentions it is no event.
+        ([b'data: {"delta":{"text":"an event: error here"}}\n\n'], [None]),
+    ],
+)
+def test_error_events_are_spotted_in_a_stream(chunks: list[bytes], found: list[str | None]) -> None:
+    watch = anthropic_errors.ErrorEventWatch()
+    seen = []
+    for chunk in chunks:
+        told = watch.seen(chunk)
+        seen.append(told)
+        if told is not None:
+            break
+    assert seen == found
