@@ -34,6 +34,9 @@ from keyplane.health.classify import Classification, ErrorClass, classify_except
 from . import errors
 from .router import Attempt
 from .upstream import (
+    CHAT_PATH,
+    JSON_TYPE,
+    RequestBody,
     UpstreamAnswerCut,
     UpstreamClient,
     UpstreamConfigError,
@@ -230,7 +233,7 @@ def _mark_recovered(records: list[AttemptRecord], provider: Provider) -> None:
 async def run_attempts(
     upstream: UpstreamClient,
     plan: Sequence[Attempt],
-    body_for: Callable[[str], bytes],
+    body_for: Callable[[str], RequestBody],
     app_headers: Mapping[str, str],
     *,
     stream: bool,
@@ -239,8 +242,12 @@ async def run_attempts(
     blocked: BlockReason | None = None,
     excluded: Mapping[str, str] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    path: str = CHAT_PATH,
+    content_type: str = JSON_TYPE,
 ) -> UpstreamReply | AttemptsFailed:
     """Try ``plan`` in order until an answer; ``deadline`` is in event-loop time.
+
+    ``path`` is the endpoint's under each key's base URL, ``content_type`` the body's.
 
     ``blocked`` is asked before every attempt (health may have changed since the
     plan was made, by this very request); ``excluded`` seeds the header with the
@@ -275,7 +282,7 @@ async def run_attempts(
         started_loop = loop.time()
         started_wall = wall_clock()
         try:
-            request = build_request(attempt, app_headers)
+            request = build_request(attempt, app_headers, path, content_type)
         except UpstreamConfigError as exc:
             _log.warning("skipping attempt %s: %s", describe(attempt), exc)
             observer.misconfigured(attempt)

@@ -9,6 +9,7 @@ how the stream ended (complete, or ``stream_broken``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -61,15 +62,19 @@ async def relay(
     *,
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
+    typed_errors: bool = False,
 ) -> int:
-    """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status."""
+    """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status.
+
+    ``typed_errors``: a broken event stream is told with a typed ``event: error``
+    (the Responses API's framing) instead of chat's ``data:`` error object."""
     response = reply.response
     try:
         extra = [*upstream_headers(response), *own_headers]
         if reply.streaming:
             # The failed attempts before it are reported now, not when the stream ends.
             book.flush()
-            return await _relay_stream(book, reply, extra, send, metrics, wall_clock)
+            return await _relay_stream(book, reply, extra, send, metrics, wall_clock, typed_errors)
         head = reply.head
         await send(
             {
@@ -87,6 +92,20 @@ async def relay(
             book.attempted(reply.record)
 
 
+_BROKEN = "The upstream stream broke off."
+
+
+def _broken_event(typed: bool) -> bytes:
+    """The event telling the app its stream is cut (the blank lines first end any
+    event the upstream left half-sent)."""
+    if typed:
+        # The Responses API's ``ResponseErrorEvent`` (``type: error``, no sequence number of ours).
+        event = {"type": "error", "code": "stream_broken", "message": _BROKEN, "param": None}
+        return b"\n\nevent: error\ndata: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    error = errors.error_body(_BROKEN, "upstream_error", code="stream_broken")
+    return b"\n\ndata: " + error + b"\n\n"
+
+
 async def _relay_stream(
     book: AnswerBook,
     reply: UpstreamReply,
@@ -94,6 +113,7 @@ async def _relay_stream(
     send: Send,
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
+    typed_errors: bool,
 ) -> int:
     """Pass a committed stream to the app chunk by chunk, then classify how it ended."""
     response = reply.response
@@ -120,8 +140,7 @@ async def _relay_stream(
             if response.content_type == "text/event-stream":
                 # Like OpenAI mid-stream: an error event, so the app knows the answer is cut
                 # (the blank lines first terminate any event the upstream left half-sent).
-                error = errors.error_body("The upstream stream broke off.", "upstream_error", code="stream_broken")
-                await send({"type": "http.response.body", "body": b"\n\ndata: " + error + b"\n\n", "more_body": True})
+                await send({"type": "http.response.body", "body": _broken_event(typed_errors), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         if ending is None:

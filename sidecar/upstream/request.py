@@ -1,7 +1,8 @@
 """The request for one attempt: URL and headers per provider (pure, no I/O).
 
-Every provider is spoken to through its OpenAI-compatible chat completions
-endpoint; only the base URL and the credential header differ. The request
+Every provider is spoken to through its OpenAI-compatible endpoints (the
+endpoint's path under the base URL: ``/chat/completions``, ``/embeddings``...);
+only the base URL and the credential header differ. The request
 built here carries the provider secret, so it is never logged or repr'd.
 """
 
@@ -9,15 +10,26 @@ from __future__ import annotations
 
 import functools
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from keyplane.domain import Provider
 
 from ..router import Attempt
 from .errors import UpstreamConfigError
 
-__all__ = ["DEFAULT_BASE_URLS", "FORWARDED_REQUEST_HEADERS", "UpstreamRequest", "build_request", "origin_of"]
+__all__ = [
+    "CHAT_PATH",
+    "DEFAULT_BASE_URLS",
+    "FORWARDED_REQUEST_HEADERS",
+    "JSON_TYPE",
+    "RequestBody",
+    "StreamedBody",
+    "UpstreamRequest",
+    "build_request",
+    "origin_of",
+]
 
 DEFAULT_BASE_URLS: Mapping[Provider, str] = {
     Provider.OPENAI: "https://api.openai.com/v1",
@@ -46,6 +58,20 @@ def origin_of(url: str) -> str:
     return f"{scheme}://{(parts.hostname or '').lower()}:{port or (443 if scheme == 'https' else 80)}"
 
 
+class StreamedBody(Protocol):
+    """A request body sent as it is read (an upload spooled to disk), never held whole.
+
+    ``chunks()`` starts from the beginning on every call (one call per attempt)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+
+RequestBody = bytes | StreamedBody
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamRequest:
     url: str
@@ -72,10 +98,10 @@ _FORWARDED_ORDER: tuple[str, ...] = tuple(sorted(FORWARDED_REQUEST_HEADERS))
 
 
 @functools.lru_cache(maxsize=1024)
-def _fixed_part(base_url: str, provider: Provider, secret: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """The URL and credential header of (base URL, provider, secret); bounded cache,
-    so a rotated secret ages out. Nothing here is logged or repr'd."""
-    url = base_url.rstrip("/") + "/chat/completions"
+def _fixed_part(base_url: str, provider: Provider, secret: str, path: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The URL and credential header of (base URL, provider, secret, endpoint path); bounded
+    cache, so a rotated secret ages out. Nothing here is logged or repr'd."""
+    url = base_url.rstrip("/") + path
     scheme, _, rest = url.partition("://")
     if scheme.lower() not in ("http", "https") or not rest or any(c in url for c in " \t\r\n"):
         raise UpstreamConfigError(f"base URL is not an absolute http(s) URL: {scheme[:10] or '?'}://...")
@@ -90,11 +116,20 @@ def _fixed_part(base_url: str, provider: Provider, secret: str) -> tuple[str, tu
     return url, credential
 
 
-def build_request(attempt: Attempt, app_headers: Mapping[str, str]) -> UpstreamRequest:
-    """URL and headers for one attempt. ``app_headers`` has lower-case names."""
+CHAT_PATH = "/chat/completions"
+JSON_TYPE = "application/json"
+
+
+def build_request(
+    attempt: Attempt, app_headers: Mapping[str, str], path: str = CHAT_PATH, content_type: str = JSON_TYPE
+) -> UpstreamRequest:
+    """URL and headers for one attempt. ``app_headers`` has lower-case names; ``path`` is
+    the endpoint's, appended to the base URL; ``content_type`` the body's."""
     key = attempt.key
-    url, credential = _fixed_part(_base_url(attempt), attempt.target.provider, key.secret if key is not None else "")
-    headers = {"content-type": "application/json"}
+    url, credential = _fixed_part(
+        _base_url(attempt), attempt.target.provider, key.secret if key is not None else "", path
+    )
+    headers = {"content-type": content_type}
     for name in _FORWARDED_ORDER:
         value = app_headers.get(name)
         if value and "\r" not in value and "\n" not in value:

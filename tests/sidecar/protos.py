@@ -53,6 +53,7 @@ def target(
     priority: int = 0,
     weight: int = 1,
     node_urls: Sequence[str] = (),
+    endpoints: Sequence[resources_pb2.Endpoint.ValueType] = (),
 ) -> resources_pb2.RouteTarget:
     return resources_pb2.RouteTarget(
         provider=provider,
@@ -60,6 +61,7 @@ def target(
         priority=priority,
         weight=weight,
         node_urls=list(node_urls),
+        endpoints=list(endpoints),
     )
 
 
