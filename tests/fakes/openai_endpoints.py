@@ -36,6 +36,12 @@ class EndpointState:
 
     def __init__(self) -> None:
         self.responses: dict[str, str] = {}
+        # When set, a Responses API stream drops the connection after this many events.
+        self.break_after_events: int | None = None
+
+
+class _Cut(Exception):
+    """The stream was cut on purpose."""
 
 
 Handler = Callable[[web.Request, Any, str, EndpointState], Awaitable[web.StreamResponse]]
@@ -173,8 +179,25 @@ async def responses(request: web.Request, body: Any, secret: str, state: Endpoin
     message_id = f"msg_{response_id[5:]}"
 
     async def event(kind: str, **fields: Any) -> None:
-        payload = {"type": kind, "sequence_number": next(sequence), **fields}
+        number = next(sequence)
+        payload = {"type": kind, "sequence_number": number, **fields}
         await response.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
+        if state.break_after_events is not None and number + 1 >= state.break_after_events:
+            assert request.transport is not None
+            request.transport.abort()
+            raise _Cut
+
+    try:
+        await _stream_response(event, response_id, body, text, message_id)
+    except _Cut:
+        return response
+    await response.write_eof()
+    return response
+
+
+async def _stream_response(
+    event: Callable[..., Awaitable[None]], response_id: str, body: Any, text: str, message_id: str
+) -> None:
 
     await event("response.created", response=_response_object(response_id, body, "in_progress", None))
     await event("response.in_progress", response=_response_object(response_id, body, "in_progress", None))
@@ -205,8 +228,6 @@ async def responses(request: web.Request, body: Any, secret: str, state: Endpoin
     )
     await event("response.output_item.done", output_index=0, item=done["output"][0])
     await event("response.completed", response=done)
-    await response.write_eof()
-    return response
 
 
 async def images(request: web.Request, body: Any, secret: str, state: EndpointState) -> web.StreamResponse:
