@@ -58,6 +58,7 @@ def route_targets(messages: list[resources_pb2.RouteTarget], policy: UrlPolicy) 
             weight=m.weight,
             node_urls=list(m.node_urls),
             policy=policy,
+            endpoints=[convert.endpoint_from_proto(e) for e in m.endpoints],
         )
         for index, m in enumerate(messages)
     )

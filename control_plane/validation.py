@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
+from keyplane import convert
 from keyplane.domain import KeyStatus, Provider, RouteTarget
 from keyplane.errors import InvalidArgument
 
@@ -202,6 +203,7 @@ def validate_route_target(
     weight: int,
     node_urls: Sequence[str],
     policy: UrlPolicy = DEFAULT_URL_POLICY,
+    endpoints: Sequence[str | None] = (),
 ) -> RouteTarget:
     """One target of a route; ``index`` names it in messages (``targets[1]``).
     vLLM node URLs must name hosts ``policy`` allows."""
@@ -232,7 +234,19 @@ def validate_route_target(
         priority=priority,
         weight=validate_weight(weight, field=f"{prefix}.weight"),
         node_urls=nodes,
+        endpoints=_validate_endpoints(endpoints, field=f"{prefix}.endpoints"),
     )
+
+
+def _validate_endpoints(endpoints: Sequence[str | None], *, field: str) -> tuple[str, ...]:
+    """Known endpoint names, each once, in the order given (None: a value this build does not know)."""
+    known = convert.endpoint_names()
+    out: dict[str, None] = {}
+    for index, name in enumerate(endpoints):
+        if name is None or name not in known:
+            raise InvalidArgument(f"{field}[{index}] is not a known endpoint; one of: {', '.join(known)}")
+        out[name] = None
+    return tuple(out)
 
 
 def validate_route_targets(targets: Sequence[RouteTarget]) -> tuple[RouteTarget, ...]:

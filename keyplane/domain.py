@@ -86,6 +86,9 @@ class RouteTarget:
     priority: int = 0
     weight: int = 1
     node_urls: tuple[str, ...] = ()
+    # The endpoints it serves, by name ("chat_completions", "embeddings"...: the proto
+    # enum's names without ENDPOINT_, lower case); empty means its provider's default.
+    endpoints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

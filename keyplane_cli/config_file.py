@@ -83,10 +83,15 @@ def _target(value: str | Mapping[str, Any]) -> TargetSpec:
             priority=value.get("priority", 0),
             weight=value.get("weight", 1),
             node_urls=tuple(dict.fromkeys(u.rstrip("/") for u in value.get("node_urls", ()))),
+            endpoints=tuple(dict.fromkeys(value.get("endpoints", ()))),
         )
     spec, nodes = value, ""
     if "=" in spec:
         spec, nodes = spec.split("=", 1)
+    endpoints: tuple[str, ...] = ()
+    if "+" in spec:
+        spec, endpoint_text = spec.rsplit("+", 1)
+        endpoints = tuple(dict.fromkeys(e for e in endpoint_text.split(",") if e))
     weight = 1
     if "*" in spec:
         spec, weight_text = spec.rsplit("*", 1)
@@ -97,7 +102,9 @@ def _target(value: str | Mapping[str, Any]) -> TargetSpec:
         priority = int(priority_text)
     provider, _, model = spec.partition(":")
     node_urls = tuple(dict.fromkeys(n.rstrip("/") for n in nodes.split(",") if n))
-    return TargetSpec(provider=provider, model=model, priority=priority, weight=weight, node_urls=node_urls)
+    return TargetSpec(
+        provider=provider, model=model, priority=priority, weight=weight, node_urls=node_urls, endpoints=endpoints
+    )
 
 
 def _read_secret(ref: Mapping[str, str], where: str, base: Path, environ: Mapping[str, str]) -> tuple[str, str]:

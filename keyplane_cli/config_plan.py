@@ -47,12 +47,15 @@ class TargetSpec:
     priority: int = 0
     weight: int = 1
     node_urls: tuple[str, ...] = ()
+    # Endpoint names; empty: the provider's default.
+    endpoints: tuple[str, ...] = ()
 
 
 def target_text(target: TargetSpec) -> str:
-    """``provider:model@priority*weight[=node,...]``, the CLI's target syntax."""
+    """``provider:model@priority*weight[+endpoint,...][=node,...]``, the CLI's target syntax."""
+    endpoints = ("+" + ",".join(target.endpoints)) if target.endpoints else ""
     nodes = ("=" + ",".join(target.node_urls)) if target.node_urls else ""
-    return f"{target.provider}:{target.model}@{target.priority}*{target.weight}{nodes}"
+    return f"{target.provider}:{target.model}@{target.priority}*{target.weight}{endpoints}{nodes}"
 
 
 @dataclass(frozen=True)
