@@ -60,6 +60,7 @@ def route_targets(messages: list[resources_pb2.RouteTarget], policy: UrlPolicy) 
             api_version=m.api_version,
             deployment=m.deployment,
             policy=policy,
+            endpoints=[convert.endpoint_from_proto(e) for e in m.endpoints],
         )
         for index, m in enumerate(messages)
     )

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
+from keyplane import convert
 from keyplane.domain import KeyStatus, Provider, RouteTarget
 from keyplane.errors import InvalidArgument
 
@@ -205,6 +206,7 @@ def validate_route_target(
     api_version: str = "",
     deployment: str = "",
     policy: UrlPolicy = DEFAULT_URL_POLICY,
+    endpoints: Sequence[str | None] = (),
 ) -> RouteTarget:
     """One target of a route; ``index`` names it in messages (``targets[1]``).
     vLLM node URLs must name hosts ``policy`` allows; ``api_version`` and
@@ -231,6 +233,12 @@ def validate_route_target(
     if priority < 0:
         raise InvalidArgument(f"{prefix}.priority must not be negative")
     validate_azure_deployment(checked_provider, api_version, deployment, prefix=prefix)
+    served = _validate_endpoints(endpoints, field=f"{prefix}.endpoints")
+    if "messages" in served and checked_provider is not Provider.ANTHROPIC:
+        # Anthropic's own Messages API: no other provider speaks it.
+        raise InvalidArgument(
+            f"{prefix}.endpoints: messages is only for provider anthropic, not {checked_provider.value}"
+        )
     return RouteTarget(
         provider=checked_provider,
         upstream_model=model,
@@ -239,6 +247,7 @@ def validate_route_target(
         node_urls=nodes,
         api_version=api_version,
         deployment=deployment,
+        endpoints=served,
     )
 
 
@@ -265,6 +274,17 @@ def validate_azure_deployment(provider: Provider, api_version: str, deployment: 
         raise InvalidArgument(
             f"{prefix}.deployment must be 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
         )
+
+
+def _validate_endpoints(endpoints: Sequence[str | None], *, field: str) -> tuple[str, ...]:
+    """Known endpoint names, each once, in the order given (None: a value this build does not know)."""
+    known = convert.endpoint_names()
+    out: dict[str, None] = {}
+    for index, name in enumerate(endpoints):
+        if name is None or name not in known:
+            raise InvalidArgument(f"{field}[{index}] is not a known endpoint; one of: {', '.join(known)}")
+        out[name] = None
+    return tuple(out)
 
 
 def validate_route_targets(targets: Sequence[RouteTarget]) -> tuple[RouteTarget, ...]:

@@ -90,6 +90,9 @@ class RouteTarget:
     # the deployment name in the URL (empty: upstream_model).
     api_version: str = ""
     deployment: str = ""
+    # The endpoints it serves, by name ("chat_completions", "embeddings"...: the proto
+    # enum's names without ENDPOINT_, lower case); empty means its provider's default.
+    endpoints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

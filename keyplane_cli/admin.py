@@ -64,7 +64,7 @@ def _provider(name: str) -> int:
 
 
 def _target(spec: str) -> resources_pb2.RouteTarget:
-    """Parse ``provider:upstream_model[@priority][*weight][=node_url,node_url]``, or for
+    """Parse ``provider:upstream_model[@priority][*weight][+endpoint,...][=node_url,node_url]``, or for
     an Azure classic deployment ``...[?api-version=V[&deployment=NAME]]``."""
     try:
         spec, api_version, deployment = split_azure_suffix(spec)
@@ -74,6 +74,10 @@ def _target(spec: str) -> resources_pb2.RouteTarget:
     if "=" in spec:
         spec, node_part = spec.split("=", 1)
         nodes = [n for n in node_part.split(",") if n]
+    endpoints: list[resources_pb2.Endpoint.ValueType] = []
+    if "+" in spec:
+        spec, endpoint_part = spec.rsplit("+", 1)
+        endpoints = [_endpoint(e) for e in endpoint_part.split(",") if e]
     weight = 1
     if "*" in spec:
         spec, weight_text = spec.rsplit("*", 1)
@@ -85,7 +89,7 @@ def _target(spec: str) -> resources_pb2.RouteTarget:
     provider_name, sep, model = spec.partition(":")
     if not sep or not model:
         raise argparse.ArgumentTypeError(
-            f"target {spec!r} must look like provider:upstream_model[@priority][*weight][=node_url,...]"
+            f"target {spec!r} must look like provider:upstream_model[@priority][*weight][+endpoint,...][=node_url,...]"
         )
     return resources_pb2.RouteTarget(
         provider=_provider(provider_name),  # type: ignore[arg-type]
@@ -93,9 +97,18 @@ def _target(spec: str) -> resources_pb2.RouteTarget:
         priority=priority,
         weight=weight,
         node_urls=nodes,
+        endpoints=endpoints,
         api_version=api_version,
         deployment=deployment,
     )
+
+
+def _endpoint(name: str) -> resources_pb2.Endpoint.ValueType:
+    try:
+        return convert.endpoint_to_proto(name)
+    except ValueError:
+        choices = ", ".join(convert.endpoint_names())
+        raise argparse.ArgumentTypeError(f"unknown endpoint {name!r}; one of: {choices}") from None
 
 
 def _int(text: str, what: str) -> int:
@@ -174,6 +187,7 @@ def _azure_suffix(t: resources_pb2.RouteTarget) -> str:
 def _route_row(route: resources_pb2.Route) -> str:
     targets = " ".join(
         f"{_provider_name(t.provider)}:{t.upstream_model}@{t.priority}*{t.weight}"
+        + (("+" + ",".join(n for e in t.endpoints if (n := convert.endpoint_from_proto(e)))) if t.endpoints else "")
         + (("=" + ",".join(t.node_urls)) if t.node_urls else "")
         + _azure_suffix(t)
         for t in route.targets
@@ -520,8 +534,9 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         action="append",
         required=True,
         type=_target,
-        help="provider:upstream_model[@priority][*weight][=node_url,...][?api-version=V[&deployment=NAME]] "
-        "(repeatable, in order; ?api-version= for an Azure classic deployment)",
+        help="provider:upstream_model[@priority][*weight][+endpoint,...][=node_url,...][?api-version=V[&deployment=D]] "
+        "(repeatable, in order; +endpoints limits what the target serves, e.g. +embeddings,responses; default: the "
+        "provider's; ?api-version= for an Azure classic deployment)",
     )
     action(routes, "list", "list routes", _tenant)
     rset = action(routes, "set-targets", "replace a route's targets", _tenant, _etag)
@@ -531,8 +546,9 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         action="append",
         required=True,
         type=_target,
-        help="provider:upstream_model[@priority][*weight][=node_url,...][?api-version=V[&deployment=NAME]] "
-        "(repeatable, in order; ?api-version= for an Azure classic deployment)",
+        help="provider:upstream_model[@priority][*weight][+endpoint,...][=node_url,...][?api-version=V[&deployment=D]] "
+        "(repeatable, in order; +endpoints limits what the target serves, e.g. +embeddings,responses; default: the "
+        "provider's; ?api-version= for an Azure classic deployment)",
     )
     for parser in (radd, rset):
         parser.add_argument(

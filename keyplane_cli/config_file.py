@@ -84,6 +84,7 @@ def _target(value: str | Mapping[str, Any]) -> TargetSpec:
             priority=value.get("priority", 0),
             weight=value.get("weight", 1),
             node_urls=tuple(dict.fromkeys(u.rstrip("/") for u in value.get("node_urls", ()))),
+            endpoints=tuple(dict.fromkeys(value.get("endpoints", ()))),
             api_version=value.get("api_version", ""),
             deployment=value.get("deployment", ""),
         )
@@ -94,6 +95,10 @@ def _target(value: str | Mapping[str, Any]) -> TargetSpec:
     nodes = ""
     if "=" in spec:
         spec, nodes = spec.split("=", 1)
+    endpoints: tuple[str, ...] = ()
+    if "+" in spec:
+        spec, endpoint_text = spec.rsplit("+", 1)
+        endpoints = tuple(dict.fromkeys(e for e in endpoint_text.split(",") if e))
     weight = 1
     if "*" in spec:
         spec, weight_text = spec.rsplit("*", 1)
@@ -110,6 +115,7 @@ def _target(value: str | Mapping[str, Any]) -> TargetSpec:
         priority=priority,
         weight=weight,
         node_urls=node_urls,
+        endpoints=endpoints,
         api_version=api_version,
         deployment=deployment,
     )

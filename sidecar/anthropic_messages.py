@@ -31,7 +31,9 @@ from keyplane.domain import Provider
 from . import anthropic_errors, errors
 from .access_log import AccessEntry
 from .asgi import Receive, Scope, Send, send_error
-from .chat import ChatApp, ClientGone, DisconnectWatch, RequestBook, read_body, request_id_for
+from .book import RequestBook
+from .chat import ChatApp, ClientGone, DisconnectWatch, read_body, request_id_for
+from .endpoints import MESSAGES
 from .model import Key, Route, Target
 from .proxy import AttemptsFailed, excluded_header, run_attempts
 from .relay import relay
@@ -91,11 +93,16 @@ def _authenticate(app: ChatApp, headers: dict[str, str]) -> str | errors.ErrorRe
 
 
 def _native(route: Route) -> Route | None:
-    """The route as far as the Messages API can take it: its anthropic targets."""
-    targets = tuple(t for t in route.targets if t.provider is Provider.ANTHROPIC)
-    if not targets:
+    """The route as far as the Messages API can take it: its targets that serve it
+    (``sidecar.endpoints.MESSAGES``: anthropic targets by default, and only those)."""
+    served = route.by_endpoint.get(MESSAGES.name)
+    if served is None:
         return None
-    return route if len(targets) == len(route.targets) else Route(route.id, route.public_model, targets)
+    if all(t.provider is Provider.ANTHROPIC for t in served.targets):
+        return served
+    # Only anthropic targets may list it (the admin API refuses others); never send another provider this shape.
+    targets = tuple(t for t in served.targets if t.provider is Provider.ANTHROPIC)
+    return Route(route.id, route.public_model, targets) if targets else None
 
 
 async def messages(
@@ -138,13 +145,7 @@ async def messages(
         return await send_error(send, anthropic_errors.from_openai(errors.model_not_found(model)))
     route = _native(found)
     if route is None:
-        message = (
-            f"The model '{model[:200]}' has no anthropic target: the Messages API is served by "
-            "anthropic keys only (use /v1/chat/completions for this model)."
-        )
-        return await send_error(
-            send, errors.ErrorResponse(400, anthropic_errors.error_body("invalid_request_error", message))
-        )
+        return await send_error(send, anthropic_errors.from_openai(errors.endpoint_not_served(model, MESSAGES_ROUTE)))
     book = RequestBook(app, tenant, request_id_for(headers), access)
     plan = _plan(app, tenant, route, book)
     if not plan:

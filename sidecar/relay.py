@@ -9,6 +9,7 @@ how the stream ended (complete, or ``stream_broken``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -69,21 +70,24 @@ async def relay(
     *,
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
+    typed_errors: bool = False,
     broken_event: bytes | None = None,
     watch: StreamWatch | None = None,
 ) -> int:
     """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status.
 
-    ``broken_event``: the server-sent event that tells the app its stream broke off
-    (default: chat's ``data:`` error object). ``watch``: an error event it spots in
-    the stream makes the stream ``stream_broken`` (relayed as it came all the same)."""
+    ``typed_errors``: a broken event stream is told with a typed ``event: error``
+    (the Responses API's framing) instead of chat's ``data:`` error object;
+    ``broken_event``: the event to tell it with instead (Anthropic's). ``watch``: an
+    error event it spots in the stream makes the stream ``stream_broken`` (relayed as
+    it came all the same)."""
     response = reply.response
     try:
         extra = [*upstream_headers(response), *own_headers]
         if reply.streaming:
             # The failed attempts before it are reported now, not when the stream ends.
             book.flush()
-            return await _relay_stream(book, reply, extra, send, metrics, wall_clock, broken_event, watch)
+            return await _relay_stream(book, reply, extra, send, metrics, wall_clock, typed_errors, broken_event, watch)
         head = reply.head
         await send(
             {
@@ -101,6 +105,20 @@ async def relay(
             book.attempted(reply.record)
 
 
+_BROKEN = "The upstream stream broke off."
+
+
+def _broken_event(typed: bool) -> bytes:
+    """The event telling the app its stream is cut (the blank lines first end any
+    event the upstream left half-sent)."""
+    if typed:
+        # The Responses API's ``ResponseErrorEvent`` (``type: error``, no sequence number of ours).
+        event = {"type": "error", "code": "stream_broken", "message": _BROKEN, "param": None}
+        return b"\n\nevent: error\ndata: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    error = errors.error_body(_BROKEN, "upstream_error", code="stream_broken")
+    return b"\n\ndata: " + error + b"\n\n"
+
+
 async def _relay_stream(
     book: AnswerBook,
     reply: UpstreamReply,
@@ -108,6 +126,7 @@ async def _relay_stream(
     send: Send,
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
+    typed_errors: bool,
     broken_event: bytes | None = None,
     watch: StreamWatch | None = None,
 ) -> int:
@@ -141,8 +160,7 @@ async def _relay_stream(
                 # Like OpenAI mid-stream: an error event, so the app knows the answer is cut
                 # (the blank lines first terminate any event the upstream left half-sent).
                 if broken_event is None:
-                    error = errors.error_body("The upstream stream broke off.", "upstream_error", code="stream_broken")
-                    broken_event = b"\n\ndata: " + error + b"\n\n"
+                    broken_event = _broken_event(typed_errors)
                 await send({"type": "http.response.body", "body": broken_event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:

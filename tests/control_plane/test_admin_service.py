@@ -377,6 +377,15 @@ _BAD_WRITES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
     ),
     (
         "CreateRoute",
+        "messages on openai",
+        apb.CreateRouteRequest(
+            tenant="acme", public_model="chat", targets=[_target(endpoints=[rpb.ENDPOINT_MESSAGES])]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "targets[0].endpoints: messages is only for provider anthropic",
+    ),
+    (
+        "CreateRoute",
         "api_version on openai",
         apb.CreateRouteRequest(tenant="acme", public_model="chat", targets=[_target(api_version="2024-10-21")]),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -50,6 +50,8 @@ def _apply(sidecar: Sidecar, fake: FakeAnthropic, secrets: tuple[str, ...] = ("s
         # OpenAI first for chat; the Messages API takes the anthropic target only.
         p.route("r2", "mixed", p.target("gpt-4o"), p.target(MODEL, provider=p.ANTHROPIC, priority=1)),
         p.route("r3", "gpt", p.target("gpt-4o")),
+        # An anthropic target that says it serves chat completions only.
+        p.route("r4", "claude-chat", p.target(MODEL, provider=p.ANTHROPIC, endpoints=[p.ENDPOINT_CHAT_COMPLETIONS])),
     ]
     keys.append(p.pkey("oa1", "sk-openai", base_url=fake.url + "/openai/v1"))
     state = p.tenant_state(TENANT, keys=keys, routes=routes, client_keys=[p.client_key("ck1", CLIENT_TOKEN)])
@@ -203,12 +205,15 @@ async def test_the_sidecars_own_errors_have_anthropics_shape(sidecar: Sidecar, f
     async with _client(sidecar) as client:
         with pytest.raises(anthropic.NotFoundError) as unknown:
             await client.messages.create(model="nope", max_tokens=9, messages=ASK)
-        with pytest.raises(anthropic.BadRequestError) as not_native:
+        with pytest.raises(anthropic.NotFoundError) as not_native:
             await client.messages.create(model="gpt", max_tokens=9, messages=ASK)
     assert isinstance(unknown.value.body, dict) and unknown.value.body["error"]["type"] == "not_found_error"
     assert isinstance(not_native.value.body, dict)
-    assert not_native.value.body["error"]["type"] == "invalid_request_error"
-    assert "has no anthropic target" in not_native.value.body["error"]["message"]
+    assert not_native.value.body["error"]["type"] == "not_found_error"
+    assert "no target of its route serves this endpoint" in not_native.value.body["error"]["message"]
+    async with _client(sidecar) as client:
+        with pytest.raises(anthropic.NotFoundError):
+            await client.messages.create(model="claude-chat", max_tokens=9, messages=ASK)
     async with httpx.AsyncClient(base_url=sidecar.url) as raw:
         missing = await raw.post("/v1/messages", json={"model": "claude"})
         no_model = await raw.post("/v1/messages", headers={"x-api-key": CLIENT_TOKEN}, json={"max_tokens": 1})

@@ -134,3 +134,6 @@ def test_azure_request_shapes(a: Attempt, url: str) -> None:
     req = build_request(a, {"authorization": "Bearer kp-client"})
     assert req.url == url
     assert req.headers == {"content-type": "application/json", "api-key": "sk-test"}
+    # Every endpoint the same way, its path in place of /chat/completions.
+    embeddings = build_request(a, {}, "/embeddings")
+    assert embeddings.url == url.replace("/chat/completions", "/embeddings")
