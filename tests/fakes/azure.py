@@ -5,6 +5,8 @@
   ?api-version=...``; a missing api-version or unknown deployment gets Azure's
   404s, an api-version the resource does not speak a 404 too.
 
+Other endpoints the same way (``/embeddings`` in place of ``/chat/completions``).
+
 Both want the key in the ``api-key`` header (or ``Authorization: Bearer``);
 without one Azure answers 401. The completions themselves are
 ``FakeUpstream``'s (OpenAI's shapes, which Azure speaks), and replies can be
@@ -94,7 +96,8 @@ _DEPLOYMENT_NOT_FOUND = {
         "last 5 minutes, please wait a moment and try again.",
     }
 }
-_DEPLOYMENT_PATH = re.compile(r"/openai/deployments/([^/]+)/chat/completions")
+# Any OpenAI endpoint under a deployment (or the v1 API): /chat/completions, /embeddings, ...
+_DEPLOYMENT_PATH = re.compile(r"/openai/deployments/([^/]+)(/[a-z/_]+)")
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class FakeAzure(FakeUpstream):
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         match = _DEPLOYMENT_PATH.fullmatch(path)
-        shape = "v1" if path == "/openai/v1/chat/completions" else "deployment" if match else "unknown"
+        shape = "v1" if path.startswith("/openai/v1/") else "deployment" if match else "unknown"
         api_version = request.query.get("api-version")
         call = AzureCall(shape, path, api_version, request.headers.get("api-key"), request.headers.get("authorization"))
         self.calls.append(call)

@@ -139,3 +139,15 @@ async def test_the_fake_checks_what_azure_checks(azure: FakeAzure) -> None:
         done = await sdk.chat.completions.create(model=DEPLOYMENT, messages=[{"role": "user", "content": "hi"}])
     assert done.choices[0].message.content == "Hello from the fake upstream!"
     assert azure.calls[-1].shape == "deployment" and azure.calls[-1].api_key == "k"
+
+
+async def test_other_endpoints_reach_the_deployment_too(sidecar: Sidecar, azure: FakeAzure) -> None:
+    _apply(sidecar, azure, base_url=azure.url)
+    async with _client(sidecar) as client:
+        embedded = await client.embeddings.create(model="chat-classic", input="hello")
+        v1 = await client.embeddings.create(model="chat-v1", input="hello")
+    assert len(embedded.data[0].embedding) == len(v1.data[0].embedding) == 3
+    assert [(c.shape, c.path, c.api_version) for c in azure.calls] == [
+        ("deployment", f"/openai/deployments/{DEPLOYMENT}/embeddings", "2024-10-21"),
+        ("v1", "/openai/v1/embeddings", None),
+    ]
