@@ -95,7 +95,7 @@ def _authenticate(app: ChatApp, headers: dict[str, str]) -> str | errors.ErrorRe
 def _native(route: Route) -> Route | None:
     """The route as far as the Messages API can take it: its targets that serve it
     (``sidecar.endpoints.MESSAGES``: anthropic targets by default, and only those)."""
-    served = route.by_endpoint.get(MESSAGES.name)
+    served = route.for_endpoint(MESSAGES.name)
     if served is None:
         return None
     if all(t.provider is Provider.ANTHROPIC for t in served.targets):

@@ -232,6 +232,8 @@ async def _stream_response(
 
 async def images(request: web.Request, body: Any, secret: str, state: EndpointState) -> web.StreamResponse:
     png = base64.b64encode(b"\x89PNG\r\n\x1a\nfake-image").decode()
+    if body.get("stream") is True:
+        return await _image_stream(request, body, png)
     return _json(
         200,
         {
@@ -245,6 +247,32 @@ async def images(request: web.Request, body: Any, secret: str, state: EndpointSt
             },
         },
     )
+
+
+async def _image_stream(request: web.Request, body: Any, png: str) -> web.StreamResponse:
+    """gpt-image-1's stream: ``partial_images`` partial images, then the completed one."""
+    response = await _sse(request)
+    common = {
+        "b64_json": png,
+        "background": "opaque",
+        "created_at": int(time.time()),
+        "output_format": "png",
+        "quality": "medium",
+        "size": "1024x1024",
+    }
+    for index in range(int(body.get("partial_images") or 0)):
+        event = {**common, "type": "image_generation.partial_image", "partial_image_index": index}
+        await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+    usage = {
+        "input_tokens": 5,
+        "input_tokens_details": {"image_tokens": 0, "text_tokens": 5},
+        "output_tokens": 100,
+        "total_tokens": 105,
+    }
+    done = {**common, "type": "image_generation.completed", "usage": usage}
+    await response.write(f"event: {done['type']}\ndata: {json.dumps(done)}\n\n".encode())
+    await response.write_eof()
+    return response
 
 
 async def transcriptions(request: web.Request, body: Any, secret: str, state: EndpointState) -> web.StreamResponse:

@@ -254,7 +254,7 @@ class FakeUpstream:
         return self.replies.get(secret)
 
     async def __aenter__(self) -> FakeUpstream:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # uploads (audio) too
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
         await runner.setup()

@@ -141,3 +141,20 @@ async def test_models_retrieve(fleet: Fleet) -> None:
         with pytest.raises(openai.NotFoundError) as exc:
             await client.models.retrieve("nope")
     assert exc.value.code == "model_not_found"
+
+
+async def test_large_upload_fails_over_whole(fleet: Fleet) -> None:
+    """3 MiB: past the in-memory spool, sent again whole to the second key."""
+    audio = bytes(range(256)) * (3 * 4096)
+    fleet.first.program("sk-one", rate_limited(20))
+    async with fleet.client() as client:
+        raw = await client.audio.transcriptions.with_raw_response.create(
+            model=MODEL, file=("long.wav", io.BytesIO(audio))
+        )
+    assert raw.parse().text == TRANSCRIPT
+    assert raw.headers["x-keyplane-key"] == "o2"
+    seen = fleet.first.requests_to("/audio/transcriptions")
+    assert [(r.secret, r.json["model"], r.json["file"] == audio) for r in seen] == [
+        ("sk-one", UP_MODEL, True),
+        ("sk-two", UP_MODEL, True),
+    ]

@@ -98,3 +98,19 @@ async def test_speech_is_relayed_as_it_arrives(fleet: Fleet) -> None:
             assert "content-length" not in response.headers  # not buffered whole
             received = [chunk async for chunk in response.iter_bytes()]
     assert b"".join(received) == b"".join(SPEECH_CHUNKS)
+
+
+async def test_images_stream(fleet: Fleet) -> None:
+    async with fleet.client() as client:
+        stream = await client.images.generate(model=MODEL, prompt="a cat", stream=True, partial_images=2)
+        events = [event async for event in stream]
+    assert [e.type for e in events] == [
+        "image_generation.partial_image",
+        "image_generation.partial_image",
+        "image_generation.completed",
+    ]
+    done = events[-1]
+    assert done.type == "image_generation.completed"
+    assert done.usage.total_tokens == 105
+    [seen] = fleet.first.requests_to("/images/generations")
+    assert (seen.json["model"], seen.json["stream"]) == (UP_MODEL, True)
