@@ -1,7 +1,9 @@
 """POST /v1/messages and /v1/messages/count_tokens: Anthropic's own API, for apps on the Anthropic SDK.
 
 The app's request goes, unchanged but for the model name, to the route's
-``anthropic`` targets only (another provider cannot speak this API), through
+targets that serve the ``messages`` endpoint (``sidecar.endpoints.MESSAGES``:
+every ``anthropic`` target unless its endpoints leave it out; no other
+provider speaks this API; a route with none gets 404), through
 the same attempt loop as chat (``sidecar.proxy``): key rotation and failover
 between anthropic keys, health and outcome reporting. Upstream it is
 ``{base_url}/messages`` with the key in ``x-api-key`` and the app's
@@ -12,7 +14,7 @@ answer is relayed as it came, a stream event by event (``message_start``,
 other (529 overloaded and 5xx: upstream_error; 429 rate_limit_error with
 ``retry-after`` and ``anthropic-ratelimit-*-reset``: rate_limited; 401
 authentication_error and 403 permission_error: credential; 400 "credit
-balance is too low": exhausted), and what the sidecar answers itself has
+balance is too low": taken out like an exhausted quota), and what the sidecar answers itself has
 Anthropic's error shape (``sidecar.anthropic_errors``).
 
 The app authenticates with its keyplane client key, as ``x-api-key`` (how
