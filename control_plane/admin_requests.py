@@ -57,7 +57,10 @@ def route_targets(messages: list[resources_pb2.RouteTarget], policy: UrlPolicy) 
             priority=m.priority,
             weight=m.weight,
             node_urls=list(m.node_urls),
+            api_version=m.api_version,
+            deployment=m.deployment,
             policy=policy,
+            endpoints=[convert.endpoint_from_proto(e) for e in m.endpoints],
         )
         for index, m in enumerate(messages)
     )

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
+from keyplane import convert
 from keyplane.domain import KeyStatus, Provider, RouteTarget
 from keyplane.errors import InvalidArgument
 
@@ -23,6 +24,7 @@ __all__ = [
     "MAX_WEIGHT",
     "PROVIDERS_NEEDING_BASE_URL",
     "validate_allowed_models",
+    "validate_azure_deployment",
     "validate_base_url",
     "validate_id",
     "validate_key_status",
@@ -201,10 +203,14 @@ def validate_route_target(
     priority: int,
     weight: int,
     node_urls: Sequence[str],
+    api_version: str = "",
+    deployment: str = "",
     policy: UrlPolicy = DEFAULT_URL_POLICY,
+    endpoints: Sequence[str | None] = (),
 ) -> RouteTarget:
     """One target of a route; ``index`` names it in messages (``targets[1]``).
-    vLLM node URLs must name hosts ``policy`` allows."""
+    vLLM node URLs must name hosts ``policy`` allows; ``api_version`` and
+    ``deployment`` are for Azure OpenAI only (``validate_azure_deployment``)."""
     prefix = f"targets[{index}]"
     checked_provider = validate_provider(provider, field=f"{prefix}.provider")
     if not upstream_model:
@@ -226,13 +232,59 @@ def validate_route_target(
         nodes = ()
     if priority < 0:
         raise InvalidArgument(f"{prefix}.priority must not be negative")
+    validate_azure_deployment(checked_provider, api_version, deployment, prefix=prefix)
+    served = _validate_endpoints(endpoints, field=f"{prefix}.endpoints")
+    if "messages" in served and checked_provider is not Provider.ANTHROPIC:
+        # Anthropic's own Messages API: no other provider speaks it.
+        raise InvalidArgument(
+            f"{prefix}.endpoints: messages is only for provider anthropic, not {checked_provider.value}"
+        )
     return RouteTarget(
         provider=checked_provider,
         upstream_model=model,
         priority=priority,
         weight=validate_weight(weight, field=f"{prefix}.weight"),
         node_urls=nodes,
+        api_version=api_version,
+        deployment=deployment,
+        endpoints=served,
     )
+
+
+# An Azure api-version ("2024-10-21", "2025-04-01-preview") and deployment name
+# ("gpt-4o-prod", letters, digits, '-', '_', '.'): both go into the request URL
+# as they are, so nothing that would need escaping is accepted.
+_API_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(-[a-z0-9]+)?")
+_DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_azure_deployment(provider: Provider, api_version: str, deployment: str, *, prefix: str) -> None:
+    """A target's Azure classic-deployment fields: Azure OpenAI only, well formed,
+    and a deployment only together with an api-version."""
+    if not api_version and not deployment:
+        return
+    if provider is not Provider.AZURE_OPENAI:
+        which = "api_version" if api_version else "deployment"
+        raise InvalidArgument(f"{prefix}.{which} is only for provider azure_openai, not {provider.value}")
+    if not api_version:
+        raise InvalidArgument(f"{prefix}.deployment needs an api_version (classic deployments only)")
+    if not _API_VERSION.fullmatch(api_version):
+        raise InvalidArgument(f"{prefix}.api_version must look like 2024-10-21 or 2025-04-01-preview")
+    if deployment and not _DEPLOYMENT.fullmatch(deployment):
+        raise InvalidArgument(
+            f"{prefix}.deployment must be 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )
+
+
+def _validate_endpoints(endpoints: Sequence[str | None], *, field: str) -> tuple[str, ...]:
+    """Known endpoint names, each once, in the order given (None: a value this build does not know)."""
+    known = convert.endpoint_names()
+    out: dict[str, None] = {}
+    for index, name in enumerate(endpoints):
+        if name is None or name not in known:
+            raise InvalidArgument(f"{field}[{index}] is not a known endpoint; one of: {', '.join(known)}")
+        out[name] = None
+    return tuple(out)
 
 
 def validate_route_targets(targets: Sequence[RouteTarget]) -> tuple[RouteTarget, ...]:

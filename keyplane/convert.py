@@ -246,7 +246,30 @@ def route_target_to_proto(target: RouteTarget) -> resources_pb2.RouteTarget:
         priority=target.priority,
         weight=target.weight,
         node_urls=list(target.node_urls),
+        api_version=target.api_version,
+        deployment=target.deployment,
+        endpoints=[endpoint_to_proto(e) for e in target.endpoints],
     )
+
+
+def endpoint_to_proto(name: str) -> resources_pb2.Endpoint.ValueType:
+    """``"embeddings"`` -> ENDPOINT_EMBEDDINGS; ValueError for an unknown name."""
+    return resources_pb2.Endpoint.Value("ENDPOINT_" + name.upper())
+
+
+def endpoint_from_proto(value: int) -> str | None:
+    """ENDPOINT_EMBEDDINGS -> ``"embeddings"``; None for unspecified or unknown values."""
+    if value == resources_pb2.ENDPOINT_UNSPECIFIED:
+        return None
+    try:
+        return resources_pb2.Endpoint.Name(value)[len("ENDPOINT_") :].lower()  # type: ignore[arg-type]
+    except ValueError:
+        return None
+
+
+def endpoint_names() -> tuple[str, ...]:
+    """Every endpoint name this build knows."""
+    return tuple(n for v in resources_pb2.Endpoint.values() if (n := endpoint_from_proto(v)) is not None)
 
 
 def route_target_from_proto(message: resources_pb2.RouteTarget) -> RouteTarget:
@@ -260,6 +283,9 @@ def route_target_from_proto(message: resources_pb2.RouteTarget) -> RouteTarget:
         priority=message.priority,
         weight=message.weight,
         node_urls=tuple(message.node_urls),
+        api_version=message.api_version,
+        deployment=message.deployment,
+        endpoints=tuple(n for e in message.endpoints if (n := endpoint_from_proto(e)) is not None),
     )
 
 

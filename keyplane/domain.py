@@ -86,6 +86,13 @@ class RouteTarget:
     priority: int = 0
     weight: int = 1
     node_urls: tuple[str, ...] = ()
+    # Azure OpenAI classic deployments: the api-version (empty: the v1 API) and
+    # the deployment name in the URL (empty: upstream_model).
+    api_version: str = ""
+    deployment: str = ""
+    # The endpoints it serves, by name ("chat_completions", "embeddings"...: the proto
+    # enum's names without ENDPOINT_, lower case); empty means its provider's default.
+    endpoints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from keyplane.tls import ClientTls, TlsError, channel_credentials, channel_optio
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import admin_service_pb2_grpc as admin_grpc
 from keyplane.v1 import resources_pb2
+from keyplane_cli.targets import split_azure_suffix
 from keyplane_cli.tls_flags import add_client_tls_flags, client_tls_from_args
 from keyplane_cli.wait import add_wait_flag, wait_after_write
 
@@ -64,11 +65,20 @@ def _provider(name: str) -> int:
 
 
 def _target(spec: str) -> resources_pb2.RouteTarget:
-    """Parse ``provider:upstream_model[@priority][*weight][=node_url,node_url]``."""
+    """Parse ``provider:upstream_model[@priority][*weight][+endpoint,...][=node_url,node_url]``, or for
+    an Azure classic deployment ``...[?api-version=V[&deployment=NAME]]``."""
+    try:
+        spec, api_version, deployment = split_azure_suffix(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     nodes: list[str] = []
     if "=" in spec:
         spec, node_part = spec.split("=", 1)
         nodes = [n for n in node_part.split(",") if n]
+    endpoints: list[resources_pb2.Endpoint.ValueType] = []
+    if "+" in spec:
+        spec, endpoint_part = spec.rsplit("+", 1)
+        endpoints = [_endpoint(e) for e in endpoint_part.split(",") if e]
     weight = 1
     if "*" in spec:
         spec, weight_text = spec.rsplit("*", 1)
@@ -80,7 +90,7 @@ def _target(spec: str) -> resources_pb2.RouteTarget:
     provider_name, sep, model = spec.partition(":")
     if not sep or not model:
         raise argparse.ArgumentTypeError(
-            f"target {spec!r} must look like provider:upstream_model[@priority][*weight][=node_url,...]"
+            f"target {spec!r} must look like provider:upstream_model[@priority][*weight][+endpoint,...][=node_url,...]"
         )
     return resources_pb2.RouteTarget(
         provider=_provider(provider_name),  # type: ignore[arg-type]
@@ -88,7 +98,18 @@ def _target(spec: str) -> resources_pb2.RouteTarget:
         priority=priority,
         weight=weight,
         node_urls=nodes,
+        endpoints=endpoints,
+        api_version=api_version,
+        deployment=deployment,
     )
+
+
+def _endpoint(name: str) -> resources_pb2.Endpoint.ValueType:
+    try:
+        return convert.endpoint_to_proto(name)
+    except ValueError:
+        choices = ", ".join(convert.endpoint_names())
+        raise argparse.ArgumentTypeError(f"unknown endpoint {name!r}; one of: {choices}") from None
 
 
 def _int(text: str, what: str) -> int:
@@ -160,10 +181,18 @@ def _key_row(key: resources_pb2.ProviderKey) -> str:
     )
 
 
+def _azure_suffix(t: resources_pb2.RouteTarget) -> str:
+    if not t.api_version:
+        return ""
+    return f"?api-version={t.api_version}" + (f"&deployment={t.deployment}" if t.deployment else "")
+
+
 def _route_row(route: resources_pb2.Route) -> str:
     targets = " ".join(
         f"{_provider_name(t.provider)}:{t.upstream_model}@{t.priority}*{t.weight}"
+        + (("+" + ",".join(n for e in t.endpoints if (n := convert.endpoint_from_proto(e)))) if t.endpoints else "")
         + (("=" + ",".join(t.node_urls)) if t.node_urls else "")
+        + _azure_suffix(t)
         for t in route.targets
     )
     return f"{route.id}  {route.public_model:<24} -> {targets}  etag={route.etag}"
@@ -513,7 +542,9 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         action="append",
         required=True,
         type=_target,
-        help="provider:upstream_model[@priority][*weight][=node_url,...] (repeatable, in order)",
+        help="provider:upstream_model[@priority][*weight][+endpoint,...][=node_url,...][?api-version=V[&deployment=D]] "
+        "(repeatable, in order; +endpoints limits what the target serves, e.g. +embeddings,responses; default: the "
+        "provider's; ?api-version= for an Azure classic deployment)",
     )
     action(routes, "list", "list routes", _tenant)
     rset = action(routes, "set-targets", "replace a route's targets", _tenant, _etag, add_wait_flag)
@@ -523,7 +554,9 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         action="append",
         required=True,
         type=_target,
-        help="provider:upstream_model[@priority][*weight][=node_url,...] (repeatable, in order)",
+        help="provider:upstream_model[@priority][*weight][+endpoint,...][=node_url,...][?api-version=V[&deployment=D]] "
+        "(repeatable, in order; +endpoints limits what the target serves, e.g. +embeddings,responses; default: the "
+        "provider's; ?api-version= for an Azure classic deployment)",
     )
     for parser in (radd, rset):
         parser.add_argument(

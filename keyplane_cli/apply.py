@@ -64,11 +64,24 @@ def _target_proto(target: TargetSpec) -> rpb.RouteTarget:
         priority=target.priority,
         weight=target.weight,
         node_urls=target.node_urls,
+        endpoints=[convert.endpoint_to_proto(e) for e in target.endpoints],
+        api_version=target.api_version,
+        deployment=target.deployment,
     )
 
 
 def _target_spec(t: rpb.RouteTarget) -> TargetSpec:
-    return TargetSpec(_provider_name(t.provider), t.upstream_model, t.priority, t.weight, tuple(t.node_urls))
+    endpoints = tuple(n for e in t.endpoints if (n := convert.endpoint_from_proto(e)) is not None)
+    return TargetSpec(
+        _provider_name(t.provider),
+        t.upstream_model,
+        t.priority,
+        t.weight,
+        tuple(t.node_urls),
+        endpoints,
+        api_version=t.api_version,
+        deployment=t.deployment,
+    )
 
 
 def read_current(client: AdminClient, wanted: Sequence[TenantSpec]) -> dict[str, CurrentTenant]:

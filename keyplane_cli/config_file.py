@@ -22,6 +22,7 @@ import jsonschema
 import yaml
 
 from keyplane_cli.config_plan import KeySpec, RouteSpec, TargetSpec, TenantSpec
+from keyplane_cli.targets import split_azure_suffix
 
 __all__ = ["ConfigError", "load_config", "parse_config", "schema"]
 
@@ -83,10 +84,21 @@ def _target(value: str | Mapping[str, Any]) -> TargetSpec:
             priority=value.get("priority", 0),
             weight=value.get("weight", 1),
             node_urls=tuple(dict.fromkeys(u.rstrip("/") for u in value.get("node_urls", ()))),
+            endpoints=tuple(dict.fromkeys(value.get("endpoints", ()))),
+            api_version=value.get("api_version", ""),
+            deployment=value.get("deployment", ""),
         )
-    spec, nodes = value, ""
+    try:
+        spec, api_version, deployment = split_azure_suffix(value)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from None
+    nodes = ""
     if "=" in spec:
         spec, nodes = spec.split("=", 1)
+    endpoints: tuple[str, ...] = ()
+    if "+" in spec:
+        spec, endpoint_text = spec.rsplit("+", 1)
+        endpoints = tuple(dict.fromkeys(e for e in endpoint_text.split(",") if e))
     weight = 1
     if "*" in spec:
         spec, weight_text = spec.rsplit("*", 1)
@@ -97,7 +109,16 @@ def _target(value: str | Mapping[str, Any]) -> TargetSpec:
         priority = int(priority_text)
     provider, _, model = spec.partition(":")
     node_urls = tuple(dict.fromkeys(n.rstrip("/") for n in nodes.split(",") if n))
-    return TargetSpec(provider=provider, model=model, priority=priority, weight=weight, node_urls=node_urls)
+    return TargetSpec(
+        provider=provider,
+        model=model,
+        priority=priority,
+        weight=weight,
+        node_urls=node_urls,
+        endpoints=endpoints,
+        api_version=api_version,
+        deployment=deployment,
+    )
 
 
 def _read_secret(ref: Mapping[str, str], where: str, base: Path, environ: Mapping[str, str]) -> tuple[str, str]:

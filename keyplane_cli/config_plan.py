@@ -47,12 +47,22 @@ class TargetSpec:
     priority: int = 0
     weight: int = 1
     node_urls: tuple[str, ...] = ()
+    # Endpoint names; empty: the provider's default.
+    endpoints: tuple[str, ...] = ()
+    # Azure OpenAI classic deployments.
+    api_version: str = ""
+    deployment: str = ""
 
 
 def target_text(target: TargetSpec) -> str:
-    """``provider:model@priority*weight[=node,...]``, the CLI's target syntax."""
+    """``provider:model@priority*weight[+endpoint,...][=node,...][?api-version=V&deployment=D]``,
+    the CLI's target syntax."""
+    endpoints = ("+" + ",".join(target.endpoints)) if target.endpoints else ""
     nodes = ("=" + ",".join(target.node_urls)) if target.node_urls else ""
-    return f"{target.provider}:{target.model}@{target.priority}*{target.weight}{nodes}"
+    azure = f"?api-version={target.api_version}" if target.api_version else ""
+    if target.deployment:
+        azure += f"{'&' if azure else '?'}deployment={target.deployment}"
+    return f"{target.provider}:{target.model}@{target.priority}*{target.weight}{endpoints}{nodes}{azure}"
 
 
 @dataclass(frozen=True)

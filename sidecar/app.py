@@ -1,12 +1,17 @@
 """The sidecar's HTTP face: a raw ASGI app speaking the OpenAI API (the edge).
 
-POST /v1/chat/completions, GET /v1/models[/{id}], GET /livez, GET /readyz (and its
-alias /healthz; see ``sidecar.probes``), GET /metrics.
+The OpenAI endpoints of ``sidecar.endpoints`` (POST /v1/chat/completions,
+/v1/completions, /v1/embeddings, /v1/responses, /v1/moderations,
+/v1/images/generations, /v1/audio/transcriptions, /v1/audio/speech),
+Anthropic's POST /v1/messages[/count_tokens] (``sidecar.anthropic_messages``),
+GET /v1/models[/{id}], GET /livez, GET /readyz (and its alias /healthz; see
+``sidecar.probes``), GET /metrics.
 Every answer to a request is served from ``SidecarState`` (no network hop
-besides the upstream call); errors have the OpenAI error shape.
+besides the upstream call); errors have the OpenAI error shape (Anthropic's
+on /v1/messages).
 
 A request walks one way (STYLE.md item 12): this edge routes it, the chat
-handler (``sidecar.chat``) runs the attempt loop (``sidecar.proxy``) over the
+handler (``sidecar.chat``, the same for every endpoint) runs the attempt loop (``sidecar.proxy``) over the
 upstream client (``sidecar.upstream``), and the answer goes back to the app
 through ``sidecar.relay``. The edge never touches an upstream response.
 """
@@ -18,10 +23,13 @@ from collections.abc import Callable
 
 from keyplane.health.panic import PanicPolicy
 
-from . import errors, probes
+from . import anthropic_errors, errors, probes
 from .access_log import AccessEntry, AccessLog
+from .affinity import ResponseAffinity
+from .anthropic_messages import COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, messages
 from .asgi import Message, Receive, Scope, Send, send_bytes, send_error, send_json
-from .chat import authenticate, chat, read_headers
+from .chat import authenticate, handle, read_headers
+from .endpoints import BY_PATH, CHAT_COMPLETIONS
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import LabelledChildren, SidecarMetrics, status_class
 from .proxy import AttemptRecord
@@ -68,6 +76,8 @@ class SidecarApp:
         self.request_timeout = request_timeout
         self.reporter = reporter
         self.access_log = access_log  # opt-in: one JSON line per chat request
+        # Which key created each Responses API response: continuations stick to it.
+        self.affinity = ResponseAffinity()
         # Seconds a chat request runs before an app hang-up is watched for (``DisconnectWatch``).
         self.disconnect_watch_after = disconnect_watch_after
         # What a request does when no key can serve it (keyplane.health.panic), and
@@ -97,13 +107,29 @@ class SidecarApp:
                 if method != "POST":
                     status = await send_error(send, errors.method_not_allowed(method, path))
                 elif self.access_log is None:
-                    status = await chat(self, scope, receive, send)
+                    status = await handle(self, CHAT_COMPLETIONS, scope, receive, send)
                 else:
                     access = AccessEntry(asyncio.get_running_loop().time())
                     try:
-                        status = await chat(self, scope, receive, send, access)
+                        status = await handle(self, CHAT_COMPLETIONS, scope, receive, send, access)
                     finally:
                         self.access_log.write(access, status, asyncio.get_running_loop().time())
+            elif (found := BY_PATH.get(path)) is not None:
+                endpoint = found.name
+                if method != found.method:
+                    status = await send_error(send, errors.method_not_allowed(method, path))
+                elif self.access_log is None:
+                    status = await handle(self, found, scope, receive, send)
+                else:
+                    access = AccessEntry(asyncio.get_running_loop().time())
+                    try:
+                        status = await handle(self, found, scope, receive, send, access)
+                    finally:
+                        self.access_log.write(access, status, asyncio.get_running_loop().time())
+            elif path == MESSAGES_ROUTE or path == COUNT_TOKENS_ROUTE:
+                count_tokens = path == COUNT_TOKENS_ROUTE
+                endpoint = "messages_count_tokens" if count_tokens else "messages"
+                status = await self._anthropic(scope, receive, send, method, path, count_tokens)
             elif path == "/v1/models" or path.startswith("/v1/models/"):
                 endpoint = "models"
                 if method != "GET":
@@ -142,6 +168,21 @@ class SidecarApp:
                 return
 
     # --- endpoints ----------------------------------------------------------------------
+
+    async def _anthropic(
+        self, scope: Scope, receive: Receive, send: Send, method: str, path: str, count_tokens: bool
+    ) -> int:
+        if method != "POST":
+            return await send_error(send, anthropic_errors.from_openai(errors.method_not_allowed(method, path)))
+        if self.access_log is None:
+            return await messages(self, scope, receive, send, count_tokens=count_tokens)
+        access = AccessEntry(asyncio.get_running_loop().time())
+        status = 500
+        try:
+            status = await messages(self, scope, receive, send, count_tokens=count_tokens, access=access)
+        finally:
+            self.access_log.write(access, status, asyncio.get_running_loop().time())
+        return status
 
     async def _models(self, scope: Scope, send: Send, model_id: str | None) -> int:
         tenant = authenticate(self, read_headers(scope))

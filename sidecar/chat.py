@@ -1,6 +1,8 @@
-"""The chat/completions handler: from the app's request to the attempt loop, and back.
+"""The request handler of every OpenAI-shaped endpoint: from the app's request to the attempt loop, and back.
 
-A chat completion is planned around the tenant's key and provider health
+What differs per endpoint is in its ``sidecar.endpoints`` entry (upstream
+path, body kind, streaming); a multipart body is read by ``sidecar.upload``,
+then joins here (``forward``). A request is planned around the tenant's key and provider health
 (unusable keys left out, degraded providers last), run through the attempt
 loop (``sidecar.proxy``) under one deadline, and the answer handed to
 ``sidecar.relay``. Every attempt is recorded in the local health book at once
@@ -23,20 +25,21 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from keyplane.health.classify import ErrorClass
-from keyplane.health.machine import Outcome
-
 from . import errors
 from .access_log import AccessEntry
+from .affinity import ResponseAffinity, Sticky, previous_response
 from .asgi import Receive, Scope, Send, send_error
-from .health import TenantHealth
-from .model import Key, Route, Target
+from .book import RequestBook
+from .endpoints import CHAT_COMPLETIONS, BodyKind, Endpoint, SseErrors, StreamKind
+from .model import Key, Target
 from .proxy import AttemptRecord, AttemptsFailed, describe, excluded_header
 from .relay import relay
 from .request_json import RequestJsonError, parse_request_json
-from .rescue import ProbeGate, Rescue, serve
+from .rescue import ProbeGate, Rescue, Sending, serve
+from .rescue_plan import APP_TIMEOUT_HEADER, rescue_for
 from .router import Attempt, plan_attempts
-from .upstream import FORWARDED_REQUEST_HEADERS
+from .upload import content_type_of, read_upload
+from .upstream import FORWARDED_REQUEST_HEADERS, JSON_TYPE, RequestBody
 
 if TYPE_CHECKING:
     from keyplane.health.panic import PanicPolicy
@@ -61,6 +64,8 @@ class ChatApp(Protocol):
     request_timeout: float
     reporter: OutcomeReporter | None
     disconnect_watch_after: float
+    # Which key created each Responses API response (``sidecar.affinity``).
+    affinity: ResponseAffinity
     panic_policy: PanicPolicy
     probes: ProbeGate
 
@@ -69,15 +74,10 @@ class ChatApp(Protocol):
     def count_misconfigured(self, attempt: Attempt) -> None: ...
 
 
-__all__ = ["ChatApp", "DisconnectWatch", "authenticate", "chat", "read_headers", "request_id_for"]
+__all__ = ["ChatApp", "DisconnectWatch", "authenticate", "chat", "forward", "handle", "read_headers", "request_id_for"]
 
 _log = logging.getLogger(__name__)
 
-ATTEMPTS_HEADER = b"x-keyplane-attempts"
-PROVIDER_HEADER = b"x-keyplane-provider"
-KEY_HEADER = b"x-keyplane-key"
-EXCLUDED_HEADER = b"x-keyplane-excluded"
-REQUEST_ID_HEADER = b"x-keyplane-request-id"
 
 # Request ids: 32 hex characters like a uuid4 hex, but a per-process random
 # prefix plus a counter (no os.urandom call and no UUID object per request).
@@ -100,15 +100,12 @@ def request_id_for(headers: dict[str, str]) -> str:
     return made
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The app disconnected while its request body was being read."""
 
 
-# How long the app's SDK waits for an answer (the openai SDKs send it): no wait
-# of the sidecar's (``sidecar.rescue``) outlasts it.
-APP_TIMEOUT_HEADER = "x-stainless-read-timeout"
 # The app's request headers the sidecar reads (ASGI gives names in lower case):
-# its credential, the declared body size, its timeout and what is forwarded upstream.
+# its credential, the declared body size and what is forwarded upstream.
 _READ_HEADERS: dict[bytes, str] = {
     name.encode("latin-1"): name
     for name in ("authorization", "content-length", APP_TIMEOUT_HEADER, *FORWARDED_REQUEST_HEADERS)
@@ -201,7 +198,7 @@ class DisconnectWatch:
             watcher.cancel()
 
 
-async def _read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -> bytes | None:
+async def read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -> bytes | None:
     """The request body, or None when it exceeds the cap."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -211,7 +208,7 @@ async def _read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGone
+            raise ClientGone
         chunk: bytes = message.get("body", b"")
         if chunk:
             size += len(chunk)
@@ -223,7 +220,19 @@ async def _read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -
 
 
 async def chat(self: ChatApp, scope: Scope, receive: Receive, send: Send, access: AccessEntry | None = None) -> int:
-    """POST /v1/chat/completions; the status answered (499: the app hung up).
+    """POST /v1/chat/completions; the status answered (499: the app hung up)."""
+    return await handle(self, CHAT_COMPLETIONS, scope, receive, send, access)
+
+
+async def handle(
+    self: ChatApp,
+    endpoint: Endpoint,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    access: AccessEntry | None = None,
+) -> int:
+    """One request to an OpenAI-shaped ``endpoint``; the status answered (499: the app hung up).
 
     ``access`` (the opt-in access log) is filled in on the way."""
     headers = read_headers(scope)
@@ -232,9 +241,33 @@ async def chat(self: ChatApp, scope: Scope, receive: Receive, send: Send, access
         return await send_error(send, tenant)
     if access is not None:
         access.tenant = tenant
+    if endpoint.body is BodyKind.MULTIPART:
+        upload = await read_upload(receive, content_type_of(scope), self.max_body_bytes)
+        if upload is None:
+            self.metrics.client_disconnects.inc()
+            return 499
+        if isinstance(upload, errors.ErrorResponse):
+            return await send_error(send, upload)
+        stream = upload.stream or endpoint.stream is StreamKind.ALWAYS
+        try:
+            return await forward(
+                self,
+                endpoint,
+                tenant,
+                upload.model,
+                upload.body_for,
+                headers,
+                stream,
+                receive,
+                send,
+                access,
+                content_type=upload.content_type,
+            )
+        finally:
+            upload.close()
     try:
-        raw = await _read_body(self, headers, receive)
-    except _ClientGone:
+        raw = await read_body(self, headers, receive)
+    except ClientGone:
         self.metrics.client_disconnects.inc()
         return 499
     if raw is None:
@@ -246,12 +279,51 @@ async def chat(self: ChatApp, scope: Scope, receive: Receive, send: Send, access
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         return await send_error(send, errors.invalid_request("you must provide a model parameter", param="model"))
+    encoded: dict[str, bytes] = {}
+
+    def body_for(upstream_model: str) -> bytes:
+        if upstream_model == model:
+            return raw  # pass-through: the app's bytes already name this model
+        body = encoded.get(upstream_model)
+        if body is None:
+            payload["model"] = upstream_model
+            body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
+        return body
+
+    stream = endpoint.stream is StreamKind.ALWAYS or (
+        endpoint.stream is StreamKind.FLAG and payload.get("stream") is True
+    )
+    pinned = previous_response(payload) if endpoint.sticky else None
+    return await forward(self, endpoint, tenant, model, body_for, headers, stream, receive, send, access, pinned=pinned)
+
+
+async def forward(
+    self: ChatApp,
+    endpoint: Endpoint,
+    tenant: str,
+    model: str,
+    body_for: Callable[[str], RequestBody],
+    headers: dict[str, str],
+    stream: bool,
+    receive: Receive,
+    send: Send,
+    access: AccessEntry | None,
+    *,
+    content_type: str = JSON_TYPE,
+    pinned: str | None = None,
+) -> int:
+    """Plan, run and relay one request whose body is read: the part every endpoint shares.
+
+    ``pinned``: a ``previous_response_id`` the request continues (``sidecar.affinity``)."""
     if access is not None:
         access.model = model
     route = self.state.route(tenant, model)
     if route is None:
         return await send_error(send, errors.model_not_found(model))
-    ctx = _Request(self, tenant, request_id_for(headers), access)
+    served = route.by_endpoint.get(endpoint.name)
+    if served is None:
+        return await send_error(send, errors.endpoint_not_served(model, endpoint.path))
+    ctx = RequestBook(self, tenant, request_id_for(headers), access)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + self.request_timeout
     health = ctx.health
@@ -264,28 +336,34 @@ async def chat(self: ChatApp, scope: Scope, receive: Receive, send: Send, access
         ctx.excluded.setdefault(key.id, why)
         return False
 
-    plan = plan_attempts(
-        tenant,
-        route,
-        lambda t: self.state.keys(tenant, t.provider, t.upstream_model),
-        self.balancer,
-        limit=self.max_attempts,
-        usable=usable,
-        demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
-    )
-    # Built only should no key be able to serve (``sidecar.rescue``).
-    rescue = functools.partial(_rescue, self, ctx, tenant, model, route, headers, deadline)
-    stream = payload.get("stream") is True
-    encoded: dict[str, bytes] = {}
-
-    def body_for(upstream_model: str) -> bytes:
-        if upstream_model == model:
-            return raw  # pass-through: the app's bytes already name this model
-        body = encoded.get(upstream_model)
-        if body is None:
-            payload["model"] = upstream_model
-            body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
-        return body
+    keys_for = lambda t: self.state.keys(tenant, t.provider, t.upstream_model)  # noqa: E731
+    sticky: Sticky | None = None
+    plan: list[Attempt] | None = None
+    if endpoint.sticky:
+        sticky = Sticky(self.affinity, tenant)
+        if pinned is not None:
+            found = sticky.pin(
+                pinned, served, keys_for, lambda t, k: health.key_block_reason(k.id, t.upstream_model, now)
+            )
+            if isinstance(found, errors.ErrorResponse):
+                return await send_error(send, found, ctx.headers(attempts=0))
+            plan = found
+    if plan is None:
+        plan = plan_attempts(
+            tenant,
+            served,
+            keys_for,
+            self.balancer,
+            limit=self.max_attempts,
+            usable=usable,
+            demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
+        )
+    # Built only should no key be able to serve (``sidecar.rescue``); a continuation
+    # pinned to the key that created its response has nowhere else to go.
+    rescue: Callable[[], Rescue] | None = None
+    if sticky is None or pinned is None:
+        rescue = functools.partial(rescue_for, self, health, tenant, model, served, headers, deadline)
+    how = _How(endpoint, stream, content_type, sticky)
 
     task = asyncio.current_task(loop)
     if task is None:  # pragma: no cover - uvicorn runs every request in a task
@@ -293,7 +371,7 @@ async def chat(self: ChatApp, scope: Scope, receive: Receive, send: Send, access
     watch = DisconnectWatch(receive, task, self.disconnect_watch_after)
     status = 499
     try:
-        status = await _answer(self, ctx, model, plan, body_for, headers, stream, deadline, send, rescue)
+        status = await _answer(self, ctx, model, plan, body_for, headers, how, deadline, send, rescue)
     except asyncio.CancelledError:
         if not watch.gone:
             raise
@@ -313,12 +391,12 @@ async def chat(self: ChatApp, scope: Scope, receive: Receive, send: Send, access
 
 async def _answer(
     self: ChatApp,
-    ctx: _Request,
+    ctx: RequestBook,
     model: str,
     plan: list[Attempt],
-    body_for: Callable[[str], bytes],
+    body_for: Callable[[str], RequestBody],
     headers: dict[str, str],
-    stream: bool,
+    how: _How,
     deadline: float,
     send: Send,
     rescue: Callable[[], Rescue] | None = None,
@@ -338,13 +416,14 @@ async def _answer(
         plan,
         body_for,
         headers,
-        stream=stream,
+        stream=how.stream,
         deadline=deadline,
         observer=ctx,
         blocked=blocked,
         excluded=ctx.excluded,
         wall_clock=wall_clock,
         rescue=rescue,
+        sending=Sending(how.endpoint.upstream_path, how.content_type),
     )
     ctx.excluded = dict(result.excluded)
     if ctx.access is not None:
@@ -368,134 +447,20 @@ async def _answer(
             result.attempts,
             f"; excluded {excluded_header(ctx.excluded)}" if ctx.excluded else "",
         )
+    if how.sticky is not None:
+        how.sticky.created(result)
     own = ctx.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target)
-    return await relay(ctx, result, own, send, metrics=self.metrics, wall_clock=wall_clock)
+    typed = how.endpoint.sse_errors is SseErrors.TYPED
+    return await relay(ctx, result, own, send, metrics=self.metrics, wall_clock=wall_clock, typed_errors=typed)
 
 
-def _rescue(
-    self: ChatApp, ctx: _Request, tenant: str, model: str, route: Route, headers: dict[str, str], deadline: float
-) -> Rescue:
-    """What ``sidecar.rescue`` needs when no key can serve."""
-    state = self.state
-    health = ctx.health
+class _How:
+    """How one request is sent and answered, besides its plan and body."""
 
-    def replan() -> list[Attempt]:
-        now = state.wall_clock()
-        return plan_attempts(
-            tenant,
-            route,
-            lambda t: state.keys(tenant, t.provider, t.upstream_model),
-            self.balancer,
-            limit=self.max_attempts,
-            usable=lambda t, k: health.key_usable(k.id, t.upstream_model, now),
-            demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
-        )
+    __slots__ = ("content_type", "endpoint", "sticky", "stream")
 
-    return Rescue(
-        tenant=tenant,
-        model=model,
-        route=route,
-        health=health,
-        gate=self.probes,
-        policy=self.panic_policy,
-        keys_for=lambda provider, upstream_model: state.keys(tenant, provider, upstream_model),
-        has_inactive_key=lambda provider, upstream_model: state.has_inactive_key(tenant, provider, upstream_model),
-        replan=replan,
-        wait_until=_app_deadline(headers, deadline, deadline - self.request_timeout),
-        count=lambda action: self.metrics.rescues.labels(action).inc(),
-    )
-
-
-def _app_deadline(headers: dict[str, str], deadline: float, started: float) -> float:
-    """Loop time by which the app stops waiting (its SDK's read timeout from ``started``),
-    else ``deadline``."""
-    given = headers.get(APP_TIMEOUT_HEADER)
-    if given is None:
-        return deadline
-    try:
-        seconds = float(given)
-    except ValueError:
-        return deadline
-    if not seconds > 0:  # also NaN
-        return deadline
-    return min(deadline, started + seconds)
-
-
-class _Request:
-    """One chat request's book-keeping: the attempt observer, reports and answer headers."""
-
-    __slots__ = ("access", "app", "excluded", "health", "request_id", "tenant", "unreported")
-
-    def __init__(self, app: ChatApp, tenant: str, request_id: str, access: AccessEntry | None = None) -> None:
-        self.app = app
-        self.tenant = tenant
-        self.request_id = request_id
-        self.access = access
-        if access is not None:
-            access.request_id = request_id
-        self.health: TenantHealth = app.state.health(tenant)
-        # key id -> class or health state
-        self.excluded: dict[str, str] = {}
-        # Attempts seen but not yet queued for the control plane.
-        self.unreported: list[AttemptRecord] = []
-
-    def attempted(self, record: AttemptRecord) -> None:
-        """Metrics, and this sidecar's own health book at once (no round trip)."""
-        app = self.app
-        app.count_attempt(record)
-        key = record.attempt.key
-        if key is None:
-            return  # keyless: nothing to attribute in the health book or the reports
-        self.unreported.append(record)
-        classification = record.classification
-        if classification.error_class is ErrorClass.SUCCESS:
-            # A plain success: the health book's fast path (no Outcome object).
-            target = record.attempt.target
-            self.health.record_success(
-                key.id,
-                target.provider,
-                target.upstream_model,
-                classification,
-                provider_final=record.provider_final,
-                recovered=record.recovered,
-                now=app.state.wall_clock(),
-                started=record.started,
-            )
-            return
-        outcome = Outcome(
-            key_id=key.id,
-            provider=record.provider,
-            model=record.model,
-            classification=classification,
-            provider_final=record.provider_final,
-            recovered=record.recovered,
-        )
-        self.health.record(outcome, app.state.wall_clock())
-
-    def misconfigured(self, attempt: Attempt) -> None:
-        self.app.count_misconfigured(attempt)
-
-    def flush(self) -> None:
-        """Queue the attempts seen so far for the control plane (never blocks)."""
-        records = self.unreported
-        if not records:
-            return
-        self.unreported = []
-        reporter = self.app.reporter
-        if reporter is None:
-            return
-        # Only keyed attempts are kept in ``unreported``.
-        for record in records:
-            reporter.enqueue_record(self.tenant, record, self.request_id)
-
-    def headers(
-        self, *, attempts: int, answer: Key | None = None, target: Target | None = None
-    ) -> list[tuple[bytes, bytes]]:
-        out = [(ATTEMPTS_HEADER, str(attempts).encode()), (REQUEST_ID_HEADER, self.request_id.encode())]
-        if target is not None:
-            out.append((PROVIDER_HEADER, target.provider.value.encode()))
-        if answer is not None:
-            out.append((KEY_HEADER, answer.id.encode("latin-1", "replace")))
-        if self.excluded:
-            out.append((EXCLUDED_HEADER, excluded_header(self.excluded).encode("latin-1", "replace")))
-        return out
+    def __init__(self, endpoint: Endpoint, stream: bool, content_type: str, sticky: Sticky | None) -> None:
+        self.endpoint = endpoint
+        self.stream = stream
+        self.content_type = content_type
+        self.sticky = sticky

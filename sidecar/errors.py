@@ -14,6 +14,7 @@ __all__ = [
     "ErrorResponse",
     "bad_gateway",
     "body_too_large",
+    "endpoint_not_served",
     "error_body",
     "invalid_api_key",
     "invalid_request",
@@ -23,6 +24,7 @@ __all__ = [
     "no_usable_key",
     "not_found",
     "not_ready",
+    "previous_response_unavailable",
     "rate_limited",
     "upstream_timeout",
 ]
@@ -180,4 +182,28 @@ def not_ready() -> ErrorResponse:
         "The sidecar has not received its configuration from the control plane yet.",
         "service_unavailable",
         code="not_ready",
+    )
+
+
+def endpoint_not_served(model: str, path: str) -> ErrorResponse:
+    """No target of the model's route serves this endpoint (like OpenAI's answer for a
+    model used on the wrong endpoint)."""
+    return _error(
+        404,
+        f"The model '{model[:200]}' is not served on {path[:100]}: no target of its route serves this endpoint.",
+        "invalid_request_error",
+        param="model",
+        code="endpoint_not_supported",
+    )
+
+
+def previous_response_unavailable(response_id: str, why: str) -> ErrorResponse:
+    """A Responses API continuation whose creating key cannot be used (``sidecar.affinity``)."""
+    return _error(
+        409,
+        f"Response '{response_id[:100]}' can only be continued with the provider key that created it, and {why}. "
+        "Retry later, or start a new conversation without previous_response_id.",
+        "invalid_request_error",
+        param="previous_response_id",
+        code="previous_response_unavailable",
     )

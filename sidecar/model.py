@@ -15,6 +15,8 @@ from keyplane.domain import Provider
 from keyplane.health.machine import HealthChange, KeyScope, ProviderScope, Verdict
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
+from .endpoints import DEFAULT_ENDPOINTS, endpoints_from_proto
+
 __all__ = [
     "Key",
     "Route",
@@ -25,6 +27,7 @@ __all__ = [
     "provider_health_change",
     "provider_to_proto",
     "route_from_proto",
+    "with_endpoints",
 ]
 
 
@@ -77,6 +80,11 @@ class Target:
     priority: int
     weight: int
     node_urls: tuple[str, ...]
+    # Azure OpenAI classic deployments (``sidecar.upstream.request``): empty for the v1 API.
+    api_version: str = ""
+    deployment: str = ""
+    # Names of the endpoints it serves (``sidecar.endpoints``); the provider's default when unset.
+    endpoints: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,13 @@ class Route:
     id: str
     public_model: str
     targets: tuple[Target, ...]
+    # Endpoint name -> this route with only the targets serving it (itself when all do);
+    # an endpoint no target serves is absent. Built once with the route.
+    by_endpoint: dict[str, Route] = field(default_factory=dict, compare=False, repr=False)
+
+    def for_endpoint(self, name: str) -> Route | None:
+        """The route as an endpoint sees it, or None when no target serves it."""
+        return self.by_endpoint.get(name)
 
 
 def key_from_proto(msg: sidecar_service_pb2.SidecarProviderKey) -> Key | None:
@@ -117,6 +132,22 @@ def route_from_proto(msg: resources_pb2.Route) -> Route:
                 priority=t.priority,
                 weight=t.weight,
                 node_urls=tuple(t.node_urls),
+                api_version=t.api_version,
+                deployment=t.deployment,
+                endpoints=endpoints_from_proto(t.endpoints, provider),
             )
         )
-    return Route(id=msg.id, public_model=msg.public_model, targets=tuple(targets))
+    return with_endpoints(Route(id=msg.id, public_model=msg.public_model, targets=tuple(targets)))
+
+
+def with_endpoints(route: Route) -> Route:
+    """``route`` with its ``by_endpoint`` filled in (a target without endpoints serves its provider's default)."""
+    served: dict[str, list[Target]] = {}
+    for target in route.targets:
+        for name in target.endpoints or DEFAULT_ENDPOINTS.get(target.provider, frozenset()):
+            served.setdefault(name, []).append(target)
+    by = route.by_endpoint
+    by.clear()
+    for name, targets in served.items():
+        by[name] = route if len(targets) == len(route.targets) else Route(route.id, route.public_model, tuple(targets))
+    return route

@@ -37,12 +37,16 @@ from keyplane.health.classify import Classification, ErrorClass, classify_except
 from . import errors
 from .router import Attempt
 from .upstream import (
+    CHAT_PATH,
+    JSON_TYPE,
+    RequestBody,
     UpstreamAnswerCut,
     UpstreamClient,
     UpstreamConfigError,
     UpstreamConnectError,
     UpstreamError,
     UpstreamMalformed,
+    UpstreamRequest,
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamTlsError,
@@ -233,7 +237,7 @@ def _mark_recovered(records: list[AttemptRecord], provider: Provider) -> None:
 async def run_attempts(
     upstream: UpstreamClient,
     plan: Sequence[Attempt],
-    body_for: Callable[[str], bytes],
+    body_for: Callable[[str], RequestBody],
     app_headers: Mapping[str, str],
     *,
     stream: bool,
@@ -242,13 +246,18 @@ async def run_attempts(
     blocked: BlockReason | None = None,
     excluded: Mapping[str, str] | None = None,
     wall_clock: Callable[[], float] = time.time,
+    path: str = CHAT_PATH,
+    content_type: str = JSON_TYPE,
+    build: Callable[[Attempt, Mapping[str, str]], UpstreamRequest] | None = None,
 ) -> UpstreamReply | AttemptsFailed:
     """Try ``plan`` in order until an answer; ``deadline`` is in event-loop time.
+
+    ``path`` is the endpoint's under each key's base URL, ``content_type`` the body's.
 
     ``blocked`` is asked before every attempt (health may have changed since the
     plan was made, by this very request); ``excluded`` seeds the header with the
     keys the plan already left out. ``attempts`` counts the calls that left the
-    sidecar.
+    sidecar. ``build`` makes each attempt's request (chat completions by default).
     """
     loop = asyncio.get_running_loop()
     out: dict[str, str] = dict(excluded or {})
@@ -278,7 +287,10 @@ async def run_attempts(
         started_loop = loop.time()
         started_wall = wall_clock()
         try:
-            request = build_request(attempt, app_headers)
+            if build is None:
+                request = build_request(attempt, app_headers, path, content_type)
+            else:
+                request = build(attempt, app_headers)
         except UpstreamConfigError as exc:
             _log.warning("skipping attempt %s: %s", describe(attempt), exc)
             observer.misconfigured(attempt)

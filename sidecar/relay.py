@@ -9,6 +9,7 @@ how the stream ended (complete, or ``stream_broken``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import Protocol
@@ -21,15 +22,23 @@ from .metrics import SidecarMetrics
 from .proxy import AttemptRecord, UpstreamReply, classify_status, complete, describe
 from .upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
 
-__all__ = ["AnswerBook", "relay", "upstream_headers"]
+__all__ = ["AnswerBook", "StreamWatch", "relay", "upstream_headers"]
 
 _log = logging.getLogger(__name__)
 
 # Upstream response headers the app may see (besides the status and body).
 _PASSED_RESPONSE_HEADERS = frozenset(
     {b"content-type", b"retry-after", b"retry-after-ms", b"x-request-id", b"openai-processing-ms", b"cache-control"}
+    | {b"request-id"}  # Anthropic's
 )
-_PASSED_RESPONSE_PREFIXES = (b"x-ratelimit-",)
+_PASSED_RESPONSE_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+
+
+class StreamWatch(Protocol):
+    """Looks at a relayed stream's bytes for an error the upstream told in band (after
+    its 200): Anthropic's ``event: error``. The name of the error when one is seen."""
+
+    def seen(self, chunk: bytes) -> str | None: ...
 
 
 class AnswerBook(Protocol):
@@ -61,15 +70,24 @@ async def relay(
     *,
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
+    typed_errors: bool = False,
+    broken_event: bytes | None = None,
+    watch: StreamWatch | None = None,
 ) -> int:
-    """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status."""
+    """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status.
+
+    ``typed_errors``: a broken event stream is told with a typed ``event: error``
+    (the Responses API's framing) instead of chat's ``data:`` error object;
+    ``broken_event``: the event to tell it with instead (Anthropic's). ``watch``: an
+    error event it spots in the stream makes the stream ``stream_broken`` (relayed as
+    it came all the same)."""
     response = reply.response
     try:
         extra = [*upstream_headers(response), *own_headers]
         if reply.streaming:
             # The failed attempts before it are reported now, not when the stream ends.
             book.flush()
-            return await _relay_stream(book, reply, extra, send, metrics, wall_clock)
+            return await _relay_stream(book, reply, extra, send, metrics, wall_clock, typed_errors, broken_event, watch)
         head = reply.head
         await send(
             {
@@ -87,6 +105,20 @@ async def relay(
             book.attempted(reply.record)
 
 
+_BROKEN = "The upstream stream broke off."
+
+
+def _broken_event(typed: bool) -> bytes:
+    """The event telling the app its stream is cut (the blank lines first end any
+    event the upstream left half-sent)."""
+    if typed:
+        # The Responses API's ``ResponseErrorEvent`` (``type: error``, no sequence number of ours).
+        event = {"type": "error", "code": "stream_broken", "message": _BROKEN, "param": None}
+        return b"\n\nevent: error\ndata: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+    error = errors.error_body(_BROKEN, "upstream_error", code="stream_broken")
+    return b"\n\ndata: " + error + b"\n\n"
+
+
 async def _relay_stream(
     book: AnswerBook,
     reply: UpstreamReply,
@@ -94,6 +126,9 @@ async def _relay_stream(
     send: Send,
     metrics: SidecarMetrics,
     wall_clock: Callable[[], float],
+    typed_errors: bool,
+    broken_event: bytes | None = None,
+    watch: StreamWatch | None = None,
 ) -> int:
     """Pass a committed stream to the app chunk by chunk, then classify how it ended."""
     response = reply.response
@@ -103,9 +138,13 @@ async def _relay_stream(
         await send({"type": "http.response.start", "status": response.status, "headers": extra})
         if reply.head:
             await send({"type": "http.response.body", "body": reply.head, "more_body": True})
+            if watch is not None and (told := watch.seen(reply.head)) is not None:
+                ending, watch = _told(book, reply, told, metrics), None
         try:
             async for chunk in response.iter_chunks():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if watch is not None and (told := watch.seen(chunk)) is not None:
+                    ending, watch = _told(book, reply, told, metrics), None
         except UpstreamError as exc:
             provider = reply.attempt.target.provider.value
             what = "timed out" if isinstance(exc, UpstreamTimeout) else exc.label
@@ -120,8 +159,9 @@ async def _relay_stream(
             if response.content_type == "text/event-stream":
                 # Like OpenAI mid-stream: an error event, so the app knows the answer is cut
                 # (the blank lines first terminate any event the upstream left half-sent).
-                error = errors.error_body("The upstream stream broke off.", "upstream_error", code="stream_broken")
-                await send({"type": "http.response.body", "body": b"\n\ndata: " + error + b"\n\n", "more_body": True})
+                if broken_event is None:
+                    broken_event = _broken_event(typed_errors)
+                await send({"type": "http.response.body", "body": broken_event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         if ending is None:
@@ -131,3 +171,15 @@ async def _relay_stream(
         book.attempted(record)
         book.flush()
     return response.status
+
+
+def _told(book: AnswerBook, reply: UpstreamReply, error: str, metrics: SidecarMetrics) -> Classification:
+    """The upstream sent an error event in its stream: how the stream ended."""
+    _log.warning(
+        "request %s: stream from %s carried an error event (%s) after the first byte; not retried",
+        book.request_id,
+        describe(reply.attempt),
+        error,
+    )
+    metrics.stream_errors.labels(reply.attempt.target.provider.value).inc()
+    return stream_broken(f"stream error event: {error}"[:120])

@@ -52,9 +52,9 @@ from .health import TenantHealth
 from .model import Key, Route
 from .proxy import AttemptObserver, AttemptRecord, AttemptsFailed, BlockReason, UpstreamReply, run_attempts
 from .router import Attempt
-from .upstream import UpstreamClient
+from .upstream import CHAT_PATH, JSON_TYPE, RequestBody, UpstreamClient, UpstreamRequest
 
-__all__ = ["ProbeGate", "Rescue", "candidates", "key_block", "serve"]
+__all__ = ["ProbeGate", "Rescue", "Sending", "candidates", "key_block", "serve"]
 
 _log = logging.getLogger(__name__)
 
@@ -189,10 +189,22 @@ def _needs_rescue(result: UpstreamReply | AttemptsFailed) -> bool:
 _RESCUED = frozenset({ErrorClass.RATE_LIMITED, ErrorClass.UPSTREAM_ERROR})
 
 
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """How each attempt is sent (``run_attempts``' path, content type and request builder)."""
+
+    path: str = CHAT_PATH
+    content_type: str = JSON_TYPE
+    build: Callable[[Attempt, Mapping[str, str]], UpstreamRequest] | None = None
+
+
+_CHAT = Sending()
+
+
 async def serve(
     upstream: UpstreamClient,
     plan: Sequence[Attempt],
-    body_for: Callable[[str], bytes],
+    body_for: Callable[[str], RequestBody],
     app_headers: Mapping[str, str],
     *,
     stream: bool,
@@ -202,6 +214,7 @@ async def serve(
     excluded: Mapping[str, str] | None = None,
     wall_clock: Callable[[], float] = time.time,
     rescue: Callable[[], Rescue] | None = None,
+    sending: Sending = _CHAT,
 ) -> UpstreamReply | AttemptsFailed:
     """``run_attempts`` over ``plan``, then the rescue when it produced nothing to pass on
     (``rescue`` makes the request's ``Rescue``: called only then)."""
@@ -218,12 +231,15 @@ async def serve(
             blocked=blocked,
             excluded=excluded,
             wall_clock=wall_clock,
+            path=sending.path,
+            content_type=sending.content_type,
+            build=sending.build,
         )
         if rescue is None or not _needs_rescue(first):
             return first
     elif rescue is None:
         return AttemptsFailed(errors.no_usable_key(None), 0, [], dict(excluded or {}))
-    run = _Run(upstream, body_for, app_headers, stream, deadline, observer, blocked, wall_clock, rescue())
+    run = _Run(upstream, body_for, app_headers, stream, deadline, observer, blocked, wall_clock, rescue(), sending)
     run.excluded = dict(excluded or {})
     return await run.rescue(first)
 
@@ -233,7 +249,7 @@ class _Run:
     """One request's rescue: what it sent so far and what it may still spend."""
 
     upstream: UpstreamClient
-    body_for: Callable[[str], bytes]
+    body_for: Callable[[str], RequestBody]
     app_headers: Mapping[str, str]
     stream: bool
     deadline: float
@@ -241,6 +257,7 @@ class _Run:
     blocked: BlockReason | None
     wall_clock: Callable[[], float]
     r: Rescue
+    sending: Sending
     excluded: dict[str, str] = field(default_factory=dict)
     records: list[AttemptRecord] = field(default_factory=list)
     sent: int = 0
@@ -304,6 +321,9 @@ class _Run:
             blocked=None if probe else self.blocked,
             excluded=self.excluded,
             wall_clock=self.wall_clock,
+            path=self.sending.path,
+            content_type=self.sending.content_type,
+            build=self.sending.build,
         )
         self._take(result)
         return result

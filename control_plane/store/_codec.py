@@ -62,20 +62,26 @@ def utc(value: datetime, field: str = "timestamp") -> datetime:
     return value.astimezone(UTC)
 
 
+def _target_json(t: RouteTarget) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "provider": t.provider.value,
+        "upstream_model": t.upstream_model,
+        "priority": t.priority,
+        "weight": t.weight,
+        "node_urls": list(t.node_urls),
+    }
+    if t.endpoints:  # absent: the provider's default (rows written before endpoints existed)
+        item["endpoints"] = list(t.endpoints)
+    # Only when set, so routes without them store what they always did.
+    if t.api_version:
+        item["api_version"] = t.api_version
+    if t.deployment:
+        item["deployment"] = t.deployment
+    return item
+
+
 def targets_to_json(targets: tuple[RouteTarget, ...]) -> str:
-    return json.dumps(
-        [
-            {
-                "provider": t.provider.value,
-                "upstream_model": t.upstream_model,
-                "priority": t.priority,
-                "weight": t.weight,
-                "node_urls": list(t.node_urls),
-            }
-            for t in targets
-        ],
-        separators=(",", ":"),
-    )
+    return json.dumps([_target_json(t) for t in targets], separators=(",", ":"))
 
 
 def targets_from_json(text: str) -> tuple[RouteTarget, ...]:
@@ -87,6 +93,9 @@ def targets_from_json(text: str) -> tuple[RouteTarget, ...]:
             priority=int(item["priority"]),
             weight=int(item["weight"]),
             node_urls=tuple(str(u) for u in item["node_urls"]),
+            api_version=str(item.get("api_version", "")),
+            deployment=str(item.get("deployment", "")),
+            endpoints=tuple(str(e) for e in item.get("endpoints", ())),
         )
         for item in items
     )

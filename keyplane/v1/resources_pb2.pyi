@@ -52,6 +52,62 @@ PROVIDER_VLLM: Provider.ValueType  # 7
 """Self-hosted vLLM nodes; route targets carry the node URLs."""
 Global___Provider: _TypeAlias = Provider  # noqa: Y015
 
+class _Endpoint:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EndpointEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Endpoint.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENDPOINT_UNSPECIFIED: _Endpoint.ValueType  # 0
+    ENDPOINT_CHAT_COMPLETIONS: _Endpoint.ValueType  # 1
+    """POST /v1/chat/completions"""
+    ENDPOINT_COMPLETIONS: _Endpoint.ValueType  # 2
+    """POST /v1/completions (legacy text completions)"""
+    ENDPOINT_EMBEDDINGS: _Endpoint.ValueType  # 3
+    """POST /v1/embeddings"""
+    ENDPOINT_RESPONSES: _Endpoint.ValueType  # 4
+    """POST /v1/responses"""
+    ENDPOINT_MODERATIONS: _Endpoint.ValueType  # 5
+    """POST /v1/moderations"""
+    ENDPOINT_IMAGES_GENERATIONS: _Endpoint.ValueType  # 6
+    """POST /v1/images/generations"""
+    ENDPOINT_AUDIO_TRANSCRIPTIONS: _Endpoint.ValueType  # 7
+    """POST /v1/audio/transcriptions (multipart)"""
+    ENDPOINT_AUDIO_SPEECH: _Endpoint.ValueType  # 8
+    """POST /v1/audio/speech (binary answer)"""
+    ENDPOINT_MESSAGES: _Endpoint.ValueType  # 9
+    """POST /v1/messages and /v1/messages/count_tokens: Anthropic's own Messages
+    API, served natively by anthropic targets only.
+    """
+
+class Endpoint(_Endpoint, metaclass=_EndpointEnumTypeWrapper):
+    """Endpoint is an OpenAI-shaped HTTP endpoint of the sidecar a route target
+    can serve (the upstream path is the same under the key's base_url).
+    """
+
+ENDPOINT_UNSPECIFIED: Endpoint.ValueType  # 0
+ENDPOINT_CHAT_COMPLETIONS: Endpoint.ValueType  # 1
+"""POST /v1/chat/completions"""
+ENDPOINT_COMPLETIONS: Endpoint.ValueType  # 2
+"""POST /v1/completions (legacy text completions)"""
+ENDPOINT_EMBEDDINGS: Endpoint.ValueType  # 3
+"""POST /v1/embeddings"""
+ENDPOINT_RESPONSES: Endpoint.ValueType  # 4
+"""POST /v1/responses"""
+ENDPOINT_MODERATIONS: Endpoint.ValueType  # 5
+"""POST /v1/moderations"""
+ENDPOINT_IMAGES_GENERATIONS: Endpoint.ValueType  # 6
+"""POST /v1/images/generations"""
+ENDPOINT_AUDIO_TRANSCRIPTIONS: Endpoint.ValueType  # 7
+"""POST /v1/audio/transcriptions (multipart)"""
+ENDPOINT_AUDIO_SPEECH: Endpoint.ValueType  # 8
+"""POST /v1/audio/speech (binary answer)"""
+ENDPOINT_MESSAGES: Endpoint.ValueType  # 9
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's own Messages
+API, served natively by anthropic targets only.
+"""
+Global___Endpoint: _TypeAlias = Endpoint  # noqa: Y015
+
 class _KeyStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -232,14 +288,36 @@ class RouteTarget(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
     NODE_URLS_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    API_VERSION_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
     provider: Global___Provider.ValueType
     upstream_model: _builtins.str
     priority: _builtins.int
     """Lower priority values are tried first."""
     weight: _builtins.int
+    api_version: _builtins.str
+    """Azure OpenAI targets only: the api-version of a classic deployment URL
+    ({base}/openai/deployments/{deployment}/chat/completions?api-version=...,
+    or the endpoint's path in place of /chat/completions),
+    e.g. "2024-10-21". Empty: the v1 API ({base}/openai/v1/chat/completions).
+    """
+    deployment: _builtins.str
+    """Azure OpenAI classic deployments only: the deployment name in the URL
+    (empty: upstream_model). Needs api_version.
+    """
     @_builtins.property
     def node_urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """vLLM targets only: the pool of node base URLs."""
+
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedScalarFieldContainer[Global___Endpoint.ValueType]:
+        """The endpoints this target serves. Empty means the provider's default:
+        every endpoint for openai, azure_openai and openai_compatible; chat
+        completions, completions and embeddings for gemini, openrouter and vllm;
+        chat completions (its OpenAI-compatibility layer) and messages (its own
+        Messages API) for anthropic.
+        """
 
     def __init__(
         self,
@@ -249,10 +327,13 @@ class RouteTarget(_message.Message):
         priority: _builtins.int = ...,
         weight: _builtins.int = ...,
         node_urls: _abc.Iterable[_builtins.str] | None = ...,
+        endpoints: _abc.Iterable[Global___Endpoint.ValueType] | None = ...,
+        api_version: _builtins.str = ...,
+        deployment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_urls", b"node_urls", "priority", b"priority", "provider", b"provider", "upstream_model", b"upstream_model", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_version", b"api_version", "deployment", b"deployment", "endpoints", b"endpoints", "node_urls", b"node_urls", "priority", b"priority", "provider", b"provider", "upstream_model", b"upstream_model", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -42,14 +42,27 @@ from .errors import (
     UpstreamTlsError,
     UpstreamTooLarge,
 )
-from .request import DEFAULT_BASE_URLS, FORWARDED_REQUEST_HEADERS, UpstreamRequest, build_request
+from .request import (
+    CHAT_PATH,
+    DEFAULT_BASE_URLS,
+    FORWARDED_REQUEST_HEADERS,
+    JSON_TYPE,
+    RequestBody,
+    StreamedBody,
+    UpstreamRequest,
+    build_request,
+)
 
 __all__ = [
+    "CHAT_PATH",
     "DEFAULT_BASE_URLS",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_HEADERS",
     "DEFAULT_MAX_HEADER_SIZE",
     "FORWARDED_REQUEST_HEADERS",
+    "JSON_TYPE",
+    "RequestBody",
+    "StreamedBody",
     "UpstreamAnswerCut",
     "UpstreamClient",
     "UpstreamConfigError",

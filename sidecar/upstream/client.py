@@ -28,7 +28,7 @@ from .errors import (
     UpstreamTooLarge,
 )
 from .host_gate import HostGate
-from .request import UpstreamRequest, origin_of
+from .request import RequestBody, UpstreamRequest, origin_of
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -281,8 +281,12 @@ class UpstreamClient:
             return self._timeout
         return aiohttp.ClientTimeout(total=time_left, sock_connect=self._connect_timeout, sock_read=self._read_timeout)
 
-    async def send(self, request: UpstreamRequest, body: bytes, *, time_left: float | None = None) -> UpstreamResponse:
+    async def send(
+        self, request: UpstreamRequest, body: RequestBody, *, time_left: float | None = None
+    ) -> UpstreamResponse:
         """POST ``body``; returns once the upstream's head is in.
+
+        A ``StreamedBody`` is sent as it is read, with its ``size`` as Content-Length.
 
         ``time_left`` caps the whole call, reading its body included (what is
         left of the request's deadline); None keeps the client's total timeout.
@@ -297,11 +301,16 @@ class UpstreamClient:
         gate = self._gate
         if not gate.try_enter(origin):
             time_left = await self._wait_in_line(origin, time_left)
+        headers = request.headers
+        data: Any = body
+        if not isinstance(body, bytes):
+            headers = {**headers, "content-length": str(body.size)}
+            data = body.chunks()
         try:
             response = await session.post(
                 request.url,
-                data=body,
-                headers=request.headers,
+                data=data,
+                headers=headers,
                 timeout=self._timeout_for(time_left),
                 allow_redirects=False,
             )

@@ -38,9 +38,23 @@ def test_target_spec(spec: str, provider: str, model: str, priority: int, weight
     )
 
 
+def test_azure_target_spec() -> None:
+    classic = _target("azure_openai:gpt-4o@1*2?api-version=2024-10-21&deployment=gpt4o-prod")
+    assert (classic.upstream_model, classic.priority, classic.weight) == ("gpt-4o", 1, 2)
+    assert (classic.api_version, classic.deployment) == ("2024-10-21", "gpt4o-prod")
+    v1 = _target("azure_openai:gpt-4o")
+    assert (v1.api_version, v1.deployment) == ("", "")
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("nosuch:model", "unknown provider 'nosuch'"), ("openai", "must look like"), ("openai:m@x", "priority")],
+    [
+        ("nosuch:model", "unknown provider 'nosuch'"),
+        ("openai", "must look like"),
+        ("openai:m@x", "priority"),
+        ("azure_openai:m?version=1", "api-version=V"),
+        ("azure_openai:m?api-version=1&api-version=2", "twice"),
+    ],
 )
 def test_bad_target_spec_says_what_is_wrong(spec: str, message: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=message):

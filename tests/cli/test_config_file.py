@@ -165,3 +165,37 @@ def test_the_readme_example_is_valid(tmp_path: Path) -> None:
         TargetSpec("vllm", "llama-3", node_urls=("http://10.0.0.5:8000", "http://10.0.0.6:8000")),
     )
     assert acme.client_keys == ("web", "batch")
+
+
+def test_azure_targets_carry_api_version_and_deployment() -> None:
+    route = {
+        "model": "chat",
+        "targets": [
+            "azure_openai:gpt-4o@1?api-version=2024-10-21&deployment=gpt4o-prod",
+            {"provider": "azure_openai", "model": "gpt-4o-mini", "api_version": "2025-04-01-preview"},
+            "azure_openai:gpt-4.1",
+        ],
+    }
+    (acme,) = parse_config({"tenants": [{"name": "acme", "routes": [route]}]}, base=Path("/"), environ={})
+    assert acme.routes[0].targets == (
+        TargetSpec("azure_openai", "gpt-4o", priority=1, api_version="2024-10-21", deployment="gpt4o-prod"),
+        TargetSpec("azure_openai", "gpt-4o-mini", api_version="2025-04-01-preview"),
+        TargetSpec("azure_openai", "gpt-4.1"),
+    )
+    problems = _problems(
+        {"tenants": [{"name": "a", "routes": [{"model": "m", "targets": ["azure_openai:m?version=1"]}]}]}
+    )
+    assert any("api-version=V" in p for p in problems), problems
+    problems = _problems(
+        {
+            "tenants": [
+                {
+                    "name": "a",
+                    "routes": [
+                        {"model": "m", "targets": [{"provider": "azure_openai", "model": "m", "api_version": "v1"}]}
+                    ],
+                }
+            ]
+        }
+    )
+    assert any("api_version: 'v1' does not match" in p for p in problems), problems

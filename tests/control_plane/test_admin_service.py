@@ -167,6 +167,20 @@ async def test_routes_crud(harness: Harness) -> None:
     assert route.id.startswith("rt_") and route.public_model == "chat"
     assert [t.weight for t in route.targets] == [1, 1]
     assert list(route.targets[1].node_urls) == ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    azure = await admin.CreateRoute(
+        apb.CreateRouteRequest(
+            tenant="acme",
+            public_model="azure-chat",
+            targets=[
+                _target(provider=rpb.PROVIDER_AZURE_OPENAI, api_version="2024-10-21", deployment="gpt4o-prod"),
+                _target(provider=rpb.PROVIDER_AZURE_OPENAI, upstream_model="gpt-4o-mini"),
+            ],
+        ),
+        metadata=ADMIN_MD,
+    )
+    stored = (await admin.GetRoute(apb.GetRouteRequest(tenant="acme", id=azure.route.id), metadata=ADMIN_MD)).route
+    assert [(t.api_version, t.deployment) for t in stored.targets] == [("2024-10-21", "gpt4o-prod"), ("", "")]
+    await admin.DeleteRoute(apb.DeleteRouteRequest(tenant="acme", id=azure.route.id), metadata=ADMIN_MD)
 
     got = await admin.GetRoute(apb.GetRouteRequest(tenant="acme", id=route.id), metadata=ADMIN_MD)
     assert got.route == route
@@ -360,6 +374,53 @@ _BAD_WRITES: list[tuple[str, str, Any, grpc.StatusCode, str]] = [
         apb.CreateRouteRequest(tenant="acme", public_model="chat", targets=[_target(node_urls=["http://a"])]),
         grpc.StatusCode.INVALID_ARGUMENT,
         "targets[0].node_urls is only for provider vllm",
+    ),
+    (
+        "CreateRoute",
+        "messages on openai",
+        apb.CreateRouteRequest(
+            tenant="acme", public_model="chat", targets=[_target(endpoints=[rpb.ENDPOINT_MESSAGES])]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "targets[0].endpoints: messages is only for provider anthropic",
+    ),
+    (
+        "CreateRoute",
+        "api_version on openai",
+        apb.CreateRouteRequest(tenant="acme", public_model="chat", targets=[_target(api_version="2024-10-21")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "targets[0].api_version is only for provider azure_openai",
+    ),
+    (
+        "CreateRoute",
+        "malformed azure api_version",
+        apb.CreateRouteRequest(
+            tenant="acme",
+            public_model="chat",
+            targets=[_target(provider=rpb.PROVIDER_AZURE_OPENAI, api_version="2024-10-21&x=1")],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "targets[0].api_version must look like 2024-10-21",
+    ),
+    (
+        "CreateRoute",
+        "azure deployment without api_version",
+        apb.CreateRouteRequest(
+            tenant="acme", public_model="chat", targets=[_target(provider=rpb.PROVIDER_AZURE_OPENAI, deployment="d")]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "targets[0].deployment needs an api_version",
+    ),
+    (
+        "CreateRoute",
+        "azure deployment with a slash",
+        apb.CreateRouteRequest(
+            tenant="acme",
+            public_model="chat",
+            targets=[_target(provider=rpb.PROVIDER_AZURE_OPENAI, api_version="2024-10-21", deployment="a/../b")],
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "targets[0].deployment must be 1-64 letters",
     ),
     (
         "CreateRoute",

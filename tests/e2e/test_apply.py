@@ -292,3 +292,41 @@ async def test_a_step_the_api_refuses_stops_apply_and_says_what_was_done(plane: 
         "for provider vllm (what is listed above was done, nothing after it; run diff, then apply again)\n"
     )
     assert [r["public_model"] for r in await plane.listed("routes")] == []
+
+
+AZURE = """
+version: 1
+tenants:
+  - name: acme
+    keys:
+      - {provider: azure_openai, label: east, secret: {env: KPA_OPENAI}, base_url: "https://east.openai.azure.com"}
+    routes:
+      - model: gpt-4o
+        targets:
+          - "azure_openai:gpt-4o?api-version=2024-10-21&deployment=gpt4o-prod"
+          - {provider: azure_openai, model: gpt-4o, priority: 1, api_version: "API"}
+          - azure_openai:gpt-4.1@2
+"""
+
+
+async def test_azure_deployments_round_trip(plane: Plane) -> None:
+    plane.file.write_text(AZURE.replace("API", "2025-04-01-preview"))
+    await plane.ok("apply", "-f", str(plane.file))
+    assert await plane.plan(code=0) == []  # api-version and deployment came back as written
+    (route,) = await plane.listed("routes")
+    assert [(t.get("api_version", ""), t.get("deployment", "")) for t in route["targets"]] == [
+        ("2024-10-21", "gpt4o-prod"),
+        ("2025-04-01-preview", ""),
+        ("", ""),
+    ]
+    plane.file.write_text(AZURE.replace("API", "2024-10-21"))
+    [(op, kind, name, changes)] = _summary(await plane.plan(code=1))
+    assert (op, kind, name) == ("update", "route", "gpt-4o")
+    assert changes["targets"]["to"] == (
+        "azure_openai:gpt-4o@0*1?api-version=2024-10-21&deployment=gpt4o-prod "
+        "azure_openai:gpt-4o@1*1?api-version=2024-10-21 azure_openai:gpt-4.1@2*1"
+    )
+    # The control plane validates what the file says: a bad api-version changes nothing.
+    plane.file.write_text(AZURE.replace("API", "2024-10-21").replace("deployment=gpt4o-prod", "deployment=a%2Fb"))
+    result = await plane.kp("apply", "-f", str(plane.file))
+    assert result.code == 2 and "deployment must be 1-64 letters" in result.stderr, result.stdout + result.stderr

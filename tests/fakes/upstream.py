@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.health import bodies as _bodies
+from .openai_endpoints import ENDPOINTS, EndpointState
 
 __all__ = [
     "ANTHROPIC_OVERLOADED",
@@ -222,6 +223,8 @@ class FakeUpstream:
         self.stream_aborted = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
+        # The other OpenAI endpoints' memory (stored responses).
+        self.endpoint_state = EndpointState()
 
     @property
     def port(self) -> int:
@@ -239,6 +242,10 @@ class FakeUpstream:
 
     def chat_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path.endswith("/chat/completions")]
+
+    def requests_to(self, suffix: str) -> list[RecordedRequest]:
+        """The requests whose path ends with ``suffix`` ("/embeddings")."""
+        return [r for r in self.requests if r.path.endswith(suffix)]
 
     def secrets(self, since: int = 0, *, model: str | None = None) -> list[str | None]:
         """The credentials of the chat requests from index ``since`` on (optionally one model's)."""
@@ -278,7 +285,7 @@ class FakeUpstream:
         return self.replies.get(secret)
 
     async def __aenter__(self) -> FakeUpstream:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # uploads (audio) too
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True)
         await runner.setup()
@@ -294,11 +301,17 @@ class FakeUpstream:
             self._runner = None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = None
+        body: Any
+        if request.content_type == "multipart/form-data":
+            # A form's fields as strings; a file as the bytes it held.
+            form = await request.post()
+            body = {k: (v if isinstance(v, str | bytes) else _form_bytes(v)) for k, v in form.items()}
+        else:
+            raw = await request.read()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
         recorded = RecordedRequest(
             method=request.method,
             path=request.path,
@@ -307,7 +320,8 @@ class FakeUpstream:
             at=time.monotonic(),
         )
         self.requests.append(recorded)
-        if request.method != "POST" or not request.path.endswith("/chat/completions"):
+        other = next((h for suffix, h in ENDPOINTS.items() if request.path.endswith(suffix)), None)
+        if request.method != "POST" or (other is None and not request.path.endswith("/chat/completions")):
             return _json(
                 404, {"error": {"message": "Not found", "type": "invalid_request_error", "param": None, "code": None}}
             )
@@ -332,6 +346,8 @@ class FakeUpstream:
                     }
                 },
             )
+        if other is not None and not request.path.endswith("/chat/completions"):
+            return await other(request, body, recorded.secret or "", self.endpoint_state)
         if body.get("stream") is True:
             return await self._stream(request, body, break_after)
         return _json(200, self._completion(body))
@@ -407,3 +423,11 @@ def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> web.
         content_type="application/json",
         headers=headers or {},
     )
+
+
+def _form_bytes(value: object) -> bytes:
+    """A form part's bytes (a file field's content)."""
+    if isinstance(value, bytearray):
+        return bytes(value)
+    read = value.file.read() if isinstance(value, web.FileField) else b""
+    return bytes(read)

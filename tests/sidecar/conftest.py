@@ -88,3 +88,12 @@ async def plane(tmp_path: Path, unused_tcp_port: int) -> AsyncIterator[Plane]:
         yield p
     finally:
         await p.stop()
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[object]:
+    """The endpoint tests' sidecar and fake upstreams (``endpoint_fleet.Fleet``)."""
+    from .endpoint_fleet import open_fleet
+
+    async with open_fleet() as f:
+        yield f

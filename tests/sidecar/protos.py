@@ -15,6 +15,7 @@ ANTHROPIC = resources_pb2.PROVIDER_ANTHROPIC
 AZURE = resources_pb2.PROVIDER_AZURE_OPENAI
 COMPATIBLE = resources_pb2.PROVIDER_OPENAI_COMPATIBLE
 VLLM = resources_pb2.PROVIDER_VLLM
+ENDPOINT_CHAT_COMPLETIONS = resources_pb2.ENDPOINT_CHAT_COMPLETIONS
 ACTIVE = resources_pb2.KEY_STATUS_ACTIVE
 DISABLED = resources_pb2.KEY_STATUS_DISABLED
 REVOKED = resources_pb2.KEY_STATUS_REVOKED
@@ -53,6 +54,9 @@ def target(
     priority: int = 0,
     weight: int = 1,
     node_urls: Sequence[str] = (),
+    api_version: str = "",
+    deployment: str = "",
+    endpoints: Sequence[resources_pb2.Endpoint.ValueType] = (),
 ) -> resources_pb2.RouteTarget:
     return resources_pb2.RouteTarget(
         provider=provider,
@@ -60,6 +64,9 @@ def target(
         priority=priority,
         weight=weight,
         node_urls=list(node_urls),
+        api_version=api_version,
+        deployment=deployment,
+        endpoints=list(endpoints),
     )
 
 

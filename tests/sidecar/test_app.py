@@ -161,7 +161,7 @@ async def test_unknown_path_wrong_method_and_body_too_large(upstream: FakeUpstre
     async with Sidecar(sidecar_config(max_body_bytes=1024), watch=False) as sc:
         sc.state.apply(standard_snapshot(upstream))
         async with httpx.AsyncClient(base_url=sc.url) as c:
-            assert_openai_error(await c.get("/v1/embeddings", headers=auth()), 404)
+            assert_openai_error(await c.get("/v1/files", headers=auth()), 404)
             assert_openai_error(await c.get(CHAT, headers=auth()), 405)
             big = {"model": PUBLIC_MODEL, "messages": [{"role": "user", "content": "x" * 4096}]}
             assert_openai_error(await c.post(CHAT, json=big, headers=auth()), 413)

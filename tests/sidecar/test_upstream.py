@@ -92,3 +92,48 @@ def test_providers_without_a_default_need_a_base_url(provider: Provider) -> None
     with pytest.raises(UpstreamConfigError) as exc:
         build_request(attempt(provider), {})
     assert "sk-test" not in str(exc.value)
+
+
+def _azure(base_url: str, *, api_version: str = "", deployment: str = "") -> Attempt:
+    a = attempt(Provider.AZURE_OPENAI, base_url=base_url)
+    t = Target(
+        provider=Provider.AZURE_OPENAI,
+        upstream_model="gpt-4o",
+        priority=0,
+        weight=1,
+        node_urls=(),
+        api_version=api_version,
+        deployment=deployment,
+    )
+    return Attempt(target=t, key=a.key)
+
+
+@pytest.mark.parametrize(
+    ("a", "url"),
+    [
+        # The v1 API: a v1 base URL as the openai SDK takes it, or the bare resource endpoint.
+        (_azure("https://res.openai.azure.com/openai/v1/"), "https://res.openai.azure.com/openai/v1/chat/completions"),
+        (_azure("https://res.openai.azure.com"), "https://res.openai.azure.com/openai/v1/chat/completions"),
+        # Classic deployments: the deployment (default: the upstream model) and api-version in the URL,
+        # whichever form the key's base URL has.
+        (
+            _azure("https://res.openai.azure.com", api_version="2024-10-21", deployment="gpt4o-prod"),
+            "https://res.openai.azure.com/openai/deployments/gpt4o-prod/chat/completions?api-version=2024-10-21",
+        ),
+        (
+            _azure("https://res.openai.azure.com/openai/v1", api_version="2025-04-01-preview"),
+            "https://res.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2025-04-01-preview",
+        ),
+        (
+            _azure("https://res.openai.azure.com/openai/", api_version="2024-10-21"),
+            "https://res.openai.azure.com/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        ),
+    ],
+)
+def test_azure_request_shapes(a: Attempt, url: str) -> None:
+    req = build_request(a, {"authorization": "Bearer kp-client"})
+    assert req.url == url
+    assert req.headers == {"content-type": "application/json", "api-key": "sk-test"}
+    # Every endpoint the same way, its path in place of /chat/completions.
+    embeddings = build_request(a, {}, "/embeddings")
+    assert embeddings.url == url.replace("/chat/completions", "/embeddings")

@@ -60,6 +60,7 @@ def route(route_id: str = "rt_1", *, tenant: str = "acme", public_model: str = "
                 weight=1,
                 node_urls=("http://10.0.0.1:8000", "http://10.0.0.2:8000"),
             ),
+            RouteTarget(Provider.AZURE_OPENAI, "gpt-4o", priority=2, api_version="2024-10-21", deployment="gpt4o-prod"),
         ),
         created_at=ts(n),
         updated_at=ts(n),

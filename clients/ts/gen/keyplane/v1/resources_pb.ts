@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keyplane/v1/resources.proto.
  */
 export const file_keyplane_v1_resources: GenFile = /*@__PURE__*/
-  fileDesc("ChtrZXlwbGFuZS92MS9yZXNvdXJjZXMucHJvdG8SC2tleXBsYW5lLnYxIlUKBlRlbmFudBIMCgRuYW1lGAEgASgJEi8KC2NyZWF0ZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAMgASgJItcCCgtQcm92aWRlcktleRIKCgJpZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSJwoIcHJvdmlkZXIYAyABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVsYWJlbBgEIAEoCRIQCghiYXNlX3VybBgFIAEoCRImCgZzdGF0dXMYBiABKA4yFi5rZXlwbGFuZS52MS5LZXlTdGF0dXMSDgoGd2VpZ2h0GAcgASgNEhYKDmFsbG93ZWRfbW9kZWxzGAggAygJEhMKC2ZpbmdlcnByaW50GAkgASgJEg0KBWxhc3Q0GAogASgJEi8KC2NyZWF0ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgNIAEoCSKDAQoLUm91dGVUYXJnZXQSJwoIcHJvdmlkZXIYASABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchIWCg51cHN0cmVhbV9tb2RlbBgCIAEoCRIQCghwcmlvcml0eRgDIAEoDRIOCgZ3ZWlnaHQYBCABKA0SEQoJbm9kZV91cmxzGAUgAygJItQBCgVSb3V0ZRIKCgJpZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSFAoMcHVibGljX21vZGVsGAMgASgJEikKB3RhcmdldHMYBCADKAsyGC5rZXlwbGFuZS52MS5Sb3V0ZVRhcmdldBIvCgtjcmVhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGV0YWcYByABKAkihQEKCUNsaWVudEtleRIKCgJpZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSDQoFbGFiZWwYAyABKAkSDgoGcHJlZml4GAQgASgJEi8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAYgASgJIr8BCglLZXlIZWFsdGgSDgoGa2V5X2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEicKBXN0YXRlGAMgASgOMhgua2V5cGxhbmUudjEuSGVhbHRoU3RhdGUSKQoFdW50aWwYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnJlYXNvbhgFIAEoCRIvCgt1cGRhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi3QEKDlByb3ZpZGVySGVhbHRoEicKCHByb3ZpZGVyGAEgASgOMhUua2V5cGxhbmUudjEuUHJvdmlkZXISDQoFbW9kZWwYAiABKAkSJwoFc3RhdGUYAyABKA4yGC5rZXlwbGFuZS52MS5IZWFsdGhTdGF0ZRIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAUgASgJEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLTAQoKQXVkaXRFdmVudBIKCgJpZBgBIAEoBBIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZjYWxsZXIYAyABKAkSDgoGbWV0aG9kGAQgASgJEg4KBnRlbmFudBgFIAEoCRIVCg1yZXNvdXJjZV9raW5kGAYgASgJEhMKC3Jlc291cmNlX2lkGAcgASgJEg4KBmZpZWxkcxgIIAMoCRITCgtmaW5nZXJwcmludBgJIAEoCRIOCgZyZXN1bHQYCiABKAkipwEKCkFkbWluVG9rZW4SCgoCaWQYASABKAkSDQoFbGFiZWwYAiABKAkSDgoGcHJlZml4GAMgASgJEi8KC2NyZWF0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZXZva2VfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgGIAEoCSLPAQoMU2lkZWNhclRva2VuEgoKAmlkGAEgASgJEg0KBWxhYmVsGAIgASgJEg4KBnByZWZpeBgDIAEoCRIPCgd0ZW5hbnRzGAQgAygJEhMKC2FsbF90ZW5hbnRzGAUgASgIEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtyZXZva2VfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgIIAEoCSrNAQoIUHJvdmlkZXISGAoUUFJPVklERVJfVU5TUEVDSUZJRUQQABITCg9QUk9WSURFUl9PUEVOQUkQARIWChJQUk9WSURFUl9BTlRIUk9QSUMQAhIZChVQUk9WSURFUl9BWlVSRV9PUEVOQUkQAxITCg9QUk9WSURFUl9HRU1JTkkQBBIXChNQUk9WSURFUl9PUEVOUk9VVEVSEAUSHgoaUFJPVklERVJfT1BFTkFJX0NPTVBBVElCTEUQBhIRCg1QUk9WSURFUl9WTExNEAcqbwoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhcKE0tFWV9TVEFUVVNfRElTQUJMRUQQAhIWChJLRVlfU1RBVFVTX1JFVk9LRUQQAyqzAQoLSGVhbHRoU3RhdGUSHAoYSEVBTFRIX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUSEVBTFRIX1NUQVRFX0hFQUxUSFkQARIZChVIRUFMVEhfU1RBVEVfQ09PTERPV04QAhIaChZIRUFMVEhfU1RBVEVfVU5IRUFMVEhZEAMSGQoVSEVBTFRIX1NUQVRFX0RFR1JBREVEEAQSGgoWSEVBTFRIX1NUQVRFX0VYSEFVU1RFRBAFYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChtrZXlwbGFuZS92MS9yZXNvdXJjZXMucHJvdG8SC2tleXBsYW5lLnYxIlUKBlRlbmFudBIMCgRuYW1lGAEgASgJEi8KC2NyZWF0ZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAMgASgJItcCCgtQcm92aWRlcktleRIKCgJpZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSJwoIcHJvdmlkZXIYAyABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVsYWJlbBgEIAEoCRIQCghiYXNlX3VybBgFIAEoCRImCgZzdGF0dXMYBiABKA4yFi5rZXlwbGFuZS52MS5LZXlTdGF0dXMSDgoGd2VpZ2h0GAcgASgNEhYKDmFsbG93ZWRfbW9kZWxzGAggAygJEhMKC2ZpbmdlcnByaW50GAkgASgJEg0KBWxhc3Q0GAogASgJEi8KC2NyZWF0ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgNIAEoCSLWAQoLUm91dGVUYXJnZXQSJwoIcHJvdmlkZXIYASABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchIWCg51cHN0cmVhbV9tb2RlbBgCIAEoCRIQCghwcmlvcml0eRgDIAEoDRIOCgZ3ZWlnaHQYBCABKA0SEQoJbm9kZV91cmxzGAUgAygJEigKCWVuZHBvaW50cxgGIAMoDjIVLmtleXBsYW5lLnYxLkVuZHBvaW50EhMKC2FwaV92ZXJzaW9uGAggASgJEhIKCmRlcGxveW1lbnQYCSABKAki1AEKBVJvdXRlEgoKAmlkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIUCgxwdWJsaWNfbW9kZWwYAyABKAkSKQoHdGFyZ2V0cxgEIAMoCzIYLmtleXBsYW5lLnYxLlJvdXRlVGFyZ2V0Ei8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgHIAEoCSKFAQoJQ2xpZW50S2V5EgoKAmlkGAEgASgJEg4KBnRlbmFudBgCIAEoCRINCgVsYWJlbBgDIAEoCRIOCgZwcmVmaXgYBCABKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGV0YWcYBiABKAkivwEKCUtleUhlYWx0aBIOCgZrZXlfaWQYASABKAkSDQoFbW9kZWwYAiABKAkSJwoFc3RhdGUYAyABKA4yGC5rZXlwbGFuZS52MS5IZWFsdGhTdGF0ZRIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAUgASgJEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLdAQoOUHJvdmlkZXJIZWFsdGgSJwoIcHJvdmlkZXIYASABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVtb2RlbBgCIAEoCRInCgVzdGF0ZRgDIAEoDjIYLmtleXBsYW5lLnYxLkhlYWx0aFN0YXRlEikKBXVudGlsGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZWFzb24YBSABKAkSLwoLdXBkYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wItMBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgEEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmNhbGxlchgDIAEoCRIOCgZtZXRob2QYBCABKAkSDgoGdGVuYW50GAUgASgJEhUKDXJlc291cmNlX2tpbmQYBiABKAkSEwoLcmVzb3VyY2VfaWQYByABKAkSDgoGZmllbGRzGAggAygJEhMKC2ZpbmdlcnByaW50GAkgASgJEg4KBnJlc3VsdBgKIAEoCSKnAQoKQWRtaW5Ub2tlbhIKCgJpZBgBIAEoCRINCgVsYWJlbBgCIAEoCRIOCgZwcmVmaXgYAyABKAkSLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAYgASgJIs8BCgxTaWRlY2FyVG9rZW4SCgoCaWQYASABKAkSDQoFbGFiZWwYAiABKAkSDgoGcHJlZml4GAMgASgJEg8KB3RlbmFudHMYBCADKAkSEwoLYWxsX3RlbmFudHMYBSABKAgSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAggASgJKs0BCghQcm92aWRlchIYChRQUk9WSURFUl9VTlNQRUNJRklFRBAAEhMKD1BST1ZJREVSX09QRU5BSRABEhYKElBST1ZJREVSX0FOVEhST1BJQxACEhkKFVBST1ZJREVSX0FaVVJFX09QRU5BSRADEhMKD1BST1ZJREVSX0dFTUlOSRAEEhcKE1BST1ZJREVSX09QRU5ST1VURVIQBRIeChpQUk9WSURFUl9PUEVOQUlfQ09NUEFUSUJMRRAGEhEKDVBST1ZJREVSX1ZMTE0QByqeAgoIRW5kcG9pbnQSGAoURU5EUE9JTlRfVU5TUEVDSUZJRUQQABIdChlFTkRQT0lOVF9DSEFUX0NPTVBMRVRJT05TEAESGAoURU5EUE9JTlRfQ09NUExFVElPTlMQAhIXChNFTkRQT0lOVF9FTUJFRERJTkdTEAMSFgoSRU5EUE9JTlRfUkVTUE9OU0VTEAQSGAoURU5EUE9JTlRfTU9ERVJBVElPTlMQBRIfChtFTkRQT0lOVF9JTUFHRVNfR0VORVJBVElPTlMQBhIhCh1FTkRQT0lOVF9BVURJT19UUkFOU0NSSVBUSU9OUxAHEhkKFUVORFBPSU5UX0FVRElPX1NQRUVDSBAIEhUKEUVORFBPSU5UX01FU1NBR0VTEAkqbwoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhcKE0tFWV9TVEFUVVNfRElTQUJMRUQQAhIWChJLRVlfU1RBVFVTX1JFVk9LRUQQAyqzAQoLSGVhbHRoU3RhdGUSHAoYSEVBTFRIX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUSEVBTFRIX1NUQVRFX0hFQUxUSFkQARIZChVIRUFMVEhfU1RBVEVfQ09PTERPV04QAhIaChZIRUFMVEhfU1RBVEVfVU5IRUFMVEhZEAMSGQoVSEVBTFRIX1NUQVRFX0RFR1JBREVEEAQSGgoWSEVBTFRIX1NUQVRFX0VYSEFVU1RFRBAFYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * Tenant is an isolation boundary; every other object belongs to one.
@@ -169,6 +169,35 @@ export type RouteTarget = Message<"keyplane.v1.RouteTarget"> & {
    * @generated from field: repeated string node_urls = 5;
    */
   nodeUrls: string[];
+
+  /**
+   * The endpoints this target serves. Empty means the provider's default:
+   * every endpoint for openai, azure_openai and openai_compatible; chat
+   * completions, completions and embeddings for gemini, openrouter and vllm;
+   * chat completions (its OpenAI-compatibility layer) and messages (its own
+   * Messages API) for anthropic.
+   *
+   * @generated from field: repeated keyplane.v1.Endpoint endpoints = 6;
+   */
+  endpoints: Endpoint[];
+
+  /**
+   * Azure OpenAI targets only: the api-version of a classic deployment URL
+   * ({base}/openai/deployments/{deployment}/chat/completions?api-version=...,
+   * or the endpoint's path in place of /chat/completions),
+   * e.g. "2024-10-21". Empty: the v1 API ({base}/openai/v1/chat/completions).
+   *
+   * @generated from field: string api_version = 8;
+   */
+  apiVersion: string;
+
+  /**
+   * Azure OpenAI classic deployments only: the deployment name in the URL
+   * (empty: upstream_model). Needs api_version.
+   *
+   * @generated from field: string deployment = 9;
+   */
+  deployment: string;
 };
 
 /**
@@ -634,6 +663,89 @@ export const ProviderSchema: GenEnum<Provider> = /*@__PURE__*/
   enumDesc(file_keyplane_v1_resources, 0);
 
 /**
+ * Endpoint is an OpenAI-shaped HTTP endpoint of the sidecar a route target
+ * can serve (the upstream path is the same under the key's base_url).
+ *
+ * @generated from enum keyplane.v1.Endpoint
+ */
+export enum Endpoint {
+  /**
+   * @generated from enum value: ENDPOINT_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * POST /v1/chat/completions
+   *
+   * @generated from enum value: ENDPOINT_CHAT_COMPLETIONS = 1;
+   */
+  CHAT_COMPLETIONS = 1,
+
+  /**
+   * POST /v1/completions (legacy text completions)
+   *
+   * @generated from enum value: ENDPOINT_COMPLETIONS = 2;
+   */
+  COMPLETIONS = 2,
+
+  /**
+   * POST /v1/embeddings
+   *
+   * @generated from enum value: ENDPOINT_EMBEDDINGS = 3;
+   */
+  EMBEDDINGS = 3,
+
+  /**
+   * POST /v1/responses
+   *
+   * @generated from enum value: ENDPOINT_RESPONSES = 4;
+   */
+  RESPONSES = 4,
+
+  /**
+   * POST /v1/moderations
+   *
+   * @generated from enum value: ENDPOINT_MODERATIONS = 5;
+   */
+  MODERATIONS = 5,
+
+  /**
+   * POST /v1/images/generations
+   *
+   * @generated from enum value: ENDPOINT_IMAGES_GENERATIONS = 6;
+   */
+  IMAGES_GENERATIONS = 6,
+
+  /**
+   * POST /v1/audio/transcriptions (multipart)
+   *
+   * @generated from enum value: ENDPOINT_AUDIO_TRANSCRIPTIONS = 7;
+   */
+  AUDIO_TRANSCRIPTIONS = 7,
+
+  /**
+   * POST /v1/audio/speech (binary answer)
+   *
+   * @generated from enum value: ENDPOINT_AUDIO_SPEECH = 8;
+   */
+  AUDIO_SPEECH = 8,
+
+  /**
+   * POST /v1/messages and /v1/messages/count_tokens: Anthropic's own Messages
+   * API, served natively by anthropic targets only.
+   *
+   * @generated from enum value: ENDPOINT_MESSAGES = 9;
+   */
+  MESSAGES = 9,
+}
+
+/**
+ * Describes the enum keyplane.v1.Endpoint.
+ */
+export const EndpointSchema: GenEnum<Endpoint> = /*@__PURE__*/
+  enumDesc(file_keyplane_v1_resources, 1);
+
+/**
  * KeyStatus is the admin-set lifecycle state of a provider key.
  *
  * @generated from enum keyplane.v1.KeyStatus
@@ -664,7 +776,7 @@ export enum KeyStatus {
  * Describes the enum keyplane.v1.KeyStatus.
  */
 export const KeyStatusSchema: GenEnum<KeyStatus> = /*@__PURE__*/
-  enumDesc(file_keyplane_v1_resources, 1);
+  enumDesc(file_keyplane_v1_resources, 2);
 
 /**
  * HealthState is what keyplane has learnt about a key or a provider from
@@ -721,5 +833,5 @@ export enum HealthState {
  * Describes the enum keyplane.v1.HealthState.
  */
 export const HealthStateSchema: GenEnum<HealthState> = /*@__PURE__*/
-  enumDesc(file_keyplane_v1_resources, 2);
+  enumDesc(file_keyplane_v1_resources, 3);
 

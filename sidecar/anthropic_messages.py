@@ -1,0 +1,273 @@
+"""POST /v1/messages and /v1/messages/count_tokens: Anthropic's own API, for apps on the Anthropic SDK.
+
+The app's request goes, unchanged but for the model name, to the route's
+targets that serve the ``messages`` endpoint (``sidecar.endpoints.MESSAGES``:
+every ``anthropic`` target unless its endpoints leave it out; no other
+provider speaks this API; a route with none gets 404), through
+the same attempt loop as chat (``sidecar.proxy``): key rotation and failover
+between anthropic keys, health and outcome reporting. Upstream it is
+``{base_url}/messages`` with the key in ``x-api-key`` and the app's
+``anthropic-version``/``anthropic-beta`` (``sidecar.upstream.anthropic``). The
+answer is relayed as it came, a stream event by event (``message_start``,
+``content_block_*``, ``ping``, ``message_delta``, ``message_stop``,
+``error``). Anthropic's errors are classified by ``keyplane.health`` like any
+other (529 overloaded and 5xx: upstream_error; 429 rate_limit_error with
+``retry-after`` and ``anthropic-ratelimit-*-reset``: rate_limited; 401
+authentication_error and 403 permission_error: credential; 400 "credit
+balance is too low": taken out like an exhausted quota), and what the sidecar answers itself has
+Anthropic's error shape (``sidecar.anthropic_errors``).
+
+The app authenticates with its keyplane client key, as ``x-api-key`` (how
+the Anthropic SDK sends an ``api_key``) or ``Authorization: Bearer``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+
+from keyplane.domain import Provider
+
+from . import anthropic_errors, errors
+from .access_log import AccessEntry
+from .asgi import Receive, Scope, Send, send_error
+from .book import RequestBook
+from .chat import ChatApp, ClientGone, DisconnectWatch, read_body, request_id_for
+from .endpoints import MESSAGES
+from .model import Key, Route, Target
+from .proxy import AttemptsFailed, excluded_header, run_attempts
+from .relay import relay
+from .request_json import RequestJsonError, parse_request_json
+from .router import Attempt, plan_attempts
+from .upstream.anthropic import (
+    ANTHROPIC_FORWARDED_HEADERS,
+    COUNT_TOKENS_PATH,
+    MESSAGES_PATH,
+    messages_request_builder,
+)
+
+__all__ = ["COUNT_TOKENS_ROUTE", "MESSAGES_ROUTE", "messages"]
+
+_log = logging.getLogger(__name__)
+
+MESSAGES_ROUTE = "/v1/messages"
+COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
+
+_BUILD_MESSAGES = messages_request_builder(MESSAGES_PATH)
+_BUILD_COUNT_TOKENS = messages_request_builder(COUNT_TOKENS_PATH)
+
+_READ_HEADERS: dict[bytes, str] = {
+    name.encode("latin-1"): name
+    for name in ("authorization", "x-api-key", "content-length", *ANTHROPIC_FORWARDED_HEADERS)
+}
+
+
+def _read_headers(scope: Scope) -> dict[str, str]:
+    wanted = _READ_HEADERS
+    out: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        key = wanted.get(name) or wanted.get(name.lower())
+        if key is not None:
+            out[key] = value.decode("latin-1")
+    return out
+
+
+def _client_token(headers: dict[str, str]) -> str | None:
+    token = headers.get("x-api-key", "").strip()
+    if token:
+        return token
+    scheme, _, bearer = headers.get("authorization", "").partition(" ")
+    return bearer.strip() or None if scheme.lower() == "bearer" else None
+
+
+def _authenticate(app: ChatApp, headers: dict[str, str]) -> str | errors.ErrorResponse:
+    if not app.state.is_ready:
+        return anthropic_errors.from_openai(errors.not_ready())
+    token = _client_token(headers)
+    if token is None:
+        return anthropic_errors.missing_api_key()
+    tenant = app.state.authenticate(token)
+    if tenant is None:
+        return errors.ErrorResponse(401, anthropic_errors.error_body("authentication_error", "invalid x-api-key"))
+    return tenant
+
+
+def _native(route: Route) -> Route | None:
+    """The route as far as the Messages API can take it: its targets that serve it
+    (``sidecar.endpoints.MESSAGES``: anthropic targets by default, and only those)."""
+    served = route.for_endpoint(MESSAGES.name)
+    if served is None:
+        return None
+    if all(t.provider is Provider.ANTHROPIC for t in served.targets):
+        return served
+    # Only anthropic targets may list it (the admin API refuses others); never send another provider this shape.
+    targets = tuple(t for t in served.targets if t.provider is Provider.ANTHROPIC)
+    return Route(route.id, route.public_model, targets) if targets else None
+
+
+async def messages(
+    app: ChatApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    *,
+    count_tokens: bool = False,
+    access: AccessEntry | None = None,
+) -> int:
+    """One Messages API request; the status answered (499: the app hung up)."""
+    headers = _read_headers(scope)
+    tenant = _authenticate(app, headers)
+    if isinstance(tenant, errors.ErrorResponse):
+        return await send_error(send, tenant)
+    if access is not None:
+        access.tenant = tenant
+    try:
+        raw = await read_body(app, headers, receive)
+    except ClientGone:
+        app.metrics.client_disconnects.inc()
+        return 499
+    if raw is None:
+        return await send_error(send, anthropic_errors.from_openai(errors.body_too_large(app.max_body_bytes)))
+    try:
+        payload = parse_request_json(raw)
+    except RequestJsonError as exc:
+        return await send_error(send, anthropic_errors.from_openai(errors.invalid_request(str(exc))))
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        return await send_error(
+            send,
+            errors.ErrorResponse(400, anthropic_errors.error_body("invalid_request_error", "model: Field required")),
+        )
+    if access is not None:
+        access.model = model
+    found = app.state.route(tenant, model)
+    if found is None:
+        return await send_error(send, anthropic_errors.from_openai(errors.model_not_found(model)))
+    route = _native(found)
+    if route is None:
+        return await send_error(send, anthropic_errors.from_openai(errors.endpoint_not_served(model, MESSAGES_ROUTE)))
+    book = RequestBook(app, tenant, request_id_for(headers), access)
+    plan = _plan(app, tenant, route, book)
+    if not plan:
+        _log.warning(
+            "request %s for %s: no usable anthropic key (excluded %s)",
+            book.request_id,
+            model,
+            excluded_header(book.excluded),
+        )
+        return await send_error(
+            send, anthropic_errors.from_openai(errors.no_usable_key(model)), book.headers(attempts=0)
+        )
+    encoded: dict[str, bytes] = {}
+
+    def body_for(upstream_model: str) -> bytes:
+        if upstream_model == model:
+            return raw
+        body = encoded.get(upstream_model)
+        if body is None:
+            payload["model"] = upstream_model
+            body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
+        return body
+
+    stream = not count_tokens and payload.get("stream") is True
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task(loop)
+    if task is None:  # pragma: no cover - uvicorn runs every request in a task
+        raise RuntimeError("a request must run in a task")
+    watch = DisconnectWatch(receive, task, app.disconnect_watch_after)
+    status = 499
+    try:
+        status = await _answer(app, book, plan, body_for, headers, stream, count_tokens, send)
+    except asyncio.CancelledError:
+        if not watch.gone:
+            raise
+    finally:
+        watch.close()
+        book.flush()
+    if watch.gone:
+        if task.uncancel() > 0:
+            raise asyncio.CancelledError
+        app.metrics.client_disconnects.inc()
+        return 499
+    return status
+
+
+def _plan(app: ChatApp, tenant: str, route: Route, book: RequestBook) -> list[Attempt]:
+    health = book.health
+    now = app.state.wall_clock()
+
+    def usable(target: Target, key: Key) -> bool:
+        why = health.key_block_reason(key.id, target.upstream_model, now)
+        if why is None:
+            return True
+        book.excluded.setdefault(key.id, why)
+        return False
+
+    return plan_attempts(
+        tenant,
+        route,
+        lambda t: app.state.keys(tenant, t.provider, t.upstream_model),
+        app.balancer,
+        limit=app.max_attempts,
+        usable=usable,
+        demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
+    )
+
+
+async def _answer(
+    app: ChatApp,
+    book: RequestBook,
+    plan: list[Attempt],
+    body_for: Callable[[str], bytes],
+    headers: dict[str, str],
+    stream: bool,
+    count_tokens: bool,
+    send: Send,
+) -> int:
+    health = book.health
+    wall_clock = app.state.wall_clock
+
+    def blocked(attempt: Attempt) -> str | None:
+        if attempt.key is None:
+            return None
+        return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
+
+    result = await run_attempts(
+        app.upstream,
+        plan,
+        body_for,
+        headers,
+        stream=stream,
+        deadline=asyncio.get_running_loop().time() + app.request_timeout,
+        observer=book,
+        blocked=blocked,
+        excluded=book.excluded,
+        wall_clock=wall_clock,
+        build=_BUILD_COUNT_TOKENS if count_tokens else _BUILD_MESSAGES,
+    )
+    book.excluded = dict(result.excluded)
+    if book.access is not None:
+        book.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
+    if isinstance(result, AttemptsFailed):
+        _log.warning(
+            "request %s failed after %d attempt(s); excluded %s",
+            book.request_id,
+            result.attempts,
+            excluded_header(book.excluded) or "-",
+        )
+        return await send_error(
+            send, anthropic_errors.from_openai(result.error), book.headers(attempts=result.attempts)
+        )
+    own = book.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target)
+    return await relay(
+        book,
+        result,
+        own,
+        send,
+        metrics=app.metrics,
+        wall_clock=wall_clock,
+        broken_event=anthropic_errors.BROKEN_STREAM_EVENT,
+        watch=anthropic_errors.ErrorEventWatch() if result.streaming else None,
+    )

@@ -1,0 +1,117 @@
+"""One request's book-keeping: the attempt observer, the reports and the answer's own headers.
+
+Every attempt is recorded in the tenant's local health book at once and queued
+for the control plane (never awaited) by ``flush``; the answer carries the
+``x-keyplane-*`` headers built here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from keyplane.health.classify import ErrorClass
+from keyplane.health.machine import Outcome
+
+from .health import TenantHealth
+from .model import Key, Target
+from .proxy import AttemptRecord, excluded_header
+from .router import Attempt
+
+if TYPE_CHECKING:
+    from .access_log import AccessEntry
+    from .chat import ChatApp
+
+__all__ = [
+    "ATTEMPTS_HEADER",
+    "EXCLUDED_HEADER",
+    "KEY_HEADER",
+    "PROVIDER_HEADER",
+    "REQUEST_ID_HEADER",
+    "RequestBook",
+]
+
+ATTEMPTS_HEADER = b"x-keyplane-attempts"
+PROVIDER_HEADER = b"x-keyplane-provider"
+KEY_HEADER = b"x-keyplane-key"
+EXCLUDED_HEADER = b"x-keyplane-excluded"
+REQUEST_ID_HEADER = b"x-keyplane-request-id"
+
+
+class RequestBook:
+    """One request's book-keeping: the attempt observer, reports and answer headers."""
+
+    __slots__ = ("access", "app", "excluded", "health", "request_id", "tenant", "unreported")
+
+    def __init__(self, app: ChatApp, tenant: str, request_id: str, access: AccessEntry | None = None) -> None:
+        self.app = app
+        self.tenant = tenant
+        self.request_id = request_id
+        self.access = access
+        if access is not None:
+            access.request_id = request_id
+        self.health: TenantHealth = app.state.health(tenant)
+        # key id -> class or health state
+        self.excluded: dict[str, str] = {}
+        # Attempts seen but not yet queued for the control plane.
+        self.unreported: list[AttemptRecord] = []
+
+    def attempted(self, record: AttemptRecord) -> None:
+        """Metrics, and this sidecar's own health book at once (no round trip)."""
+        app = self.app
+        app.count_attempt(record)
+        key = record.attempt.key
+        if key is None:
+            return  # keyless: nothing to attribute in the health book or the reports
+        self.unreported.append(record)
+        classification = record.classification
+        if classification.error_class is ErrorClass.SUCCESS:
+            # A plain success: the health book's fast path (no Outcome object).
+            target = record.attempt.target
+            self.health.record_success(
+                key.id,
+                target.provider,
+                target.upstream_model,
+                classification,
+                provider_final=record.provider_final,
+                recovered=record.recovered,
+                now=app.state.wall_clock(),
+                started=record.started,
+            )
+            return
+        outcome = Outcome(
+            key_id=key.id,
+            provider=record.provider,
+            model=record.model,
+            classification=classification,
+            provider_final=record.provider_final,
+            recovered=record.recovered,
+        )
+        self.health.record(outcome, app.state.wall_clock())
+
+    def misconfigured(self, attempt: Attempt) -> None:
+        self.app.count_misconfigured(attempt)
+
+    def flush(self) -> None:
+        """Queue the attempts seen so far for the control plane (never blocks)."""
+        records = self.unreported
+        if not records:
+            return
+        self.unreported = []
+        reporter = self.app.reporter
+        if reporter is None:
+            return
+        # Only keyed attempts are kept in ``unreported``.
+        for record in records:
+            reporter.enqueue_record(self.tenant, record, self.request_id)
+
+    def headers(
+        self, *, attempts: int, answer: Key | None = None, target: Target | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        out = [(ATTEMPTS_HEADER, str(attempts).encode()), (REQUEST_ID_HEADER, self.request_id.encode())]
+        if target is not None:
+            out.append((PROVIDER_HEADER, target.provider.value.encode()))
+        if answer is not None:
+            out.append((KEY_HEADER, answer.id.encode("latin-1", "replace")))
+        if self.excluded:
+            out.append((EXCLUDED_HEADER, excluded_header(self.excluded).encode("latin-1", "replace")))
+        return out
