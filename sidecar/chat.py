@@ -1,9 +1,10 @@
-"""The request handler of every OpenAI-shaped endpoint: from the app's request to the attempt loop, and back.
+"""The handler of every OpenAI endpoint: from the app's request to the attempt loop, and back.
 
 What differs per endpoint is in its ``sidecar.endpoints`` entry (upstream
 path, body kind, streaming); a multipart body is read by ``sidecar.upload``,
-then joins here (``forward``). A request is planned around the tenant's key and provider health
-(unusable keys left out, degraded providers last), run through the attempt
+then joins the JSON path in ``forward``. A request is planned around the
+tenant's key and provider health, narrowed to the route's targets serving
+the endpoint (unusable keys left out, degraded providers last), run through the attempt
 loop (``sidecar.proxy``) under one deadline, and the answer handed to
 ``sidecar.relay``. Every attempt is recorded in the local health book at once
 and queued for the control plane (never awaited). The answer carries
@@ -100,7 +101,7 @@ def request_id_for(headers: dict[str, str]) -> str:
     return made
 
 
-class ClientGone(Exception):
+class _ClientGone(Exception):
     """The app disconnected while its request body was being read."""
 
 
@@ -198,7 +199,7 @@ class DisconnectWatch:
             watcher.cancel()
 
 
-async def read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -> bytes | None:
+async def _read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -> bytes | None:
     """The request body, or None when it exceeds the cap."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -208,7 +209,7 @@ async def read_body(self: ChatApp, headers: dict[str, str], receive: Receive) ->
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise ClientGone
+            raise _ClientGone
         chunk: bytes = message.get("body", b"")
         if chunk:
             size += len(chunk)
@@ -266,8 +267,8 @@ async def handle(
         finally:
             upload.close()
     try:
-        raw = await read_body(self, headers, receive)
-    except ClientGone:
+        raw = await _read_body(self, headers, receive)
+    except _ClientGone:
         self.metrics.client_disconnects.inc()
         return 499
     if raw is None:

@@ -9,10 +9,10 @@ import io
 import httpx
 
 from tests.fakes.openai_endpoints import SPEECH_CHUNKS, TRANSCRIPT
-from tests.fakes.upstream import rate_limited
+from tests.fakes.upstream import SERVER_ERROR, rate_limited
 
 from .conftest import CLIENT_TOKEN
-from .endpoint_fleet import AUDIO, MODEL, UP_MODEL, Fleet
+from .endpoint_fleet import AUDIO, COMPAT_MODEL, MODEL, UP_MODEL, Fleet
 
 RESPONSE_EVENTS = [
     "response.created",
@@ -114,3 +114,22 @@ async def test_images_stream(fleet: Fleet) -> None:
     assert done.usage.total_tokens == 105
     [seen] = fleet.first.requests_to("/images/generations")
     assert (seen.json["model"], seen.json["stream"]) == (UP_MODEL, True)
+
+
+async def test_streams_fail_over_to_the_second_provider(fleet: Fleet) -> None:
+    """Before the first byte a stream fails over like any answer: both openai keys 5xx,
+    the openai_compatible target streams (text completions, transcription deltas)."""
+    fleet.first.program("sk-one", SERVER_ERROR)
+    fleet.first.program("sk-two", SERVER_ERROR)
+    async with fleet.client() as client:
+        completion = await client.completions.with_raw_response.create(model=MODEL, prompt="hi", stream=True)
+        assert completion.headers["x-keyplane-key"] == "c1"
+        assert completion.headers["x-keyplane-attempts"] == "3"
+        parts = [chunk.choices[0].text async for chunk in completion.parse()]
+        transcription = await client.audio.transcriptions.create(
+            model=MODEL, file=("hello.wav", io.BytesIO(AUDIO)), stream=True
+        )
+        deltas = [e.delta async for e in transcription if e.type == "transcript.text.delta"]
+    assert "".join(parts) == "Hello from the fake upstream!"
+    assert "".join(deltas) == TRANSCRIPT
+    assert [r.json["model"] for r in fleet.second.requests] == [COMPAT_MODEL, COMPAT_MODEL]
