@@ -75,7 +75,18 @@ class ChatApp(Protocol):
     def count_misconfigured(self, attempt: Attempt) -> None: ...
 
 
-__all__ = ["ChatApp", "DisconnectWatch", "authenticate", "chat", "forward", "handle", "read_headers", "request_id_for"]
+__all__ = [
+    "ChatApp",
+    "ClientGone",
+    "DisconnectWatch",
+    "authenticate",
+    "chat",
+    "forward",
+    "handle",
+    "read_body",
+    "read_headers",
+    "request_id_for",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -101,7 +112,7 @@ def request_id_for(headers: dict[str, str]) -> str:
     return made
 
 
-class _ClientGone(Exception):
+class ClientGone(Exception):
     """The app disconnected while its request body was being read."""
 
 
@@ -199,7 +210,7 @@ class DisconnectWatch:
             watcher.cancel()
 
 
-async def _read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -> bytes | None:
+async def read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -> bytes | None:
     """The request body, or None when it exceeds the cap."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -209,7 +220,7 @@ async def _read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGone
+            raise ClientGone
         chunk: bytes = message.get("body", b"")
         if chunk:
             size += len(chunk)
@@ -267,8 +278,8 @@ async def handle(
         finally:
             upload.close()
     try:
-        raw = await _read_body(self, headers, receive)
-    except _ClientGone:
+        raw = await read_body(self, headers, receive)
+    except ClientGone:
         self.metrics.client_disconnects.inc()
         return 499
     if raw is None:

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.health import bodies as _bodies
+
 from .openai_endpoints import ENDPOINTS, EndpointState
 
 __all__ = [
