@@ -21,6 +21,7 @@ from keyplane_cli.control_plane_flags import add_control_plane_flags, control_pl
 from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
+from keyplane_cli.shutdown_flags import Signals, add_sidecar_shutdown_flags
 from keyplane_cli.tls_flags import (
     add_client_tls_flags,
     add_server_tls_flags,
@@ -235,6 +236,8 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         upstream_max_headers=args.upstream_max_headers,
         upstream_max_body_bytes=args.upstream_max_body_bytes,
         control_plane_tls=client_tls_from_args(args),
+        shutdown_delay=args.shutdown_delay,
+        shutdown_grace=args.shutdown_grace,
         **edge_options_from_args(args),
     )
 
@@ -242,7 +245,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
 async def _run_sidecar(args: argparse.Namespace) -> int:
     from sidecar.server import Sidecar
 
-    stop = _stop_on_signals()
+    signals = Signals()
     health_policy = health_policy_from_args(args)
     if args.token_file:
         token = read_token_file(args.token_file)
@@ -265,9 +268,10 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
     print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
     tune_gc()
     try:
-        await stop.wait()
+        await signals.stop.wait()
     finally:
-        await sc.stop()
+        # SIGTERM: the delay, then the grace (sidecar/shutdown.py); SIGINT: the grace only.
+        await sc.shutdown(None if signals.terminated else 0.0, hurry=signals.hurry)
     return 0
 
 
@@ -382,6 +386,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         help="most bytes of a non-streamed upstream answer (a larger one fails the attempt as upstream_error)",
     )
     add_edge_flags(sc)
+    add_sidecar_shutdown_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
 

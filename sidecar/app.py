@@ -23,6 +23,7 @@ from .metrics import LabelledChildren, SidecarMetrics, status_class
 from .proxy import AttemptRecord
 from .reporter import OutcomeReporter
 from .router import Attempt, Balancer
+from .shutdown import is_cut, shutting_down
 from .state import SidecarState
 from .upstream import UpstreamClient
 
@@ -57,6 +58,8 @@ class SidecarApp:
         self.request_timeout = request_timeout
         self.reporter = reporter
         self.access_log = access_log  # opt-in: one JSON line per chat request
+        # Set when a shutdown began (``sidecar.shutdown``): /healthz answers 503 while requests are still served.
+        self.draining = False
         # Seconds a chat request runs before an app hang-up is watched for (``DisconnectWatch``).
         self.disconnect_watch_after = disconnect_watch_after
         m = self.metrics
@@ -103,6 +106,10 @@ class SidecarApp:
                 status = await send_bytes(send, 200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE.encode())
             else:
                 status = await send_error(send, errors.not_found(path))
+        except asyncio.CancelledError as exc:
+            if not is_cut(exc):
+                raise
+            status = await _answer_cut(send)
         finally:
             self._requests_count.get(endpoint, status_class(status)).inc()
 
@@ -138,6 +145,12 @@ class SidecarApp:
 
     async def _healthz(self, send: Send) -> int:
         state = self.state
+        if self.draining:
+            return await send_json(
+                send,
+                503,
+                {"status": "draining", "reason": "the sidecar is shutting down", "version": state.version},
+            )
         if not state.is_ready:
             return await send_json(
                 send,
@@ -168,6 +181,17 @@ class SidecarApp:
 
     def count_misconfigured(self, attempt: Attempt) -> None:
         self._attempts_count.get(attempt.target.provider.value, "config_error").inc()
+
+
+async def _answer_cut(send: Send) -> int:
+    """A request the shutdown cut: 503 when nothing was answered yet (else the answer just ends)."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    try:
+        return await send_error(send, shutting_down())
+    except RuntimeError:  # the answer had begun: the server closes the connection
+        return 503
 
 
 def _model_entry(model: str) -> dict[str, object]:

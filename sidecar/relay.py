@@ -19,6 +19,7 @@ from . import errors
 from .asgi import Send
 from .metrics import SidecarMetrics
 from .proxy import AttemptRecord, UpstreamReply, classify_status, complete, describe
+from .shutdown import cut_stream_event, is_cut
 from .upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
 
 __all__ = ["AnswerBook", "relay", "upstream_headers"]
@@ -122,6 +123,17 @@ async def _relay_stream(
                 # (the blank lines first terminate any event the upstream left half-sent).
                 error = errors.error_body("The upstream stream broke off.", "upstream_error", code="stream_broken")
                 await send({"type": "http.response.body", "body": b"\n\ndata: " + error + b"\n\n", "more_body": True})
+        except asyncio.CancelledError as exc:
+            if not is_cut(exc):
+                raise
+            # The sidecar's shutdown grace is over: end the stream with an error event, not silently
+            # (the upstream did nothing wrong; the attempt is recorded as its status says).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            _log.debug("request %s: stream cut by the sidecar's shutdown", book.request_id)
+            if response.content_type == "text/event-stream":
+                await send({"type": "http.response.body", "body": cut_stream_event(), "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         if ending is None:

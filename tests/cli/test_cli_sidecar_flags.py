@@ -84,3 +84,17 @@ def test_every_upstream_flag_reaches_the_config(tmp_path: Path) -> None:
 def test_bad_values_are_refused(flag: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         sidecar_config_from_args(parse(flag), "tok", HealthPolicy())
+
+
+def test_shutdown_flags() -> None:
+    default = sidecar_config_from_args(parse(), "tok", HealthPolicy())
+    assert (default.shutdown_delay, default.shutdown_grace) == (5.0, 10.0)
+    config = sidecar_config_from_args(parse("--shutdown-delay=0", "--shutdown-grace=2.5"), "tok", HealthPolicy())
+    assert (config.shutdown_delay, config.shutdown_grace) == (0.0, 2.5)
+
+
+@pytest.mark.parametrize("flag", ["--shutdown-delay=-1", "--shutdown-grace=nan", "--shutdown-grace=soon"])
+def test_bad_shutdown_flags_are_refused(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(flag)
+    assert flag.split("=")[0] in capsys.readouterr().err
