@@ -28,6 +28,7 @@ from control_plane.snapshot_cache import SnapshotCache, SnapshotTooLarge
 from control_plane.status import status_for
 from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
+from keyplane.going_away import GOING_AWAY, GOING_AWAY_DETAILS
 from keyplane.v1 import sidecar_service_pb2 as pb
 from keyplane.v1 import sidecar_service_pb2_grpc
 
@@ -42,6 +43,8 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
     def __init__(self, cache: SnapshotCache, health: HealthAggregator | None = None) -> None:
         self._cache = cache
         self._health = health
+        # Set by ``ControlPlane.stop`` before it ends the watch streams.
+        self.going_away = False
         # Converted success outcomes, reused across reports (see ``_validate_batch``).
         self._successes: dict[_SuccessKey, ReportedOutcome] = {}
 
@@ -83,6 +86,9 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         try:
             async for response in subscription:
                 yield response
+            if self.going_away:
+                # This replica is shutting down: the sidecar reconnects at once (to another one).
+                await context.abort(grpc.StatusCode.UNAVAILABLE, GOING_AWAY_DETAILS, trailing_metadata=GOING_AWAY)
         except SnapshotTooLarge as exc:
             log.error("sidecar %r (%s): %s", sidecar_id, peer, exc)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

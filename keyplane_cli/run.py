@@ -21,7 +21,7 @@ from keyplane_cli.control_plane_flags import add_control_plane_flags, control_pl
 from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
-from keyplane_cli.shutdown_flags import Signals, add_sidecar_shutdown_flags
+from keyplane_cli.shutdown_flags import Signals, add_control_plane_drain_flags, add_sidecar_shutdown_flags
 from keyplane_cli.tls_flags import (
     add_client_tls_flags,
     add_server_tls_flags,
@@ -164,7 +164,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     from control_plane.config import ControlPlaneConfig, redact_url
     from control_plane.server import ControlPlane
 
-    stop = _stop_on_signals()
+    signals = Signals()
     health_policy = health_policy_from_args(args)
     intervals = aggregator_intervals_from_args(args)
     admin_token = (
@@ -193,6 +193,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             health_policy=health_policy,
             tls=server_tls_from_args(args),
             insecure_plaintext=args.insecure_plaintext,
+            drain_seconds=args.drain_seconds,
             **intervals,
             **control_plane_options_from_args(args),
         )
@@ -206,9 +207,10 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
     tune_gc()
     try:
-        await stop.wait()
+        await signals.stop.wait()
     finally:
-        await cp.stop()
+        # SIGTERM: NOT_SERVING and the drain window first; SIGINT: stop at once.
+        await cp.shutdown(None if signals.terminated else 0.0, hurry=signals.hurry)
     return 0
 
 
@@ -321,6 +323,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         "once it exists it replaces the single master key",
     )
     add_server_tls_flags(cp)
+    add_control_plane_drain_flags(cp)
     handlers["control-plane"] = _runner(_run_control_plane)
 
     sc = sub.add_parser("sidecar", help="run a sidecar next to an application")

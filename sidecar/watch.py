@@ -2,7 +2,9 @@
 
 Every message is applied to ``SidecarState``. When the stream breaks, the
 sidecar keeps serving its last-known-good state and reconnects with jittered
-exponential backoff, asking only for what it missed (``resume_version``).
+exponential backoff, asking only for what it missed (``resume_version``);
+at once when the control-plane replica said it is shutting down
+(``keyplane.going_away``).
 
 ``open_channel`` makes the sidecar's one channel (one TCP connection) to the
 control plane; ``Sidecar`` shares it, through a ``ChannelSource`` that re-opens
@@ -19,6 +21,7 @@ import random
 import grpc
 import grpc.aio
 
+from keyplane.going_away import is_going_away
 from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
 
 from .channel import ChannelSource, open_channel
@@ -72,6 +75,8 @@ class WatchClient:
         ) = None
         self._force_snapshot = False
         self._streams = 0
+        # The last stream ended because its control-plane replica shuts down (``keyplane.going_away``).
+        self._going_away = False
 
     @property
     def streams_opened(self) -> int:
@@ -105,8 +110,11 @@ class WatchClient:
         try:
             while not self._stopping.is_set():
                 stub = sidecar_service_pb2_grpc.SidecarServiceStub(source.current())
+                self._going_away = False
                 if await self._watch_once(stub):
                     self._backoff.reset()
+                    if self._going_away:
+                        continue  # at once: the channel already left that replica (GOAWAY)
                 if self._stopping.is_set():
                     break
                 delay = self._backoff.next_delay()
@@ -156,7 +164,11 @@ class WatchClient:
                 if not self._stopping.is_set():
                     _log.warning("the control plane ended the watch stream; reconnecting")
         except grpc.aio.AioRpcError as exc:
-            self._log_rpc_error(exc)
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and is_going_away(exc.trailing_metadata()):
+                self._going_away = True
+                _log.info("the control-plane replica is shutting down; reconnecting at once")
+            else:
+                self._log_rpc_error(exc)
         except asyncio.CancelledError:
             # Raised both when our task is cancelled (propagate) and when the call
             # was cancelled locally by ``stop`` or a resync (swallow).
