@@ -37,6 +37,7 @@ from keyplane import convert
 from keyplane.domain import ChangeRecord, HealthState, KeyHealth
 from keyplane.errors import NotFound
 from keyplane.health.machine import HealthBook, HealthChange, HealthPolicy, KeyScope, Outcome, ProviderScope, Verdict
+from keyplane.timefmt import until_text
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
 __all__ = ["AggregatorStats", "HealthAggregator", "ReportedOutcome"]
@@ -394,5 +395,5 @@ def _log_transition(tenant: str, change: HealthChange, now: float) -> None:
         if isinstance(scope, KeyScope)
         else f"provider {scope.provider.value} model {scope.model}"
     )
-    until = f" for {max(0.0, verdict.until - now):.0f}s" if verdict.until is not None else ""
+    until = f" until {until_text(verdict.until, now)}" if verdict.until is not None else ""
     log.info("tenant %s: %s is now %s%s (%s)", tenant, what, verdict.state.value, until, verdict.reason)

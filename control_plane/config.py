@@ -55,6 +55,9 @@ class ControlPlaneConfig:
     poll_interval: float | None = 5.0
     # Seconds in-flight calls get to finish on stop.
     shutdown_grace: float = 1.0
+    # ``ControlPlane.shutdown`` (SIGTERM): seconds of gRPC health NOT_SERVING while
+    # calls are still served, before watch streams are sent elsewhere and the server stops.
+    drain_seconds: float = 0.0
     # How outcome reports turn into key and provider health.
     health_policy: HealthPolicy = field(default_factory=HealthPolicy)
     # Evict idle health entries this often (seconds).
@@ -97,6 +100,8 @@ class ControlPlaneConfig:
             raise ValueError("admin_token must not be empty")
         if (self.master_key or self.master_keyring_file is None) and len(self.master_key) != 32:
             raise ValueError("master_key must be 32 bytes")
+        if not math.isfinite(self.drain_seconds) or self.drain_seconds < 0:
+            raise ValueError("drain_seconds must be a non-negative number of seconds")
         if not math.isfinite(self.master_keyring_check_interval) or self.master_keyring_check_interval < 0:
             raise ValueError("master_keyring_check_interval must be a non-negative number of seconds")
         frozen: dict[str, tuple[str, ...]] = {}

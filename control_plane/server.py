@@ -3,6 +3,7 @@ server with auth, admin and sidecar services, grpc health and reflection."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from grpc import aio
@@ -58,6 +59,7 @@ class ControlPlane:
         self._fleet: FleetTracker | None = None
         self._server: aio.Server | None = None
         self._health: AsyncHealthServicer | None = None
+        self._sidecar_service: SidecarService | None = None
         self._tls_reloader: CertificateReloader | None = None
         self._master_keys: MasterKeys | None = None
         self.port = 0
@@ -190,17 +192,15 @@ class ControlPlane:
                 ),
                 server,
             )
-            sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(
-                SidecarService(
-                    self._hub.cache,
-                    self._aggregator,
-                    fleet=self._fleet,
-                    catch_up=self._hub.catch_up,
-                    lag_wait=config.lag_wait,
-                    admission=WatchAdmission(config.watch_admit_rate, config.watch_admit_burst),
-                ),
-                server,
+            self._sidecar_service = SidecarService(
+                self._hub.cache,
+                self._aggregator,
+                fleet=self._fleet,
+                catch_up=self._hub.catch_up,
+                lag_wait=config.lag_wait,
+                admission=WatchAdmission(config.watch_admit_rate, config.watch_admit_burst),
             )
+            sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(self._sidecar_service, server)
             self._health = AsyncHealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
             reflection.enable_server_reflection((*_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -222,16 +222,45 @@ class ControlPlane:
         security = "plaintext" if config.tls is None else ("mTLS" if config.tls.mutual else "TLS")
         log.info("control plane serving %s on %s (version %d)", security, self.address, self._hub.version)
 
+    async def shutdown(self, drain: float | None = None, *, hurry: asyncio.Event | None = None) -> None:
+        """Graceful shutdown (SIGTERM): gRPC health NOT_SERVING at once while every call
+        is still served for ``drain`` seconds (default ``config.drain_seconds``; ``hurry``
+        ends it early), so load balancers and probes move traffic away; then ``stop``."""
+        drain = self.config.drain_seconds if drain is None else drain
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if drain > 0 and self._server is not None:
+            log.info("draining: gRPC health NOT_SERVING, still serving calls for %.1fs", drain)
+            if hurry is None:
+                await asyncio.sleep(drain)
+            else:
+                try:
+                    await asyncio.wait_for(hurry.wait(), drain)
+                except TimeoutError:
+                    pass
+        await self.stop()
+
     async def stop(self, grace: float | None = None) -> None:
-        """End the watch streams, let other calls finish for ``grace`` seconds
-        (default ``config.shutdown_grace``), then close the store."""
+        """Refuse new connections and calls, end the watch streams with "reconnect
+        elsewhere" (``keyplane.going_away``), let other calls finish for ``grace``
+        seconds (default ``config.shutdown_grace``), then close the store."""
         grace = self.config.shutdown_grace if grace is None else grace
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        stopping: asyncio.Task[None] | None = None
+        if self._server is not None:
+            # First the listener closes and connections get GOAWAY, so that the sidecars
+            # whose streams end next open their new streams on another replica.
+            stopping = asyncio.create_task(self._server.stop(grace), name="keyplane-grpc-stop")
+            await asyncio.sleep(0)
+        if self._sidecar_service is not None:
+            self._sidecar_service.going_away = True
+            if watchers := self._watchers():
+                log.info("ending %d watch stream(s): their sidecars reconnect to another replica", watchers)
         if self._hub is not None:
             await self._hub.close()
-        if self._server is not None:
-            await self._server.stop(grace)
+        if stopping is not None:
+            await stopping
             self._server = None
         if self._prober is not None:
             await self._prober.close()
@@ -247,6 +276,10 @@ class ControlPlane:
             self._store = None
         self._hub = None
         self._health = None
+        self._sidecar_service = None
+
+    def _watchers(self) -> int:
+        return len(self._hub.cache.connected()) if self._hub is not None else 0
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

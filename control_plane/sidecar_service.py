@@ -43,6 +43,7 @@ from control_plane.status import status_for
 from control_plane.watch_admission import WatchAdmission
 from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
+from keyplane.going_away import GOING_AWAY, GOING_AWAY_DETAILS
 from keyplane.pushback import encode_retry_delay
 from keyplane.v1 import sidecar_service_pb2 as pb
 from keyplane.v1 import sidecar_service_pb2_grpc
@@ -73,6 +74,8 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         self._catch_up = catch_up
         self._lag_wait = lag_wait
         self._admission = admission
+        # Set by ``ControlPlane.stop`` before it ends the watch streams.
+        self.going_away = False
         # Converted success outcomes, reused across reports (see ``_validate_batch``).
         self._successes: dict[_SuccessKey, ReportedOutcome] = {}
 
@@ -139,6 +142,9 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
                 if fleet is not None and handle is not None:
                     fleet.sent(handle, response.version)
                 yield response
+            if self.going_away:
+                # This replica is shutting down: the sidecar reconnects at once (to another one).
+                await context.abort(grpc.StatusCode.UNAVAILABLE, GOING_AWAY_DETAILS, trailing_metadata=GOING_AWAY)
         except SnapshotTooLarge as exc:
             log.error("sidecar %r (%s): %s", sidecar_id, peer, exc)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
 from google.protobuf import field_mask_pb2
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
 from keyplane import convert
@@ -25,6 +22,19 @@ from keyplane.tls import ClientTls, TlsError, channel_credentials, channel_optio
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import admin_service_pb2_grpc as admin_grpc
 from keyplane.v1 import resources_pb2
+from keyplane_cli.output import add_output_flags, emit
+from keyplane_cli.tables import (
+    client_keys_table,
+    health_table,
+    key_row,
+    keys_table,
+    provider_name,
+    route_row,
+    routes_table,
+    sidecars_table,
+    table,
+    tenants_table,
+)
 from keyplane_cli.targets import split_azure_suffix
 from keyplane_cli.tls_flags import add_client_tls_flags, client_tls_from_args
 from keyplane_cli.wait import add_wait_flag, wait_after_write
@@ -35,21 +45,6 @@ SERVER_ENV = "KEYPLANE_SERVER"
 ADMIN_TOKEN_ENV = "KEYPLANE_ADMIN_TOKEN"
 DEFAULT_SERVER = "127.0.0.1:50051"
 RPC_TIMEOUT = 10.0
-
-
-def _provider_name(value: int) -> str:
-    provider = convert.provider_from_proto(value)
-    return provider.value if provider is not None else "?"
-
-
-def _status_name(value: int) -> str:
-    status = convert.key_status_from_proto(value)
-    return status.value if status is not None else "?"
-
-
-_HEALTH_FROM_PROTO = {
-    v: name.removeprefix("HEALTH_STATE_").lower() for name, v in resources_pb2.HealthState.items() if v != 0
-}
 
 
 class CliError(Exception):
@@ -172,37 +167,9 @@ def _read_secret(args: argparse.Namespace, stdin: TextIO) -> str:
     return getpass.getpass("provider secret: ").strip()
 
 
-def _key_row(key: resources_pb2.ProviderKey) -> str:
-    models = ",".join(key.allowed_models) or "*"
-    return (
-        f"{key.id}  {_provider_name(key.provider):<17} {key.label:<20} "
-        f"{_status_name(key.status):<8} w={key.weight:<3} ...{key.last4 or '????'} "
-        f"fp={key.fingerprint} models={models} {key.base_url} etag={key.etag}"
-    )
-
-
-def _azure_suffix(t: resources_pb2.RouteTarget) -> str:
-    if not t.api_version:
-        return ""
-    return f"?api-version={t.api_version}" + (f"&deployment={t.deployment}" if t.deployment else "")
-
-
-def _route_row(route: resources_pb2.Route) -> str:
-    targets = " ".join(
-        f"{_provider_name(t.provider)}:{t.upstream_model}@{t.priority}*{t.weight}"
-        + (("+" + ",".join(n for e in t.endpoints if (n := convert.endpoint_from_proto(e)))) if t.endpoints else "")
-        + (("=" + ",".join(t.node_urls)) if t.node_urls else "")
-        + _azure_suffix(t)
-        for t in route.targets
-    )
-    return f"{route.id}  {route.public_model:<24} -> {targets}  etag={route.etag}"
-
-
-def _emit(args: argparse.Namespace, message: Message, text: str, out: TextIO) -> None:
-    if args.json:
-        out.write(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2) + "\n")
-    else:
-        out.write(text + "\n")
+# The one output module and the table helpers, under the names the command modules import.
+_emit = emit
+_table = table
 
 
 def with_admin_client(args: argparse.Namespace, body: Callable[[AdminClient], int]) -> int:
@@ -236,7 +203,7 @@ def _dispatch(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin:
             _emit(args, resp, f"created tenant {resp.tenant.name}", out)
         elif action == "list":
             resp = client.call("ListTenants", admin_pb2.ListTenantsRequest())
-            _emit(args, resp, "\n".join(t.name for t in resp.tenants) or "(no tenants)", out)
+            _emit(args, resp, lambda: tenants_table(resp.tenants), out)
         elif action == "delete":
             resp = client.call("DeleteTenant", admin_pb2.DeleteTenantRequest(name=args.name))
             _emit(args, resp, f"deleted tenant {args.name}", out)
@@ -250,7 +217,7 @@ def _dispatch(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin:
         _health(args, client, out)
     elif group == "sidecars":
         resp = client.call("ListSidecars", admin_pb2.ListSidecarsRequest())
-        _emit(args, resp, _sidecars_table(resp.sidecars), out)
+        _emit(args, resp, sidecars_table(resp.sidecars), out)
     if getattr(args, "wait", None) is not None and client.last_response is not None:
         tenant = getattr(args, "tenant", None) or args.name
         return wait_after_write(args, client, tenant, getattr(client.last_response, "version", 0), out)
@@ -271,13 +238,13 @@ def _keys(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: Tex
             allowed_models=args.model or [],
         )
         resp = client.call("CreateProviderKey", req)
-        _emit(args, resp, "added " + _key_row(resp.key), out)
+        _emit(args, resp, "added " + key_row(resp.key), out)
     elif action == "list":
         resp = client.call("ListProviderKeys", admin_pb2.ListProviderKeysRequest(tenant=args.tenant))
-        _emit(args, resp, "\n".join(_key_row(k) for k in resp.keys) or "(no keys)", out)
+        _emit(args, resp, lambda: keys_table(resp.keys), out)
     elif action == "show":
         resp = client.call("GetProviderKey", admin_pb2.GetProviderKeyRequest(tenant=args.tenant, id=args.id))
-        _emit(args, resp, _key_row(resp.key), out)
+        _emit(args, resp, key_row(resp.key), out)
     elif action in ("enable", "disable", "revoke"):
         status = {"enable": KeyStatus.ACTIVE, "disable": KeyStatus.DISABLED, "revoke": KeyStatus.REVOKED}[action]
         update = admin_pb2.UpdateProviderKeyRequest(
@@ -288,14 +255,14 @@ def _keys(args: argparse.Namespace, client: AdminClient, out: TextIO, stdin: Tex
             etag=args.etag or "",
         )
         resp = client.call("UpdateProviderKey", update)
-        _emit(args, resp, f"{action}d " + _key_row(resp.key), out)
+        _emit(args, resp, f"{action}d " + key_row(resp.key), out)
     elif action == "rotate":
         secret = _read_secret(args, stdin)
         rotate = admin_pb2.UpdateProviderKeyRequest(
             tenant=args.tenant, id=args.id, new_secret=secret, etag=args.etag or ""
         )
         resp = client.call("UpdateProviderKey", rotate)
-        _emit(args, resp, "rotated " + _key_row(resp.key), out)
+        _emit(args, resp, "rotated " + key_row(resp.key), out)
     elif action == "delete":
         resp = client.call("DeleteProviderKey", admin_pb2.DeleteProviderKeyRequest(tenant=args.tenant, id=args.id))
         _emit(args, resp, f"deleted key {args.id}", out)
@@ -307,7 +274,7 @@ def _keyless_targets(client: AdminClient, tenant: str, targets: list[resources_p
     keys = client.call("ListProviderKeys", admin_pb2.ListProviderKeysRequest(tenant=tenant)).keys
     active = {k.provider for k in keys if k.status == resources_pb2.KEY_STATUS_ACTIVE}
     return [
-        f"{_provider_name(t.provider)}:{t.upstream_model}"
+        f"{provider_name(t.provider)}:{t.upstream_model}"
         for t in targets
         if t.provider not in active and not (t.provider == resources_pb2.PROVIDER_VLLM and t.node_urls)
     ]
@@ -335,14 +302,14 @@ def _routes(args: argparse.Namespace, client: AdminClient, out: TextIO) -> None:
     if action == "add":
         req = admin_pb2.CreateRouteRequest(tenant=args.tenant, public_model=args.model, targets=args.target)
         resp = client.call("CreateRoute", req)
-        _emit(args, resp, "added " + _route_row(resp.route), out)
+        _emit(args, resp, "added " + route_row(resp.route), out)
     elif action == "list":
         resp = client.call("ListRoutes", admin_pb2.ListRoutesRequest(tenant=args.tenant))
-        _emit(args, resp, "\n".join(_route_row(r) for r in resp.routes) or "(no routes)", out)
+        _emit(args, resp, lambda: routes_table(resp.routes), out)
     elif action == "set-targets":
         update = admin_pb2.UpdateRouteRequest(tenant=args.tenant, id=args.id, targets=args.target, etag=args.etag or "")
         resp = client.call("UpdateRoute", update)
-        _emit(args, resp, "updated " + _route_row(resp.route), out)
+        _emit(args, resp, "updated " + route_row(resp.route), out)
     elif action == "delete":
         resp = client.call("DeleteRoute", admin_pb2.DeleteRouteRequest(tenant=args.tenant, id=args.id))
         _emit(args, resp, f"deleted route {args.id}", out)
@@ -359,8 +326,7 @@ def _client_keys(args: argparse.Namespace, client: AdminClient, out: TextIO) -> 
         _emit(args, resp, text, out)
     elif action == "list":
         resp = client.call("ListClientKeys", admin_pb2.ListClientKeysRequest(tenant=args.tenant))
-        rows = [f"{c.id}  {c.label:<20} {c.prefix}..." for c in resp.client_keys]
-        _emit(args, resp, "\n".join(rows) or "(no client keys)", out)
+        _emit(args, resp, lambda: client_keys_table(resp.client_keys), out)
     elif action == "delete":
         resp = client.call("DeleteClientKey", admin_pb2.DeleteClientKeyRequest(tenant=args.tenant, id=args.id))
         _emit(args, resp, f"deleted client key {args.id}", out)
@@ -374,73 +340,6 @@ def _health(args: argparse.Namespace, client: AdminClient, out: TextIO) -> None:
         reset = admin_pb2.ResetKeyHealthRequest(tenant=args.tenant, key_id=args.key_id)
         resp = client.call("ResetKeyHealth", reset)
         _emit(args, resp, f"reset the health of key {args.key_id}", out)
-
-
-def _until(entry: resources_pb2.KeyHealth | resources_pb2.ProviderHealth, now: float) -> str:
-    """``2025-01-02 03:04:05 (in 12s)`` in local time, or ``-`` when it lasts until reset."""
-    if not entry.HasField("until"):
-        return "-"
-    until = entry.until.ToNanoseconds() / 1e9
-    local = datetime.fromtimestamp(until).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-    left = until - now
-    return f"{local} (in {left:.0f}s)" if left >= 0 else f"{local} (ended {-left:.0f}s ago)"
-
-
-def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in (header, *rows)]
-
-
-def health_table(resp: admin_pb2.GetHealthResponse, *, now: float) -> str:
-    """The human view of ``GetHealth``: key-wide and per-model key entries,
-    then per-(provider, model) entries; anything not listed is healthy."""
-    if not resp.key_health and not resp.provider_health:
-        return "all keys and providers are healthy"
-    lines: list[str] = []
-    if resp.key_health:
-        rows = [
-            (
-                h.key_id,
-                h.model or "(all models)",
-                _HEALTH_FROM_PROTO.get(h.state, "?"),
-                _until(h, now),
-                h.reason,
-            )
-            for h in resp.key_health
-        ]
-        lines += _table(("KEY", "MODEL", "STATE", "UNTIL", "REASON"), rows)
-    if resp.provider_health:
-        if lines:
-            lines.append("")
-        rows = [
-            (
-                _provider_name(h.provider),
-                h.model,
-                _HEALTH_FROM_PROTO.get(h.state, "?"),
-                _until(h, now),
-                h.reason,
-            )
-            for h in resp.provider_health
-        ]
-        lines += _table(("PROVIDER", "MODEL", "STATE", "UNTIL", "REASON"), rows)
-    lines.append("(keys and providers not listed are healthy)")
-    return "\n".join(lines)
-
-
-def _sidecars_table(sidecars: Sequence[admin_pb2.SidecarInfo]) -> str:
-    if not sidecars:
-        return "(no sidecars connected)"
-    rows = [
-        (
-            s.sidecar_id or "-",
-            "*" if s.all_tenants else ",".join(s.tenants),
-            s.peer,
-            datetime.fromtimestamp(s.connect_time.ToNanoseconds() / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-            str(s.version),
-        )
-        for s in sidecars
-    ]
-    return "\n".join(_table(("SIDECAR", "TENANTS", "PEER", "CONNECTED", "VERSION"), rows))
 
 
 def connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -461,7 +360,7 @@ def connection_flags(parser: argparse.ArgumentParser) -> None:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     connection_flags(parser)
-    parser.add_argument("--json", action="store_true", help="print the API response as JSON")
+    add_output_flags(parser)
 
 
 def _tenant(parser: argparse.ArgumentParser) -> None:

@@ -11,14 +11,12 @@ and an update mask naming only the changed fields.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-import yaml
 from google.protobuf import field_mask_pb2
 
 from keyplane import convert
@@ -40,6 +38,7 @@ from keyplane_cli.config_plan import (
     plan,
     target_text,
 )
+from keyplane_cli.output import add_output_flags, write_data
 from keyplane_cli.wait import add_wait_flag, wait_after_write
 
 __all__ = ["add_apply_commands"]
@@ -248,11 +247,8 @@ def _record(action: Action, state: str, token: str = "") -> dict[str, Any]:
 
 
 def _render(records: list[dict[str, Any]], output: str, out: TextIO, *, header: str) -> None:
-    if output == "json":
-        out.write(json.dumps({"actions": records}, indent=2) + "\n")
-        return
-    if output == "yaml":
-        out.write(yaml.safe_dump({"actions": records}, sort_keys=False))
+    if output != "table":
+        write_data(output, {"actions": records}, out)
         return
     if not records:
         out.write("no changes\n")
@@ -363,9 +359,7 @@ def add_apply_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         parser.add_argument(
             "--prune-tenants", action="store_true", help="also delete tenants the file does not name (and all they own)"
         )
-        parser.add_argument(
-            "-o", "--output", choices=("table", "json", "yaml"), default="table", help="plan output format"
-        )
+        add_output_flags(parser)
         if name == "apply":
             add_wait_flag(parser)
             parser.add_argument(

@@ -4,19 +4,17 @@ AdminService's ``ListAuditEvents`` (newest first, paged)."""
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-from google.protobuf.json_format import MessageToDict
-
 from keyplane import convert
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import resources_pb2
 from keyplane_cli.admin import AdminClient, CliError, _common, _table, with_admin_client
+from keyplane_cli.output import emit
 
 __all__ = ["add_audit_commands", "audit_table", "parse_time"]
 
@@ -91,13 +89,14 @@ def _list(args: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
         if not page.next_page_token or len(collected.events) >= args.limit:
             break
         request.page_token = page.next_page_token
-    if args.json:
-        out.write(json.dumps(MessageToDict(collected, preserving_proto_field_name=True), indent=2) + "\n")
-    else:
-        text = audit_table(list(collected.events))
+
+    def text() -> str:
+        shown = audit_table(list(collected.events))
         if collected.next_page_token:
-            text += f"\n(more events: raise --limit above {args.limit}, or narrow with --since/--until)"
-        out.write(text + "\n")
+            shown += f"\n(more events: raise --limit above {args.limit}, or narrow with --since/--until)"
+        return shown
+
+    emit(args, collected, text, out)
     return 0
 
 

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -93,7 +92,7 @@ def _current_entries(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     return [(legacy_key_id(key), key)]
 
 
-def add_key(args: argparse.Namespace, out: TextIO) -> str:
+def add_key(args: argparse.Namespace, out: TextIO, *, report: bool = True) -> str:
     path = keyring_path(args.keyring_file)
     entries = _current_entries(args)
     key_id = validate_key_id(args.id) if args.id else new_key_id()
@@ -101,9 +100,13 @@ def add_key(args: argparse.Namespace, out: TextIO) -> str:
         raise CliError(f"master key id {key_id!r} is already in {path}")
     bootstrapped = not path.exists() and entries
     write_keyring_file(path, [*entries, (key_id, os.urandom(32))])
-    if bootstrapped:
-        out.write(f"wrote {path} with the current master key as {entries[0][0]}\n")
-    out.write(f"added master key {key_id} to {path}; it seals new secrets once the control plane re-reads the file\n")
+    if report:
+        lines = [f"wrote {path} with the current master key as {entries[0][0]}"] if bootstrapped else []
+        lines.append(
+            f"added master key {key_id} to {path}; it seals new secrets once the control plane re-reads the file"
+        )
+        data = {"key_id": key_id, "keyring_file": str(path), "previous_key_ids": [e[0] for e in entries]}
+        _emit(args, data, "\n".join(lines), out)
     return key_id
 
 
@@ -136,7 +139,8 @@ def retire_key(args: argparse.Namespace, client: AdminClient, out: TextIO) -> No
             f"master key {args.key_id!r} still seals {used} secret(s); run 'keyplane master-key rewrap' first"
         )
     write_keyring_file(path, [(key_id, key) for key_id, key in entries if key_id != args.key_id])
-    out.write(f"retired master key {args.key_id} from {path}\n")
+    data = {"retired_key_id": args.key_id, "keyring_file": str(path)}
+    _emit(args, data, f"retired master key {args.key_id} from {path}", out)
 
 
 # rewrap: the control plane ----------------------------------------------------------
@@ -165,14 +169,12 @@ def rewrap(args: argparse.Namespace, client: AdminClient, out: TextIO, key_id: s
         token = resp.next_page_token
         if not token:
             break
-    if args.json:
-        out.write(json.dumps({"primary_key_id": primary, **totals}, indent=2) + "\n")
-    else:
-        out.write(
-            f"rewrapped {totals['rewrapped']} secret(s) under master key {primary} "
-            f"({totals['examined']} examined, {totals['already_current']} already under it, "
-            f"{totals['skipped_changed']} changed meanwhile, {totals['unreadable']} unreadable)\n"
-        )
+    text = (
+        f"rewrapped {totals['rewrapped']} secret(s) under master key {primary} "
+        f"({totals['examined']} examined, {totals['already_current']} already under it, "
+        f"{totals['skipped_changed']} changed meanwhile, {totals['unreadable']} unreadable)"
+    )
+    _emit(args, {"primary_key_id": primary, **totals}, text, out)
     if totals["unreadable"] or totals["skipped_changed"]:
         sys.stderr.write(
             "warning: some secrets were not rewrapped (see the control plane's log for unreadable ones); "
@@ -208,7 +210,8 @@ def run_master_key(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 return 0
             if args.action == "rewrap":
                 return rewrap(args, client, out, args.key_id or "")
-            key_id = add_key(args, out)  # rotate
+            # rotate: json/yaml print one document, the rewrap's (its primary_key_id is the new key)
+            key_id = add_key(args, out, report=args.output == "table")
             return rewrap(args, client, out, key_id)
 
         return with_admin_client(args, body)

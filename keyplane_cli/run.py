@@ -25,6 +25,7 @@ from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_fro
 from keyplane_cli.master_key import master_key_sources
 from keyplane_cli.panic_flags import add_panic_flags, panic_policy_from_args
 from keyplane_cli.recovery_probe_flags import add_recovery_probe_flags, recovery_probe_from_args
+from keyplane_cli.shutdown_flags import Signals, add_control_plane_drain_flags, add_sidecar_shutdown_flags
 from keyplane_cli.stability_flags import (
     add_stability_flags,
     add_watch_admission_flags,
@@ -177,7 +178,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     from control_plane.config import ControlPlaneConfig, redact_url
     from control_plane.server import ControlPlane
 
-    stop = _stop_on_signals()
+    signals = Signals()
     health_policy = health_policy_from_args(args)
     intervals = aggregator_intervals_from_args(args)
     admin_token = (
@@ -206,6 +207,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             health_policy=health_policy,
             tls=server_tls_from_args(args),
             insecure_plaintext=args.insecure_plaintext,
+            drain_seconds=args.drain_seconds,
             **intervals,
             **control_plane_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
@@ -222,9 +224,10 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
     print(f"keyplane control plane listening on port {cp.port} (store: {redact_url(args.store)})", flush=True)
     tune_gc()
     try:
-        await stop.wait()
+        await signals.stop.wait()
     finally:
-        await cp.stop()
+        # SIGTERM: NOT_SERVING and the drain window first; SIGINT: stop at once.
+        await cp.shutdown(None if signals.terminated else 0.0, hurry=signals.hurry)
     return 0
 
 
@@ -255,6 +258,8 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         control_plane_tls=client_tls_from_args(args),
         providers=tuple(args.provider or ()),
         **({"sidecar_id": args.sidecar_id} if args.sidecar_id else {}),
+        shutdown_delay=args.shutdown_delay,
+        shutdown_grace=args.shutdown_grace,
         **edge_options_from_args(args),
         **stability_options_from_args(args),
     )
@@ -271,7 +276,7 @@ def _served_provider(name: str) -> Provider:
 async def _run_sidecar(args: argparse.Namespace) -> int:
     from sidecar.server import Sidecar
 
-    stop = _stop_on_signals()
+    signals = Signals()
     health_policy = health_policy_from_args(args)
     if args.token_file:
         token = read_token_file(args.token_file)
@@ -294,9 +299,10 @@ async def _run_sidecar(args: argparse.Namespace) -> int:
     print(f"keyplane sidecar listening on http://{args.host}:{sc.port}/v1", flush=True)
     tune_gc()
     try:
-        await stop.wait()
+        await signals.stop.wait()
     finally:
-        await sc.stop()
+        # SIGTERM: the delay, then the grace (sidecar/shutdown.py); SIGINT: the grace only.
+        await sc.shutdown(None if signals.terminated else 0.0, hurry=signals.hurry)
     return 0
 
 
@@ -346,6 +352,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         "once it exists it replaces the single master key",
     )
     add_server_tls_flags(cp)
+    add_control_plane_drain_flags(cp)
     handlers["control-plane"] = _runner(_run_control_plane)
 
     sc = sub.add_parser("sidecar", help="run a sidecar next to an application")
@@ -425,6 +432,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     )
     add_edge_flags(sc)
     add_stability_flags(sc)
+    add_sidecar_shutdown_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
 

@@ -16,7 +16,7 @@ import re
 
 from . import errors
 
-__all__ = ["BROKEN_STREAM_EVENT", "ErrorEventWatch", "error_body", "from_openai", "missing_api_key"]
+__all__ = ["BROKEN_STREAM_EVENT", "CUT_STREAM_EVENT", "ErrorEventWatch", "error_body", "from_openai", "missing_api_key"]
 
 _TYPES: dict[int, str] = {
     400: "invalid_request_error",
@@ -65,6 +65,12 @@ def missing_api_key() -> errors.ErrorResponse:
 # A stream cut after its first byte, told like Anthropic's own mid-stream errors (the
 # blank lines first end any event the upstream left half-sent).
 BROKEN_STREAM_EVENT = b"\n\nevent: error\ndata: " + error_body("api_error", "The upstream stream broke off.") + b"\n\n"
+# A stream the sidecar's shutdown cut (``sidecar.shutdown``), in the same framing.
+CUT_STREAM_EVENT = (
+    b"\n\nevent: error\ndata: "
+    + error_body("overloaded_error", "The keyplane sidecar is shutting down; the stream was cut. Retry the request.")
+    + b"\n\n"
+)
 
 
 _ERROR_EVENT = b"event: error"

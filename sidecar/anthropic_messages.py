@@ -269,5 +269,6 @@ async def _answer(
         metrics=app.metrics,
         wall_clock=wall_clock,
         broken_event=anthropic_errors.BROKEN_STREAM_EVENT,
+        cut_event=anthropic_errors.CUT_STREAM_EVENT,
         watch=anthropic_errors.ErrorEventWatch() if result.streaming else None,
     )

@@ -36,6 +36,7 @@ from .proxy import AttemptRecord
 from .reporter import OutcomeReporter
 from .rescue import ProbeGate
 from .router import Attempt, Balancer
+from .shutdown import is_cut, shutting_down
 from .state import SidecarState
 from .upstream import UpstreamClient
 
@@ -78,6 +79,8 @@ class SidecarApp:
         self.access_log = access_log  # opt-in: one JSON line per chat request
         # Which key created each Responses API response: continuations stick to it.
         self.affinity = ResponseAffinity()
+        # Set when a shutdown began (``sidecar.shutdown``): /healthz answers 503 while requests are still served.
+        self.draining = False
         # Seconds a chat request runs before an app hang-up is watched for (``DisconnectWatch``).
         self.disconnect_watch_after = disconnect_watch_after
         # What a request does when no key can serve it (keyplane.health.panic), and
@@ -148,6 +151,10 @@ class SidecarApp:
                 status = await send_bytes(send, 200, self.metrics.render(), content_type=METRICS_CONTENT_TYPE.encode())
             else:
                 status = await send_error(send, errors.not_found(path))
+        except asyncio.CancelledError as exc:
+            if not is_cut(exc):
+                raise
+            status = await _answer_cut(send)
         finally:
             self._requests_count.get(endpoint, status_class(status)).inc()
 
@@ -199,7 +206,11 @@ class SidecarApp:
     async def _readyz(self, send: Send) -> int:
         restored = self.restored_version() if self.restored_version is not None else None
         code, body = probes.readiness(
-            self.state, age=self.snapshot_age(), max_snapshot_age=self.max_snapshot_age, restored_version=restored
+            self.state,
+            age=self.snapshot_age(),
+            max_snapshot_age=self.max_snapshot_age,
+            restored_version=restored,
+            draining=self.draining,
         )
         return await send_json(send, code, body)
 
@@ -214,6 +225,17 @@ class SidecarApp:
 
     def count_misconfigured(self, attempt: Attempt) -> None:
         self._attempts_count.get(attempt.target.provider.value, "config_error").inc()
+
+
+async def _answer_cut(send: Send) -> int:
+    """A request the shutdown cut: 503 when nothing was answered yet (else the answer just ends)."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    try:
+        return await send_error(send, shutting_down())
+    except RuntimeError:  # the answer had begun: the server closes the connection
+        return 503
 
 
 def _model_entry(model: str) -> dict[str, object]:

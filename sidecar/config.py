@@ -76,7 +76,11 @@ class SidecarConfig:
     # One JSON line per chat request (``sidecar.access_log``): "-" for stdout or a
     # file path to append to; None (the default): off.
     access_log: str | None = None
-    # How long stop() waits for in-flight requests before cancelling them.
+    # Graceful shutdown (sidecar/shutdown.py): on SIGTERM the sidecar keeps
+    # accepting for shutdown_delay seconds (/healthz answers 503 draining), then
+    # closes its listener and lets in-flight requests and streams run for up to
+    # shutdown_grace seconds before cutting them (a stream ends with an SSE error event).
+    shutdown_delay: float = 5.0
     shutdown_grace: float = 10.0
     # How this sidecar's own attempt outcomes turn into local key/provider health
     # (applied at once, before the control plane's verdicts come back).
@@ -146,6 +150,8 @@ class SidecarConfig:
             raise ValueError(f"snapshot_key_file is not a file: {self.snapshot_key_file}")
         if self.report_queue_size < 1 or self.report_batch_size < 1:
             raise ValueError("report_queue_size and report_batch_size must be at least 1")
+        if self.shutdown_delay < 0 or self.shutdown_grace < 0:
+            raise ValueError("shutdown_delay and shutdown_grace must not be negative")
         for name in (
             "upstream_connect_timeout",
             "upstream_read_timeout",

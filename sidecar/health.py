@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from keyplane.domain import HealthState, Provider
 from keyplane.health.classify import Classification
 from keyplane.health.machine import HealthBook, HealthChange, HealthPolicy, KeyScope, Outcome, ProviderScope, Verdict
+from keyplane.timefmt import until_text
 
 __all__ = ["TenantHealth"]
 
@@ -69,7 +70,7 @@ class TenantHealth:
         """Fold one of this sidecar's attempts in (``HealthBook.record``)."""
         changes = self.local.record(outcome, now, started=started)
         for change in changes:
-            _log_change(self.tenant, "local", change)
+            _log_change(self.tenant, "local", change, now)
         self._maybe_evict(now)
         return changes
 
@@ -158,7 +159,7 @@ class TenantHealth:
             self.pushed.evict(now)
 
 
-def _log_change(tenant: str, source: str, change: HealthChange) -> None:
+def _log_change(tenant: str, source: str, change: HealthChange, now: float) -> None:
     scope = change.scope
     verdict: Verdict = change.verdict
     if isinstance(scope, KeyScope):
@@ -166,7 +167,7 @@ def _log_change(tenant: str, source: str, change: HealthChange) -> None:
     else:
         what = f"provider {scope.provider.value} model {scope.model}"
     level = logging.INFO if verdict.state is HealthState.HEALTHY else logging.WARNING
-    until = f" until {verdict.until:.3f}" if verdict.until is not None else ""
+    until = f" until {until_text(verdict.until, now)}" if verdict.until is not None else ""
     _log.log(
         level,
         "%s health of tenant %s: %s -> %s%s (%s)",

@@ -28,8 +28,17 @@ def readiness(
     age: float | None,
     max_snapshot_age: float | None,
     restored_version: int | None = None,
+    draining: bool = False,
 ) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, JSON body) of ``/readyz``."""
+    """(HTTP status, JSON body) of ``/readyz``: not ready while the sidecar drains
+    before shutting down (``sidecar.shutdown``), though it still serves requests."""
+    if draining:
+        return 503, {
+            "status": "draining",
+            "reason": "the sidecar is shutting down",
+            "version": state.version,
+            "connected": state.connected,
+        }
     if not state.is_ready:
         return 503, {
             "status": "unavailable",

@@ -20,6 +20,7 @@ from . import errors
 from .asgi import Send
 from .metrics import SidecarMetrics
 from .proxy import AttemptRecord, UpstreamReply, classify_status, complete, describe
+from .shutdown import cut_stream_event, is_cut
 from .upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
 
 __all__ = ["AnswerBook", "StreamWatch", "relay", "upstream_headers"]
@@ -73,6 +74,7 @@ async def relay(
     typed_errors: bool = False,
     broken_event: bytes | None = None,
     watch: StreamWatch | None = None,
+    cut_event: bytes | None = None,
 ) -> int:
     """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status.
 
@@ -87,7 +89,9 @@ async def relay(
         if reply.streaming:
             # The failed attempts before it are reported now, not when the stream ends.
             book.flush()
-            return await _relay_stream(book, reply, extra, send, metrics, wall_clock, typed_errors, broken_event, watch)
+            return await _relay_stream(
+                book, reply, extra, send, metrics, wall_clock, typed_errors, broken_event, watch, cut_event
+            )
         head = reply.head
         await send(
             {
@@ -129,6 +133,7 @@ async def _relay_stream(
     typed_errors: bool,
     broken_event: bytes | None = None,
     watch: StreamWatch | None = None,
+    cut_event: bytes | None = None,
 ) -> int:
     """Pass a committed stream to the app chunk by chunk, then classify how it ended."""
     response = reply.response
@@ -162,6 +167,18 @@ async def _relay_stream(
                 if broken_event is None:
                     broken_event = _broken_event(typed_errors)
                 await send({"type": "http.response.body", "body": broken_event, "more_body": True})
+        except asyncio.CancelledError as exc:
+            if not is_cut(exc):
+                raise
+            # The sidecar's shutdown grace is over: end the stream with an error event, not silently
+            # (the upstream did nothing wrong; the attempt is recorded as its status says).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            _log.debug("request %s: stream cut by the sidecar's shutdown", book.request_id)
+            if response.content_type == "text/event-stream":
+                cut = cut_event if cut_event is not None else cut_stream_event(typed=typed_errors)
+                await send({"type": "http.response.body", "body": cut, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     finally:
         if ending is None:

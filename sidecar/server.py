@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import socket
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -31,6 +33,7 @@ from .edge_protocol import EdgeLimits, edge_protocol
 from .metrics import SidecarMetrics
 from .reporter import OutcomeReporter
 from .router import Balancer
+from .shutdown import CUT
 from .snapshot_file import SnapshotKey
 from .snapshot_keeper import SnapshotKeeper
 from .state import SidecarState
@@ -40,6 +43,10 @@ from .watch import WatchClient
 __all__ = ["Sidecar", "serve"]
 
 _log = logging.getLogger(__name__)
+
+# Seconds after the grace that uvicorn itself cancels what still runs (the cut
+# requests have that long to send their last event).
+_CUT_MARGIN = 2
 
 
 class _Server(uvicorn.Server):
@@ -182,7 +189,8 @@ class Sidecar:
                 server_header=False,
                 # Loopback listener: no X-Forwarded-* to honour (and no middleware per request).
                 proxy_headers=False,
-                timeout_graceful_shutdown=max(1, round(self.config.shutdown_grace)),
+                # A backstop only: ``stop`` cuts what still runs at the end of the grace itself.
+                timeout_graceful_shutdown=math.ceil(self.config.shutdown_grace) + _CUT_MARGIN,
             )
             self._server = _Server(uv_config)
             self._serve_task = asyncio.create_task(self._server.serve(sockets=[sock]), name="keyplane-sidecar-http")
@@ -207,8 +215,20 @@ class Sidecar:
         if self._serve_task is not None:
             await asyncio.shield(self._serve_task)
 
-    async def stop(self) -> None:
-        """Stop accepting requests, let in-flight ones finish (up to the grace), close all."""
+    async def shutdown(self, delay: float | None = None, *, hurry: asyncio.Event | None = None) -> None:
+        """Graceful shutdown (``sidecar.shutdown``): answer /healthz 503 ``draining`` while still
+        serving for ``delay`` seconds (default ``config.shutdown_delay``), then ``stop``.
+        ``hurry`` (a second signal) ends the delay early."""
+        delay = self.config.shutdown_delay if delay is None else delay
+        self.app.draining = True
+        if delay > 0 and self._serve_task is not None:
+            _log.info("shutting down: still serving for %.1fs (/healthz answers 503 draining)", delay)
+            await _wait_for(self._serve_task, hurry, delay)
+        await self.stop(hurry=hurry)
+
+    async def stop(self, *, hurry: asyncio.Event | None = None) -> None:
+        """Stop accepting connections, let in-flight requests finish for up to
+        ``config.shutdown_grace``, cut the rest (``sidecar.shutdown``), close all."""
         server, serve_task = self._server, self._serve_task
         watch_task, report_task = self._watch_task, self._report_task
         snapshot_task = self._snapshot_task
@@ -218,11 +238,9 @@ class Sidecar:
         self._channel = None
         try:
             if server is not None and serve_task is not None:
+                self.app.draining = True
                 server.should_exit = True
-                try:
-                    await serve_task
-                except Exception as exc:
-                    _log.error("HTTP server failed: %s", type(exc).__name__)
+                await self._finish_requests(server, serve_task, hurry)
         finally:
             try:
                 if self.watch is not None:
@@ -257,6 +275,25 @@ class Sidecar:
             await task
         except Exception as exc:
             _log.error("snapshot writer failed: %s", type(exc).__name__)
+
+    async def _finish_requests(
+        self, server: _Server, serve_task: asyncio.Task[None], hurry: asyncio.Event | None
+    ) -> None:
+        """Wait for the HTTP server to finish its requests within the grace (or until
+        ``hurry``); then cut what still runs: streams end with an SSE error event,
+        others get 503."""
+        grace = self.config.shutdown_grace
+        await _wait_for(serve_task, hurry, grace)
+        if not serve_task.done():
+            running = [task for task in server.server_state.tasks if not task.done()]
+            if running:
+                _log.warning("cutting %d request(s) still running after the %.1fs shutdown grace", len(running), grace)
+            for task in running:
+                task.cancel(msg=CUT)
+        try:
+            await serve_task
+        except Exception as exc:
+            _log.error("HTTP server failed: %s", type(exc).__name__)
 
     async def _stop_reporter(self, task: asyncio.Task[None] | None) -> None:
         """Flush queued outcomes over the live stream, best effort, within the flush timeout."""
@@ -306,6 +343,18 @@ def _snapshot_keeper(config: SidecarConfig, state: SidecarState) -> SnapshotKeep
     )
 
 
+async def _wait_for(task: asyncio.Task[None], hurry: asyncio.Event | None, timeout: float) -> None:  # noqa: ASYNC109
+    """Wait until ``task`` ends, ``hurry`` is set or ``timeout`` passes (``task`` runs on)."""
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.shield(task))]
+    if hurry is not None:
+        waits.append(asyncio.ensure_future(hurry.wait()))
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 async def _close_channel(channel: ChannelSource) -> None:
     try:
         await channel.close()
@@ -338,4 +387,7 @@ async def serve(config: SidecarConfig, *, handle_signals: bool = True) -> None:
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
-        await sidecar.stop()
+        if stop.is_set():
+            await sidecar.shutdown()
+        else:
+            await sidecar.stop()

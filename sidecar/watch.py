@@ -2,9 +2,10 @@
 
 Every message is applied to ``SidecarState``. When the stream breaks, the
 sidecar keeps serving its last-known-good state and reconnects: at once after a
-stream that was up, then with jittered exponential backoff (capped low, 1 s by
-default), asking only for what it missed (``resume_version``). A control plane
-shedding load says how long to wait (``keyplane.pushback``); that wait wins.
+stream that was up, or when the control-plane replica said it is shutting down
+(``keyplane.going_away``), then with jittered exponential backoff (capped low,
+1 s by default), asking only for what it missed (``resume_version``). A control
+plane shedding load says how long to wait (``keyplane.pushback``); that wait wins.
 Every applied message is also handed to ``on_applied`` (the snapshot keeper
 persists it off the request path).
 
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import grpc
 import grpc.aio
 
+from keyplane.going_away import is_going_away
 from keyplane.pushback import decode_retry_delay
 from keyplane.v1 import sidecar_service_pb2, sidecar_service_pb2_grpc
 
@@ -112,6 +114,8 @@ class WatchClient:
         # Each message is applied or rejected (and acknowledged) through these (sidecar/ack.py).
         self.gate = VersionGate(state, config.providers)
         self.acks = AckSender(config.sidecar_id, config.sidecar_token)
+        # The last stream ended because its control-plane replica shuts down (``keyplane.going_away``).
+        self._going_away = False
 
     @property
     def streams_opened(self) -> int:
@@ -147,8 +151,11 @@ class WatchClient:
             while not self._stopping.is_set():
                 stub = sidecar_service_pb2_grpc.SidecarServiceStub(source.current())
                 started = time.monotonic()
+                self._going_away = False
                 if await self._watch_once(stub):
                     self._backoff.reset(immediate=time.monotonic() - started >= _STABLE_STREAM)
+                    if self._going_away:
+                        continue  # at once: the channel already left that replica (GOAWAY)
                 if self._stopping.is_set():
                     break
                 delay = self._backoff.next_delay()
@@ -222,6 +229,9 @@ class WatchClient:
             if self._server_delay is not None:
                 self.pushbacks += 1
                 _log.info("the control plane is busy and asked for %.3fs before reconnecting", self._server_delay)
+            if exc.code() is grpc.StatusCode.UNAVAILABLE and is_going_away(exc.trailing_metadata()):
+                self._going_away = True
+                _log.info("the control-plane replica is shutting down; reconnecting at once")
             else:
                 self._log_rpc_error(exc)
         except asyncio.CancelledError:

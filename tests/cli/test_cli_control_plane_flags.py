@@ -75,3 +75,21 @@ def test_bad_environment_names_the_variable(env: dict[str, str], named: str) -> 
 def test_store_timeout_must_be_positive_in_the_config() -> None:
     with pytest.raises(ValueError, match="store_timeout"):
         ControlPlaneConfig(store_url="sqlite://", admin_token="a", master_key=b"k" * 32, store_timeout=0)
+
+
+def test_drain_seconds_flag() -> None:
+    assert parse(*CONTROL_PLANE).drain_seconds == 5.0
+    assert parse(*CONTROL_PLANE, "--drain-seconds", "0").drain_seconds == 0.0
+    assert parse(*CONTROL_PLANE, "--drain-seconds", "12.5").drain_seconds == 12.5
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "soon"])
+def test_bad_drain_seconds_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(*CONTROL_PLANE, "--drain-seconds", value)
+    assert "--drain-seconds" in capsys.readouterr().err
+
+
+def test_drain_seconds_must_not_be_negative_in_the_config() -> None:
+    with pytest.raises(ValueError, match="drain_seconds"):
+        ControlPlaneConfig(store_url="sqlite:///unused.db", admin_token="t", master_key=b"k" * 32, drain_seconds=-1)

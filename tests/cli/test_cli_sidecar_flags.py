@@ -114,3 +114,17 @@ def test_static_stability_flags_and_their_defaults(tmp_path: Path, monkeypatch: 
         sidecar_config_from_args(parse("--snapshot-file", "x", "--no-snapshot-file"), "tok", HealthPolicy())
     with pytest.raises(SystemExit):
         parse("--max-snapshot-age", "0")
+
+
+def test_shutdown_flags() -> None:
+    default = sidecar_config_from_args(parse(), "tok", HealthPolicy())
+    assert (default.shutdown_delay, default.shutdown_grace) == (5.0, 10.0)
+    config = sidecar_config_from_args(parse("--shutdown-delay=0", "--shutdown-grace=2.5"), "tok", HealthPolicy())
+    assert (config.shutdown_delay, config.shutdown_grace) == (0.0, 2.5)
+
+
+@pytest.mark.parametrize("flag", ["--shutdown-delay=-1", "--shutdown-grace=nan", "--shutdown-grace=soon"])
+def test_bad_shutdown_flags_are_refused(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(flag)
+    assert flag.split("=")[0] in capsys.readouterr().err

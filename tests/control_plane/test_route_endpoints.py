@@ -9,9 +9,10 @@ from grpc import aio
 
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
-from keyplane_cli.admin import _route_row, _target
+from keyplane_cli.admin import _target
 from keyplane_cli.config_file import _target as file_target
 from keyplane_cli.config_plan import target_text
+from keyplane_cli.tables import route_row as _route_row
 from tests.control_plane.conftest import ADMIN_MD, Harness
 
 EMBEDDINGS_AND_RESPONSES = [rpb.ENDPOINT_EMBEDDINGS, rpb.ENDPOINT_RESPONSES]

@@ -11,11 +11,11 @@ import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 from grpc import aio
 
+from keyplane.going_away import is_going_away
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from tests.control_plane.conftest import (
     ADMIN_MD,
-    EOF,
     SECRET,
     SIDECAR_ACME_MD,
     Harness,
@@ -232,6 +232,10 @@ async def test_stop_ends_watch_streams(make_harness: HarnessFactory) -> None:
     call = harness.watch()
     await next_message(call)
     stop = asyncio.create_task(harness.plane.stop(grace=5.0))
-    assert await asyncio.wait_for(call.read(), 2.0) is EOF
+    # The stream ends with "reconnect elsewhere" (keyplane.going_away), not a plain end.
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(call.read(), 2.0)
     await asyncio.wait_for(stop, 2.0)
-    assert await call.code() is grpc.StatusCode.OK
+    assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert is_going_away(ended.value.trailing_metadata())
+    assert "shutting down" in (ended.value.details() or "")

@@ -121,7 +121,7 @@ async def test_control_plane_and_sidecar_over_mtls(tmp_path: Path, upstream: Fak
         flags = ["--tls-ca", str(certs / "ca.crt"), "--tls-cert", str(certs / "client.crt")]
         flags += ["--tls-key", str(certs / "client.key"), "--tls-server-name", SERVER_NAME]
         listed = await cli(["tenants", "list", *flags], {**plain, "KEYPLANE_TLS_SERVER_NAME": "wrong.test"})
-        assert listed.code == 0 and listed.stdout.split() == ["acme"], listed.stderr
+        assert listed.code == 0 and listed.stdout.split() == ["TENANT", "acme"], listed.stderr
 
         sidecar = await start(
             [
