@@ -33,7 +33,7 @@ from .asgi import Receive, Scope, Send, send_error
 from .book import RequestBook
 from .endpoints import CHAT_COMPLETIONS, BodyKind, Endpoint, SseErrors, StreamKind
 from .model import Key, Target
-from .proxy import AttemptRecord, AttemptsFailed, describe, excluded_header
+from .proxy import AttemptRecord, AttemptsFailed, UpstreamReply, describe, excluded_header
 from .relay import relay
 from .request_json import RequestJsonError, parse_request_json
 from .rescue import ProbeGate, Rescue, Sending, serve
@@ -79,6 +79,7 @@ __all__ = [
     "ChatApp",
     "ClientGone",
     "DisconnectWatch",
+    "attempt",
     "authenticate",
     "chat",
     "forward",
@@ -413,33 +414,12 @@ async def _answer(
     send: Send,
     rescue: Callable[[], Rescue] | None = None,
 ) -> int:
-    """Run the attempts (``sidecar.rescue.serve``: the plan, then panic probes, waits or an
-    honest answer when no key could serve) and pass the answer (or the failure) to the app."""
-    health = ctx.health
+    """Run the attempts (``attempt``) and pass the answer (or the failure) to the app."""
     wall_clock = self.state.wall_clock
-
-    def blocked(attempt: Attempt) -> str | None:
-        if attempt.key is None:
-            return None
-        return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
-
-    result = await serve(
-        self.upstream,
-        plan,
-        body_for,
-        headers,
-        stream=how.stream,
-        deadline=deadline,
-        observer=ctx,
-        blocked=blocked,
-        excluded=ctx.excluded,
-        wall_clock=wall_clock,
-        rescue=rescue,
-        sending=Sending(how.endpoint.upstream_path, how.content_type),
+    sending = Sending(how.endpoint.upstream_path, how.content_type)
+    result = await attempt(
+        self, ctx, plan, body_for, headers, stream=how.stream, deadline=deadline, sending=sending, rescue=rescue
     )
-    ctx.excluded = dict(result.excluded)
-    if ctx.access is not None:
-        ctx.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
     if isinstance(result, AttemptsFailed):
         _log.warning(
             "request %s for %s failed after %d attempt(s); excluded %s",
@@ -464,6 +444,49 @@ async def _answer(
     own = ctx.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target)
     typed = how.endpoint.sse_errors is SseErrors.TYPED
     return await relay(ctx, result, own, send, metrics=self.metrics, wall_clock=wall_clock, typed_errors=typed)
+
+
+async def attempt(
+    self: ChatApp,
+    ctx: RequestBook,
+    plan: list[Attempt],
+    body_for: Callable[[str], RequestBody],
+    headers: dict[str, str],
+    *,
+    stream: bool,
+    deadline: float,
+    sending: Sending,
+    rescue: Callable[[], Rescue] | None,
+) -> UpstreamReply | AttemptsFailed:
+    """The attempts of one request, whatever its endpoint: ``sidecar.rescue.serve`` (the
+    plan, then panic probes, waits or an honest answer when no key could serve), with
+    the request's book brought up to date."""
+    health = ctx.health
+    wall_clock = self.state.wall_clock
+
+    def blocked(attempt: Attempt) -> str | None:
+        if attempt.key is None:
+            return None
+        return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
+
+    result = await serve(
+        self.upstream,
+        plan,
+        body_for,
+        headers,
+        stream=stream,
+        deadline=deadline,
+        observer=ctx,
+        blocked=blocked,
+        excluded=ctx.excluded,
+        wall_clock=wall_clock,
+        rescue=rescue,
+        sending=sending,
+    )
+    ctx.excluded = dict(result.excluded)
+    if ctx.access is not None:
+        ctx.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
+    return result
 
 
 class _How:
