@@ -35,7 +35,8 @@ from . import anthropic_errors, errors
 from .access_log import AccessEntry
 from .asgi import Receive, Scope, Send, send_error
 from .book import RequestBook
-from .chat import ChatApp, ClientGone, DisconnectWatch, attempt, read_body, request_id_for
+from .chat import ClientGone, DisconnectWatch, attempt, read_body, request_id_for
+from .chat_app import ChatApp
 from .endpoints import MESSAGES
 from .model import Key, Route, Target
 from .proxy import AttemptsFailed, excluded_header

@@ -19,7 +19,7 @@ from .router import Attempt
 
 if TYPE_CHECKING:
     from .access_log import AccessEntry
-    from .chat import ChatApp
+    from .chat_app import ChatApp
 
 __all__ = [
     "ATTEMPTS_HEADER",

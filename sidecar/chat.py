@@ -24,56 +24,24 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from . import errors
 from .access_log import AccessEntry
-from .affinity import ResponseAffinity, Sticky, previous_response
+from .affinity import Sticky, previous_response
 from .asgi import Receive, Scope, Send, send_error
 from .book import RequestBook
+from .chat_app import ChatApp
 from .endpoints import CHAT_COMPLETIONS, BodyKind, Endpoint, SseErrors, StreamKind
 from .model import Key, Target
-from .proxy import AttemptRecord, AttemptsFailed, UpstreamReply, describe, excluded_header
+from .proxy import AttemptsFailed, UpstreamReply, describe, excluded_header
 from .relay import relay
 from .request_json import RequestJsonError, parse_request_json
-from .rescue import ProbeGate, Rescue, Sending, serve
+from .rescue import Rescue, Sending, serve
 from .rescue_plan import APP_TIMEOUT_HEADER, rescue_for
 from .router import Attempt, plan_attempts
 from .upload import content_type_of, read_upload
 from .upstream import FORWARDED_REQUEST_HEADERS, JSON_TYPE, RequestBody
-
-if TYPE_CHECKING:
-    from keyplane.health.panic import PanicPolicy
-
-    from .metrics import SidecarMetrics
-    from .reporter import OutcomeReporter
-    from .router import Balancer
-    from .state import SidecarState
-    from .upstream import UpstreamClient
-
-
-class ChatApp(Protocol):
-    """What the chat handler needs of the app that calls it (``SidecarApp``):
-    the handler is called by the edge and never imports it."""
-
-    state: SidecarState
-    upstream: UpstreamClient
-    metrics: SidecarMetrics
-    balancer: Balancer
-    max_body_bytes: int
-    max_attempts: int
-    request_timeout: float
-    reporter: OutcomeReporter | None
-    disconnect_watch_after: float
-    # Which key created each Responses API response (``sidecar.affinity``).
-    affinity: ResponseAffinity
-    panic_policy: PanicPolicy
-    probes: ProbeGate
-
-    def count_attempt(self, record: AttemptRecord) -> None: ...
-
-    def count_misconfigured(self, attempt: Attempt) -> None: ...
-
 
 __all__ = [
     "ChatApp",
