@@ -35,6 +35,8 @@ import grpc
 from grpc import aio
 
 from control_plane import validation as v
+from control_plane.affinity import Affinity
+from control_plane.affinity_rpc import AffinityRpcs
 from control_plane.aggregator import HealthAggregator, ReportedOutcome
 from control_plane.auth import SidecarScope, current_sidecar_scope
 from control_plane.fleet import FleetTracker
@@ -56,7 +58,7 @@ _MAX_SIDECAR_ID = 256
 _MAX_ERROR_DETAIL = 1024
 
 
-class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
+class SidecarService(AffinityRpcs, sidecar_service_pb2_grpc.SidecarServiceServicer):
     def __init__(
         self,
         cache: SnapshotCache,
@@ -66,8 +68,10 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         catch_up: Callable[[], Awaitable[int]] | None = None,
         lag_wait: float = 5.0,
         admission: WatchAdmission | None = None,
+        affinity: Affinity | None = None,
     ) -> None:
         self._cache = cache
+        self._affinity = affinity  # GetOrCreateBinding, RefreshBindings (control_plane.affinity_rpc)
         self._health = health
         self._fleet = fleet
         # Reads the store's change log into the cache (SnapshotHub.catch_up).
