@@ -22,6 +22,7 @@ from control_plane.decode_guard import DecodeGuardInterceptor
 from control_plane.fleet import FleetTracker
 from control_plane.hub import SnapshotHub
 from control_plane.node_admin import sync_all_nodes
+from control_plane.node_health import NodeHealthFolder
 from control_plane.recovery_probe import RecoveryProber
 from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
@@ -67,6 +68,7 @@ class ControlPlane:
         self._tls_reloader: CertificateReloader | None = None
         self._master_keys: MasterKeys | None = None
         self._affinity: Affinity | None = None
+        self._node_health: NodeHealthFolder | None = None
         self._sweeper: BindingSweeper | None = None
         self.port = 0
 
@@ -191,6 +193,7 @@ class ControlPlane:
                 batch=config.binding_sweep_batch,
             )
             self._sweeper.start()
+            self._node_health = NodeHealthFolder(store, self._hub, config.health_policy)
             server = aio.server(
                 interceptors=[
                     AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens, self._hub.tokens)),
@@ -230,6 +233,7 @@ class ControlPlane:
                 lag_wait=config.lag_wait,
                 admission=WatchAdmission(config.watch_admit_rate, config.watch_admit_burst),
                 affinity=self._affinity,
+                node_health=self._node_health,
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(self._sidecar_service, server)
             self._health = AsyncHealthServicer()
@@ -300,6 +304,9 @@ class ControlPlane:
             await self._sweeper.close()
             self._sweeper = None
         self._affinity = None
+        if self._node_health is not None:
+            self._node_health.close()
+            self._node_health = None
         if self._aggregator is not None:
             await self._aggregator.close()  # a last try at unpersisted health changes
             self._aggregator = None

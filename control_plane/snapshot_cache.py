@@ -391,6 +391,10 @@ class SnapshotCache:
             return None
         return [n for n in state.nodes.values() if n.route_id == route.id], state.node_health
 
+    def has_node(self, tenant: str, node_id: str) -> bool:
+        state = self._tenants.get(tenant)
+        return state is not None and node_id in state.nodes
+
     def has_client_key(self, tenant: str, client_key_id: str) -> bool:
         state = self._tenants.get(tenant)
         return state is not None and client_key_id in state.client_keys
