@@ -21,8 +21,8 @@ from grpc import aio
 from control_plane.binding_sweep import LEASE as SWEEP_LEASE
 from control_plane.server import ControlPlane
 from control_plane.store import PostgresStore
-from keyplane.affinity import BindingKey, NodeHealth
-from keyplane.domain import HealthState
+from keyplane.affinity import BindingKey, NodeHealth, node_id_for
+from keyplane.domain import HealthState, Provider, Route, RouteTarget
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import admin_service_pb2_grpc, sidecar_service_pb2_grpc
 from keyplane.v1 import resources_pb2 as rpb
@@ -420,3 +420,21 @@ async def test_no_log_line_above_debug_names_a_client_key_with_a_model(
         and pool.client_key_id in r.getMessage()
         and MODEL in r.getMessage().replace(pool.client_key_id, "")
     ] == []
+
+
+async def test_routes_written_before_nodes_existed_get_their_nodes_at_start(make_harness: HarnessFactory) -> None:
+    master_key = os.urandom(32)
+    first = await make_harness(master_key=master_key)
+    await first.tenant()
+    now = datetime.now(UTC)
+    target = RouteTarget(Provider.VLLM, "meta/llama-3", node_urls=("http://10.2.0.1:8000", "http://10.2.0.2:8000"))
+    # As an older release wrote it: the route row only, no node rows.
+    await first.plane.store.create_route(Route("rt_legacy", "acme", MODEL, (target,), now, now))
+    assert await first.plane.store.list_nodes("acme") == []
+    await first.plane.stop(grace=0)
+    again = await make_harness(master_key=master_key)
+    listed = await again.admin.ListNodes(apb.ListNodesRequest(tenant="acme"), metadata=ADMIN_MD)
+    assert sorted(n.id for n in listed.nodes) == sorted(node_id_for("rt_legacy", u) for u in target.node_urls)
+    assert all(n.from_route and n.state == rpb.NODE_STATE_ACTIVE for n in listed.nodes)
+    client_key_id = await new_client_key(again, "app")
+    assert (await bind(again, client_key_id)).result == CREATED
