@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 
 from control_plane.limits import TenantUsage
+from control_plane.tenant_nodes import TenantNodes
 from keyplane import convert
 from keyplane.domain import (
     ChangeOp,
@@ -87,6 +88,7 @@ class _TenantState:
     # Only entries that are not healthy, by change-log entity id.
     key_health: dict[str, resources_pb2.KeyHealth] = field(default_factory=dict)
     provider_health: dict[str, resources_pb2.ProviderHealth] = field(default_factory=dict)
+    nodes: TenantNodes = field(default_factory=TenantNodes)  # affinity
     cached: sidecar_service_pb2.TenantState | None = None
     cached_size: int = -1
 
@@ -106,6 +108,8 @@ class _TenantState:
                 client_keys=list(self.client_keys.values()),
                 key_health=[self.key_health[k] for k in sorted(self.key_health)],
                 provider_health=[self.provider_health[k] for k in sorted(self.provider_health)],
+                nodes=list(self.nodes.nodes.values()),
+                node_health=self.nodes.sorted_health(),
             )
         return self.cached
 
@@ -275,6 +279,8 @@ class TenantContents:
     client_keys: tuple[sidecar_service_pb2.SidecarClientKey, ...] = ()
     key_health: tuple[resources_pb2.KeyHealth, ...] = ()
     provider_health: tuple[resources_pb2.ProviderHealth, ...] = ()
+    nodes: tuple[resources_pb2.Node, ...] = ()
+    node_health: tuple[resources_pb2.NodeHealth, ...] = ()
 
     def to_state(self) -> _TenantState:
         state = _TenantState()
@@ -285,6 +291,10 @@ class TenantContents:
             state.put_key_health(key_health)
         for provider_health in self.provider_health:
             state.put_provider_health(provider_health)
+        for node in self.nodes:
+            state.nodes.put(node)
+        for node_health in self.node_health:
+            state.nodes.put_health(node_health)
         return state
 
 
@@ -346,6 +356,26 @@ class SnapshotCache:
             [state.key_health[k] for k in sorted(state.key_health)],
             [state.provider_health[k] for k in sorted(state.provider_health)],
         )
+
+    def route_nodes(
+        self, tenant: str, public_model: str
+    ) -> tuple[list[resources_pb2.Node], dict[str, resources_pb2.NodeHealth]] | None:
+        """Affinity: the ACTIVE and DRAINING nodes of the tenant's route for
+        ``public_model`` and the non-healthy health of the tenant's nodes;
+        None when the tenant has no such route."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return None
+        route = next((r for r in state.routes.values() if r.public_model == public_model), None)
+        return None if route is None else (state.nodes.of_route(route.id), state.nodes.health)
+
+    def has_node(self, tenant: str, node_id: str) -> bool:
+        state = self._tenants.get(tenant)
+        return state is not None and node_id in state.nodes.nodes
+
+    def has_client_key(self, tenant: str, client_key_id: str) -> bool:
+        state = self._tenants.get(tenant)
+        return state is not None and client_key_id in state.client_keys
 
     def usage(self, tenant: str) -> TenantUsage:
         """What the tenant holds as sent to sidecars (all zero for an unknown tenant)."""
@@ -422,6 +452,7 @@ class SnapshotCache:
                 state.routes[change.route_put.id] = change.route_put
             elif which == "route_deleted":
                 state.routes.pop(change.route_deleted, None)
+                state.nodes.drop_route(change.route_deleted)
             elif which == "client_key_put":
                 state.client_keys[change.client_key_put.id] = change.client_key_put
             elif which == "client_key_deleted":
@@ -430,6 +461,10 @@ class SnapshotCache:
                 state.put_key_health(change.key_health)
             elif which == "provider_health":
                 state.put_provider_health(change.provider_health)
+            elif which == "node_put":
+                state.nodes.put(change.node_put)
+            elif which == "node_health":
+                state.nodes.put_health(change.node_health)
         self._publish(change)
         for listener in list(self._listeners):
             try:
