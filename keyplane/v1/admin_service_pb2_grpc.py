@@ -191,6 +191,41 @@ class AdminServiceStub:
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsResponse.FromString,
                 _registered_method=True)
+        self.AddNode = channel.unary_unary(
+                '/keyplane.v1.AdminService/AddNode',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.AddNodeRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.AddNodeResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/keyplane.v1.AdminService/DrainNode',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/keyplane.v1.AdminService/RemoveNode',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/keyplane.v1.AdminService/ListNodes',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
+        self.ListBindings = channel.unary_unary(
+                '/keyplane.v1.AdminService/ListBindings',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListBindingsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListBindingsResponse.FromString,
+                _registered_method=True)
+        self.DeleteBindings = channel.unary_unary(
+                '/keyplane.v1.AdminService/DeleteBindings',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.DeleteBindingsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.DeleteBindingsResponse.FromString,
+                _registered_method=True)
+        self.GetBindingStats = channel.unary_unary(
+                '/keyplane.v1.AdminService/GetBindingStats',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -411,6 +446,57 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddNode(self, request, context):
+        """Nodes of vllm targets (see Node). AddNode is idempotent for a URL the
+        route already has (it returns that node; a REMOVED one becomes ACTIVE
+        again). DrainNode: the node keeps its bindings until they expire but
+        takes no new ones. RemoveNode: the node serves nothing and each of its
+        bindings moves to another healthy ACTIVE node of the route (or is
+        deleted when there is none). Every change reaches the tenant's sidecars
+        over Watch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBindings(self, request, context):
+        """Affinity bindings (see Binding): list (every filter set must match) and
+        delete, and the counters of what affinity did.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBindings(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBindingStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -568,6 +654,41 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RewrapSecrets,
                     request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsResponse.SerializeToString,
+            ),
+            'AddNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddNode,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.AddNodeRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.AddNodeResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.DrainNodeRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListNodesRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'ListBindings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBindings,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListBindingsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListBindingsResponse.SerializeToString,
+            ),
+            'DeleteBindings': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBindings,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.DeleteBindingsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.DeleteBindingsResponse.SerializeToString,
+            ),
+            'GetBindingStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBindingStats,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1409,6 +1530,195 @@ class AdminService:
             '/keyplane.v1.AdminService/RewrapSecrets',
             keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsRequest.SerializeToString,
             keyplane_dot_v1_dot_admin__service__pb2.RewrapSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/AddNode',
+            keyplane_dot_v1_dot_admin__service__pb2.AddNodeRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.AddNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/DrainNode',
+            keyplane_dot_v1_dot_admin__service__pb2.DrainNodeRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/RemoveNode',
+            keyplane_dot_v1_dot_admin__service__pb2.RemoveNodeRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ListNodes',
+            keyplane_dot_v1_dot_admin__service__pb2.ListNodesRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBindings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ListBindings',
+            keyplane_dot_v1_dot_admin__service__pb2.ListBindingsRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.ListBindingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBindings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/DeleteBindings',
+            keyplane_dot_v1_dot_admin__service__pb2.DeleteBindingsRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.DeleteBindingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBindingStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/GetBindingStats',
+            keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -100,6 +100,24 @@ class AdminServiceStub:
     a bounded number of batches per call; call again with next_page_token
     until done. Running it again from the start is always safe.
     """
+    AddNode: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.AddNodeRequest, _admin_service_pb2.AddNodeResponse]
+    """Nodes of vllm targets (see Node). AddNode is idempotent for a URL the
+    route already has (it returns that node; a REMOVED one becomes ACTIVE
+    again). DrainNode: the node keeps its bindings until they expire but
+    takes no new ones. RemoveNode: the node serves nothing and each of its
+    bindings moves to another healthy ACTIVE node of the route (or is
+    deleted when there is none). Every change reaches the tenant's sidecars
+    over Watch.
+    """
+    DrainNode: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DrainNodeRequest, _admin_service_pb2.DrainNodeResponse]
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveNodeRequest, _admin_service_pb2.RemoveNodeResponse]
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListNodesRequest, _admin_service_pb2.ListNodesResponse]
+    ListBindings: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListBindingsRequest, _admin_service_pb2.ListBindingsResponse]
+    """Affinity bindings (see Binding): list (every filter set must match) and
+    delete, and the counters of what affinity did.
+    """
+    DeleteBindings: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteBindingsRequest, _admin_service_pb2.DeleteBindingsResponse]
+    GetBindingStats: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetBindingStatsRequest, _admin_service_pb2.GetBindingStatsResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -173,6 +191,24 @@ class AdminServiceAsyncStub(AdminServiceStub):
     a bounded number of batches per call; call again with next_page_token
     until done. Running it again from the start is always safe.
     """
+    AddNode: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.AddNodeRequest, _admin_service_pb2.AddNodeResponse]  # type: ignore[assignment]
+    """Nodes of vllm targets (see Node). AddNode is idempotent for a URL the
+    route already has (it returns that node; a REMOVED one becomes ACTIVE
+    again). DrainNode: the node keeps its bindings until they expire but
+    takes no new ones. RemoveNode: the node serves nothing and each of its
+    bindings moves to another healthy ACTIVE node of the route (or is
+    deleted when there is none). Every change reaches the tenant's sidecars
+    over Watch.
+    """
+    DrainNode: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DrainNodeRequest, _admin_service_pb2.DrainNodeResponse]  # type: ignore[assignment]
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.RemoveNodeRequest, _admin_service_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    ListNodes: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListNodesRequest, _admin_service_pb2.ListNodesResponse]  # type: ignore[assignment]
+    ListBindings: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListBindingsRequest, _admin_service_pb2.ListBindingsResponse]  # type: ignore[assignment]
+    """Affinity bindings (see Binding): list (every filter set must match) and
+    delete, and the counters of what affinity did.
+    """
+    DeleteBindings: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteBindingsRequest, _admin_service_pb2.DeleteBindingsResponse]  # type: ignore[assignment]
+    GetBindingStats: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetBindingStatsRequest, _admin_service_pb2.GetBindingStatsResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages tenants, provider keys, routes and client keys.
@@ -429,5 +465,65 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         a bounded number of batches per call; call again with next_page_token
         until done. Running it again from the start is always safe.
         """
+
+    @_abc_1.abstractmethod
+    def AddNode(
+        self,
+        request: _admin_service_pb2.AddNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.AddNodeResponse, _abc.Awaitable[_admin_service_pb2.AddNodeResponse]]:
+        """Nodes of vllm targets (see Node). AddNode is idempotent for a URL the
+        route already has (it returns that node; a REMOVED one becomes ACTIVE
+        again). DrainNode: the node keeps its bindings until they expire but
+        takes no new ones. RemoveNode: the node serves nothing and each of its
+        bindings moves to another healthy ACTIVE node of the route (or is
+        deleted when there is none). Every change reaches the tenant's sidecars
+        over Watch.
+        """
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _admin_service_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.DrainNodeResponse, _abc.Awaitable[_admin_service_pb2.DrainNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _admin_service_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.RemoveNodeResponse, _abc.Awaitable[_admin_service_pb2.RemoveNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _admin_service_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListNodesResponse, _abc.Awaitable[_admin_service_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListBindings(
+        self,
+        request: _admin_service_pb2.ListBindingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListBindingsResponse, _abc.Awaitable[_admin_service_pb2.ListBindingsResponse]]:
+        """Affinity bindings (see Binding): list (every filter set must match) and
+        delete, and the counters of what affinity did.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteBindings(
+        self,
+        request: _admin_service_pb2.DeleteBindingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.DeleteBindingsResponse, _abc.Awaitable[_admin_service_pb2.DeleteBindingsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetBindingStats(
+        self,
+        request: _admin_service_pb2.GetBindingStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.GetBindingStatsResponse, _abc.Awaitable[_admin_service_pb2.GetBindingStatsResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -178,6 +178,40 @@ a success restores it, a failure extends the bench (growing, capped).
 """
 Global___HealthState: _TypeAlias = HealthState  # noqa: Y015
 
+class _NodeState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NODE_STATE_UNSPECIFIED: _NodeState.ValueType  # 0
+    NODE_STATE_ACTIVE: _NodeState.ValueType  # 1
+    """Serves requests and takes new affinity bindings."""
+    NODE_STATE_DRAINING: _NodeState.ValueType  # 2
+    """Keeps the bindings it has until they expire (refreshes do not extend
+    them) but takes no new ones; sidecars send it no unbound traffic.
+    """
+    NODE_STATE_REMOVED: _NodeState.ValueType  # 3
+    """Serves nothing; its bindings were moved to other nodes. Kept as a
+    tombstone so the node_urls entry it came from stays removed.
+    """
+
+class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper):
+    """NodeState is the admin-set lifecycle state of a self-hosted node."""
+
+NODE_STATE_UNSPECIFIED: NodeState.ValueType  # 0
+NODE_STATE_ACTIVE: NodeState.ValueType  # 1
+"""Serves requests and takes new affinity bindings."""
+NODE_STATE_DRAINING: NodeState.ValueType  # 2
+"""Keeps the bindings it has until they expire (refreshes do not extend
+them) but takes no new ones; sidecars send it no unbound traffic.
+"""
+NODE_STATE_REMOVED: NodeState.ValueType  # 3
+"""Serves nothing; its bindings were moved to other nodes. Kept as a
+tombstone so the node_urls entry it came from stays removed.
+"""
+Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
+
 @_typing.final
 class Tenant(_message.Message):
     """Tenant is an isolation boundary; every other object belongs to one."""
@@ -675,3 +709,178 @@ class SidecarToken(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SidecarToken: _TypeAlias = SidecarToken  # noqa: Y015
+
+@_typing.final
+class Node(_message.Message):
+    """Node is one self-hosted inference server (a vLLM node) of a route's vllm
+    target. Every URL in a vllm target's node_urls is a node with a stable id
+    derived from (route id, URL): "nd_" + the first 24 hex characters of
+    SHA-256("<route_id>\\n<url>"), so the same URL of the same route always has
+    the same id on every replica. AddNode adds nodes the same way.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    ROUTE_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    UPSTREAM_MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    FROM_ROUTE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """"nd_" + 24 hex characters, derived from (route_id, url)."""
+    tenant: _builtins.str
+    route_id: _builtins.str
+    """The route whose vllm target the node serves."""
+    url: _builtins.str
+    """The node's base URL, e.g. "http://10.0.0.7:8000" (no trailing slash)."""
+    upstream_model: _builtins.str
+    """The upstream model of the vllm target it belongs to (the target's
+    upstream_model); the sidecar sends the node that target's requests.
+    """
+    state: Global___NodeState.ValueType
+    from_route: _builtins.bool
+    """True when the node comes from a target's node_urls (a route update that
+    drops the URL removes the node); false when added by AddNode.
+    """
+    etag: _builtins.str
+    """Opaque version of this object (AIP-154): send it back to make a drain or
+    remove fail with ABORTED when the node changed since it was read.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def health(self) -> Global___NodeHealth:
+        """Learnt health (HEALTHY when nothing is known); admin responses only."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        route_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        upstream_model: _builtins.str = ...,
+        state: Global___NodeState.ValueType = ...,
+        from_route: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+        health: Global___NodeHealth | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "health", b"health", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "etag", b"etag", "from_route", b"from_route", "health", b"health", "id", b"id", "route_id", b"route_id", "state", b"state", "tenant", b"tenant", "update_time", b"update_time", "upstream_model", b"upstream_model", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Node: _TypeAlias = Node  # noqa: Y015
+
+@_typing.final
+class NodeHealth(_message.Message):
+    """NodeHealth is the learnt health of one node, folded from the outcomes
+    sidecars report with the node's id (like key health): a node that fails is
+    demoted for every sidecar of the tenant. States used: HEALTHY, COOLDOWN
+    (until `until`, then one probe is let through) and UNHEALTHY.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    state: Global___HealthState.ValueType
+    reason: _builtins.str
+    """Short and secret-free, e.g. "503 upstream_error"."""
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        state: Global___HealthState.ValueType = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["until", b"until", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "reason", b"reason", "state", b"state", "until", b"until", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeHealth: _TypeAlias = NodeHealth  # noqa: Y015
+
+@_typing.final
+class Binding(_message.Message):
+    """Binding pins (tenant, client key, public model) to one node so a client's
+    requests for a model reuse the node's prefix/KV cache. Owned by the control
+    plane; a binding lives until expire_time, pushed back by RefreshBindings
+    after successful requests. Never logged with both client_key_id and
+    public_model above debug level.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    CLIENT_KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_MODEL_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NODE_URL_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    MOVES_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    client_key_id: _builtins.str
+    public_model: _builtins.str
+    """The model the app asked for (the route's public_model)."""
+    node_id: _builtins.str
+    node_url: _builtins.str
+    """The node's URL at the time the binding was read (convenience: the
+    sidecar's snapshot has the node too).
+    """
+    moves: _builtins.int
+    """How many times the binding moved to another node (health, drain,
+    removal, or a sidecar excluding its node).
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last created, moved or refreshed."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        client_key_id: _builtins.str = ...,
+        public_model: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        node_url: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        moves: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key_id", b"client_key_id", "create_time", b"create_time", "expire_time", b"expire_time", "moves", b"moves", "node_id", b"node_id", "node_url", b"node_url", "public_model", b"public_model", "tenant", b"tenant", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Binding: _TypeAlias = Binding  # noqa: Y015

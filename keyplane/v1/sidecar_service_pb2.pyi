@@ -22,6 +22,32 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _BindingResult:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BindingResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BindingResult.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BINDING_RESULT_UNSPECIFIED: _BindingResult.ValueType  # 0
+    BINDING_RESULT_HIT: _BindingResult.ValueType  # 1
+    """A live binding was found (no lock, no write)."""
+    BINDING_RESULT_CREATED: _BindingResult.ValueType  # 2
+    """No live binding existed: one was created."""
+    BINDING_RESULT_MOVED: _BindingResult.ValueType  # 3
+    """The binding named an unusable node: it now names another one."""
+
+class BindingResult(_BindingResult, metaclass=_BindingResultEnumTypeWrapper):
+    """BindingResult says what GetOrCreateBinding did."""
+
+BINDING_RESULT_UNSPECIFIED: BindingResult.ValueType  # 0
+BINDING_RESULT_HIT: BindingResult.ValueType  # 1
+"""A live binding was found (no lock, no write)."""
+BINDING_RESULT_CREATED: BindingResult.ValueType  # 2
+"""No live binding existed: one was created."""
+BINDING_RESULT_MOVED: BindingResult.ValueType  # 3
+"""The binding named an unusable node: it now names another one."""
+Global___BindingResult: _TypeAlias = BindingResult  # noqa: Y015
+
 class _OutcomeClass:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -63,6 +89,209 @@ OUTCOME_CLASS_EXHAUSTED: OutcomeClass.ValueType  # 7
 penalises the key for every model, for minutes to an hour.
 """
 Global___OutcomeClass: _TypeAlias = OutcomeClass  # noqa: Y015
+
+@_typing.final
+class GetOrCreateBindingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    CLIENT_KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_MODEL_FIELD_NUMBER: _builtins.int
+    EXCLUDE_NODE_IDS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    client_key_id: _builtins.str
+    public_model: _builtins.str
+    """The model the app asked for (the route's public_model)."""
+    @_builtins.property
+    def exclude_node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes the sidecar will not use (it found them failing or unreachable):
+        a binding to one of them is moved, and no new binding picks one.
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        client_key_id: _builtins.str = ...,
+        public_model: _builtins.str = ...,
+        exclude_node_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key_id", b"client_key_id", "exclude_node_ids", b"exclude_node_ids", "public_model", b"public_model", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrCreateBindingRequest: _TypeAlias = GetOrCreateBindingRequest  # noqa: Y015
+
+@_typing.final
+class GetOrCreateBindingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BINDING_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    result: Global___BindingResult.ValueType
+    @_builtins.property
+    def binding(self) -> _resources_pb2.Binding: ...
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """The lifetime of a binding without refreshes (the control plane's
+        --binding-ttl), for the sidecar's local cache.
+        """
+
+    def __init__(
+        self,
+        *,
+        binding: _resources_pb2.Binding | None = ...,
+        result: Global___BindingResult.ValueType = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding", b"binding", "result", b"result", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrCreateBindingResponse: _TypeAlias = GetOrCreateBindingResponse  # noqa: Y015
+
+@_typing.final
+class BindingRef(_message.Message):
+    """BindingRef names one binding and the node the sidecar used it with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    CLIENT_KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_MODEL_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    client_key_id: _builtins.str
+    public_model: _builtins.str
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        client_key_id: _builtins.str = ...,
+        public_model: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key_id", b"client_key_id", "node_id", b"node_id", "public_model", b"public_model", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BindingRef: _TypeAlias = BindingRef  # noqa: Y015
+
+@_typing.final
+class RefreshBindingsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIDECAR_ID_FIELD_NUMBER: _builtins.int
+    BINDINGS_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
+    sidecar_id: _builtins.str
+    @_builtins.property
+    def bindings(self) -> _containers.RepeatedCompositeFieldContainer[Global___BindingRef]:
+        """At most 1000 per call; duplicates are refreshed once."""
+
+    @_builtins.property
+    def counters(self) -> _containers.RepeatedCompositeFieldContainer[Global___BindingCounters]:
+        """What the sidecar's local cache did since its previous call, per tenant
+        (summed into the admin's binding stats; never per client key or model).
+        """
+
+    def __init__(
+        self,
+        *,
+        sidecar_id: _builtins.str = ...,
+        bindings: _abc.Iterable[Global___BindingRef] | None = ...,
+        counters: _abc.Iterable[Global___BindingCounters] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bindings", b"bindings", "counters", b"counters", "sidecar_id", b"sidecar_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshBindingsRequest: _TypeAlias = RefreshBindingsRequest  # noqa: Y015
+
+@_typing.final
+class BindingCounters(_message.Message):
+    """BindingCounters counts a sidecar's affinity decisions for one tenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    LOCAL_HITS_FIELD_NUMBER: _builtins.int
+    LOCAL_MISSES_FIELD_NUMBER: _builtins.int
+    OVERRIDES_FIELD_NUMBER: _builtins.int
+    FALLBACKS_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    local_hits: _builtins.int
+    """Requests served through a cached binding with no RPC."""
+    local_misses: _builtins.int
+    """Requests that asked GetOrCreateBinding."""
+    overrides: _builtins.int
+    """Requests whose binding was ignored because its node was unhealthy,
+    draining or removed.
+    """
+    fallbacks: _builtins.int
+    """Requests that fell back to the normal strategy (RPC failed or timed out)."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        local_hits: _builtins.int = ...,
+        local_misses: _builtins.int = ...,
+        overrides: _builtins.int = ...,
+        fallbacks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallbacks", b"fallbacks", "local_hits", b"local_hits", "local_misses", b"local_misses", "overrides", b"overrides", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BindingCounters: _TypeAlias = BindingCounters  # noqa: Y015
+
+@_typing.final
+class RefreshBindingsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REFRESHED_FIELD_NUMBER: _builtins.int
+    CURRENT_FIELD_NUMBER: _builtins.int
+    GONE_FIELD_NUMBER: _builtins.int
+    refreshed: _builtins.int
+    """Bindings whose expiry was pushed back."""
+    @_builtins.property
+    def current(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Binding]:
+        """Bindings that exist but were not refreshed (another node, or a draining
+        node): as they stand now.
+        """
+
+    @_builtins.property
+    def gone(self) -> _containers.RepeatedCompositeFieldContainer[Global___BindingRef]:
+        """Bindings that no longer exist (expired and swept, deleted, or their
+        client key is gone).
+        """
+
+    def __init__(
+        self,
+        *,
+        refreshed: _builtins.int = ...,
+        current: _abc.Iterable[_resources_pb2.Binding] | None = ...,
+        gone: _abc.Iterable[Global___BindingRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current", b"current", "gone", b"gone", "refreshed", b"refreshed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefreshBindingsResponse: _TypeAlias = RefreshBindingsResponse  # noqa: Y015
 
 @_typing.final
 class AckRequest(_message.Message):
@@ -216,6 +445,8 @@ class TenantState(_message.Message):
     CLIENT_KEYS_FIELD_NUMBER: _builtins.int
     KEY_HEALTH_FIELD_NUMBER: _builtins.int
     PROVIDER_HEALTH_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    NODE_HEALTH_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___SidecarProviderKey]: ...
@@ -229,6 +460,16 @@ class TenantState(_message.Message):
 
     @_builtins.property
     def provider_health(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.ProviderHealth]: ...
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Node]:
+        """The tenant's nodes that are ACTIVE or DRAINING (removed ones are left
+        out); `health` is unset here: see node_health.
+        """
+
+    @_builtins.property
+    def node_health(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.NodeHealth]:
+        """Only entries that are not healthy are listed."""
+
     def __init__(
         self,
         *,
@@ -238,10 +479,12 @@ class TenantState(_message.Message):
         client_keys: _abc.Iterable[Global___SidecarClientKey] | None = ...,
         key_health: _abc.Iterable[_resources_pb2.KeyHealth] | None = ...,
         provider_health: _abc.Iterable[_resources_pb2.ProviderHealth] | None = ...,
+        nodes: _abc.Iterable[_resources_pb2.Node] | None = ...,
+        node_health: _abc.Iterable[_resources_pb2.NodeHealth] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_keys", b"client_keys", "key_health", b"key_health", "keys", b"keys", "provider_health", b"provider_health", "routes", b"routes", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_keys", b"client_keys", "key_health", b"key_health", "keys", b"keys", "node_health", b"node_health", "nodes", b"nodes", "provider_health", b"provider_health", "routes", b"routes", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,6 +594,10 @@ class Change(_message.Message):
     TENANT_DELETED_FIELD_NUMBER: _builtins.int
     KEY_HEALTH_FIELD_NUMBER: _builtins.int
     PROVIDER_HEALTH_FIELD_NUMBER: _builtins.int
+    NODE_PUT_FIELD_NUMBER: _builtins.int
+    NODE_HEALTH_FIELD_NUMBER: _builtins.int
+    BINDING_PUT_FIELD_NUMBER: _builtins.int
+    BINDING_DELETED_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     tenant: _builtins.str
     key_deleted: _builtins.str
@@ -370,6 +617,29 @@ class Change(_message.Message):
 
     @_builtins.property
     def provider_health(self) -> _resources_pb2.ProviderHealth: ...
+    @_builtins.property
+    def node_put(self) -> _resources_pb2.Node:
+        """A node was added or changed state (a REMOVED node is sent as a put with
+        that state: forget it and its bindings).
+        """
+
+    @_builtins.property
+    def node_health(self) -> _resources_pb2.NodeHealth:
+        """A node's learnt health changed (HEALTHY clears an earlier entry)."""
+
+    @_builtins.property
+    def binding_put(self) -> _resources_pb2.Binding:
+        """A binding moved to another node (or was created by an admin): a
+        sidecar holding the binding in its cache replaces it; others may
+        ignore it. Plain creations and refreshes are not sent.
+        """
+
+    @_builtins.property
+    def binding_deleted(self) -> Global___BindingRef:
+        """A binding was deleted (admin, or its node removed without a
+        replacement): a sidecar holding it drops it.
+        """
+
     def __init__(
         self,
         *,
@@ -384,12 +654,16 @@ class Change(_message.Message):
         tenant_deleted: _builtins.bool = ...,
         key_health: _resources_pb2.KeyHealth | None = ...,
         provider_health: _resources_pb2.ProviderHealth | None = ...,
+        node_put: _resources_pb2.Node | None = ...,
+        node_health: _resources_pb2.NodeHealth | None = ...,
+        binding_put: _resources_pb2.Binding | None = ...,
+        binding_deleted: Global___BindingRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "client_key_deleted", b"client_key_deleted", "client_key_put", b"client_key_put", "key_deleted", b"key_deleted", "key_health", b"key_health", "key_put", b"key_put", "provider_health", b"provider_health", "route_deleted", b"route_deleted", "route_put", b"route_put", "tenant_deleted", b"tenant_deleted"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["binding_deleted", b"binding_deleted", "binding_put", b"binding_put", "change", b"change", "client_key_deleted", b"client_key_deleted", "client_key_put", b"client_key_put", "key_deleted", b"key_deleted", "key_health", b"key_health", "key_put", b"key_put", "node_health", b"node_health", "node_put", b"node_put", "provider_health", b"provider_health", "route_deleted", b"route_deleted", "route_put", b"route_put", "tenant_deleted", b"tenant_deleted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "client_key_deleted", b"client_key_deleted", "client_key_put", b"client_key_put", "key_deleted", b"key_deleted", "key_health", b"key_health", "key_put", b"key_put", "provider_health", b"provider_health", "route_deleted", b"route_deleted", "route_put", b"route_put", "tenant", b"tenant", "tenant_deleted", b"tenant_deleted", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binding_deleted", b"binding_deleted", "binding_put", b"binding_put", "change", b"change", "client_key_deleted", b"client_key_deleted", "client_key_put", b"client_key_put", "key_deleted", b"key_deleted", "key_health", b"key_health", "key_put", b"key_put", "node_health", b"node_health", "node_put", b"node_put", "provider_health", b"provider_health", "route_deleted", b"route_deleted", "route_put", b"route_put", "tenant", b"tenant", "tenant_deleted", b"tenant_deleted", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["key_put", "key_deleted", "route_put", "route_deleted", "client_key_put", "client_key_deleted", "tenant_deleted", "key_health", "provider_health"]  # noqa: Y015
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["key_put", "key_deleted", "route_put", "route_deleted", "client_key_put", "client_key_deleted", "tenant_deleted", "key_health", "provider_health", "node_put", "node_health", "binding_put", "binding_deleted"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
@@ -414,6 +688,7 @@ class Outcome(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     key_id: _builtins.str
     provider: _resources_pb2.Provider.ValueType
@@ -432,6 +707,11 @@ class Outcome(_message.Message):
     request_id: _builtins.str
     reason: _builtins.str
     """Short and secret-free, e.g. "401 invalid_api_key"."""
+    node_id: _builtins.str
+    """The node (Node.id) the attempt went to, for vllm targets; folded into
+    the node's health like key health (connect errors, timeouts and 5xx
+    demote it fleet-wide; a success heals it). Empty for hosted providers.
+    """
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -452,10 +732,11 @@ class Outcome(_message.Message):
         request_id: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
+        node_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "outcome_class", b"outcome_class", "provider", b"provider", "provider_final", b"provider_final", "reason", b"reason", "recovered", b"recovered", "request_id", b"request_id", "retry_after", b"retry_after", "status_code", b"status_code", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "node_id", b"node_id", "outcome_class", b"outcome_class", "provider", b"provider", "provider_final", b"provider_final", "reason", b"reason", "recovered", b"recovered", "request_id", b"request_id", "retry_after", b"retry_after", "status_code", b"status_code", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

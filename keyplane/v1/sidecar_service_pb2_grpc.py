@@ -51,6 +51,16 @@ class SidecarServiceStub:
                 request_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.AckRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.AckResponse.FromString,
                 _registered_method=True)
+        self.GetOrCreateBinding = channel.unary_unary(
+                '/keyplane.v1.SidecarService/GetOrCreateBinding',
+                request_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.GetOrCreateBindingRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.GetOrCreateBindingResponse.FromString,
+                _registered_method=True)
+        self.RefreshBindings = channel.unary_unary(
+                '/keyplane.v1.SidecarService/RefreshBindings',
+                request_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsResponse.FromString,
+                _registered_method=True)
 
 
 class SidecarServiceServicer:
@@ -89,6 +99,43 @@ class SidecarServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetOrCreateBinding(self, request, context):
+        """GetOrCreateBinding returns the node that (tenant, client_key_id,
+        public_model) is bound to, creating the binding on a miss. A hit (a live
+        binding whose node is ACTIVE or DRAINING, healthy, and not excluded) is a
+        plain read: no lock, no write. A miss takes a lock serializing every
+        concurrent miss for the same triple on every replica
+        (pg_advisory_xact_lock on a 64-bit hash of the triple on Postgres; the
+        single writer on SQLite), reads again, and creates (or moves) ONE
+        binding to the node the route's normal strategy picks among its healthy
+        ACTIVE nodes (weighted by nothing: uniform among the healthy ones).
+        A binding whose node is unhealthy, draining-and-expired, removed or in
+        exclude_node_ids is moved; the move is pushed to the tenant's sidecars as
+        a Change.binding_put, so none of them flaps back when the old node
+        recovers before the binding expires.
+        Errors: NOT_FOUND for an unknown tenant, client key or public model;
+        FAILED_PRECONDITION when the route has no node that may take a binding
+        (the sidecar then uses its normal strategy); UNAVAILABLE when the store
+        is down. Sidecars call it with a short deadline and fall back to the
+        normal strategy on any error, never delaying the request further.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshBindings(self, request, context):
+        """RefreshBindings pushes back the expiry of bindings the sidecar used for
+        successful requests, in one batch (send it alongside the outcome
+        reports, never on the request path). A binding refreshes only while it
+        still names the node the sidecar used and that node is ACTIVE (a
+        draining node's bindings run out); the others are returned in `current`
+        (the binding as it stands) or `gone`. The counters feed the admin's
+        binding stats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SidecarServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +153,16 @@ def add_SidecarServiceServicer_to_server(servicer, server):
                     servicer.Ack,
                     request_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.AckRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.AckResponse.SerializeToString,
+            ),
+            'GetOrCreateBinding': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrCreateBinding,
+                    request_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.GetOrCreateBindingRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.GetOrCreateBindingResponse.SerializeToString,
+            ),
+            'RefreshBindings': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshBindings,
+                    request_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -191,6 +248,60 @@ class SidecarService:
             '/keyplane.v1.SidecarService/Ack',
             keyplane_dot_v1_dot_sidecar__service__pb2.AckRequest.SerializeToString,
             keyplane_dot_v1_dot_sidecar__service__pb2.AckResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrCreateBinding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.SidecarService/GetOrCreateBinding',
+            keyplane_dot_v1_dot_sidecar__service__pb2.GetOrCreateBindingRequest.SerializeToString,
+            keyplane_dot_v1_dot_sidecar__service__pb2.GetOrCreateBindingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshBindings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.SidecarService/RefreshBindings',
+            keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsRequest.SerializeToString,
+            keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

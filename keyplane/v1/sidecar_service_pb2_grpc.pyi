@@ -54,6 +54,35 @@ class SidecarServiceStub:
     each message (latest wins, so a sidecar may skip acks it has not sent
     yet); any replica may take it: the record is shared through the store.
     """
+    GetOrCreateBinding: _grpc.UnaryUnaryMultiCallable[_sidecar_service_pb2.GetOrCreateBindingRequest, _sidecar_service_pb2.GetOrCreateBindingResponse]
+    """GetOrCreateBinding returns the node that (tenant, client_key_id,
+    public_model) is bound to, creating the binding on a miss. A hit (a live
+    binding whose node is ACTIVE or DRAINING, healthy, and not excluded) is a
+    plain read: no lock, no write. A miss takes a lock serializing every
+    concurrent miss for the same triple on every replica
+    (pg_advisory_xact_lock on a 64-bit hash of the triple on Postgres; the
+    single writer on SQLite), reads again, and creates (or moves) ONE
+    binding to the node the route's normal strategy picks among its healthy
+    ACTIVE nodes (weighted by nothing: uniform among the healthy ones).
+    A binding whose node is unhealthy, draining-and-expired, removed or in
+    exclude_node_ids is moved; the move is pushed to the tenant's sidecars as
+    a Change.binding_put, so none of them flaps back when the old node
+    recovers before the binding expires.
+    Errors: NOT_FOUND for an unknown tenant, client key or public model;
+    FAILED_PRECONDITION when the route has no node that may take a binding
+    (the sidecar then uses its normal strategy); UNAVAILABLE when the store
+    is down. Sidecars call it with a short deadline and fall back to the
+    normal strategy on any error, never delaying the request further.
+    """
+    RefreshBindings: _grpc.UnaryUnaryMultiCallable[_sidecar_service_pb2.RefreshBindingsRequest, _sidecar_service_pb2.RefreshBindingsResponse]
+    """RefreshBindings pushes back the expiry of bindings the sidecar used for
+    successful requests, in one batch (send it alongside the outcome
+    reports, never on the request path). A binding refreshes only while it
+    still names the node the sidecar used and that node is ACTIVE (a
+    draining node's bindings run out); the others are returned in `current`
+    (the binding as it stands) or `gone`. The counters feed the admin's
+    binding stats.
+    """
 
 @_typing.type_check_only
 class SidecarServiceAsyncStub(SidecarServiceStub):
@@ -80,6 +109,35 @@ class SidecarServiceAsyncStub(SidecarServiceStub):
     with why, while it keeps serving the one it applied before. Sent after
     each message (latest wins, so a sidecar may skip acks it has not sent
     yet); any replica may take it: the record is shared through the store.
+    """
+    GetOrCreateBinding: _aio.UnaryUnaryMultiCallable[_sidecar_service_pb2.GetOrCreateBindingRequest, _sidecar_service_pb2.GetOrCreateBindingResponse]  # type: ignore[assignment]
+    """GetOrCreateBinding returns the node that (tenant, client_key_id,
+    public_model) is bound to, creating the binding on a miss. A hit (a live
+    binding whose node is ACTIVE or DRAINING, healthy, and not excluded) is a
+    plain read: no lock, no write. A miss takes a lock serializing every
+    concurrent miss for the same triple on every replica
+    (pg_advisory_xact_lock on a 64-bit hash of the triple on Postgres; the
+    single writer on SQLite), reads again, and creates (or moves) ONE
+    binding to the node the route's normal strategy picks among its healthy
+    ACTIVE nodes (weighted by nothing: uniform among the healthy ones).
+    A binding whose node is unhealthy, draining-and-expired, removed or in
+    exclude_node_ids is moved; the move is pushed to the tenant's sidecars as
+    a Change.binding_put, so none of them flaps back when the old node
+    recovers before the binding expires.
+    Errors: NOT_FOUND for an unknown tenant, client key or public model;
+    FAILED_PRECONDITION when the route has no node that may take a binding
+    (the sidecar then uses its normal strategy); UNAVAILABLE when the store
+    is down. Sidecars call it with a short deadline and fall back to the
+    normal strategy on any error, never delaying the request further.
+    """
+    RefreshBindings: _aio.UnaryUnaryMultiCallable[_sidecar_service_pb2.RefreshBindingsRequest, _sidecar_service_pb2.RefreshBindingsResponse]  # type: ignore[assignment]
+    """RefreshBindings pushes back the expiry of bindings the sidecar used for
+    successful requests, in one batch (send it alongside the outcome
+    reports, never on the request path). A binding refreshes only while it
+    still names the node the sidecar used and that node is ACTIVE (a
+    draining node's bindings run out); the others are returned in `current`
+    (the binding as it stands) or `gone`. The counters feed the admin's
+    binding stats.
     """
 
 class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -122,6 +180,47 @@ class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
         with why, while it keeps serving the one it applied before. Sent after
         each message (latest wins, so a sidecar may skip acks it has not sent
         yet); any replica may take it: the record is shared through the store.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOrCreateBinding(
+        self,
+        request: _sidecar_service_pb2.GetOrCreateBindingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_service_pb2.GetOrCreateBindingResponse, _abc.Awaitable[_sidecar_service_pb2.GetOrCreateBindingResponse]]:
+        """GetOrCreateBinding returns the node that (tenant, client_key_id,
+        public_model) is bound to, creating the binding on a miss. A hit (a live
+        binding whose node is ACTIVE or DRAINING, healthy, and not excluded) is a
+        plain read: no lock, no write. A miss takes a lock serializing every
+        concurrent miss for the same triple on every replica
+        (pg_advisory_xact_lock on a 64-bit hash of the triple on Postgres; the
+        single writer on SQLite), reads again, and creates (or moves) ONE
+        binding to the node the route's normal strategy picks among its healthy
+        ACTIVE nodes (weighted by nothing: uniform among the healthy ones).
+        A binding whose node is unhealthy, draining-and-expired, removed or in
+        exclude_node_ids is moved; the move is pushed to the tenant's sidecars as
+        a Change.binding_put, so none of them flaps back when the old node
+        recovers before the binding expires.
+        Errors: NOT_FOUND for an unknown tenant, client key or public model;
+        FAILED_PRECONDITION when the route has no node that may take a binding
+        (the sidecar then uses its normal strategy); UNAVAILABLE when the store
+        is down. Sidecars call it with a short deadline and fall back to the
+        normal strategy on any error, never delaying the request further.
+        """
+
+    @_abc_1.abstractmethod
+    def RefreshBindings(
+        self,
+        request: _sidecar_service_pb2.RefreshBindingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sidecar_service_pb2.RefreshBindingsResponse, _abc.Awaitable[_sidecar_service_pb2.RefreshBindingsResponse]]:
+        """RefreshBindings pushes back the expiry of bindings the sidecar used for
+        successful requests, in one batch (send it alongside the outcome
+        reports, never on the request path). A binding refreshes only while it
+        still names the node the sidecar used and that node is ACTIVE (a
+        draining node's bindings run out); the others are returned in `current`
+        (the binding as it stands) or `gone`. The counters feed the admin's
+        binding stats.
         """
 
 def add_SidecarServiceServicer_to_server(servicer: SidecarServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration, FieldMask, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { AdminToken, AuditEvent, ClientKey, KeyHealth, Provider, ProviderHealth, ProviderKey, Route, RouteTarget, SidecarToken, Tenant } from "./resources_pb.js";
+import type { AdminToken, AuditEvent, Binding, ClientKey, KeyHealth, Node, Provider, ProviderHealth, ProviderKey, Route, RouteTarget, SidecarToken, Tenant } from "./resources_pb.js";
 import { file_keyplane_v1_resources } from "./resources_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keyplane/v1/admin_service.proto.
  */
 export const file_keyplane_v1_admin_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9rZXlwbGFuZS92MS9hZG1pbl9zZXJ2aWNlLnByb3RvEgtrZXlwbGFuZS52MSIjChNDcmVhdGVUZW5hbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiTAoUQ3JlYXRlVGVuYW50UmVzcG9uc2USIwoGdGVuYW50GAEgASgLMhMua2V5cGxhbmUudjEuVGVuYW50Eg8KB3ZlcnNpb24YAiABKAQiIAoQR2V0VGVuYW50UmVxdWVzdBIMCgRuYW1lGAEgASgJIjgKEUdldFRlbmFudFJlc3BvbnNlEiMKBnRlbmFudBgBIAEoCzITLmtleXBsYW5lLnYxLlRlbmFudCIUChJMaXN0VGVuYW50c1JlcXVlc3QiOwoTTGlzdFRlbmFudHNSZXNwb25zZRIkCgd0ZW5hbnRzGAEgAygLMhMua2V5cGxhbmUudjEuVGVuYW50IiMKE0RlbGV0ZVRlbmFudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSInChREZWxldGVUZW5hbnRSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEIqwBChhDcmVhdGVQcm92aWRlcktleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEicKCHByb3ZpZGVyGAIgASgOMhUua2V5cGxhbmUudjEuUHJvdmlkZXISDQoFbGFiZWwYAyABKAkSDgoGc2VjcmV0GAQgASgJEhAKCGJhc2VfdXJsGAUgASgJEg4KBndlaWdodBgGIAEoDRIWCg5hbGxvd2VkX21vZGVscxgHIAMoCSJTChlDcmVhdGVQcm92aWRlcktleVJlc3BvbnNlEiUKA2tleRgBIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5Eg8KB3ZlcnNpb24YAiABKAQiMwoVR2V0UHJvdmlkZXJLZXlSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCRIKCgJpZBgCIAEoCSI/ChZHZXRQcm92aWRlcktleVJlc3BvbnNlEiUKA2tleRgBIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5IikKF0xpc3RQcm92aWRlcktleXNSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCSJCChhMaXN0UHJvdmlkZXJLZXlzUmVzcG9uc2USJgoEa2V5cxgBIAMoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5IrABChhVcGRhdGVQcm92aWRlcktleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJEiUKA2tleRgDIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5Ei8KC3VwZGF0ZV9tYXNrGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxISCgpuZXdfc2VjcmV0GAUgASgJEgwKBGV0YWcYBiABKAkiUwoZVXBkYXRlUHJvdmlkZXJLZXlSZXNwb25zZRIlCgNrZXkYASABKAsyGC5rZXlwbGFuZS52MS5Qcm92aWRlcktleRIPCgd2ZXJzaW9uGAIgASgEIjYKGERlbGV0ZVByb3ZpZGVyS2V5UmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiLAoZRGVsZXRlUHJvdmlkZXJLZXlSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEImUKEkNyZWF0ZVJvdXRlUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSFAoMcHVibGljX21vZGVsGAIgASgJEikKB3RhcmdldHMYAyADKAsyGC5rZXlwbGFuZS52MS5Sb3V0ZVRhcmdldCJJChNDcmVhdGVSb3V0ZVJlc3BvbnNlEiEKBXJvdXRlGAEgASgLMhIua2V5cGxhbmUudjEuUm91dGUSDwoHdmVyc2lvbhgCIAEoBCItCg9HZXRSb3V0ZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJIjUKEEdldFJvdXRlUmVzcG9uc2USIQoFcm91dGUYASABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZSIjChFMaXN0Um91dGVzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkiOAoSTGlzdFJvdXRlc1Jlc3BvbnNlEiIKBnJvdXRlcxgBIAMoCzISLmtleXBsYW5lLnYxLlJvdXRlIr0BChJVcGRhdGVSb3V0ZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJEikKB3RhcmdldHMYAyADKAsyGC5rZXlwbGFuZS52MS5Sb3V0ZVRhcmdldBIMCgRldGFnGAQgASgJEi8KC3VwZGF0ZV9tYXNrGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxIhCgVyb3V0ZRgGIAEoCzISLmtleXBsYW5lLnYxLlJvdXRlIkkKE1VwZGF0ZVJvdXRlUmVzcG9uc2USIQoFcm91dGUYASABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZRIPCgd2ZXJzaW9uGAIgASgEIjAKEkRlbGV0ZVJvdXRlUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiJgoTRGVsZXRlUm91dGVSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEIjcKFkNyZWF0ZUNsaWVudEtleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEg0KBWxhYmVsGAIgASgJImUKF0NyZWF0ZUNsaWVudEtleVJlc3BvbnNlEioKCmNsaWVudF9rZXkYASABKAsyFi5rZXlwbGFuZS52MS5DbGllbnRLZXkSDQoFdG9rZW4YAiABKAkSDwoHdmVyc2lvbhgDIAEoBCInChVMaXN0Q2xpZW50S2V5c1JlcXVlc3QSDgoGdGVuYW50GAEgASgJIkUKFkxpc3RDbGllbnRLZXlzUmVzcG9uc2USKwoLY2xpZW50X2tleXMYASADKAsyFi5rZXlwbGFuZS52MS5DbGllbnRLZXkiNAoWRGVsZXRlQ2xpZW50S2V5UmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiKgoXRGVsZXRlQ2xpZW50S2V5UmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoBCIiChBHZXRIZWFsdGhSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCSJ1ChFHZXRIZWFsdGhSZXNwb25zZRIqCgprZXlfaGVhbHRoGAEgAygLMhYua2V5cGxhbmUudjEuS2V5SGVhbHRoEjQKD3Byb3ZpZGVyX2hlYWx0aBgCIAMoCzIbLmtleXBsYW5lLnYxLlByb3ZpZGVySGVhbHRoIjcKFVJlc2V0S2V5SGVhbHRoUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSDgoGa2V5X2lkGAIgASgJIikKFlJlc2V0S2V5SGVhbHRoUmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoBCIVChNMaXN0U2lkZWNhcnNSZXF1ZXN0IkIKFExpc3RTaWRlY2Fyc1Jlc3BvbnNlEioKCHNpZGVjYXJzGAEgAygLMhgua2V5cGxhbmUudjEuU2lkZWNhckluZm8imAEKC1NpZGVjYXJJbmZvEhIKCnNpZGVjYXJfaWQYASABKAkSDwoHdGVuYW50cxgCIAMoCRIMCgRwZWVyGAMgASgJEjAKDGNvbm5lY3RfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgFIAEoBBITCgthbGxfdGVuYW50cxgGIAEoCCLkAgoLUHJveHlTdGF0dXMSEgoKc2lkZWNhcl9pZBgBIAEoCRIPCgdyZXBsaWNhGAIgASgJEg8KB3RlbmFudHMYAyADKAkSEwoLYWxsX3RlbmFudHMYBCABKAgSDAoEcGVlchgFIAEoCRIwCgxjb25uZWN0X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDHNlbnRfdmVyc2lvbhgHIAEoBBIXCg9hcHBsaWVkX3ZlcnNpb24YCCABKAQSGAoQcmVqZWN0ZWRfdmVyc2lvbhgJIAEoBBIUCgxlcnJvcl9kZXRhaWwYCiABKAkSJQoFc3RhdGUYCyABKA4yFi5rZXlwbGFuZS52MS5TeW5jU3RhdGUSFgoObGF0ZXN0X3ZlcnNpb24YDCABKAQSLAoIYWNrX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIicKFUdldFByb3h5U3RhdHVzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkiZgoWR2V0UHJveHlTdGF0dXNSZXNwb25zZRIqCghzaWRlY2FycxgBIAMoCzIYLmtleXBsYW5lLnYxLlByb3h5U3RhdHVzEg8KB3JlcGxpY2EYAiABKAkSDwoHdmVyc2lvbhgDIAEoBCJkChVXYWl0Rm9yVmVyc2lvblJlcXVlc3QSDgoGdGVuYW50GAEgASgJEg8KB3ZlcnNpb24YAiABKAQSKgoHdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJ5ChZXYWl0Rm9yVmVyc2lvblJlc3BvbnNlEhEKCWNvbnZlcmdlZBgBIAEoCBIQCghzaWRlY2FycxgCIAEoDRIPCgdhcHBsaWVkGAMgASgNEikKB3BlbmRpbmcYBCADKAsyGC5rZXlwbGFuZS52MS5Qcm94eVN0YXR1cyLZAQoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSFQoNcmVzb3VyY2Vfa2luZBgEIAEoCRITCgtyZXNvdXJjZV9pZBgFIAEoCRIuCgpzdGFydF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiWwoXTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USJwoGZXZlbnRzGAEgAygLMhcua2V5cGxhbmUudjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKAoXQ3JlYXRlQWRtaW5Ub2tlblJlcXVlc3QSDQoFbGFiZWwYASABKAkiVwoYQ3JlYXRlQWRtaW5Ub2tlblJlc3BvbnNlEiwKC2FkbWluX3Rva2VuGAEgASgLMhcua2V5cGxhbmUudjEuQWRtaW5Ub2tlbhINCgV0b2tlbhgCIAEoCSIYChZMaXN0QWRtaW5Ub2tlbnNSZXF1ZXN0IkgKF0xpc3RBZG1pblRva2Vuc1Jlc3BvbnNlEi0KDGFkbWluX3Rva2VucxgBIAMoCzIXLmtleXBsYW5lLnYxLkFkbWluVG9rZW4iMwoXUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QSCgoCaWQYASABKAkSDAoEZXRhZxgCIAEoCSJIChhSZXZva2VBZG1pblRva2VuUmVzcG9uc2USLAoLYWRtaW5fdG9rZW4YASABKAsyFy5rZXlwbGFuZS52MS5BZG1pblRva2VuIlAKGUNyZWF0ZVNpZGVjYXJUb2tlblJlcXVlc3QSDQoFbGFiZWwYASABKAkSDwoHdGVuYW50cxgCIAMoCRITCgthbGxfdGVuYW50cxgDIAEoCCJdChpDcmVhdGVTaWRlY2FyVG9rZW5SZXNwb25zZRIwCg1zaWRlY2FyX3Rva2VuGAEgASgLMhkua2V5cGxhbmUudjEuU2lkZWNhclRva2VuEg0KBXRva2VuGAIgASgJIhoKGExpc3RTaWRlY2FyVG9rZW5zUmVxdWVzdCJOChlMaXN0U2lkZWNhclRva2Vuc1Jlc3BvbnNlEjEKDnNpZGVjYXJfdG9rZW5zGAEgAygLMhkua2V5cGxhbmUudjEuU2lkZWNhclRva2VuIjUKGVJldm9rZVNpZGVjYXJUb2tlblJlcXVlc3QSCgoCaWQYASABKAkSDAoEZXRhZxgCIAEoCSJOChpSZXZva2VTaWRlY2FyVG9rZW5SZXNwb25zZRIwCg1zaWRlY2FyX3Rva2VuGAEgASgLMhkua2V5cGxhbmUudjEuU2lkZWNhclRva2VuIhsKGUdldE1hc3RlcktleVN0YXR1c1JlcXVlc3QikAEKGkdldE1hc3RlcktleVN0YXR1c1Jlc3BvbnNlEhYKDnByaW1hcnlfa2V5X2lkGAEgASgJEhcKD2tleXJpbmdfa2V5X2lkcxgCIAMoCRIqCgV1c2FnZRgDIAMoCzIbLmtleXBsYW5lLnYxLk1hc3RlcktleVVzYWdlEhUKDXRvdGFsX3NlY3JldHMYBCABKAMiRQoOTWFzdGVyS2V5VXNhZ2USDgoGa2V5X2lkGAEgASgJEg8KB3NlY3JldHMYAiABKAMSEgoKaW5fa2V5cmluZxgDIAEoCCJWChRSZXdyYXBTZWNyZXRzUmVxdWVzdBIWCg5wcmltYXJ5X2tleV9pZBgBIAEoCRISCgpiYXRjaF9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiswEKFVJld3JhcFNlY3JldHNSZXNwb25zZRIWCg5wcmltYXJ5X2tleV9pZBgBIAEoCRIQCghleGFtaW5lZBgCIAEoAxIRCglyZXdyYXBwZWQYAyABKAMSFwoPYWxyZWFkeV9jdXJyZW50GAQgASgDEhcKD3NraXBwZWRfY2hhbmdlZBgFIAEoAxISCgp1bnJlYWRhYmxlGAYgASgDEhcKD25leHRfcGFnZV90b2tlbhgHIAEoCSqHAQoJU3luY1N0YXRlEhoKFlNZTkNfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFTWU5DX1NUQVRFX1NZTkNFRBABEhQKEFNZTkNfU1RBVEVfU1RBTEUQAhIYChRTWU5DX1NUQVRFX05PVF9BQ0tFRBADEhcKE1NZTkNfU1RBVEVfUkVKRUNURUQQBDKEFgoMQWRtaW5TZXJ2aWNlElMKDENyZWF0ZVRlbmFudBIgLmtleXBsYW5lLnYxLkNyZWF0ZVRlbmFudFJlcXVlc3QaIS5rZXlwbGFuZS52MS5DcmVhdGVUZW5hbnRSZXNwb25zZRJKCglHZXRUZW5hbnQSHS5rZXlwbGFuZS52MS5HZXRUZW5hbnRSZXF1ZXN0Gh4ua2V5cGxhbmUudjEuR2V0VGVuYW50UmVzcG9uc2USUAoLTGlzdFRlbmFudHMSHy5rZXlwbGFuZS52MS5MaXN0VGVuYW50c1JlcXVlc3QaIC5rZXlwbGFuZS52MS5MaXN0VGVuYW50c1Jlc3BvbnNlElMKDERlbGV0ZVRlbmFudBIgLmtleXBsYW5lLnYxLkRlbGV0ZVRlbmFudFJlcXVlc3QaIS5rZXlwbGFuZS52MS5EZWxldGVUZW5hbnRSZXNwb25zZRJiChFDcmVhdGVQcm92aWRlcktleRIlLmtleXBsYW5lLnYxLkNyZWF0ZVByb3ZpZGVyS2V5UmVxdWVzdBomLmtleXBsYW5lLnYxLkNyZWF0ZVByb3ZpZGVyS2V5UmVzcG9uc2USWQoOR2V0UHJvdmlkZXJLZXkSIi5rZXlwbGFuZS52MS5HZXRQcm92aWRlcktleVJlcXVlc3QaIy5rZXlwbGFuZS52MS5HZXRQcm92aWRlcktleVJlc3BvbnNlEl8KEExpc3RQcm92aWRlcktleXMSJC5rZXlwbGFuZS52MS5MaXN0UHJvdmlkZXJLZXlzUmVxdWVzdBolLmtleXBsYW5lLnYxLkxpc3RQcm92aWRlcktleXNSZXNwb25zZRJiChFVcGRhdGVQcm92aWRlcktleRIlLmtleXBsYW5lLnYxLlVwZGF0ZVByb3ZpZGVyS2V5UmVxdWVzdBomLmtleXBsYW5lLnYxLlVwZGF0ZVByb3ZpZGVyS2V5UmVzcG9uc2USYgoRRGVsZXRlUHJvdmlkZXJLZXkSJS5rZXlwbGFuZS52MS5EZWxldGVQcm92aWRlcktleVJlcXVlc3QaJi5rZXlwbGFuZS52MS5EZWxldGVQcm92aWRlcktleVJlc3BvbnNlElAKC0NyZWF0ZVJvdXRlEh8ua2V5cGxhbmUudjEuQ3JlYXRlUm91dGVSZXF1ZXN0GiAua2V5cGxhbmUudjEuQ3JlYXRlUm91dGVSZXNwb25zZRJHCghHZXRSb3V0ZRIcLmtleXBsYW5lLnYxLkdldFJvdXRlUmVxdWVzdBodLmtleXBsYW5lLnYxLkdldFJvdXRlUmVzcG9uc2USTQoKTGlzdFJvdXRlcxIeLmtleXBsYW5lLnYxLkxpc3RSb3V0ZXNSZXF1ZXN0Gh8ua2V5cGxhbmUudjEuTGlzdFJvdXRlc1Jlc3BvbnNlElAKC1VwZGF0ZVJvdXRlEh8ua2V5cGxhbmUudjEuVXBkYXRlUm91dGVSZXF1ZXN0GiAua2V5cGxhbmUudjEuVXBkYXRlUm91dGVSZXNwb25zZRJQCgtEZWxldGVSb3V0ZRIfLmtleXBsYW5lLnYxLkRlbGV0ZVJvdXRlUmVxdWVzdBogLmtleXBsYW5lLnYxLkRlbGV0ZVJvdXRlUmVzcG9uc2USXAoPQ3JlYXRlQ2xpZW50S2V5EiMua2V5cGxhbmUudjEuQ3JlYXRlQ2xpZW50S2V5UmVxdWVzdBokLmtleXBsYW5lLnYxLkNyZWF0ZUNsaWVudEtleVJlc3BvbnNlElkKDkxpc3RDbGllbnRLZXlzEiIua2V5cGxhbmUudjEuTGlzdENsaWVudEtleXNSZXF1ZXN0GiMua2V5cGxhbmUudjEuTGlzdENsaWVudEtleXNSZXNwb25zZRJcCg9EZWxldGVDbGllbnRLZXkSIy5rZXlwbGFuZS52MS5EZWxldGVDbGllbnRLZXlSZXF1ZXN0GiQua2V5cGxhbmUudjEuRGVsZXRlQ2xpZW50S2V5UmVzcG9uc2USSgoJR2V0SGVhbHRoEh0ua2V5cGxhbmUudjEuR2V0SGVhbHRoUmVxdWVzdBoeLmtleXBsYW5lLnYxLkdldEhlYWx0aFJlc3BvbnNlElkKDlJlc2V0S2V5SGVhbHRoEiIua2V5cGxhbmUudjEuUmVzZXRLZXlIZWFsdGhSZXF1ZXN0GiMua2V5cGxhbmUudjEuUmVzZXRLZXlIZWFsdGhSZXNwb25zZRJTCgxMaXN0U2lkZWNhcnMSIC5rZXlwbGFuZS52MS5MaXN0U2lkZWNhcnNSZXF1ZXN0GiEua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJzUmVzcG9uc2USWQoOR2V0UHJveHlTdGF0dXMSIi5rZXlwbGFuZS52MS5HZXRQcm94eVN0YXR1c1JlcXVlc3QaIy5rZXlwbGFuZS52MS5HZXRQcm94eVN0YXR1c1Jlc3BvbnNlElkKDldhaXRGb3JWZXJzaW9uEiIua2V5cGxhbmUudjEuV2FpdEZvclZlcnNpb25SZXF1ZXN0GiMua2V5cGxhbmUudjEuV2FpdEZvclZlcnNpb25SZXNwb25zZRJcCg9MaXN0QXVkaXRFdmVudHMSIy5rZXlwbGFuZS52MS5MaXN0QXVkaXRFdmVudHNSZXF1ZXN0GiQua2V5cGxhbmUudjEuTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USXwoQQ3JlYXRlQWRtaW5Ub2tlbhIkLmtleXBsYW5lLnYxLkNyZWF0ZUFkbWluVG9rZW5SZXF1ZXN0GiUua2V5cGxhbmUudjEuQ3JlYXRlQWRtaW5Ub2tlblJlc3BvbnNlElwKD0xpc3RBZG1pblRva2VucxIjLmtleXBsYW5lLnYxLkxpc3RBZG1pblRva2Vuc1JlcXVlc3QaJC5rZXlwbGFuZS52MS5MaXN0QWRtaW5Ub2tlbnNSZXNwb25zZRJfChBSZXZva2VBZG1pblRva2VuEiQua2V5cGxhbmUudjEuUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QaJS5rZXlwbGFuZS52MS5SZXZva2VBZG1pblRva2VuUmVzcG9uc2USZQoSQ3JlYXRlU2lkZWNhclRva2VuEiYua2V5cGxhbmUudjEuQ3JlYXRlU2lkZWNhclRva2VuUmVxdWVzdBonLmtleXBsYW5lLnYxLkNyZWF0ZVNpZGVjYXJUb2tlblJlc3BvbnNlEmIKEUxpc3RTaWRlY2FyVG9rZW5zEiUua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJUb2tlbnNSZXF1ZXN0GiYua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJUb2tlbnNSZXNwb25zZRJlChJSZXZva2VTaWRlY2FyVG9rZW4SJi5rZXlwbGFuZS52MS5SZXZva2VTaWRlY2FyVG9rZW5SZXF1ZXN0Gicua2V5cGxhbmUudjEuUmV2b2tlU2lkZWNhclRva2VuUmVzcG9uc2USZQoSR2V0TWFzdGVyS2V5U3RhdHVzEiYua2V5cGxhbmUudjEuR2V0TWFzdGVyS2V5U3RhdHVzUmVxdWVzdBonLmtleXBsYW5lLnYxLkdldE1hc3RlcktleVN0YXR1c1Jlc3BvbnNlElYKDVJld3JhcFNlY3JldHMSIS5rZXlwbGFuZS52MS5SZXdyYXBTZWNyZXRzUmVxdWVzdBoiLmtleXBsYW5lLnYxLlJld3JhcFNlY3JldHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_keyplane_v1_resources]);
+  fileDesc("Ch9rZXlwbGFuZS92MS9hZG1pbl9zZXJ2aWNlLnByb3RvEgtrZXlwbGFuZS52MSIjChNDcmVhdGVUZW5hbnRSZXF1ZXN0EgwKBG5hbWUYASABKAkiTAoUQ3JlYXRlVGVuYW50UmVzcG9uc2USIwoGdGVuYW50GAEgASgLMhMua2V5cGxhbmUudjEuVGVuYW50Eg8KB3ZlcnNpb24YAiABKAQiIAoQR2V0VGVuYW50UmVxdWVzdBIMCgRuYW1lGAEgASgJIjgKEUdldFRlbmFudFJlc3BvbnNlEiMKBnRlbmFudBgBIAEoCzITLmtleXBsYW5lLnYxLlRlbmFudCIUChJMaXN0VGVuYW50c1JlcXVlc3QiOwoTTGlzdFRlbmFudHNSZXNwb25zZRIkCgd0ZW5hbnRzGAEgAygLMhMua2V5cGxhbmUudjEuVGVuYW50IiMKE0RlbGV0ZVRlbmFudFJlcXVlc3QSDAoEbmFtZRgBIAEoCSInChREZWxldGVUZW5hbnRSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEIqwBChhDcmVhdGVQcm92aWRlcktleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEicKCHByb3ZpZGVyGAIgASgOMhUua2V5cGxhbmUudjEuUHJvdmlkZXISDQoFbGFiZWwYAyABKAkSDgoGc2VjcmV0GAQgASgJEhAKCGJhc2VfdXJsGAUgASgJEg4KBndlaWdodBgGIAEoDRIWCg5hbGxvd2VkX21vZGVscxgHIAMoCSJTChlDcmVhdGVQcm92aWRlcktleVJlc3BvbnNlEiUKA2tleRgBIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5Eg8KB3ZlcnNpb24YAiABKAQiMwoVR2V0UHJvdmlkZXJLZXlSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCRIKCgJpZBgCIAEoCSI/ChZHZXRQcm92aWRlcktleVJlc3BvbnNlEiUKA2tleRgBIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5IikKF0xpc3RQcm92aWRlcktleXNSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCSJCChhMaXN0UHJvdmlkZXJLZXlzUmVzcG9uc2USJgoEa2V5cxgBIAMoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5IrABChhVcGRhdGVQcm92aWRlcktleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJEiUKA2tleRgDIAEoCzIYLmtleXBsYW5lLnYxLlByb3ZpZGVyS2V5Ei8KC3VwZGF0ZV9tYXNrGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxISCgpuZXdfc2VjcmV0GAUgASgJEgwKBGV0YWcYBiABKAkiUwoZVXBkYXRlUHJvdmlkZXJLZXlSZXNwb25zZRIlCgNrZXkYASABKAsyGC5rZXlwbGFuZS52MS5Qcm92aWRlcktleRIPCgd2ZXJzaW9uGAIgASgEIjYKGERlbGV0ZVByb3ZpZGVyS2V5UmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiLAoZRGVsZXRlUHJvdmlkZXJLZXlSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEImUKEkNyZWF0ZVJvdXRlUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSFAoMcHVibGljX21vZGVsGAIgASgJEikKB3RhcmdldHMYAyADKAsyGC5rZXlwbGFuZS52MS5Sb3V0ZVRhcmdldCJJChNDcmVhdGVSb3V0ZVJlc3BvbnNlEiEKBXJvdXRlGAEgASgLMhIua2V5cGxhbmUudjEuUm91dGUSDwoHdmVyc2lvbhgCIAEoBCItCg9HZXRSb3V0ZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJIjUKEEdldFJvdXRlUmVzcG9uc2USIQoFcm91dGUYASABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZSIjChFMaXN0Um91dGVzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkiOAoSTGlzdFJvdXRlc1Jlc3BvbnNlEiIKBnJvdXRlcxgBIAMoCzISLmtleXBsYW5lLnYxLlJvdXRlIr0BChJVcGRhdGVSb3V0ZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJEikKB3RhcmdldHMYAyADKAsyGC5rZXlwbGFuZS52MS5Sb3V0ZVRhcmdldBIMCgRldGFnGAQgASgJEi8KC3VwZGF0ZV9tYXNrGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFzaxIhCgVyb3V0ZRgGIAEoCzISLmtleXBsYW5lLnYxLlJvdXRlIkkKE1VwZGF0ZVJvdXRlUmVzcG9uc2USIQoFcm91dGUYASABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZRIPCgd2ZXJzaW9uGAIgASgEIjAKEkRlbGV0ZVJvdXRlUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiJgoTRGVsZXRlUm91dGVSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEIjcKFkNyZWF0ZUNsaWVudEtleVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEg0KBWxhYmVsGAIgASgJImUKF0NyZWF0ZUNsaWVudEtleVJlc3BvbnNlEioKCmNsaWVudF9rZXkYASABKAsyFi5rZXlwbGFuZS52MS5DbGllbnRLZXkSDQoFdG9rZW4YAiABKAkSDwoHdmVyc2lvbhgDIAEoBCInChVMaXN0Q2xpZW50S2V5c1JlcXVlc3QSDgoGdGVuYW50GAEgASgJIkUKFkxpc3RDbGllbnRLZXlzUmVzcG9uc2USKwoLY2xpZW50X2tleXMYASADKAsyFi5rZXlwbGFuZS52MS5DbGllbnRLZXkiNAoWRGVsZXRlQ2xpZW50S2V5UmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkiKgoXRGVsZXRlQ2xpZW50S2V5UmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoBCIiChBHZXRIZWFsdGhSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCSJ1ChFHZXRIZWFsdGhSZXNwb25zZRIqCgprZXlfaGVhbHRoGAEgAygLMhYua2V5cGxhbmUudjEuS2V5SGVhbHRoEjQKD3Byb3ZpZGVyX2hlYWx0aBgCIAMoCzIbLmtleXBsYW5lLnYxLlByb3ZpZGVySGVhbHRoIjcKFVJlc2V0S2V5SGVhbHRoUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSDgoGa2V5X2lkGAIgASgJIikKFlJlc2V0S2V5SGVhbHRoUmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoBCIVChNMaXN0U2lkZWNhcnNSZXF1ZXN0IkIKFExpc3RTaWRlY2Fyc1Jlc3BvbnNlEioKCHNpZGVjYXJzGAEgAygLMhgua2V5cGxhbmUudjEuU2lkZWNhckluZm8imAEKC1NpZGVjYXJJbmZvEhIKCnNpZGVjYXJfaWQYASABKAkSDwoHdGVuYW50cxgCIAMoCRIMCgRwZWVyGAMgASgJEjAKDGNvbm5lY3RfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgFIAEoBBITCgthbGxfdGVuYW50cxgGIAEoCCLkAgoLUHJveHlTdGF0dXMSEgoKc2lkZWNhcl9pZBgBIAEoCRIPCgdyZXBsaWNhGAIgASgJEg8KB3RlbmFudHMYAyADKAkSEwoLYWxsX3RlbmFudHMYBCABKAgSDAoEcGVlchgFIAEoCRIwCgxjb25uZWN0X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDHNlbnRfdmVyc2lvbhgHIAEoBBIXCg9hcHBsaWVkX3ZlcnNpb24YCCABKAQSGAoQcmVqZWN0ZWRfdmVyc2lvbhgJIAEoBBIUCgxlcnJvcl9kZXRhaWwYCiABKAkSJQoFc3RhdGUYCyABKA4yFi5rZXlwbGFuZS52MS5TeW5jU3RhdGUSFgoObGF0ZXN0X3ZlcnNpb24YDCABKAQSLAoIYWNrX3RpbWUYDSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIicKFUdldFByb3h5U3RhdHVzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkiZgoWR2V0UHJveHlTdGF0dXNSZXNwb25zZRIqCghzaWRlY2FycxgBIAMoCzIYLmtleXBsYW5lLnYxLlByb3h5U3RhdHVzEg8KB3JlcGxpY2EYAiABKAkSDwoHdmVyc2lvbhgDIAEoBCJkChVXYWl0Rm9yVmVyc2lvblJlcXVlc3QSDgoGdGVuYW50GAEgASgJEg8KB3ZlcnNpb24YAiABKAQSKgoHdGltZW91dBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJ5ChZXYWl0Rm9yVmVyc2lvblJlc3BvbnNlEhEKCWNvbnZlcmdlZBgBIAEoCBIQCghzaWRlY2FycxgCIAEoDRIPCgdhcHBsaWVkGAMgASgNEikKB3BlbmRpbmcYBCADKAsyGC5rZXlwbGFuZS52MS5Qcm94eVN0YXR1cyLZAQoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIOCgZ0ZW5hbnQYAyABKAkSFQoNcmVzb3VyY2Vfa2luZBgEIAEoCRITCgtyZXNvdXJjZV9pZBgFIAEoCRIuCgpzdGFydF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiWwoXTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USJwoGZXZlbnRzGAEgAygLMhcua2V5cGxhbmUudjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiKAoXQ3JlYXRlQWRtaW5Ub2tlblJlcXVlc3QSDQoFbGFiZWwYASABKAkiVwoYQ3JlYXRlQWRtaW5Ub2tlblJlc3BvbnNlEiwKC2FkbWluX3Rva2VuGAEgASgLMhcua2V5cGxhbmUudjEuQWRtaW5Ub2tlbhINCgV0b2tlbhgCIAEoCSIYChZMaXN0QWRtaW5Ub2tlbnNSZXF1ZXN0IkgKF0xpc3RBZG1pblRva2Vuc1Jlc3BvbnNlEi0KDGFkbWluX3Rva2VucxgBIAMoCzIXLmtleXBsYW5lLnYxLkFkbWluVG9rZW4iMwoXUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QSCgoCaWQYASABKAkSDAoEZXRhZxgCIAEoCSJIChhSZXZva2VBZG1pblRva2VuUmVzcG9uc2USLAoLYWRtaW5fdG9rZW4YASABKAsyFy5rZXlwbGFuZS52MS5BZG1pblRva2VuIlAKGUNyZWF0ZVNpZGVjYXJUb2tlblJlcXVlc3QSDQoFbGFiZWwYASABKAkSDwoHdGVuYW50cxgCIAMoCRITCgthbGxfdGVuYW50cxgDIAEoCCJdChpDcmVhdGVTaWRlY2FyVG9rZW5SZXNwb25zZRIwCg1zaWRlY2FyX3Rva2VuGAEgASgLMhkua2V5cGxhbmUudjEuU2lkZWNhclRva2VuEg0KBXRva2VuGAIgASgJIhoKGExpc3RTaWRlY2FyVG9rZW5zUmVxdWVzdCJOChlMaXN0U2lkZWNhclRva2Vuc1Jlc3BvbnNlEjEKDnNpZGVjYXJfdG9rZW5zGAEgAygLMhkua2V5cGxhbmUudjEuU2lkZWNhclRva2VuIjUKGVJldm9rZVNpZGVjYXJUb2tlblJlcXVlc3QSCgoCaWQYASABKAkSDAoEZXRhZxgCIAEoCSJOChpSZXZva2VTaWRlY2FyVG9rZW5SZXNwb25zZRIwCg1zaWRlY2FyX3Rva2VuGAEgASgLMhkua2V5cGxhbmUudjEuU2lkZWNhclRva2VuIhsKGUdldE1hc3RlcktleVN0YXR1c1JlcXVlc3QikAEKGkdldE1hc3RlcktleVN0YXR1c1Jlc3BvbnNlEhYKDnByaW1hcnlfa2V5X2lkGAEgASgJEhcKD2tleXJpbmdfa2V5X2lkcxgCIAMoCRIqCgV1c2FnZRgDIAMoCzIbLmtleXBsYW5lLnYxLk1hc3RlcktleVVzYWdlEhUKDXRvdGFsX3NlY3JldHMYBCABKAMiRQoOTWFzdGVyS2V5VXNhZ2USDgoGa2V5X2lkGAEgASgJEg8KB3NlY3JldHMYAiABKAMSEgoKaW5fa2V5cmluZxgDIAEoCCJWChRSZXdyYXBTZWNyZXRzUmVxdWVzdBIWCg5wcmltYXJ5X2tleV9pZBgBIAEoCRISCgpiYXRjaF9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiswEKFVJld3JhcFNlY3JldHNSZXNwb25zZRIWCg5wcmltYXJ5X2tleV9pZBgBIAEoCRIQCghleGFtaW5lZBgCIAEoAxIRCglyZXdyYXBwZWQYAyABKAMSFwoPYWxyZWFkeV9jdXJyZW50GAQgASgDEhcKD3NraXBwZWRfY2hhbmdlZBgFIAEoAxISCgp1bnJlYWRhYmxlGAYgASgDEhcKD25leHRfcGFnZV90b2tlbhgHIAEoCSJXCg5BZGROb2RlUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSEAoIcm91dGVfaWQYAiABKAkSCwoDdXJsGAMgASgJEhYKDnVwc3RyZWFtX21vZGVsGAQgASgJIkMKD0FkZE5vZGVSZXNwb25zZRIfCgRub2RlGAEgASgLMhEua2V5cGxhbmUudjEuTm9kZRIPCgd2ZXJzaW9uGAIgASgEIjwKEERyYWluTm9kZVJlcXVlc3QSDgoGdGVuYW50GAEgASgJEgoKAmlkGAIgASgJEgwKBGV0YWcYAyABKAkiRQoRRHJhaW5Ob2RlUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLmtleXBsYW5lLnYxLk5vZGUSDwoHdmVyc2lvbhgCIAEoBCI9ChFSZW1vdmVOb2RlUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSCgoCaWQYAiABKAkSDAoEZXRhZxgDIAEoCSJ4ChJSZW1vdmVOb2RlUmVzcG9uc2USHwoEbm9kZRgBIAEoCzIRLmtleXBsYW5lLnYxLk5vZGUSDwoHdmVyc2lvbhgCIAEoBBIWCg5iaW5kaW5nc19tb3ZlZBgDIAEoDRIYChBiaW5kaW5nc19kZWxldGVkGAQgASgNIkoKEExpc3ROb2Rlc1JlcXVlc3QSDgoGdGVuYW50GAEgASgJEhAKCHJvdXRlX2lkGAIgASgJEhQKDHNob3dfcmVtb3ZlZBgDIAEoCCJsChFMaXN0Tm9kZXNSZXNwb25zZRIgCgVub2RlcxgBIAMoCzIRLmtleXBsYW5lLnYxLk5vZGUSNQoOYmluZGluZ19jb3VudHMYAiADKAsyHS5rZXlwbGFuZS52MS5Ob2RlQmluZGluZ0NvdW50IjUKEE5vZGVCaW5kaW5nQ291bnQSDwoHbm9kZV9pZBgBIAEoCRIQCghiaW5kaW5ncxgCIAEoBCKKAQoTTGlzdEJpbmRpbmdzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSFQoNY2xpZW50X2tleV9pZBgCIAEoCRIUCgxwdWJsaWNfbW9kZWwYAyABKAkSDwoHbm9kZV9pZBgEIAEoCRIRCglwYWdlX3NpemUYBSABKAUSEgoKcGFnZV90b2tlbhgGIAEoCSJXChRMaXN0QmluZGluZ3NSZXNwb25zZRImCghiaW5kaW5ncxgBIAMoCzIULmtleXBsYW5lLnYxLkJpbmRpbmcSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJImUKFURlbGV0ZUJpbmRpbmdzUmVxdWVzdBIOCgZ0ZW5hbnQYASABKAkSFQoNY2xpZW50X2tleV9pZBgCIAEoCRIUCgxwdWJsaWNfbW9kZWwYAyABKAkSDwoHbm9kZV9pZBgEIAEoCSI6ChZEZWxldGVCaW5kaW5nc1Jlc3BvbnNlEg8KB2RlbGV0ZWQYASABKA0SDwoHdmVyc2lvbhgCIAEoBCIoChZHZXRCaW5kaW5nU3RhdHNSZXF1ZXN0Eg4KBnRlbmFudBgBIAEoCSK0AQoXR2V0QmluZGluZ1N0YXRzUmVzcG9uc2USEAoIYmluZGluZ3MYASABKAQSDAoEaGl0cxgCIAEoBBIOCgZtaXNzZXMYAyABKAQSDwoHY3JlYXRlZBgEIAEoBBINCgVtb3ZlcxgFIAEoBBIUCgxzaWRlY2FyX2hpdHMYBiABKAQSEQoJb3ZlcnJpZGVzGAcgASgEEhEKCWZhbGxiYWNrcxgIIAEoBBINCgVzd2VwdBgJIAEoBCqHAQoJU3luY1N0YXRlEhoKFlNZTkNfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFTWU5DX1NUQVRFX1NZTkNFRBABEhQKEFNZTkNfU1RBVEVfU1RBTEUQAhIYChRTWU5DX1NUQVRFX05PVF9BQ0tFRBADEhcKE1NZTkNfU1RBVEVfUkVKRUNURUQQBDK/GgoMQWRtaW5TZXJ2aWNlElMKDENyZWF0ZVRlbmFudBIgLmtleXBsYW5lLnYxLkNyZWF0ZVRlbmFudFJlcXVlc3QaIS5rZXlwbGFuZS52MS5DcmVhdGVUZW5hbnRSZXNwb25zZRJKCglHZXRUZW5hbnQSHS5rZXlwbGFuZS52MS5HZXRUZW5hbnRSZXF1ZXN0Gh4ua2V5cGxhbmUudjEuR2V0VGVuYW50UmVzcG9uc2USUAoLTGlzdFRlbmFudHMSHy5rZXlwbGFuZS52MS5MaXN0VGVuYW50c1JlcXVlc3QaIC5rZXlwbGFuZS52MS5MaXN0VGVuYW50c1Jlc3BvbnNlElMKDERlbGV0ZVRlbmFudBIgLmtleXBsYW5lLnYxLkRlbGV0ZVRlbmFudFJlcXVlc3QaIS5rZXlwbGFuZS52MS5EZWxldGVUZW5hbnRSZXNwb25zZRJiChFDcmVhdGVQcm92aWRlcktleRIlLmtleXBsYW5lLnYxLkNyZWF0ZVByb3ZpZGVyS2V5UmVxdWVzdBomLmtleXBsYW5lLnYxLkNyZWF0ZVByb3ZpZGVyS2V5UmVzcG9uc2USWQoOR2V0UHJvdmlkZXJLZXkSIi5rZXlwbGFuZS52MS5HZXRQcm92aWRlcktleVJlcXVlc3QaIy5rZXlwbGFuZS52MS5HZXRQcm92aWRlcktleVJlc3BvbnNlEl8KEExpc3RQcm92aWRlcktleXMSJC5rZXlwbGFuZS52MS5MaXN0UHJvdmlkZXJLZXlzUmVxdWVzdBolLmtleXBsYW5lLnYxLkxpc3RQcm92aWRlcktleXNSZXNwb25zZRJiChFVcGRhdGVQcm92aWRlcktleRIlLmtleXBsYW5lLnYxLlVwZGF0ZVByb3ZpZGVyS2V5UmVxdWVzdBomLmtleXBsYW5lLnYxLlVwZGF0ZVByb3ZpZGVyS2V5UmVzcG9uc2USYgoRRGVsZXRlUHJvdmlkZXJLZXkSJS5rZXlwbGFuZS52MS5EZWxldGVQcm92aWRlcktleVJlcXVlc3QaJi5rZXlwbGFuZS52MS5EZWxldGVQcm92aWRlcktleVJlc3BvbnNlElAKC0NyZWF0ZVJvdXRlEh8ua2V5cGxhbmUudjEuQ3JlYXRlUm91dGVSZXF1ZXN0GiAua2V5cGxhbmUudjEuQ3JlYXRlUm91dGVSZXNwb25zZRJHCghHZXRSb3V0ZRIcLmtleXBsYW5lLnYxLkdldFJvdXRlUmVxdWVzdBodLmtleXBsYW5lLnYxLkdldFJvdXRlUmVzcG9uc2USTQoKTGlzdFJvdXRlcxIeLmtleXBsYW5lLnYxLkxpc3RSb3V0ZXNSZXF1ZXN0Gh8ua2V5cGxhbmUudjEuTGlzdFJvdXRlc1Jlc3BvbnNlElAKC1VwZGF0ZVJvdXRlEh8ua2V5cGxhbmUudjEuVXBkYXRlUm91dGVSZXF1ZXN0GiAua2V5cGxhbmUudjEuVXBkYXRlUm91dGVSZXNwb25zZRJQCgtEZWxldGVSb3V0ZRIfLmtleXBsYW5lLnYxLkRlbGV0ZVJvdXRlUmVxdWVzdBogLmtleXBsYW5lLnYxLkRlbGV0ZVJvdXRlUmVzcG9uc2USXAoPQ3JlYXRlQ2xpZW50S2V5EiMua2V5cGxhbmUudjEuQ3JlYXRlQ2xpZW50S2V5UmVxdWVzdBokLmtleXBsYW5lLnYxLkNyZWF0ZUNsaWVudEtleVJlc3BvbnNlElkKDkxpc3RDbGllbnRLZXlzEiIua2V5cGxhbmUudjEuTGlzdENsaWVudEtleXNSZXF1ZXN0GiMua2V5cGxhbmUudjEuTGlzdENsaWVudEtleXNSZXNwb25zZRJcCg9EZWxldGVDbGllbnRLZXkSIy5rZXlwbGFuZS52MS5EZWxldGVDbGllbnRLZXlSZXF1ZXN0GiQua2V5cGxhbmUudjEuRGVsZXRlQ2xpZW50S2V5UmVzcG9uc2USSgoJR2V0SGVhbHRoEh0ua2V5cGxhbmUudjEuR2V0SGVhbHRoUmVxdWVzdBoeLmtleXBsYW5lLnYxLkdldEhlYWx0aFJlc3BvbnNlElkKDlJlc2V0S2V5SGVhbHRoEiIua2V5cGxhbmUudjEuUmVzZXRLZXlIZWFsdGhSZXF1ZXN0GiMua2V5cGxhbmUudjEuUmVzZXRLZXlIZWFsdGhSZXNwb25zZRJTCgxMaXN0U2lkZWNhcnMSIC5rZXlwbGFuZS52MS5MaXN0U2lkZWNhcnNSZXF1ZXN0GiEua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJzUmVzcG9uc2USWQoOR2V0UHJveHlTdGF0dXMSIi5rZXlwbGFuZS52MS5HZXRQcm94eVN0YXR1c1JlcXVlc3QaIy5rZXlwbGFuZS52MS5HZXRQcm94eVN0YXR1c1Jlc3BvbnNlElkKDldhaXRGb3JWZXJzaW9uEiIua2V5cGxhbmUudjEuV2FpdEZvclZlcnNpb25SZXF1ZXN0GiMua2V5cGxhbmUudjEuV2FpdEZvclZlcnNpb25SZXNwb25zZRJcCg9MaXN0QXVkaXRFdmVudHMSIy5rZXlwbGFuZS52MS5MaXN0QXVkaXRFdmVudHNSZXF1ZXN0GiQua2V5cGxhbmUudjEuTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USXwoQQ3JlYXRlQWRtaW5Ub2tlbhIkLmtleXBsYW5lLnYxLkNyZWF0ZUFkbWluVG9rZW5SZXF1ZXN0GiUua2V5cGxhbmUudjEuQ3JlYXRlQWRtaW5Ub2tlblJlc3BvbnNlElwKD0xpc3RBZG1pblRva2VucxIjLmtleXBsYW5lLnYxLkxpc3RBZG1pblRva2Vuc1JlcXVlc3QaJC5rZXlwbGFuZS52MS5MaXN0QWRtaW5Ub2tlbnNSZXNwb25zZRJfChBSZXZva2VBZG1pblRva2VuEiQua2V5cGxhbmUudjEuUmV2b2tlQWRtaW5Ub2tlblJlcXVlc3QaJS5rZXlwbGFuZS52MS5SZXZva2VBZG1pblRva2VuUmVzcG9uc2USZQoSQ3JlYXRlU2lkZWNhclRva2VuEiYua2V5cGxhbmUudjEuQ3JlYXRlU2lkZWNhclRva2VuUmVxdWVzdBonLmtleXBsYW5lLnYxLkNyZWF0ZVNpZGVjYXJUb2tlblJlc3BvbnNlEmIKEUxpc3RTaWRlY2FyVG9rZW5zEiUua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJUb2tlbnNSZXF1ZXN0GiYua2V5cGxhbmUudjEuTGlzdFNpZGVjYXJUb2tlbnNSZXNwb25zZRJlChJSZXZva2VTaWRlY2FyVG9rZW4SJi5rZXlwbGFuZS52MS5SZXZva2VTaWRlY2FyVG9rZW5SZXF1ZXN0Gicua2V5cGxhbmUudjEuUmV2b2tlU2lkZWNhclRva2VuUmVzcG9uc2USZQoSR2V0TWFzdGVyS2V5U3RhdHVzEiYua2V5cGxhbmUudjEuR2V0TWFzdGVyS2V5U3RhdHVzUmVxdWVzdBonLmtleXBsYW5lLnYxLkdldE1hc3RlcktleVN0YXR1c1Jlc3BvbnNlElYKDVJld3JhcFNlY3JldHMSIS5rZXlwbGFuZS52MS5SZXdyYXBTZWNyZXRzUmVxdWVzdBoiLmtleXBsYW5lLnYxLlJld3JhcFNlY3JldHNSZXNwb25zZRJECgdBZGROb2RlEhsua2V5cGxhbmUudjEuQWRkTm9kZVJlcXVlc3QaHC5rZXlwbGFuZS52MS5BZGROb2RlUmVzcG9uc2USSgoJRHJhaW5Ob2RlEh0ua2V5cGxhbmUudjEuRHJhaW5Ob2RlUmVxdWVzdBoeLmtleXBsYW5lLnYxLkRyYWluTm9kZVJlc3BvbnNlEk0KClJlbW92ZU5vZGUSHi5rZXlwbGFuZS52MS5SZW1vdmVOb2RlUmVxdWVzdBofLmtleXBsYW5lLnYxLlJlbW92ZU5vZGVSZXNwb25zZRJKCglMaXN0Tm9kZXMSHS5rZXlwbGFuZS52MS5MaXN0Tm9kZXNSZXF1ZXN0Gh4ua2V5cGxhbmUudjEuTGlzdE5vZGVzUmVzcG9uc2USUwoMTGlzdEJpbmRpbmdzEiAua2V5cGxhbmUudjEuTGlzdEJpbmRpbmdzUmVxdWVzdBohLmtleXBsYW5lLnYxLkxpc3RCaW5kaW5nc1Jlc3BvbnNlElkKDkRlbGV0ZUJpbmRpbmdzEiIua2V5cGxhbmUudjEuRGVsZXRlQmluZGluZ3NSZXF1ZXN0GiMua2V5cGxhbmUudjEuRGVsZXRlQmluZGluZ3NSZXNwb25zZRJcCg9HZXRCaW5kaW5nU3RhdHMSIy5rZXlwbGFuZS52MS5HZXRCaW5kaW5nU3RhdHNSZXF1ZXN0GiQua2V5cGxhbmUudjEuR2V0QmluZGluZ1N0YXRzUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp, file_keyplane_v1_resources]);
 
 /**
  * @generated from message keyplane.v1.CreateTenantRequest
@@ -1702,6 +1702,482 @@ export const RewrapSecretsResponseSchema: GenMessage<RewrapSecretsResponse> = /*
   messageDesc(file_keyplane_v1_admin_service, 64);
 
 /**
+ * @generated from message keyplane.v1.AddNodeRequest
+ */
+export type AddNodeRequest = Message<"keyplane.v1.AddNodeRequest"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * A route with a vllm target.
+   *
+   * @generated from field: string route_id = 2;
+   */
+  routeId: string;
+
+  /**
+   * http(s) base URL of the node (a trailing slash is dropped).
+   *
+   * @generated from field: string url = 3;
+   */
+  url: string;
+
+  /**
+   * The vllm target of the route the node serves (its upstream_model);
+   * empty: the route's first vllm target.
+   *
+   * @generated from field: string upstream_model = 4;
+   */
+  upstreamModel: string;
+};
+
+/**
+ * Describes the message keyplane.v1.AddNodeRequest.
+ * Use `create(AddNodeRequestSchema)` to create a new message.
+ */
+export const AddNodeRequestSchema: GenMessage<AddNodeRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 65);
+
+/**
+ * @generated from message keyplane.v1.AddNodeResponse
+ */
+export type AddNodeResponse = Message<"keyplane.v1.AddNodeResponse"> & {
+  /**
+   * @generated from field: keyplane.v1.Node node = 1;
+   */
+  node?: Node | undefined;
+
+  /**
+   * A change-log version at or after this write (see CreateTenantResponse).
+   *
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
+};
+
+/**
+ * Describes the message keyplane.v1.AddNodeResponse.
+ * Use `create(AddNodeResponseSchema)` to create a new message.
+ */
+export const AddNodeResponseSchema: GenMessage<AddNodeResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 66);
+
+/**
+ * @generated from message keyplane.v1.DrainNodeRequest
+ */
+export type DrainNodeRequest = Message<"keyplane.v1.DrainNodeRequest"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * @generated from field: string id = 2;
+   */
+  id: string;
+
+  /**
+   * Precondition (AIP-154): fails with ABORTED when the node changed since
+   * it was read. Empty: unconditional.
+   *
+   * @generated from field: string etag = 3;
+   */
+  etag: string;
+};
+
+/**
+ * Describes the message keyplane.v1.DrainNodeRequest.
+ * Use `create(DrainNodeRequestSchema)` to create a new message.
+ */
+export const DrainNodeRequestSchema: GenMessage<DrainNodeRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 67);
+
+/**
+ * @generated from message keyplane.v1.DrainNodeResponse
+ */
+export type DrainNodeResponse = Message<"keyplane.v1.DrainNodeResponse"> & {
+  /**
+   * @generated from field: keyplane.v1.Node node = 1;
+   */
+  node?: Node | undefined;
+
+  /**
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
+};
+
+/**
+ * Describes the message keyplane.v1.DrainNodeResponse.
+ * Use `create(DrainNodeResponseSchema)` to create a new message.
+ */
+export const DrainNodeResponseSchema: GenMessage<DrainNodeResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 68);
+
+/**
+ * @generated from message keyplane.v1.RemoveNodeRequest
+ */
+export type RemoveNodeRequest = Message<"keyplane.v1.RemoveNodeRequest"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * @generated from field: string id = 2;
+   */
+  id: string;
+
+  /**
+   * Precondition (AIP-154), as for DrainNodeRequest.
+   *
+   * @generated from field: string etag = 3;
+   */
+  etag: string;
+};
+
+/**
+ * Describes the message keyplane.v1.RemoveNodeRequest.
+ * Use `create(RemoveNodeRequestSchema)` to create a new message.
+ */
+export const RemoveNodeRequestSchema: GenMessage<RemoveNodeRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 69);
+
+/**
+ * @generated from message keyplane.v1.RemoveNodeResponse
+ */
+export type RemoveNodeResponse = Message<"keyplane.v1.RemoveNodeResponse"> & {
+  /**
+   * @generated from field: keyplane.v1.Node node = 1;
+   */
+  node?: Node | undefined;
+
+  /**
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
+
+  /**
+   * Bindings moved to another node, and deleted for want of one.
+   *
+   * @generated from field: uint32 bindings_moved = 3;
+   */
+  bindingsMoved: number;
+
+  /**
+   * @generated from field: uint32 bindings_deleted = 4;
+   */
+  bindingsDeleted: number;
+};
+
+/**
+ * Describes the message keyplane.v1.RemoveNodeResponse.
+ * Use `create(RemoveNodeResponseSchema)` to create a new message.
+ */
+export const RemoveNodeResponseSchema: GenMessage<RemoveNodeResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 70);
+
+/**
+ * @generated from message keyplane.v1.ListNodesRequest
+ */
+export type ListNodesRequest = Message<"keyplane.v1.ListNodesRequest"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * Only the nodes of this route; empty: every route of the tenant.
+   *
+   * @generated from field: string route_id = 2;
+   */
+  routeId: string;
+
+  /**
+   * Include REMOVED nodes too.
+   *
+   * @generated from field: bool show_removed = 3;
+   */
+  showRemoved: boolean;
+};
+
+/**
+ * Describes the message keyplane.v1.ListNodesRequest.
+ * Use `create(ListNodesRequestSchema)` to create a new message.
+ */
+export const ListNodesRequestSchema: GenMessage<ListNodesRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 71);
+
+/**
+ * @generated from message keyplane.v1.ListNodesResponse
+ */
+export type ListNodesResponse = Message<"keyplane.v1.ListNodesResponse"> & {
+  /**
+   * With their learnt health, and the number of live bindings each holds.
+   *
+   * @generated from field: repeated keyplane.v1.Node nodes = 1;
+   */
+  nodes: Node[];
+
+  /**
+   * @generated from field: repeated keyplane.v1.NodeBindingCount binding_counts = 2;
+   */
+  bindingCounts: NodeBindingCount[];
+};
+
+/**
+ * Describes the message keyplane.v1.ListNodesResponse.
+ * Use `create(ListNodesResponseSchema)` to create a new message.
+ */
+export const ListNodesResponseSchema: GenMessage<ListNodesResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 72);
+
+/**
+ * NodeBindingCount is how many live bindings name one node.
+ *
+ * @generated from message keyplane.v1.NodeBindingCount
+ */
+export type NodeBindingCount = Message<"keyplane.v1.NodeBindingCount"> & {
+  /**
+   * @generated from field: string node_id = 1;
+   */
+  nodeId: string;
+
+  /**
+   * @generated from field: uint64 bindings = 2;
+   */
+  bindings: bigint;
+};
+
+/**
+ * Describes the message keyplane.v1.NodeBindingCount.
+ * Use `create(NodeBindingCountSchema)` to create a new message.
+ */
+export const NodeBindingCountSchema: GenMessage<NodeBindingCount> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 73);
+
+/**
+ * Paged (AIP-158), oldest binding first; every filter set must match.
+ *
+ * @generated from message keyplane.v1.ListBindingsRequest
+ */
+export type ListBindingsRequest = Message<"keyplane.v1.ListBindingsRequest"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * @generated from field: string client_key_id = 2;
+   */
+  clientKeyId: string;
+
+  /**
+   * @generated from field: string public_model = 3;
+   */
+  publicModel: string;
+
+  /**
+   * @generated from field: string node_id = 4;
+   */
+  nodeId: string;
+
+  /**
+   * Default 100, at most 1000.
+   *
+   * @generated from field: int32 page_size = 5;
+   */
+  pageSize: number;
+
+  /**
+   * @generated from field: string page_token = 6;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message keyplane.v1.ListBindingsRequest.
+ * Use `create(ListBindingsRequestSchema)` to create a new message.
+ */
+export const ListBindingsRequestSchema: GenMessage<ListBindingsRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 74);
+
+/**
+ * @generated from message keyplane.v1.ListBindingsResponse
+ */
+export type ListBindingsResponse = Message<"keyplane.v1.ListBindingsResponse"> & {
+  /**
+   * @generated from field: repeated keyplane.v1.Binding bindings = 1;
+   */
+  bindings: Binding[];
+
+  /**
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message keyplane.v1.ListBindingsResponse.
+ * Use `create(ListBindingsResponseSchema)` to create a new message.
+ */
+export const ListBindingsResponseSchema: GenMessage<ListBindingsResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 75);
+
+/**
+ * Deletes the bindings matching every filter set; tenant and at least one
+ * other filter are required (a node's or a client key's bindings, one
+ * binding). The next request of each client picks a node again.
+ *
+ * @generated from message keyplane.v1.DeleteBindingsRequest
+ */
+export type DeleteBindingsRequest = Message<"keyplane.v1.DeleteBindingsRequest"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * @generated from field: string client_key_id = 2;
+   */
+  clientKeyId: string;
+
+  /**
+   * @generated from field: string public_model = 3;
+   */
+  publicModel: string;
+
+  /**
+   * @generated from field: string node_id = 4;
+   */
+  nodeId: string;
+};
+
+/**
+ * Describes the message keyplane.v1.DeleteBindingsRequest.
+ * Use `create(DeleteBindingsRequestSchema)` to create a new message.
+ */
+export const DeleteBindingsRequestSchema: GenMessage<DeleteBindingsRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 76);
+
+/**
+ * @generated from message keyplane.v1.DeleteBindingsResponse
+ */
+export type DeleteBindingsResponse = Message<"keyplane.v1.DeleteBindingsResponse"> & {
+  /**
+   * @generated from field: uint32 deleted = 1;
+   */
+  deleted: number;
+
+  /**
+   * @generated from field: uint64 version = 2;
+   */
+  version: bigint;
+};
+
+/**
+ * Describes the message keyplane.v1.DeleteBindingsResponse.
+ * Use `create(DeleteBindingsResponseSchema)` to create a new message.
+ */
+export const DeleteBindingsResponseSchema: GenMessage<DeleteBindingsResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 77);
+
+/**
+ * @generated from message keyplane.v1.GetBindingStatsRequest
+ */
+export type GetBindingStatsRequest = Message<"keyplane.v1.GetBindingStatsRequest"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+};
+
+/**
+ * Describes the message keyplane.v1.GetBindingStatsRequest.
+ * Use `create(GetBindingStatsRequestSchema)` to create a new message.
+ */
+export const GetBindingStatsRequestSchema: GenMessage<GetBindingStatsRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 78);
+
+/**
+ * GetBindingStatsResponse counts affinity decisions. Counters are since this
+ * replica started (sidecar-side counters arrive with RefreshBindings at the
+ * replica the sidecar calls); `bindings` is read from the store.
+ *
+ * @generated from message keyplane.v1.GetBindingStatsResponse
+ */
+export type GetBindingStatsResponse = Message<"keyplane.v1.GetBindingStatsResponse"> & {
+  /**
+   * Live bindings of the tenant.
+   *
+   * @generated from field: uint64 bindings = 1;
+   */
+  bindings: bigint;
+
+  /**
+   * GetOrCreateBinding answered from an existing binding.
+   *
+   * @generated from field: uint64 hits = 2;
+   */
+  hits: bigint;
+
+  /**
+   * GetOrCreateBinding found no usable binding (created + moved).
+   *
+   * @generated from field: uint64 misses = 3;
+   */
+  misses: bigint;
+
+  /**
+   * @generated from field: uint64 created = 4;
+   */
+  created: bigint;
+
+  /**
+   * Bindings moved to another node (by GetOrCreateBinding, RemoveNode or
+   * health).
+   *
+   * @generated from field: uint64 moves = 5;
+   */
+  moves: bigint;
+
+  /**
+   * Sidecar-reported: requests served from a cached binding with no RPC,
+   * cached bindings ignored for an unusable node, and fallbacks to the
+   * normal strategy.
+   *
+   * @generated from field: uint64 sidecar_hits = 6;
+   */
+  sidecarHits: bigint;
+
+  /**
+   * @generated from field: uint64 overrides = 7;
+   */
+  overrides: bigint;
+
+  /**
+   * @generated from field: uint64 fallbacks = 8;
+   */
+  fallbacks: bigint;
+
+  /**
+   * Bindings removed by the expiry sweep.
+   *
+   * @generated from field: uint64 swept = 9;
+   */
+  swept: bigint;
+};
+
+/**
+ * Describes the message keyplane.v1.GetBindingStatsResponse.
+ * Use `create(GetBindingStatsResponseSchema)` to create a new message.
+ */
+export const GetBindingStatsResponseSchema: GenMessage<GetBindingStatsResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_admin_service, 79);
+
+/**
  * SyncState is how far one sidecar is from what the store holds for its tenants.
  *
  * @generated from enum keyplane.v1.SyncState
@@ -2039,6 +2515,73 @@ export const AdminService: GenService<{
     methodKind: "unary";
     input: typeof RewrapSecretsRequestSchema;
     output: typeof RewrapSecretsResponseSchema;
+  },
+  /**
+   * Nodes of vllm targets (see Node). AddNode is idempotent for a URL the
+   * route already has (it returns that node; a REMOVED one becomes ACTIVE
+   * again). DrainNode: the node keeps its bindings until they expire but
+   * takes no new ones. RemoveNode: the node serves nothing and each of its
+   * bindings moves to another healthy ACTIVE node of the route (or is
+   * deleted when there is none). Every change reaches the tenant's sidecars
+   * over Watch.
+   *
+   * @generated from rpc keyplane.v1.AdminService.AddNode
+   */
+  addNode: {
+    methodKind: "unary";
+    input: typeof AddNodeRequestSchema;
+    output: typeof AddNodeResponseSchema;
+  },
+  /**
+   * @generated from rpc keyplane.v1.AdminService.DrainNode
+   */
+  drainNode: {
+    methodKind: "unary";
+    input: typeof DrainNodeRequestSchema;
+    output: typeof DrainNodeResponseSchema;
+  },
+  /**
+   * @generated from rpc keyplane.v1.AdminService.RemoveNode
+   */
+  removeNode: {
+    methodKind: "unary";
+    input: typeof RemoveNodeRequestSchema;
+    output: typeof RemoveNodeResponseSchema;
+  },
+  /**
+   * @generated from rpc keyplane.v1.AdminService.ListNodes
+   */
+  listNodes: {
+    methodKind: "unary";
+    input: typeof ListNodesRequestSchema;
+    output: typeof ListNodesResponseSchema;
+  },
+  /**
+   * Affinity bindings (see Binding): list (every filter set must match) and
+   * delete, and the counters of what affinity did.
+   *
+   * @generated from rpc keyplane.v1.AdminService.ListBindings
+   */
+  listBindings: {
+    methodKind: "unary";
+    input: typeof ListBindingsRequestSchema;
+    output: typeof ListBindingsResponseSchema;
+  },
+  /**
+   * @generated from rpc keyplane.v1.AdminService.DeleteBindings
+   */
+  deleteBindings: {
+    methodKind: "unary";
+    input: typeof DeleteBindingsRequestSchema;
+    output: typeof DeleteBindingsResponseSchema;
+  },
+  /**
+   * @generated from rpc keyplane.v1.AdminService.GetBindingStats
+   */
+  getBindingStats: {
+    methodKind: "unary";
+    input: typeof GetBindingStatsRequestSchema;
+    output: typeof GetBindingStatsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_keyplane_v1_admin_service, 0);

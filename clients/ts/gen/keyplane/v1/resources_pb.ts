@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keyplane/v1/resources.proto.
  */
 export const file_keyplane_v1_resources: GenFile = /*@__PURE__*/
-  fileDesc("ChtrZXlwbGFuZS92MS9yZXNvdXJjZXMucHJvdG8SC2tleXBsYW5lLnYxIlUKBlRlbmFudBIMCgRuYW1lGAEgASgJEi8KC2NyZWF0ZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAMgASgJItcCCgtQcm92aWRlcktleRIKCgJpZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSJwoIcHJvdmlkZXIYAyABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVsYWJlbBgEIAEoCRIQCghiYXNlX3VybBgFIAEoCRImCgZzdGF0dXMYBiABKA4yFi5rZXlwbGFuZS52MS5LZXlTdGF0dXMSDgoGd2VpZ2h0GAcgASgNEhYKDmFsbG93ZWRfbW9kZWxzGAggAygJEhMKC2ZpbmdlcnByaW50GAkgASgJEg0KBWxhc3Q0GAogASgJEi8KC2NyZWF0ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgNIAEoCSLWAQoLUm91dGVUYXJnZXQSJwoIcHJvdmlkZXIYASABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchIWCg51cHN0cmVhbV9tb2RlbBgCIAEoCRIQCghwcmlvcml0eRgDIAEoDRIOCgZ3ZWlnaHQYBCABKA0SEQoJbm9kZV91cmxzGAUgAygJEigKCWVuZHBvaW50cxgGIAMoDjIVLmtleXBsYW5lLnYxLkVuZHBvaW50EhMKC2FwaV92ZXJzaW9uGAggASgJEhIKCmRlcGxveW1lbnQYCSABKAki1AEKBVJvdXRlEgoKAmlkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIUCgxwdWJsaWNfbW9kZWwYAyABKAkSKQoHdGFyZ2V0cxgEIAMoCzIYLmtleXBsYW5lLnYxLlJvdXRlVGFyZ2V0Ei8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgHIAEoCSKFAQoJQ2xpZW50S2V5EgoKAmlkGAEgASgJEg4KBnRlbmFudBgCIAEoCRINCgVsYWJlbBgDIAEoCRIOCgZwcmVmaXgYBCABKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGV0YWcYBiABKAkivwEKCUtleUhlYWx0aBIOCgZrZXlfaWQYASABKAkSDQoFbW9kZWwYAiABKAkSJwoFc3RhdGUYAyABKA4yGC5rZXlwbGFuZS52MS5IZWFsdGhTdGF0ZRIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAUgASgJEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLdAQoOUHJvdmlkZXJIZWFsdGgSJwoIcHJvdmlkZXIYASABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVtb2RlbBgCIAEoCRInCgVzdGF0ZRgDIAEoDjIYLmtleXBsYW5lLnYxLkhlYWx0aFN0YXRlEikKBXVudGlsGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZWFzb24YBSABKAkSLwoLdXBkYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wItMBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgEEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmNhbGxlchgDIAEoCRIOCgZtZXRob2QYBCABKAkSDgoGdGVuYW50GAUgASgJEhUKDXJlc291cmNlX2tpbmQYBiABKAkSEwoLcmVzb3VyY2VfaWQYByABKAkSDgoGZmllbGRzGAggAygJEhMKC2ZpbmdlcnByaW50GAkgASgJEg4KBnJlc3VsdBgKIAEoCSKnAQoKQWRtaW5Ub2tlbhIKCgJpZBgBIAEoCRINCgVsYWJlbBgCIAEoCRIOCgZwcmVmaXgYAyABKAkSLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAYgASgJIs8BCgxTaWRlY2FyVG9rZW4SCgoCaWQYASABKAkSDQoFbGFiZWwYAiABKAkSDgoGcHJlZml4GAMgASgJEg8KB3RlbmFudHMYBCADKAkSEwoLYWxsX3RlbmFudHMYBSABKAgSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAggASgJKs0BCghQcm92aWRlchIYChRQUk9WSURFUl9VTlNQRUNJRklFRBAAEhMKD1BST1ZJREVSX09QRU5BSRABEhYKElBST1ZJREVSX0FOVEhST1BJQxACEhkKFVBST1ZJREVSX0FaVVJFX09QRU5BSRADEhMKD1BST1ZJREVSX0dFTUlOSRAEEhcKE1BST1ZJREVSX09QRU5ST1VURVIQBRIeChpQUk9WSURFUl9PUEVOQUlfQ09NUEFUSUJMRRAGEhEKDVBST1ZJREVSX1ZMTE0QByqeAgoIRW5kcG9pbnQSGAoURU5EUE9JTlRfVU5TUEVDSUZJRUQQABIdChlFTkRQT0lOVF9DSEFUX0NPTVBMRVRJT05TEAESGAoURU5EUE9JTlRfQ09NUExFVElPTlMQAhIXChNFTkRQT0lOVF9FTUJFRERJTkdTEAMSFgoSRU5EUE9JTlRfUkVTUE9OU0VTEAQSGAoURU5EUE9JTlRfTU9ERVJBVElPTlMQBRIfChtFTkRQT0lOVF9JTUFHRVNfR0VORVJBVElPTlMQBhIhCh1FTkRQT0lOVF9BVURJT19UUkFOU0NSSVBUSU9OUxAHEhkKFUVORFBPSU5UX0FVRElPX1NQRUVDSBAIEhUKEUVORFBPSU5UX01FU1NBR0VTEAkqbwoJS2V5U3RhdHVzEhoKFktFWV9TVEFUVVNfVU5TUEVDSUZJRUQQABIVChFLRVlfU1RBVFVTX0FDVElWRRABEhcKE0tFWV9TVEFUVVNfRElTQUJMRUQQAhIWChJLRVlfU1RBVFVTX1JFVk9LRUQQAyqzAQoLSGVhbHRoU3RhdGUSHAoYSEVBTFRIX1NUQVRFX1VOU1BFQ0lGSUVEEAASGAoUSEVBTFRIX1NUQVRFX0hFQUxUSFkQARIZChVIRUFMVEhfU1RBVEVfQ09PTERPV04QAhIaChZIRUFMVEhfU1RBVEVfVU5IRUFMVEhZEAMSGQoVSEVBTFRIX1NUQVRFX0RFR1JBREVEEAQSGgoWSEVBTFRIX1NUQVRFX0VYSEFVU1RFRBAFYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("ChtrZXlwbGFuZS92MS9yZXNvdXJjZXMucHJvdG8SC2tleXBsYW5lLnYxIlUKBlRlbmFudBIMCgRuYW1lGAEgASgJEi8KC2NyZWF0ZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAMgASgJItcCCgtQcm92aWRlcktleRIKCgJpZBgBIAEoCRIOCgZ0ZW5hbnQYAiABKAkSJwoIcHJvdmlkZXIYAyABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVsYWJlbBgEIAEoCRIQCghiYXNlX3VybBgFIAEoCRImCgZzdGF0dXMYBiABKA4yFi5rZXlwbGFuZS52MS5LZXlTdGF0dXMSDgoGd2VpZ2h0GAcgASgNEhYKDmFsbG93ZWRfbW9kZWxzGAggAygJEhMKC2ZpbmdlcnByaW50GAkgASgJEg0KBWxhc3Q0GAogASgJEi8KC2NyZWF0ZV90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgMIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgNIAEoCSLWAQoLUm91dGVUYXJnZXQSJwoIcHJvdmlkZXIYASABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchIWCg51cHN0cmVhbV9tb2RlbBgCIAEoCRIQCghwcmlvcml0eRgDIAEoDRIOCgZ3ZWlnaHQYBCABKA0SEQoJbm9kZV91cmxzGAUgAygJEigKCWVuZHBvaW50cxgGIAMoDjIVLmtleXBsYW5lLnYxLkVuZHBvaW50EhMKC2FwaV92ZXJzaW9uGAggASgJEhIKCmRlcGxveW1lbnQYCSABKAki1AEKBVJvdXRlEgoKAmlkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIUCgxwdWJsaWNfbW9kZWwYAyABKAkSKQoHdGFyZ2V0cxgEIAMoCzIYLmtleXBsYW5lLnYxLlJvdXRlVGFyZ2V0Ei8KC2NyZWF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgHIAEoCSKFAQoJQ2xpZW50S2V5EgoKAmlkGAEgASgJEg4KBnRlbmFudBgCIAEoCRINCgVsYWJlbBgDIAEoCRIOCgZwcmVmaXgYBCABKAkSLwoLY3JlYXRlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGV0YWcYBiABKAkivwEKCUtleUhlYWx0aBIOCgZrZXlfaWQYASABKAkSDQoFbW9kZWwYAiABKAkSJwoFc3RhdGUYAyABKA4yGC5rZXlwbGFuZS52MS5IZWFsdGhTdGF0ZRIpCgV1bnRpbBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGcmVhc29uGAUgASgJEi8KC3VwZGF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLdAQoOUHJvdmlkZXJIZWFsdGgSJwoIcHJvdmlkZXIYASABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVtb2RlbBgCIAEoCRInCgVzdGF0ZRgDIAEoDjIYLmtleXBsYW5lLnYxLkhlYWx0aFN0YXRlEikKBXVudGlsGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZWFzb24YBSABKAkSLwoLdXBkYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wItMBCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgEEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmNhbGxlchgDIAEoCRIOCgZtZXRob2QYBCABKAkSDgoGdGVuYW50GAUgASgJEhUKDXJlc291cmNlX2tpbmQYBiABKAkSEwoLcmVzb3VyY2VfaWQYByABKAkSDgoGZmllbGRzGAggAygJEhMKC2ZpbmdlcnByaW50GAkgASgJEg4KBnJlc3VsdBgKIAEoCSKnAQoKQWRtaW5Ub2tlbhIKCgJpZBgBIAEoCRINCgVsYWJlbBgCIAEoCRIOCgZwcmVmaXgYAyABKAkSLwoLY3JlYXRlX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAYgASgJIs8BCgxTaWRlY2FyVG9rZW4SCgoCaWQYASABKAkSDQoFbGFiZWwYAiABKAkSDgoGcHJlZml4GAMgASgJEg8KB3RlbmFudHMYBCADKAkSEwoLYWxsX3RlbmFudHMYBSABKAgSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3Jldm9rZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRldGFnGAggASgJIq0CCgROb2RlEgoKAmlkGAEgASgJEg4KBnRlbmFudBgCIAEoCRIQCghyb3V0ZV9pZBgDIAEoCRILCgN1cmwYBCABKAkSFgoOdXBzdHJlYW1fbW9kZWwYBSABKAkSJQoFc3RhdGUYBiABKA4yFi5rZXlwbGFuZS52MS5Ob2RlU3RhdGUSEgoKZnJvbV9yb3V0ZRgHIAEoCBIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGV0YWcYCiABKAkSJwoGaGVhbHRoGAsgASgLMhcua2V5cGxhbmUudjEuTm9kZUhlYWx0aCKyAQoKTm9kZUhlYWx0aBIPCgdub2RlX2lkGAEgASgJEicKBXN0YXRlGAIgASgOMhgua2V5cGxhbmUudjEuSGVhbHRoU3RhdGUSKQoFdW50aWwYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnJlYXNvbhgEIAEoCRIvCgt1cGRhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiiwIKB0JpbmRpbmcSDgoGdGVuYW50GAEgASgJEhUKDWNsaWVudF9rZXlfaWQYAiABKAkSFAoMcHVibGljX21vZGVsGAMgASgJEg8KB25vZGVfaWQYBCABKAkSEAoIbm9kZV91cmwYBSABKAkSLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgtleHBpcmVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDQoFbW92ZXMYCSABKA0qzQEKCFByb3ZpZGVyEhgKFFBST1ZJREVSX1VOU1BFQ0lGSUVEEAASEwoPUFJPVklERVJfT1BFTkFJEAESFgoSUFJPVklERVJfQU5USFJPUElDEAISGQoVUFJPVklERVJfQVpVUkVfT1BFTkFJEAMSEwoPUFJPVklERVJfR0VNSU5JEAQSFwoTUFJPVklERVJfT1BFTlJPVVRFUhAFEh4KGlBST1ZJREVSX09QRU5BSV9DT01QQVRJQkxFEAYSEQoNUFJPVklERVJfVkxMTRAHKp4CCghFbmRwb2ludBIYChRFTkRQT0lOVF9VTlNQRUNJRklFRBAAEh0KGUVORFBPSU5UX0NIQVRfQ09NUExFVElPTlMQARIYChRFTkRQT0lOVF9DT01QTEVUSU9OUxACEhcKE0VORFBPSU5UX0VNQkVERElOR1MQAxIWChJFTkRQT0lOVF9SRVNQT05TRVMQBBIYChRFTkRQT0lOVF9NT0RFUkFUSU9OUxAFEh8KG0VORFBPSU5UX0lNQUdFU19HRU5FUkFUSU9OUxAGEiEKHUVORFBPSU5UX0FVRElPX1RSQU5TQ1JJUFRJT05TEAcSGQoVRU5EUE9JTlRfQVVESU9fU1BFRUNIEAgSFQoRRU5EUE9JTlRfTUVTU0FHRVMQCSpvCglLZXlTdGF0dXMSGgoWS0VZX1NUQVRVU19VTlNQRUNJRklFRBAAEhUKEUtFWV9TVEFUVVNfQUNUSVZFEAESFwoTS0VZX1NUQVRVU19ESVNBQkxFRBACEhYKEktFWV9TVEFUVVNfUkVWT0tFRBADKrMBCgtIZWFsdGhTdGF0ZRIcChhIRUFMVEhfU1RBVEVfVU5TUEVDSUZJRUQQABIYChRIRUFMVEhfU1RBVEVfSEVBTFRIWRABEhkKFUhFQUxUSF9TVEFURV9DT09MRE9XThACEhoKFkhFQUxUSF9TVEFURV9VTkhFQUxUSFkQAxIZChVIRUFMVEhfU1RBVEVfREVHUkFERUQQBBIaChZIRUFMVEhfU1RBVEVfRVhIQVVTVEVEEAUqbwoJTm9kZVN0YXRlEhoKFk5PREVfU1RBVEVfVU5TUEVDSUZJRUQQABIVChFOT0RFX1NUQVRFX0FDVElWRRABEhcKE05PREVfU1RBVEVfRFJBSU5JTkcQAhIWChJOT0RFX1NUQVRFX1JFTU9WRUQQA2IGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * Tenant is an isolation boundary; every other object belongs to one.
@@ -606,6 +606,213 @@ export const SidecarTokenSchema: GenMessage<SidecarToken> = /*@__PURE__*/
   messageDesc(file_keyplane_v1_resources, 9);
 
 /**
+ * Node is one self-hosted inference server (a vLLM node) of a route's vllm
+ * target. Every URL in a vllm target's node_urls is a node with a stable id
+ * derived from (route id, URL): "nd_" + the first 24 hex characters of
+ * SHA-256("<route_id>\n<url>"), so the same URL of the same route always has
+ * the same id on every replica. AddNode adds nodes the same way.
+ *
+ * @generated from message keyplane.v1.Node
+ */
+export type Node = Message<"keyplane.v1.Node"> & {
+  /**
+   * "nd_" + 24 hex characters, derived from (route_id, url).
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string tenant = 2;
+   */
+  tenant: string;
+
+  /**
+   * The route whose vllm target the node serves.
+   *
+   * @generated from field: string route_id = 3;
+   */
+  routeId: string;
+
+  /**
+   * The node's base URL, e.g. "http://10.0.0.7:8000" (no trailing slash).
+   *
+   * @generated from field: string url = 4;
+   */
+  url: string;
+
+  /**
+   * The upstream model of the vllm target it belongs to (the target's
+   * upstream_model); the sidecar sends the node that target's requests.
+   *
+   * @generated from field: string upstream_model = 5;
+   */
+  upstreamModel: string;
+
+  /**
+   * @generated from field: keyplane.v1.NodeState state = 6;
+   */
+  state: NodeState;
+
+  /**
+   * True when the node comes from a target's node_urls (a route update that
+   * drops the URL removes the node); false when added by AddNode.
+   *
+   * @generated from field: bool from_route = 7;
+   */
+  fromRoute: boolean;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp create_time = 8;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp update_time = 9;
+   */
+  updateTime?: Timestamp | undefined;
+
+  /**
+   * Opaque version of this object (AIP-154): send it back to make a drain or
+   * remove fail with ABORTED when the node changed since it was read.
+   *
+   * @generated from field: string etag = 10;
+   */
+  etag: string;
+
+  /**
+   * Learnt health (HEALTHY when nothing is known); admin responses only.
+   *
+   * @generated from field: keyplane.v1.NodeHealth health = 11;
+   */
+  health?: NodeHealth | undefined;
+};
+
+/**
+ * Describes the message keyplane.v1.Node.
+ * Use `create(NodeSchema)` to create a new message.
+ */
+export const NodeSchema: GenMessage<Node> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_resources, 10);
+
+/**
+ * NodeHealth is the learnt health of one node, folded from the outcomes
+ * sidecars report with the node's id (like key health): a node that fails is
+ * demoted for every sidecar of the tenant. States used: HEALTHY, COOLDOWN
+ * (until `until`, then one probe is let through) and UNHEALTHY.
+ *
+ * @generated from message keyplane.v1.NodeHealth
+ */
+export type NodeHealth = Message<"keyplane.v1.NodeHealth"> & {
+  /**
+   * @generated from field: string node_id = 1;
+   */
+  nodeId: string;
+
+  /**
+   * @generated from field: keyplane.v1.HealthState state = 2;
+   */
+  state: HealthState;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp until = 3;
+   */
+  until?: Timestamp | undefined;
+
+  /**
+   * Short and secret-free, e.g. "503 upstream_error".
+   *
+   * @generated from field: string reason = 4;
+   */
+  reason: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp update_time = 5;
+   */
+  updateTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message keyplane.v1.NodeHealth.
+ * Use `create(NodeHealthSchema)` to create a new message.
+ */
+export const NodeHealthSchema: GenMessage<NodeHealth> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_resources, 11);
+
+/**
+ * Binding pins (tenant, client key, public model) to one node so a client's
+ * requests for a model reuse the node's prefix/KV cache. Owned by the control
+ * plane; a binding lives until expire_time, pushed back by RefreshBindings
+ * after successful requests. Never logged with both client_key_id and
+ * public_model above debug level.
+ *
+ * @generated from message keyplane.v1.Binding
+ */
+export type Binding = Message<"keyplane.v1.Binding"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * @generated from field: string client_key_id = 2;
+   */
+  clientKeyId: string;
+
+  /**
+   * The model the app asked for (the route's public_model).
+   *
+   * @generated from field: string public_model = 3;
+   */
+  publicModel: string;
+
+  /**
+   * @generated from field: string node_id = 4;
+   */
+  nodeId: string;
+
+  /**
+   * The node's URL at the time the binding was read (convenience: the
+   * sidecar's snapshot has the node too).
+   *
+   * @generated from field: string node_url = 5;
+   */
+  nodeUrl: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When it was last created, moved or refreshed.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 7;
+   */
+  updateTime?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp expire_time = 8;
+   */
+  expireTime?: Timestamp | undefined;
+
+  /**
+   * How many times the binding moved to another node (health, drain,
+   * removal, or a sidecar excluding its node).
+   *
+   * @generated from field: uint32 moves = 9;
+   */
+  moves: number;
+};
+
+/**
+ * Describes the message keyplane.v1.Binding.
+ * Use `create(BindingSchema)` to create a new message.
+ */
+export const BindingSchema: GenMessage<Binding> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_resources, 12);
+
+/**
  * Provider is the upstream API family a key or route target belongs to.
  *
  * @generated from enum keyplane.v1.Provider
@@ -834,4 +1041,45 @@ export enum HealthState {
  */
 export const HealthStateSchema: GenEnum<HealthState> = /*@__PURE__*/
   enumDesc(file_keyplane_v1_resources, 3);
+
+/**
+ * NodeState is the admin-set lifecycle state of a self-hosted node.
+ *
+ * @generated from enum keyplane.v1.NodeState
+ */
+export enum NodeState {
+  /**
+   * @generated from enum value: NODE_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Serves requests and takes new affinity bindings.
+   *
+   * @generated from enum value: NODE_STATE_ACTIVE = 1;
+   */
+  ACTIVE = 1,
+
+  /**
+   * Keeps the bindings it has until they expire (refreshes do not extend
+   * them) but takes no new ones; sidecars send it no unbound traffic.
+   *
+   * @generated from enum value: NODE_STATE_DRAINING = 2;
+   */
+  DRAINING = 2,
+
+  /**
+   * Serves nothing; its bindings were moved to other nodes. Kept as a
+   * tombstone so the node_urls entry it came from stays removed.
+   *
+   * @generated from enum value: NODE_STATE_REMOVED = 3;
+   */
+  REMOVED = 3,
+}
+
+/**
+ * Describes the enum keyplane.v1.NodeState.
+ */
+export const NodeStateSchema: GenEnum<NodeState> = /*@__PURE__*/
+  enumDesc(file_keyplane_v1_resources, 4);
 

@@ -6,7 +6,7 @@ import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobu
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
-import type { KeyHealth, KeyStatus, Provider, ProviderHealth, Route } from "./resources_pb.js";
+import type { Binding, KeyHealth, KeyStatus, Node, NodeHealth, Provider, ProviderHealth, Route } from "./resources_pb.js";
 import { file_keyplane_v1_resources } from "./resources_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -14,7 +14,223 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keyplane/v1/sidecar_service.proto.
  */
 export const file_keyplane_v1_sidecar_service: GenFile = /*@__PURE__*/
-  fileDesc("CiFrZXlwbGFuZS92MS9zaWRlY2FyX3NlcnZpY2UucHJvdG8SC2tleXBsYW5lLnYxImkKCkFja1JlcXVlc3QSEgoKc2lkZWNhcl9pZBgBIAEoCRIXCg9hcHBsaWVkX3ZlcnNpb24YAiABKAQSGAoQcmVqZWN0ZWRfdmVyc2lvbhgDIAEoBBIUCgxlcnJvcl9kZXRhaWwYBCABKAkiDQoLQWNrUmVzcG9uc2UiSwoMV2F0Y2hSZXF1ZXN0Eg8KB3RlbmFudHMYASADKAkSFgoOcmVzdW1lX3ZlcnNpb24YAiABKAQSEgoKc2lkZWNhcl9pZBgDIAEoCSKSAQoNV2F0Y2hSZXNwb25zZRIPCgd2ZXJzaW9uGAEgASgEEikKCHNuYXBzaG90GAIgASgLMhUua2V5cGxhbmUudjEuU25hcHNob3RIABIjCgVkZWx0YRgDIAEoCzISLmtleXBsYW5lLnYxLkRlbHRhSAASFQoNdmVyc2lvbl9yZXNldBgEIAEoCEIJCgdwYXlsb2FkIjUKCFNuYXBzaG90EikKB3RlbmFudHMYASADKAsyGC5rZXlwbGFuZS52MS5UZW5hbnRTdGF0ZSKGAgoLVGVuYW50U3RhdGUSDgoGdGVuYW50GAEgASgJEi0KBGtleXMYAiADKAsyHy5rZXlwbGFuZS52MS5TaWRlY2FyUHJvdmlkZXJLZXkSIgoGcm91dGVzGAMgAygLMhIua2V5cGxhbmUudjEuUm91dGUSMgoLY2xpZW50X2tleXMYBCADKAsyHS5rZXlwbGFuZS52MS5TaWRlY2FyQ2xpZW50S2V5EioKCmtleV9oZWFsdGgYBSADKAsyFi5rZXlwbGFuZS52MS5LZXlIZWFsdGgSNAoPcHJvdmlkZXJfaGVhbHRoGAYgAygLMhsua2V5cGxhbmUudjEuUHJvdmlkZXJIZWFsdGgiygEKElNpZGVjYXJQcm92aWRlcktleRIKCgJpZBgBIAEoCRInCghwcm92aWRlchgCIAEoDjIVLmtleXBsYW5lLnYxLlByb3ZpZGVyEhAKCGJhc2VfdXJsGAMgASgJEg4KBnNlY3JldBgEIAEoCRImCgZzdGF0dXMYBSABKA4yFi5rZXlwbGFuZS52MS5LZXlTdGF0dXMSDgoGd2VpZ2h0GAYgASgNEhYKDmFsbG93ZWRfbW9kZWxzGAcgAygJEg0KBWxhYmVsGAggASgJIjQKEFNpZGVjYXJDbGllbnRLZXkSCgoCaWQYASABKAkSFAoMdG9rZW5fc2hhMjU2GAIgASgMIi0KBURlbHRhEiQKB2NoYW5nZXMYASADKAsyEy5rZXlwbGFuZS52MS5DaGFuZ2UilwMKBkNoYW5nZRIPCgd2ZXJzaW9uGAEgASgEEg4KBnRlbmFudBgCIAEoCRIyCgdrZXlfcHV0GAMgASgLMh8ua2V5cGxhbmUudjEuU2lkZWNhclByb3ZpZGVyS2V5SAASFQoLa2V5X2RlbGV0ZWQYBCABKAlIABInCglyb3V0ZV9wdXQYBSABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZUgAEhcKDXJvdXRlX2RlbGV0ZWQYBiABKAlIABI3Cg5jbGllbnRfa2V5X3B1dBgHIAEoCzIdLmtleXBsYW5lLnYxLlNpZGVjYXJDbGllbnRLZXlIABIcChJjbGllbnRfa2V5X2RlbGV0ZWQYCCABKAlIABIYCg50ZW5hbnRfZGVsZXRlZBgJIAEoCEgAEiwKCmtleV9oZWFsdGgYCiABKAsyFi5rZXlwbGFuZS52MS5LZXlIZWFsdGhIABI2Cg9wcm92aWRlcl9oZWFsdGgYCyABKAsyGy5rZXlwbGFuZS52MS5Qcm92aWRlckhlYWx0aEgAQggKBmNoYW5nZSLlAgoHT3V0Y29tZRIOCgZ0ZW5hbnQYASABKAkSDgoGa2V5X2lkGAIgASgJEicKCHByb3ZpZGVyGAMgASgOMhUua2V5cGxhbmUudjEuUHJvdmlkZXISDQoFbW9kZWwYBCABKAkSMAoNb3V0Y29tZV9jbGFzcxgFIAEoDjIZLmtleXBsYW5lLnYxLk91dGNvbWVDbGFzcxITCgtzdGF0dXNfY29kZRgGIAEoDRISCgpsYXRlbmN5X21zGAcgASgNEhEKCXJlY292ZXJlZBgIIAEoCBIWCg5wcm92aWRlcl9maW5hbBgJIAEoCBIuCgtyZXRyeV9hZnRlchgKIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhISCgpyZXF1ZXN0X2lkGAsgASgJEigKBHRpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnJlYXNvbhgNIAEoCSJkChVSZXBvcnRPdXRjb21lc1JlcXVlc3QSJgoIb3V0Y29tZXMYASADKAsyFC5rZXlwbGFuZS52MS5PdXRjb21lEhIKCnNpZGVjYXJfaWQYAiABKAkSDwoHZHJvcHBlZBgDIAEoBCIqChZSZXBvcnRPdXRjb21lc1Jlc3BvbnNlEhAKCGFjY2VwdGVkGAEgASgEKoYCCgxPdXRjb21lQ2xhc3MSHQoZT1VUQ09NRV9DTEFTU19VTlNQRUNJRklFRBAAEhkKFU9VVENPTUVfQ0xBU1NfU1VDQ0VTUxABEhwKGE9VVENPTUVfQ0xBU1NfQ1JFREVOVElBTBACEh4KGk9VVENPTUVfQ0xBU1NfUkFURV9MSU1JVEVEEAMSIAocT1VUQ09NRV9DTEFTU19VUFNUUkVBTV9FUlJPUhAEEh4KGk9VVENPTUVfQ0xBU1NfQ0xJRU5UX0VSUk9SEAUSHwobT1VUQ09NRV9DTEFTU19TVFJFQU1fQlJPS0VOEAYSGwoXT1VUQ09NRV9DTEFTU19FWEhBVVNURUQQBzLpAQoOU2lkZWNhclNlcnZpY2USQAoFV2F0Y2gSGS5rZXlwbGFuZS52MS5XYXRjaFJlcXVlc3QaGi5rZXlwbGFuZS52MS5XYXRjaFJlc3BvbnNlMAESWwoOUmVwb3J0T3V0Y29tZXMSIi5rZXlwbGFuZS52MS5SZXBvcnRPdXRjb21lc1JlcXVlc3QaIy5rZXlwbGFuZS52MS5SZXBvcnRPdXRjb21lc1Jlc3BvbnNlKAESOAoDQWNrEhcua2V5cGxhbmUudjEuQWNrUmVxdWVzdBoYLmtleXBsYW5lLnYxLkFja1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_keyplane_v1_resources]);
+  fileDesc("CiFrZXlwbGFuZS92MS9zaWRlY2FyX3NlcnZpY2UucHJvdG8SC2tleXBsYW5lLnYxInIKGUdldE9yQ3JlYXRlQmluZGluZ1JlcXVlc3QSDgoGdGVuYW50GAEgASgJEhUKDWNsaWVudF9rZXlfaWQYAiABKAkSFAoMcHVibGljX21vZGVsGAMgASgJEhgKEGV4Y2x1ZGVfbm9kZV9pZHMYBCADKAkilwEKGkdldE9yQ3JlYXRlQmluZGluZ1Jlc3BvbnNlEiUKB2JpbmRpbmcYASABKAsyFC5rZXlwbGFuZS52MS5CaW5kaW5nEioKBnJlc3VsdBgCIAEoDjIaLmtleXBsYW5lLnYxLkJpbmRpbmdSZXN1bHQSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIloKCkJpbmRpbmdSZWYSDgoGdGVuYW50GAEgASgJEhUKDWNsaWVudF9rZXlfaWQYAiABKAkSFAoMcHVibGljX21vZGVsGAMgASgJEg8KB25vZGVfaWQYBCABKAkihwEKFlJlZnJlc2hCaW5kaW5nc1JlcXVlc3QSEgoKc2lkZWNhcl9pZBgBIAEoCRIpCghiaW5kaW5ncxgCIAMoCzIXLmtleXBsYW5lLnYxLkJpbmRpbmdSZWYSLgoIY291bnRlcnMYAyADKAsyHC5rZXlwbGFuZS52MS5CaW5kaW5nQ291bnRlcnMicQoPQmluZGluZ0NvdW50ZXJzEg4KBnRlbmFudBgBIAEoCRISCgpsb2NhbF9oaXRzGAIgASgEEhQKDGxvY2FsX21pc3NlcxgDIAEoBBIRCglvdmVycmlkZXMYBCABKAQSEQoJZmFsbGJhY2tzGAUgASgEInoKF1JlZnJlc2hCaW5kaW5nc1Jlc3BvbnNlEhEKCXJlZnJlc2hlZBgBIAEoDRIlCgdjdXJyZW50GAIgAygLMhQua2V5cGxhbmUudjEuQmluZGluZxIlCgRnb25lGAMgAygLMhcua2V5cGxhbmUudjEuQmluZGluZ1JlZiJpCgpBY2tSZXF1ZXN0EhIKCnNpZGVjYXJfaWQYASABKAkSFwoPYXBwbGllZF92ZXJzaW9uGAIgASgEEhgKEHJlamVjdGVkX3ZlcnNpb24YAyABKAQSFAoMZXJyb3JfZGV0YWlsGAQgASgJIg0KC0Fja1Jlc3BvbnNlIksKDFdhdGNoUmVxdWVzdBIPCgd0ZW5hbnRzGAEgAygJEhYKDnJlc3VtZV92ZXJzaW9uGAIgASgEEhIKCnNpZGVjYXJfaWQYAyABKAkikgEKDVdhdGNoUmVzcG9uc2USDwoHdmVyc2lvbhgBIAEoBBIpCghzbmFwc2hvdBgCIAEoCzIVLmtleXBsYW5lLnYxLlNuYXBzaG90SAASIwoFZGVsdGEYAyABKAsyEi5rZXlwbGFuZS52MS5EZWx0YUgAEhUKDXZlcnNpb25fcmVzZXQYBCABKAhCCQoHcGF5bG9hZCI1CghTbmFwc2hvdBIpCgd0ZW5hbnRzGAEgAygLMhgua2V5cGxhbmUudjEuVGVuYW50U3RhdGUi1gIKC1RlbmFudFN0YXRlEg4KBnRlbmFudBgBIAEoCRItCgRrZXlzGAIgAygLMh8ua2V5cGxhbmUudjEuU2lkZWNhclByb3ZpZGVyS2V5EiIKBnJvdXRlcxgDIAMoCzISLmtleXBsYW5lLnYxLlJvdXRlEjIKC2NsaWVudF9rZXlzGAQgAygLMh0ua2V5cGxhbmUudjEuU2lkZWNhckNsaWVudEtleRIqCgprZXlfaGVhbHRoGAUgAygLMhYua2V5cGxhbmUudjEuS2V5SGVhbHRoEjQKD3Byb3ZpZGVyX2hlYWx0aBgGIAMoCzIbLmtleXBsYW5lLnYxLlByb3ZpZGVySGVhbHRoEiAKBW5vZGVzGAcgAygLMhEua2V5cGxhbmUudjEuTm9kZRIsCgtub2RlX2hlYWx0aBgIIAMoCzIXLmtleXBsYW5lLnYxLk5vZGVIZWFsdGgiygEKElNpZGVjYXJQcm92aWRlcktleRIKCgJpZBgBIAEoCRInCghwcm92aWRlchgCIAEoDjIVLmtleXBsYW5lLnYxLlByb3ZpZGVyEhAKCGJhc2VfdXJsGAMgASgJEg4KBnNlY3JldBgEIAEoCRImCgZzdGF0dXMYBSABKA4yFi5rZXlwbGFuZS52MS5LZXlTdGF0dXMSDgoGd2VpZ2h0GAYgASgNEhYKDmFsbG93ZWRfbW9kZWxzGAcgAygJEg0KBWxhYmVsGAggASgJIjQKEFNpZGVjYXJDbGllbnRLZXkSCgoCaWQYASABKAkSFAoMdG9rZW5fc2hhMjU2GAIgASgMIi0KBURlbHRhEiQKB2NoYW5nZXMYASADKAsyEy5rZXlwbGFuZS52MS5DaGFuZ2UizwQKBkNoYW5nZRIPCgd2ZXJzaW9uGAEgASgEEg4KBnRlbmFudBgCIAEoCRIyCgdrZXlfcHV0GAMgASgLMh8ua2V5cGxhbmUudjEuU2lkZWNhclByb3ZpZGVyS2V5SAASFQoLa2V5X2RlbGV0ZWQYBCABKAlIABInCglyb3V0ZV9wdXQYBSABKAsyEi5rZXlwbGFuZS52MS5Sb3V0ZUgAEhcKDXJvdXRlX2RlbGV0ZWQYBiABKAlIABI3Cg5jbGllbnRfa2V5X3B1dBgHIAEoCzIdLmtleXBsYW5lLnYxLlNpZGVjYXJDbGllbnRLZXlIABIcChJjbGllbnRfa2V5X2RlbGV0ZWQYCCABKAlIABIYCg50ZW5hbnRfZGVsZXRlZBgJIAEoCEgAEiwKCmtleV9oZWFsdGgYCiABKAsyFi5rZXlwbGFuZS52MS5LZXlIZWFsdGhIABI2Cg9wcm92aWRlcl9oZWFsdGgYCyABKAsyGy5rZXlwbGFuZS52MS5Qcm92aWRlckhlYWx0aEgAEiUKCG5vZGVfcHV0GAwgASgLMhEua2V5cGxhbmUudjEuTm9kZUgAEi4KC25vZGVfaGVhbHRoGA0gASgLMhcua2V5cGxhbmUudjEuTm9kZUhlYWx0aEgAEisKC2JpbmRpbmdfcHV0GA4gASgLMhQua2V5cGxhbmUudjEuQmluZGluZ0gAEjIKD2JpbmRpbmdfZGVsZXRlZBgPIAEoCzIXLmtleXBsYW5lLnYxLkJpbmRpbmdSZWZIAEIICgZjaGFuZ2Ui9gIKB091dGNvbWUSDgoGdGVuYW50GAEgASgJEg4KBmtleV9pZBgCIAEoCRInCghwcm92aWRlchgDIAEoDjIVLmtleXBsYW5lLnYxLlByb3ZpZGVyEg0KBW1vZGVsGAQgASgJEjAKDW91dGNvbWVfY2xhc3MYBSABKA4yGS5rZXlwbGFuZS52MS5PdXRjb21lQ2xhc3MSEwoLc3RhdHVzX2NvZGUYBiABKA0SEgoKbGF0ZW5jeV9tcxgHIAEoDRIRCglyZWNvdmVyZWQYCCABKAgSFgoOcHJvdmlkZXJfZmluYWwYCSABKAgSLgoLcmV0cnlfYWZ0ZXIYCiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEgoKcmVxdWVzdF9pZBgLIAEoCRIoCgR0aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZyZWFzb24YDSABKAkSDwoHbm9kZV9pZBgOIAEoCSJkChVSZXBvcnRPdXRjb21lc1JlcXVlc3QSJgoIb3V0Y29tZXMYASADKAsyFC5rZXlwbGFuZS52MS5PdXRjb21lEhIKCnNpZGVjYXJfaWQYAiABKAkSDwoHZHJvcHBlZBgDIAEoBCIqChZSZXBvcnRPdXRjb21lc1Jlc3BvbnNlEhAKCGFjY2VwdGVkGAEgASgEKn0KDUJpbmRpbmdSZXN1bHQSHgoaQklORElOR19SRVNVTFRfVU5TUEVDSUZJRUQQABIWChJCSU5ESU5HX1JFU1VMVF9ISVQQARIaChZCSU5ESU5HX1JFU1VMVF9DUkVBVEVEEAISGAoUQklORElOR19SRVNVTFRfTU9WRUQQAyqGAgoMT3V0Y29tZUNsYXNzEh0KGU9VVENPTUVfQ0xBU1NfVU5TUEVDSUZJRUQQABIZChVPVVRDT01FX0NMQVNTX1NVQ0NFU1MQARIcChhPVVRDT01FX0NMQVNTX0NSRURFTlRJQUwQAhIeChpPVVRDT01FX0NMQVNTX1JBVEVfTElNSVRFRBADEiAKHE9VVENPTUVfQ0xBU1NfVVBTVFJFQU1fRVJST1IQBBIeChpPVVRDT01FX0NMQVNTX0NMSUVOVF9FUlJPUhAFEh8KG09VVENPTUVfQ0xBU1NfU1RSRUFNX0JST0tFThAGEhsKF09VVENPTUVfQ0xBU1NfRVhIQVVTVEVEEAcyrgMKDlNpZGVjYXJTZXJ2aWNlEkAKBVdhdGNoEhkua2V5cGxhbmUudjEuV2F0Y2hSZXF1ZXN0Ghoua2V5cGxhbmUudjEuV2F0Y2hSZXNwb25zZTABElsKDlJlcG9ydE91dGNvbWVzEiIua2V5cGxhbmUudjEuUmVwb3J0T3V0Y29tZXNSZXF1ZXN0GiMua2V5cGxhbmUudjEuUmVwb3J0T3V0Y29tZXNSZXNwb25zZSgBEjgKA0FjaxIXLmtleXBsYW5lLnYxLkFja1JlcXVlc3QaGC5rZXlwbGFuZS52MS5BY2tSZXNwb25zZRJlChJHZXRPckNyZWF0ZUJpbmRpbmcSJi5rZXlwbGFuZS52MS5HZXRPckNyZWF0ZUJpbmRpbmdSZXF1ZXN0Gicua2V5cGxhbmUudjEuR2V0T3JDcmVhdGVCaW5kaW5nUmVzcG9uc2USXAoPUmVmcmVzaEJpbmRpbmdzEiMua2V5cGxhbmUudjEuUmVmcmVzaEJpbmRpbmdzUmVxdWVzdBokLmtleXBsYW5lLnYxLlJlZnJlc2hCaW5kaW5nc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_keyplane_v1_resources]);
+
+/**
+ * @generated from message keyplane.v1.GetOrCreateBindingRequest
+ */
+export type GetOrCreateBindingRequest = Message<"keyplane.v1.GetOrCreateBindingRequest"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * @generated from field: string client_key_id = 2;
+   */
+  clientKeyId: string;
+
+  /**
+   * The model the app asked for (the route's public_model).
+   *
+   * @generated from field: string public_model = 3;
+   */
+  publicModel: string;
+
+  /**
+   * Nodes the sidecar will not use (it found them failing or unreachable):
+   * a binding to one of them is moved, and no new binding picks one.
+   *
+   * @generated from field: repeated string exclude_node_ids = 4;
+   */
+  excludeNodeIds: string[];
+};
+
+/**
+ * Describes the message keyplane.v1.GetOrCreateBindingRequest.
+ * Use `create(GetOrCreateBindingRequestSchema)` to create a new message.
+ */
+export const GetOrCreateBindingRequestSchema: GenMessage<GetOrCreateBindingRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_sidecar_service, 0);
+
+/**
+ * @generated from message keyplane.v1.GetOrCreateBindingResponse
+ */
+export type GetOrCreateBindingResponse = Message<"keyplane.v1.GetOrCreateBindingResponse"> & {
+  /**
+   * @generated from field: keyplane.v1.Binding binding = 1;
+   */
+  binding?: Binding | undefined;
+
+  /**
+   * @generated from field: keyplane.v1.BindingResult result = 2;
+   */
+  result: BindingResult;
+
+  /**
+   * The lifetime of a binding without refreshes (the control plane's
+   * --binding-ttl), for the sidecar's local cache.
+   *
+   * @generated from field: google.protobuf.Duration ttl = 3;
+   */
+  ttl?: Duration | undefined;
+};
+
+/**
+ * Describes the message keyplane.v1.GetOrCreateBindingResponse.
+ * Use `create(GetOrCreateBindingResponseSchema)` to create a new message.
+ */
+export const GetOrCreateBindingResponseSchema: GenMessage<GetOrCreateBindingResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_sidecar_service, 1);
+
+/**
+ * BindingRef names one binding and the node the sidecar used it with.
+ *
+ * @generated from message keyplane.v1.BindingRef
+ */
+export type BindingRef = Message<"keyplane.v1.BindingRef"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * @generated from field: string client_key_id = 2;
+   */
+  clientKeyId: string;
+
+  /**
+   * @generated from field: string public_model = 3;
+   */
+  publicModel: string;
+
+  /**
+   * @generated from field: string node_id = 4;
+   */
+  nodeId: string;
+};
+
+/**
+ * Describes the message keyplane.v1.BindingRef.
+ * Use `create(BindingRefSchema)` to create a new message.
+ */
+export const BindingRefSchema: GenMessage<BindingRef> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_sidecar_service, 2);
+
+/**
+ * @generated from message keyplane.v1.RefreshBindingsRequest
+ */
+export type RefreshBindingsRequest = Message<"keyplane.v1.RefreshBindingsRequest"> & {
+  /**
+   * @generated from field: string sidecar_id = 1;
+   */
+  sidecarId: string;
+
+  /**
+   * At most 1000 per call; duplicates are refreshed once.
+   *
+   * @generated from field: repeated keyplane.v1.BindingRef bindings = 2;
+   */
+  bindings: BindingRef[];
+
+  /**
+   * What the sidecar's local cache did since its previous call, per tenant
+   * (summed into the admin's binding stats; never per client key or model).
+   *
+   * @generated from field: repeated keyplane.v1.BindingCounters counters = 3;
+   */
+  counters: BindingCounters[];
+};
+
+/**
+ * Describes the message keyplane.v1.RefreshBindingsRequest.
+ * Use `create(RefreshBindingsRequestSchema)` to create a new message.
+ */
+export const RefreshBindingsRequestSchema: GenMessage<RefreshBindingsRequest> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_sidecar_service, 3);
+
+/**
+ * BindingCounters counts a sidecar's affinity decisions for one tenant.
+ *
+ * @generated from message keyplane.v1.BindingCounters
+ */
+export type BindingCounters = Message<"keyplane.v1.BindingCounters"> & {
+  /**
+   * @generated from field: string tenant = 1;
+   */
+  tenant: string;
+
+  /**
+   * Requests served through a cached binding with no RPC.
+   *
+   * @generated from field: uint64 local_hits = 2;
+   */
+  localHits: bigint;
+
+  /**
+   * Requests that asked GetOrCreateBinding.
+   *
+   * @generated from field: uint64 local_misses = 3;
+   */
+  localMisses: bigint;
+
+  /**
+   * Requests whose binding was ignored because its node was unhealthy,
+   * draining or removed.
+   *
+   * @generated from field: uint64 overrides = 4;
+   */
+  overrides: bigint;
+
+  /**
+   * Requests that fell back to the normal strategy (RPC failed or timed out).
+   *
+   * @generated from field: uint64 fallbacks = 5;
+   */
+  fallbacks: bigint;
+};
+
+/**
+ * Describes the message keyplane.v1.BindingCounters.
+ * Use `create(BindingCountersSchema)` to create a new message.
+ */
+export const BindingCountersSchema: GenMessage<BindingCounters> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_sidecar_service, 4);
+
+/**
+ * @generated from message keyplane.v1.RefreshBindingsResponse
+ */
+export type RefreshBindingsResponse = Message<"keyplane.v1.RefreshBindingsResponse"> & {
+  /**
+   * Bindings whose expiry was pushed back.
+   *
+   * @generated from field: uint32 refreshed = 1;
+   */
+  refreshed: number;
+
+  /**
+   * Bindings that exist but were not refreshed (another node, or a draining
+   * node): as they stand now.
+   *
+   * @generated from field: repeated keyplane.v1.Binding current = 2;
+   */
+  current: Binding[];
+
+  /**
+   * Bindings that no longer exist (expired and swept, deleted, or their
+   * client key is gone).
+   *
+   * @generated from field: repeated keyplane.v1.BindingRef gone = 3;
+   */
+  gone: BindingRef[];
+};
+
+/**
+ * Describes the message keyplane.v1.RefreshBindingsResponse.
+ * Use `create(RefreshBindingsResponseSchema)` to create a new message.
+ */
+export const RefreshBindingsResponseSchema: GenMessage<RefreshBindingsResponse> = /*@__PURE__*/
+  messageDesc(file_keyplane_v1_sidecar_service, 5);
 
 /**
  * @generated from message keyplane.v1.AckRequest
@@ -54,7 +270,7 @@ export type AckRequest = Message<"keyplane.v1.AckRequest"> & {
  * Use `create(AckRequestSchema)` to create a new message.
  */
 export const AckRequestSchema: GenMessage<AckRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 0);
+  messageDesc(file_keyplane_v1_sidecar_service, 6);
 
 /**
  * @generated from message keyplane.v1.AckResponse
@@ -67,7 +283,7 @@ export type AckResponse = Message<"keyplane.v1.AckResponse"> & {
  * Use `create(AckResponseSchema)` to create a new message.
  */
 export const AckResponseSchema: GenMessage<AckResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 1);
+  messageDesc(file_keyplane_v1_sidecar_service, 7);
 
 /**
  * @generated from message keyplane.v1.WatchRequest
@@ -101,7 +317,7 @@ export type WatchRequest = Message<"keyplane.v1.WatchRequest"> & {
  * Use `create(WatchRequestSchema)` to create a new message.
  */
 export const WatchRequestSchema: GenMessage<WatchRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 2);
+  messageDesc(file_keyplane_v1_sidecar_service, 8);
 
 /**
  * @generated from message keyplane.v1.WatchResponse
@@ -148,7 +364,7 @@ export type WatchResponse = Message<"keyplane.v1.WatchResponse"> & {
  * Use `create(WatchResponseSchema)` to create a new message.
  */
 export const WatchResponseSchema: GenMessage<WatchResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 3);
+  messageDesc(file_keyplane_v1_sidecar_service, 9);
 
 /**
  * Snapshot is the whole state of the watched tenants; it replaces what the
@@ -168,7 +384,7 @@ export type Snapshot = Message<"keyplane.v1.Snapshot"> & {
  * Use `create(SnapshotSchema)` to create a new message.
  */
 export const SnapshotSchema: GenMessage<Snapshot> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 4);
+  messageDesc(file_keyplane_v1_sidecar_service, 10);
 
 /**
  * @generated from message keyplane.v1.TenantState
@@ -205,6 +421,21 @@ export type TenantState = Message<"keyplane.v1.TenantState"> & {
    * @generated from field: repeated keyplane.v1.ProviderHealth provider_health = 6;
    */
   providerHealth: ProviderHealth[];
+
+  /**
+   * The tenant's nodes that are ACTIVE or DRAINING (removed ones are left
+   * out); `health` is unset here: see node_health.
+   *
+   * @generated from field: repeated keyplane.v1.Node nodes = 7;
+   */
+  nodes: Node[];
+
+  /**
+   * Only entries that are not healthy are listed.
+   *
+   * @generated from field: repeated keyplane.v1.NodeHealth node_health = 8;
+   */
+  nodeHealth: NodeHealth[];
 };
 
 /**
@@ -212,7 +443,7 @@ export type TenantState = Message<"keyplane.v1.TenantState"> & {
  * Use `create(TenantStateSchema)` to create a new message.
  */
 export const TenantStateSchema: GenMessage<TenantState> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 5);
+  messageDesc(file_keyplane_v1_sidecar_service, 11);
 
 /**
  * SidecarProviderKey is a provider key as a sidecar needs it, secret included.
@@ -266,7 +497,7 @@ export type SidecarProviderKey = Message<"keyplane.v1.SidecarProviderKey"> & {
  * Use `create(SidecarProviderKeySchema)` to create a new message.
  */
 export const SidecarProviderKeySchema: GenMessage<SidecarProviderKey> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 6);
+  messageDesc(file_keyplane_v1_sidecar_service, 12);
 
 /**
  * SidecarClientKey carries only the SHA-256 of the client token.
@@ -290,7 +521,7 @@ export type SidecarClientKey = Message<"keyplane.v1.SidecarClientKey"> & {
  * Use `create(SidecarClientKeySchema)` to create a new message.
  */
 export const SidecarClientKeySchema: GenMessage<SidecarClientKey> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 7);
+  messageDesc(file_keyplane_v1_sidecar_service, 13);
 
 /**
  * @generated from message keyplane.v1.Delta
@@ -307,7 +538,7 @@ export type Delta = Message<"keyplane.v1.Delta"> & {
  * Use `create(DeltaSchema)` to create a new message.
  */
 export const DeltaSchema: GenMessage<Delta> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 8);
+  messageDesc(file_keyplane_v1_sidecar_service, 14);
 
 /**
  * Change is one write, in version order.
@@ -386,6 +617,42 @@ export type Change = Message<"keyplane.v1.Change"> & {
      */
     value: ProviderHealth;
     case: "providerHealth";
+  } | {
+    /**
+     * A node was added or changed state (a REMOVED node is sent as a put with
+     * that state: forget it and its bindings).
+     *
+     * @generated from field: keyplane.v1.Node node_put = 12;
+     */
+    value: Node;
+    case: "nodePut";
+  } | {
+    /**
+     * A node's learnt health changed (HEALTHY clears an earlier entry).
+     *
+     * @generated from field: keyplane.v1.NodeHealth node_health = 13;
+     */
+    value: NodeHealth;
+    case: "nodeHealth";
+  } | {
+    /**
+     * A binding moved to another node (or was created by an admin): a
+     * sidecar holding the binding in its cache replaces it; others may
+     * ignore it. Plain creations and refreshes are not sent.
+     *
+     * @generated from field: keyplane.v1.Binding binding_put = 14;
+     */
+    value: Binding;
+    case: "bindingPut";
+  } | {
+    /**
+     * A binding was deleted (admin, or its node removed without a
+     * replacement): a sidecar holding it drops it.
+     *
+     * @generated from field: keyplane.v1.BindingRef binding_deleted = 15;
+     */
+    value: BindingRef;
+    case: "bindingDeleted";
   } | { case: undefined; value?: undefined };
 };
 
@@ -394,7 +661,7 @@ export type Change = Message<"keyplane.v1.Change"> & {
  * Use `create(ChangeSchema)` to create a new message.
  */
 export const ChangeSchema: GenMessage<Change> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 9);
+  messageDesc(file_keyplane_v1_sidecar_service, 15);
 
 /**
  * Outcome is one upstream attempt of one app request.
@@ -477,6 +744,15 @@ export type Outcome = Message<"keyplane.v1.Outcome"> & {
    * @generated from field: string reason = 13;
    */
   reason: string;
+
+  /**
+   * The node (Node.id) the attempt went to, for vllm targets; folded into
+   * the node's health like key health (connect errors, timeouts and 5xx
+   * demote it fleet-wide; a success heals it). Empty for hosted providers.
+   *
+   * @generated from field: string node_id = 14;
+   */
+  nodeId: string;
 };
 
 /**
@@ -484,7 +760,7 @@ export type Outcome = Message<"keyplane.v1.Outcome"> & {
  * Use `create(OutcomeSchema)` to create a new message.
  */
 export const OutcomeSchema: GenMessage<Outcome> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 10);
+  messageDesc(file_keyplane_v1_sidecar_service, 16);
 
 /**
  * @generated from message keyplane.v1.ReportOutcomesRequest
@@ -514,7 +790,7 @@ export type ReportOutcomesRequest = Message<"keyplane.v1.ReportOutcomesRequest">
  * Use `create(ReportOutcomesRequestSchema)` to create a new message.
  */
 export const ReportOutcomesRequestSchema: GenMessage<ReportOutcomesRequest> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 11);
+  messageDesc(file_keyplane_v1_sidecar_service, 17);
 
 /**
  * @generated from message keyplane.v1.ReportOutcomesResponse
@@ -531,7 +807,46 @@ export type ReportOutcomesResponse = Message<"keyplane.v1.ReportOutcomesResponse
  * Use `create(ReportOutcomesResponseSchema)` to create a new message.
  */
 export const ReportOutcomesResponseSchema: GenMessage<ReportOutcomesResponse> = /*@__PURE__*/
-  messageDesc(file_keyplane_v1_sidecar_service, 12);
+  messageDesc(file_keyplane_v1_sidecar_service, 18);
+
+/**
+ * BindingResult says what GetOrCreateBinding did.
+ *
+ * @generated from enum keyplane.v1.BindingResult
+ */
+export enum BindingResult {
+  /**
+   * @generated from enum value: BINDING_RESULT_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A live binding was found (no lock, no write).
+   *
+   * @generated from enum value: BINDING_RESULT_HIT = 1;
+   */
+  HIT = 1,
+
+  /**
+   * No live binding existed: one was created.
+   *
+   * @generated from enum value: BINDING_RESULT_CREATED = 2;
+   */
+  CREATED = 2,
+
+  /**
+   * The binding named an unusable node: it now names another one.
+   *
+   * @generated from enum value: BINDING_RESULT_MOVED = 3;
+   */
+  MOVED = 3,
+}
+
+/**
+ * Describes the enum keyplane.v1.BindingResult.
+ */
+export const BindingResultSchema: GenEnum<BindingResult> = /*@__PURE__*/
+  enumDesc(file_keyplane_v1_sidecar_service, 0);
 
 /**
  * OutcomeClass is the sidecar's classification of one upstream attempt.
@@ -595,7 +910,7 @@ export enum OutcomeClass {
  * Describes the enum keyplane.v1.OutcomeClass.
  */
 export const OutcomeClassSchema: GenEnum<OutcomeClass> = /*@__PURE__*/
-  enumDesc(file_keyplane_v1_sidecar_service, 0);
+  enumDesc(file_keyplane_v1_sidecar_service, 1);
 
 /**
  * SidecarService is what sidecars call. Every call requires a sidecar token
@@ -643,6 +958,49 @@ export const SidecarService: GenService<{
     methodKind: "unary";
     input: typeof AckRequestSchema;
     output: typeof AckResponseSchema;
+  },
+  /**
+   * GetOrCreateBinding returns the node that (tenant, client_key_id,
+   * public_model) is bound to, creating the binding on a miss. A hit (a live
+   * binding whose node is ACTIVE or DRAINING, healthy, and not excluded) is a
+   * plain read: no lock, no write. A miss takes a lock serializing every
+   * concurrent miss for the same triple on every replica
+   * (pg_advisory_xact_lock on a 64-bit hash of the triple on Postgres; the
+   * single writer on SQLite), reads again, and creates (or moves) ONE
+   * binding to the node the route's normal strategy picks among its healthy
+   * ACTIVE nodes (weighted by nothing: uniform among the healthy ones).
+   * A binding whose node is unhealthy, draining-and-expired, removed or in
+   * exclude_node_ids is moved; the move is pushed to the tenant's sidecars as
+   * a Change.binding_put, so none of them flaps back when the old node
+   * recovers before the binding expires.
+   * Errors: NOT_FOUND for an unknown tenant, client key or public model;
+   * FAILED_PRECONDITION when the route has no node that may take a binding
+   * (the sidecar then uses its normal strategy); UNAVAILABLE when the store
+   * is down. Sidecars call it with a short deadline and fall back to the
+   * normal strategy on any error, never delaying the request further.
+   *
+   * @generated from rpc keyplane.v1.SidecarService.GetOrCreateBinding
+   */
+  getOrCreateBinding: {
+    methodKind: "unary";
+    input: typeof GetOrCreateBindingRequestSchema;
+    output: typeof GetOrCreateBindingResponseSchema;
+  },
+  /**
+   * RefreshBindings pushes back the expiry of bindings the sidecar used for
+   * successful requests, in one batch (send it alongside the outcome
+   * reports, never on the request path). A binding refreshes only while it
+   * still names the node the sidecar used and that node is ACTIVE (a
+   * draining node's bindings run out); the others are returned in `current`
+   * (the binding as it stands) or `gone`. The counters feed the admin's
+   * binding stats.
+   *
+   * @generated from rpc keyplane.v1.SidecarService.RefreshBindings
+   */
+  refreshBindings: {
+    methodKind: "unary";
+    input: typeof RefreshBindingsRequestSchema;
+    output: typeof RefreshBindingsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_keyplane_v1_sidecar_service, 0);
