@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from keyplane.health.panic import PanicPolicy
 
     from .metrics import SidecarMetrics
+    from .node_affinity import NodeAffinity
     from .reporter import OutcomeReporter
     from .router import Balancer
     from .state import SidecarState
@@ -69,6 +70,8 @@ class ChatApp(Protocol):
     affinity: ResponseAffinity
     panic_policy: PanicPolicy
     probes: ProbeGate
+    # (client key, model) -> node bindings for routes with nodes (``sidecar.node_affinity``).
+    node_affinity: NodeAffinity
 
     def count_attempt(self, record: AttemptRecord) -> None: ...
 
@@ -370,6 +373,10 @@ async def forward(
             usable=usable,
             demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
         )
+        if self.state.nodes_of(tenant) is not None:  # a tenant with self-hosted nodes
+            plan = await self.node_affinity.plan(
+                tenant, _bearer(headers), served, plan, self.balancer, self.max_attempts
+            )
     # Built only should no key be able to serve (``sidecar.rescue``); a continuation
     # pinned to the key that created its response has nowhere else to go.
     rescue: Callable[[], Rescue] | None = None
