@@ -18,6 +18,7 @@ from keyplane.domain import Provider
 from keyplane.home import Home, ensure_private_dir, read_token_file
 from keyplane.runtime import tune_gc
 from keyplane.tls import TlsError, is_loopback_listen
+from keyplane_cli.affinity_flags import add_affinity_flags, affinity_options_from_args
 from keyplane_cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
 from keyplane_cli.convergence_flags import add_convergence_flags, convergence_options_from_args
 from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
@@ -149,6 +150,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             health_policy=health_policy,
             panic_policy=panic_policy_from_args(args),
             **edge_options_from_args(args),
+            **affinity_options_from_args(args),
         )
     )
     try:
@@ -262,6 +264,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         shutdown_grace=args.shutdown_grace,
         **edge_options_from_args(args),
         **stability_options_from_args(args),
+        **affinity_options_from_args(args),
     )
 
 
@@ -432,6 +435,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     )
     add_edge_flags(sc)
     add_stability_flags(sc)
+    add_affinity_flags(sc)
     add_sidecar_shutdown_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
@@ -448,6 +452,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)
     add_panic_flags(up)
+    add_affinity_flags(up)
     add_panic_flags(sc)
     for parser in (up, cp, sc):
         parser.add_argument(
