@@ -14,17 +14,17 @@ from typing import TypedDict
 
 from keyplane_cli.health_flags import positive_seconds
 
-__all__ = ["AffinityOptions", "add_affinity_flags", "affinity_options_from_args"]
+__all__ = ["SidecarAffinityOptions", "add_sidecar_affinity_flags", "sidecar_affinity_options_from_args"]
 
 DEFAULT_BINDING_TIMEOUT = 0.1
 
 
-class AffinityOptions(TypedDict):
+class SidecarAffinityOptions(TypedDict):
     node_affinity: bool
     binding_timeout: float
 
 
-def add_affinity_flags(parser: argparse.ArgumentParser) -> None:
+def add_sidecar_affinity_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "node affinity", "(client key, model) -> node bindings for routes with self-hosted nodes (docs/affinity.md)"
     )
@@ -43,8 +43,8 @@ def add_affinity_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def affinity_options_from_args(args: argparse.Namespace) -> AffinityOptions:
-    return AffinityOptions(
+def sidecar_affinity_options_from_args(args: argparse.Namespace) -> SidecarAffinityOptions:
+    return SidecarAffinityOptions(
         node_affinity=not getattr(args, "no_node_affinity", False),
         binding_timeout=getattr(args, "binding_timeout", DEFAULT_BINDING_TIMEOUT),
     )
