@@ -23,6 +23,7 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -109,7 +110,7 @@ class NodePool:
             await runner.cleanup()
         self._runners.clear()
 
-    def _completions(self, node: PrefixNode) -> web.RequestHandler:  # type: ignore[name-defined]
+    def _completions(self, node: PrefixNode) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
             body = json.loads(await request.read())
             messages = body.get("messages") or []

@@ -389,6 +389,7 @@ def _with_nodes(
     by_id = {v.id: v for v in members}
     out: list[Attempt] = []
     n = 0
+    last = -1
     for attempt in plan:
         if attempt.target is not target:
             out.append(attempt)
@@ -396,11 +397,12 @@ def _with_nodes(
         node_id = order[n % len(order)]
         out.append(_on_node(attempt, by_id[node_id], binding if node_id == bound else None))
         n += 1
-        if attempt.key is None:
-            # A keyless node target makes one attempt per node (the router plans one).
-            while n < len(order) and len(out) < limit:
-                out.append(_on_node(attempt, by_id[order[n]], None))
-                n += 1
+        last = len(out) - 1
+    if 0 <= last and n < len(order):
+        # Fewer attempts than nodes (one key, or none): the other nodes follow, with the last key.
+        template = out[last]
+        extra = [_on_node(template, by_id[node_id], None) for node_id in order[n:]]
+        out[last + 1 : last + 1] = extra
     return out[:limit]
 
 

@@ -68,8 +68,8 @@ class TenantNodes:
 
     __slots__ = ("_by_target", "_local", "_nodes", "_pushed", "local_cooldown")
 
-    def __init__(self, local_cooldown: float = DEFAULT_LOCAL_COOLDOWN) -> None:
-        self.local_cooldown = local_cooldown
+    def __init__(self, local_cooldown: float | None = None) -> None:
+        self.local_cooldown = DEFAULT_LOCAL_COOLDOWN if local_cooldown is None else local_cooldown
         self._nodes: dict[str, NodeView] = {}
         # (route id, upstream model) -> its nodes by id order; rebuilt on change.
         self._by_target: dict[tuple[str, str], tuple[NodeView, ...]] = {}
