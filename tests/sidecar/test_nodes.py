@@ -93,3 +93,26 @@ def test_state_feeds_nodes_bindings_and_client_ids() -> None:
     state.bindings.put(key, Binding(a.id, 1000))
     _delta(state, pb.Change(version=7, client_key_deleted="ck_1"))
     assert key not in state.bindings
+
+
+def test_the_persisted_snapshot_keeps_nodes_and_their_health() -> None:
+    """A sidecar restarting from its snapshot file (``SnapshotFold``) still knows the nodes."""
+    from sidecar.snapshot_fold import SnapshotFold
+
+    a, b, c = node(1), node(2), node(3)
+    fold = SnapshotFold()
+    first = pb.WatchResponse(version=1, snapshot=pb.Snapshot(tenants=[pb.TenantState(tenant="t1", nodes=[a, b])]))
+    fold.apply(first)
+    changes = [
+        pb.Change(tenant="t1", version=2, node_put=c),
+        pb.Change(tenant="t1", version=3, node_put=node(1, REMOVED)),
+        pb.Change(tenant="t1", version=4, node_put=node(2, DRAINING)),
+        pb.Change(tenant="t1", version=5, node_health=rpb.NodeHealth(node_id=c.id, state=rpb.HEALTH_STATE_UNHEALTHY)),
+    ]
+    fold.apply(pb.WatchResponse(version=5, delta=pb.Delta(changes=changes)))
+    restored = SidecarState()
+    restored.apply(fold.response())
+    nodes = restored.nodes("t1")
+    assert nodes.node(a.id) is None
+    assert nodes.bound_usable(b.id, 0) and not nodes.usable(b.id, 0)
+    assert nodes.node(c.id) is not None and not nodes.usable(c.id, 0)
