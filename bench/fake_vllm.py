@@ -9,8 +9,8 @@ not pays the prefill, ``miss_ms``, then remembers it. ``usage`` carries
 ``prompt_tokens_details.cached_tokens`` as vLLM reports it (the cached part of
 the prompt, here: the prefix's characters or 0).
 
-``GET /stats`` on any node returns every node's hits and misses;
-``POST /reset`` empties every cache and counter.
+``GET /v1/stats`` on any node returns every node's hits and misses;
+``POST /v1/reset`` empties every cache and counter.
 
     python -m bench.fake_vllm --nodes 4 --port 8950   # nodes on 8950..8953
 """
@@ -75,7 +75,8 @@ class NodePool:
 
     @property
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}" for port in self.ports]
+        """The nodes' base URLs as a vllm target's ``node_urls`` takes them (``.../v1``)."""
+        return [f"http://127.0.0.1:{port}/v1" for port in self.ports]
 
     def stats(self) -> dict[str, object]:
         hits = sum(n.hits for n in self.nodes)
@@ -94,8 +95,8 @@ class NodePool:
         for node in self.nodes:
             app = web.Application()
             app.router.add_post("/v1/chat/completions", self._completions(node))
-            app.router.add_get("/stats", self._stats)
-            app.router.add_post("/reset", self._reset)
+            app.router.add_get("/v1/stats", self._stats)
+            app.router.add_post("/v1/reset", self._reset)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", first_port + node.index if first_port else 0)
