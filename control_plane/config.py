@@ -94,6 +94,12 @@ class ControlPlaneConfig:
     # told when to come back (UNAVAILABLE with a retry delay), spread at the rate.
     watch_admit_rate: float = 1000.0
     watch_admit_burst: int = 1000
+    # Affinity (issue 14): how long a (client key, model) -> node binding
+    # lives without a refresh, and how often and in what batches one replica
+    # sweeps expired ones.
+    binding_ttl: float = 600.0
+    binding_sweep_interval: float = 30.0
+    binding_sweep_batch: int = 1000
 
     def __post_init__(self) -> None:
         if not self.admin_token:
@@ -122,6 +128,10 @@ class ControlPlaneConfig:
             raise ValueError("store_timeout must be a positive number of seconds")
         if not math.isfinite(self.watch_admit_rate) or self.watch_admit_rate <= 0 or self.watch_admit_burst < 1:
             raise ValueError("watch_admit_rate must be positive and watch_admit_burst at least 1")
+        if not (math.isfinite(self.binding_ttl) and self.binding_ttl > 0 and self.binding_sweep_interval > 0):
+            raise ValueError("binding_ttl and binding_sweep_interval must be positive numbers of seconds")
+        if self.binding_sweep_batch < 1:
+            raise ValueError("binding_sweep_batch must be at least 1")
         if self.tls is None and not self.insecure_plaintext and not is_loopback_listen(self.listen):
             raise ValueError(
                 f"refusing to serve plaintext gRPC on {self.listen} (not a loopback address): "

@@ -27,10 +27,11 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from control_plane.affinity_changes import AFFINITY_KINDS, read_affinity_change
 from control_plane.snapshot_cache import SnapshotCache, TenantContents
 from control_plane.store.base import Store
 from control_plane.token_registry import TokenRegistry
-from keyplane import convert
+from keyplane import affinity_convert, convert
 from keyplane.crypto import MasterKeyError, SecretBox
 from keyplane.domain import (
     ChangeOp,
@@ -124,6 +125,10 @@ class SnapshotHub:
             provider_health=tuple(
                 convert.provider_health_to_proto(h) for h in await self._store.list_provider_health(name)
             ),
+            nodes=tuple(affinity_convert.sidecar_node_to_proto(n) for n in await self._store.list_nodes(name)),
+            node_health=tuple(
+                affinity_convert.node_health_to_proto(h) for h in await self._store.list_node_health(name)
+            ),
         )
 
     async def close(self) -> None:
@@ -185,6 +190,8 @@ class SnapshotHub:
         base = sidecar_service_pb2.Change(version=record.version, tenant=record.tenant)
         if record.kind in (EntityKind.KEY_HEALTH, EntityKind.PROVIDER_HEALTH):
             return await self._read_health_change(record, base)
+        if record.kind in AFFINITY_KINDS:
+            return await read_affinity_change(self._store, record, base)
         if record.op is ChangeOp.DELETE:
             if record.kind is EntityKind.TENANT:
                 base.tenant_deleted = True

@@ -10,6 +10,7 @@ from control_plane import admin_requests, limits
 from control_plane import validation as v
 from control_plane.admin_base import AdminBase, Context
 from control_plane.audit import AuditDraft, audited
+from control_plane.node_admin import route_pool, sync_route_nodes
 from control_plane.status import map_errors
 from control_plane.store.base import RouteUpdate
 from keyplane import convert
@@ -34,7 +35,9 @@ class RouteAdmin(AdminBase):
         if new:
             limits.check_room(usage, "routes", route.tenant)
         removing = 0 if new else self._hub.cache.encoded_size(route.tenant, EntityKind.ROUTE, route.id)
-        limits.check_snapshot_growth(usage, route.tenant, adding=size + 8, removing=removing)
+        # Each node URL is also a Node in the snapshot (id, route id, URL, model, state).
+        nodes = sum(len(url) + len(model) + 64 for model, url in route_pool(route)) if new else 0
+        limits.check_snapshot_growth(usage, route.tenant, adding=size + 8 + nodes, removing=removing)
 
     @map_errors
     @audited("route")
@@ -57,6 +60,7 @@ class RouteAdmin(AdminBase):
         audit.about(tenant, route.id, _ROUTE_CREATE_FIELDS)
         self._check_route_fits(route, new=True)
         created = await audit.write(lambda entry: self._store.create_route(route, audit=entry))
+        await sync_route_nodes(self._store, created, now)
         version = await self._publish()
         log.info("created route %s (%s) for tenant %s", route.id, public_model, tenant)
         return pb.CreateRouteResponse(route=convert.route_to_proto(created), version=version)
@@ -109,6 +113,7 @@ class RouteAdmin(AdminBase):
         stored = await audit.write(
             lambda entry: self._store.update_route(tenant, route_id, update, expected_revision=expected, audit=entry)
         )
+        await sync_route_nodes(self._store, stored, update.updated_at)
         version = await self._publish()
         log.info("updated route %s of tenant %s (%s)", route_id, tenant, ", ".join(paths))
         return pb.UpdateRouteResponse(route=convert.route_to_proto(stored), version=version)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime, timedelta
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,12 +13,16 @@ from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from control_plane.admin_service import AdminService
+from control_plane.affinity import Affinity
 from control_plane.aggregator import HealthAggregator
 from control_plane.auth import Authenticator, AuthInterceptor
+from control_plane.binding_sweep import BindingSweeper
 from control_plane.config import ControlPlaneConfig
 from control_plane.decode_guard import DecodeGuardInterceptor
 from control_plane.fleet import FleetTracker
 from control_plane.hub import SnapshotHub
+from control_plane.node_admin import sync_all_nodes
+from control_plane.node_health import NodeHealthFolder
 from control_plane.recovery_probe import RecoveryProber
 from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
@@ -62,6 +67,9 @@ class ControlPlane:
         self._sidecar_service: SidecarService | None = None
         self._tls_reloader: CertificateReloader | None = None
         self._master_keys: MasterKeys | None = None
+        self._affinity: Affinity | None = None
+        self._node_health: NodeHealthFolder | None = None
+        self._sweeper: BindingSweeper | None = None
         self.port = 0
 
     @property
@@ -86,6 +94,18 @@ class ControlPlane:
         if self._fleet is None:
             raise RuntimeError("the control plane is not started")
         return self._fleet
+
+    @property
+    def affinity(self) -> Affinity:
+        if self._affinity is None:
+            raise RuntimeError("the control plane is not started")
+        return self._affinity
+
+    @property
+    def sweeper(self) -> BindingSweeper:
+        if self._sweeper is None:
+            raise RuntimeError("the control plane is not started")
+        return self._sweeper
 
     @property
     def store(self) -> Store:
@@ -129,6 +149,7 @@ class ControlPlane:
                 box = Keyring.single(config.master_key)
             self._master_keys = box
             await store.migrate()
+            await sync_all_nodes(store, datetime.now(UTC))  # node_urls written before nodes existed
             self._hub = SnapshotHub(
                 store,
                 box,
@@ -162,6 +183,17 @@ class ControlPlane:
                 expire_after=3 * config.sidecar_heartbeat,
             )
             await self._fleet.start()
+            self._affinity = Affinity(
+                store, self._hub.cache, ttl=timedelta(seconds=config.binding_ttl), publish=self._hub.catch_up
+            )
+            self._sweeper = BindingSweeper(
+                store,
+                self._affinity,
+                interval=config.binding_sweep_interval,
+                batch=config.binding_sweep_batch,
+            )
+            self._sweeper.start()
+            self._node_health = NodeHealthFolder(store, self._hub, config.health_policy)
             server = aio.server(
                 interceptors=[
                     AuthInterceptor(Authenticator(config.admin_token, config.sidecar_tokens, self._hub.tokens)),
@@ -189,6 +221,7 @@ class ControlPlane:
                     health=self._aggregator,
                     url_policy=UrlPolicy(deny_private=config.deny_private_base_urls),
                     fleet=self._fleet,
+                    affinity=self._affinity,
                 ),
                 server,
             )
@@ -199,6 +232,8 @@ class ControlPlane:
                 catch_up=self._hub.catch_up,
                 lag_wait=config.lag_wait,
                 admission=WatchAdmission(config.watch_admit_rate, config.watch_admit_burst),
+                affinity=self._affinity,
+                node_health=self._node_health,
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(self._sidecar_service, server)
             self._health = AsyncHealthServicer()
@@ -265,6 +300,13 @@ class ControlPlane:
         if self._prober is not None:
             await self._prober.close()
             self._prober = None
+        if self._sweeper is not None:
+            await self._sweeper.close()
+            self._sweeper = None
+        self._affinity = None
+        if self._node_health is not None:
+            self._node_health.close()
+            self._node_health = None
         if self._aggregator is not None:
             await self._aggregator.close()  # a last try at unpersisted health changes
             self._aggregator = None

@@ -35,9 +35,12 @@ import grpc
 from grpc import aio
 
 from control_plane import validation as v
+from control_plane.affinity import Affinity
+from control_plane.affinity_rpc import AffinityRpcs
 from control_plane.aggregator import HealthAggregator, ReportedOutcome
 from control_plane.auth import SidecarScope, current_sidecar_scope
 from control_plane.fleet import FleetTracker
+from control_plane.node_health import NodeHealthFolder
 from control_plane.snapshot_cache import SnapshotCache, SnapshotTooLarge
 from control_plane.status import status_for
 from control_plane.watch_admission import WatchAdmission
@@ -56,7 +59,7 @@ _MAX_SIDECAR_ID = 256
 _MAX_ERROR_DETAIL = 1024
 
 
-class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
+class SidecarService(AffinityRpcs, sidecar_service_pb2_grpc.SidecarServiceServicer):
     def __init__(
         self,
         cache: SnapshotCache,
@@ -66,8 +69,12 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         catch_up: Callable[[], Awaitable[int]] | None = None,
         lag_wait: float = 5.0,
         admission: WatchAdmission | None = None,
+        affinity: Affinity | None = None,
+        node_health: NodeHealthFolder | None = None,
     ) -> None:
         self._cache = cache
+        self._affinity = affinity  # GetOrCreateBinding, RefreshBindings (control_plane.affinity_rpc)
+        self._node_health = node_health  # folds the outcomes that name a node
         self._health = health
         self._fleet = fleet
         # Reads the store's change log into the cache (SnapshotHub.catch_up).
@@ -229,6 +236,8 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
                     accepted += await self._health.ingest(batch, messages)
                 except Exception:
                     log.exception("folding an outcome report failed")
+                if self._node_health is not None:
+                    await self._node_health.ingest([(m.tenant, m) for m in messages if m.node_id])
         log.debug("sidecar %r (%s) reported %d outcomes (%d rejected)", sidecar_id, peer, accepted, rejected)
         return pb.ReportOutcomesResponse(accepted=accepted)
 

@@ -87,6 +87,9 @@ class _TenantState:
     # Only entries that are not healthy, by change-log entity id.
     key_health: dict[str, resources_pb2.KeyHealth] = field(default_factory=dict)
     provider_health: dict[str, resources_pb2.ProviderHealth] = field(default_factory=dict)
+    # Affinity: ACTIVE and DRAINING nodes by id, non-healthy node health by node id.
+    nodes: dict[str, resources_pb2.Node] = field(default_factory=dict)
+    node_health: dict[str, resources_pb2.NodeHealth] = field(default_factory=dict)
     cached: sidecar_service_pb2.TenantState | None = None
     cached_size: int = -1
 
@@ -106,6 +109,8 @@ class _TenantState:
                 client_keys=list(self.client_keys.values()),
                 key_health=[self.key_health[k] for k in sorted(self.key_health)],
                 provider_health=[self.provider_health[k] for k in sorted(self.provider_health)],
+                nodes=list(self.nodes.values()),
+                node_health=[self.node_health[k] for k in sorted(self.node_health)],
             )
         return self.cached
 
@@ -125,6 +130,25 @@ class _TenantState:
             self.provider_health.pop(entity_id, None)
         else:
             self.provider_health[entity_id] = health
+
+    def put_node(self, node: resources_pb2.Node) -> None:
+        if node.state == resources_pb2.NODE_STATE_REMOVED:
+            self.nodes.pop(node.id, None)
+            self.node_health.pop(node.id, None)
+        else:
+            self.nodes[node.id] = node
+
+    def put_node_health(self, health: resources_pb2.NodeHealth) -> None:
+        if health.state == resources_pb2.HEALTH_STATE_HEALTHY:
+            self.node_health.pop(health.node_id, None)
+        elif health.node_id in self.nodes:
+            self.node_health[health.node_id] = health
+
+    def drop_route_nodes(self, route_id: str) -> None:
+        """A deleted route's nodes went with it (no change row each)."""
+        for node_id in [n for n, node in self.nodes.items() if node.route_id == route_id]:
+            del self.nodes[node_id]
+            self.node_health.pop(node_id, None)
 
     def drop_key(self, key_id: str) -> None:
         self.keys.pop(key_id, None)
@@ -275,6 +299,8 @@ class TenantContents:
     client_keys: tuple[sidecar_service_pb2.SidecarClientKey, ...] = ()
     key_health: tuple[resources_pb2.KeyHealth, ...] = ()
     provider_health: tuple[resources_pb2.ProviderHealth, ...] = ()
+    nodes: tuple[resources_pb2.Node, ...] = ()
+    node_health: tuple[resources_pb2.NodeHealth, ...] = ()
 
     def to_state(self) -> _TenantState:
         state = _TenantState()
@@ -285,6 +311,10 @@ class TenantContents:
             state.put_key_health(key_health)
         for provider_health in self.provider_health:
             state.put_provider_health(provider_health)
+        for node in self.nodes:
+            state.put_node(node)
+        for node_health in self.node_health:
+            state.put_node_health(node_health)
         return state
 
 
@@ -346,6 +376,28 @@ class SnapshotCache:
             [state.key_health[k] for k in sorted(state.key_health)],
             [state.provider_health[k] for k in sorted(state.provider_health)],
         )
+
+    def route_nodes(
+        self, tenant: str, public_model: str
+    ) -> tuple[list[resources_pb2.Node], dict[str, resources_pb2.NodeHealth]] | None:
+        """Affinity: the ACTIVE and DRAINING nodes of the tenant's route for
+        ``public_model`` and the non-healthy health of the tenant's nodes;
+        None when the tenant has no such route."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return None
+        route = next((r for r in state.routes.values() if r.public_model == public_model), None)
+        if route is None:
+            return None
+        return [n for n in state.nodes.values() if n.route_id == route.id], state.node_health
+
+    def has_node(self, tenant: str, node_id: str) -> bool:
+        state = self._tenants.get(tenant)
+        return state is not None and node_id in state.nodes
+
+    def has_client_key(self, tenant: str, client_key_id: str) -> bool:
+        state = self._tenants.get(tenant)
+        return state is not None and client_key_id in state.client_keys
 
     def usage(self, tenant: str) -> TenantUsage:
         """What the tenant holds as sent to sidecars (all zero for an unknown tenant)."""
@@ -422,6 +474,7 @@ class SnapshotCache:
                 state.routes[change.route_put.id] = change.route_put
             elif which == "route_deleted":
                 state.routes.pop(change.route_deleted, None)
+                state.drop_route_nodes(change.route_deleted)
             elif which == "client_key_put":
                 state.client_keys[change.client_key_put.id] = change.client_key_put
             elif which == "client_key_deleted":
@@ -430,6 +483,10 @@ class SnapshotCache:
                 state.put_key_health(change.key_health)
             elif which == "provider_health":
                 state.put_provider_health(change.provider_health)
+            elif which == "node_put":
+                state.put_node(change.node_put)
+            elif which == "node_health":
+                state.put_node_health(change.node_health)
         self._publish(change)
         for listener in list(self._listeners):
             try:

@@ -196,6 +196,12 @@ class EntityKind(enum.StrEnum):
     # snapshot changes; the hub feeds them to the token registry).
     ADMIN_TOKEN = "admin_token"
     SIDECAR_TOKEN = "sidecar_token"
+    # Affinity (keyplane.affinity): a node, its learnt health, a binding
+    # (entity id ``<client key id>/<public model>``, logged only when moved
+    # or deleted).
+    NODE = "node"
+    NODE_HEALTH = "node_health"
+    BINDING = "binding"
 
 
 class ChangeOp(enum.StrEnum):

@@ -18,6 +18,7 @@ from keyplane.domain import Provider
 from keyplane.home import Home, ensure_private_dir, read_token_file
 from keyplane.runtime import tune_gc
 from keyplane.tls import TlsError, is_loopback_listen
+from keyplane_cli.affinity_flags import add_affinity_flags, affinity_options_from_args
 from keyplane_cli.control_plane_flags import add_control_plane_flags, control_plane_options_from_args
 from keyplane_cli.convergence_flags import add_convergence_flags, convergence_options_from_args
 from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
@@ -132,6 +133,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             **control_plane_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
+            **affinity_options_from_args(args),
             **watch_admission_options_from_args(args),
         )
     )
@@ -214,6 +216,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             **control_plane_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
+            **affinity_options_from_args(args),
             **watch_admission_options_from_args(args),
         )
     except ValueError as exc:  # TlsError included
@@ -446,6 +449,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_recovery_probe_flags(cp)
     add_convergence_flags(up)
     add_convergence_flags(cp)
+    add_affinity_flags(up)
+    add_affinity_flags(cp)
     add_watch_admission_flags(up)
     add_watch_admission_flags(cp)
     add_health_flags(up, aggregator=True)

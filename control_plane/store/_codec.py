@@ -33,6 +33,7 @@ KIND_NAMES = {
     "provider_keys": "provider key",
     "routes": "route",
     "client_keys": "client key",
+    "nodes": "node",
 }
 
 

@@ -167,4 +167,50 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        7,
+        "affinity: nodes of vllm targets, their learnt health, (client key, model) -> node bindings",
+        (
+            # id is derived from (route_id, url): keyplane.affinity.node_id_for.
+            """CREATE TABLE nodes (
+                id text CONSTRAINT nodes_pkey PRIMARY KEY,
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                route_id text NOT NULL REFERENCES routes (id) ON DELETE CASCADE,
+                url text NOT NULL,
+                upstream_model text NOT NULL,
+                state text NOT NULL,
+                from_route boolean NOT NULL,
+                created_at timestamptz NOT NULL,
+                updated_at timestamptz NOT NULL,
+                revision bigint NOT NULL DEFAULT 1,
+                CONSTRAINT nodes_route_url_key UNIQUE (route_id, url)
+            )""",
+            "CREATE INDEX nodes_by_tenant ON nodes (tenant, route_id, created_at, id)",
+            """CREATE TABLE node_health (
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                node_id text NOT NULL CONSTRAINT node_health_pkey PRIMARY KEY
+                    REFERENCES nodes (id) ON DELETE CASCADE,
+                state text NOT NULL,
+                until timestamptz,
+                reason text NOT NULL,
+                updated_at timestamptz NOT NULL
+            )""",
+            "CREATE INDEX node_health_by_tenant ON node_health (tenant, node_id)",
+            # Deleting the client key (or the node, route or tenant) deletes its bindings.
+            """CREATE TABLE bindings (
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                client_key_id text NOT NULL REFERENCES client_keys (id) ON DELETE CASCADE,
+                public_model text NOT NULL,
+                node_id text NOT NULL REFERENCES nodes (id) ON DELETE CASCADE,
+                created_at timestamptz NOT NULL,
+                updated_at timestamptz NOT NULL,
+                expires_at timestamptz NOT NULL,
+                moves integer NOT NULL DEFAULT 0,
+                CONSTRAINT bindings_pkey PRIMARY KEY (client_key_id, public_model)
+            )""",
+            "CREATE INDEX bindings_by_expiry ON bindings (expires_at)",
+            "CREATE INDEX bindings_by_node ON bindings (node_id)",
+            "CREATE INDEX bindings_by_tenant ON bindings (tenant, created_at)",
+        ),
+    ),
 )

@@ -167,4 +167,50 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        7,
+        "affinity: nodes of vllm targets, their learnt health, (client key, model) -> node bindings",
+        (
+            # id is derived from (route_id, url): keyplane.affinity.node_id_for.
+            """CREATE TABLE nodes (
+                id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                route_id TEXT NOT NULL REFERENCES routes(id) ON DELETE CASCADE,
+                url TEXT NOT NULL,
+                upstream_model TEXT NOT NULL,
+                state TEXT NOT NULL,
+                from_route INTEGER NOT NULL,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                revision INTEGER NOT NULL DEFAULT 1,
+                UNIQUE (route_id, url)
+            )""",
+            "CREATE INDEX nodes_by_tenant ON nodes (tenant, route_id, created_at, id)",
+            """CREATE TABLE node_health (
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                node_id TEXT NOT NULL PRIMARY KEY
+                    REFERENCES nodes(id) ON DELETE CASCADE,
+                state TEXT NOT NULL,
+                until TEXT,
+                reason TEXT NOT NULL,
+                updated_at TEXT NOT NULL
+            )""",
+            "CREATE INDEX node_health_by_tenant ON node_health (tenant, node_id)",
+            # Deleting the client key (or the node, route or tenant) deletes its bindings.
+            """CREATE TABLE bindings (
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                client_key_id TEXT NOT NULL REFERENCES client_keys(id) ON DELETE CASCADE,
+                public_model TEXT NOT NULL,
+                node_id TEXT NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+                created_at TEXT NOT NULL,
+                updated_at TEXT NOT NULL,
+                expires_at TEXT NOT NULL,
+                moves INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (client_key_id, public_model)
+            )""",
+            "CREATE INDEX bindings_by_expiry ON bindings (expires_at)",
+            "CREATE INDEX bindings_by_node ON bindings (node_id)",
+            "CREATE INDEX bindings_by_tenant ON bindings (tenant, created_at)",
+        ),
+    ),
 )

@@ -33,6 +33,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from keyplane.affinity import (
+    Binding,
+    BindingKey,
+    BindingResult,
+    BindingView,
+    NodeHealth,
+    NodeState,
+    SelfHostedNode,
+)
 from keyplane.domain import (
     AccessToken,
     ChangeRecord,
@@ -52,6 +61,7 @@ __all__ = [
     "AuditEntry",
     "AuditEvent",
     "AuditQuery",
+    "BindingFilter",
     "ChangeListener",
     "ProviderKeyUpdate",
     "RouteUpdate",
@@ -205,6 +215,16 @@ class SecretRewrap:
 
 
 @dataclass(frozen=True, slots=True)
+class BindingFilter:
+    """Bindings of ``tenant`` matching every non-empty field."""
+
+    tenant: str
+    client_key_id: str = ""
+    public_model: str = ""
+    node_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SidecarStream:
     """A Watch stream as the replica holding it reports it."""
 
@@ -351,6 +371,62 @@ class Store(Protocol):
 
     async def list_provider_health(self, tenant: str) -> list[ProviderHealth]:
         """Non-healthy entries of a tenant ordered by provider then model; NotFound if no such tenant."""
+
+    # affinity: nodes, node health, bindings (control_plane/store/_nodes.py,
+    # _bindings.py, which document each method). Never log a client key id
+    # together with a public model above debug level.
+    async def sync_route_nodes(
+        self, tenant: str, route_id: str, pool: Sequence[tuple[str, str]], now: datetime
+    ) -> list[int]: ...
+
+    async def add_node(
+        self, node: SelfHostedNode, *, audit: AuditEntry | None = None
+    ) -> tuple[SelfHostedNode, int | None]: ...
+
+    async def set_node_state(
+        self,
+        tenant: str,
+        node_id: str,
+        state: NodeState,
+        now: datetime,
+        *,
+        expected_revision: int | None = None,
+        audit: AuditEntry | None = None,
+    ) -> tuple[SelfHostedNode, int, int | None]: ...
+
+    async def get_node(self, tenant: str, node_id: str) -> SelfHostedNode: ...
+
+    async def list_nodes(
+        self, tenant: str, route_id: str = "", *, include_removed: bool = False
+    ) -> list[SelfHostedNode]: ...
+
+    async def put_node_health(self, health: NodeHealth) -> int | None: ...
+
+    async def get_node_health(self, tenant: str, node_id: str) -> NodeHealth | None: ...
+
+    async def list_node_health(self, tenant: str) -> list[NodeHealth]: ...
+
+    async def find_binding(self, key: BindingKey) -> BindingView | None: ...
+
+    async def claim_binding(
+        self, key: BindingKey, keep: frozenset[str], candidate: str, now: datetime, expires_at: datetime
+    ) -> tuple[Binding, BindingResult]: ...
+
+    async def refresh_bindings(
+        self, refs: Sequence[tuple[BindingKey, str]], now: datetime, expires_at: datetime
+    ) -> tuple[int, list[Binding], list[tuple[BindingKey, str]]]: ...
+
+    async def list_bindings(
+        self, where: BindingFilter, *, after: tuple[str, str] | None = None, limit: int = 100
+    ) -> list[Binding]: ...
+
+    async def delete_bindings(
+        self, where: BindingFilter, *, audit: AuditEntry | None = None
+    ) -> tuple[int, int | None]: ...
+
+    async def count_bindings(self, tenant: str, now: datetime) -> dict[str, int]: ...
+
+    async def sweep_bindings(self, now: datetime, limit: int = 1000) -> int: ...
 
     # API tokens (admin and sidecar) ------------------------------------------
     # Global, not per tenant: each write appends one change row with kind

@@ -1865,8 +1865,11 @@ class RemoveNodeResponse(_message.Message):
     BINDINGS_DELETED_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     bindings_moved: _builtins.int
-    """Bindings moved to another node, and deleted for want of one."""
+    """Always 0 today: the bindings are deleted (bindings_deleted) and made
+    again on the next request.
+    """
     bindings_deleted: _builtins.int
+    """Bindings deleted with the node."""
     @_builtins.property
     def node(self) -> _resources_pb2.Node: ...
     def __init__(
@@ -1964,7 +1967,9 @@ Global___NodeBindingCount: _TypeAlias = NodeBindingCount  # noqa: Y015
 
 @_typing.final
 class ListBindingsRequest(_message.Message):
-    """Paged (AIP-158), oldest binding first; every filter set must match."""
+    """Paged (AIP-158), ordered by client key id then public model; every filter
+    set must match. Expired bindings not swept yet are listed too.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

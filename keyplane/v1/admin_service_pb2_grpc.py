@@ -450,9 +450,10 @@ class AdminServiceServicer:
         """Nodes of vllm targets (see Node). AddNode is idempotent for a URL the
         route already has (it returns that node; a REMOVED one becomes ACTIVE
         again). DrainNode: the node keeps its bindings until they expire but
-        takes no new ones. RemoveNode: the node serves nothing and each of its
-        bindings moves to another healthy ACTIVE node of the route (or is
-        deleted when there is none). Every change reaches the tenant's sidecars
+        takes no new ones. RemoveNode: the node serves nothing and its bindings
+        are deleted with it (no change each: the node_put with state REMOVED
+        tells sidecars to drop them), so each client's next request binds it to
+        another healthy ACTIVE node. Every change reaches the tenant's sidecars
         over Watch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -463,7 +463,9 @@ class TenantState(_message.Message):
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[_resources_pb2.Node]:
         """The tenant's nodes that are ACTIVE or DRAINING (removed ones are left
-        out); `health` is unset here: see node_health.
+        out). In Watch messages a Node carries only id, route_id, url,
+        upstream_model and state (health: see node_health). A deleted route's
+        nodes go with it (route_deleted; no node_put each).
         """
 
     @_builtins.property

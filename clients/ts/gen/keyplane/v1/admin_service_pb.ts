@@ -1860,13 +1860,16 @@ export type RemoveNodeResponse = Message<"keyplane.v1.RemoveNodeResponse"> & {
   version: bigint;
 
   /**
-   * Bindings moved to another node, and deleted for want of one.
+   * Always 0 today: the bindings are deleted (bindings_deleted) and made
+   * again on the next request.
    *
    * @generated from field: uint32 bindings_moved = 3;
    */
   bindingsMoved: number;
 
   /**
+   * Bindings deleted with the node.
+   *
    * @generated from field: uint32 bindings_deleted = 4;
    */
   bindingsDeleted: number;
@@ -1959,7 +1962,8 @@ export const NodeBindingCountSchema: GenMessage<NodeBindingCount> = /*@__PURE__*
   messageDesc(file_keyplane_v1_admin_service, 73);
 
 /**
- * Paged (AIP-158), oldest binding first; every filter set must match.
+ * Paged (AIP-158), ordered by client key id then public model; every filter
+ * set must match. Expired bindings not swept yet are listed too.
  *
  * @generated from message keyplane.v1.ListBindingsRequest
  */
@@ -2520,9 +2524,10 @@ export const AdminService: GenService<{
    * Nodes of vllm targets (see Node). AddNode is idempotent for a URL the
    * route already has (it returns that node; a REMOVED one becomes ACTIVE
    * again). DrainNode: the node keeps its bindings until they expire but
-   * takes no new ones. RemoveNode: the node serves nothing and each of its
-   * bindings moves to another healthy ACTIVE node of the route (or is
-   * deleted when there is none). Every change reaches the tenant's sidecars
+   * takes no new ones. RemoveNode: the node serves nothing and its bindings
+   * are deleted with it (no change each: the node_put with state REMOVED
+   * tells sidecars to drop them), so each client's next request binds it to
+   * another healthy ACTIVE node. Every change reaches the tenant's sidecars
    * over Watch.
    *
    * @generated from rpc keyplane.v1.AdminService.AddNode

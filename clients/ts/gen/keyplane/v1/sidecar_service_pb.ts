@@ -424,7 +424,9 @@ export type TenantState = Message<"keyplane.v1.TenantState"> & {
 
   /**
    * The tenant's nodes that are ACTIVE or DRAINING (removed ones are left
-   * out); `health` is unset here: see node_health.
+   * out). In Watch messages a Node carries only id, route_id, url,
+   * upstream_model and state (health: see node_health). A deleted route's
+   * nodes go with it (route_deleted; no node_put each).
    *
    * @generated from field: repeated keyplane.v1.Node nodes = 7;
    */
