@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from keyplane import __version__
 from keyplane_cli.admin import CliError, add_admin_commands
+from keyplane_cli.affinity import add_affinity_commands
 from keyplane_cli.apply import add_apply_commands
 from keyplane_cli.audit import add_audit_commands
 from keyplane_cli.master_key import add_master_key_commands
@@ -29,6 +30,7 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     add_audit_commands(sub, handlers)
     add_proxy_status_command(sub, handlers)
     add_token_commands(sub, handlers)
+    add_affinity_commands(sub, handlers)
     add_master_key_commands(sub, handlers)
     add_dev_certs_command(sub, handlers)
     return parser

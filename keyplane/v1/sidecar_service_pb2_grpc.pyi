@@ -62,8 +62,9 @@ class SidecarServiceStub:
     concurrent miss for the same triple on every replica
     (pg_advisory_xact_lock on a 64-bit hash of the triple on Postgres; the
     single writer on SQLite), reads again, and creates (or moves) ONE
-    binding to the node the route's normal strategy picks among its healthy
-    ACTIVE nodes (weighted by nothing: uniform among the healthy ones).
+    binding to the node the normal strategy picks among the route's healthy
+    ACTIVE nodes: rendezvous hashing of the triple (every replica computes
+    the same node; removing a node moves only the keys that were on it).
     A binding whose node is unhealthy, draining-and-expired, removed or in
     exclude_node_ids is moved; the move is pushed to the tenant's sidecars as
     a Change.binding_put, so none of them flaps back when the old node
@@ -118,8 +119,9 @@ class SidecarServiceAsyncStub(SidecarServiceStub):
     concurrent miss for the same triple on every replica
     (pg_advisory_xact_lock on a 64-bit hash of the triple on Postgres; the
     single writer on SQLite), reads again, and creates (or moves) ONE
-    binding to the node the route's normal strategy picks among its healthy
-    ACTIVE nodes (weighted by nothing: uniform among the healthy ones).
+    binding to the node the normal strategy picks among the route's healthy
+    ACTIVE nodes: rendezvous hashing of the triple (every replica computes
+    the same node; removing a node moves only the keys that were on it).
     A binding whose node is unhealthy, draining-and-expired, removed or in
     exclude_node_ids is moved; the move is pushed to the tenant's sidecars as
     a Change.binding_put, so none of them flaps back when the old node
@@ -195,8 +197,9 @@ class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
         concurrent miss for the same triple on every replica
         (pg_advisory_xact_lock on a 64-bit hash of the triple on Postgres; the
         single writer on SQLite), reads again, and creates (or moves) ONE
-        binding to the node the route's normal strategy picks among its healthy
-        ACTIVE nodes (weighted by nothing: uniform among the healthy ones).
+        binding to the node the normal strategy picks among the route's healthy
+        ACTIVE nodes: rendezvous hashing of the triple (every replica computes
+        the same node; removing a node moves only the keys that were on it).
         A binding whose node is unhealthy, draining-and-expired, removed or in
         exclude_node_ids is moved; the move is pushed to the tenant's sidecars as
         a Change.binding_put, so none of them flaps back when the old node
