@@ -8,7 +8,7 @@
   query on the request path (the control plane's binding counters do not move).
 - The bound node fails -> the request goes to another node, the binding moves,
   and it does not flap back when the old node recovers before it expires.
-- Draining keeps a node's bindings (no new ones); removing moves them.
+- Draining keeps a node's bindings (no new ones); removing sends its clients elsewhere.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ async def test_an_unhealthy_node_moves_the_binding_and_it_does_not_flap_back(
     assert still.node_id == moved.node_id
 
 
-async def test_draining_keeps_bindings_and_removing_moves_them(tmp_path: Path) -> None:
+async def test_draining_keeps_bindings_and_removing_sends_clients_elsewhere(tmp_path: Path) -> None:
     async with open_fleet(tmp_path) as fleet:
         bound_id, bound_token = await fleet.client_key("bound")
         await known_everywhere(fleet, bound_token)
@@ -167,7 +167,7 @@ async def test_draining_keeps_bindings_and_removing_moves_them(tmp_path: Path) -
         assert fresh.node_id != binding.node_id
         assert fleet.served()[node] == before[node] + 4
 
-        # Removing the node moves its bindings; the sidecars follow without asking.
+        # Removing the node takes its bindings away (pushed to the sidecars): the client goes elsewhere.
         await fleet.admin.RemoveNode(apb.RemoveNodeRequest(tenant=TENANT, id=binding.node_id), metadata=ADMIN_MD)
         await until(lambda: all(sc.state.nodes(TENANT).node(binding.node_id) is None for sc in fleet.sidecars))
         before = fleet.served()
