@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from .metrics import SidecarMetrics
     from .proxy import AttemptRecord
     from .reporter import OutcomeReporter
-    from .router import Balancer
     from .state import SidecarState
 
 __all__ = ["AffinityCounts", "NodeAffinity", "NodeAttempt"]
@@ -66,6 +65,7 @@ _log = logging.getLogger(__name__)
 # RefreshBindingsRequest's cap.
 _MAX_REFRESH = 1000
 _MOVED = pb.BINDING_RESULT_MOVED
+_TURNS_WRAP = 1 << 30
 _FIELDS = {"hit": "hits", "miss": "misses", "override": "overrides", "fallback": "fallbacks"}
 
 
@@ -122,6 +122,8 @@ class NodeAffinity:
         # Binding lifetime the control plane last told (GetOrCreateBindingResponse.ttl).
         self._ttl: float | None = None
         self._counts: dict[str, AffinityCounts] = {}
+        # (tenant, route id, upstream model) -> where the next request's round robin over nodes starts.
+        self._turns: dict[tuple[str, str, str], int] = {}
         self.total = AffinityCounts()
         self.rpcs = 0  # GetOrCreateBinding calls made (tests, logs)
         self.refresh_calls = 0
@@ -162,7 +164,7 @@ class NodeAffinity:
     # --- the request path -----------------------------------------------------------------
 
     async def plan(
-        self, tenant: str, token: str | None, route: Route, plan: list[Attempt], balancer: Balancer, limit: int
+        self, tenant: str, token: str | None, route: Route, plan: list[Attempt], limit: int
     ) -> list[Attempt]:
         """``plan`` with nodes put on the attempts of the route's node target (see the module doc).
 
@@ -199,7 +201,10 @@ class NodeAffinity:
                     bound = None
                 if bound is None:
                     self._decided(tenant, "fallback")
-        return _with_nodes(plan, target, members, nodes, bound, binding, now, balancer, tenant, route, limit)
+        turn = (tenant, route.id, target.upstream_model)
+        start = self._turns.get(turn, 0)
+        self._turns[turn] = start + 1 if start < _TURNS_WRAP else 0
+        return _with_nodes(plan, target, members, nodes, bound, binding, now, start, limit)
 
     async def _ask(self, key: BindingKey, exclude: Sequence[str]) -> str | None:
         """The node the control plane binds ``key`` to; None on any error or timeout."""
@@ -373,20 +378,33 @@ def _with_nodes(
     bound: str | None,
     binding: BindingKey | None,
     now: float,
-    balancer: Balancer,
-    tenant: str,
-    route: Route,
+    start: int,
     limit: int,
 ) -> list[Attempt]:
     """The plan with the node target's attempts on nodes: the bound one first, then the
-    usable others round robin (a keyless target gets one attempt per node, up to ``limit``)."""
-    usable = tuple(v.id for v in members if v.id != bound and nodes.usable(v.id, now))
-    if len(usable) > 1:
-        usable = balancer.rotate(("node-ids", tenant, route.public_model, usable), usable)
-    order = (bound, *usable) if bound is not None else usable
+    usable others in turn from ``start`` (round robin), one attempt per node within ``limit``.
+
+    Visits only as many nodes as the request can try (plus the unusable ones skipped on the
+    way), whatever the size of the pool."""
+    on_target = 0
+    for attempt in plan:
+        if attempt.target is target:
+            on_target += 1
+    want = max(on_target, limit - (len(plan) - on_target))
+    order: list[NodeView] = []
+    if bound is not None:
+        view = nodes.node(bound)
+        if view is not None:
+            order.append(view)
+    count = len(members)
+    for step in range(count):
+        if len(order) >= want:
+            break
+        view = members[(start + step) % count]
+        if view.id != bound and nodes.usable(view.id, now):
+            order.append(view)
     if not order:
         return plan  # no known node can serve: the route's own node URLs, as before
-    by_id = {v.id: v for v in members}
     out: list[Attempt] = []
     n = 0
     last = -1
@@ -394,16 +412,15 @@ def _with_nodes(
         if attempt.target is not target:
             out.append(attempt)
             continue
-        node_id = order[n % len(order)]
-        out.append(_on_node(attempt, by_id[node_id], binding if node_id == bound else None))
+        view = order[n % len(order)]
+        out.append(_on_node(attempt, view, binding if view.id == bound else None))
         n += 1
         last = len(out) - 1
     if 0 <= last and n < len(order):
         # Fewer attempts than nodes (one key, or none): the other nodes follow, with the last key.
         template = out[last]
-        extra = [_on_node(template, by_id[node_id], None) for node_id in order[n:]]
-        out[last + 1 : last + 1] = extra
-    return out[:limit]
+        out[last + 1 : last + 1] = [_on_node(template, view, None) for view in order[n:]]
+    return out[:limit] if len(out) > limit else out
 
 
 def _on_node(attempt: Attempt, node: NodeView, binding: BindingKey | None) -> NodeAttempt:

@@ -331,10 +331,16 @@ class SidecarState:
         return entry.tenant
 
     def client_key_id(self, token: str) -> str | None:
-        """The id of the client key of a token that ``authenticate`` accepted (a dict hit);
-        None for any other token."""
+        """The id of the client key of a token that ``authenticate`` accepted (a dict hit),
+        None for a token no client key has."""
         known = self._recent_tokens.get(token)
-        return known.id if known is not None and known.id else None
+        if known is None:
+            # Client keys changed since ``authenticate`` (the memo was emptied): hash again.
+            digest = hashlib.sha256(token.encode()).digest()
+            known = self._clients.get(digest)
+            if known is None or not hmac.compare_digest(known.digest, digest):
+                return None
+        return known.id or None
 
     def nodes_of(self, tenant: str) -> TenantNodes | None:
         """The tenant's nodes when it has any (the request path's test: one dict get)."""

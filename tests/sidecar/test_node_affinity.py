@@ -47,13 +47,22 @@ async def known_everywhere(fleet: Fleet, token: str) -> None:
     )
 
 
+# The claims below are about agreement, not speed: a lookup slower than the sidecar's
+# default deadline (0.1 s, easily missed on a loaded CI machine) would fall back to round
+# robin. The fallback has its own test.
+PATIENT = 5.0
+
+
 @pytest.fixture(params=STORES)
 async def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Fleet]:
     if request.param == "postgres":
-        async with postgres_url() as url, open_fleet(tmp_path, store_url=url, replicas=2) as f:
+        async with (
+            postgres_url() as url,
+            open_fleet(tmp_path, store_url=url, replicas=2, binding_timeout=PATIENT) as f,
+        ):
             yield f
     else:
-        async with open_fleet(tmp_path) as f:
+        async with open_fleet(tmp_path, binding_timeout=PATIENT) as f:
             yield f
 
 
@@ -77,7 +86,7 @@ async def test_concurrent_first_requests_share_one_node_and_one_binding(fleet: F
 
 
 async def test_a_hit_makes_no_rpc_and_no_store_query(tmp_path: Path) -> None:
-    async with open_fleet(tmp_path, sidecars=1) as fleet:
+    async with open_fleet(tmp_path, sidecars=1, binding_timeout=PATIENT) as fleet:
         client_id, token = await fleet.client_key("app")
         await known_everywhere(fleet, token)
         assert (await fleet.ask(0, token)).status_code == 200
@@ -139,7 +148,7 @@ async def test_an_unhealthy_node_moves_the_binding_and_it_does_not_flap_back(
 
 
 async def test_draining_keeps_bindings_and_removing_sends_clients_elsewhere(tmp_path: Path) -> None:
-    async with open_fleet(tmp_path) as fleet:
+    async with open_fleet(tmp_path, binding_timeout=PATIENT) as fleet:
         bound_id, bound_token = await fleet.client_key("bound")
         await known_everywhere(fleet, bound_token)
         assert (await fleet.ask(0, bound_token)).status_code == 200
@@ -188,3 +197,21 @@ async def test_without_affinity_the_nodes_take_turns(tmp_path: Path) -> None:
         assert fleet.served() == [2, 2, 2]
         assert await fleet.bindings(client_id) == []
         assert fleet.sidecars[0].node_affinity.rpcs == 0
+
+
+async def test_without_a_control_plane_a_miss_falls_back_at_once(tmp_path: Path) -> None:
+    """The lookup fails (the control plane is gone): the request goes round robin, not delayed."""
+    async with open_fleet(tmp_path, sidecars=1, binding_timeout=0.2) as fleet:
+        _, token = await fleet.client_key("app")
+        await known_everywhere(fleet, token)
+        await fleet.planes[0].stop(grace=0.1)
+        affinity = fleet.sidecars[0].node_affinity
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(3):
+            assert (await fleet.ask(0, token)).status_code == 200
+        elapsed = loop.time() - started
+        print(f"\n3 requests without a control plane: {elapsed * 1000:.0f} ms, fallbacks {affinity.total.fallbacks}")
+        assert affinity.total.fallbacks == 3
+        assert elapsed < 3 * 0.2 + 1.0  # at most the binding deadline each, plus the answer
+        assert sorted(fleet.served()) == [1, 1, 1]  # the normal strategy: round robin
