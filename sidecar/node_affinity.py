@@ -40,22 +40,19 @@ import grpc
 import grpc.aio
 from prometheus_client import Counter
 
-from keyplane import convert
 from keyplane.health.classify import ErrorClass
 from keyplane.v1 import sidecar_service_pb2 as pb
 from keyplane.v1 import sidecar_service_pb2_grpc as pb_grpc
 
 from .bindings import Binding, BindingCache, BindingKey, Decision, SingleFlight, decide
-from .model import Route, Target, provider_to_proto
+from .model import Route, Target
 from .nodes import NodeView, TenantNodes
-from .outcome_wire import fill_varying
 from .router import Attempt
 
 if TYPE_CHECKING:
     from .channel import ChannelSource
     from .metrics import SidecarMetrics
     from .proxy import AttemptRecord
-    from .reporter import OutcomeReporter
     from .state import SidecarState
 
 __all__ = ["AffinityCounts", "NodeAffinity", "NodeAttempt"]
@@ -129,7 +126,6 @@ class NodeAffinity:
         self.refresh_calls = 0
         self._wake = asyncio.Event()
         self._stopping = False
-        self.reporter: OutcomeReporter | None = None
         self._decisions: dict[str, Counter] | None = None
         self._moves: Counter | None = None
         if metrics is not None:
@@ -269,11 +265,10 @@ class NodeAffinity:
                 if len(self._refresh) >= _MAX_REFRESH:
                     self._wake.set()
             return
-        if error_class is ErrorClass.UPSTREAM_ERROR:
+        if error_class is ErrorClass.UPSTREAM_ERROR or error_class is ErrorClass.STREAM_BROKEN:
+            # Kept out here at once; the outcome report carries the node's id (keyed attempts:
+            # ``sidecar.outcome_wire``), so the control plane demotes it for the fleet.
             self.state.nodes(tenant).failed(attempt.node_id, self._wall())
-            reporter = self.reporter
-            if reporter is not None:
-                reporter.enqueue(_node_outcome(tenant, record, attempt.node_id))
 
     # --- the background refresher --------------------------------------------------------------
 
@@ -348,26 +343,6 @@ class NodeAffinity:
 
 def _stub(channel: grpc.aio.Channel) -> pb_grpc.SidecarServiceAsyncStub:
     return pb_grpc.SidecarServiceStub(channel)
-
-
-def _node_outcome(tenant: str, record: AttemptRecord, node_id: str) -> pb.Outcome:
-    """A node's failed attempt as the control plane folds it into node health."""
-    c = record.classification
-    target = record.attempt.target
-    out = pb.Outcome(
-        tenant=tenant,
-        key_id=record.attempt.key.id if record.attempt.key is not None else "",
-        provider=provider_to_proto(target.provider),
-        model=target.upstream_model,
-        outcome_class=convert.error_class_to_proto(c.error_class),
-        status_code=max(0, c.status),
-        recovered=record.recovered,
-        provider_final=record.provider_final,
-        reason=c.reason[:200],
-        node_id=node_id,
-    )
-    fill_varying(out, record, "")
-    return out
 
 
 def _with_nodes(

@@ -117,7 +117,6 @@ class Sidecar:
             token=config.sidecar_token,
             metrics=self.metrics,
         )
-        self.node_affinity.reporter = self.reporter
         self.app = SidecarApp(
             self.state,
             self.upstream,

@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from keyplane.domain import Provider
 from keyplane.v1 import admin_service_pb2 as apb
+from keyplane.v1 import resources_pb2 as rpb
 from sidecar import nodes as sidecar_nodes
 from tests.fakes.upstream import COMPLETION, SERVICE_UNAVAILABLE
 
@@ -215,3 +218,30 @@ async def test_without_a_control_plane_a_miss_falls_back_at_once(tmp_path: Path)
         assert affinity.total.fallbacks == 3
         assert elapsed < 3 * 0.2 + 1.0  # at most the binding deadline each, plus the answer
         assert sorted(fleet.served()) == [1, 1, 1]  # the normal strategy: round robin
+
+
+async def test_a_node_failing_on_one_sidecar_is_left_out_by_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outcome reports carry the node's id: the control plane demotes the node for the fleet."""
+    monkeypatch.setattr(sidecar_nodes, "DEFAULT_LOCAL_COOLDOWN", 0.0)  # only the pushed verdict keeps it out
+    async with open_fleet(tmp_path, binding_timeout=PATIENT) as fleet:
+        secret = "sk-vllm-node-health-0123"
+        await fleet.admin.CreateProviderKey(
+            apb.CreateProviderKeyRequest(tenant=TENANT, provider=rpb.PROVIDER_VLLM, label="vllm", secret=secret),
+            metadata=ADMIN_MD,
+        )
+        client_id, token = await fleet.client_key("app")
+        await known_everywhere(fleet, token)
+        await until(lambda: all(sc.state.keys(TENANT, Provider.VLLM) for sc in fleet.sidecars))
+        assert (await fleet.ask(0, token)).status_code == 200
+        [binding] = await fleet.bindings(client_id)
+        bad = binding.node_id
+        fleet.nodes[fleet.node_index(bad)].program(secret, SERVICE_UNAVAILABLE)
+        other = fleet.sidecars[1].state
+        for _ in range(5):
+            await fleet.ask(0, token)
+            if not other.nodes(TENANT).usable(bad, time.time()):
+                break
+        await until(lambda: not other.nodes(TENANT).usable(bad, time.time()))
+        assert [r.secret for r in fleet.nodes[fleet.node_index(bad)].chat_requests()].count(secret) >= 2
