@@ -35,6 +35,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 
 from control_plane.limits import TenantUsage
+from control_plane.tenant_nodes import TenantNodes
 from keyplane import convert
 from keyplane.domain import (
     ChangeOp,
@@ -87,9 +88,7 @@ class _TenantState:
     # Only entries that are not healthy, by change-log entity id.
     key_health: dict[str, resources_pb2.KeyHealth] = field(default_factory=dict)
     provider_health: dict[str, resources_pb2.ProviderHealth] = field(default_factory=dict)
-    # Affinity: ACTIVE and DRAINING nodes by id, non-healthy node health by node id.
-    nodes: dict[str, resources_pb2.Node] = field(default_factory=dict)
-    node_health: dict[str, resources_pb2.NodeHealth] = field(default_factory=dict)
+    nodes: TenantNodes = field(default_factory=TenantNodes)  # affinity
     cached: sidecar_service_pb2.TenantState | None = None
     cached_size: int = -1
 
@@ -109,8 +108,8 @@ class _TenantState:
                 client_keys=list(self.client_keys.values()),
                 key_health=[self.key_health[k] for k in sorted(self.key_health)],
                 provider_health=[self.provider_health[k] for k in sorted(self.provider_health)],
-                nodes=list(self.nodes.values()),
-                node_health=[self.node_health[k] for k in sorted(self.node_health)],
+                nodes=list(self.nodes.nodes.values()),
+                node_health=self.nodes.sorted_health(),
             )
         return self.cached
 
@@ -130,25 +129,6 @@ class _TenantState:
             self.provider_health.pop(entity_id, None)
         else:
             self.provider_health[entity_id] = health
-
-    def put_node(self, node: resources_pb2.Node) -> None:
-        if node.state == resources_pb2.NODE_STATE_REMOVED:
-            self.nodes.pop(node.id, None)
-            self.node_health.pop(node.id, None)
-        else:
-            self.nodes[node.id] = node
-
-    def put_node_health(self, health: resources_pb2.NodeHealth) -> None:
-        if health.state == resources_pb2.HEALTH_STATE_HEALTHY:
-            self.node_health.pop(health.node_id, None)
-        elif health.node_id in self.nodes:
-            self.node_health[health.node_id] = health
-
-    def drop_route_nodes(self, route_id: str) -> None:
-        """A deleted route's nodes went with it (no change row each)."""
-        for node_id in [n for n, node in self.nodes.items() if node.route_id == route_id]:
-            del self.nodes[node_id]
-            self.node_health.pop(node_id, None)
 
     def drop_key(self, key_id: str) -> None:
         self.keys.pop(key_id, None)
@@ -312,9 +292,9 @@ class TenantContents:
         for provider_health in self.provider_health:
             state.put_provider_health(provider_health)
         for node in self.nodes:
-            state.put_node(node)
+            state.nodes.put(node)
         for node_health in self.node_health:
-            state.put_node_health(node_health)
+            state.nodes.put_health(node_health)
         return state
 
 
@@ -387,13 +367,11 @@ class SnapshotCache:
         if state is None:
             return None
         route = next((r for r in state.routes.values() if r.public_model == public_model), None)
-        if route is None:
-            return None
-        return [n for n in state.nodes.values() if n.route_id == route.id], state.node_health
+        return None if route is None else (state.nodes.of_route(route.id), state.nodes.health)
 
     def has_node(self, tenant: str, node_id: str) -> bool:
         state = self._tenants.get(tenant)
-        return state is not None and node_id in state.nodes
+        return state is not None and node_id in state.nodes.nodes
 
     def has_client_key(self, tenant: str, client_key_id: str) -> bool:
         state = self._tenants.get(tenant)
@@ -474,7 +452,7 @@ class SnapshotCache:
                 state.routes[change.route_put.id] = change.route_put
             elif which == "route_deleted":
                 state.routes.pop(change.route_deleted, None)
-                state.drop_route_nodes(change.route_deleted)
+                state.nodes.drop_route(change.route_deleted)
             elif which == "client_key_put":
                 state.client_keys[change.client_key_put.id] = change.client_key_put
             elif which == "client_key_deleted":
@@ -484,9 +462,9 @@ class SnapshotCache:
             elif which == "provider_health":
                 state.put_provider_health(change.provider_health)
             elif which == "node_put":
-                state.put_node(change.node_put)
+                state.nodes.put(change.node_put)
             elif which == "node_health":
-                state.put_node_health(change.node_health)
+                state.nodes.put_health(change.node_health)
         self._publish(change)
         for listener in list(self._listeners):
             try:

@@ -29,6 +29,7 @@ from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import sidecar_service_pb2 as spb
 from tests.control_plane.affinity_helpers import (
     MODEL,
+    URLS,
     bind,
     list_bindings,
     make_pool,
@@ -438,3 +439,19 @@ async def test_routes_written_before_nodes_existed_get_their_nodes_at_start(make
     assert all(n.from_route and n.state == rpb.NODE_STATE_ACTIVE for n in listed.nodes)
     client_key_id = await new_client_key(again, "app")
     assert (await bind(again, client_key_id)).result == CREATED
+
+
+async def test_nodes_reach_the_watch_and_go_with_their_route(harness: Harness) -> None:
+    pool = await make_pool(harness)
+    call = harness.watch(("acme",))
+    [state] = (await next_message(call)).snapshot.tenants
+    assert sorted(n.id for n in state.nodes) == sorted(pool.node_ids)
+    assert {n.url for n in state.nodes} == set(URLS) and all(n.route_id == pool.route_id for n in state.nodes)
+    drained = await harness.admin.DrainNode(apb.DrainNodeRequest(tenant="acme", id=pool.node_ids[0]), metadata=ADMIN_MD)
+    put = (await next_message(call)).delta.changes[0].node_put
+    assert (put.id, put.state) == (drained.node.id, rpb.NODE_STATE_DRAINING)
+    await harness.admin.DeleteRoute(apb.DeleteRouteRequest(tenant="acme", id=pool.route_id), metadata=ADMIN_MD)
+    assert (await next_message(call)).delta.changes[0].route_deleted == pool.route_id
+    assert harness.plane.hub.cache.route_nodes("acme", MODEL) is None
+    [state] = (await next_message(harness.watch(("acme",)))).snapshot.tenants
+    assert list(state.nodes) == []
