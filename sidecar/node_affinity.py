@@ -399,4 +399,21 @@ def _with_nodes(
 
 
 def _on_node(attempt: Attempt, node: NodeView, binding: BindingKey | None) -> NodeAttempt:
-    return NodeAttempt(target=attempt.target, key=attempt.key, node_url=node.url, node_id=node.id, binding=binding)
+    if binding is not None:
+        return NodeAttempt(target=attempt.target, key=attempt.key, node_url=node.url, node_id=node.id, binding=binding)
+    # Unbound attempts are immutable and the same for every request: made once (bounded).
+    target, key = attempt.target, attempt.key
+    slot = (id(target), id(key), id(node))
+    found = _UNBOUND.get(slot)
+    if found is not None and found.target is target and found.key is key and found.node_id == node.id:
+        return found
+    if len(_UNBOUND) >= _UNBOUND_MAX:
+        _UNBOUND.clear()
+    made = _UNBOUND[slot] = NodeAttempt(target=target, key=key, node_url=node.url, node_id=node.id)
+    return made
+
+
+# Unbound node attempts by (target, key, node) identity; checked against the objects on a hit
+# (ids are reused once an object is gone), emptied when full.
+_UNBOUND: dict[tuple[int, int, int], NodeAttempt] = {}
+_UNBOUND_MAX = 4096

@@ -89,3 +89,13 @@ def test_no_usable_node_leaves_the_plan_as_it_was() -> None:
     nodes = pool(2, unhealthy=(0, 1))
     plan: list[Attempt] = [Attempt(VLLM, None, "http://a/v1")]
     assert _with_nodes(plan, VLLM, nodes.of_target(ROUTE, "llama"), nodes, None, None, 0, start=0, limit=8) is plan
+
+
+def test_unbound_attempts_are_made_once() -> None:
+    nodes = pool(3)
+    members = nodes.of_target(ROUTE, "llama")
+    plan: list[Attempt] = [Attempt(VLLM, None, "http://a/v1")]
+    one = _with_nodes(plan, VLLM, members, nodes, nid(0), KEY, 0, start=0, limit=8)
+    two = _with_nodes(plan, VLLM, members, nodes, nid(0), KEY, 0, start=0, limit=8)
+    assert one[0] is not two[0]  # the bound attempt names its binding
+    assert all(a is b for a, b in zip(one[1:], two[1:], strict=True))
