@@ -63,6 +63,8 @@ _log = logging.getLogger(__name__)
 _MAX_REFRESH = 1000
 _MOVED = pb.BINDING_RESULT_MOVED
 _TURNS_WRAP = 1 << 30
+# Seconds between sweeps of the local cache's expired bindings.
+_SWEEP_EVERY = 30.0
 _FIELDS = {"hit": "hits", "miss": "misses", "override": "overrides", "fallback": "fallbacks"}
 
 
@@ -274,10 +276,15 @@ class NodeAffinity:
 
     async def run(self) -> None:
         """Send RefreshBindings every ``refresh_interval`` while there is something to send."""
+        swept = self._wall()
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.refresh_interval)
             self._wake.clear()
+            now = self._wall()
+            if now - swept >= _SWEEP_EVERY:  # expired bindings nobody asked for again
+                swept = now
+                self.bindings.evict_expired(now)
             try:
                 await self.flush()
             except Exception as exc:  # a refresh that fails is retried with the next batch
