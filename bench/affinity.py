@@ -11,18 +11,19 @@ sidecar's CPU per request for an affinity hit vs a request without affinity.
 - Cache phase, once per mode and round (the pool's caches emptied before
   each): every client runs a closed loop of ``--requests`` chat requests,
   each through one of the two sidecars at random (two app pods behind a load
-  balancer), after a random think time of up to 20 ms. A client's
+  balancer), after a random think time of up to 50 ms. A client's
   prefix is its own system prompt and context (the last message varies), so a
   node hits when it served that client recently. More clients than a node can
   cache (``clients > cache_size``) is the regime where placement matters.
   Reported: the pool's hit rate, and mean/p99 latency seen by the clients.
 - CPU phase: one client, warm binding, ``--cpu-requests`` requests at
-  concurrency 8 through one sidecar of each mode, alternating over rounds;
+  concurrency 8 through one sidecar of each mode, alternating over rounds,
+  to a second route on a pool of 2 nodes that answer at once;
   CPU of the sidecar process (``/proc``, outcome reports and binding
   refreshes included) per request. The ratio is affinity hit / no affinity,
   measured in the same run.
 
-    python -m bench.affinity                 # 4 nodes, 64 clients, 3 rounds
+    python -m bench.affinity                 # 4 nodes, 48 clients, 3 rounds
     python -m bench.affinity --smoke         # tiny and quick (CI)
 """
 
@@ -49,9 +50,11 @@ from keyplane.v1 import admin_service_pb2_grpc as admin_grpc
 from keyplane.v1 import resources_pb2
 
 MODEL = "llama"
+# The CPU phase's route: the same kind of target on a pool that answers at once.
+CPU_MODEL = "llama-cpu"
 UPSTREAM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 # A client's pause before each request, uniform in [0, THINK_MS] ms.
-THINK_MS = 20.0
+THINK_MS = 50.0
 
 
 @dataclass
@@ -76,19 +79,22 @@ def _post(url: str, body: bytes | None = None) -> dict[str, object]:
         return found
 
 
-def setup(cp: ControlPlaneProc, node_urls: list[str], clients: int) -> list[str]:
-    """Tenant, the vllm route over the pool, ``clients`` client keys; their tokens."""
+def setup(cp: ControlPlaneProc, node_urls: list[str], cpu_urls: list[str], clients: int) -> list[str]:
+    """Tenant, the vllm routes over the pools, ``clients`` client keys; their tokens."""
     channel = grpc.insecure_channel(cp.address)
     stub = admin_grpc.AdminServiceStub(channel)
     md = (("authorization", f"Bearer {cp.admin_token}"),)
     try:
         stub.CreateTenant(admin_pb2.CreateTenantRequest(name=TENANT), metadata=md, timeout=30)
-        target = resources_pb2.RouteTarget(
-            provider=resources_pb2.PROVIDER_VLLM, upstream_model=UPSTREAM_MODEL, node_urls=node_urls
-        )
-        stub.CreateRoute(
-            admin_pb2.CreateRouteRequest(tenant=TENANT, public_model=MODEL, targets=[target]), metadata=md, timeout=30
-        )
+        for model, urls in ((MODEL, node_urls), (CPU_MODEL, cpu_urls)):
+            target = resources_pb2.RouteTarget(
+                provider=resources_pb2.PROVIDER_VLLM, upstream_model=UPSTREAM_MODEL, node_urls=urls
+            )
+            stub.CreateRoute(
+                admin_pb2.CreateRouteRequest(tenant=TENANT, public_model=model, targets=[target]),
+                metadata=md,
+                timeout=30,
+            )
         return [
             stub.CreateClientKey(
                 admin_pb2.CreateClientKeyRequest(tenant=TENANT, label=f"client-{i}"), metadata=md, timeout=30
@@ -99,12 +105,12 @@ def setup(cp: ControlPlaneProc, node_urls: list[str], clients: int) -> list[str]
         channel.close()
 
 
-def _body(client: int, turn: int) -> bytes:
+def _body(client: int, turn: int, model: str = MODEL) -> bytes:
     messages = [
         {"role": "system", "content": f"You are assistant #{client}. " + "Context. " * 40},
         {"role": "user", "content": f"question {turn}"},
     ]
-    return json.dumps({"model": MODEL, "messages": messages, "max_tokens": 8}, separators=(",", ":")).encode()
+    return json.dumps({"model": model, "messages": messages, "max_tokens": 8}, separators=(",", ":")).encode()
 
 
 async def _cache_phase(sidecars: list[str], tokens: list[str], requests: int, seed: int) -> Sample:
@@ -152,7 +158,7 @@ async def _cpu_load(sidecar: str, token: str, requests: int, concurrency: int) -
 
     ok = 0
     headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
-    body = _body(0, 0)
+    body = _body(0, 0, CPU_MODEL)
     left = requests
     async with aiohttp.ClientSession() as session:
 
@@ -183,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny and quick (CI)")
     parser.add_argument("--nodes", type=int, default=4)
-    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=48)
     parser.add_argument("--requests", type=int, default=12, help="requests per client per round")
-    parser.add_argument("--cache-size", type=int, default=24, help="prefixes a node caches (LRU)")
-    parser.add_argument("--hit-ms", type=float, default=5.0)
-    parser.add_argument("--miss-ms", type=float, default=40.0)
+    parser.add_argument("--cache-size", type=int, default=20, help="prefixes a node caches (LRU)")
+    parser.add_argument("--hit-ms", type=float, default=20.0, help="a node's answer time with the prefix cached")
+    parser.add_argument("--miss-ms", type=float, default=200.0, help="a node's answer time with a prefill")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cpu-requests", type=int, default=3000)
     parser.add_argument("--no-pin", action="store_true", help="let the OS schedule every process")
@@ -218,9 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         pool = Proc.start(pool_argv, ready=r"nodes (.+)", cpus=driver_cpus, env=keyplane_env())
         procs.append(pool)
         node_urls = pool.match.group(1).split()
+        cpu_argv = [sys.executable, "-m", "bench.fake_vllm", "--nodes", "2", "--hit-ms", "0", "--miss-ms", "0"]
+        cpu_pool = Proc.start(cpu_argv, ready=r"nodes (.+)", cpus=driver_cpus, env=keyplane_env())
+        procs.append(cpu_pool)
+        cpu_urls = cpu_pool.match.group(1).split()
         cp = start_control_plane(cpus=driver_cpus)
         cleanups.append(cp.stop)
-        tokens = setup(cp, node_urls, args.clients)
+        tokens = setup(cp, node_urls, cpu_urls, args.clients)
         affinity = [start_sidecar(cp, cpus=proxy_cpus) for _ in range(2)]
         plain = [start_sidecar(cp, cpus=proxy_cpus, extra_args=["--no-node-affinity"]) for _ in range(2)]
         procs += affinity + plain
@@ -233,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             order = list(urls) if r % 2 == 0 else list(reversed(urls))
             for mode in order:
                 results[mode].append(cache_phase(node_urls[0], urls[mode], tokens, args.requests, seed=r))
-        print(
-            "\n| mode | requests | errors | prefix-cache hit rate | mean ms | p99 ms | p99 ms, first requests out |"
-        )
+        print("\n| mode | requests | errors | prefix-cache hit rate | mean ms | p99 ms | p99 ms, first requests out |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         summary: dict[str, tuple[float, float, float]] = {}
         for mode, samples in results.items():
@@ -264,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         # change the sidecar's CPU, only the wall time.
         cpu: dict[str, list[float]] = {"affinity hit": [], "no affinity": []}
         cases = [("affinity hit", affinity[0]), ("no affinity", plain[0])]
-        for r in range(max(args.rounds, 2)):
+        for r in range(2 * args.rounds + 1):
             for name, proc in cases if r % 2 == 0 else reversed(cases):
                 cpu[name].append(cpu_per_request(proc, proc.match.group(1), tokens[0], args.cpu_requests))
         print("\n| request | sidecar CPU µs/request (median) | rounds |")
