@@ -27,6 +27,7 @@ from keyplane_cli.master_key import master_key_sources
 from keyplane_cli.panic_flags import add_panic_flags, panic_policy_from_args
 from keyplane_cli.recovery_probe_flags import add_recovery_probe_flags, recovery_probe_from_args
 from keyplane_cli.shutdown_flags import Signals, add_control_plane_drain_flags, add_sidecar_shutdown_flags
+from keyplane_cli.sidecar_affinity_flags import add_sidecar_affinity_flags, sidecar_affinity_options_from_args
 from keyplane_cli.stability_flags import (
     add_stability_flags,
     add_watch_admission_flags,
@@ -151,6 +152,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             health_policy=health_policy,
             panic_policy=panic_policy_from_args(args),
             **edge_options_from_args(args),
+            **sidecar_affinity_options_from_args(args),
         )
     )
     try:
@@ -265,6 +267,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         shutdown_grace=args.shutdown_grace,
         **edge_options_from_args(args),
         **stability_options_from_args(args),
+        **sidecar_affinity_options_from_args(args),
     )
 
 
@@ -435,6 +438,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     )
     add_edge_flags(sc)
     add_stability_flags(sc)
+    add_sidecar_affinity_flags(sc)
     add_sidecar_shutdown_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
@@ -453,6 +457,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)
     add_panic_flags(up)
+    add_sidecar_affinity_flags(up)
     add_panic_flags(sc)
     for parser in (up, cp, sc):
         parser.add_argument(

@@ -32,6 +32,7 @@ from .chat import authenticate, handle, read_headers
 from .endpoints import BY_PATH, CHAT_COMPLETIONS
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import LabelledChildren, SidecarMetrics, status_class
+from .node_affinity import NodeAffinity
 from .proxy import AttemptRecord
 from .reporter import OutcomeReporter
 from .rescue import ProbeGate
@@ -63,6 +64,7 @@ class SidecarApp:
         disconnect_watch_after: float = 0.05,
         access_log: AccessLog | None = None,
         panic_policy: PanicPolicy | None = None,
+        node_affinity: NodeAffinity | None = None,
     ) -> None:
         self.state = state
         self.upstream = upstream
@@ -79,6 +81,10 @@ class SidecarApp:
         self.access_log = access_log  # opt-in: one JSON line per chat request
         # Which key created each Responses API response: continuations stick to it.
         self.affinity = ResponseAffinity()
+        # (client key, model) -> node bindings for routes with nodes (off: the normal strategy).
+        self.node_affinity = (
+            node_affinity if node_affinity is not None else NodeAffinity(state, enabled=False, metrics=self.metrics)
+        )
         # Set when a shutdown began (``sidecar.shutdown``): /healthz answers 503 while requests are still served.
         self.draining = False
         # Seconds a chat request runs before an app hang-up is watched for (``DisconnectWatch``).

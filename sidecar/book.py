@@ -59,6 +59,8 @@ class RequestBook:
         """Metrics, and this sidecar's own health book at once (no round trip)."""
         app = self.app
         app.count_attempt(record)
+        if record.attempt.node_url is not None:
+            app.node_affinity.attempted(self.tenant, record)  # a node: its binding and health
         key = record.attempt.key
         if key is None:
             return  # keyless: nothing to attribute in the health book or the reports

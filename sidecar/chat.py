@@ -339,6 +339,8 @@ async def forward(
             usable=usable,
             demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
         )
+        if self.state.nodes_of(tenant) is not None:  # a tenant with self-hosted nodes
+            plan = await self.node_affinity.plan(tenant, _bearer(headers), served, plan, self.max_attempts)
     # Built only should no key be able to serve (``sidecar.rescue``); a continuation
     # pinned to the key that created its response has nowhere else to go.
     rescue: Callable[[], Rescue] | None = None

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
     from .affinity import ResponseAffinity
     from .metrics import SidecarMetrics
+    from .node_affinity import NodeAffinity
     from .proxy import AttemptRecord
     from .reporter import OutcomeReporter
     from .rescue import ProbeGate
@@ -37,6 +38,8 @@ class ChatApp(Protocol):
     affinity: ResponseAffinity
     panic_policy: PanicPolicy
     probes: ProbeGate
+    # (client key, model) -> node bindings for routes with nodes (``sidecar.node_affinity``).
+    node_affinity: NodeAffinity
 
     def count_attempt(self, record: AttemptRecord) -> None: ...
 

@@ -117,6 +117,11 @@ class SidecarConfig:
     # watch version with a route targeting another one is rejected (NACK) and
     # the sidecar keeps what it held (sidecar/ack.py).
     providers: tuple[Provider, ...] = ()
+    # Node affinity (sidecar.node_affinity): (client key, model) -> node bindings for
+    # routes with nodes; a local miss asks the control plane once, waiting at most
+    # binding_timeout seconds before the normal strategy picks.
+    node_affinity: bool = True
+    binding_timeout: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.control_plane_target:
@@ -165,6 +170,7 @@ class SidecarConfig:
             "report_max_age",
             "request_head_timeout",
             "request_body_timeout",
+            "binding_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")

@@ -96,6 +96,19 @@ class SidecarMetrics:
             ["action"],
             registry=self.registry,
         )
+        self.affinity_decisions = Counter(
+            "keyplane_sidecar_affinity_decisions",
+            "Requests to a route with nodes, by what node affinity did (sidecar.node_affinity): hit (cached "
+            "binding, no RPC), miss (asked the control plane), override (cached binding to an unusable node "
+            "ignored), fallback (no binding: the normal strategy picked).",
+            ["decision"],
+            registry=self.registry,
+        )
+        self.affinity_moves = Counter(
+            "keyplane_sidecar_affinity_moves",
+            "Bindings the control plane moved to another node when this sidecar asked.",
+            registry=self.registry,
+        )
         self.client_disconnects = Counter(
             "keyplane_sidecar_client_disconnects",
             "Requests abandoned because the app disconnected.",

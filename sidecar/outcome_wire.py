@@ -67,6 +67,15 @@ def fill_fixed(message: sidecar_service_pb2.Outcome, tenant: str, record: Attemp
     message.recovered = record.recovered
     message.provider_final = record.provider_final
     message.reason = c.reason[:200]
+    node_id = _node_id(record)
+    if node_id:
+        message.node_id = node_id  # the control plane folds it into the node's health
+
+
+def _node_id(record: AttemptRecord) -> str:
+    """The id of the node an attempt went to (``sidecar.node_affinity.NodeAttempt``), or ""."""
+    found: str = getattr(record.attempt, "node_id", "")
+    return found
 
 
 def fill_varying(message: sidecar_service_pb2.Outcome, record: AttemptRecord, request_id: str) -> None:
@@ -163,6 +172,7 @@ class OutcomeEncoder:
             c.reason,
             record.recovered,
             record.provider_final,
+            _node_id(record),
         )
         template = self._templates.get(shape)
         if template is None:

@@ -31,6 +31,7 @@ from .channel import ChannelSource
 from .config import SidecarConfig
 from .edge_protocol import EdgeLimits, edge_protocol
 from .metrics import SidecarMetrics
+from .node_affinity import NodeAffinity
 from .reporter import OutcomeReporter
 from .router import Balancer
 from .shutdown import CUT
@@ -107,6 +108,15 @@ class Sidecar:
         self.snapshots.register_metrics(self.metrics.registry)
         reporting = (watch if report is None else report) and config.report_outcomes
         self.reporter = OutcomeReporter(config, metrics=self.metrics) if reporting else None
+        self.node_affinity = NodeAffinity(
+            self.state,
+            enabled=config.node_affinity and watch,
+            binding_timeout=config.binding_timeout,
+            refresh_interval=config.report_interval,
+            sidecar_id=config.sidecar_id,
+            token=config.sidecar_token,
+            metrics=self.metrics,
+        )
         self.app = SidecarApp(
             self.state,
             self.upstream,
@@ -121,6 +131,7 @@ class Sidecar:
             reporter=self.reporter,
             access_log=AccessLog.to(config.access_log) if config.access_log is not None else None,
             panic_policy=config.panic_policy,
+            node_affinity=self.node_affinity,
         )
         self.watch = WatchClient(config, self.state, on_applied=self.snapshots.note) if watch else None
         # The one channel to the control plane, opened by ``start`` (inside the loop).
@@ -130,6 +141,7 @@ class Sidecar:
         self._watch_task: asyncio.Task[None] | None = None
         self._report_task: asyncio.Task[None] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._affinity_task: asyncio.Task[None] | None = None
         self._port: int | None = None
 
     @property
@@ -163,6 +175,9 @@ class Sidecar:
                 self._channel = ChannelSource(self.config)
             if self.watch is not None:
                 self._watch_task = asyncio.create_task(self.watch.run(self._channel), name="keyplane-sidecar-watch")
+            if self.watch is not None and self._channel is not None:
+                self.node_affinity.attach(self._channel)
+                self._affinity_task = asyncio.create_task(self.node_affinity.run(), name="keyplane-sidecar-affinity")
             if self.reporter is not None:
                 self._report_task = asyncio.create_task(
                     self.reporter.run(self._channel), name="keyplane-sidecar-reports"
@@ -232,6 +247,7 @@ class Sidecar:
         server, serve_task = self._server, self._serve_task
         watch_task, report_task = self._watch_task, self._report_task
         snapshot_task = self._snapshot_task
+        affinity_task, self._affinity_task = self._affinity_task, None
         channel = self._channel
         self._server = self._serve_task = self._watch_task = self._report_task = None
         self._snapshot_task = None
@@ -253,6 +269,12 @@ class Sidecar:
                 await self._stop_snapshots(snapshot_task)
             finally:
                 try:
+                    self.node_affinity.stop()
+                    if affinity_task is not None:
+                        with contextlib.suppress(Exception):
+                            # The last refreshes, best effort.
+                            await asyncio.wait_for(self.node_affinity.flush(), self.config.report_flush_timeout)
+                        await affinity_task
                     await self._stop_reporter(report_task)
                 finally:
                     if channel is not None:

@@ -27,6 +27,9 @@ class _Tenant:
     client_keys: dict[str, sidecar_service_pb2.SidecarClientKey] = field(default_factory=dict)
     key_health: dict[tuple[str, str], resources_pb2.KeyHealth] = field(default_factory=dict)
     provider_health: dict[tuple[int, str], resources_pb2.ProviderHealth] = field(default_factory=dict)
+    # Self-hosted nodes (ACTIVE or DRAINING) and their not-healthy health (``sidecar.nodes``).
+    nodes: dict[str, resources_pb2.Node] = field(default_factory=dict)
+    node_health: dict[str, resources_pb2.NodeHealth] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, ts: sidecar_service_pb2.TenantState) -> _Tenant:
@@ -39,6 +42,10 @@ class _Tenant:
             tenant.put_key_health(kh)
         for ph in ts.provider_health:
             tenant.put_provider_health(ph)
+        for node in ts.nodes:
+            tenant.put_node(node)
+        for nh in ts.node_health:
+            tenant.put_node_health(nh)
         return tenant
 
     def to_proto(self, name: str) -> sidecar_service_pb2.TenantState:
@@ -49,7 +56,22 @@ class _Tenant:
             client_keys=[self.client_keys[c] for c in sorted(self.client_keys)],
             key_health=[self.key_health[k] for k in sorted(self.key_health)],
             provider_health=[self.provider_health[p] for p in sorted(self.provider_health)],
+            nodes=[self.nodes[n] for n in sorted(self.nodes)],
+            node_health=[self.node_health[n] for n in sorted(self.node_health)],
         )
+
+    def put_node(self, node: resources_pb2.Node) -> None:
+        if node.state in (resources_pb2.NODE_STATE_ACTIVE, resources_pb2.NODE_STATE_DRAINING):
+            self.nodes[node.id] = node
+        else:  # removed: forgotten, with its health
+            self.nodes.pop(node.id, None)
+            self.node_health.pop(node.id, None)
+
+    def put_node_health(self, health: resources_pb2.NodeHealth) -> None:
+        if health.state == _HEALTHY:
+            self.node_health.pop(health.node_id, None)
+        else:
+            self.node_health[health.node_id] = health
 
     def put_key_health(self, health: resources_pb2.KeyHealth) -> None:
         # As the control plane's cache keeps it: HEALTHY forgets that one scope.
@@ -128,6 +150,10 @@ class SnapshotFold:
             tenant.put_key_health(change.key_health)
         elif which == "provider_health":
             tenant.put_provider_health(change.provider_health)
+        elif which == "node_put":
+            tenant.put_node(change.node_put)
+        elif which == "node_health":
+            tenant.put_node_health(change.node_health)
 
     def response(self, tenants: frozenset[str] | None = None) -> sidecar_service_pb2.WatchResponse:
         """The full snapshot at ``version`` (only ``tenants`` when given)."""

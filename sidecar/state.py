@@ -25,8 +25,10 @@ from keyplane.domain import Provider
 from keyplane.health.machine import HealthChange, HealthPolicy
 from keyplane.v1 import sidecar_service_pb2
 
+from .bindings import Binding, BindingCache
 from .health import TenantHealth
 from .model import Key, Route, key_from_proto, key_health_change, provider_health_change, route_from_proto
+from .nodes import TenantNodes
 
 __all__ = ["SidecarState", "TenantView"]
 
@@ -85,6 +87,7 @@ _AUTH_CACHE_SIZE = 256
 class _ClientEntry:
     tenant: str
     digest: bytes
+    id: str = ""
 
 
 class SidecarState:
@@ -105,8 +108,12 @@ class SidecarState:
         self._data: dict[str, _TenantData] = {}
         self._views: dict[str, TenantView] = {}
         self._clients: dict[bytes, _ClientEntry] = {}
-        # token -> tenant, for tokens that authenticated (never for rejected ones).
-        self._recent_tokens: dict[str, str] = {}
+        # token -> its client key, for tokens that authenticated (never for rejected ones).
+        self._recent_tokens: dict[str, _ClientEntry] = {}
+        # Self-hosted nodes per tenant (``sidecar.nodes``) and the affinity bindings this
+        # sidecar used (``sidecar.bindings``), kept current by the watch stream.
+        self._nodes: dict[str, TenantNodes] = {}
+        self.bindings = BindingCache()
         self._version = 0
         self._ready = False
         self._connected = False
@@ -175,6 +182,13 @@ class SidecarState:
         self._data = data
         self._views = {name: TenantView.build(td) for name, td in data.items()}
         self._rebuild_clients()
+        nodes: dict[str, TenantNodes] = {}
+        for ts in snapshot.tenants:
+            tn = nodes[ts.tenant] = TenantNodes()
+            tn.replace(ts.nodes, ts.node_health)
+        self._nodes = nodes
+        # Moves may have been missed: every binding is asked for again (one RPC each).
+        self.bindings = BindingCache(self.bindings.max_entries)
 
     def _apply_delta(self, delta: sidecar_service_pb2.Delta) -> None:
         touched: set[str] = set()
@@ -188,6 +202,8 @@ class SidecarState:
                 self._data.pop(tenant, None)
                 self._views.pop(tenant, None)
                 self._health.pop(tenant, None)
+                self._nodes.pop(tenant, None)
+                self.bindings.drop_tenant(tenant)
                 touched.discard(tenant)
                 clients_changed = True
                 continue
@@ -200,6 +216,9 @@ class SidecarState:
                 )
                 if pushed is not None:
                     self.health(tenant).apply_pushed(pushed)
+                continue
+            if which in ("node_put", "node_health", "binding_put", "binding_deleted"):
+                self._apply_affinity_change(change, which)
                 continue
             td = self._data.setdefault(tenant, _TenantData())
             touched.add(tenant)
@@ -226,6 +245,7 @@ class SidecarState:
                 clients_changed = True
             elif which == "client_key_deleted":
                 td.client_keys.pop(change.client_key_deleted, None)
+                self.bindings.drop_client(tenant, change.client_key_deleted)
                 clients_changed = True
             else:
                 _log.warning("ignoring unknown change kind at version %d", change.version)
@@ -234,11 +254,25 @@ class SidecarState:
         if clients_changed:
             self._rebuild_clients()
 
+    def _apply_affinity_change(self, change: sidecar_service_pb2.Change, which: str) -> None:
+        tenant = change.tenant
+        if which == "node_put":
+            self.nodes(tenant).put(change.node_put)
+        elif which == "node_health":
+            self.nodes(tenant).apply_health(change.node_health)
+        elif which == "binding_put":
+            b = change.binding_put
+            key = (tenant, b.client_key_id, b.public_model)
+            self.bindings.update(key, Binding(b.node_id, b.expire_time.ToNanoseconds() / 1e9))
+        else:
+            ref = change.binding_deleted
+            self.bindings.drop((tenant, ref.client_key_id, ref.public_model))
+
     def _rebuild_clients(self) -> None:
         clients: dict[bytes, _ClientEntry] = {}
         for tenant, td in self._data.items():
-            for digest in td.client_keys.values():
-                clients[digest] = _ClientEntry(tenant=tenant, digest=digest)
+            for client_id, digest in td.client_keys.items():
+                clients[digest] = _ClientEntry(tenant=tenant, digest=digest, id=client_id)
         self._clients = clients
         self._recent_tokens = {}
 
@@ -284,17 +318,41 @@ class SidecarState:
         if not token:
             return None
         recent = self._recent_tokens
-        tenant = recent.get(token)
-        if tenant is not None:
-            return tenant
+        known = recent.get(token)
+        if known is not None:
+            return known.tenant
         digest = hashlib.sha256(token.encode()).digest()
         entry = self._clients.get(digest)
         if entry is None or not hmac.compare_digest(entry.digest, digest):
             return None
         if len(recent) >= _AUTH_CACHE_SIZE:
             recent.clear()
-        recent[token] = entry.tenant
+        recent[token] = entry
         return entry.tenant
+
+    def client_key_id(self, token: str) -> str | None:
+        """The id of the client key of a token that ``authenticate`` accepted (a dict hit),
+        None for a token no client key has."""
+        known = self._recent_tokens.get(token)
+        if known is None:
+            # Client keys changed since ``authenticate`` (the memo was emptied): hash again.
+            digest = hashlib.sha256(token.encode()).digest()
+            known = self._clients.get(digest)
+            if known is None or not hmac.compare_digest(known.digest, digest):
+                return None
+        return known.id or None
+
+    def nodes_of(self, tenant: str) -> TenantNodes | None:
+        """The tenant's nodes when it has any (the request path's test: one dict get)."""
+        found = self._nodes.get(tenant)
+        return found if found else None
+
+    def nodes(self, tenant: str) -> TenantNodes:
+        """The tenant's self-hosted nodes (created empty on first use)."""
+        found = self._nodes.get(tenant)
+        if found is None:
+            found = self._nodes[tenant] = TenantNodes()
+        return found
 
     def tenant(self, tenant: str) -> TenantView:
         return self._views.get(tenant, _EMPTY_VIEW)

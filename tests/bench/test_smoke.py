@@ -118,3 +118,11 @@ def test_key_scaling() -> None:
     assert re.search(r"\| sidecar \| 100 \| \d+ \| [\d.]+ \| [\d.]+x \| 0 \|", out), out
     assert re.search(r"\| sidecar --access-log FILE \| 1 \| \d+ \| [\d.]+ \| [\d.]+x \| 0 \|", out), out
     assert "target (CPU/request at 100 keys" in out
+
+
+def test_affinity() -> None:
+    out = run_smoke("bench.affinity")
+    assert re.search(r"\| affinity \| \d+ \| 0 \| [\d.]+% \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out), out
+    assert re.search(r"\| round robin \| \d+ \| 0 \| [\d.]+% \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out), out
+    assert re.search(r"\| affinity hit \| \d+ \|", out), out
+    assert "affinity hit vs no affinity: CPU x" in out, out
