@@ -11,7 +11,7 @@ snapshot-or-delta decisions live in ``control_plane.snapshot_cache``.
 The ReportOutcomes handler validates each outcome (tenant within the token's
 scope, a known class and provider, a key id and a model); invalid outcomes
 are counted and skipped, never fatal to the stream. Each batch goes to the
-``HealthAggregator``; the reply, when the sidecar ends the stream, is the
+``HealthAggregator`` and its usage to the ``UsageFolder`` (rollups); the reply, when the sidecar ends the stream, is the
 number of outcomes accepted.
 
 With a ``FleetTracker``, the Watch handler notes every version it sends and
@@ -40,6 +40,7 @@ from control_plane.auth import SidecarScope, current_sidecar_scope
 from control_plane.fleet import FleetTracker
 from control_plane.snapshot_cache import SnapshotCache, SnapshotTooLarge
 from control_plane.status import status_for
+from control_plane.usage import UsageFolder
 from control_plane.watch_admission import WatchAdmission
 from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
@@ -66,6 +67,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         catch_up: Callable[[], Awaitable[int]] | None = None,
         lag_wait: float = 5.0,
         admission: WatchAdmission | None = None,
+        usage: UsageFolder | None = None,
     ) -> None:
         self._cache = cache
         self._health = health
@@ -74,6 +76,8 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         self._catch_up = catch_up
         self._lag_wait = lag_wait
         self._admission = admission
+        # Folds the usage of every valid outcome into rollups (``control_plane.usage``).
+        self._usage = usage
         # Set by ``ControlPlane.stop`` before it ends the watch streams.
         self.going_away = False
         # Converted success outcomes, reused across reports (see ``_validate_batch``).
@@ -224,6 +228,8 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             if out_of_scope and not rejected:
                 log.warning("sidecar %r (%s) reported outcomes outside its tenant scope", sidecar_id, peer)
             rejected += invalid + out_of_scope
+            if messages and self._usage is not None:
+                self._usage.fold(messages)
             if batch:
                 try:
                     accepted += await self._health.ingest(batch, messages)

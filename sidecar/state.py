@@ -85,6 +85,8 @@ _AUTH_CACHE_SIZE = 256
 class _ClientEntry:
     tenant: str
     digest: bytes
+    # The client key's id (what usage is reported under; never the token).
+    id: str = ""
 
 
 class SidecarState:
@@ -105,8 +107,8 @@ class SidecarState:
         self._data: dict[str, _TenantData] = {}
         self._views: dict[str, TenantView] = {}
         self._clients: dict[bytes, _ClientEntry] = {}
-        # token -> tenant, for tokens that authenticated (never for rejected ones).
-        self._recent_tokens: dict[str, str] = {}
+        # token -> its entry, for tokens that authenticated (never for rejected ones).
+        self._recent_tokens: dict[str, _ClientEntry] = {}
         self._version = 0
         self._ready = False
         self._connected = False
@@ -237,8 +239,8 @@ class SidecarState:
     def _rebuild_clients(self) -> None:
         clients: dict[bytes, _ClientEntry] = {}
         for tenant, td in self._data.items():
-            for digest in td.client_keys.values():
-                clients[digest] = _ClientEntry(tenant=tenant, digest=digest)
+            for key_id, digest in td.client_keys.items():
+                clients[digest] = _ClientEntry(tenant=tenant, digest=digest, id=key_id)
         self._clients = clients
         self._recent_tokens = {}
 
@@ -281,20 +283,29 @@ class SidecarState:
         match of their (per-process randomised) hash, which leaks nothing about
         how close a guess is.
         """
+        entry = self._client(token)
+        return None if entry is None else entry.tenant
+
+    def client_key_id(self, token: str | None) -> str:
+        """The id of the client key ``token`` is ("" if none): after ``authenticate``, a dict lookup."""
+        entry = self._client(token) if token else None
+        return "" if entry is None else entry.id
+
+    def _client(self, token: str) -> _ClientEntry | None:
         if not token:
             return None
         recent = self._recent_tokens
-        tenant = recent.get(token)
-        if tenant is not None:
-            return tenant
+        found = recent.get(token)
+        if found is not None:
+            return found
         digest = hashlib.sha256(token.encode()).digest()
         entry = self._clients.get(digest)
         if entry is None or not hmac.compare_digest(entry.digest, digest):
             return None
         if len(recent) >= _AUTH_CACHE_SIZE:
             recent.clear()
-        recent[token] = entry.tenant
-        return entry.tenant
+        recent[token] = entry
+        return entry
 
     def tenant(self, tenant: str) -> TenantView:
         return self._views.get(tenant, _EMPTY_VIEW)
