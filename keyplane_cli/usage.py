@@ -124,7 +124,7 @@ def _show(args: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
     request = admin_pb2.GetUsageRequest(
         tenant=args.tenant or "",
         group_by=[BY[n][0] for n in dict.fromkeys(by)],  # type: ignore[misc]
-        bucket=BUCKETS[args.bucket],  # type: ignore[arg-type]
+        bucket=BUCKETS[args.bucket],
         client_key_id=args.client_key or "",
         public_model=args.model or "",
         page_size=_PAGE,
