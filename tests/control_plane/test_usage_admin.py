@@ -6,6 +6,7 @@ commands (subprocess) as table, json and yaml."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -19,7 +20,11 @@ from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import sidecar_service_pb2 as spb
 from keyplane.v1 import usage_pb2 as upb
-from tests.control_plane.conftest import ADMIN_MD, Harness
+from keyplane_cli.admin import AdminClient
+from keyplane_cli.apply import execute_action, read_current
+from keyplane_cli.config_file import ConfigError, load_config
+from keyplane_cli.config_plan import Action, plan
+from tests.control_plane.conftest import ADMIN_MD, ADMIN_TOKEN, Harness
 from tests.control_plane.test_etag_cli import keyplane
 from tests.control_plane.test_health import report
 
@@ -152,3 +157,49 @@ async def test_cli_usage_show_and_prices(harness: Harness, tmp_path: Path) -> No
     assert row["requests"] == "2" and "bucket_start" in row
     code, _, err = await keyplane(harness, tmp_path, "usage", "show", "--by", "colour")
     assert code == 2 and "unknown --by colour" in err
+
+
+async def test_apply_sets_updates_and_prunes_prices(harness: Harness, tmp_path: Path) -> None:
+    """A file's prices (dollars per million tokens) through ``keyplane apply``'s plan and its client."""
+    await harness.tenant()
+    config = tmp_path / "keyplane.yaml"
+    client = AdminClient(harness.plane.address, ADMIN_TOKEN)
+
+    def planned(text: str, prune: bool = False) -> list[Action]:
+        config.write_text("tenants:\n  - name: acme\n    prices:\n" + text)
+        wanted = load_config(config)
+        return plan(wanted, read_current(client, wanted), prune=prune)
+
+    def applied(actions: list[Action]) -> None:
+        for action in actions:
+            execute_action(client, action)
+
+    both = (
+        "      - {provider: openai, model: gpt-4o-mini, input: 0.15, cached_input: 0.075, output: 0.6}\n"
+        "      - {provider: anthropic, model: claude-sonnet-4-5, input: 3, output: 15}\n"
+    )
+    try:
+        actions = await asyncio.to_thread(planned, both)
+        assert [(a.op, a.kind, a.name) for a in actions] == [
+            ("create", "price", "openai:gpt-4o-mini"),
+            ("create", "price", "anthropic:claude-sonnet-4-5"),
+        ]
+        await asyncio.to_thread(applied, actions)
+        listed = (await harness.admin.ListPrices(apb.ListPricesRequest(tenant="acme"), metadata=ADMIN_MD)).prices
+        assert [(p.model, p.input_micros_per_million, p.cached_input_micros_per_million) for p in listed] == [
+            ("claude-sonnet-4-5", 3_000_000, 3_000_000),  # cached defaults to the input price
+            ("gpt-4o-mini", 150_000, 75_000),
+        ]
+        assert await asyncio.to_thread(planned, both) == []  # applied: nothing left to do
+        one = "      - {provider: openai, model: gpt-4o-mini, input: 0.3, output: 1.2}\n"
+        actions = await asyncio.to_thread(planned, one, True)
+        assert [(a.op, a.name) for a in actions] == [
+            ("update", "openai:gpt-4o-mini"),
+            ("delete", "anthropic:claude-sonnet-4-5"),
+        ]
+        await asyncio.to_thread(applied, actions)
+        assert await asyncio.to_thread(planned, one, True) == []
+        with pytest.raises(ConfigError, match="at most 6 decimals"):
+            await asyncio.to_thread(planned, "      - {provider: openai, model: m, input: 0.0000001, output: 1}\n")
+    finally:
+        client.close()
