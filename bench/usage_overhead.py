@@ -28,10 +28,16 @@ from bench._procs import DRIVER_CPUS, PROXY_CPUS, Proc, cpu_seconds, pin_note
 MODEL = "bench-model"
 
 
-def _body(stream: bool) -> bytes:
-    payload = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 100}], "max_tokens": 64}
+def _body(stream: bool, asked: bool = False) -> bytes:
+    payload: dict[str, object] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "x" * 100}],
+        "max_tokens": 64,
+    }
     if stream:
         payload["stream"] = True
+    if asked:
+        payload["stream_options"] = {"include_usage": True}
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
@@ -102,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             False: start_sidecar(cp, cpus=proxy, extra_args=("--no-usage-accounting",)),
         }
         procs += sidecars.values()
-        for mix, stream in (("json", False), ("sse (usage not asked)", True)):
+        for mix, body in (
+            ("json", _body(False)),
+            ("sse, usage not asked", _body(True)),
+            ("sse, usage asked by the app", _body(True, asked=True)),
+        ):
             for on, proc in sidecars.items():
                 url = proc.match.group(1) + "/v1/chat/completions"
-                cases.append(Case(mix, on, url, _body(stream), proc, headers))
+                cases.append(Case(mix, on, url, body, proc, headers))
         for case in cases:  # warm-up: connections, pools
             stats = loadgen.run_load(
                 loadgen.LoadSpec(url=case.url, body=case.body, concurrency=8, requests=256, headers=case.headers)
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             for case in cases[shift:] + cases[:shift]:
                 measure(case, args.duration, args.concurrency, driver)
                 print(
-                    f"[r{round_no}] {case.mix:24s} accounting {'on ' if case.accounting else 'off'} "
+                    f"[r{round_no}] {case.mix:28s} accounting {'on ' if case.accounting else 'off'} "
                     f"{case.rps[-1]:7.0f} req/s  cpu {case.cpu_ms[-1]:.3f} ms/req",
                     flush=True,
                 )
