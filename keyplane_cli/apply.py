@@ -24,7 +24,7 @@ from keyplane.domain import KeyStatus, Provider
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import usage_pb2 as upb
-from keyplane_cli.admin import AdminClient, CliError, connection_flags, with_admin_client
+from keyplane_cli.admin_client import AdminClient, CliError, connection_flags, with_admin_client
 from keyplane_cli.config_file import ConfigError, load_config
 from keyplane_cli.config_plan import (
     Action,
