@@ -193,7 +193,6 @@ class UsageRecorder:
         retention_days: float = 90.0,
         max_pending_rows: int = 200_000,
         clock: Callable[[], float] = time.time,
-        on_cost: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self.folder = UsageFolder(clock)
         self._store = store
@@ -208,10 +207,9 @@ class UsageRecorder:
         # Picos below one micro-dollar not yet written, per recent row.
         self._carry: dict[RollupKey, int] = {}
         # Rows a failed flush kept, added to the next.
-        self._unwritten: dict[RollupKey, tuple[int, list[int], int]] = {}
+        self._unwritten: dict[RollupKey, tuple[int, list[int]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self._on_cost = on_cost
         self.dropped_rows = 0
         self.flushes = 0
         self.rows_written = 0
@@ -270,7 +268,7 @@ class UsageRecorder:
             for key, row in taken.items():
                 kept = self._unwritten.get(key)
                 if kept is None:
-                    self._unwritten[key] = (providers[key], row, 0)
+                    self._unwritten[key] = (providers[key], row)
                 else:
                     _add(kept[1], row)
             if not self._unwritten:
@@ -280,7 +278,7 @@ class UsageRecorder:
                 await self._refresh_prices()
             except Exception as exc:  # costs with the prices held; unpriced if none
                 log.warning("could not re-read prices: %s", exc)
-            rows, costs, carry = self._cost(self._unwritten)
+            rows, carry = self._cost(self._unwritten)
             await self._store.put_usage(rows)
             # Only once written: a failed write is costed again, from the same remainders.
             self._carry.update(carry)
@@ -290,9 +288,6 @@ class UsageRecorder:
             self._unwritten = {}
             self.flushes += 1
             self.rows_written += len(rows)
-            if self._on_cost is not None:
-                for (tenant, provider), micros in costs.items():
-                    self._on_cost(tenant, provider, micros)
             self._forget_old_carry()
             return len(rows)
 
@@ -305,14 +300,11 @@ class UsageRecorder:
         self.dropped_rows += excess
         log.warning("usage: %d rollup rows dropped (the store has been unwritable for long)", excess)
 
-    def _cost(
-        self, pending: Mapping[RollupKey, tuple[int, list[int], int]]
-    ) -> tuple[list[UsageRow], dict[tuple[str, str], int], dict[RollupKey, int]]:
-        """The rows to write, the micro-dollars per (tenant, provider), and the new remainders."""
+    def _cost(self, pending: Mapping[RollupKey, tuple[int, list[int]]]) -> tuple[list[UsageRow], dict[RollupKey, int]]:
+        """The rows to write and the new sub-micro-dollar remainders."""
         rows: list[UsageRow] = []
-        costs: dict[tuple[str, str], int] = {}
         carry: dict[RollupKey, int] = {}
-        for key, (provider_number, c, _) in pending.items():
+        for key, (provider_number, c) in pending.items():
             minute, tenant, client_key_id, public_model, key_id, model = key
             provider = _provider_from_number(provider_number)
             price = self._prices.get((tenant, provider_number, model))
@@ -325,9 +317,6 @@ class UsageRecorder:
                 micros, rest = divmod(picos, _PICOS_PER_MICRO)
                 if rest:
                     carry[key] = rest
-                if micros:
-                    label = (tenant, provider.value)
-                    costs[label] = costs.get(label, 0) + micros
             totals = UsageTotals(
                 requests=c[_REQ],
                 failed_requests=c[_FAILED],
@@ -341,7 +330,7 @@ class UsageRecorder:
                 unpriced_requests=unpriced,
             )
             rows.append(UsageRow(minute, tenant, client_key_id, public_model, key_id, provider, model, totals))
-        return rows, costs, carry
+        return rows, carry
 
     def _forget_old_carry(self) -> None:
         if len(self._carry) < 1024:
