@@ -40,6 +40,7 @@ from keyplane_cli.tls_flags import (
     client_tls_from_args,
     server_tls_from_args,
 )
+from keyplane_cli.usage_flags import add_usage_flags, usage_options_from_args
 
 if TYPE_CHECKING:
     from keyplane.health.machine import HealthPolicy
@@ -131,6 +132,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             health_policy=health_policy,
             **intervals,
             **control_plane_options_from_args(args),
+            **usage_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
             **affinity_options_from_args(args),
@@ -214,6 +216,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             drain_seconds=args.drain_seconds,
             **intervals,
             **control_plane_options_from_args(args),
+            **usage_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
             **affinity_options_from_args(args),
@@ -249,6 +252,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         health_policy=health_policy,
         panic_policy=panic_policy_from_args(args),
         report_outcomes=not args.no_outcome_reports,
+        usage_accounting=not args.no_usage_accounting,
         access_log=args.access_log,
         upstream_connect_timeout=args.upstream_connect_timeout,
         upstream_read_timeout=args.upstream_read_timeout,
@@ -387,6 +391,12 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         "findings, but the fleet no longer learns from them)",
     )
     sc.add_argument(
+        "--no-usage-accounting",
+        action="store_true",
+        help="do not read token usage from answers (nor ask streams for it); outcomes are then "
+        "reported without usage, so usage rollups, costs and budgets see nothing of this sidecar",
+    )
+    sc.add_argument(
         "--access-log",
         nargs="?",
         const="-",
@@ -453,6 +463,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_affinity_flags(cp)
     add_watch_admission_flags(up)
     add_watch_admission_flags(cp)
+    add_usage_flags(up)
+    add_usage_flags(cp)
     add_health_flags(up, aggregator=True)
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)

@@ -40,6 +40,8 @@ class ChatApp(Protocol):
     probes: ProbeGate
     # (client key, model) -> node bindings for routes with nodes (``sidecar.node_affinity``).
     node_affinity: NodeAffinity
+    # Read token usage from answers (``sidecar.usage``).
+    usage_accounting: bool
 
     def count_attempt(self, record: AttemptRecord) -> None: ...
 

@@ -182,7 +182,7 @@ class NodeAffinity:
         now = self._wall()
         bound: str | None = None
         binding: BindingKey | None = None
-        client = self.state.client_key_id(token) if token and self.enabled else None
+        client = (self.state.client_key_id(token) or None) if token and self.enabled else None
         if client is not None:
             binding = (tenant, client, route.public_model)
             found = self.bindings.get(binding, now)

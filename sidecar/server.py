@@ -132,6 +132,7 @@ class Sidecar:
             access_log=AccessLog.to(config.access_log) if config.access_log is not None else None,
             panic_policy=config.panic_policy,
             node_affinity=self.node_affinity,
+            usage_accounting=config.usage_accounting,
         )
         self.watch = WatchClient(config, self.state, on_applied=self.snapshots.note) if watch else None
         # The one channel to the control plane, opened by ``start`` (inside the loop).

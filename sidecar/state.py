@@ -87,6 +87,7 @@ _AUTH_CACHE_SIZE = 256
 class _ClientEntry:
     tenant: str
     digest: bytes
+    # The client key's id (what usage is reported under; never the token).
     id: str = ""
 
 
@@ -271,8 +272,8 @@ class SidecarState:
     def _rebuild_clients(self) -> None:
         clients: dict[bytes, _ClientEntry] = {}
         for tenant, td in self._data.items():
-            for client_id, digest in td.client_keys.items():
-                clients[digest] = _ClientEntry(tenant=tenant, digest=digest, id=client_id)
+            for key_id, digest in td.client_keys.items():
+                clients[digest] = _ClientEntry(tenant=tenant, digest=digest, id=key_id)
         self._clients = clients
         self._recent_tokens = {}
 
@@ -315,12 +316,21 @@ class SidecarState:
         match of their (per-process randomised) hash, which leaks nothing about
         how close a guess is.
         """
+        entry = self._client(token)
+        return None if entry is None else entry.tenant
+
+    def client_key_id(self, token: str | None) -> str:
+        """The id of the client key ``token`` is ("" if none): after ``authenticate``, a dict lookup."""
+        entry = self._client(token) if token else None
+        return "" if entry is None else entry.id
+
+    def _client(self, token: str) -> _ClientEntry | None:
         if not token:
             return None
         recent = self._recent_tokens
-        known = recent.get(token)
-        if known is not None:
-            return known.tenant
+        found = recent.get(token)
+        if found is not None:
+            return found
         digest = hashlib.sha256(token.encode()).digest()
         entry = self._clients.get(digest)
         if entry is None or not hmac.compare_digest(entry.digest, digest):
@@ -328,19 +338,7 @@ class SidecarState:
         if len(recent) >= _AUTH_CACHE_SIZE:
             recent.clear()
         recent[token] = entry
-        return entry.tenant
-
-    def client_key_id(self, token: str) -> str | None:
-        """The id of the client key of a token that ``authenticate`` accepted (a dict hit),
-        None for a token no client key has."""
-        known = self._recent_tokens.get(token)
-        if known is None:
-            # Client keys changed since ``authenticate`` (the memo was emptied): hash again.
-            digest = hashlib.sha256(token.encode()).digest()
-            known = self._clients.get(digest)
-            if known is None or not hmac.compare_digest(known.digest, digest):
-                return None
-        return known.id or None
+        return entry
 
     def nodes_of(self, tenant: str) -> TenantNodes | None:
         """The tenant's nodes when it has any (the request path's test: one dict get)."""
