@@ -12,25 +12,26 @@ Providers report usage in three shapes, normalised here to one ``Usage``:
   ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` come on top
   (here they are added into ``input_tokens`` and kept apart as details).
 
-A non-streamed body is searched for its last ``"usage"`` member and only the
-integer members of that object are read, by two compiled regular expressions
-(the answer is never JSON-decoded: a few microseconds a request); a stream's
-tail (the chunks kept by ``sidecar.usage_stream``) likewise. The names the
+A non-streamed body is searched for its last ``"usage"`` member and only that
+object is decoded, by the standard library's JSON decoder from where it starts
+(``JSONDecoder.raw_decode``: the rest of the answer is never decoded, a few
+microseconds a request); a stream's tail (the chunks kept by
+``sidecar.usage_stream``) likewise. The names the
 providers use inside the details objects are unique, so they are read flat. When nothing is found,
 ``estimate`` guesses from sizes (about four bytes a token), marked as such.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import NamedTuple
 
 __all__ = ["Usage", "estimate", "usage_in_body", "usage_in_events"]
 
-# A usage object (one level of nested details), and the integer members in it.
-# (An unrolled loop: linear even on a cut-off object, no nested quantifiers to backtrack.)
-_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
-_COUNTS = re.compile(rb'"(\w+)": ?(\d+)')
+# Where a usage object starts; the object itself is read by the JSON decoder.
+_USAGE_START = re.compile(rb'"usage"\s*:\s*\{')
+_DECODER = json.JSONDecoder()
 # Bytes of text per token, for estimates (OpenAI's rule of thumb for English).
 _BYTES_PER_TOKEN = 4
 
@@ -52,17 +53,31 @@ class Usage(NamedTuple):
         return self.input_tokens + self.output_tokens
 
 
-Fields = dict[bytes, bytes]
+Fields = dict[str, int]
 
 
 def _fields_at(data: bytes, at: int) -> Fields | None:
     """The integer members of the usage object whose key starts at ``at`` (None: no object
     there, e.g. ``"usage": null``, or one cut off). Details are flattened: the names the
     providers use inside them (``cached_tokens``, ``reasoning_tokens``) are unique."""
-    match = _USAGE.match(data, at)
+    match = _USAGE_START.match(data, at)
     if match is None:
         return None
-    return dict(_COUNTS.findall(match.group(1)))
+    try:
+        found, _ = _DECODER.raw_decode(data[match.end() - 1 :].decode("utf-8", "replace"))
+    except ValueError:  # cut off, or not JSON after all
+        return None
+    fields: Fields = {}
+    for name, value in found.items():
+        if isinstance(value, dict):
+            fields.update((n, v) for n, v in value.items() if _count(v))
+        elif _count(value):
+            fields[name] = value
+    return fields
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _last_fields(data: bytes) -> Fields | None:
@@ -71,33 +86,33 @@ def _last_fields(data: bytes) -> Fields | None:
 
 
 def _openai(f: Fields) -> Usage:
-    if b"prompt_tokens" in f:
+    if "prompt_tokens" in f:
         return Usage(
-            int(f[b"prompt_tokens"]),
-            int(f.get(b"cached_tokens", 0)),
+            int(f["prompt_tokens"]),
+            int(f.get("cached_tokens", 0)),
             0,
-            int(f.get(b"completion_tokens", 0)),
-            int(f.get(b"reasoning_tokens", 0)),
+            int(f.get("completion_tokens", 0)),
+            int(f.get("reasoning_tokens", 0)),
         )
     return Usage(
-        int(f.get(b"input_tokens", 0)),
-        int(f.get(b"cached_tokens", 0)),
+        int(f.get("input_tokens", 0)),
+        int(f.get("cached_tokens", 0)),
         0,
-        int(f.get(b"output_tokens", 0)),
-        int(f.get(b"reasoning_tokens", 0)),
+        int(f.get("output_tokens", 0)),
+        int(f.get("reasoning_tokens", 0)),
     )
 
 
 def _anthropic(f: Fields, start: Fields | None = None) -> Usage:
     if start:
         f = start | f  # the delta's figures win (newer API versions repeat the input there)
-    read = int(f.get(b"cache_read_input_tokens", 0))
-    written = int(f.get(b"cache_creation_input_tokens", 0))
+    read = int(f.get("cache_read_input_tokens", 0))
+    written = int(f.get("cache_creation_input_tokens", 0))
     return Usage(
-        input_tokens=int(f.get(b"input_tokens", 0)) + read + written,
+        input_tokens=int(f.get("input_tokens", 0)) + read + written,
         cached_input_tokens=read,
         cache_write_input_tokens=written,
-        output_tokens=int(f.get(b"output_tokens", 0)),
+        output_tokens=int(f.get("output_tokens", 0)),
     )
 
 
