@@ -184,7 +184,11 @@ def add_affinity_commands(sub: Any, handlers: dict[str, Callable[[argparse.Names
     nodes = group("nodes", "the nodes of vllm targets: add, drain, remove, list (affinity)")
     add = action(nodes, "add", "add a node to a route's vllm target")
     add.add_argument("--route", "-r", required=True, help="the route's id (from routes list)")
-    add.add_argument("--url", required=True, help="the node's base URL, e.g. http://10.0.0.7:8000")
+    add.add_argument(
+        "--url",
+        required=True,
+        help="the node's OpenAI-compatible base URL, /v1 included (requests go to URL/chat/completions), e.g. http://10.0.0.7:8000/v1",
+    )
     add.add_argument("--upstream-model", help="the vllm target it serves (default: the route's first vllm target)")
     for name, text in (
         ("drain", "keep the node's bindings until they expire, bind nothing new to it"),
