@@ -36,6 +36,7 @@ from control_plane.store.base import AuditEntry, Store
 from keyplane import convert
 from keyplane.domain import ChangeRecord, HealthState, KeyHealth
 from keyplane.errors import NotFound
+from keyplane.health.classify import counts_against_key
 from keyplane.health.machine import HealthBook, HealthChange, HealthPolicy, KeyScope, Outcome, ProviderScope, Verdict
 from keyplane.timefmt import until_text
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
@@ -161,6 +162,10 @@ class HealthAggregator:
                 self.stats.unknown += 1
                 continue
             accepted += 1
+            if messages is not None and not counts_against_key(
+                outcome.classification.error_class, on_node=bool(messages[index].node_id)
+            ):
+                continue  # a node's own failure: folded into the node's health (control_plane.node_health)
             book = self._book(tenant)
             started: float | None = None
             if messages is not None:

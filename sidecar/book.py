@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from keyplane.health.classify import ErrorClass
+from keyplane.health.classify import ErrorClass, counts_against_key
 from keyplane.health.machine import Outcome
 
 from .health import TenantHealth
@@ -92,6 +92,8 @@ class RequestBook:
             return  # keyless: nothing to attribute in the health book or the reports
         self.unreported.append(record)
         classification = record.classification
+        if not counts_against_key(classification.error_class, on_node=record.attempt.node_url is not None):
+            return  # the node's failure: its own health (above), not the key's
         if classification.error_class is ErrorClass.SUCCESS:
             # A plain success: the health book's fast path (no Outcome object).
             target = record.attempt.target

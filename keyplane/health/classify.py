@@ -18,11 +18,13 @@ from keyplane.health._retry_after import MAX_RETRY_AFTER, parse_duration, parse_
 from keyplane.health.exhaustion import EXHAUSTION_MARKERS, provider_reason
 
 __all__ = [
+    "NODE_FAILURES",
     "Classification",
     "ErrorClass",
     "ExceptionKind",
     "classify_exception",
     "classify_response",
+    "counts_against_key",
     "parse_retry_after",
     "stream_broken",
 ]
@@ -36,6 +38,18 @@ class ErrorClass(enum.StrEnum):
     CLIENT_ERROR = "client_error"
     STREAM_BROKEN = "stream_broken"
     EXHAUSTED = "exhausted"  # out of credits or quota: the key, for every model, for a long while
+
+
+# What a self-hosted node's failure looks like (connect errors, timeouts, 5xx, cut
+# streams): it belongs to that node, whose health demotes it, not to the key the
+# request carried (which the pool's other nodes accept).
+NODE_FAILURES = frozenset({ErrorClass.UPSTREAM_ERROR, ErrorClass.STREAM_BROKEN})
+
+
+def counts_against_key(error_class: ErrorClass, *, on_node: bool) -> bool:
+    """Whether an attempt's class goes into its key's health: everything does, but a
+    node's own failure when the attempt went to a node of a pool."""
+    return not (on_node and error_class in NODE_FAILURES)
 
 
 _RETRY_SAME_PROVIDER = frozenset(

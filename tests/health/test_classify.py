@@ -284,3 +284,15 @@ def test_401_is_always_credential_even_with_quota_words() -> None:
     got = classify_response(401, {}, b'{"error":{"message":"insufficient_quota"}}', now=NOW)
     assert got.error_class is C
     assert got.reason == "401 unauthorized"
+
+
+def test_a_nodes_own_failures_do_not_count_against_the_key() -> None:
+    from keyplane.health.classify import counts_against_key
+
+    for error_class in ErrorClass:
+        on_key = counts_against_key(error_class, on_node=False)
+        on_node = counts_against_key(error_class, on_node=True)
+        assert on_key, error_class  # without a node, everything is the key's
+        # On a node: connect errors, timeouts, 5xx and cut streams are the node's;
+        # credentials, rate limits, exhaustion and client errors stay the key's.
+        assert on_node is (error_class not in (ErrorClass.UPSTREAM_ERROR, ErrorClass.STREAM_BROKEN)), error_class

@@ -26,7 +26,7 @@ from keyplane.v1 import resources_pb2 as rpb
 from sidecar import nodes as sidecar_nodes
 from tests.fakes.upstream import COMPLETION, SERVICE_UNAVAILABLE
 
-from .affinity_fleet import ADMIN_MD, TENANT, Fleet, open_fleet, postgres_url
+from .affinity_fleet import ADMIN_MD, TENANT, UPSTREAM_MODEL, Fleet, open_fleet, postgres_url
 
 STORES = ["sqlite", "postgres"]
 
@@ -227,7 +227,7 @@ async def test_a_node_failing_on_one_sidecar_is_left_out_by_the_others(
     monkeypatch.setattr(sidecar_nodes, "DEFAULT_LOCAL_COOLDOWN", 0.0)  # only the pushed verdict keeps it out
     async with open_fleet(tmp_path, binding_timeout=PATIENT) as fleet:
         secret = "sk-vllm-node-health-0123"
-        await fleet.admin.CreateProviderKey(
+        created = await fleet.admin.CreateProviderKey(
             apb.CreateProviderKeyRequest(tenant=TENANT, provider=rpb.PROVIDER_VLLM, label="vllm", secret=secret),
             metadata=ADMIN_MD,
         )
@@ -245,3 +245,10 @@ async def test_a_node_failing_on_one_sidecar_is_left_out_by_the_others(
                 break
         await until(lambda: not other.nodes(TENANT).usable(bad, time.time()))
         assert [r.secret for r in fleet.nodes[fleet.node_index(bad)].chat_requests()].count(secret) >= 2
+        # The node's failures are the node's: the key the pool shares stays usable on every
+        # sidecar and at the control plane, and the other nodes keep serving with it.
+        key_id = created.key.id
+        for sc in fleet.sidecars:
+            assert sc.state.health(TENANT).key_block_reason(key_id, UPSTREAM_MODEL, time.time()) is None
+        assert not [c for c in fleet.planes[0].aggregator.verdicts(TENANT) if getattr(c.scope, "key_id", "") == key_id]
+        assert [(await fleet.ask(i % 2, token)).status_code for i in range(4)] == [200] * 4
