@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from keyplane.v1 import admin_service_pb2 as _admin_service_pb2
+from keyplane.v1 import limits_pb2 as _limits_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -100,6 +101,13 @@ class AdminServiceStub:
     a bounded number of batches per call; call again with next_page_token
     until done. Running it again from the start is always safe.
     """
+    SetLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.SetLimitsRequest, _limits_pb2.SetLimitsResponse]
+    """Rate limits and spend budgets per client key or per tenant (limits.proto),
+    with what the fleet has left of each in its current window.
+    """
+    GetLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.GetLimitsRequest, _limits_pb2.GetLimitsResponse]
+    ListLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.ListLimitsRequest, _limits_pb2.ListLimitsResponse]
+    ClearLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.ClearLimitsRequest, _limits_pb2.ClearLimitsResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -173,6 +181,13 @@ class AdminServiceAsyncStub(AdminServiceStub):
     a bounded number of batches per call; call again with next_page_token
     until done. Running it again from the start is always safe.
     """
+    SetLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.SetLimitsRequest, _limits_pb2.SetLimitsResponse]  # type: ignore[assignment]
+    """Rate limits and spend budgets per client key or per tenant (limits.proto),
+    with what the fleet has left of each in its current window.
+    """
+    GetLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.GetLimitsRequest, _limits_pb2.GetLimitsResponse]  # type: ignore[assignment]
+    ListLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.ListLimitsRequest, _limits_pb2.ListLimitsResponse]  # type: ignore[assignment]
+    ClearLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.ClearLimitsRequest, _limits_pb2.ClearLimitsResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages tenants, provider keys, routes and client keys.
@@ -429,5 +444,36 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         a bounded number of batches per call; call again with next_page_token
         until done. Running it again from the start is always safe.
         """
+
+    @_abc_1.abstractmethod
+    def SetLimits(
+        self,
+        request: _limits_pb2.SetLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.SetLimitsResponse, _abc.Awaitable[_limits_pb2.SetLimitsResponse]]:
+        """Rate limits and spend budgets per client key or per tenant (limits.proto),
+        with what the fleet has left of each in its current window.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLimits(
+        self,
+        request: _limits_pb2.GetLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.GetLimitsResponse, _abc.Awaitable[_limits_pb2.GetLimitsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListLimits(
+        self,
+        request: _limits_pb2.ListLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.ListLimitsResponse, _abc.Awaitable[_limits_pb2.ListLimitsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ClearLimits(
+        self,
+        request: _limits_pb2.ClearLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.ClearLimitsResponse, _abc.Awaitable[_limits_pb2.ClearLimitsResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from keyplane.v1 import limits_pb2 as _limits_pb2
 from keyplane.v1 import sidecar_service_pb2 as _sidecar_service_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -54,6 +55,14 @@ class SidecarServiceStub:
     each message (latest wins, so a sidecar may skip acks it has not sent
     yet); any replica may take it: the record is shared through the store.
     """
+    StreamQuota: _grpc.StreamStreamMultiCallable[_limits_pb2.StreamQuotaRequest, _limits_pb2.StreamQuotaResponse]
+    """StreamQuota is Envoy RLQS's shape: the sidecar reports what it admitted
+    and what was asked of each limited bucket about once a second; the
+    control plane answers with the sidecar's lease of every limit, rebalanced
+    about once a second in proportion to demand. A deliberate exception to
+    buf's "avoid streaming": requests are admitted from the local lease, and
+    only this one long-lived stream keeps the leases current.
+    """
 
 @_typing.type_check_only
 class SidecarServiceAsyncStub(SidecarServiceStub):
@@ -80,6 +89,14 @@ class SidecarServiceAsyncStub(SidecarServiceStub):
     with why, while it keeps serving the one it applied before. Sent after
     each message (latest wins, so a sidecar may skip acks it has not sent
     yet); any replica may take it: the record is shared through the store.
+    """
+    StreamQuota: _aio.StreamStreamMultiCallable[_limits_pb2.StreamQuotaRequest, _limits_pb2.StreamQuotaResponse]  # type: ignore[assignment]
+    """StreamQuota is Envoy RLQS's shape: the sidecar reports what it admitted
+    and what was asked of each limited bucket about once a second; the
+    control plane answers with the sidecar's lease of every limit, rebalanced
+    about once a second in proportion to demand. A deliberate exception to
+    buf's "avoid streaming": requests are admitted from the local lease, and
+    only this one long-lived stream keeps the leases current.
     """
 
 class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -122,6 +139,20 @@ class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
         with why, while it keeps serving the one it applied before. Sent after
         each message (latest wins, so a sidecar may skip acks it has not sent
         yet); any replica may take it: the record is shared through the store.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamQuota(
+        self,
+        request_iterator: _MaybeAsyncIterator[_limits_pb2.StreamQuotaRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_limits_pb2.StreamQuotaResponse], _abc.AsyncIterator[_limits_pb2.StreamQuotaResponse]]:
+        """StreamQuota is Envoy RLQS's shape: the sidecar reports what it admitted
+        and what was asked of each limited bucket about once a second; the
+        control plane answers with the sidecar's lease of every limit, rebalanced
+        about once a second in proportion to demand. A deliberate exception to
+        buf's "avoid streaming": requests are admitted from the local lease, and
+        only this one long-lived stream keeps the leases current.
         """
 
 def add_SidecarServiceServicer_to_server(servicer: SidecarServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
