@@ -1,0 +1,113 @@
+"""A sidecar's local quota for one limited bucket: pure window accounting.
+
+Windows are aligned to multiples of ``window_ms`` since the unix epoch, so the
+sidecar and the control plane agree on them from the clock alone. The control
+plane leases each sidecar, per window, a cumulative ``granted`` amount (it only
+grows within a window), a ``next_granted`` for the window after (so a new
+window starts without waiting for the control plane), and a ``fallback``: what
+the sidecar enforces per window once leases stop arriving (fail-static). The
+request path calls ``take``: integer arithmetic and a compare, no I/O.
+
+The clock is passed in (unix milliseconds); nothing here reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Lease", "LocalQuota", "window_start"]
+
+
+def window_start(now_ms: int, window_ms: int) -> int:
+    """The start of the window holding ``now_ms``."""
+    return now_ms - now_ms % window_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One bucket's lease as the control plane sent it (``QuotaLease``)."""
+
+    limit: int
+    window_ms: int
+    window_start_ms: int
+    granted: int
+    next_granted: int
+    fallback: int
+    exhausted: bool = False
+
+
+@dataclass(slots=True)
+class LocalQuota:
+    """What one sidecar may still admit of one bucket, and what it saw."""
+
+    lease: Lease
+    window_start_ms: int = -1
+    granted: int = 0
+    used: int = 0
+    # Asked for (admitted or refused) since the last ``report``.
+    demanded: int = 0
+
+    def update(self, lease: Lease, now_ms: int) -> None:
+        """A new lease arrived: its grant for our current window counts at once."""
+        self._roll(now_ms)
+        if lease.window_ms != self.lease.window_ms:
+            self.lease = lease
+            self.window_start_ms = -1
+            self._roll(now_ms)
+            return
+        self.lease = lease
+        if lease.window_start_ms == self.window_start_ms:
+            self.granted = max(self.granted, lease.granted)
+        elif lease.window_start_ms + lease.window_ms == self.window_start_ms:
+            # Sent just before our window began: its pre-grant is for this window.
+            self.granted = max(self.granted, lease.next_granted)
+
+    def _roll(self, now_ms: int) -> None:
+        lease = self.lease
+        start = now_ms - now_ms % lease.window_ms
+        if start == self.window_start_ms:
+            return
+        self.window_start_ms = start
+        self.used = 0
+        if start == lease.window_start_ms:
+            self.granted = lease.granted
+        elif start == lease.window_start_ms + lease.window_ms:
+            self.granted = lease.next_granted
+        else:
+            self.granted = lease.fallback  # no lease for this window: fail-static
+
+    def take(self, now_ms: int, amount: int = 1) -> int:
+        """Admit ``amount`` if the lease has room: 0; else the milliseconds after
+        which a retry may succeed (the next lease, or the next window)."""
+        self._roll(now_ms)
+        self.demanded += amount
+        if self.used < self.granted:
+            self.used += amount
+            return 0
+        return self.retry_after_ms(now_ms)
+
+    def refund(self, amount: int = 1) -> None:
+        """Give back a ``take`` (another bucket of the same request refused it)."""
+        self.used = max(0, self.used - amount)
+
+    def charge(self, now_ms: int, amount: int) -> None:
+        """Count what is only known after the request (tokens, spend)."""
+        self._roll(now_ms)
+        self.used += amount
+
+    def retry_after_ms(self, now_ms: int, lease_interval_ms: int = 1000) -> int:
+        to_window_end = self.window_start_ms + self.lease.window_ms - now_ms
+        current = self.lease.window_start_ms == self.window_start_ms
+        if self.lease.exhausted or not current:
+            return max(1, to_window_end)
+        return max(1, min(lease_interval_ms, to_window_end))
+
+    def remaining(self, now_ms: int) -> int:
+        self._roll(now_ms)
+        return max(0, self.granted - self.used)
+
+    def report(self, now_ms: int) -> tuple[int, int, int]:
+        """(window start, used in it, demanded since the last report); resets the demand."""
+        self._roll(now_ms)
+        demanded, self.demanded = self.demanded, 0
+        return self.window_start_ms, self.used, demanded
