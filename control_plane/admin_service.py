@@ -27,6 +27,7 @@ from control_plane.admin_base import Context
 from control_plane.audit import AuditDraft, audited, list_audit_events
 from control_plane.client_key_admin import CLIENT_TOKEN_PREFIX, ClientKeyAdmin, new_client_token
 from control_plane.key_admin import UPDATABLE_KEY_FIELDS, ProviderKeyAdmin
+from control_plane.limits_admin import LimitsAdmin
 from control_plane.master_key_admin import MasterKeyAdmin
 from control_plane.proxy_status_admin import ProxyStatusAdmin
 from control_plane.route_admin import UPDATABLE_ROUTE_FIELDS, RouteAdmin
@@ -57,6 +58,7 @@ class AdminService(
     TokenAdminMixin,
     MasterKeyAdmin,
     ProxyStatusAdmin,
+    LimitsAdmin,
     admin_service_pb2_grpc.AdminServiceServicer,
 ):
     """``AdminService(store, hub, master_keys, clock, health=..., url_policy=..., fleet=...)``

@@ -31,9 +31,10 @@ class LeasePolicy:
     # How much demand a top-up covers: two rebalances, so a sidecar does not
     # run dry before the next lease arrives.
     horizon_ms: int = 2000
-    # The least headroom a connected sidecar gets, as a fraction of the limit
-    # (at least 1): a sidecar whose demand is not known yet can still serve.
-    floor_fraction: float = 0.02
+    # The least headroom a connected sidecar gets: this fraction of the limit
+    # shared by the connected sidecars (at least 1), so one whose demand is not
+    # known yet can still serve while idle ones strand little.
+    floor_fraction: float = 0.1
     # Weight of the newest demand sample in the moving average.
     demand_alpha: float = 0.5
     # A sidecar gone this long is forgotten (its fallback no longer reserved).
@@ -143,7 +144,7 @@ class BucketLedger:
         gone_reserved = sum(h.fallback for h in holders.values() if not h.connected)
         for sidecar, share in split(max(0, self.limit - gone_reserved), rates).items():
             live[sidecar].fallback = share
-        floor = max(1, math.ceil(self.limit * policy.floor_fraction))
+        floor = max(1, math.ceil(self.limit * policy.floor_fraction / max(1, len(live))))
 
         def want(holder: _Holder) -> int:
             return max(floor, math.ceil(holder.rate * policy.horizon_ms / 1000.0))

@@ -18,6 +18,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.decode_guard import DecodeGuardInterceptor
 from control_plane.fleet import FleetTracker
 from control_plane.hub import SnapshotHub
+from control_plane.quota_broker import QuotaBroker
 from control_plane.recovery_probe import RecoveryProber
 from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
@@ -57,6 +58,7 @@ class ControlPlane:
         self._aggregator: HealthAggregator | None = None
         self._prober: RecoveryProber | None = None
         self._fleet: FleetTracker | None = None
+        self._quota: QuotaBroker | None = None
         self._server: aio.Server | None = None
         self._health: AsyncHealthServicer | None = None
         self._sidecar_service: SidecarService | None = None
@@ -145,6 +147,10 @@ class ControlPlane:
                 retry_interval=config.health_retry_interval,
             )
             await self._aggregator.start()
+            self._quota = QuotaBroker(
+                store, window_ms=round(config.quota_window * 1000), rebalance_interval=config.quota_rebalance_interval
+            )
+            await self._quota.start()
             if config.recovery_probe.enabled:
                 self._prober = RecoveryProber(
                     store,
@@ -189,6 +195,7 @@ class ControlPlane:
                     health=self._aggregator,
                     url_policy=UrlPolicy(deny_private=config.deny_private_base_urls),
                     fleet=self._fleet,
+                    quota=self._quota,
                 ),
                 server,
             )
@@ -199,6 +206,7 @@ class ControlPlane:
                 catch_up=self._hub.catch_up,
                 lag_wait=config.lag_wait,
                 admission=WatchAdmission(config.watch_admit_rate, config.watch_admit_burst),
+                quota=self._quota,
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(self._sidecar_service, server)
             self._health = AsyncHealthServicer()
@@ -265,6 +273,9 @@ class ControlPlane:
         if self._prober is not None:
             await self._prober.close()
             self._prober = None
+        if self._quota is not None:
+            await self._quota.close()
+            self._quota = None
         if self._aggregator is not None:
             await self._aggregator.close()  # a last try at unpersisted health changes
             self._aggregator = None

@@ -38,6 +38,8 @@ from control_plane import validation as v
 from control_plane.aggregator import HealthAggregator, ReportedOutcome
 from control_plane.auth import SidecarScope, current_sidecar_scope
 from control_plane.fleet import FleetTracker
+from control_plane.quota_broker import QuotaBroker
+from control_plane.quota_stream import stream_quota
 from control_plane.snapshot_cache import SnapshotCache, SnapshotTooLarge
 from control_plane.status import status_for
 from control_plane.watch_admission import WatchAdmission
@@ -45,6 +47,7 @@ from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
 from keyplane.going_away import GOING_AWAY, GOING_AWAY_DETAILS
 from keyplane.pushback import encode_retry_delay
+from keyplane.v1 import limits_pb2 as lpb
 from keyplane.v1 import sidecar_service_pb2 as pb
 from keyplane.v1 import sidecar_service_pb2_grpc
 
@@ -66,8 +69,10 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         catch_up: Callable[[], Awaitable[int]] | None = None,
         lag_wait: float = 5.0,
         admission: WatchAdmission | None = None,
+        quota: QuotaBroker | None = None,
     ) -> None:
         self._cache = cache
+        self._quota = quota  # leases of the limits (StreamQuota)
         self._health = health
         self._fleet = fleet
         # Reads the store's change log into the cache (SnapshotHub.catch_up).
@@ -231,6 +236,12 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
                     log.exception("folding an outcome report failed")
         log.debug("sidecar %r (%s) reported %d outcomes (%d rejected)", sidecar_id, peer, accepted, rejected)
         return pb.ReportOutcomesResponse(accepted=accepted)
+
+    async def StreamQuota(
+        self, request_iterator: AsyncIterator[lpb.StreamQuotaRequest], context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[lpb.StreamQuotaResponse]:
+        async for response in stream_quota(self._quota, request_iterator, context):
+            yield response
 
 
 # Reports are mostly successes that look alike (same tenant, key, model, status and

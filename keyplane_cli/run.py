@@ -24,6 +24,12 @@ from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
 from keyplane_cli.panic_flags import add_panic_flags, panic_policy_from_args
+from keyplane_cli.quota_flags import (
+    add_control_plane_limit_flags,
+    add_sidecar_limit_flags,
+    control_plane_limit_options_from_args,
+    sidecar_limit_options_from_args,
+)
 from keyplane_cli.recovery_probe_flags import add_recovery_probe_flags, recovery_probe_from_args
 from keyplane_cli.shutdown_flags import Signals, add_control_plane_drain_flags, add_sidecar_shutdown_flags
 from keyplane_cli.stability_flags import (
@@ -132,6 +138,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
             **watch_admission_options_from_args(args),
+            **control_plane_limit_options_from_args(args),
         )
     )
     try:
@@ -213,6 +220,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
             **watch_admission_options_from_args(args),
+            **control_plane_limit_options_from_args(args),
         )
     except ValueError as exc:  # TlsError included
         raise SystemExit(f"control-plane: {exc}") from None
@@ -262,6 +270,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         shutdown_grace=args.shutdown_grace,
         **edge_options_from_args(args),
         **stability_options_from_args(args),
+        **sidecar_limit_options_from_args(args),
     )
 
 
@@ -432,6 +441,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     )
     add_edge_flags(sc)
     add_stability_flags(sc)
+    add_sidecar_limit_flags(sc)
     add_sidecar_shutdown_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
@@ -444,6 +454,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_convergence_flags(cp)
     add_watch_admission_flags(up)
     add_watch_admission_flags(cp)
+    add_control_plane_limit_flags(up)
+    add_control_plane_limit_flags(cp)
     add_health_flags(up, aggregator=True)
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)

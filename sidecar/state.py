@@ -85,6 +85,7 @@ _AUTH_CACHE_SIZE = 256
 class _ClientEntry:
     tenant: str
     digest: bytes
+    client_key_id: str = ""
 
 
 class SidecarState:
@@ -106,7 +107,7 @@ class SidecarState:
         self._views: dict[str, TenantView] = {}
         self._clients: dict[bytes, _ClientEntry] = {}
         # token -> tenant, for tokens that authenticated (never for rejected ones).
-        self._recent_tokens: dict[str, str] = {}
+        self._recent_tokens: dict[str, _ClientEntry] = {}
         self._version = 0
         self._ready = False
         self._connected = False
@@ -237,8 +238,8 @@ class SidecarState:
     def _rebuild_clients(self) -> None:
         clients: dict[bytes, _ClientEntry] = {}
         for tenant, td in self._data.items():
-            for digest in td.client_keys.values():
-                clients[digest] = _ClientEntry(tenant=tenant, digest=digest)
+            for client_key_id, digest in td.client_keys.items():
+                clients[digest] = _ClientEntry(tenant=tenant, digest=digest, client_key_id=client_key_id)
         self._clients = clients
         self._recent_tokens = {}
 
@@ -270,8 +271,8 @@ class SidecarState:
             return 0.0
         return max(0.0, self._clock() - self._last_update)
 
-    def authenticate(self, token: str) -> str | None:
-        """The tenant owning this client token, or None.
+    def identify(self, token: str) -> tuple[str, str] | None:
+        """(tenant, client key id) of this client token, or None.
 
         A token that authenticated is remembered (at most ``_AUTH_CACHE_SIZE``,
         forgotten when client keys change) so that it is not hashed again. The
@@ -284,17 +285,22 @@ class SidecarState:
         if not token:
             return None
         recent = self._recent_tokens
-        tenant = recent.get(token)
-        if tenant is not None:
-            return tenant
+        known = recent.get(token)
+        if known is not None:
+            return known.tenant, known.client_key_id
         digest = hashlib.sha256(token.encode()).digest()
         entry = self._clients.get(digest)
         if entry is None or not hmac.compare_digest(entry.digest, digest):
             return None
         if len(recent) >= _AUTH_CACHE_SIZE:
             recent.clear()
-        recent[token] = entry.tenant
-        return entry.tenant
+        recent[token] = entry
+        return entry.tenant, entry.client_key_id
+
+    def authenticate(self, token: str) -> str | None:
+        """The tenant owning this client token, or None (``identify``)."""
+        found = self.identify(token)
+        return None if found is None else found[0]
 
     def tenant(self, tenant: str) -> TenantView:
         return self._views.get(tenant, _EMPTY_VIEW)

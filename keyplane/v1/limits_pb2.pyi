@@ -442,19 +442,27 @@ class StreamQuotaRequest(_message.Message):
 
     SIDECAR_ID_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    TENANTS_FIELD_NUMBER: _builtins.int
     sidecar_id: _builtins.str
     """The sidecar_id of its Watch; required on the first message."""
     @_builtins.property
     def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuotaUsage]: ...
+    @_builtins.property
+    def tenants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tenants whose leases it wants (first message; empty: every tenant its
+        token may see), as in its WatchRequest.
+        """
+
     def __init__(
         self,
         *,
         sidecar_id: _builtins.str = ...,
         usage: _abc.Iterable[Global___QuotaUsage] | None = ...,
+        tenants: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sidecar_id", b"sidecar_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sidecar_id", b"sidecar_id", "tenants", b"tenants", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,159 @@
+"""Limits at the sidecar: admit or refuse a request from the local leases,
+with no call to anyone (the leases arrive over ``StreamQuota``,
+``sidecar.quota_client``).
+
+A request is counted against its client key's requests-per-minute bucket and
+its tenant's, before the upstream call; it is admitted only if every bucket
+that has a lease has room (a refusal by one gives back what the other took).
+A bucket without a lease is not limited. When leases stop arriving the
+sidecar keeps enforcing them (fail-static: each new window gets the lease's
+``fallback``, its share of the limit by recent demand); with ``fail_open``
+it admits everything once its leases are ``stale_after`` seconds old.
+
+The request path costs one dict lookup when no limit is set, two bucket
+checks (integer arithmetic) otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+
+from keyplane.quota import Lease, LocalQuota
+from keyplane.v1 import limits_pb2 as lpb
+
+from .errors import ErrorResponse
+
+__all__ = ["Limiter", "client_rate_limited"]
+
+BucketKey = tuple[str, str, int]
+_REQUESTS = lpb.QUOTA_KIND_REQUESTS
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def client_rate_limited(retry_after_ms: int, *, tenant_wide: bool, limit: int, window_ms: int) -> ErrorResponse:
+    """429 for a request over a keyplane limit: OpenAI's rate-limit shape with
+    our own code (``client_rate_limit_exceeded``, never the provider's
+    ``rate_limit_exceeded``), ``Retry-After`` and ``retry-after-ms``."""
+    whose = "this tenant" if tenant_wide else "this client key"
+    seconds = retry_after_ms / 1000
+    per = "minute" if window_ms == 60_000 else f"{window_ms / 1000:g} s"
+    message = (
+        f"Rate limit reached for {whose}: {limit} requests per {per} (a keyplane limit, not the provider's). "
+        f"Please try again in {seconds:.3g}s."
+    )
+    body = json.dumps(
+        {"error": {"message": message, "type": "requests", "param": None, "code": "client_rate_limit_exceeded"}},
+        separators=(",", ":"),
+    ).encode()
+    headers = (
+        (b"retry-after", str(max(1, math.ceil(seconds))).encode()),
+        (b"retry-after-ms", str(retry_after_ms).encode()),
+    )
+    return ErrorResponse(429, body, headers)
+
+
+class Limiter:
+    def __init__(
+        self,
+        *,
+        fail_open: bool = False,
+        stale_after: float = 5.0,
+        clock_ms: Callable[[], int] = _now_ms,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.fail_open = fail_open
+        self._stale_after = stale_after
+        self._clock_ms = clock_ms
+        self._monotonic = monotonic
+        self._quotas: dict[BucketKey, LocalQuota] = {}
+        self._leased_at: float | None = None
+        self.refused = 0
+
+    @property
+    def limited(self) -> bool:
+        return bool(self._quotas)
+
+    def stale(self) -> bool:
+        """No lease arrived for ``stale_after`` seconds (the control plane is away)."""
+        return self._leased_at is None or self._monotonic() - self._leased_at > self._stale_after
+
+    def admit(self, tenant: str, client_key_id: str) -> ErrorResponse | None:
+        """None to go ahead, else the 429 to answer. Counts the request."""
+        quotas = self._quotas
+        if not quotas:
+            return None
+        key_quota = quotas.get((tenant, client_key_id, _REQUESTS))
+        tenant_quota = quotas.get((tenant, "", _REQUESTS))
+        if key_quota is None and tenant_quota is None:
+            return None
+        if self.fail_open and self.stale():
+            return None
+        now = self._clock_ms()
+        if key_quota is not None:
+            wait = key_quota.take(now)
+            if wait:
+                if tenant_quota is not None:
+                    tenant_quota.demanded += 1
+                return self._refuse(key_quota, wait, tenant_wide=False)
+        if tenant_quota is not None:
+            wait = tenant_quota.take(now)
+            if wait:
+                if key_quota is not None:
+                    key_quota.refund()
+                return self._refuse(tenant_quota, wait, tenant_wide=True)
+        return None
+
+    def _refuse(self, quota: LocalQuota, wait_ms: int, *, tenant_wide: bool) -> ErrorResponse:
+        self.refused += 1
+        return client_rate_limited(
+            wait_ms, tenant_wide=tenant_wide, limit=quota.lease.limit, window_ms=quota.lease.window_ms
+        )
+
+    def apply(self, response: lpb.StreamQuotaResponse) -> None:
+        """Take a lease message; with ``complete``, buckets it leaves out are no longer limited."""
+        now = self._clock_ms()
+        seen: set[BucketKey] = set()
+        for item in response.leases:
+            key = (item.bucket.tenant, item.bucket.client_key_id, int(item.bucket.kind))
+            seen.add(key)
+            lease = Lease(
+                limit=item.limit,
+                window_ms=max(1, item.window_ms),
+                window_start_ms=item.window_start_ms,
+                granted=item.granted,
+                next_granted=item.next_granted,
+                fallback=item.fallback,
+                exhausted=item.exhausted,
+            )
+            quota = self._quotas.get(key)
+            if quota is None:
+                self._quotas[key] = quota = LocalQuota(lease)
+                quota.remaining(now)  # start its window from this lease
+            else:
+                quota.update(lease, now)
+        if response.complete:
+            for key in [k for k in self._quotas if k not in seen]:
+                del self._quotas[key]
+        self._leased_at = self._monotonic()
+
+    def report(self) -> list[lpb.QuotaUsage]:
+        """Usage of every leased bucket since the last report."""
+        now = self._clock_ms()
+        out = []
+        for (tenant, client_key_id, kind), quota in self._quotas.items():
+            start, used, demanded = quota.report(now)
+            out.append(
+                lpb.QuotaUsage(
+                    bucket=lpb.QuotaBucket(tenant=tenant, client_key_id=client_key_id, kind=kind),  # type: ignore[arg-type]
+                    window_start_ms=start,
+                    used=used,
+                    demanded=demanded,
+                )
+            )
+        return out
