@@ -102,7 +102,8 @@ class QuotaStream:
         self.queue.put_nowait(lpb.StreamQuotaRequest(usage=usage))
 
     async def next(self) -> lpb.StreamQuotaResponse:
-        response: lpb.StreamQuotaResponse = await asyncio.wait_for(self.call.read(), 3.0)
+        response = await asyncio.wait_for(self.call.read(), 3.0)
+        assert isinstance(response, lpb.StreamQuotaResponse), response
         return response
 
     def close(self) -> None:
@@ -122,10 +123,13 @@ async def test_leases_split_the_limit_by_demand_and_reports_show_in_what_is_left
         bucket = lease.bucket
         # pod-a asks nine times as much as pod-b: after a few reports its fallback share is larger.
         for _ in range(6):
-            la, lb = await a.next(), await b.next()
-            wa, wb = la.leases[0].window_start_ms, lb.leases[0].window_start_ms
-            a.send(lpb.QuotaUsage(bucket=bucket, window_start_ms=wa, used=min(la.leases[0].granted, 9), demanded=9))
-            b.send(lpb.QuotaUsage(bucket=bucket, window_start_ms=wb, used=min(lb.leases[0].granted, 1), demanded=1))
+            ra, rb = (await a.next()).leases[0], (await b.next()).leases[0]
+            a.send(
+                lpb.QuotaUsage(bucket=bucket, window_start_ms=ra.window_start_ms, used=min(ra.granted, 9), demanded=9)
+            )
+            b.send(
+                lpb.QuotaUsage(bucket=bucket, window_start_ms=rb.window_start_ms, used=min(rb.granted, 1), demanded=1)
+            )
         la, lb = (await a.next()).leases[0], (await b.next()).leases[0]
         assert la.fallback + lb.fallback == 60
         assert la.fallback > 3 * lb.fallback
