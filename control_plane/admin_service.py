@@ -1,8 +1,8 @@
 """The admin gRPC service, assembled from one part per resource: tenants,
 learnt health, connected sidecars and the audit log here; provider keys
 (``key_admin``), routes (``route_admin``), client keys
-(``client_key_admin``), API tokens (``token_service``) and master keys
-(``master_key_admin``) in their own modules, all on ``AdminBase``.
+(``client_key_admin``), API tokens (``token_service``), master keys
+(``master_key_admin``) and prices and usage (``usage_admin``) in their own modules, all on ``AdminBase``.
 
 Every write is audited (``control_plane.audit``): its event (caller, method,
 resource, changed fields, never a secret) is written in the write's own
@@ -34,6 +34,7 @@ from control_plane.route_admin import UPDATABLE_ROUTE_FIELDS, RouteAdmin
 from control_plane.snapshot_cache import SubscriberInfo
 from control_plane.status import map_errors
 from control_plane.token_service import TokenAdminMixin
+from control_plane.usage_admin import UsageAdmin
 from keyplane import convert
 from keyplane.domain import Tenant
 from keyplane.errors import NotFound
@@ -59,6 +60,7 @@ class AdminService(
     MasterKeyAdmin,
     ProxyStatusAdmin,
     LimitsAdmin,
+    UsageAdmin,
     admin_service_pb2_grpc.AdminServiceServicer,
 ):
     """``AdminService(store, hub, master_keys, clock, health=..., url_policy=..., fleet=...)``

@@ -69,6 +69,10 @@ class ControlPlaneConfig:
     quota_window: float = 60.0
     # Seconds between rebalances of the sidecars' quota leases.
     quota_rebalance_interval: float = 1.0
+    # Usage rollups (control_plane.usage): write what was folded this often (one
+    # upsert per rollup row per flush), and keep rows this many days (0: forever).
+    usage_flush_interval: float = 1.0
+    usage_retention_days: float = 90.0
     # Seconds a Postgres statement (or a wait for a pooled connection) may take
     # before the call fails with UNAVAILABLE.
     store_timeout: float = 5.0

@@ -24,6 +24,7 @@ from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
 from control_plane.store.factory import open_store
 from control_plane.url_policy import UrlPolicy
+from control_plane.usage import UsageRecorder
 from control_plane.watch_admission import WatchAdmission
 from keyplane.keyring import Keyring, MasterKeys
 from keyplane.keyring_file import KeyringFile
@@ -56,6 +57,7 @@ class ControlPlane:
         self._store = store
         self._hub: SnapshotHub | None = None
         self._aggregator: HealthAggregator | None = None
+        self._usage: UsageRecorder | None = None
         self._prober: RecoveryProber | None = None
         self._fleet: FleetTracker | None = None
         self._quota: QuotaBroker | None = None
@@ -151,6 +153,10 @@ class ControlPlane:
                 store, window_ms=round(config.quota_window * 1000), rebalance_interval=config.quota_rebalance_interval
             )
             await self._quota.start()
+            self._usage = UsageRecorder(
+                store, flush_interval=config.usage_flush_interval, retention_days=config.usage_retention_days
+            )
+            await self._usage.start()
             if config.recovery_probe.enabled:
                 self._prober = RecoveryProber(
                     store,
@@ -187,18 +193,17 @@ class ControlPlane:
                 ],
             )
             self._server = server
-            admin_service_pb2_grpc.add_AdminServiceServicer_to_server(
-                AdminService(
-                    store,
-                    self._hub,
-                    box,
-                    health=self._aggregator,
-                    url_policy=UrlPolicy(deny_private=config.deny_private_base_urls),
-                    fleet=self._fleet,
-                    quota=self._quota,
-                ),
-                server,
+            admin = AdminService(
+                store,
+                self._hub,
+                box,
+                health=self._aggregator,
+                url_policy=UrlPolicy(deny_private=config.deny_private_base_urls),
+                fleet=self._fleet,
+                quota=self._quota,
             )
+            admin.usage_recorder = self._usage
+            admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
             self._sidecar_service = SidecarService(
                 self._hub.cache,
                 self._aggregator,
@@ -207,6 +212,7 @@ class ControlPlane:
                 lag_wait=config.lag_wait,
                 admission=WatchAdmission(config.watch_admit_rate, config.watch_admit_burst),
                 quota=self._quota,
+                usage=self._usage.folder,
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(self._sidecar_service, server)
             self._health = AsyncHealthServicer()
@@ -279,6 +285,9 @@ class ControlPlane:
         if self._aggregator is not None:
             await self._aggregator.close()  # a last try at unpersisted health changes
             self._aggregator = None
+        if self._usage is not None:
+            await self._usage.close()  # a last flush of the usage folded
+            self._usage = None
         if self._fleet is not None:
             await self._fleet.close()  # this replica's streams leave the shared record
             self._fleet = None

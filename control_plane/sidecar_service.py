@@ -11,7 +11,7 @@ snapshot-or-delta decisions live in ``control_plane.snapshot_cache``.
 The ReportOutcomes handler validates each outcome (tenant within the token's
 scope, a known class and provider, a key id and a model); invalid outcomes
 are counted and skipped, never fatal to the stream. Each batch goes to the
-``HealthAggregator``; the reply, when the sidecar ends the stream, is the
+``HealthAggregator`` and its usage to the ``UsageFolder`` (rollups); the reply, when the sidecar ends the stream, is the
 number of outcomes accepted.
 
 With a ``FleetTracker``, the Watch handler notes every version it sends and
@@ -42,6 +42,7 @@ from control_plane.quota_broker import QuotaBroker
 from control_plane.quota_stream import stream_quota
 from control_plane.snapshot_cache import SnapshotCache, SnapshotTooLarge
 from control_plane.status import status_for
+from control_plane.usage import UsageFolder
 from control_plane.watch_admission import WatchAdmission
 from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
@@ -70,6 +71,7 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         lag_wait: float = 5.0,
         admission: WatchAdmission | None = None,
         quota: QuotaBroker | None = None,
+        usage: UsageFolder | None = None,
     ) -> None:
         self._cache = cache
         self._quota = quota  # leases of the limits (StreamQuota)
@@ -79,6 +81,8 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         self._catch_up = catch_up
         self._lag_wait = lag_wait
         self._admission = admission
+        # Folds the usage of every valid outcome into rollups (``control_plane.usage``).
+        self._usage = usage
         # Set by ``ControlPlane.stop`` before it ends the watch streams.
         self.going_away = False
         # Converted success outcomes, reused across reports (see ``_validate_batch``).
@@ -229,6 +233,8 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
             if out_of_scope and not rejected:
                 log.warning("sidecar %r (%s) reported outcomes outside its tenant scope", sidecar_id, peer)
             rejected += invalid + out_of_scope
+            if messages and self._usage is not None:
+                self._usage.fold(messages)
             if batch:
                 try:
                     accepted += await self._health.ingest(batch, messages)

@@ -44,6 +44,7 @@ from keyplane_cli.tls_flags import (
     client_tls_from_args,
     server_tls_from_args,
 )
+from keyplane_cli.usage_flags import add_usage_flags, usage_options_from_args
 
 if TYPE_CHECKING:
     from keyplane.health.machine import HealthPolicy
@@ -135,6 +136,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             health_policy=health_policy,
             **intervals,
             **control_plane_options_from_args(args),
+            **usage_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
             **watch_admission_options_from_args(args),
@@ -217,6 +219,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             drain_seconds=args.drain_seconds,
             **intervals,
             **control_plane_options_from_args(args),
+            **usage_options_from_args(args),
             recovery_probe=recovery_probe_from_args(args),
             **convergence_options_from_args(args),
             **watch_admission_options_from_args(args),
@@ -252,6 +255,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         health_policy=health_policy,
         panic_policy=panic_policy_from_args(args),
         report_outcomes=not args.no_outcome_reports,
+        usage_accounting=not args.no_usage_accounting,
         access_log=args.access_log,
         upstream_connect_timeout=args.upstream_connect_timeout,
         upstream_read_timeout=args.upstream_read_timeout,
@@ -390,6 +394,12 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
         "findings, but the fleet no longer learns from them)",
     )
     sc.add_argument(
+        "--no-usage-accounting",
+        action="store_true",
+        help="do not read token usage from answers (nor ask streams for it); outcomes are then "
+        "reported without usage, so usage rollups, costs and budgets see nothing of this sidecar",
+    )
+    sc.add_argument(
         "--access-log",
         nargs="?",
         const="-",
@@ -456,6 +466,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_watch_admission_flags(cp)
     add_control_plane_limit_flags(up)
     add_control_plane_limit_flags(cp)
+    add_usage_flags(up)
+    add_usage_flags(cp)
     add_health_flags(up, aggregator=True)
     add_health_flags(cp, aggregator=True)
     add_health_flags(sc, aggregator=False)

@@ -47,6 +47,7 @@ from .upstream.anthropic import (
     MESSAGES_PATH,
     messages_request_builder,
 )
+from .usage_stream import Metering
 
 __all__ = ["COUNT_TOKENS_ROUTE", "MESSAGES_ROUTE", "messages"]
 
@@ -151,7 +152,14 @@ async def messages(
     route = _native(found)
     if route is None:
         return await send_error(send, anthropic_errors.from_openai(errors.endpoint_not_served(model, MESSAGES_ROUTE)))
-    book = RequestBook(app, tenant, request_id_for(headers), access)
+    book = RequestBook(
+        app,
+        tenant,
+        request_id_for(headers),
+        access,
+        client_key_id=app.state.client_key_id(_client_token(headers)),
+        model=model,
+    )
     plan = _plan(app, tenant, route, book)
     if not plan:
         _log.warning(
@@ -175,6 +183,8 @@ async def messages(
         return body
 
     stream = not count_tokens and payload.get("stream") is True
+    if app.usage_accounting and not count_tokens:
+        book.metering = Metering(input_bytes=len(raw), anthropic=True)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task(loop)
     if task is None:  # pragma: no cover - uvicorn runs every request in a task
@@ -274,4 +284,5 @@ async def _answer(
         broken_event=anthropic_errors.BROKEN_STREAM_EVENT,
         cut_event=anthropic_errors.CUT_STREAM_EVENT,
         watch=anthropic_errors.ErrorEventWatch() if result.streaming else None,
+        metering=book.metering,
     )

@@ -67,6 +67,7 @@ class SidecarApp:
         disconnect_watch_after: float = 0.05,
         access_log: AccessLog | None = None,
         panic_policy: PanicPolicy | None = None,
+        usage_accounting: bool = True,
     ) -> None:
         self.state = state
         self.upstream = upstream
@@ -91,6 +92,8 @@ class SidecarApp:
         # the panic probes in flight (one per tenant, key and model).
         self.panic_policy = panic_policy if panic_policy is not None else PanicPolicy()
         self.probes = ProbeGate()
+        # Token usage read from answers and reported (``sidecar.usage``).
+        self.usage_accounting = usage_accounting
         m = self.metrics
         self._requests_count = LabelledChildren(m.requests)
         self._attempts_count = LabelledChildren(m.upstream_attempts)
@@ -226,6 +229,8 @@ class SidecarApp:
         self._classes_count.get(provider, record.classification.error_class.value).inc()
         if record.retried:
             self._fallbacks_count.get(provider).inc()
+        if record.usage is not None:
+            self.metrics.usage.count(provider, record.usage)
 
     def count_misconfigured(self, attempt: Attempt) -> None:
         self._attempts_count.get(attempt.target.provider.value, "config_error").inc()

@@ -16,6 +16,7 @@ from .health import TenantHealth
 from .model import Key, Target
 from .proxy import AttemptRecord, excluded_header
 from .router import Attempt
+from .usage_stream import Metering
 
 if TYPE_CHECKING:
     from .access_log import AccessEntry
@@ -40,12 +41,37 @@ REQUEST_ID_HEADER = b"x-keyplane-request-id"
 class RequestBook:
     """One request's book-keeping: the attempt observer, reports and answer headers."""
 
-    __slots__ = ("access", "app", "excluded", "health", "request_id", "tenant", "unreported")
+    __slots__ = (
+        "access",
+        "app",
+        "client_key_id",
+        "excluded",
+        "health",
+        "metering",
+        "model",
+        "request_id",
+        "tenant",
+        "unreported",
+    )
 
-    def __init__(self, app: ChatApp, tenant: str, request_id: str, access: AccessEntry | None = None) -> None:
+    def __init__(
+        self,
+        app: ChatApp,
+        tenant: str,
+        request_id: str,
+        access: AccessEntry | None = None,
+        *,
+        client_key_id: str = "",
+        model: str = "",
+    ) -> None:
         self.app = app
         self.tenant = tenant
         self.request_id = request_id
+        # Whose request, for which public model: what usage is reported under.
+        self.client_key_id = client_key_id
+        self.model = model
+        # How the answer's usage is read (``sidecar.usage_stream``); None: it is not.
+        self.metering: Metering | None = None
         self.access = access
         if access is not None:
             access.request_id = request_id
@@ -102,7 +128,7 @@ class RequestBook:
             return
         # Only keyed attempts are kept in ``unreported``.
         for record in records:
-            reporter.enqueue_record(self.tenant, record, self.request_id)
+            reporter.enqueue_record(self.tenant, record, self.request_id, self.client_key_id, self.model)
 
     def headers(
         self, *, attempts: int, answer: Key | None = None, target: Target | None = None

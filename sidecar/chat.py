@@ -42,6 +42,7 @@ from .rescue_plan import APP_TIMEOUT_HEADER, rescue_for
 from .router import Attempt, plan_attempts
 from .upload import content_type_of, read_upload
 from .upstream import FORWARDED_REQUEST_HEADERS, JSON_TYPE, RequestBody
+from .usage_stream import Metering, plan_metering
 
 if TYPE_CHECKING:
     from keyplane.health.panic import PanicPolicy
@@ -72,6 +73,8 @@ class ChatApp(Protocol):
     probes: ProbeGate
     # Limits from the local leases (``sidecar.limits``); None: no limits.
     limiter: Limiter | None
+    # Read token usage from answers (``sidecar.usage``).
+    usage_accounting: bool
 
     def count_attempt(self, record: AttemptRecord) -> None: ...
 
@@ -301,22 +304,39 @@ async def handle(
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         return await send_error(send, errors.invalid_request("you must provide a model parameter", param="model"))
+    stream = endpoint.stream is StreamKind.ALWAYS or (
+        endpoint.stream is StreamKind.FLAG and payload.get("stream") is True
+    )
+    metering: Metering | None = None
+    own: bytes | None = raw
+    if self.usage_accounting:
+        metering, own = plan_metering(endpoint.name, payload, raw, stream)
     encoded: dict[str, bytes] = {}
 
     def body_for(upstream_model: str) -> bytes:
-        if upstream_model == model:
-            return raw  # pass-through: the app's bytes already name this model
+        if upstream_model == model and own is not None:
+            return own  # pass-through: the app's bytes already name this model
         body = encoded.get(upstream_model)
         if body is None:
             payload["model"] = upstream_model
             body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
         return body
 
-    stream = endpoint.stream is StreamKind.ALWAYS or (
-        endpoint.stream is StreamKind.FLAG and payload.get("stream") is True
-    )
     pinned = previous_response(payload) if endpoint.sticky else None
-    return await forward(self, endpoint, tenant, model, body_for, headers, stream, receive, send, access, pinned=pinned)
+    return await forward(
+        self,
+        endpoint,
+        tenant,
+        model,
+        body_for,
+        headers,
+        stream,
+        receive,
+        send,
+        access,
+        pinned=pinned,
+        metering=metering,
+    )
 
 
 async def forward(
@@ -333,6 +353,7 @@ async def forward(
     *,
     content_type: str = JSON_TYPE,
     pinned: str | None = None,
+    metering: Metering | None = None,
 ) -> int:
     """Plan, run and relay one request whose body is read: the part every endpoint shares.
 
@@ -345,7 +366,15 @@ async def forward(
     served = route.by_endpoint.get(endpoint.name)
     if served is None:
         return await send_error(send, errors.endpoint_not_served(model, endpoint.path))
-    ctx = RequestBook(self, tenant, request_id_for(headers), access)
+    ctx = RequestBook(
+        self,
+        tenant,
+        request_id_for(headers),
+        access,
+        client_key_id=self.state.client_key_id(_bearer(headers)),
+        model=model,
+    )
+    ctx.metering = metering
     loop = asyncio.get_running_loop()
     deadline = loop.time() + self.request_timeout
     health = ctx.health
@@ -473,7 +502,9 @@ async def _answer(
         how.sticky.created(result)
     own = ctx.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target)
     typed = how.endpoint.sse_errors is SseErrors.TYPED
-    return await relay(ctx, result, own, send, metrics=self.metrics, wall_clock=wall_clock, typed_errors=typed)
+    return await relay(
+        ctx, result, own, send, metrics=self.metrics, wall_clock=wall_clock, typed_errors=typed, metering=ctx.metering
+    )
 
 
 class _How:

@@ -90,6 +90,9 @@ class SidecarConfig:
     panic_policy: PanicPolicy = field(default_factory=PanicPolicy)
     # Outcome reports to the control plane (ReportOutcomes).
     report_outcomes: bool = True
+    # Read each answer's token usage (asking streams for their usage chunk, hidden
+    # from apps that did not ask) and report it with the outcomes (``sidecar.usage``).
+    usage_accounting: bool = True
     report_queue_size: int = 10_000
     report_batch_size: int = 500
     # How long a batch of successes only may gather before it is sent, and how

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from .state import SidecarState
+from .usage_metrics import UsageCounters
 
 __all__ = ["CONTENT_TYPE", "LabelledChildren", "SidecarMetrics", "status_class"]
 
@@ -47,6 +48,7 @@ class LabelledChildren:
 class SidecarMetrics:
     def __init__(self, state: SidecarState) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.usage = UsageCounters(self.registry)
         self.requests = Counter(
             "keyplane_sidecar_requests",
             "HTTP requests served to the app, by endpoint and status class.",

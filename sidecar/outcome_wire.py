@@ -13,6 +13,8 @@ protobuf runtime costs about 3-4 us an outcome; here about a third of that:
 - the attempt's own fields (latency, request id, start time, retry-after) are
   appended in protobuf's wire format (a message's encoding may list fields in
   any order, and parsers merge them);
+- the attempt's usage (``Outcome.usage``, a ``Usage`` message of varints) is
+  appended the same way;
 - a batch is the concatenation of its outcomes, each framed as the repeated
   field 1 of ``ReportOutcomesRequest``, plus its other fields, sent as bytes.
 
@@ -30,6 +32,7 @@ from keyplane.v1 import sidecar_service_pb2
 
 from .model import provider_to_proto
 from .proxy import AttemptRecord
+from .usage import Usage
 
 __all__ = ["OutcomeEncoder", "batch_request", "fill_outcome", "frame_outcome", "outcome_to_proto", "varint"]
 
@@ -43,6 +46,10 @@ _TAG_NANOS = b"\x10"  # Timestamp/Duration.nanos = 2, varint
 _TAG_OUTCOMES = b"\x0a"  # ReportOutcomesRequest.outcomes = 1, length-delimited
 _TAG_SIDECAR_ID = b"\x12"  # ReportOutcomesRequest.sidecar_id = 2, length-delimited
 _TAG_DROPPED = b"\x18"  # ReportOutcomesRequest.dropped = 3, varint
+_TAG_USAGE = b"\x72"  # Outcome.usage = 14, length-delimited
+# Usage's fields 1-5 (token counts, varints) and 6 (estimated, a bool).
+_USAGE_TAGS = (b"\x08", b"\x10", b"\x18", b"\x20", b"\x28")
+_USAGE_ESTIMATED = b"\x30\x01"
 
 _UINT32_MAX = 2**32 - 1
 _INT64_MAX = 2**63 - 1
@@ -51,7 +58,13 @@ _ONE_BYTE = tuple(bytes((n,)) for n in range(128))
 _MAX_TEMPLATES = 4096
 
 
-def fill_fixed(message: sidecar_service_pb2.Outcome, tenant: str, record: AttemptRecord) -> None:
+def fill_fixed(
+    message: sidecar_service_pb2.Outcome,
+    tenant: str,
+    record: AttemptRecord,
+    client_key_id: str = "",
+    public_model: str = "",
+) -> None:
     """The fields many attempts share: whose, which key and model, how it ended."""
     key = record.attempt.key
     if key is None:
@@ -67,6 +80,8 @@ def fill_fixed(message: sidecar_service_pb2.Outcome, tenant: str, record: Attemp
     message.recovered = record.recovered
     message.provider_final = record.provider_final
     message.reason = c.reason[:200]
+    message.client_key_id = client_key_id
+    message.public_model = public_model
 
 
 def fill_varying(message: sidecar_service_pb2.Outcome, record: AttemptRecord, request_id: str) -> None:
@@ -81,21 +96,63 @@ def fill_varying(message: sidecar_service_pb2.Outcome, record: AttemptRecord, re
     retry_after = record.classification.retry_after
     if retry_after is not None:
         message.retry_after.FromNanoseconds(int(retry_after * 1e9))
+    usage = record.usage
+    if usage is not None:
+        u = message.usage
+        u.input_tokens = usage.input_tokens
+        u.cached_input_tokens = usage.cached_input_tokens
+        u.cache_write_input_tokens = usage.cache_write_input_tokens
+        u.output_tokens = usage.output_tokens
+        u.reasoning_tokens = usage.reasoning_tokens
+        u.estimated = usage.estimated
+        if not message.HasField("usage"):  # all zero: still say that usage was read
+            u.SetInParent()
 
 
-def fill_outcome(message: sidecar_service_pb2.Outcome, tenant: str, record: AttemptRecord, request_id: str) -> None:
+def fill_outcome(
+    message: sidecar_service_pb2.Outcome,
+    tenant: str,
+    record: AttemptRecord,
+    request_id: str,
+    client_key_id: str = "",
+    public_model: str = "",
+) -> None:
     """Write the report of one keyed attempt into ``message`` (field by field, in place)."""
-    fill_fixed(message, tenant, record)
+    fill_fixed(message, tenant, record, client_key_id, public_model)
     fill_varying(message, record, request_id)
 
 
-def outcome_to_proto(tenant: str, record: AttemptRecord, request_id: str) -> sidecar_service_pb2.Outcome | None:
+def outcome_to_proto(
+    tenant: str, record: AttemptRecord, request_id: str, client_key_id: str = "", public_model: str = ""
+) -> sidecar_service_pb2.Outcome | None:
     """The report for one attempt; None for a keyless attempt (nothing to attribute it to)."""
     if record.attempt.key is None:
         return None
     message = sidecar_service_pb2.Outcome()
-    fill_outcome(message, tenant, record, request_id)
+    fill_outcome(message, tenant, record, request_id, client_key_id, public_model)
     return message
+
+
+def _usage_bytes(usage: Usage) -> bytes:
+    """``Outcome.usage`` as wire bytes (zero counts left out, as protobuf does)."""
+    body = b"".join(
+        tag + varint(value)
+        for tag, value in zip(
+            _USAGE_TAGS,
+            (
+                usage.input_tokens,
+                usage.cached_input_tokens,
+                usage.cache_write_input_tokens,
+                usage.output_tokens,
+                usage.reasoning_tokens,
+            ),
+            strict=True,
+        )
+        if value
+    )
+    if usage.estimated:
+        body += _USAGE_ESTIMATED
+    return _TAG_USAGE + varint(len(body)) + body
 
 
 def varint(value: int) -> bytes:
@@ -147,7 +204,9 @@ class OutcomeEncoder:
         self._second = 0
         self._second_bytes = b""
 
-    def encode(self, tenant: str, record: AttemptRecord, request_id: str) -> bytes:
+    def encode(
+        self, tenant: str, record: AttemptRecord, request_id: str, client_key_id: str = "", public_model: str = ""
+    ) -> bytes:
         key = record.attempt.key
         if key is None:
             raise ValueError("a keyless attempt has no outcome to report")
@@ -163,11 +222,13 @@ class OutcomeEncoder:
             c.reason,
             record.recovered,
             record.provider_final,
+            client_key_id,
+            public_model,
         )
         template = self._templates.get(shape)
         if template is None:
             fixed = sidecar_service_pb2.Outcome()
-            fill_fixed(fixed, tenant, record)
+            fill_fixed(fixed, tenant, record, client_key_id, public_model)
             template = fixed.SerializeToString()
             if len(self._templates) >= _MAX_TEMPLATES:
                 self._templates.clear()
@@ -176,10 +237,27 @@ class OutcomeEncoder:
         seconds = int(started // 1)
         retry_after = c.retry_after
         retry_ns = 0 if retry_after is None else int(retry_after * 1e9)
-        if started < 0 or seconds > _INT64_MAX or retry_ns < 0 or record.latency_ms < 0:
+        usage = record.usage
+        if (
+            started < 0
+            or seconds > _INT64_MAX
+            or retry_ns < 0
+            or record.latency_ms < 0
+            or (
+                usage is not None
+                and min(
+                    usage.input_tokens,
+                    usage.cached_input_tokens,
+                    usage.cache_write_input_tokens,
+                    usage.output_tokens,
+                    usage.reasoning_tokens,
+                )
+                < 0
+            )
+        ):
             # Outside the short path: let protobuf encode it.
             message = sidecar_service_pb2.Outcome()
-            fill_outcome(message, tenant, record, request_id)
+            fill_outcome(message, tenant, record, request_id, client_key_id, public_model)
             return message.SerializeToString()
         parts = [template]
         latency = min(record.latency_ms, _UINT32_MAX)
@@ -196,6 +274,8 @@ class OutcomeEncoder:
         nanos = min(round((started - seconds) * 1e9), 999_999_999)
         stamp = self._second_bytes + _TAG_NANOS + varint(nanos) if nanos else self._second_bytes
         parts.append(_TAG_TIME + _ONE_BYTE[len(stamp)] + stamp)  # at most 1 + 10 + 1 + 5 bytes
+        if usage is not None:
+            parts.append(_usage_bytes(usage))
         return b"".join(parts)
 
     def __len__(self) -> int:

@@ -53,6 +53,7 @@ from .upstream import (
     UpstreamTooLarge,
     build_request,
 )
+from .usage import Usage
 
 __all__ = [
     "AttemptObserver",
@@ -115,6 +116,8 @@ class AttemptRecord:
     retried: bool = False
     # A later attempt on the same provider succeeded.
     recovered: bool = False
+    # What the answer consumed (``sidecar.usage``), once it has been relayed.
+    usage: Usage | None = None
 
     @property
     def key_id(self) -> str | None:

@@ -22,6 +22,7 @@ from .metrics import SidecarMetrics
 from .proxy import AttemptRecord, UpstreamReply, classify_status, complete, describe
 from .shutdown import cut_stream_event, is_cut
 from .upstream import UpstreamError, UpstreamResponse, UpstreamTimeout
+from .usage_stream import Metering, StreamTap
 
 __all__ = ["AnswerBook", "StreamWatch", "relay", "upstream_headers"]
 
@@ -75,6 +76,7 @@ async def relay(
     broken_event: bytes | None = None,
     watch: StreamWatch | None = None,
     cut_event: bytes | None = None,
+    metering: Metering | None = None,
 ) -> int:
     """Send ``reply`` to the app with ``own_headers`` (the x-keyplane-* ones); its status.
 
@@ -82,15 +84,17 @@ async def relay(
     (the Responses API's framing) instead of chat's ``data:`` error object;
     ``broken_event``: the event to tell it with instead (Anthropic's). ``watch``: an
     error event it spots in the stream makes the stream ``stream_broken`` (relayed as
-    it came all the same)."""
+    it came all the same). ``metering``: the answer's usage is read (after it is sent)
+    into its record (``sidecar.usage_stream``)."""
     response = reply.response
     try:
         extra = [*upstream_headers(response), *own_headers]
         if reply.streaming:
             # The failed attempts before it are reported now, not when the stream ends.
             book.flush()
+            tap = metering.tap() if metering is not None else None
             return await _relay_stream(
-                book, reply, extra, send, metrics, wall_clock, typed_errors, broken_event, watch, cut_event
+                book, reply, extra, send, metrics, wall_clock, typed_errors, broken_event, watch, cut_event, tap
             )
         head = reply.head
         await send(
@@ -106,6 +110,8 @@ async def relay(
         response.release()  # back to the pool only when the body was read to its end
         if reply.record is not None:
             # The answer is on its way: now its bookkeeping (the handler flushes the reports).
+            if metering is not None and 200 <= response.status < 300:
+                reply.record.usage = metering.of_body(reply.head)
             book.attempted(reply.record)
 
 
@@ -134,6 +140,7 @@ async def _relay_stream(
     broken_event: bytes | None = None,
     watch: StreamWatch | None = None,
     cut_event: bytes | None = None,
+    tap: StreamTap | None = None,
 ) -> int:
     """Pass a committed stream to the app chunk by chunk, then classify how it ended."""
     response = reply.response
@@ -141,13 +148,17 @@ async def _relay_stream(
     ending: Classification | None = None
     try:
         await send({"type": "http.response.start", "status": response.status, "headers": extra})
+        head = reply.head if tap is None else tap.seen(reply.head)
+        if head:
+            await send({"type": "http.response.body", "body": head, "more_body": True})
         if reply.head:
-            await send({"type": "http.response.body", "body": reply.head, "more_body": True})
             if watch is not None and (told := watch.seen(reply.head)) is not None:
                 ending, watch = _told(book, reply, told, metrics), None
         try:
             async for chunk in response.iter_chunks():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent = chunk if tap is None else tap.seen(chunk)
+                if sent:
+                    await send({"type": "http.response.body", "body": sent, "more_body": True})
                 if watch is not None and (told := watch.seen(chunk)) is not None:
                     ending, watch = _told(book, reply, told, metrics), None
         except UpstreamError as exc:
@@ -161,6 +172,7 @@ async def _relay_stream(
             )
             ending = stream_broken(f"stream broken: {what}"[:120])
             metrics.stream_errors.labels(provider).inc()
+            await _send_held(tap, send)
             if response.content_type == "text/event-stream":
                 # Like OpenAI mid-stream: an error event, so the app knows the answer is cut
                 # (the blank lines first terminate any event the upstream left half-sent).
@@ -176,18 +188,29 @@ async def _relay_stream(
             if task is not None:
                 task.uncancel()
             _log.debug("request %s: stream cut by the sidecar's shutdown", book.request_id)
+            await _send_held(tap, send)
             if response.content_type == "text/event-stream":
                 cut = cut_event if cut_event is not None else cut_stream_event(typed=typed_errors)
                 await send({"type": "http.response.body", "body": cut, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        rest = tap.finish() if tap is not None else b""
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
     finally:
         if ending is None:
             # Complete, or the app went away: the upstream itself did its job.
             ending = classify_status(response.status, response.headers, b"", wall_clock)
         record = complete(reply, ending, now_loop=asyncio.get_running_loop().time())
+        if tap is not None:
+            record.usage = tap.usage()
         book.attempted(record)
         book.flush()
     return response.status
+
+
+async def _send_held(tap: StreamTap | None, send: Send) -> None:
+    """The bytes the tap still holds (a partial event), before the stream's error event."""
+    held = tap.finish() if tap is not None else b""
+    if held:
+        await send({"type": "http.response.body", "body": held, "more_body": True})
 
 
 def _told(book: AnswerBook, reply: UpstreamReply, error: str, metrics: SidecarMetrics) -> Classification:

@@ -121,7 +121,9 @@ class OutcomeReporter:
         """Queue one outcome; O(1), never blocks. A full queue drops its oldest."""
         self._put(frame_outcome(outcome.SerializeToString()), outcome.outcome_class != _SUCCESS)
 
-    def enqueue_record(self, tenant: str, record: AttemptRecord, request_id: str) -> None:
+    def enqueue_record(
+        self, tenant: str, record: AttemptRecord, request_id: str, client_key_id: str = "", public_model: str = ""
+    ) -> None:
         """Queue one keyed attempt, encoded now (same contract as ``enqueue``).
 
         Encoding here rather than in the batch task spreads the cost evenly over
@@ -134,7 +136,7 @@ class OutcomeReporter:
             self._drop(1, "unsent")
             return
         self._put(
-            frame_outcome(self._encoder.encode(tenant, record, request_id)),
+            frame_outcome(self._encoder.encode(tenant, record, request_id, client_key_id, public_model)),
             record.classification.error_class is not ErrorClass.SUCCESS,
         )
 

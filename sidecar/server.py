@@ -123,6 +123,7 @@ class Sidecar:
             reporter=self.reporter,
             access_log=AccessLog.to(config.access_log) if config.access_log is not None else None,
             panic_policy=config.panic_policy,
+            usage_accounting=config.usage_accounting,
         )
         self.watch = WatchClient(config, self.state, on_applied=self.snapshots.note) if watch else None
         # Limits: admitted from local leases the quota stream keeps current.

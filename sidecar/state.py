@@ -85,7 +85,8 @@ _AUTH_CACHE_SIZE = 256
 class _ClientEntry:
     tenant: str
     digest: bytes
-    client_key_id: str = ""
+    # The client key's id (what usage is reported under; never the token).
+    id: str = ""
 
 
 class SidecarState:
@@ -106,7 +107,7 @@ class SidecarState:
         self._data: dict[str, _TenantData] = {}
         self._views: dict[str, TenantView] = {}
         self._clients: dict[bytes, _ClientEntry] = {}
-        # token -> tenant, for tokens that authenticated (never for rejected ones).
+        # token -> its entry, for tokens that authenticated (never for rejected ones).
         self._recent_tokens: dict[str, _ClientEntry] = {}
         self._version = 0
         self._ready = False
@@ -238,8 +239,8 @@ class SidecarState:
     def _rebuild_clients(self) -> None:
         clients: dict[bytes, _ClientEntry] = {}
         for tenant, td in self._data.items():
-            for client_key_id, digest in td.client_keys.items():
-                clients[digest] = _ClientEntry(tenant=tenant, digest=digest, client_key_id=client_key_id)
+            for key_id, digest in td.client_keys.items():
+                clients[digest] = _ClientEntry(tenant=tenant, digest=digest, id=key_id)
         self._clients = clients
         self._recent_tokens = {}
 
@@ -271,8 +272,8 @@ class SidecarState:
             return 0.0
         return max(0.0, self._clock() - self._last_update)
 
-    def identify(self, token: str) -> tuple[str, str] | None:
-        """(tenant, client key id) of this client token, or None.
+    def authenticate(self, token: str) -> str | None:
+        """The tenant owning this client token, or None.
 
         A token that authenticated is remembered (at most ``_AUTH_CACHE_SIZE``,
         forgotten when client keys change) so that it is not hashed again. The
@@ -282,12 +283,26 @@ class SidecarState:
         match of their (per-process randomised) hash, which leaks nothing about
         how close a guess is.
         """
+        entry = self._client(token)
+        return None if entry is None else entry.tenant
+
+    def identify(self, token: str) -> tuple[str, str] | None:
+        """(tenant, client key id) of this client token, or None (as ``authenticate``)."""
+        entry = self._client(token)
+        return None if entry is None else (entry.tenant, entry.id)
+
+    def client_key_id(self, token: str | None) -> str:
+        """The id of the client key ``token`` is ("" if none): after ``authenticate``, a dict lookup."""
+        entry = self._client(token) if token else None
+        return "" if entry is None else entry.id
+
+    def _client(self, token: str) -> _ClientEntry | None:
         if not token:
             return None
         recent = self._recent_tokens
-        known = recent.get(token)
-        if known is not None:
-            return known.tenant, known.client_key_id
+        found = recent.get(token)
+        if found is not None:
+            return found
         digest = hashlib.sha256(token.encode()).digest()
         entry = self._clients.get(digest)
         if entry is None or not hmac.compare_digest(entry.digest, digest):
@@ -295,12 +310,7 @@ class SidecarState:
         if len(recent) >= _AUTH_CACHE_SIZE:
             recent.clear()
         recent[token] = entry
-        return entry.tenant, entry.client_key_id
-
-    def authenticate(self, token: str) -> str | None:
-        """The tenant owning this client token, or None (``identify``)."""
-        found = self.identify(token)
-        return None if found is None else found[0]
+        return entry
 
     def tenant(self, tenant: str) -> TenantView:
         return self._views.get(tenant, _EMPTY_VIEW)

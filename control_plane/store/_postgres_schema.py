@@ -169,6 +169,44 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         7,
+        "usage rollups per minute and prices per model",
+        (
+            # Usage is history: no foreign keys (it outlives deleted keys and tenants until retention).
+            """CREATE TABLE usage_rollups (
+                minute bigint NOT NULL,
+                tenant text NOT NULL,
+                client_key_id text NOT NULL,
+                public_model text NOT NULL,
+                provider_key_id text NOT NULL,
+                upstream_model text NOT NULL,
+                provider text NOT NULL,
+                requests bigint NOT NULL DEFAULT 0,
+                failed_requests bigint NOT NULL DEFAULT 0,
+                estimated_requests bigint NOT NULL DEFAULT 0,
+                input_tokens bigint NOT NULL DEFAULT 0,
+                cached_input_tokens bigint NOT NULL DEFAULT 0,
+                cache_write_input_tokens bigint NOT NULL DEFAULT 0,
+                output_tokens bigint NOT NULL DEFAULT 0,
+                reasoning_tokens bigint NOT NULL DEFAULT 0,
+                cost_micros bigint NOT NULL DEFAULT 0,
+                unpriced_requests bigint NOT NULL DEFAULT 0,
+                PRIMARY KEY (minute, tenant, client_key_id, public_model, provider_key_id, upstream_model)
+            )""",
+            "CREATE INDEX usage_rollups_by_tenant ON usage_rollups (tenant, minute)",
+            """CREATE TABLE prices (
+                tenant text NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                provider text NOT NULL,
+                model text NOT NULL,
+                input_micros_per_million bigint NOT NULL,
+                cached_input_micros_per_million bigint NOT NULL,
+                output_micros_per_million bigint NOT NULL,
+                updated_at timestamptz NOT NULL,
+                PRIMARY KEY (tenant, provider, model)
+            )""",
+        ),
+    ),
+    Migration(
+        8,
         "limits per client key or tenant (rates and spend budgets)",
         (
             # client_key_id '' for the tenant as a whole; not in the change log

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from control_plane.store import _codec, _rows
 from control_plane.store._sql_base import Conn
+from control_plane.store._usage import UsageSql
 from control_plane.store.base import AuditEntry, ProviderKeyUpdate, RouteUpdate
 from control_plane.store.limits_sql import LimitsSql
 from control_plane.store.sidecar_status import SidecarStatusSql
@@ -32,7 +33,7 @@ from keyplane.domain import (
 __all__ = ["SqlStore"]
 
 
-class SqlStore(LimitsSql[Conn], SidecarStatusSql[Conn]):
+class SqlStore(LimitsSql[Conn], SidecarStatusSql[Conn], UsageSql[Conn]):
     """The whole ``Store`` but for what each driver does its own way
     (``migrate``, ``close``, ``listen_changes``, ``rewrap_secrets``)."""
 

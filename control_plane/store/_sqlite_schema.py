@@ -169,6 +169,44 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         7,
+        "usage rollups per minute and prices per model",
+        (
+            # Usage is history: no foreign keys (it outlives deleted keys and tenants until retention).
+            """CREATE TABLE usage_rollups (
+                minute INTEGER NOT NULL,
+                tenant TEXT NOT NULL,
+                client_key_id TEXT NOT NULL,
+                public_model TEXT NOT NULL,
+                provider_key_id TEXT NOT NULL,
+                upstream_model TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                requests INTEGER NOT NULL DEFAULT 0,
+                failed_requests INTEGER NOT NULL DEFAULT 0,
+                estimated_requests INTEGER NOT NULL DEFAULT 0,
+                input_tokens INTEGER NOT NULL DEFAULT 0,
+                cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+                cache_write_input_tokens INTEGER NOT NULL DEFAULT 0,
+                output_tokens INTEGER NOT NULL DEFAULT 0,
+                reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+                cost_micros INTEGER NOT NULL DEFAULT 0,
+                unpriced_requests INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (minute, tenant, client_key_id, public_model, provider_key_id, upstream_model)
+            )""",
+            "CREATE INDEX usage_rollups_by_tenant ON usage_rollups (tenant, minute)",
+            """CREATE TABLE prices (
+                tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+                provider TEXT NOT NULL,
+                model TEXT NOT NULL,
+                input_micros_per_million INTEGER NOT NULL,
+                cached_input_micros_per_million INTEGER NOT NULL,
+                output_micros_per_million INTEGER NOT NULL,
+                updated_at TEXT NOT NULL,
+                PRIMARY KEY (tenant, provider, model)
+            )""",
+        ),
+    ),
+    Migration(
+        8,
         "limits per client key or tenant (rates and spend budgets)",
         (
             # client_key_id '' for the tenant as a whole; not in the change log

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from keyplane.domain import (
     AccessToken,
@@ -48,6 +48,9 @@ from keyplane.domain import (
     TokenKind,
 )
 from keyplane.limit_set import LimitSet
+
+if TYPE_CHECKING:
+    from control_plane.usage import Price, UsageQuery, UsageRow, UsageTotals
 
 __all__ = [
     "AuditEntry",
@@ -458,3 +461,24 @@ class Store(Protocol):
         plaintext is the same, so sidecars must not see a change) but the
         ``audit`` row, when the batch rewrote anything. Returns the ids of
         the keys rewritten."""
+
+    # usage and prices (``control_plane.usage``) -------------------------------
+    async def put_usage(self, rows: Sequence[UsageRow]) -> None:
+        """Add each row's counters to its stored rollup row, in one transaction."""
+
+    async def query_usage(self, query: UsageQuery) -> list[tuple[dict[str, str], int | None, UsageTotals]]:
+        """Summed rollups: (values of the grouped dimensions, bucket start or None, totals)."""
+
+    async def sweep_usage(self, before_minute: int) -> int:
+        """Delete rollups of minutes before ``before_minute``; returns how many."""
+
+    async def put_price(self, price: Price, *, audit: AuditEntry | None = None) -> Price:
+        """Create or replace a price (NotFound for an unknown tenant)."""
+
+    async def list_prices(self, tenant: str | None) -> list[Price]:
+        """A tenant's prices (every tenant's for None)."""
+
+    async def delete_price(
+        self, tenant: str, provider: Provider, model: str, *, audit: AuditEntry | None = None
+    ) -> None:
+        """NotFound when there is no such price."""

@@ -1,4 +1,4 @@
-"""Limits per client key or tenant in both SQL stores (migration 7): the
+"""Limits per client key or tenant in both SQL stores (migration 8): the
 ``Store`` methods written once on ``SqlBase``'s primitives.
 
 One row per (tenant, client_key_id), client_key_id '' for the tenant as a

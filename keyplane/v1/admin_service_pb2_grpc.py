@@ -212,6 +212,26 @@ class AdminServiceStub:
                 request_serializer=keyplane_dot_v1_dot_limits__pb2.ClearLimitsRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_limits__pb2.ClearLimitsResponse.FromString,
                 _registered_method=True)
+        self.SetPrice = channel.unary_unary(
+                '/keyplane.v1.AdminService/SetPrice',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.SetPriceRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.SetPriceResponse.FromString,
+                _registered_method=True)
+        self.ListPrices = channel.unary_unary(
+                '/keyplane.v1.AdminService/ListPrices',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListPricesRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListPricesResponse.FromString,
+                _registered_method=True)
+        self.DeletePrice = channel.unary_unary(
+                '/keyplane.v1.AdminService/DeletePrice',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.DeletePriceRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.DeletePriceResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/keyplane.v1.AdminService/GetUsage',
+                request_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -458,6 +478,33 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPrice(self, request, context):
+        """Prices per (tenant, provider, upstream model), used to cost usage at the
+        control plane. SetPrice creates or replaces one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPrices(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePrice(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """Usage from the per-minute rollups: a time range, grouped, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -635,6 +682,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ClearLimits,
                     request_deserializer=keyplane_dot_v1_dot_limits__pb2.ClearLimitsRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_limits__pb2.ClearLimitsResponse.SerializeToString,
+            ),
+            'SetPrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPrice,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.SetPriceRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.SetPriceResponse.SerializeToString,
+            ),
+            'ListPrices': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPrices,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.ListPricesRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.ListPricesResponse.SerializeToString,
+            ),
+            'DeletePrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePrice,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.DeletePriceRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.DeletePriceResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetUsageRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1584,6 +1651,114 @@ class AdminService:
             '/keyplane.v1.AdminService/ClearLimits',
             keyplane_dot_v1_dot_limits__pb2.ClearLimitsRequest.SerializeToString,
             keyplane_dot_v1_dot_limits__pb2.ClearLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/SetPrice',
+            keyplane_dot_v1_dot_admin__service__pb2.SetPriceRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.SetPriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPrices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ListPrices',
+            keyplane_dot_v1_dot_admin__service__pb2.ListPricesRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.ListPricesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/DeletePrice',
+            keyplane_dot_v1_dot_admin__service__pb2.DeletePriceRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.DeletePriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/GetUsage',
+            keyplane_dot_v1_dot_admin__service__pb2.GetUsageRequest.SerializeToString,
+            keyplane_dot_v1_dot_admin__service__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -108,6 +108,14 @@ class AdminServiceStub:
     GetLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.GetLimitsRequest, _limits_pb2.GetLimitsResponse]
     ListLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.ListLimitsRequest, _limits_pb2.ListLimitsResponse]
     ClearLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.ClearLimitsRequest, _limits_pb2.ClearLimitsResponse]
+    SetPrice: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetPriceRequest, _admin_service_pb2.SetPriceResponse]
+    """Prices per (tenant, provider, upstream model), used to cost usage at the
+    control plane. SetPrice creates or replaces one.
+    """
+    ListPrices: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListPricesRequest, _admin_service_pb2.ListPricesResponse]
+    DeletePrice: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeletePriceRequest, _admin_service_pb2.DeletePriceResponse]
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetUsageRequest, _admin_service_pb2.GetUsageResponse]
+    """Usage from the per-minute rollups: a time range, grouped, paged."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -188,6 +196,14 @@ class AdminServiceAsyncStub(AdminServiceStub):
     GetLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.GetLimitsRequest, _limits_pb2.GetLimitsResponse]  # type: ignore[assignment]
     ListLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.ListLimitsRequest, _limits_pb2.ListLimitsResponse]  # type: ignore[assignment]
     ClearLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.ClearLimitsRequest, _limits_pb2.ClearLimitsResponse]  # type: ignore[assignment]
+    SetPrice: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetPriceRequest, _admin_service_pb2.SetPriceResponse]  # type: ignore[assignment]
+    """Prices per (tenant, provider, upstream model), used to cost usage at the
+    control plane. SetPrice creates or replaces one.
+    """
+    ListPrices: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListPricesRequest, _admin_service_pb2.ListPricesResponse]  # type: ignore[assignment]
+    DeletePrice: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeletePriceRequest, _admin_service_pb2.DeletePriceResponse]  # type: ignore[assignment]
+    GetUsage: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetUsageRequest, _admin_service_pb2.GetUsageResponse]  # type: ignore[assignment]
+    """Usage from the per-minute rollups: a time range, grouped, paged."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """AdminService manages tenants, provider keys, routes and client keys.
@@ -475,5 +491,37 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _limits_pb2.ClearLimitsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_limits_pb2.ClearLimitsResponse, _abc.Awaitable[_limits_pb2.ClearLimitsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetPrice(
+        self,
+        request: _admin_service_pb2.SetPriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.SetPriceResponse, _abc.Awaitable[_admin_service_pb2.SetPriceResponse]]:
+        """Prices per (tenant, provider, upstream model), used to cost usage at the
+        control plane. SetPrice creates or replaces one.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPrices(
+        self,
+        request: _admin_service_pb2.ListPricesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListPricesResponse, _abc.Awaitable[_admin_service_pb2.ListPricesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeletePrice(
+        self,
+        request: _admin_service_pb2.DeletePriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.DeletePriceResponse, _abc.Awaitable[_admin_service_pb2.DeletePriceResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _admin_service_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.GetUsageResponse, _abc.Awaitable[_admin_service_pb2.GetUsageResponse]]:
+        """Usage from the per-minute rollups: a time range, grouped, paged."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,43 +26,44 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from keyplane.v1 import limits_pb2 as keyplane_dot_v1_dot_limits__pb2
 from keyplane.v1 import resources_pb2 as keyplane_dot_v1_dot_resources__pb2
+from keyplane.v1 import usage_pb2 as keyplane_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!keyplane/v1/sidecar_service.proto\x12\x0bkeyplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18keyplane/v1/limits.proto\x1a\x1bkeyplane/v1/resources.proto\"i\n\nAckRequest\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x02 \x01(\x04\x12\x18\n\x10rejected_version\x18\x03 \x01(\x04\x12\x14\n\x0c\x65rror_detail\x18\x04 \x01(\t\"\r\n\x0b\x41\x63kResponse\"K\n\x0cWatchRequest\x12\x0f\n\x07tenants\x18\x01 \x03(\t\x12\x16\n\x0eresume_version\x18\x02 \x01(\x04\x12\x12\n\nsidecar_id\x18\x03 \x01(\t\"\x92\x01\n\rWatchResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x08snapshot\x18\x02 \x01(\x0b\x32\x15.keyplane.v1.SnapshotH\x00\x12#\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x12.keyplane.v1.DeltaH\x00\x12\x15\n\rversion_reset\x18\x04 \x01(\x08\x42\t\n\x07payload\"5\n\x08Snapshot\x12)\n\x07tenants\x18\x01 \x03(\x0b\x32\x18.keyplane.v1.TenantState\"\x86\x02\n\x0bTenantState\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12-\n\x04keys\x18\x02 \x03(\x0b\x32\x1f.keyplane.v1.SidecarProviderKey\x12\"\n\x06routes\x18\x03 \x03(\x0b\x32\x12.keyplane.v1.Route\x12\x32\n\x0b\x63lient_keys\x18\x04 \x03(\x0b\x32\x1d.keyplane.v1.SidecarClientKey\x12*\n\nkey_health\x18\x05 \x03(\x0b\x32\x16.keyplane.v1.KeyHealth\x12\x34\n\x0fprovider_health\x18\x06 \x03(\x0b\x32\x1b.keyplane.v1.ProviderHealth\"\xca\x01\n\x12SidecarProviderKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x08provider\x18\x02 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\x10\n\x08\x62\x61se_url\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.keyplane.v1.KeyStatus\x12\x0e\n\x06weight\x18\x06 \x01(\r\x12\x16\n\x0e\x61llowed_models\x18\x07 \x03(\t\x12\r\n\x05label\x18\x08 \x01(\t\"4\n\x10SidecarClientKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\x0c\"-\n\x05\x44\x65lta\x12$\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x13.keyplane.v1.Change\"\x97\x03\n\x06\x43hange\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x32\n\x07key_put\x18\x03 \x01(\x0b\x32\x1f.keyplane.v1.SidecarProviderKeyH\x00\x12\x15\n\x0bkey_deleted\x18\x04 \x01(\tH\x00\x12\'\n\troute_put\x18\x05 \x01(\x0b\x32\x12.keyplane.v1.RouteH\x00\x12\x17\n\rroute_deleted\x18\x06 \x01(\tH\x00\x12\x37\n\x0e\x63lient_key_put\x18\x07 \x01(\x0b\x32\x1d.keyplane.v1.SidecarClientKeyH\x00\x12\x1c\n\x12\x63lient_key_deleted\x18\x08 \x01(\tH\x00\x12\x18\n\x0etenant_deleted\x18\t \x01(\x08H\x00\x12,\n\nkey_health\x18\n \x01(\x0b\x32\x16.keyplane.v1.KeyHealthH\x00\x12\x36\n\x0fprovider_health\x18\x0b \x01(\x0b\x32\x1b.keyplane.v1.ProviderHealthH\x00\x42\x08\n\x06\x63hange\"\xe5\x02\n\x07Outcome\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x08provider\x18\x03 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\r\n\x05model\x18\x04 \x01(\t\x12\x30\n\routcome_class\x18\x05 \x01(\x0e\x32\x19.keyplane.v1.OutcomeClass\x12\x13\n\x0bstatus_code\x18\x06 \x01(\r\x12\x12\n\nlatency_ms\x18\x07 \x01(\r\x12\x11\n\trecovered\x18\x08 \x01(\x08\x12\x16\n\x0eprovider_final\x18\t \x01(\x08\x12.\n\x0bretry_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12(\n\x04time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\r \x01(\t\"d\n\x15ReportOutcomesRequest\x12&\n\x08outcomes\x18\x01 \x03(\x0b\x32\x14.keyplane.v1.Outcome\x12\x12\n\nsidecar_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\"*\n\x16ReportOutcomesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04*\x86\x02\n\x0cOutcomeClass\x12\x1d\n\x19OUTCOME_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTCOME_CLASS_SUCCESS\x10\x01\x12\x1c\n\x18OUTCOME_CLASS_CREDENTIAL\x10\x02\x12\x1e\n\x1aOUTCOME_CLASS_RATE_LIMITED\x10\x03\x12 \n\x1cOUTCOME_CLASS_UPSTREAM_ERROR\x10\x04\x12\x1e\n\x1aOUTCOME_CLASS_CLIENT_ERROR\x10\x05\x12\x1f\n\x1bOUTCOME_CLASS_STREAM_BROKEN\x10\x06\x12\x1b\n\x17OUTCOME_CLASS_EXHAUSTED\x10\x07\x32\xbf\x02\n\x0eSidecarService\x12@\n\x05Watch\x12\x19.keyplane.v1.WatchRequest\x1a\x1a.keyplane.v1.WatchResponse0\x01\x12[\n\x0eReportOutcomes\x12\".keyplane.v1.ReportOutcomesRequest\x1a#.keyplane.v1.ReportOutcomesResponse(\x01\x12\x38\n\x03\x41\x63k\x12\x17.keyplane.v1.AckRequest\x1a\x18.keyplane.v1.AckResponse\x12T\n\x0bStreamQuota\x12\x1f.keyplane.v1.StreamQuotaRequest\x1a .keyplane.v1.StreamQuotaResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!keyplane/v1/sidecar_service.proto\x12\x0bkeyplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18keyplane/v1/limits.proto\x1a\x1bkeyplane/v1/resources.proto\x1a\x17keyplane/v1/usage.proto\"i\n\nAckRequest\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x02 \x01(\x04\x12\x18\n\x10rejected_version\x18\x03 \x01(\x04\x12\x14\n\x0c\x65rror_detail\x18\x04 \x01(\t\"\r\n\x0b\x41\x63kResponse\"K\n\x0cWatchRequest\x12\x0f\n\x07tenants\x18\x01 \x03(\t\x12\x16\n\x0eresume_version\x18\x02 \x01(\x04\x12\x12\n\nsidecar_id\x18\x03 \x01(\t\"\x92\x01\n\rWatchResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x08snapshot\x18\x02 \x01(\x0b\x32\x15.keyplane.v1.SnapshotH\x00\x12#\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x12.keyplane.v1.DeltaH\x00\x12\x15\n\rversion_reset\x18\x04 \x01(\x08\x42\t\n\x07payload\"5\n\x08Snapshot\x12)\n\x07tenants\x18\x01 \x03(\x0b\x32\x18.keyplane.v1.TenantState\"\x86\x02\n\x0bTenantState\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12-\n\x04keys\x18\x02 \x03(\x0b\x32\x1f.keyplane.v1.SidecarProviderKey\x12\"\n\x06routes\x18\x03 \x03(\x0b\x32\x12.keyplane.v1.Route\x12\x32\n\x0b\x63lient_keys\x18\x04 \x03(\x0b\x32\x1d.keyplane.v1.SidecarClientKey\x12*\n\nkey_health\x18\x05 \x03(\x0b\x32\x16.keyplane.v1.KeyHealth\x12\x34\n\x0fprovider_health\x18\x06 \x03(\x0b\x32\x1b.keyplane.v1.ProviderHealth\"\xca\x01\n\x12SidecarProviderKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x08provider\x18\x02 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\x10\n\x08\x62\x61se_url\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.keyplane.v1.KeyStatus\x12\x0e\n\x06weight\x18\x06 \x01(\r\x12\x16\n\x0e\x61llowed_models\x18\x07 \x03(\t\x12\r\n\x05label\x18\x08 \x01(\t\"4\n\x10SidecarClientKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\x0c\"-\n\x05\x44\x65lta\x12$\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x13.keyplane.v1.Change\"\x97\x03\n\x06\x43hange\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x32\n\x07key_put\x18\x03 \x01(\x0b\x32\x1f.keyplane.v1.SidecarProviderKeyH\x00\x12\x15\n\x0bkey_deleted\x18\x04 \x01(\tH\x00\x12\'\n\troute_put\x18\x05 \x01(\x0b\x32\x12.keyplane.v1.RouteH\x00\x12\x17\n\rroute_deleted\x18\x06 \x01(\tH\x00\x12\x37\n\x0e\x63lient_key_put\x18\x07 \x01(\x0b\x32\x1d.keyplane.v1.SidecarClientKeyH\x00\x12\x1c\n\x12\x63lient_key_deleted\x18\x08 \x01(\tH\x00\x12\x18\n\x0etenant_deleted\x18\t \x01(\x08H\x00\x12,\n\nkey_health\x18\n \x01(\x0b\x32\x16.keyplane.v1.KeyHealthH\x00\x12\x36\n\x0fprovider_health\x18\x0b \x01(\x0b\x32\x1b.keyplane.v1.ProviderHealthH\x00\x42\x08\n\x06\x63hange\"\xb5\x03\n\x07Outcome\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x08provider\x18\x03 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\r\n\x05model\x18\x04 \x01(\t\x12\x30\n\routcome_class\x18\x05 \x01(\x0e\x32\x19.keyplane.v1.OutcomeClass\x12\x13\n\x0bstatus_code\x18\x06 \x01(\r\x12\x12\n\nlatency_ms\x18\x07 \x01(\r\x12\x11\n\trecovered\x18\x08 \x01(\x08\x12\x16\n\x0eprovider_final\x18\t \x01(\x08\x12.\n\x0bretry_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12(\n\x04time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\r \x01(\t\x12!\n\x05usage\x18\x0e \x01(\x0b\x32\x12.keyplane.v1.Usage\x12\x15\n\rclient_key_id\x18\x0f \x01(\t\x12\x14\n\x0cpublic_model\x18\x10 \x01(\t\"d\n\x15ReportOutcomesRequest\x12&\n\x08outcomes\x18\x01 \x03(\x0b\x32\x14.keyplane.v1.Outcome\x12\x12\n\nsidecar_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\"*\n\x16ReportOutcomesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04*\x86\x02\n\x0cOutcomeClass\x12\x1d\n\x19OUTCOME_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTCOME_CLASS_SUCCESS\x10\x01\x12\x1c\n\x18OUTCOME_CLASS_CREDENTIAL\x10\x02\x12\x1e\n\x1aOUTCOME_CLASS_RATE_LIMITED\x10\x03\x12 \n\x1cOUTCOME_CLASS_UPSTREAM_ERROR\x10\x04\x12\x1e\n\x1aOUTCOME_CLASS_CLIENT_ERROR\x10\x05\x12\x1f\n\x1bOUTCOME_CLASS_STREAM_BROKEN\x10\x06\x12\x1b\n\x17OUTCOME_CLASS_EXHAUSTED\x10\x07\x32\xbf\x02\n\x0eSidecarService\x12@\n\x05Watch\x12\x19.keyplane.v1.WatchRequest\x1a\x1a.keyplane.v1.WatchResponse0\x01\x12[\n\x0eReportOutcomes\x12\".keyplane.v1.ReportOutcomesRequest\x1a#.keyplane.v1.ReportOutcomesResponse(\x01\x12\x38\n\x03\x41\x63k\x12\x17.keyplane.v1.AckRequest\x1a\x18.keyplane.v1.AckResponse\x12T\n\x0bStreamQuota\x12\x1f.keyplane.v1.StreamQuotaRequest\x1a .keyplane.v1.StreamQuotaResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keyplane.v1.sidecar_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOMECLASS']._serialized_start=2061
-  _globals['_OUTCOMECLASS']._serialized_end=2323
-  _globals['_ACKREQUEST']._serialized_start=170
-  _globals['_ACKREQUEST']._serialized_end=275
-  _globals['_ACKRESPONSE']._serialized_start=277
-  _globals['_ACKRESPONSE']._serialized_end=290
-  _globals['_WATCHREQUEST']._serialized_start=292
-  _globals['_WATCHREQUEST']._serialized_end=367
-  _globals['_WATCHRESPONSE']._serialized_start=370
-  _globals['_WATCHRESPONSE']._serialized_end=516
-  _globals['_SNAPSHOT']._serialized_start=518
-  _globals['_SNAPSHOT']._serialized_end=571
-  _globals['_TENANTSTATE']._serialized_start=574
-  _globals['_TENANTSTATE']._serialized_end=836
-  _globals['_SIDECARPROVIDERKEY']._serialized_start=839
-  _globals['_SIDECARPROVIDERKEY']._serialized_end=1041
-  _globals['_SIDECARCLIENTKEY']._serialized_start=1043
-  _globals['_SIDECARCLIENTKEY']._serialized_end=1095
-  _globals['_DELTA']._serialized_start=1097
-  _globals['_DELTA']._serialized_end=1142
-  _globals['_CHANGE']._serialized_start=1145
-  _globals['_CHANGE']._serialized_end=1552
-  _globals['_OUTCOME']._serialized_start=1555
-  _globals['_OUTCOME']._serialized_end=1912
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=1914
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=2014
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=2016
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=2058
-  _globals['_SIDECARSERVICE']._serialized_start=2326
-  _globals['_SIDECARSERVICE']._serialized_end=2645
+  _globals['_OUTCOMECLASS']._serialized_start=2166
+  _globals['_OUTCOMECLASS']._serialized_end=2428
+  _globals['_ACKREQUEST']._serialized_start=195
+  _globals['_ACKREQUEST']._serialized_end=300
+  _globals['_ACKRESPONSE']._serialized_start=302
+  _globals['_ACKRESPONSE']._serialized_end=315
+  _globals['_WATCHREQUEST']._serialized_start=317
+  _globals['_WATCHREQUEST']._serialized_end=392
+  _globals['_WATCHRESPONSE']._serialized_start=395
+  _globals['_WATCHRESPONSE']._serialized_end=541
+  _globals['_SNAPSHOT']._serialized_start=543
+  _globals['_SNAPSHOT']._serialized_end=596
+  _globals['_TENANTSTATE']._serialized_start=599
+  _globals['_TENANTSTATE']._serialized_end=861
+  _globals['_SIDECARPROVIDERKEY']._serialized_start=864
+  _globals['_SIDECARPROVIDERKEY']._serialized_end=1066
+  _globals['_SIDECARCLIENTKEY']._serialized_start=1068
+  _globals['_SIDECARCLIENTKEY']._serialized_end=1120
+  _globals['_DELTA']._serialized_start=1122
+  _globals['_DELTA']._serialized_end=1167
+  _globals['_CHANGE']._serialized_start=1170
+  _globals['_CHANGE']._serialized_end=1577
+  _globals['_OUTCOME']._serialized_start=1580
+  _globals['_OUTCOME']._serialized_end=2017
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=2019
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=2119
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=2121
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=2163
+  _globals['_SIDECARSERVICE']._serialized_start=2431
+  _globals['_SIDECARSERVICE']._serialized_end=2750
 # @@protoc_insertion_point(module_scope)

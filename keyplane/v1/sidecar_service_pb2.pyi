@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from keyplane.v1 import resources_pb2 as _resources_pb2
+from keyplane.v1 import usage_pb2 as _usage_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -414,6 +415,9 @@ class Outcome(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    CLIENT_KEY_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_MODEL_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     key_id: _builtins.str
     provider: _resources_pb2.Provider.ValueType
@@ -432,10 +436,21 @@ class Outcome(_message.Message):
     request_id: _builtins.str
     reason: _builtins.str
     """Short and secret-free, e.g. "401 invalid_api_key"."""
+    client_key_id: _builtins.str
+    """The id of the client key the app called with (never the token)."""
+    public_model: _builtins.str
+    """The model the app asked for (the route's name); model is the upstream one."""
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def usage(self) -> _usage_pb2.Usage:
+        """What the attempt consumed; unset when its answer reported nothing (most
+        errors). Set with estimated = true when the sidecar had to guess (a broken
+        stream, a provider that sends no usage).
+        """
+
     def __init__(
         self,
         *,
@@ -452,10 +467,13 @@ class Outcome(_message.Message):
         request_id: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         reason: _builtins.str = ...,
+        usage: _usage_pb2.Usage | None = ...,
+        client_key_id: _builtins.str = ...,
+        public_model: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after", "time", b"time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "outcome_class", b"outcome_class", "provider", b"provider", "provider_final", b"provider_final", "reason", b"reason", "recovered", b"recovered", "request_id", b"request_id", "retry_after", b"retry_after", "status_code", b"status_code", "tenant", b"tenant", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key_id", b"client_key_id", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "outcome_class", b"outcome_class", "provider", b"provider", "provider_final", b"provider_final", "public_model", b"public_model", "reason", b"reason", "recovered", b"recovered", "request_id", b"request_id", "retry_after", b"retry_after", "status_code", b"status_code", "tenant", b"tenant", "time", b"time", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

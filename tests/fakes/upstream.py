@@ -226,6 +226,13 @@ class FakeUpstream:
         self._port: int | None = None
         # The other OpenAI endpoints' memory (stored responses).
         self.endpoint_state = EndpointState()
+        # Whether a stream honours ``stream_options.include_usage`` (OpenAI does: a
+        # ``"usage":null`` member on every chunk, then a usage chunk with no choices
+        # before ``[DONE]``); False plays a provider that ignores it.
+        self.stream_usage = True
+        # Prompt tokens the fake reports, and of them cached (prompt_tokens_details).
+        self.prompt_tokens = 9
+        self.cached_tokens = 0
 
     @property
     def port(self) -> int:
@@ -368,36 +375,59 @@ class FakeUpstream:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {"prompt_tokens": 9, "completion_tokens": len(self.chunks), "total_tokens": 9 + len(self.chunks)},
+            "usage": self.usage(),
             "service_tier": "default",
             "system_fingerprint": "fp_fake",
         }
 
-    def _chunk(self, model: str, delta: dict[str, Any], finish_reason: str | None) -> bytes:
-        payload = {
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's usage object, as its API sends it (CompletionUsage with its details)."""
+        completion = len(self.chunks)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+
+    def _chunk(self, model: str, delta: dict[str, Any] | None, finish_reason: str | None, usage: object = ...) -> bytes:
+        payload: dict[str, Any] = {
             "id": "chatcmpl-fake0001",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,
             "service_tier": "default",
             "system_fingerprint": "fp_fake",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+            if delta is not None
+            else [],
         }
+        if usage is not ...:
+            payload["usage"] = usage
         return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
     async def _stream(self, request: web.Request, body: dict[str, Any], break_after: int | None) -> web.StreamResponse:
         model: str = body["model"]
+        options = body.get("stream_options")
+        with_usage = self.stream_usage and isinstance(options, dict) and options.get("include_usage") is True
+        usage: object = None if with_usage else ...
         response = web.StreamResponse(
             status=200,
             headers={"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"},
         )
         await response.prepare(request)
         try:
-            await response.write(self._chunk(model, {"role": "assistant", "content": "", "refusal": None}, None))
+            await response.write(self._chunk(model, {"role": "assistant", "content": "", "refusal": None}, None, usage))
             for index, text in enumerate(self.chunks):
                 if self.chunk_delay:
                     await asyncio.sleep(self.chunk_delay)
-                await response.write(self._chunk(model, {"content": text}, None))
+                await response.write(self._chunk(model, {"content": text}, None, usage))
                 if break_after is not None and index + 1 >= break_after:
                     assert request.transport is not None
                     request.transport.abort()
@@ -407,7 +437,9 @@ class FakeUpstream:
                     self.first_chunk_sent.set()
                     if self.stream_gate is not None:
                         await self.stream_gate.wait()
-            await response.write(self._chunk(model, {}, "stop"))
+            await response.write(self._chunk(model, {}, "stop", usage))
+            if with_usage:
+                await response.write(self._chunk(model, None, None, self.usage()))
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):

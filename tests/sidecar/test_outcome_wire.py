@@ -13,6 +13,7 @@ from sidecar.model import Target
 from sidecar.outcome_wire import OutcomeEncoder, batch_request, frame_outcome, outcome_to_proto, varint
 from sidecar.proxy import AttemptRecord
 from sidecar.router import Attempt
+from sidecar.usage import Usage
 
 from .test_router import key
 
@@ -22,6 +23,13 @@ TARGETS = (
     Target(Provider.OPENAI, "gpt-4o-mini", 0, 1, ()),
     Target(Provider.GEMINI, "gemini-2.0-flash", 0, 1, ()),
     Target(Provider.AZURE_OPENAI, "gpt-4o", 1, 2, ()),
+)
+USAGES = (
+    Usage(),  # read, all zero: still present
+    Usage(input_tokens=9, output_tokens=6),
+    Usage(input_tokens=120_000, cached_input_tokens=100_000, output_tokens=2**33, reasoning_tokens=900),
+    Usage(input_tokens=50, cached_input_tokens=10, cache_write_input_tokens=30, output_tokens=1),
+    Usage(input_tokens=3, output_tokens=12, estimated=True),
 )
 CLASSES = (
     SUCCESS,
@@ -52,8 +60,10 @@ def decoded(data: bytes) -> pb.Outcome:
     return pb.Outcome.FromString(data)
 
 
-def expected(tenant: str, rec: AttemptRecord, request_id: str) -> pb.Outcome:
-    message = outcome_to_proto(tenant, rec, request_id)
+def expected(
+    tenant: str, rec: AttemptRecord, request_id: str, client_key: str = "", public_model: str = ""
+) -> pb.Outcome:
+    message = outcome_to_proto(tenant, rec, request_id, client_key, public_model)
     assert message is not None
     return message
 
@@ -80,14 +90,29 @@ def test_encoded_outcomes_equal_the_field_by_field_message() -> None:
             latency_ms=rng.choice([0, 1, 127, 128, 90_000, 2**40]),
             provider_final=rng.random() < 0.5,
             recovered=rng.random() < 0.3,
+            usage=rng.choice([None, *USAGES]),
         )
         tenant = rng.choice(["acme", "globex"])
         request_id = rng.choice(["", f"req-{n}", "0123456789abcdef0123456789abcdef"])
-        got = decoded(encoder.encode(tenant, rec, request_id))
-        assert got == expected(tenant, rec, request_id), (n, rec)
+        client_key = rng.choice(["", "ck_1", "ck_\u00e9"])
+        public_model = rng.choice(["", "gpt", "m\u00e9"])
+        got = decoded(encoder.encode(tenant, rec, request_id, client_key, public_model))
+        assert got == expected(tenant, rec, request_id, client_key, public_model), (n, rec)
         assert got.HasField("time")
         assert got.HasField("retry_after") == (rec.classification.retry_after is not None)
-    assert 0 < len(encoder) <= len(TARGETS) * 3 * len(CLASSES) * 2 * 2 * 2
+        assert got.HasField("usage") == (rec.usage is not None)
+    assert 0 < len(encoder) <= len(TARGETS) * 3 * len(CLASSES) * 2 * 2 * 2 * 3 * 3
+
+
+@pytest.mark.parametrize("usage", USAGES)
+def test_usage_bytes_equal_protobufs(usage: Usage) -> None:
+    """The hand-written usage field is byte for byte what protobuf writes."""
+    rec = record(TARGETS[0], "pk_1", SUCCESS, usage=usage, latency_ms=0)
+    plain = OutcomeEncoder().encode("acme", record(TARGETS[0], "pk_1", SUCCESS, latency_ms=0), "r")
+    with_usage = OutcomeEncoder().encode("acme", rec, "r")
+    assert with_usage.startswith(plain)
+    message = expected("acme", rec, "r")
+    assert with_usage[len(plain) :] == pb.Outcome(usage=message.usage).SerializeToString()
 
 
 def test_retry_after_and_time_parts() -> None:

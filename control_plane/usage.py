@@ -1,0 +1,366 @@
+"""Usage folded into per-minute rollups, costed, and written in batches.
+
+Every valid outcome of a sidecar report (``control_plane.sidecar_service``)
+goes through ``UsageFolder.fold``: a dictionary update per outcome, keyed by
+(minute, tenant, client key, public model, provider key, upstream model); no
+I/O. ``UsageRecorder`` flushes what was folded every ``flush_interval``: one
+additive upsert per rollup row per flush (``Store.put_usage``), never one
+write per request. A flush that fails keeps its rows and adds them to the
+next one (bounded: past ``max_pending_rows`` the oldest minutes are dropped,
+counted and logged).
+
+Cost is computed here, at flush time, in integer micro-dollars from the
+tenant's price table (``Price``: micro-dollars per million tokens; cached
+input at its own price, cache writes at the input price). The sub-micro-dollar
+remainder of each row is carried to the row's next flush while its minute is
+recent, so many tiny requests add up exactly. Rows whose (provider, model) has
+no price count their requests as ``unpriced_requests``. Prices are re-read from
+the store every ``price_refresh`` seconds (another replica may have set one)
+and at once after a local change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from keyplane import convert
+from keyplane.domain import Provider
+from keyplane.v1 import sidecar_service_pb2
+
+if TYPE_CHECKING:
+    from control_plane.store.base import Store
+
+__all__ = [
+    "Price",
+    "RollupKey",
+    "UsageFolder",
+    "UsageQuery",
+    "UsageRecorder",
+    "UsageRow",
+    "UsageTotals",
+    "cost_picos",
+]
+
+log = logging.getLogger(__name__)
+
+_SUCCESS = sidecar_service_pb2.OUTCOME_CLASS_SUCCESS
+# Rollup rows: (minute epoch seconds, tenant, client key id, public model, provider key id, upstream model).
+RollupKey = tuple[int, str, str, str, str, str]
+# Indexes into a pending row's counters.
+_REQ, _FAILED, _EST, _METERED, _IN, _CACHED, _WRITE, _OUT, _REASON = range(9)
+_PICOS_PER_MICRO = 1_000_000
+# Rows whose remainder is kept: minutes newer than this many seconds.
+_CARRY_WINDOW = 180
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Micro-dollars per million tokens of one (tenant, provider, upstream model)."""
+
+    tenant: str
+    provider: Provider
+    model: str
+    input_micros_per_million: int
+    cached_input_micros_per_million: int
+    output_micros_per_million: int
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Counters of a rollup row (or of a group of rows)."""
+
+    requests: int = 0
+    failed_requests: int = 0
+    estimated_requests: int = 0
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_input_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_micros: int = 0
+    unpriced_requests: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One rollup row to add to the store (``Store.put_usage`` adds its counters)."""
+
+    minute: int
+    tenant: str
+    client_key_id: str
+    public_model: str
+    provider_key_id: str
+    provider: Provider
+    upstream_model: str
+    totals: UsageTotals
+
+
+# Dimensions a usage query groups by (the column names).
+DIMENSIONS = ("tenant", "client_key_id", "public_model", "provider_key_id", "provider", "upstream_model")
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """What ``Store.query_usage`` sums: minutes in [start, end), filters, grouping."""
+
+    start: int
+    end: int
+    group_by: tuple[str, ...] = ()
+    # Seconds per bucket (60, 3600, 86400), or 0: one bucket over the whole range.
+    bucket: int = 0
+    filters: Mapping[str, str] = field(default_factory=dict)
+    limit: int = 100
+    offset: int = 0
+
+
+def cost_picos(price: Price, input_tokens: int, cached: int, output: int) -> int:
+    """Cost in pico-dollars (1e-12 USD): tokens times micro-dollars per million tokens."""
+    uncached = max(0, input_tokens - cached)
+    return (
+        uncached * price.input_micros_per_million
+        + cached * price.cached_input_micros_per_million
+        + output * price.output_micros_per_million
+    )
+
+
+class UsageFolder:
+    """The rollups folded since the last ``take``; pure, no I/O, no clock but the one given."""
+
+    __slots__ = ("_clock", "_pending", "_providers", "folded")
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._pending: dict[RollupKey, list[int]] = {}
+        self._providers: dict[RollupKey, int] = {}
+        self.folded = 0
+
+    def fold(self, outcomes: Iterable[sidecar_service_pb2.Outcome]) -> None:
+        """Add validated outcomes to their rollup rows (one dict update each)."""
+        pending = self._pending
+        now_minute = int(self._clock()) // 60 * 60
+        count = 0
+        for o in outcomes:
+            count += 1
+            seconds = o.time.seconds
+            minute = seconds - seconds % 60 if 0 < seconds <= now_minute + 60 else now_minute
+            key = (minute, o.tenant, o.client_key_id, o.public_model, o.key_id, o.model)
+            row = pending.get(key)
+            if row is None:
+                row = pending[key] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
+                self._providers[key] = o.provider
+            row[_REQ] += 1
+            if o.outcome_class != _SUCCESS:
+                row[_FAILED] += 1
+            if o.HasField("usage"):
+                u = o.usage
+                row[_METERED] += 1
+                if u.estimated:
+                    row[_EST] += 1
+                row[_IN] += u.input_tokens
+                row[_CACHED] += u.cached_input_tokens
+                row[_WRITE] += u.cache_write_input_tokens
+                row[_OUT] += u.output_tokens
+                row[_REASON] += u.reasoning_tokens
+        self.folded += count
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def take(self) -> tuple[dict[RollupKey, list[int]], dict[RollupKey, int]]:
+        """The rows folded so far (and their providers, as proto values); starts afresh."""
+        taken, providers = self._pending, self._providers
+        self._pending, self._providers = {}, {}
+        return taken, providers
+
+
+class UsageRecorder:
+    """Turns folded rows into costed ``UsageRow`` writes, one batch per flush."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        flush_interval: float = 1.0,
+        price_refresh: float = 10.0,
+        retention_days: float = 90.0,
+        max_pending_rows: int = 200_000,
+        clock: Callable[[], float] = time.time,
+        on_cost: Callable[[str, str, int], None] | None = None,
+    ) -> None:
+        self.folder = UsageFolder(clock)
+        self._store = store
+        self._flush_interval = flush_interval
+        self._price_refresh = price_refresh
+        self._retention = retention_days * 86400.0
+        self._max_pending = max_pending_rows
+        self._clock = clock
+        # (tenant, provider value, model) -> price
+        self._prices: dict[tuple[str, int, str], Price] = {}
+        self._prices_at = float("-inf")
+        # Picos below one micro-dollar not yet written, per recent row.
+        self._carry: dict[RollupKey, int] = {}
+        # Rows a failed flush kept, added to the next.
+        self._unwritten: dict[RollupKey, tuple[int, list[int], int]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._on_cost = on_cost
+        self.dropped_rows = 0
+        self.flushes = 0
+        self.rows_written = 0
+
+    # --- prices -------------------------------------------------------------------------
+
+    def prices_changed(self) -> None:
+        """Re-read the price table before the next flush."""
+        self._prices_at = float("-inf")
+
+    async def _refresh_prices(self) -> None:
+        now = self._clock()
+        if now - self._prices_at < self._price_refresh:
+            return
+        prices = await self._store.list_prices(None)
+        self._prices = {(p.tenant, _provider_number(p.provider), p.model): p for p in prices}
+        self._prices_at = now
+
+    # --- flushing -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="usage-flush")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.flush()  # a last try
+
+    async def _run(self) -> None:
+        last_sweep = 0.0
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            try:
+                await self.flush()
+                now = self._clock()
+                if self._retention > 0 and now - last_sweep >= 3600:
+                    last_sweep = now
+                    swept = await self._store.sweep_usage(int(now - self._retention) // 60 * 60)
+                    if swept:
+                        log.info(
+                            "usage retention: %d rollup rows older than %g days deleted", swept, self._retention / 86400
+                        )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("usage flush failed (kept for the next one): %s", exc)
+
+    async def flush(self) -> int:
+        """Write what was folded (and what a failed flush kept); the rows written."""
+        async with self._lock:
+            taken, providers = self.folder.take()
+            for key, row in taken.items():
+                kept = self._unwritten.get(key)
+                if kept is None:
+                    self._unwritten[key] = (providers[key], row, 0)
+                else:
+                    _add(kept[1], row)
+            if not self._unwritten:
+                return 0
+            self._bound()
+            try:
+                await self._refresh_prices()
+            except Exception as exc:  # costs with the prices held; unpriced if none
+                log.warning("could not re-read prices: %s", exc)
+            rows, costs = self._cost(self._unwritten)
+            await self._store.put_usage(rows)
+            self._unwritten = {}
+            self.flushes += 1
+            self.rows_written += len(rows)
+            if self._on_cost is not None:
+                for (tenant, provider), micros in costs.items():
+                    self._on_cost(tenant, provider, micros)
+            self._forget_old_carry()
+            return len(rows)
+
+    def _bound(self) -> None:
+        excess = len(self._unwritten) - self._max_pending
+        if excess <= 0:
+            return
+        for key in sorted(self._unwritten)[:excess]:
+            del self._unwritten[key]
+        self.dropped_rows += excess
+        log.warning("usage: %d rollup rows dropped (the store has been unwritable for long)", excess)
+
+    def _cost(
+        self, pending: Mapping[RollupKey, tuple[int, list[int], int]]
+    ) -> tuple[list[UsageRow], dict[tuple[str, str], int]]:
+        rows: list[UsageRow] = []
+        costs: dict[tuple[str, str], int] = {}
+        for key, (provider_number, c, _) in pending.items():
+            minute, tenant, client_key_id, public_model, key_id, model = key
+            provider = _provider_from_number(provider_number)
+            price = self._prices.get((tenant, provider_number, model))
+            micros = unpriced = 0
+            if price is None:
+                if c[_METERED] and (c[_IN] or c[_OUT]):
+                    unpriced = c[_METERED]
+            else:
+                picos = cost_picos(price, c[_IN], c[_CACHED], c[_OUT]) + self._carry.get(key, 0)
+                micros, rest = divmod(picos, _PICOS_PER_MICRO)
+                if rest:
+                    self._carry[key] = rest
+                else:
+                    self._carry.pop(key, None)
+                if micros:
+                    label = (tenant, provider.value)
+                    costs[label] = costs.get(label, 0) + micros
+            totals = UsageTotals(
+                requests=c[_REQ],
+                failed_requests=c[_FAILED],
+                estimated_requests=c[_EST],
+                input_tokens=c[_IN],
+                cached_input_tokens=c[_CACHED],
+                cache_write_input_tokens=c[_WRITE],
+                output_tokens=c[_OUT],
+                reasoning_tokens=c[_REASON],
+                cost_micros=micros,
+                unpriced_requests=unpriced,
+            )
+            rows.append(UsageRow(minute, tenant, client_key_id, public_model, key_id, provider, model, totals))
+        return rows, costs
+
+    def _forget_old_carry(self) -> None:
+        if len(self._carry) < 1024:
+            return
+        horizon = int(self._clock()) - _CARRY_WINDOW
+        self._carry = {k: v for k, v in self._carry.items() if k[0] >= horizon}
+
+
+def _add(into: list[int], row: Sequence[int]) -> None:
+    for i, value in enumerate(row):
+        into[i] += value
+
+
+def _provider_number(provider: Provider) -> int:
+    return int(convert.provider_to_proto(provider))
+
+
+def _provider_from_number(number: int) -> Provider:
+    # Outcomes were validated: their provider is known.
+    found = convert.provider_from_proto(number)
+    return found if found is not None else Provider.OPENAI_COMPATIBLE
+
+
+def minute_of(moment: datetime) -> int:
+    """The epoch second its minute starts at."""
+    seconds = int(moment.astimezone(UTC).timestamp())
+    return seconds - seconds % 60
