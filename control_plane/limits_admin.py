@@ -23,7 +23,7 @@ log = logging.getLogger("control_plane.admin_service")
 
 _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "daily_budget_micros", "monthly_budget_micros")
 # Stored and shown, but not enforced by the sidecars yet: refused until they are.
-_NOT_ENFORCED = ("tokens_per_minute", "daily_budget_micros", "monthly_budget_micros")
+_NOT_ENFORCED = ("daily_budget_micros", "monthly_budget_micros")
 
 
 def limit_set_from_proto(message: lpb.Limits, updated_at: object = None) -> LimitSet:

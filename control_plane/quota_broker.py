@@ -43,9 +43,13 @@ def bucket_limits(limits: LimitSet, window_ms: int) -> dict[BucketKey, tuple[int
     Per-minute limits count in windows of ``window_ms`` (60 s unless scaled down
     for tests), the limit scaled to the window (rounded up)."""
     out: dict[BucketKey, tuple[int, int]] = {}
-    if limits.requests_per_minute:
-        per_window = max(1, math.ceil(limits.requests_per_minute * window_ms / 60_000))
-        out[(limits.tenant, limits.client_key_id, lpb.QUOTA_KIND_REQUESTS)] = (per_window, window_ms)
+    for per_minute, kind in (
+        (limits.requests_per_minute, lpb.QUOTA_KIND_REQUESTS),
+        (limits.tokens_per_minute, lpb.QUOTA_KIND_TOKENS),
+    ):
+        if per_minute:
+            per_window = max(1, math.ceil(per_minute * window_ms / 60_000))
+            out[(limits.tenant, limits.client_key_id, kind)] = (per_window, window_ms)
     return out
 
 

@@ -46,6 +46,9 @@ class LocalQuota:
     used: int = 0
     # Asked for (admitted or refused) since the last ``report``.
     demanded: int = 0
+    # What one request costed on average (tokens, spend): what a refused one
+    # adds to the demand when its cost is only known afterwards.
+    typical: int = 0
 
     def update(self, lease: Lease, now_ms: int) -> None:
         """A new lease arrived: its grant for our current window counts at once."""
@@ -86,6 +89,15 @@ class LocalQuota:
             return 0
         return self.retry_after_ms(now_ms)
 
+    def check(self, now_ms: int) -> int:
+        """Admit a request whose cost is known only afterwards (``charge``) if
+        anything is left: 0; else the milliseconds to wait (demand noted)."""
+        self._roll(now_ms)
+        if self.used < self.granted:
+            return 0
+        self.demanded += self.typical
+        return self.retry_after_ms(now_ms)
+
     def refund(self, amount: int = 1) -> None:
         """Give back a ``take`` (another bucket of the same request refused it)."""
         self.used = max(0, self.used - amount)
@@ -94,6 +106,8 @@ class LocalQuota:
         """Count what is only known after the request (tokens, spend)."""
         self._roll(now_ms)
         self.used += amount
+        self.demanded += amount
+        self.typical = amount if not self.typical else (self.typical * 7 + amount) // 8
 
     def retry_after_ms(self, now_ms: int, lease_interval_ms: int = 1000) -> int:
         to_window_end = self.window_start_ms + self.lease.window_ms - now_ms

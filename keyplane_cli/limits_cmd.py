@@ -138,7 +138,9 @@ def add_limits_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespa
     show.add_argument("--all", action="store_true", help="every client key's limits and the tenant's")
     setter = action("set", "set limits (only those given change; 0 removes one)")
     setter.add_argument("--rpm", type=_count, help="requests per minute (enforced)")
-    setter.add_argument("--tpm", type=_count, help="tokens per minute (not enforced yet: refused unless 0)")
+    setter.add_argument(
+        "--tpm", type=_count, help="tokens per minute (input + output, charged once each answer's usage is read)"
+    )
     setter.add_argument(
         "--daily-budget",
         type=usd_to_micros,

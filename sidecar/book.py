@@ -123,6 +123,10 @@ class RequestBook:
         if not records:
             return
         self.unreported = []
+        limiter = self.app.limiter
+        if limiter is not None:
+            tokens = sum(r.usage.total_tokens for r in records if r.usage is not None)
+            limiter.charge_tokens(self.tenant, self.client_key_id, tokens)
         reporter = self.app.reporter
         if reporter is None:
             return

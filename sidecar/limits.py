@@ -5,6 +5,10 @@ with no call to anyone (the leases arrive over ``StreamQuota``,
 A request is counted against its client key's requests-per-minute bucket and
 its tenant's, before the upstream call; it is admitted only if every bucket
 that has a lease has room (a refusal by one gives back what the other took).
+Tokens per minute are known only once the answer is read: a request is
+admitted while any of the lease is left, and its tokens are charged when its
+usage is known (``charge_tokens``), so a window can be passed by what the
+requests in flight at that moment use.
 A bucket without a lease is not limited. When leases stop arriving the
 sidecar keeps enforcing them (fail-static: each new window gets the lease's
 ``fallback``, its share of the limit by recent demand); with ``fail_open``
@@ -30,25 +34,29 @@ __all__ = ["Limiter", "client_rate_limited"]
 
 BucketKey = tuple[str, str, int]
 _REQUESTS = lpb.QUOTA_KIND_REQUESTS
+_TOKENS = lpb.QUOTA_KIND_TOKENS
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def client_rate_limited(retry_after_ms: int, *, tenant_wide: bool, limit: int, window_ms: int) -> ErrorResponse:
-    """429 for a request over a keyplane limit: OpenAI's rate-limit shape with
-    our own code (``client_rate_limit_exceeded``, never the provider's
-    ``rate_limit_exceeded``), ``Retry-After`` and ``retry-after-ms``."""
+def client_rate_limited(
+    retry_after_ms: int, *, tenant_wide: bool, limit: int, window_ms: int, what: str = "requests"
+) -> ErrorResponse:
+    """429 for a request over a keyplane limit: OpenAI's rate-limit shape
+    (``type`` "requests" or "tokens") with our own code
+    (``client_rate_limit_exceeded``, never the provider's ``rate_limit_exceeded``),
+    ``Retry-After`` and ``retry-after-ms``."""
     whose = "this tenant" if tenant_wide else "this client key"
     seconds = retry_after_ms / 1000
     per = "minute" if window_ms == 60_000 else f"{window_ms / 1000:g} s"
     message = (
-        f"Rate limit reached for {whose}: {limit} requests per {per} (a keyplane limit, not the provider's). "
+        f"Rate limit reached for {whose}: {limit} {what} per {per} (a keyplane limit, not the provider's). "
         f"Please try again in {seconds:.3g}s."
     )
     body = json.dumps(
-        {"error": {"message": message, "type": "requests", "param": None, "code": "client_rate_limit_exceeded"}},
+        {"error": {"message": message, "type": what, "param": None, "code": "client_rate_limit_exceeded"}},
         separators=(",", ":"),
     ).encode()
     headers = (
@@ -72,6 +80,7 @@ class Limiter:
         self._clock_ms = clock_ms
         self._monotonic = monotonic
         self._quotas: dict[BucketKey, LocalQuota] = {}
+        self._tokens_limited = False
         self._leased_at: float | None = None
         self.refused = 0
 
@@ -90,11 +99,18 @@ class Limiter:
             return None
         key_quota = quotas.get((tenant, client_key_id, _REQUESTS))
         tenant_quota = quotas.get((tenant, "", _REQUESTS))
-        if key_quota is None and tenant_quota is None:
+        if key_quota is None and tenant_quota is None and not self._tokens_limited:
             return None
         if self.fail_open and self.stale():
             return None
         now = self._clock_ms()
+        if self._tokens_limited:
+            refused = self._check_tokens(tenant, client_key_id, now)
+            if refused is not None:
+                for quota in (key_quota, tenant_quota):
+                    if quota is not None:
+                        quota.demanded += 1
+                return refused
         if key_quota is not None:
             wait = key_quota.take(now)
             if wait:
@@ -109,10 +125,27 @@ class Limiter:
                 return self._refuse(tenant_quota, wait, tenant_wide=True)
         return None
 
-    def _refuse(self, quota: LocalQuota, wait_ms: int, *, tenant_wide: bool) -> ErrorResponse:
+    def _check_tokens(self, tenant: str, client_key_id: str, now: int) -> ErrorResponse | None:
+        for key, tenant_wide in (((tenant, client_key_id, _TOKENS), False), ((tenant, "", _TOKENS), True)):
+            quota = self._quotas.get(key)
+            if quota is not None and (wait := quota.check(now)):
+                return self._refuse(quota, wait, tenant_wide=tenant_wide, what="tokens")
+        return None
+
+    def charge_tokens(self, tenant: str, client_key_id: str, tokens: int) -> None:
+        """Count a finished request's tokens (usage read from its answer)."""
+        if not self._tokens_limited or tokens <= 0:
+            return
+        now = self._clock_ms()
+        for key in ((tenant, client_key_id, _TOKENS), (tenant, "", _TOKENS)):
+            quota = self._quotas.get(key)
+            if quota is not None:
+                quota.charge(now, tokens)
+
+    def _refuse(self, quota: LocalQuota, wait_ms: int, *, tenant_wide: bool, what: str = "requests") -> ErrorResponse:
         self.refused += 1
         return client_rate_limited(
-            wait_ms, tenant_wide=tenant_wide, limit=quota.lease.limit, window_ms=quota.lease.window_ms
+            wait_ms, tenant_wide=tenant_wide, limit=quota.lease.limit, window_ms=quota.lease.window_ms, what=what
         )
 
     def apply(self, response: lpb.StreamQuotaResponse) -> None:
@@ -140,6 +173,7 @@ class Limiter:
         if response.complete:
             for key in [k for k in self._quotas if k not in seen]:
                 del self._quotas[key]
+        self._tokens_limited = any(k[2] == _TOKENS for k in self._quotas)
         self._leased_at = self._monotonic()
 
     def report(self) -> list[lpb.QuotaUsage]:

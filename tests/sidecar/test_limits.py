@@ -93,3 +93,21 @@ def test_a_complete_set_without_a_bucket_lifts_its_limit() -> None:
     assert lim.admit("acme", "ck_1") is not None
     lim.apply(lpb.StreamQuotaResponse(leases=[], complete=True))
     assert lim.admit("acme", "ck_1") is None
+
+
+def test_tokens_are_charged_after_the_answer_and_refuse_once_spent() -> None:
+    clock = Clock()
+    tokens = lease("ck_1", 100)
+    tokens.bucket.kind = lpb.QUOTA_KIND_TOKENS
+    lim = limiter(clock, tokens)
+    assert lim.admit("acme", "ck_1") is None
+    lim.charge_tokens("acme", "ck_1", 90)
+    assert lim.admit("acme", "ck_1") is None  # 10 left: admitted, its size is unknown yet
+    lim.charge_tokens("acme", "ck_1", 40)
+    refused = lim.admit("acme", "ck_1")
+    assert refused is not None
+    error = json.loads(refused.body)["error"]
+    assert (error["type"], error["code"]) == ("tokens", "client_rate_limit_exceeded")
+    [usage] = lim.report()
+    # 130 used; the demand counts what a refused request would have used (the running average).
+    assert usage.used == 130 and usage.demanded > 130

@@ -1,0 +1,137 @@
+"""Tokens per minute through a real control plane and sidecar (gRPC and HTTP
+sockets, in one process) and the fake provider's real usage objects: a
+request is admitted while the sidecar's lease has tokens left, its tokens are
+charged once its answer's usage is read, and the fleet's tokens per window
+pass the limit by at most what the request in flight used."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from grpc import aio
+
+from control_plane.config import ControlPlaneConfig
+from control_plane.server import ControlPlane
+from keyplane.v1 import admin_service_pb2 as apb
+from keyplane.v1 import admin_service_pb2_grpc
+from keyplane.v1 import limits_pb2 as lpb
+from keyplane.v1 import resources_pb2 as rpb
+from sidecar.config import SidecarConfig
+from sidecar.server import Sidecar
+from tests.fakes.upstream import FakeUpstream
+
+ADMIN_TOKEN = "adm-limits-plane-0a1b2c3d4e"
+SIDECAR_TOKEN = "sc-limits-plane-5f6a7b8c9d"
+MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+WINDOW_MS = 6000
+
+
+@dataclass
+class Setup:
+    plane: ControlPlane
+    admin: admin_service_pb2_grpc.AdminServiceAsyncStub
+    sidecar: Sidecar
+    token: str
+    client_key_id: str
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    async with FakeUpstream() as upstream:
+        plane = ControlPlane(
+            ControlPlaneConfig(
+                store_url=f"sqlite:///{tmp_path / 'k.db'}",
+                admin_token=ADMIN_TOKEN,
+                master_key=os.urandom(32),
+                sidecar_tokens={SIDECAR_TOKEN: ("acme",)},
+                listen="127.0.0.1:0",
+                poll_interval=None,
+                shutdown_grace=0.2,
+                quota_window=WINDOW_MS / 1000,
+                quota_rebalance_interval=0.2,
+            )
+        )
+        await plane.start()
+        channel = aio.insecure_channel(plane.address)
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        await admin.CreateTenant(apb.CreateTenantRequest(name="acme"), metadata=MD)
+        await admin.CreateProviderKey(
+            apb.CreateProviderKeyRequest(
+                tenant="acme",
+                provider=rpb.PROVIDER_OPENAI_COMPATIBLE,
+                label="k",
+                secret="sk-limits-plane-0001",
+                base_url=upstream.base_url,
+            ),
+            metadata=MD,
+        )
+        target = rpb.RouteTarget(provider=rpb.PROVIDER_OPENAI_COMPATIBLE, upstream_model="u")
+        await admin.CreateRoute(apb.CreateRouteRequest(tenant="acme", public_model="m", targets=[target]), metadata=MD)
+        ck = await admin.CreateClientKey(apb.CreateClientKeyRequest(tenant="acme", label="app"), metadata=MD)
+        sidecar = Sidecar(
+            SidecarConfig(
+                control_plane_target=plane.address,
+                sidecar_token=SIDECAR_TOKEN,
+                tenants=("acme",),
+                port=0,
+                quota_report_interval=0.2,
+                snapshot_file=None,
+            )
+        )
+        await sidecar.start()
+        try:
+            yield Setup(plane, admin, sidecar, ck.token, ck.client_key.id)
+        finally:
+            await sidecar.stop()
+            await channel.close(None)
+            await plane.stop(grace=0.2)
+
+
+async def test_tokens_per_minute_hold_within_one_request_in_flight(setup: Setup) -> None:
+    limits = lpb.Limits(tenant="acme", client_key_id=setup.client_key_id, tokens_per_minute=2000)  # 200 per 6 s
+    await setup.admin.SetLimits(lpb.SetLimitsRequest(limits=limits), metadata=MD)
+    # A new limit holds from its first lease, about one rebalance later.
+    limiter = setup.sidecar.app.limiter
+    assert limiter is not None
+    for _ in range(100):
+        if limiter.limited:
+            break
+        await asyncio.sleep(0.02)
+    assert limiter.limited, "no lease within 2 s"
+    url = f"http://127.0.0.1:{setup.sidecar.port}/v1/chat/completions"
+    headers = {"authorization": f"Bearer {setup.token}"}
+    tokens_by_window: dict[int, int] = {}
+    refusals: list[httpx.Response] = []
+    biggest = 0
+    async with httpx.AsyncClient(timeout=10) as client:
+        deadline = time.monotonic() + 2.5 * WINDOW_MS / 1000
+        while time.monotonic() < deadline:
+            sent_ms = time.time_ns() // 1_000_000
+            resp = await client.post(
+                url, json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}, headers=headers
+            )
+            if resp.status_code == 200:
+                tokens = resp.json()["usage"]["total_tokens"]
+                biggest = max(biggest, tokens)
+                w = sent_ms - sent_ms % WINDOW_MS
+                tokens_by_window[w] = tokens_by_window.get(w, 0) + tokens
+            else:
+                assert resp.status_code == 429, resp.text
+                refusals.append(resp)
+            await asyncio.sleep(0.01)
+    print(f"\ntokens admitted per {WINDOW_MS // 1000} s window (limit 200): {list(tokens_by_window.values())}")
+    assert refusals
+    error = json.loads(refusals[0].content)["error"]
+    assert (error["code"], error["type"]) == ("client_rate_limit_exceeded", "tokens")
+    assert "tokens per" in error["message"]
+    assert int(refusals[0].headers["retry-after-ms"]) > 0
+    for tokens in tokens_by_window.values():
+        assert tokens <= 200 + biggest
