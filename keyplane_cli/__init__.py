@@ -16,6 +16,7 @@ from keyplane_cli.proxy_status import add_proxy_status_command
 from keyplane_cli.run import add_run_commands
 from keyplane_cli.tls_flags import add_dev_certs_command
 from keyplane_cli.tokens import add_token_commands
+from keyplane_cli.usage import add_usage_commands
 
 __all__ = ["main"]
 
@@ -30,6 +31,7 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     add_apply_commands(sub, handlers)
     add_audit_commands(sub, handlers)
     add_proxy_status_command(sub, handlers)
+    add_usage_commands(sub, handlers)
     add_token_commands(sub, handlers)
     add_master_key_commands(sub, handlers)
     add_dev_certs_command(sub, handlers)

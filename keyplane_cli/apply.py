@@ -23,6 +23,7 @@ from keyplane import convert
 from keyplane.domain import KeyStatus, Provider
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
+from keyplane.v1 import usage_pb2 as upb
 from keyplane_cli.admin import AdminClient, CliError, connection_flags, with_admin_client
 from keyplane_cli.config_file import ConfigError, load_config
 from keyplane_cli.config_plan import (
@@ -32,6 +33,7 @@ from keyplane_cli.config_plan import (
     CurrentRoute,
     CurrentTenant,
     PlanError,
+    PriceSpec,
     TargetSpec,
     TenantSpec,
     keyless_targets,
@@ -95,6 +97,7 @@ def read_current(client: AdminClient, wanted: Sequence[TenantSpec]) -> dict[str,
         keys = client.call("ListProviderKeys", apb.ListProviderKeysRequest(tenant=name)).keys
         routes = client.call("ListRoutes", apb.ListRoutesRequest(tenant=name)).routes
         cks = client.call("ListClientKeys", apb.ListClientKeysRequest(tenant=name)).client_keys
+        prices = client.call("ListPrices", apb.ListPricesRequest(tenant=name)).prices
         current[name] = CurrentTenant(
             name,
             keys=tuple(
@@ -121,6 +124,16 @@ def read_current(client: AdminClient, wanted: Sequence[TenantSpec]) -> dict[str,
                 for r in routes
             ),
             client_keys=tuple(CurrentClientKey(c.id, c.label) for c in cks),
+            prices=tuple(
+                PriceSpec(
+                    _provider_name(p.provider),
+                    p.model,
+                    p.input_micros_per_million,
+                    p.cached_input_micros_per_million,
+                    p.output_micros_per_million,
+                )
+                for p in prices
+            ),
         )
     return current
 
@@ -206,12 +219,32 @@ def execute_action(client: AdminClient, action: Action) -> str:
                     etag=action.etag,
                 ),
             )
+    elif action.kind == "price":
+        _execute_price(client, action)
     elif action.op == "create":
         resp = client.call("CreateClientKey", apb.CreateClientKeyRequest(tenant=action.tenant, label=action.name))
         return str(resp.token)
     else:
         client.call("DeleteClientKey", apb.DeleteClientKeyRequest(tenant=action.tenant, id=action.id))
     return ""
+
+
+def _execute_price(client: AdminClient, action: Action) -> None:
+    price = action.price
+    assert price is not None
+    provider = convert.provider_to_proto(Provider(price.provider))
+    if action.op == "delete":
+        client.call("DeletePrice", apb.DeletePriceRequest(tenant=action.tenant, provider=provider, model=price.model))
+        return
+    message = upb.Price(
+        tenant=action.tenant,
+        provider=provider,
+        model=price.model,
+        input_micros_per_million=price.input,
+        cached_input_micros_per_million=price.cached_input,
+        output_micros_per_million=price.output,
+    )
+    client.call("SetPrice", apb.SetPriceRequest(price=message))
 
 
 def _detail(action: Action) -> str:
@@ -227,6 +260,9 @@ def _detail(action: Action) -> str:
         if key.secret_ref:
             parts.append(f"secret from {key.secret_ref}")
         return ", ".join(parts)
+    if action.op == "create" and action.price is not None:
+        p = action.price
+        return f"input {p.input}, cached input {p.cached_input}, output {p.output} micro-USD per million tokens"
     if action.op == "create" and action.route is not None:
         return "targets: " + " ".join(target_text(t) for t in action.route.targets)
     return ""
@@ -238,7 +274,7 @@ def _record(action: Action, state: str, token: str = "") -> dict[str, Any]:
         record["id"] = action.id
     if action.changes:
         record["changes"] = {name: {"from": old, "to": new} for name, old, new in action.changes}
-    if action.op == "create" and action.kind in ("provider_key", "route"):
+    if action.op == "create" and action.kind in ("provider_key", "route", "price"):
         record["detail"] = _detail(action)
     record["state"] = state
     if token:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from keyplane_cli.config_plan import KeySpec, RouteSpec, TargetSpec, TenantSpec
+from keyplane_cli.config_plan import KeySpec, PriceSpec, RouteSpec, TargetSpec, TenantSpec
 from keyplane_cli.targets import split_azure_suffix
 
 __all__ = ["ConfigError", "load_config", "parse_config", "schema"]
@@ -172,12 +173,30 @@ def _tenant(index: int, raw: Mapping[str, Any], base: Path, environ: Mapping[str
         )
     routes = [RouteSpec(r["model"], tuple(_target(t) for t in r["targets"])) for r in raw.get("routes", [])]
     client_keys = [c if isinstance(c, str) else c["label"] for c in raw.get("client_keys", [])]
+    prices = [_price(f"{at}.prices[{i}]", p) for i, p in enumerate(raw.get("prices", []))]
     problems = _unique([k.label for k in keys], lambda i: f"{at}.keys[{i}].label", "key label")
     problems += _unique([r.model for r in routes], lambda i: f"{at}.routes[{i}].model", "route model")
     problems += _unique(client_keys, lambda i: f"{at}.client_keys[{i}]", "client key label")
+    problems += _unique(
+        [f"{p.provider}:{p.model}" for p in prices], lambda i: f"{at}.prices[{i}]", "price (provider:model)"
+    )
     if problems:
         raise ConfigError(problems)
-    return TenantSpec(raw["name"], tuple(keys), tuple(routes), tuple(client_keys))
+    return TenantSpec(raw["name"], tuple(keys), tuple(routes), tuple(client_keys), tuple(prices))
+
+
+def _micros(value: float, where: str) -> int:
+    """Dollars per million tokens as micro-dollars per million (exact to 6 decimals)."""
+    micros = Decimal(str(value)) * 1_000_000
+    if micros != micros.to_integral_value():
+        raise ConfigError([f"{where}: at most 6 decimals (micro-dollars)"])
+    return int(micros)
+
+
+def _price(where: str, raw: Mapping[str, Any]) -> PriceSpec:
+    input_ = _micros(raw["input"], f"{where}.input")
+    cached = _micros(raw["cached_input"], f"{where}.cached_input") if "cached_input" in raw else input_
+    return PriceSpec(raw["provider"], raw["model"], input_, cached, _micros(raw["output"], f"{where}.output"))
 
 
 def parse_config(document: Any, *, base: Path, environ: Mapping[str, str]) -> list[TenantSpec]:

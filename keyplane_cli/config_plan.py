@@ -24,6 +24,7 @@ __all__ = [
     "CurrentTenant",
     "KeySpec",
     "PlanError",
+    "PriceSpec",
     "RouteSpec",
     "TargetSpec",
     "TenantSpec",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 Op = Literal["create", "update", "delete"]
-Kind = Literal["tenant", "provider_key", "route", "client_key"]
+Kind = Literal["tenant", "provider_key", "route", "client_key", "price"]
 
 
 class PlanError(Exception):
@@ -88,11 +89,23 @@ class RouteSpec:
 
 
 @dataclass(frozen=True)
+class PriceSpec:
+    """A price in micro-dollars per million tokens (the file says dollars); also what the API has."""
+
+    provider: str
+    model: str
+    input: int
+    cached_input: int
+    output: int
+
+
+@dataclass(frozen=True)
 class TenantSpec:
     name: str
     keys: tuple[KeySpec, ...] = ()
     routes: tuple[RouteSpec, ...] = ()
     client_keys: tuple[str, ...] = ()
+    prices: tuple[PriceSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,7 @@ class CurrentTenant:
     keys: tuple[CurrentKey, ...] = ()
     routes: tuple[CurrentRoute, ...] = ()
     client_keys: tuple[CurrentClientKey, ...] = ()
+    prices: tuple[PriceSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,7 @@ class Action:
     changes: tuple[tuple[str, str, str], ...] = ()
     key: KeySpec | None = None
     route: RouteSpec | None = None
+    price: PriceSpec | None = None
 
 
 _KEY_FIELDS = ("base_url", "weight", "allowed_models", "status")
@@ -239,6 +254,31 @@ def _client_key_actions(
     return actions
 
 
+def _price_text(price: PriceSpec) -> str:
+    return f"in {price.input}, cached {price.cached_input}, out {price.output} micro-USD/M"
+
+
+def _price_actions(tenant: str, wanted: Sequence[PriceSpec], current: Sequence[PriceSpec], prune: bool) -> list[Action]:
+    have = {(p.provider, p.model): p for p in current}
+    actions: list[Action] = []
+    for spec in wanted:
+        name = f"{spec.provider}:{spec.model}"
+        old = have.get((spec.provider, spec.model))
+        if old is None:
+            actions.append(Action("create", "price", tenant, name, price=spec))
+        elif old != spec:
+            change = ("price", _price_text(old), _price_text(spec))
+            actions.append(Action("update", "price", tenant, name, fields=("price",), changes=(change,), price=spec))
+    if prune:
+        named = {(p.provider, p.model) for p in wanted}
+        actions += [
+            Action("delete", "price", tenant, f"{p.provider}:{p.model}", price=p)
+            for p in current
+            if (p.provider, p.model) not in named
+        ]
+    return actions
+
+
 _ORDER: dict[tuple[Op, Kind], int] = {
     ("create", "tenant"): 0,
     ("create", "provider_key"): 1,
@@ -246,6 +286,9 @@ _ORDER: dict[tuple[Op, Kind], int] = {
     ("create", "route"): 2,
     ("update", "route"): 2,
     ("create", "client_key"): 3,
+    ("create", "price"): 3,
+    ("update", "price"): 3,
+    ("delete", "price"): 4,
     ("delete", "route"): 4,
     ("delete", "provider_key"): 5,
     ("delete", "client_key"): 6,
@@ -275,6 +318,7 @@ def plan(
         actions += _key_actions(tenant.name, tenant.keys, have.keys, prune)
         actions += _route_actions(tenant.name, tenant.routes, have.routes, prune)
         actions += _client_key_actions(tenant.name, tenant.client_keys, have.client_keys, prune)
+        actions += _price_actions(tenant.name, tenant.prices, have.prices, prune)
     if prune_tenants:
         named = {t.name for t in wanted}
         actions += [Action("delete", "tenant", name, name) for name in sorted(current) if name not in named]
