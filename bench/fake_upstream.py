@@ -83,24 +83,32 @@ def _completion(model: str, content: str) -> bytes:
     ).encode()
 
 
-def _event(model: str, delta: dict[str, str], finish: str | None) -> bytes:
-    chunk = {
+def _event(model: str, delta: dict[str, str] | None, finish: str | None, usage: object = ...) -> bytes:
+    chunk: dict[str, Any] = {
         "id": "chatcmpl-bench",
         "object": "chat.completion.chunk",
         "created": _CREATED,
         "model": model,
         "system_fingerprint": "fp_bench",
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
     }
+    if usage is not ...:
+        chunk["usage"] = usage
     return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _stream(model: str, content: str, chunks: int) -> tuple[bytes, ...]:
+def _stream(model: str, content: str, chunks: int, with_usage: bool = False) -> tuple[bytes, ...]:
+    """OpenAI's events; with ``stream_options.include_usage``, a ``"usage":null`` on each
+    and a usage chunk (no choices) before ``[DONE]``, as OpenAI sends them."""
     size = max(1, -(-len(content) // chunks)) if content else 1
     pieces = [content[i : i + size] for i in range(0, len(content), size)] or [""]
-    events = [_event(model, {"role": "assistant", "content": pieces[0]}, None)]
-    events += [_event(model, {"content": piece}, None) for piece in pieces[1:]]
-    events.append(_event(model, {}, "stop"))
+    null: object = None if with_usage else ...
+    events = [_event(model, {"role": "assistant", "content": pieces[0]}, None, null)]
+    events += [_event(model, {"content": piece}, None, null) for piece in pieces[1:]]
+    events.append(_event(model, {}, "stop", null))
+    if with_usage:
+        usage = {"prompt_tokens": 10, "completion_tokens": len(content), "total_tokens": 10 + len(content)}
+        events.append(_event(model, None, None, usage))
     events.append(b"data: [DONE]\n\n")
     return tuple(events)
 
@@ -136,7 +144,9 @@ class Responder:
         match = _GAP.search(model)
         gap = int(match.group(1)) / 1000 if match else 0.0
         if payload.get("stream") is True:
-            return Answer(200, _SSE_HEADERS, _stream(model, content, self.chunks), True, gap)
+            options = payload.get("stream_options")
+            with_usage = isinstance(options, dict) and options.get("include_usage") is True
+            return Answer(200, _SSE_HEADERS, _stream(model, content, self.chunks, with_usage), True, gap)
         return Answer(200, _JSON_HEADERS, (_completion(model, content),), False, 0.0)
 
 

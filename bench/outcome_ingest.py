@@ -10,6 +10,9 @@ them for ``--duration`` seconds; the figure is the ``accepted`` count the
 control plane returns, over the time, and the control plane's CPU seconds
 (from /proc/<pid>/stat) per 1,000 outcomes. ``--failure-rate`` mixes in
 rate-limited outcomes (which move keys into cooldown: store writes).
+Outcomes carry usage (tokens, a client key out of ``--client-keys``, a public
+model) as sidecars send them, so the figure includes folding usage into the
+per-minute rollups and their batched writes; ``--no-usage`` leaves it out.
 
     python -m bench.outcome_ingest                 # 0% and 1% failures
     python -m bench.outcome_ingest --smoke
@@ -36,7 +39,14 @@ MODEL = "bench-model"
 
 
 async def _report(
-    target: str, token: str, key_ids: list[str], streams: int, batch: int, duration: float, failure_rate: float
+    target: str,
+    token: str,
+    key_ids: list[str],
+    streams: int,
+    batch: int,
+    duration: float,
+    failure_rate: float,
+    client_keys: int = 0,
 ) -> dict[str, float | int | str]:
     import grpc
     from google.protobuf import duration_pb2, timestamp_pb2
@@ -69,6 +79,13 @@ async def _report(
         )
         if failed:
             message.retry_after.CopyFrom(duration_pb2.Duration(seconds=1))
+        if client_keys:
+            message.client_key_id = f"ck_{n % client_keys}"
+            message.public_model = "bench"
+            if not failed:
+                message.usage.input_tokens = 900 + n % 100
+                message.usage.cached_input_tokens = 512
+                message.usage.output_tokens = 60 + n % 7
         return message
 
     metadata = (("authorization", f"Bearer {token}"),)
@@ -119,6 +136,7 @@ def reporter_main(argv: list[str]) -> int:
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--failure-rate", type=float, default=0.0)
+    parser.add_argument("--client-keys", type=int, default=0)
     args = parser.parse_args(argv)
     result = uvloop.run(
         _report(
@@ -129,6 +147,7 @@ def reporter_main(argv: list[str]) -> int:
             args.batch,
             args.duration,
             args.failure_rate,
+            args.client_keys,
         )
     )
     print(json.dumps(result), flush=True)
@@ -174,6 +193,8 @@ def run(args: argparse.Namespace, failure_rate: float) -> dict[str, float | int 
                 str(args.duration),
                 "--failure-rate",
                 str(failure_rate),
+                "--client-keys",
+                str(0 if args.no_usage else args.client_keys),
             ]
             for key in key_ids:
                 argv += ["--key", key]
@@ -193,6 +214,7 @@ def run(args: argparse.Namespace, failure_rate: float) -> dict[str, float | int 
     errors = [str(r["error"]) for r in results if r["errors"]]
     return {
         "failure_rate": failure_rate,
+        "usage": not args.no_usage,
         "streams": per * args.reporter_procs,
         "batch": args.batch,
         "sent": sent,
@@ -219,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reporter-procs", type=int, default=1)
     parser.add_argument("--failure-rate", type=float, nargs="+", default=[0.0, 0.01])
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--client-keys", type=int, default=50, help="client keys the usage is spread over")
+    parser.add_argument("--no-usage", action="store_true", help="outcomes without usage (the figure before usage)")
     args = parser.parse_args(args_list)
     if args.smoke:
         args.streams, args.duration, args.failure_rate = 8, 1.5, [0.0]

@@ -12,33 +12,33 @@ Providers report usage in three shapes, normalised here to one ``Usage``:
   ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` come on top
   (here they are added into ``input_tokens`` and kept apart as details).
 
-A non-streamed body is searched for its last ``"usage"`` member and only
-that object is decoded (the whole answer is never parsed); a stream's tail
-(the chunks kept by ``sidecar.usage_stream``) likewise. When nothing is found,
+A non-streamed body is searched for its last ``"usage"`` member and only the
+integer members of that object are read, by two compiled regular expressions
+(the answer is never JSON-decoded: a few microseconds a request); a stream's
+tail (the chunks kept by ``sidecar.usage_stream``) likewise. The names the
+providers use inside the details objects are unique, so they are read flat. When nothing is found,
 ``estimate`` guesses from sizes (about four bytes a token), marked as such.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
-__all__ = ["Usage", "estimate", "from_anthropic", "from_openai", "usage_in_body", "usage_in_events"]
+__all__ = ["Usage", "estimate", "usage_in_body", "usage_in_events"]
 
-_USAGE = re.compile(rb'"usage"\s*:\s*\{')
-_DECODER = json.JSONDecoder()
+# A usage object (one level of nested details), and the integer members in it.
+# (An unrolled loop: linear even on a cut-off object, no nested quantifiers to backtrack.)
+_USAGE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
+_COUNTS = re.compile(rb'"(\w+)": ?(\d+)')
 # Bytes of text per token, for estimates (OpenAI's rule of thumb for English).
 _BYTES_PER_TOKEN = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(NamedTuple):
     """What one attempt consumed. ``input_tokens`` counts every input token (the
     cached and cache-written ones are parts of it); ``output_tokens`` every output
-    token (``reasoning_tokens`` is part of it)."""
+    token (``reasoning_tokens`` is part of it). A named tuple: made on every request."""
 
     input_tokens: int = 0
     cached_input_tokens: int = 0
@@ -52,101 +52,76 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
-def _count(value: object) -> int:
-    """A token count as the provider sent it; anything but a non-negative int is 0."""
-    return value if type(value) is int and value >= 0 else 0
+Fields = dict[bytes, bytes]
 
 
-def _detail(obj: Mapping[str, Any], member: str, name: str) -> int:
-    details = obj.get(member)
-    return _count(details.get(name)) if isinstance(details, Mapping) else 0
-
-
-def from_openai(obj: object) -> Usage | None:
-    """An OpenAI-shaped ``usage`` object (chat, completions, embeddings, Responses); None if it is not one."""
-    if not isinstance(obj, Mapping):
+def _fields_at(data: bytes, at: int) -> Fields | None:
+    """The integer members of the usage object whose key starts at ``at`` (None: no object
+    there, e.g. ``"usage": null``, or one cut off). Details are flattened: the names the
+    providers use inside them (``cached_tokens``, ``reasoning_tokens``) are unique."""
+    match = _USAGE.match(data, at)
+    if match is None:
         return None
-    if "prompt_tokens" in obj:
+    return dict(_COUNTS.findall(match.group(1)))
+
+
+def _last_fields(data: bytes) -> Fields | None:
+    at = data.rfind(b'"usage"')
+    return None if at < 0 else _fields_at(data, at)
+
+
+def _openai(f: Fields) -> Usage:
+    if b"prompt_tokens" in f:
         return Usage(
-            input_tokens=_count(obj.get("prompt_tokens")),
-            cached_input_tokens=_detail(obj, "prompt_tokens_details", "cached_tokens"),
-            output_tokens=_count(obj.get("completion_tokens")),
-            reasoning_tokens=_detail(obj, "completion_tokens_details", "reasoning_tokens"),
+            int(f[b"prompt_tokens"]),
+            int(f.get(b"cached_tokens", 0)),
+            0,
+            int(f.get(b"completion_tokens", 0)),
+            int(f.get(b"reasoning_tokens", 0)),
         )
-    if "input_tokens" in obj or "output_tokens" in obj:
-        return Usage(
-            input_tokens=_count(obj.get("input_tokens")),
-            cached_input_tokens=_detail(obj, "input_tokens_details", "cached_tokens"),
-            output_tokens=_count(obj.get("output_tokens")),
-            reasoning_tokens=_detail(obj, "output_tokens_details", "reasoning_tokens"),
-        )
-    return None
-
-
-def from_anthropic(obj: object, start: object = None) -> Usage | None:
-    """An Anthropic ``usage`` object; for a stream, the ``message_delta``'s (``obj``,
-    cumulative output) over the ``message_start``'s (``start``, the input)."""
-    if not isinstance(obj, Mapping):
-        obj = {}
-    first = start if isinstance(start, Mapping) else {}
-    if not obj and not first:
-        return None
-
-    def pick(name: str) -> int:
-        # The delta's figure when it has one (newer API versions repeat the input there).
-        value = obj.get(name)
-        return _count(value if value is not None else first.get(name))
-
-    read = pick("cache_read_input_tokens")
-    written = pick("cache_creation_input_tokens")
     return Usage(
-        input_tokens=pick("input_tokens") + read + written,
-        cached_input_tokens=read,
-        cache_write_input_tokens=written,
-        output_tokens=pick("output_tokens"),
+        int(f.get(b"input_tokens", 0)),
+        int(f.get(b"cached_tokens", 0)),
+        0,
+        int(f.get(b"output_tokens", 0)),
+        int(f.get(b"reasoning_tokens", 0)),
     )
 
 
-def _decode_at(data: bytes, match: re.Match[bytes]) -> object:
-    """The JSON object that starts at the end of ``match`` (None when it is cut or invalid)."""
-    start = match.end() - 1
-    text = data[start:].decode("utf-8", "replace")
-    try:
-        obj, _ = _DECODER.raw_decode(text)
-    except ValueError:
-        return None
-    return obj
-
-
-def _last_usage(data: bytes) -> object:
-    found = None
-    for found in _USAGE.finditer(data):  # noqa: B007 - the last one is wanted
-        pass
-    return None if found is None else _decode_at(data, found)
+def _anthropic(f: Fields, start: Fields | None = None) -> Usage:
+    if start:
+        f = start | f  # the delta's figures win (newer API versions repeat the input there)
+    read = int(f.get(b"cache_read_input_tokens", 0))
+    written = int(f.get(b"cache_creation_input_tokens", 0))
+    return Usage(
+        input_tokens=int(f.get(b"input_tokens", 0)) + read + written,
+        cached_input_tokens=read,
+        cache_write_input_tokens=written,
+        output_tokens=int(f.get(b"output_tokens", 0)),
+    )
 
 
 def usage_in_body(body: bytes, *, anthropic: bool = False) -> Usage | None:
     """The usage a whole JSON answer reports (its last ``usage`` object), or None."""
-    at = body.rfind(b'"usage"')
-    if at < 0:
+    fields = _last_fields(body)
+    if not fields:
         return None
-    match = _USAGE.match(body, at)
-    if match is None:
-        return None  # "usage": null
-    obj = _decode_at(body, match)
-    return from_anthropic(obj) if anthropic else from_openai(obj)
+    return _anthropic(fields) if anthropic else _openai(fields)
 
 
 def usage_in_events(head: bytes, tail: bytes, *, anthropic: bool = False) -> Usage | None:
     """The usage a server-sent event stream reported: its last ``usage`` object (the
     usage chunk of chat and completions, ``response.completed``'s usage), or for
     Anthropic the ``message_start``'s (in ``head``) merged with the last ``message_delta``'s."""
-    if anthropic:
-        first = _USAGE.search(head)
-        start = _decode_at(head, first) if first is not None else None
-        # Without a message_delta in the tail, the last usage is message_start's own: same figures.
-        return from_anthropic(_last_usage(tail), start)
-    return from_openai(_last_usage(tail))
+    last = _last_fields(tail)
+    if not anthropic:
+        return _openai(last) if last else None
+    at = head.find(b'"usage"')
+    start = _fields_at(head, at) if at >= 0 else None
+    if not last and not start:
+        return None
+    # Without a message_delta in the tail, the last usage is message_start's own: same figures.
+    return _anthropic(last or {}, start)
 
 
 def estimate(input_bytes: int, output_bytes: int = 0, output_events: int = 0) -> Usage:

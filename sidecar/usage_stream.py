@@ -48,9 +48,9 @@ def inject_usage_request(raw: bytes) -> bytes | None:
 def _without_null_usage(data: bytes) -> bytes:
     """``data`` without the ``"usage": null`` members asking for usage added to every chunk."""
     if _NULL_USAGE in data:
-        data = data.replace(_NULL_USAGE, b"")
-    if _NULL_USAGE_SPACED in data:
-        data = data.replace(_NULL_USAGE_SPACED, b"")
+        return data.replace(_NULL_USAGE, b"")
+    if _NULL_USAGE_SPACED in data:  # a provider that writes JSON with spaces
+        return data.replace(_NULL_USAGE_SPACED, b"")
     return data
 
 
@@ -78,21 +78,23 @@ class StreamTap:
             return chunk
         return self._filter(chunk)
 
-    def _filter(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk if self._pending else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._pending = data
-            return b""
-        end += 2
-        complete, self._pending = data[:end], data[end:]
-        if _USAGE_OBJECT.search(complete) is not None:
-            complete = b"\n\n".join(
+    def _filter(self, data: bytes) -> bytes:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        if not data.endswith(b"\n\n"):  # whole events are the rule; keep the partial one
+            end = data.rfind(b"\n\n")
+            if end < 0:
+                self._pending = data
+                return b""
+            data, self._pending = data[: end + 2], data[end + 2 :]
+        data = _without_null_usage(data)
+        if b'"usage"' in data:  # with the nulls gone: the usage chunk
+            data = b"\n\n".join(
                 event
-                for event in complete.split(b"\n\n")
+                for event in data.split(b"\n\n")
                 if not (_USAGE_CHUNK.search(event) and _USAGE_OBJECT.search(event))
             )
-        return _without_null_usage(complete)
+        return data
 
     def finish(self) -> bytes:
         """The bytes held back (a partial last event), to send as they are."""
