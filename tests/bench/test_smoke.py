@@ -118,3 +118,8 @@ def test_key_scaling() -> None:
     assert re.search(r"\| sidecar \| 100 \| \d+ \| [\d.]+ \| [\d.]+x \| 0 \|", out), out
     assert re.search(r"\| sidecar --access-log FILE \| 1 \| \d+ \| [\d.]+ \| [\d.]+x \| 0 \|", out), out
     assert "target (CPU/request at 100 keys" in out
+
+
+def test_limits_overhead() -> None:
+    out = run_smoke("bench.limits_overhead")
+    assert re.search(r"worst on/off CPU ratio \d+\.\d+ .* errors 0", out), out
