@@ -22,8 +22,6 @@ __all__ = ["LimitsAdmin", "limit_set_from_proto", "limits_to_proto"]
 log = logging.getLogger("control_plane.admin_service")
 
 _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "daily_budget_micros", "monthly_budget_micros")
-# Stored and shown, but not enforced by the sidecars yet: refused until they are.
-_NOT_ENFORCED = ("daily_budget_micros", "monthly_budget_micros")
 
 
 def limit_set_from_proto(message: lpb.Limits, updated_at: object = None) -> LimitSet:
@@ -32,9 +30,6 @@ def limit_set_from_proto(message: lpb.Limits, updated_at: object = None) -> Limi
     for name in _LIMIT_FIELDS:
         if getattr(message, name) > MAX_LIMIT:
             raise InvalidArgument(f"limits.{name} must be at most {MAX_LIMIT}")
-    for name in _NOT_ENFORCED:
-        if getattr(message, name):
-            raise InvalidArgument(f"limits.{name} is not enforced by this keyplane version yet; set it to 0")
     return LimitSet(
         tenant=tenant,
         client_key_id=client_key_id,

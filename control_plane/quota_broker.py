@@ -23,15 +23,19 @@ from dataclasses import dataclass, field
 
 from control_plane.quota_leases import BucketLedger, LeasePolicy
 from control_plane.store import Store
+from keyplane import convert
 from keyplane.limit_set import LimitSet
-from keyplane.quota import Lease
+from keyplane.quota import MONTH, Lease, window_bounds
 from keyplane.v1 import limits_pb2 as lpb
+from keyplane.v1 import usage_pb2 as upb
 
 __all__ = ["BucketKey", "QuotaBroker", "QuotaSubscriber", "bucket_limits"]
 
 log = logging.getLogger(__name__)
 
 BucketKey = tuple[str, str, int]  # tenant, client key id ('' tenant-wide), QuotaKind
+DAY_MS = 86_400_000
+_SPEND = (lpb.QUOTA_KIND_SPEND_DAY, lpb.QUOTA_KIND_SPEND_MONTH)
 
 
 def _now_ms() -> int:
@@ -50,6 +54,11 @@ def bucket_limits(limits: LimitSet, window_ms: int) -> dict[BucketKey, tuple[int
         if per_minute:
             per_window = max(1, math.ceil(per_minute * window_ms / 60_000))
             out[(limits.tenant, limits.client_key_id, kind)] = (per_window, window_ms)
+    # Budgets: micro-dollars per UTC day and per calendar month (never scaled).
+    if limits.daily_budget_micros:
+        out[(limits.tenant, limits.client_key_id, lpb.QUOTA_KIND_SPEND_DAY)] = (limits.daily_budget_micros, DAY_MS)
+    if limits.monthly_budget_micros:
+        out[(limits.tenant, limits.client_key_id, lpb.QUOTA_KIND_SPEND_MONTH)] = (limits.monthly_budget_micros, MONTH)
     return out
 
 
@@ -59,21 +68,21 @@ class QuotaSubscriber:
 
     sidecar_id: str
     tenants: frozenset[str] | None
-    leases: list[lpb.QuotaLease] | None = None
+    pending: lpb.StreamQuotaResponse | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def allows(self, tenant: str) -> bool:
         return self.tenants is None or tenant in self.tenants
 
-    def offer(self, leases: list[lpb.QuotaLease]) -> None:
-        self.leases = leases  # a slow stream skips to the newest set
+    def offer(self, response: lpb.StreamQuotaResponse) -> None:
+        self.pending = response  # a slow stream skips to the newest set
         self.ready.set()
 
-    async def next(self) -> list[lpb.QuotaLease]:
+    async def next(self) -> lpb.StreamQuotaResponse:
         await self.ready.wait()
         self.ready.clear()
-        leases, self.leases = self.leases, None
-        return leases or []
+        response, self.pending = self.pending, None
+        return response or lpb.StreamQuotaResponse(complete=True)
 
 
 class QuotaBroker:
@@ -94,6 +103,8 @@ class QuotaBroker:
         self._policy = policy or LeasePolicy(horizon_ms=max(500, round(2000 * rebalance_interval)))
         self._clock_ms = clock_ms
         self._ledgers: dict[BucketKey, BucketLedger] = {}
+        # Prices of the tenants with a budget, for the sidecars to charge spend.
+        self._prices: dict[str, list[upb.Price]] = {}
         self._subscribers: set[QuotaSubscriber] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -112,10 +123,26 @@ class QuotaBroker:
         """Read every limit from the store; a failure keeps the limits held."""
         try:
             limit_sets = await self._store.list_limits()
+            budgeted = sorted({x.tenant for x in limit_sets if x.daily_budget_micros or x.monthly_budget_micros})
+            prices = {tenant: await self._store.list_prices(tenant) for tenant in budgeted}
         except Exception as exc:
             log.warning("could not read limits from the store (%s); keeping the ones held", type(exc).__name__)
             return
         self.set_limits(limit_sets)
+        self._prices = {
+            tenant: [
+                upb.Price(
+                    tenant=p.tenant,
+                    provider=convert.provider_to_proto(p.provider),
+                    model=p.model,
+                    input_micros_per_million=p.input_micros_per_million,
+                    cached_input_micros_per_million=p.cached_input_micros_per_million,
+                    output_micros_per_million=p.output_micros_per_million,
+                )
+                for p in listed
+            ]
+            for tenant, listed in prices.items()
+        }
 
     def set_limits(self, limit_sets: Iterable[LimitSet]) -> None:
         wanted: dict[BucketKey, tuple[int, int]] = {}
@@ -191,7 +218,10 @@ class QuotaBroker:
                 if leases is not None:
                     leases.append(_lease_proto(bucket, lease))
         for subscriber in self._subscribers:
-            subscriber.offer(per_sidecar[subscriber.sidecar_id])
+            prices = [p for tenant, listed in self._prices.items() if subscriber.allows(tenant) for p in listed]
+            subscriber.offer(
+                lpb.StreamQuotaResponse(leases=per_sidecar[subscriber.sidecar_id], complete=True, prices=prices)
+            )
 
     # admin view --------------------------------------------------------------
 
@@ -203,13 +233,13 @@ class QuotaBroker:
         for key, (limit, window_ms) in bucket_limits(limits, self.window_ms).items():
             ledger = self._ledgers.get(key)
             used = ledger.used(now) if ledger is not None else 0
-            start_ms = now - now % window_ms
+            start_ms, end_ms = window_bounds(now, window_ms)
             item = lpb.LimitUsage(
                 kind=key[2],  # type: ignore[arg-type]
                 limit=limit,
                 used=used,
                 remaining=max(0, limit - used),
-                window_seconds=max(1, window_ms // 1000),
+                window_seconds=max(1, (end_ms - start_ms) // 1000),
             )
             item.window_start.FromMilliseconds(start_ms)
             out.append(item)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from keyplane.quota import Lease, window_start
+from keyplane.quota import Lease, window_bounds
 
 __all__ = ["BucketLedger", "LeasePolicy", "split"]
 
@@ -111,10 +111,10 @@ class BucketLedger:
         return sum(h.used for h in self.holders.values())
 
     def _roll(self, now_ms: int) -> None:
-        start = window_start(now_ms, self.window_ms)
+        start, _ = window_bounds(now_ms, self.window_ms)
         if start == self.window_start_ms:
             return
-        follows = start == self.window_start_ms + self.window_ms
+        follows = self.window_start_ms >= 0 and start == window_bounds(self.window_start_ms, self.window_ms)[1]
         for holder in self.holders.values():
             if holder.connected:
                 holder.granted = holder.next_granted if follows else 0

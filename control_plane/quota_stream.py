@@ -61,7 +61,7 @@ async def stream_quota(
             if not waiter.done():
                 waiter.cancel()
                 break
-            yield lpb.StreamQuotaResponse(leases=waiter.result(), complete=True)
+            yield waiter.result()
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -14,13 +14,33 @@ The clock is passed in (unix milliseconds); nothing here reads it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-__all__ = ["Lease", "LocalQuota", "window_start"]
+__all__ = ["MONTH", "Lease", "LocalQuota", "window_bounds", "window_start"]
+
+# ``window_ms`` of the calendar month (UTC): months are not of one length.
+MONTH = 0
+
+
+def window_bounds(now_ms: int, window_ms: int) -> tuple[int, int]:
+    """(start, end) of the window holding ``now_ms``: a multiple of
+    ``window_ms`` since the epoch, or the UTC calendar month for ``MONTH``."""
+    if window_ms != MONTH:
+        start = now_ms - now_ms % window_ms
+        return start, start + window_ms
+    day = datetime.fromtimestamp(now_ms / 1000, UTC)
+    first = datetime(day.year, day.month, 1, tzinfo=UTC)
+    following = datetime(day.year + day.month // 12, day.month % 12 + 1, 1, tzinfo=UTC)
+    return int(first.timestamp() * 1000), int(following.timestamp() * 1000)
 
 
 def window_start(now_ms: int, window_ms: int) -> int:
     """The start of the window holding ``now_ms``."""
-    return now_ms - now_ms % window_ms
+    return window_bounds(now_ms, window_ms)[0]
+
+
+def _next_start(start_ms: int, window_ms: int) -> int:
+    return window_bounds(start_ms, window_ms)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +62,7 @@ class LocalQuota:
 
     lease: Lease
     window_start_ms: int = -1
+    window_end_ms: int = -1
     granted: int = 0
     used: int = 0
     # Asked for (admitted or refused) since the last ``report``.
@@ -55,26 +76,26 @@ class LocalQuota:
         self._roll(now_ms)
         if lease.window_ms != self.lease.window_ms:
             self.lease = lease
-            self.window_start_ms = -1
+            self.window_start_ms = self.window_end_ms = -1
             self._roll(now_ms)
             return
         self.lease = lease
         if lease.window_start_ms == self.window_start_ms:
             self.granted = max(self.granted, lease.granted)
-        elif lease.window_start_ms + lease.window_ms == self.window_start_ms:
+        elif _next_start(lease.window_start_ms, lease.window_ms) == self.window_start_ms:
             # Sent just before our window began: its pre-grant is for this window.
             self.granted = max(self.granted, lease.next_granted)
 
     def _roll(self, now_ms: int) -> None:
         lease = self.lease
-        start = now_ms - now_ms % lease.window_ms
-        if start == self.window_start_ms:
+        if self.window_start_ms <= now_ms < self.window_end_ms:
             return
+        start, self.window_end_ms = window_bounds(now_ms, lease.window_ms)
         self.window_start_ms = start
         self.used = 0
         if start == lease.window_start_ms:
             self.granted = lease.granted
-        elif start == lease.window_start_ms + lease.window_ms:
+        elif start == _next_start(lease.window_start_ms, lease.window_ms):
             self.granted = lease.next_granted
         else:
             self.granted = lease.fallback  # no lease for this window: fail-static
@@ -110,7 +131,7 @@ class LocalQuota:
         self.typical = amount if not self.typical else (self.typical * 7 + amount) // 8
 
     def retry_after_ms(self, now_ms: int, lease_interval_ms: int = 1000) -> int:
-        to_window_end = self.window_start_ms + self.lease.window_ms - now_ms
+        to_window_end = self.window_end_ms - now_ms
         current = self.lease.window_start_ms == self.window_start_ms
         if self.lease.exhausted or not current:
             return max(1, to_window_end)

@@ -145,12 +145,12 @@ def add_limits_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespa
         "--daily-budget",
         type=usd_to_micros,
         metavar="USD",
-        help="spend per UTC day (not enforced yet: refused unless 0)",
+        help="spend per UTC day, charged at the tenant's prices (keyplane prices)",
     )
     setter.add_argument(
         "--monthly-budget",
         type=usd_to_micros,
         metavar="USD",
-        help="spend per UTC month (not enforced yet: refused unless 0)",
+        help="spend per UTC month, charged at the tenant's prices (keyplane prices)",
     )
     action("clear", "remove every limit of the client key (or the tenant)")

@@ -29,12 +29,16 @@ from keyplane.quota import Lease, LocalQuota
 from keyplane.v1 import limits_pb2 as lpb
 
 from .errors import ErrorResponse
+from .usage import Usage
 
-__all__ = ["Limiter", "client_rate_limited"]
+__all__ = ["Limiter", "budget_exceeded", "client_rate_limited"]
 
 BucketKey = tuple[str, str, int]
 _REQUESTS = lpb.QUOTA_KIND_REQUESTS
 _TOKENS = lpb.QUOTA_KIND_TOKENS
+_SPEND = (lpb.QUOTA_KIND_SPEND_DAY, lpb.QUOTA_KIND_SPEND_MONTH)
+# (tenant, provider proto value, upstream model) -> micro-dollars per million (input, cached input, output)
+PriceKey = tuple[str, int, str]
 
 
 def _now_ms() -> int:
@@ -66,6 +70,28 @@ def client_rate_limited(
     return ErrorResponse(429, body, headers)
 
 
+def budget_exceeded(retry_after_ms: int, *, tenant_wide: bool, budget_micros: int, monthly: bool) -> ErrorResponse:
+    """A spent budget: 429 with ``x-should-retry: false`` and code ``budget_exceeded``
+    (docs/usage-and-limits.md says why 429 and not 402); Retry-After: when it resets."""
+    whose = "this tenant" if tenant_wide else "this client key"
+    period = "month (UTC)" if monthly else "day (UTC)"
+    seconds = retry_after_ms / 1000
+    message = (
+        f"The spend budget of {whose} for this {period} (${budget_micros / 1_000_000:,.2f}, a keyplane budget) "
+        f"is spent; it resets in {seconds:,.0f}s."
+    )
+    body = json.dumps(
+        {"error": {"message": message, "type": "budget_exceeded", "param": None, "code": "budget_exceeded"}},
+        separators=(",", ":"),
+    ).encode()
+    headers = (
+        (b"retry-after", str(max(1, math.ceil(seconds))).encode()),
+        (b"retry-after-ms", str(retry_after_ms).encode()),
+        (b"x-should-retry", b"false"),
+    )
+    return ErrorResponse(429, body, headers)
+
+
 class Limiter:
     def __init__(
         self,
@@ -81,6 +107,9 @@ class Limiter:
         self._monotonic = monotonic
         self._quotas: dict[BucketKey, LocalQuota] = {}
         self._tokens_limited = False
+        # Spend budgets (charged at the prices the control plane sends with the leases).
+        self._spend_limited = False
+        self._prices: dict[PriceKey, tuple[int, int, int]] = {}
         self._leased_at: float | None = None
         self.refused = 0
 
@@ -99,13 +128,13 @@ class Limiter:
             return None
         key_quota = quotas.get((tenant, client_key_id, _REQUESTS))
         tenant_quota = quotas.get((tenant, "", _REQUESTS))
-        if key_quota is None and tenant_quota is None and not self._tokens_limited:
+        if key_quota is None and tenant_quota is None and not (self._tokens_limited or self._spend_limited):
             return None
         if self.fail_open and self.stale():
             return None
         now = self._clock_ms()
-        if self._tokens_limited:
-            refused = self._check_tokens(tenant, client_key_id, now)
+        if self._tokens_limited or self._spend_limited:
+            refused = self._check_after_the_fact(tenant, client_key_id, now)
             if refused is not None:
                 for quota in (key_quota, tenant_quota):
                     if quota is not None:
@@ -125,12 +154,40 @@ class Limiter:
                 return self._refuse(tenant_quota, wait, tenant_wide=True)
         return None
 
-    def _check_tokens(self, tenant: str, client_key_id: str, now: int) -> ErrorResponse | None:
-        for key, tenant_wide in (((tenant, client_key_id, _TOKENS), False), ((tenant, "", _TOKENS), True)):
-            quota = self._quotas.get(key)
-            if quota is not None and (wait := quota.check(now)):
-                return self._refuse(quota, wait, tenant_wide=tenant_wide, what="tokens")
+    def _check_after_the_fact(self, tenant: str, client_key_id: str, now: int) -> ErrorResponse | None:
+        """The limits charged once the answer is known (tokens, spend): admitted while any is left."""
+        quotas = self._quotas
+        for kind in (_TOKENS, *_SPEND):
+            for owner, tenant_wide in ((client_key_id, False), ("", True)):
+                quota = quotas.get((tenant, owner, kind))
+                if quota is not None and (wait := quota.check(now)):
+                    if kind == _TOKENS:
+                        return self._refuse(quota, wait, tenant_wide=tenant_wide, what="tokens")
+                    self.refused += 1
+                    return budget_exceeded(
+                        wait, tenant_wide=tenant_wide, budget_micros=quota.lease.limit, monthly=kind != _SPEND[0]
+                    )
         return None
+
+    def charge_spend(self, tenant: str, client_key_id: str, provider: int, model: str, usage: Usage) -> None:
+        """Charge a finished request's cost (its usage at the tenant's price) to
+        the spend budgets of its client key and tenant; an unpriced model costs 0."""
+        if not self._spend_limited:
+            return
+        price = self._prices.get((tenant, provider, model))
+        if price is None:
+            return
+        uncached = max(0, usage.input_tokens - usage.cached_input_tokens)
+        picos = uncached * price[0] + usage.cached_input_tokens * price[1] + usage.output_tokens * price[2]
+        micros = -(-picos // 1_000_000)  # rounded up: never under-charged
+        if micros <= 0:
+            return
+        now = self._clock_ms()
+        for kind in _SPEND:
+            for owner in (client_key_id, ""):
+                quota = self._quotas.get((tenant, owner, kind))
+                if quota is not None:
+                    quota.charge(now, micros)
 
     def charge_tokens(self, tenant: str, client_key_id: str, tokens: int) -> None:
         """Count a finished request's tokens (usage read from its answer)."""
@@ -157,7 +214,7 @@ class Limiter:
             seen.add(key)
             lease = Lease(
                 limit=item.limit,
-                window_ms=max(1, item.window_ms),
+                window_ms=item.window_ms,  # 0: the calendar month (keyplane.quota.MONTH)
                 window_start_ms=item.window_start_ms,
                 granted=item.granted,
                 next_granted=item.next_granted,
@@ -174,6 +231,16 @@ class Limiter:
             for key in [k for k in self._quotas if k not in seen]:
                 del self._quotas[key]
         self._tokens_limited = any(k[2] == _TOKENS for k in self._quotas)
+        self._spend_limited = any(k[2] in _SPEND for k in self._quotas)
+        if response.complete:
+            self._prices = {
+                (p.tenant, int(p.provider), p.model): (
+                    p.input_micros_per_million,
+                    p.cached_input_micros_per_million,
+                    p.output_micros_per_million,
+                )
+                for p in response.prices
+            }
         self._leased_at = self._monotonic()
 
     def report(self) -> list[lpb.QuotaUsage]:

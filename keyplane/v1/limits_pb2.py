@@ -23,47 +23,48 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from keyplane.v1 import usage_pb2 as keyplane_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18keyplane/v1/limits.proto\x12\x0bkeyplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x01\n\x06Limits\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x03 \x01(\x04\x12\x19\n\x11tokens_per_minute\x18\x04 \x01(\x04\x12\x1b\n\x13\x64\x61ily_budget_micros\x18\x05 \x01(\x04\x12\x1d\n\x15monthly_budget_micros\x18\x06 \x01(\x04\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x01\n\nLimitUsage\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.keyplane.v1.QuotaKind\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x11\n\tremaining\x18\x04 \x01(\x04\x12\x30\n\x0cwindow_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ewindow_seconds\x18\x06 \x01(\r\"[\n\x0cLimitsStatus\x12#\n\x06limits\x18\x01 \x01(\x0b\x32\x13.keyplane.v1.Limits\x12&\n\x05usage\x18\x02 \x03(\x0b\x32\x17.keyplane.v1.LimitUsage\"7\n\x10SetLimitsRequest\x12#\n\x06limits\x18\x01 \x01(\x0b\x32\x13.keyplane.v1.Limits\"8\n\x11SetLimitsResponse\x12#\n\x06limits\x18\x01 \x01(\x0b\x32\x13.keyplane.v1.Limits\"9\n\x10GetLimitsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\">\n\x11GetLimitsResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.keyplane.v1.LimitsStatus\"#\n\x11ListLimitsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"A\n\x12ListLimitsResponse\x12+\n\x08statuses\x18\x01 \x03(\x0b\x32\x19.keyplane.v1.LimitsStatus\";\n\x12\x43learLimitsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\"\x15\n\x13\x43learLimitsResponse\"Z\n\x0bQuotaBucket\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.keyplane.v1.QuotaKind\"o\n\nQuotaUsage\x12(\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x18.keyplane.v1.QuotaBucket\x12\x17\n\x0fwindow_start_ms\x18\x02 \x01(\x03\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x10\n\x08\x64\x65manded\x18\x04 \x01(\x04\"\xbd\x01\n\nQuotaLease\x12(\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x18.keyplane.v1.QuotaBucket\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x11\n\twindow_ms\x18\x03 \x01(\r\x12\x17\n\x0fwindow_start_ms\x18\x04 \x01(\x03\x12\x0f\n\x07granted\x18\x05 \x01(\x04\x12\x14\n\x0cnext_granted\x18\x06 \x01(\x04\x12\x10\n\x08\x66\x61llback\x18\x07 \x01(\x04\x12\x11\n\texhausted\x18\x08 \x01(\x08\"a\n\x12StreamQuotaRequest\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12&\n\x05usage\x18\x02 \x03(\x0b\x32\x17.keyplane.v1.QuotaUsage\x12\x0f\n\x07tenants\x18\x03 \x03(\t\"P\n\x13StreamQuotaResponse\x12\'\n\x06leases\x18\x01 \x03(\x0b\x32\x17.keyplane.v1.QuotaLease\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08*\x8d\x01\n\tQuotaKind\x12\x1a\n\x16QUOTA_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13QUOTA_KIND_REQUESTS\x10\x01\x12\x15\n\x11QUOTA_KIND_TOKENS\x10\x02\x12\x18\n\x14QUOTA_KIND_SPEND_DAY\x10\x03\x12\x1a\n\x16QUOTA_KIND_SPEND_MONTH\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18keyplane/v1/limits.proto\x12\x0bkeyplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17keyplane/v1/usage.proto\"\xd4\x01\n\x06Limits\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x03 \x01(\x04\x12\x19\n\x11tokens_per_minute\x18\x04 \x01(\x04\x12\x1b\n\x13\x64\x61ily_budget_micros\x18\x05 \x01(\x04\x12\x1d\n\x15monthly_budget_micros\x18\x06 \x01(\x04\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xac\x01\n\nLimitUsage\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.keyplane.v1.QuotaKind\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x11\n\tremaining\x18\x04 \x01(\x04\x12\x30\n\x0cwindow_start\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ewindow_seconds\x18\x06 \x01(\r\"[\n\x0cLimitsStatus\x12#\n\x06limits\x18\x01 \x01(\x0b\x32\x13.keyplane.v1.Limits\x12&\n\x05usage\x18\x02 \x03(\x0b\x32\x17.keyplane.v1.LimitUsage\"7\n\x10SetLimitsRequest\x12#\n\x06limits\x18\x01 \x01(\x0b\x32\x13.keyplane.v1.Limits\"8\n\x11SetLimitsResponse\x12#\n\x06limits\x18\x01 \x01(\x0b\x32\x13.keyplane.v1.Limits\"9\n\x10GetLimitsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\">\n\x11GetLimitsResponse\x12)\n\x06status\x18\x01 \x01(\x0b\x32\x19.keyplane.v1.LimitsStatus\"#\n\x11ListLimitsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"A\n\x12ListLimitsResponse\x12+\n\x08statuses\x18\x01 \x03(\x0b\x32\x19.keyplane.v1.LimitsStatus\";\n\x12\x43learLimitsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\"\x15\n\x13\x43learLimitsResponse\"Z\n\x0bQuotaBucket\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\x12$\n\x04kind\x18\x03 \x01(\x0e\x32\x16.keyplane.v1.QuotaKind\"o\n\nQuotaUsage\x12(\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x18.keyplane.v1.QuotaBucket\x12\x17\n\x0fwindow_start_ms\x18\x02 \x01(\x03\x12\x0c\n\x04used\x18\x03 \x01(\x04\x12\x10\n\x08\x64\x65manded\x18\x04 \x01(\x04\"\xbd\x01\n\nQuotaLease\x12(\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x18.keyplane.v1.QuotaBucket\x12\r\n\x05limit\x18\x02 \x01(\x04\x12\x11\n\twindow_ms\x18\x03 \x01(\r\x12\x17\n\x0fwindow_start_ms\x18\x04 \x01(\x03\x12\x0f\n\x07granted\x18\x05 \x01(\x04\x12\x14\n\x0cnext_granted\x18\x06 \x01(\x04\x12\x10\n\x08\x66\x61llback\x18\x07 \x01(\x04\x12\x11\n\texhausted\x18\x08 \x01(\x08\"a\n\x12StreamQuotaRequest\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12&\n\x05usage\x18\x02 \x03(\x0b\x32\x17.keyplane.v1.QuotaUsage\x12\x0f\n\x07tenants\x18\x03 \x03(\t\"t\n\x13StreamQuotaResponse\x12\'\n\x06leases\x18\x01 \x03(\x0b\x32\x17.keyplane.v1.QuotaLease\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12\"\n\x06prices\x18\x03 \x03(\x0b\x32\x12.keyplane.v1.Price*\x8d\x01\n\tQuotaKind\x12\x1a\n\x16QUOTA_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13QUOTA_KIND_REQUESTS\x10\x01\x12\x15\n\x11QUOTA_KIND_TOKENS\x10\x02\x12\x18\n\x14QUOTA_KIND_SPEND_DAY\x10\x03\x12\x1a\n\x16QUOTA_KIND_SPEND_MONTH\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keyplane.v1.limits_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUOTAKIND']._serialized_start=1562
-  _globals['_QUOTAKIND']._serialized_end=1703
-  _globals['_LIMITS']._serialized_start=75
-  _globals['_LIMITS']._serialized_end=287
-  _globals['_LIMITUSAGE']._serialized_start=290
-  _globals['_LIMITUSAGE']._serialized_end=462
-  _globals['_LIMITSSTATUS']._serialized_start=464
-  _globals['_LIMITSSTATUS']._serialized_end=555
-  _globals['_SETLIMITSREQUEST']._serialized_start=557
-  _globals['_SETLIMITSREQUEST']._serialized_end=612
-  _globals['_SETLIMITSRESPONSE']._serialized_start=614
-  _globals['_SETLIMITSRESPONSE']._serialized_end=670
-  _globals['_GETLIMITSREQUEST']._serialized_start=672
-  _globals['_GETLIMITSREQUEST']._serialized_end=729
-  _globals['_GETLIMITSRESPONSE']._serialized_start=731
-  _globals['_GETLIMITSRESPONSE']._serialized_end=793
-  _globals['_LISTLIMITSREQUEST']._serialized_start=795
-  _globals['_LISTLIMITSREQUEST']._serialized_end=830
-  _globals['_LISTLIMITSRESPONSE']._serialized_start=832
-  _globals['_LISTLIMITSRESPONSE']._serialized_end=897
-  _globals['_CLEARLIMITSREQUEST']._serialized_start=899
-  _globals['_CLEARLIMITSREQUEST']._serialized_end=958
-  _globals['_CLEARLIMITSRESPONSE']._serialized_start=960
-  _globals['_CLEARLIMITSRESPONSE']._serialized_end=981
-  _globals['_QUOTABUCKET']._serialized_start=983
-  _globals['_QUOTABUCKET']._serialized_end=1073
-  _globals['_QUOTAUSAGE']._serialized_start=1075
-  _globals['_QUOTAUSAGE']._serialized_end=1186
-  _globals['_QUOTALEASE']._serialized_start=1189
-  _globals['_QUOTALEASE']._serialized_end=1378
-  _globals['_STREAMQUOTAREQUEST']._serialized_start=1380
-  _globals['_STREAMQUOTAREQUEST']._serialized_end=1477
-  _globals['_STREAMQUOTARESPONSE']._serialized_start=1479
-  _globals['_STREAMQUOTARESPONSE']._serialized_end=1559
+  _globals['_QUOTAKIND']._serialized_start=1623
+  _globals['_QUOTAKIND']._serialized_end=1764
+  _globals['_LIMITS']._serialized_start=100
+  _globals['_LIMITS']._serialized_end=312
+  _globals['_LIMITUSAGE']._serialized_start=315
+  _globals['_LIMITUSAGE']._serialized_end=487
+  _globals['_LIMITSSTATUS']._serialized_start=489
+  _globals['_LIMITSSTATUS']._serialized_end=580
+  _globals['_SETLIMITSREQUEST']._serialized_start=582
+  _globals['_SETLIMITSREQUEST']._serialized_end=637
+  _globals['_SETLIMITSRESPONSE']._serialized_start=639
+  _globals['_SETLIMITSRESPONSE']._serialized_end=695
+  _globals['_GETLIMITSREQUEST']._serialized_start=697
+  _globals['_GETLIMITSREQUEST']._serialized_end=754
+  _globals['_GETLIMITSRESPONSE']._serialized_start=756
+  _globals['_GETLIMITSRESPONSE']._serialized_end=818
+  _globals['_LISTLIMITSREQUEST']._serialized_start=820
+  _globals['_LISTLIMITSREQUEST']._serialized_end=855
+  _globals['_LISTLIMITSRESPONSE']._serialized_start=857
+  _globals['_LISTLIMITSRESPONSE']._serialized_end=922
+  _globals['_CLEARLIMITSREQUEST']._serialized_start=924
+  _globals['_CLEARLIMITSREQUEST']._serialized_end=983
+  _globals['_CLEARLIMITSRESPONSE']._serialized_start=985
+  _globals['_CLEARLIMITSRESPONSE']._serialized_end=1006
+  _globals['_QUOTABUCKET']._serialized_start=1008
+  _globals['_QUOTABUCKET']._serialized_end=1098
+  _globals['_QUOTAUSAGE']._serialized_start=1100
+  _globals['_QUOTAUSAGE']._serialized_end=1211
+  _globals['_QUOTALEASE']._serialized_start=1214
+  _globals['_QUOTALEASE']._serialized_end=1403
+  _globals['_STREAMQUOTAREQUEST']._serialized_start=1405
+  _globals['_STREAMQUOTAREQUEST']._serialized_end=1502
+  _globals['_STREAMQUOTARESPONSE']._serialized_start=1504
+  _globals['_STREAMQUOTARESPONSE']._serialized_end=1620
 # @@protoc_insertion_point(module_scope)

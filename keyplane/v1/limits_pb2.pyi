@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from keyplane.v1 import usage_pb2 as _usage_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -396,6 +397,7 @@ class QuotaLease(_message.Message):
     limit: _builtins.int
     """The fleet-wide limit per window."""
     window_ms: _builtins.int
+    """0: the UTC calendar month (months differ in length)."""
     window_start_ms: _builtins.int
     """The window `granted` is for (unix milliseconds of its start)."""
     granted: _builtins.int
@@ -474,6 +476,7 @@ class StreamQuotaResponse(_message.Message):
 
     LEASES_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
+    PRICES_FIELD_NUMBER: _builtins.int
     complete: _builtins.bool
     """True when `leases` is the whole set (every message, today)."""
     @_builtins.property
@@ -482,15 +485,22 @@ class StreamQuotaResponse(_message.Message):
         has no limit any more.
         """
 
+    @_builtins.property
+    def prices(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.Price]:
+        """The prices of the tenants with a spend budget among the sidecar's, so it
+        charges spend as the control plane costs usage (complete, like leases).
+        """
+
     def __init__(
         self,
         *,
         leases: _abc.Iterable[Global___QuotaLease] | None = ...,
         complete: _builtins.bool = ...,
+        prices: _abc.Iterable[_usage_pb2.Price] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "leases", b"leases"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "leases", b"leases", "prices", b"prices"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -71,7 +71,6 @@ async def test_set_get_list_clear_with_what_is_left(quick: Harness) -> None:
         ),
         ({"tenant": "nope", "requests_per_minute": 1}, grpc.StatusCode.NOT_FOUND, "nope"),
         ({"tenant": "Bad Name", "requests_per_minute": 1}, grpc.StatusCode.INVALID_ARGUMENT, "tenant"),
-        ({"tenant": "acme", "daily_budget_micros": 5}, grpc.StatusCode.INVALID_ARGUMENT, "not enforced"),
         ({"tenant": "acme", "requests_per_minute": 2**63}, grpc.StatusCode.INVALID_ARGUMENT, "at most"),
     ],
 )

@@ -57,3 +57,20 @@ def test_report_resets_the_demand_and_refund_gives_back() -> None:
     assert q.report(12_004) == (12_000, 1, 0)
     q.charge(12_005, 40)
     assert q.used == 41
+
+
+def test_calendar_months_are_windows_of_their_own_length() -> None:
+    from datetime import UTC, datetime
+
+    from keyplane.quota import MONTH, window_bounds
+
+    def ms(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> int:
+        return int(datetime(year, month, day, hour, minute, tzinfo=UTC).timestamp() * 1000)
+
+    assert window_bounds(ms(2026, 2, 14, 12), MONTH) == (ms(2026, 2, 1), ms(2026, 3, 1))
+    assert window_bounds(ms(2026, 12, 31, 23), MONTH) == (ms(2026, 12, 1), ms(2027, 1, 1))
+    q = LocalQuota(Lease(100, MONTH, ms(2026, 1, 1), 5, 9, 3))
+    assert q.remaining(ms(2026, 1, 31, 23)) == 5
+    assert q.remaining(ms(2026, 2, 1)) == 9  # the pre-grant of the month after
+    assert q.remaining(ms(2026, 3, 2)) == 3  # fail-static
+    assert q.take(ms(2026, 3, 31, 23, 59)) == 0

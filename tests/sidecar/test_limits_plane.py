@@ -24,6 +24,7 @@ from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import admin_service_pb2_grpc
 from keyplane.v1 import limits_pb2 as lpb
 from keyplane.v1 import resources_pb2 as rpb
+from keyplane.v1 import usage_pb2 as upb
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
 from tests.fakes.upstream import FakeUpstream
@@ -133,5 +134,68 @@ async def test_tokens_per_minute_hold_within_one_request_in_flight(setup: Setup)
     assert (error["code"], error["type"]) == ("client_rate_limit_exceeded", "tokens")
     assert "tokens per" in error["message"]
     assert int(refusals[0].headers["retry-after-ms"]) > 0
+    # The sidecar charges a request when its answer is read, this test counts it
+    # when sent: one request at a window's end may count on either side.
     for tokens in tokens_by_window.values():
-        assert tokens <= 200 + biggest
+        assert tokens <= 200 + 2 * biggest
+
+
+async def test_a_daily_budget_is_never_overspent_by_more_than_a_lease(setup: Setup) -> None:
+    # $1 per million input tokens, $2 per million output: 1 and 2 micro-dollars a token.
+    price = upb.Price(
+        tenant="acme",
+        provider=rpb.PROVIDER_OPENAI_COMPATIBLE,
+        model="u",
+        input_micros_per_million=1_000_000,
+        cached_input_micros_per_million=1_000_000,
+        output_micros_per_million=2_000_000,
+    )
+    await setup.admin.SetPrice(apb.SetPriceRequest(price=price), metadata=MD)
+    budget = 1500  # micro-dollars per UTC day
+    limits = lpb.Limits(tenant="acme", client_key_id=setup.client_key_id, daily_budget_micros=budget)
+    await setup.admin.SetLimits(lpb.SetLimitsRequest(limits=limits), metadata=MD)
+    limiter = setup.sidecar.app.limiter
+    assert limiter is not None
+    for _ in range(100):
+        if limiter.limited:
+            break
+        await asyncio.sleep(0.02)
+    url = f"http://127.0.0.1:{setup.sidecar.port}/v1/chat/completions"
+    headers = {"authorization": f"Bearer {setup.token}"}
+    spent = 0
+    biggest_cost = 0
+    biggest_lease = 0
+    refusal: httpx.Response | None = None
+    async with httpx.AsyncClient(timeout=10) as client:
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+            resp = await client.post(url, json=body, headers=headers)
+            quota = next(iter(limiter._quotas.values()))
+            biggest_lease = max(biggest_lease, quota.granted)
+            if resp.status_code == 200:
+                usage = resp.json()["usage"]
+                cost = usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2
+                spent += cost
+                biggest_cost = max(biggest_cost, cost)
+            else:
+                assert resp.status_code == 429, resp.text
+                refusal = resp
+                if spent >= budget:
+                    break
+    print(
+        f"\ndaily budget {budget} micro-USD: spent {spent} ({spent - budget:+d}); "
+        f"largest request {biggest_cost}, largest lease held {biggest_lease}"
+    )
+    assert refusal is not None and spent >= budget
+    assert spent - budget <= biggest_cost <= biggest_lease
+    error = json.loads(refusal.content)["error"]
+    assert (error["code"], error["type"]) == ("budget_exceeded", "budget_exceeded")
+    assert "spend budget of this client key for this day" in error["message"]
+    assert refusal.headers["x-should-retry"] == "false"
+    assert 0 < int(refusal.headers["retry-after"]) <= 86_400
+    got = await setup.admin.GetLimits(
+        lpb.GetLimitsRequest(tenant="acme", client_key_id=setup.client_key_id), metadata=MD
+    )
+    [usage_row] = got.status.usage
+    assert (usage_row.kind, usage_row.limit, usage_row.window_seconds) == (lpb.QUOTA_KIND_SPEND_DAY, budget, 86_400)
