@@ -20,7 +20,7 @@ from keyplane_cli.admin import AdminClient, connection_flags, with_admin_client
 from keyplane_cli.output import add_output_flags, emit
 from keyplane_cli.tables import local_time, table
 
-__all__ = ["add_limits_commands", "limits_table", "run_limits", "usd_to_micros"]
+__all__ = ["add_limits_commands", "limits_of", "limits_table", "run_limits", "usd_to_micros"]
 
 _KIND_NAMES = {
     lpb.QUOTA_KIND_REQUESTS: "requests/min",
@@ -85,6 +85,12 @@ def limits_table(statuses: Sequence[lpb.LimitsStatus]) -> str:
     if not rows:
         return "(no limits)"
     return "\n".join(table(("CLIENT KEY", "LIMIT", "PER WINDOW", "USED", "LEFT", "WINDOW"), rows))
+
+
+def limits_of(client: AdminClient, tenant: str, client_key_id: str = "") -> list[lpb.LimitsStatus]:
+    """The tenant's limits and (with ``client_key_id``) that key's only, else every key's."""
+    statuses = client.call("ListLimits", lpb.ListLimitsRequest(tenant=tenant)).statuses
+    return [s for s in statuses if not client_key_id or s.limits.client_key_id in ("", client_key_id)]
 
 
 def run_limits(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:

@@ -182,5 +182,11 @@ async def test_keyplane_limits_set_show_clear(quick: Harness, tmp_path: Path) ->
     data = json.loads(await keyplane(quick, tmp_path, "limits", "show", "-t", "acme", "--all", "-o", "json"))
     assert data["statuses"][0]["limits"]["requests_per_minute"] == "1200"
     assert data["statuses"][0]["usage"][0]["remaining"] == "120"
+    # keyplane usage show with a tenant adds its limits with what is left.
+    usage_text = await keyplane(quick, tmp_path, "usage", "show", "-t", "acme")
+    [limit_row] = [line for line in usage_text.splitlines() if line.startswith(ck)]
+    assert limit_row.split()[:5] == [ck, "requests/min", "120", "0", "120"]
+    usage_data = json.loads(await keyplane(quick, tmp_path, "usage", "show", "-t", "acme", "-o", "json"))
+    assert usage_data["limits"][0]["usage"][0]["remaining"] == "120"
     assert "cleared" in await keyplane(quick, tmp_path, "limits", "clear", "-t", "acme", "-k", ck)
     assert "(no limits)" in await keyplane(quick, tmp_path, "limits", "show", "-t", "acme", "--all")
