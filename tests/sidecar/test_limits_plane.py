@@ -199,3 +199,25 @@ async def test_a_daily_budget_is_never_overspent_by_more_than_a_lease(setup: Set
     )
     [usage_row] = got.status.usage
     assert (usage_row.kind, usage_row.limit, usage_row.window_seconds) == (lpb.QUOTA_KIND_SPEND_DAY, budget, 86_400)
+
+
+async def test_anthropic_messages_get_the_refusal_in_anthropic_shape(setup: Setup) -> None:
+    limits = lpb.Limits(tenant="acme", client_key_id=setup.client_key_id, requests_per_minute=10)  # 1 per 6 s
+    await setup.admin.SetLimits(lpb.SetLimitsRequest(limits=limits), metadata=MD)
+    limiter = setup.sidecar.app.limiter
+    assert limiter is not None
+    for _ in range(100):
+        if limiter.limited:
+            break
+        await asyncio.sleep(0.02)
+    url = f"http://127.0.0.1:{setup.sidecar.port}/v1/messages"
+    headers = {"x-api-key": setup.token, "anthropic-version": "2023-06-01"}
+    body = {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(timeout=10) as client:
+        answers = [await client.post(url, json=body, headers=headers) for _ in range(3)]
+    refused = [a for a in answers if a.status_code == 429]
+    assert len(refused) >= 2, [(a.status_code, a.text[:100]) for a in answers]
+    payload = refused[0].json()
+    assert payload["type"] == "error" and payload["error"]["type"] == "rate_limit_error"
+    assert "keyplane limit" in payload["error"]["message"]
+    assert int(refused[0].headers["retry-after"]) >= 1 and "retry-after-ms" in refused[0].headers
