@@ -7,6 +7,9 @@ minute counts as 120 per 6 s) so that each test runs in well under a minute.
 
 - Accuracy: four sidecars share one client key and are asked three times its
   limit; the fleet admits within 5% of the limit in every window.
+- Budget: four sidecars share a client key's daily budget under load; it is
+  overspent only by the requests in flight when it ran out (at most one per
+  sidecar), far less than a lease.
 - Fail-static: the control plane is killed; a sidecar keeps enforcing its last
   lease (its fallback share, every window), while one started with
   ``--limits-fail-open`` admits everything once its leases are stale.
@@ -26,6 +29,8 @@ import pytest
 
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import limits_pb2 as lpb
+from keyplane.v1 import resources_pb2 as rpb
+from keyplane.v1 import usage_pb2 as upb
 from tests.e2e.fleet import MODEL, Fleet, free_port
 from tests.fakes.upstream import FakeUpstream
 
@@ -60,6 +65,7 @@ class PacedLoad:
     rate: float
     answers: list[tuple[int, int]] = field(default_factory=list)
     refusals: list[httpx.Response] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # of the answers admitted
     errors: list[str] = field(default_factory=list)
 
     async def run(self, until: float) -> None:
@@ -76,6 +82,8 @@ class PacedLoad:
                     self.errors.append(f"{type(exc).__name__}: {exc}")
                     return
                 self.answers.append((sent_ms, resp.status_code))
+                if resp.status_code == 200:
+                    self.bodies.append(resp.content)
                 if resp.status_code == 429 and len(self.refusals) < 5:
                     self.refusals.append(resp)
 
@@ -209,3 +217,54 @@ async def test_limits_hold_fail_static_while_the_control_plane_is_away_and_fail_
         assert 0.25 * PER_WINDOW <= admitted <= 0.75 * PER_WINDOW + 2, (admitted, asked)
     assert open_statuses == {200}
     assert not static.errors and not opened.errors
+
+
+async def test_a_budget_shared_by_four_sidecars_is_overspent_by_less_than_a_lease(
+    fleet: Fleet, upstream: FakeUpstream
+) -> None:
+    await fleet.start_control_plane(*CP_FLAGS)
+    _, token = await fleet.configure(upstream, ("sk-limits-fleet-key-0002",))
+    budget = 3000  # micro-dollars per UTC day
+    channel, admin = await fleet.admin()
+    try:
+        # $1 per million input tokens, $2 per million output: 1 and 2 micro-dollars a token.
+        price = upb.Price(
+            tenant="acme",
+            provider=rpb.PROVIDER_OPENAI_COMPATIBLE,
+            model="upstream-m",
+            input_micros_per_million=1_000_000,
+            cached_input_micros_per_million=1_000_000,
+            output_micros_per_million=2_000_000,
+        )
+        await admin.SetPrice(apb.SetPriceRequest(price=price), metadata=fleet.admin_md)
+        request = apb.ListClientKeysRequest(tenant="acme")
+        [client_key] = (await admin.ListClientKeys(request, metadata=fleet.admin_md)).client_keys
+        limits = lpb.Limits(tenant="acme", client_key_id=client_key.id, daily_budget_micros=budget)
+        await admin.SetLimits(lpb.SetLimitsRequest(limits=limits), metadata=fleet.admin_md)
+    finally:
+        await channel.close(None)
+    ports = [free_port() for _ in range(4)]
+    await asyncio.gather(*(fleet.start_sidecar(port) for port in ports))
+    await asyncio.sleep(1.5)  # the first leases
+    loads = [PacedLoad(f"http://127.0.0.1:{port}/v1", token, 12.0) for port in ports]
+    await asyncio.gather(*(load.run(time.monotonic() + 8.0) for load in loads))
+
+    costs = [
+        json.loads(body)["usage"]["prompt_tokens"] + 2 * json.loads(body)["usage"]["completion_tokens"]
+        for load in loads
+        for body in load.bodies
+    ]
+    spent, biggest = sum(costs), max(costs)
+    refused = [r for load in loads for r in load.refusals]
+    # A sidecar's top-up covers two rebalances of its demand: 12 req/s x 2 s of ~21 micro-dollars.
+    lease = round(12.0 * 2 * sum(costs) / len(costs))
+    print(
+        f"\nbudget {budget} micro-USD shared by 4 sidecars: spent {spent} ({spent - budget:+d}) in {len(costs)} "
+        f"requests; largest request {biggest}; a lease at this demand ~{lease}"
+    )
+    assert spent >= budget * 0.95
+    # Past the budget only by the requests in flight when it ran out (about one per sidecar).
+    assert spent - budget < lease
+    assert refused, "the budget was never spent"
+    error = json.loads(refused[0].content)["error"]
+    assert error["code"] == "budget_exceeded" and refused[0].headers["x-should-retry"] == "false"
