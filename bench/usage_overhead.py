@@ -52,6 +52,7 @@ class Case:
     cpu_ms: list[float] = field(default_factory=list)
     rps: list[float] = field(default_factory=list)
     errors: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
 
 
 def measure(case: Case, duration: float, concurrency: int, driver: frozenset[int] | None) -> None:
@@ -68,6 +69,8 @@ def measure(case: Case, duration: float, concurrency: int, driver: frozenset[int
     )
     used = cpu_seconds(case.proc.pid) - before
     case.errors += stats.errors
+    for status, count in stats.statuses.items():
+        case.statuses[status] = case.statuses.get(status, 0) + count
     if stats.requests:
         case.cpu_ms.append(1000 * used / stats.requests)
         case.rps.append(stats.requests / stats.elapsed)
@@ -152,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     errors = sum(c.errors for c in cases)
     print(f"\nworst on/off CPU ratio {worst:.3f} (medians of {args.rounds} round(s)); errors {errors}")
+    for case in cases:
+        if case.errors:
+            print(
+                f"  {case.mix}, accounting {'on' if case.accounting else 'off'}: {case.errors} errors {case.statuses}"
+            )
     return 1 if errors else 0
 
 

@@ -64,6 +64,14 @@ class StreamHandle:
         return SidecarStream(self.sidecar_id, tenants, self.peer, self.connected_at, self.sent_version)
 
 
+def covers(scope: frozenset[str] | None, tenants: frozenset[str] | None) -> bool:
+    """Whether a token scoped to ``scope`` may speak for a stream of ``tenants``
+    (None: every tenant)."""
+    if scope is None:
+        return True
+    return tenants is not None and tenants <= scope
+
+
 class FleetTracker:
     def __init__(
         self,
@@ -126,6 +134,23 @@ class FleetTracker:
             rejected, error_detail = 0, ""
         self._acks[sidecar_id] = SidecarAck(sidecar_id, applied, rejected, error_detail, self._clock())
         self._wake.set()
+
+    def may_ack(self, sidecar_id: str, scope: frozenset[str] | None) -> bool | None:
+        """Whether a token scoped to ``scope`` (None: every tenant) may acknowledge for
+        ``sidecar_id``, by the stream this replica holds under that id; None when it
+        holds none (``may_ack_shared`` then asks the shared record)."""
+        handle = self._streams.get(sidecar_id)
+        if handle is None:
+            return None
+        return covers(scope, handle.tenants)
+
+    async def may_ack_shared(self, sidecar_id: str, scope: frozenset[str] | None) -> bool:
+        """``may_ack`` by the shared record (the stream is on another replica); a
+        sidecar id with no stream anywhere may be acknowledged only by an all-tenant token."""
+        for record in await self._store.list_sidecar_status():
+            if record.sidecar_id == sidecar_id and record.seen_at is not None:
+                return covers(scope, None if record.tenants is None else frozenset(record.tenants))
+        return scope is None
 
     def _mark(self, sidecar_id: str) -> None:
         self._dirty.add(sidecar_id)

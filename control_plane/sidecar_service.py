@@ -195,14 +195,31 @@ class SidecarService(sidecar_service_pb2_grpc.SidecarServiceServicer):
         return True
 
     async def Ack(self, request: pb.AckRequest, context: aio.ServicerContext[Any, Any]) -> pb.AckResponse:
-        if current_sidecar_scope() is None:  # only when served without the AuthInterceptor
+        scope = current_sidecar_scope()
+        if scope is None:  # only when served without the AuthInterceptor
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid sidecar token")
         if self._fleet is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this control plane does not track acknowledgements")
-        assert self._fleet is not None
+        assert self._fleet is not None and scope is not None
         sidecar_id = request.sidecar_id[:_MAX_SIDECAR_ID]
         if not sidecar_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sidecar_id: required")
+        # A token speaks only for sidecars whose watched tenants it covers: one tenant's
+        # sidecar cannot overwrite another's status. The stream is normally on this
+        # replica (the sidecar's one channel); else the shared record says.
+        allowed = self._fleet.may_ack(sidecar_id, scope.tenants)
+        if allowed is None:
+            try:
+                allowed = await self._fleet.may_ack_shared(sidecar_id, scope.tenants)
+            except KeyplaneError as exc:
+                mapped = status_for(exc)
+                assert mapped is not None
+                await context.abort(*mapped)
+        if not allowed:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"sidecar {sidecar_id!r} watches tenants outside this token's scope (or has no watch stream)",
+            )
         self._fleet.acked(
             sidecar_id, request.applied_version, request.rejected_version, request.error_detail[:_MAX_ERROR_DETAIL]
         )

@@ -280,8 +280,13 @@ class UsageRecorder:
                 await self._refresh_prices()
             except Exception as exc:  # costs with the prices held; unpriced if none
                 log.warning("could not re-read prices: %s", exc)
-            rows, costs = self._cost(self._unwritten)
+            rows, costs, carry = self._cost(self._unwritten)
             await self._store.put_usage(rows)
+            # Only once written: a failed write is costed again, from the same remainders.
+            self._carry.update(carry)
+            for key in self._unwritten:
+                if key not in carry:
+                    self._carry.pop(key, None)
             self._unwritten = {}
             self.flushes += 1
             self.rows_written += len(rows)
@@ -302,9 +307,11 @@ class UsageRecorder:
 
     def _cost(
         self, pending: Mapping[RollupKey, tuple[int, list[int], int]]
-    ) -> tuple[list[UsageRow], dict[tuple[str, str], int]]:
+    ) -> tuple[list[UsageRow], dict[tuple[str, str], int], dict[RollupKey, int]]:
+        """The rows to write, the micro-dollars per (tenant, provider), and the new remainders."""
         rows: list[UsageRow] = []
         costs: dict[tuple[str, str], int] = {}
+        carry: dict[RollupKey, int] = {}
         for key, (provider_number, c, _) in pending.items():
             minute, tenant, client_key_id, public_model, key_id, model = key
             provider = _provider_from_number(provider_number)
@@ -317,9 +324,7 @@ class UsageRecorder:
                 picos = cost_picos(price, c[_IN], c[_CACHED], c[_OUT]) + self._carry.get(key, 0)
                 micros, rest = divmod(picos, _PICOS_PER_MICRO)
                 if rest:
-                    self._carry[key] = rest
-                else:
-                    self._carry.pop(key, None)
+                    carry[key] = rest
                 if micros:
                     label = (tenant, provider.value)
                     costs[label] = costs.get(label, 0) + micros
@@ -336,7 +341,7 @@ class UsageRecorder:
                 unpriced_requests=unpriced,
             )
             rows.append(UsageRow(minute, tenant, client_key_id, public_model, key_id, provider, model, totals))
-        return rows, costs
+        return rows, costs, carry
 
     def _forget_old_carry(self) -> None:
         if len(self._carry) < 1024:

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from keyplane import __version__
-from keyplane_cli.admin import CliError, add_admin_commands
+from keyplane_cli.admin import add_admin_commands
+from keyplane_cli.admin_client import CliError
 from keyplane_cli.apply import add_apply_commands
 from keyplane_cli.audit import add_audit_commands
 from keyplane_cli.limits_cmd import add_limits_commands

@@ -8,21 +8,21 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TextIO
 
-import grpc
 from google.protobuf import field_mask_pb2
-from google.protobuf.message import Message
 
 from keyplane import convert
 from keyplane.domain import KeyStatus, Provider
-from keyplane.home import Home, read_token_file
-from keyplane.tls import ClientTls, TlsError, channel_credentials, channel_options
 from keyplane.v1 import admin_service_pb2 as admin_pb2
-from keyplane.v1 import admin_service_pb2_grpc as admin_grpc
 from keyplane.v1 import resources_pb2
-from keyplane_cli.output import add_output_flags, emit
+from keyplane_cli.admin_client import (
+    AdminClient,
+    CliError,
+    admin_flags,
+    with_admin_client,
+)
+from keyplane_cli.output import emit
 from keyplane_cli.tables import (
     client_keys_table,
     health_table,
@@ -36,19 +36,9 @@ from keyplane_cli.tables import (
     tenants_table,
 )
 from keyplane_cli.targets import split_azure_suffix
-from keyplane_cli.tls_flags import add_client_tls_flags, client_tls_from_args
 from keyplane_cli.wait import add_wait_flag, wait_after_write
 
 __all__ = ["add_admin_commands"]
-
-SERVER_ENV = "KEYPLANE_SERVER"
-ADMIN_TOKEN_ENV = "KEYPLANE_ADMIN_TOKEN"
-DEFAULT_SERVER = "127.0.0.1:50051"
-RPC_TIMEOUT = 10.0
-
-
-class CliError(Exception):
-    """A user-facing error: printed as ``error: ...`` with exit code 1/2."""
 
 
 def _provider(name: str) -> int:
@@ -114,42 +104,6 @@ def _int(text: str, what: str) -> int:
         raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
 
 
-class AdminClient:
-    """A thin synchronous client: one channel (TLS when ``tls``), the admin token on every call."""
-
-    def __init__(self, server: str, token: str, tls: ClientTls | None = None) -> None:
-        if tls is None:
-            self._channel = grpc.insecure_channel(server)
-        else:
-            self._channel = grpc.secure_channel(server, channel_credentials(tls), options=channel_options(tls))
-        self._stub = admin_grpc.AdminServiceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {token}"),)
-        self.last_response: Message | None = None
-
-    def call(self, method: str, request: Message, *, timeout: float = RPC_TIMEOUT) -> Any:
-        rpc: Callable[..., Any] = getattr(self._stub, method)
-        self.last_response = rpc(request, metadata=self._metadata, timeout=timeout)
-        return self.last_response
-
-    def close(self) -> None:
-        self._channel.close()
-
-
-def _admin_token(args: argparse.Namespace) -> str:
-    if args.admin_token_file:
-        return read_token_file(args.admin_token_file)
-    env = os.environ.get(ADMIN_TOKEN_ENV)
-    if env:
-        return env.strip()
-    path = Home.default().admin_token_file
-    if path.exists():
-        return read_token_file(path)
-    raise CliError(
-        f"no admin token: {path} does not exist and {ADMIN_TOKEN_ENV} is not set; pass --admin-token-file, "
-        f"set {ADMIN_TOKEN_ENV}, or run 'keyplane up' first (it writes {path})"
-    )
-
-
 def _read_secret(args: argparse.Namespace, stdin: TextIO) -> str:
     if args.secret_env:
         value = os.environ.get(args.secret_env)
@@ -170,25 +124,6 @@ def _read_secret(args: argparse.Namespace, stdin: TextIO) -> str:
 # The one output module and the table helpers, under the names the command modules import.
 _emit = emit
 _table = table
-
-
-def with_admin_client(args: argparse.Namespace, body: Callable[[AdminClient], int]) -> int:
-    """Run ``body`` with a client of the admin API (``--server``, the admin
-    token, the TLS flags): an RPC error is one line on stderr and exit code 1."""
-    try:
-        client = AdminClient(args.server, _admin_token(args), client_tls_from_args(args))
-    except TlsError as exc:
-        raise CliError(str(exc)) from None
-    try:
-        return body(client)
-    except grpc.RpcError as exc:
-        code = exc.code() if isinstance(exc, grpc.Call) else None
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-        name = code.name if code is not None else "ERROR"
-        sys.stderr.write(f"error: {name}: {details}\n")
-        return 1
-    finally:
-        client.close()
 
 
 def run_admin(args: argparse.Namespace, out: TextIO = sys.stdout, stdin: TextIO = sys.stdin) -> int:
@@ -342,27 +277,6 @@ def _health(args: argparse.Namespace, client: AdminClient, out: TextIO) -> None:
         _emit(args, resp, f"reset the health of key {args.key_id}", out)
 
 
-def connection_flags(parser: argparse.ArgumentParser) -> None:
-    """Where the admin API is and how to reach it: --server, the admin token, TLS."""
-    parser.add_argument(
-        "--server",
-        default=os.environ.get(SERVER_ENV, DEFAULT_SERVER),
-        help=f"control plane address (env {SERVER_ENV}, default {DEFAULT_SERVER})",
-    )
-    parser.add_argument(
-        "--admin-token-file",
-        type=Path,
-        default=None,
-        help=f"file holding the admin token (else env {ADMIN_TOKEN_ENV}, else $KEYPLANE_HOME/admin.token)",
-    )
-    add_client_tls_flags(parser)
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    connection_flags(parser)
-    add_output_flags(parser)
-
-
 def _tenant(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tenant", "-t", required=True, help="the tenant (isolation boundary) to work in")
 
@@ -395,7 +309,7 @@ def add_admin_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
 
     def action(actions: Any, name: str, help_text: str, *extra: Callable[[argparse.ArgumentParser], None]) -> Any:
         parser = actions.add_parser(name, help=help_text)
-        _common(parser)
+        admin_flags(parser)
         for add in extra:
             add(parser)
         return parser

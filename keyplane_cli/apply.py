@@ -25,7 +25,7 @@ from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import limits_pb2 as lpb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import usage_pb2 as upb
-from keyplane_cli.admin import AdminClient, CliError, connection_flags, with_admin_client
+from keyplane_cli.admin_client import AdminClient, CliError, connection_flags, with_admin_client
 from keyplane_cli.apply_limits import current_limits, execute_limits
 from keyplane_cli.config_file import ConfigError, load_config
 from keyplane_cli.config_plan import (

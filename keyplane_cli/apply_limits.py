@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import limits_pb2 as lpb
-from keyplane_cli.admin import AdminClient, CliError
+from keyplane_cli.admin_client import AdminClient, CliError
 from keyplane_cli.config_limits import LimitsSpec
 from keyplane_cli.config_plan import TENANT_WIDE_NAME, Action
 

@@ -13,8 +13,9 @@ from typing import Any, TextIO
 from keyplane import convert
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import resources_pb2
-from keyplane_cli.admin import AdminClient, CliError, _common, _table, with_admin_client
+from keyplane_cli.admin_client import AdminClient, CliError, admin_flags, with_admin_client
 from keyplane_cli.output import emit
+from keyplane_cli.tables import table as _table
 
 __all__ = ["add_audit_commands", "audit_table", "parse_time"]
 
@@ -110,7 +111,7 @@ def add_audit_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
     handlers["audit"] = run_audit
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="audit events, newest first")
-    _common(listing)
+    admin_flags(listing)
     listing.add_argument("--tenant", "-t", help="only this tenant's events")
     listing.add_argument("--resource", metavar="ID", help="only events about this resource (key, route, ... id)")
     listing.add_argument("--kind", help="only events about this kind: tenant, provider_key, route, client_key, ...")

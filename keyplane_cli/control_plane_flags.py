@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import TypedDict
 
-from keyplane_cli.health_flags import positive_seconds
+from keyplane_cli.arg_types import positive_seconds
 
 __all__ = [
     "DENY_PRIVATE_ENV",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import TypedDict
 
-from keyplane_cli.health_flags import positive_seconds
+from keyplane_cli.arg_types import positive_seconds
 
 __all__ = ["ConvergenceOptions", "add_convergence_flags", "convergence_options_from_args"]
 

@@ -16,7 +16,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, TextIO
 
 from keyplane.v1 import limits_pb2 as lpb
-from keyplane_cli.admin import AdminClient, connection_flags, with_admin_client
+from keyplane_cli.admin_client import AdminClient, connection_flags, with_admin_client
 from keyplane_cli.output import add_output_flags, emit
 from keyplane_cli.tables import local_time, table
 

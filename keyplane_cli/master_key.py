@@ -34,7 +34,9 @@ from keyplane.home import Home
 from keyplane.keyring import legacy_key_id, new_key_id, validate_key_id
 from keyplane.keyring_file import KEYRING_ENV, read_keyring_file, write_keyring_file
 from keyplane.v1 import admin_service_pb2 as admin_pb2
-from keyplane_cli.admin import AdminClient, CliError, _common, _emit, _table, with_admin_client
+from keyplane_cli.admin_client import AdminClient, CliError, admin_flags, with_admin_client
+from keyplane_cli.output import emit as _emit
+from keyplane_cli.tables import table as _table
 
 __all__ = ["add_master_key_commands", "keyring_path", "master_key_sources"]
 
@@ -252,7 +254,7 @@ def add_master_key_commands(sub: Any, handlers: dict[str, Callable[[argparse.Nam
 
     def action(name: str, text: str, *extra: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = actions.add_parser(name, help=text)
-        _common(p)
+        admin_flags(p)
         for add in extra:
             add(p)
         return p

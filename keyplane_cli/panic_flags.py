@@ -7,27 +7,17 @@ sidecar's own (docs/operations.md, "Provider down / key cooling").
 from __future__ import annotations
 
 import argparse
-import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from keyplane.health.panic import PanicPolicy
+from keyplane_cli.arg_types import non_negative_seconds
 
 __all__ = ["add_panic_flags", "panic_policy_from_args"]
 
 # keyplane.health.panic.PanicPolicy's defaults (not imported: the CLI loads lazily).
 DEFAULT_PROBE_WAIT = 2.0
 DEFAULT_MAX_RATE_LIMIT_WAIT = 10.0
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
-    return value
 
 
 def add_panic_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +32,7 @@ def add_panic_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--panic-probe-wait",
-        type=_seconds,
+        type=non_negative_seconds,
         default=DEFAULT_PROBE_WAIT,
         metavar="SECONDS",
         help="how long a request waits for another request's probe of the same key and model before it is "
@@ -50,7 +40,7 @@ def add_panic_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-rate-limit-wait",
-        type=_seconds,
+        type=non_negative_seconds,
         default=DEFAULT_MAX_RATE_LIMIT_WAIT,
         metavar="SECONDS",
         help="when every key is rate limited, wait up to this long for the first to recover (within the "

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from keyplane.v1 import admin_service_pb2 as admin_pb2
-from keyplane_cli.admin import AdminClient, _table, connection_flags, with_admin_client
+from keyplane_cli.admin_client import AdminClient, connection_flags, with_admin_client
+from keyplane_cli.tables import table as _table
 from keyplane_cli.wait import state_name as _state
 
 __all__ = ["add_proxy_status_command", "proxy_status_table", "status_json"]

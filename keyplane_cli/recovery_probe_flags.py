@@ -17,7 +17,7 @@ import argparse
 from typing import TYPE_CHECKING, Literal, cast
 
 from keyplane.domain import Provider
-from keyplane_cli.health_flags import positive_seconds
+from keyplane_cli.arg_types import non_negative_seconds, positive_seconds
 
 if TYPE_CHECKING:  # the control plane is imported only by the commands that run it
     from control_plane.recovery_probe import RecoveryProbeConfig
@@ -42,12 +42,6 @@ def _probe_kind(text: str) -> tuple[Provider, ProbeKind]:
     if not sep or kind.strip() not in PROBE_KINDS:
         raise argparse.ArgumentTypeError(f"expected PROVIDER=KIND with KIND one of {', '.join(PROBE_KINDS)}")
     return provider, cast(ProbeKind, kind.strip())
-
-
-def non_negative_seconds(text: str) -> float:
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return positive_seconds(text)
 
 
 def add_recovery_probe_flags(parser: argparse.ArgumentParser) -> None:

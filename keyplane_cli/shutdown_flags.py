@@ -15,20 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import signal
 
+from keyplane_cli.arg_types import non_negative_seconds
+
 __all__ = ["Signals", "add_control_plane_drain_flags", "add_sidecar_shutdown_flags", "non_negative_seconds"]
-
-
-def non_negative_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive number of seconds, got {text!r}")
-    return value
 
 
 def add_sidecar_shutdown_flags(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TypedDict
 
 from keyplane.home import Home
-from keyplane_cli.health_flags import positive_seconds
+from keyplane_cli.arg_types import positive_count, positive_number, positive_seconds
 
 __all__ = [
     "StabilityOptions",
@@ -112,27 +112,10 @@ class WatchAdmissionOptions(TypedDict):
     watch_admit_burst: int
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return value
-
-
-def _positive_rate(text: str) -> float:
-    try:
-        return positive_seconds(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-
-
 def add_watch_admission_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--watch-admit-rate",
-        type=_positive_rate,
+        type=positive_number,
         default=_DEFAULT_ADMIT_RATE,
         metavar="PER_SECOND",
         help="new watch streams served per second on average; more are told (UNAVAILABLE with a retry delay) "
@@ -140,7 +123,7 @@ def add_watch_admission_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--watch-admit-burst",
-        type=_at_least_one,
+        type=positive_count,
         default=_DEFAULT_ADMIT_BURST,
         metavar="N",
         help=f"new watch streams served at once before the rate applies (default {_DEFAULT_ADMIT_BURST})",

@@ -14,7 +14,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import resources_pb2
-from keyplane_cli.admin import AdminClient, _common, _emit, _table, with_admin_client
+from keyplane_cli.admin_client import AdminClient, admin_flags, with_admin_client
+from keyplane_cli.output import emit as _emit
+from keyplane_cli.tables import table as _table
 
 __all__ = ["add_token_commands", "run_tokens"]
 
@@ -116,13 +118,13 @@ def add_token_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         handlers[group] = run_tokens
         actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
         create = actions.add_parser("create", help=f"create one of the {what} (the token is printed once)")
-        _common(create)
+        admin_flags(create)
         create.add_argument("--label", "-l", required=True, help="what the token is for (not unique)")
         if group == "sidecar-tokens":
             scope = create.add_mutually_exclusive_group(required=True)
             scope.add_argument("--tenant", "-t", action="append", help="a tenant it may watch (repeatable)")
             scope.add_argument("--all-tenants", action="store_true", help="every tenant, including future ones")
-        _common(actions.add_parser("list", help=f"list the {what} created through the API (prefixes only)"))
+        admin_flags(actions.add_parser("list", help=f"list the {what} created through the API (prefixes only)"))
         revoke = actions.add_parser("revoke", help="revoke a token on every replica, at once")
-        _common(revoke)
+        admin_flags(revoke)
         _revoke_flags(revoke)

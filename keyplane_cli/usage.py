@@ -19,11 +19,11 @@ from keyplane import convert
 from keyplane.domain import Provider
 from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import usage_pb2
-from keyplane_cli.admin import AdminClient, CliError, _common, _table, with_admin_client
+from keyplane_cli.admin_client import AdminClient, CliError, admin_flags, with_admin_client
 from keyplane_cli.audit import parse_time
 from keyplane_cli.limits_cmd import limits_of, limits_table
 from keyplane_cli.output import emit, to_data
-from keyplane_cli.tables import provider_name
+from keyplane_cli.tables import provider_name, table
 
 __all__ = ["add_usage_commands", "dollars", "micros_per_million", "usage_table"]
 
@@ -112,7 +112,7 @@ def usage_table(rows: list[usage_pb2.UsageRow], by: list[str], bucketed: bool) -
                 cost,
             )
         )
-    return "\n".join(_table(header, out))
+    return "\n".join(table(header, out))
 
 
 def _show(args: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
@@ -164,7 +164,7 @@ def prices_table(prices: list[usage_pb2.Price]) -> str:
         )
         for p in prices
     ]
-    return "\n".join(_table(("PROVIDER", "MODEL", "INPUT/M", "CACHED/M", "OUTPUT/M"), rows))
+    return "\n".join(table(("PROVIDER", "MODEL", "INPUT/M", "CACHED/M", "OUTPUT/M"), rows))
 
 
 def _provider(name: str) -> int:
@@ -209,7 +209,7 @@ def add_usage_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         description="Tokens and cost from the control plane's per-minute rollups. Counts marked ~ include "
         "estimates (the provider reported no usage). Requests count upstream attempts.",
     )
-    _common(show)
+    admin_flags(show)
     show.add_argument("--tenant", "-t", help="only this tenant (default: every tenant)")
     show.add_argument(
         "--since", type=parse_time, help="from this time: 30m, 1h, 2d ago or an ISO 8601 time (default 1h)"
@@ -231,7 +231,7 @@ def add_usage_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
     pactions = prices.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, text in (("set", "set (or replace) a price"), ("list", "a tenant's prices"), ("delete", "drop a price")):
         parser = pactions.add_parser(name, help=text)
-        _common(parser)
+        admin_flags(parser)
         parser.add_argument("--tenant", "-t", required=True, help="the tenant")
         if name == "list":
             continue

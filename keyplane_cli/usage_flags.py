@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import TypedDict
 
-from keyplane_cli.health_flags import positive_seconds
+from keyplane_cli.arg_types import positive_seconds
 
 __all__ = ["UsageOptions", "add_usage_flags", "usage_options_from_args"]
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, TextIO
 from google.protobuf.duration_pb2 import Duration
 
 from keyplane.v1 import admin_service_pb2 as admin_pb2
-from keyplane_cli.health_flags import positive_seconds
+from keyplane_cli.arg_types import positive_seconds
 
 if TYPE_CHECKING:
-    from keyplane_cli.admin import AdminClient
+    from keyplane_cli.admin_client import AdminClient
 
 __all__ = ["DEFAULT_WAIT", "NOT_CONVERGED", "add_wait_flag", "state_name", "wait_after_write"]
 

@@ -49,7 +49,7 @@ def from_openai(error: errors.ErrorResponse) -> errors.ErrorResponse:
         message = str(json.loads(error.body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         message = "The sidecar could not answer this request."
-    return errors.ErrorResponse(error.status, error_body(_type_for(error.status), message))
+    return errors.ErrorResponse(error.status, error_body(_type_for(error.status), message), error.headers)
 
 
 def missing_api_key() -> errors.ErrorResponse:

@@ -24,6 +24,7 @@ the Anthropic SDK sends an ``api_key``) or ``Authorization: Bearer``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -34,12 +35,15 @@ from . import anthropic_errors, errors
 from .access_log import AccessEntry
 from .asgi import Receive, Scope, Send, send_error
 from .book import RequestBook
-from .chat import ChatApp, ClientGone, DisconnectWatch, read_body, request_id_for
+from .chat import ClientGone, DisconnectWatch, attempt, read_body, request_id_for
+from .chat_app import ChatApp
 from .endpoints import MESSAGES
 from .model import Key, Route, Target
-from .proxy import AttemptsFailed, excluded_header, run_attempts
+from .proxy import AttemptsFailed, excluded_header
 from .relay import relay
 from .request_json import RequestJsonError, parse_request_json
+from .rescue import Rescue, Sending
+from .rescue_plan import rescue_for
 from .router import Attempt, plan_attempts
 from .upstream.anthropic import (
     ANTHROPIC_FORWARDED_HEADERS,
@@ -161,16 +165,9 @@ async def messages(
         model=model,
     )
     plan = _plan(app, tenant, route, book)
-    if not plan:
-        _log.warning(
-            "request %s for %s: no usable anthropic key (excluded %s)",
-            book.request_id,
-            model,
-            excluded_header(book.excluded),
-        )
-        return await send_error(
-            send, anthropic_errors.from_openai(errors.no_usable_key(model)), book.headers(attempts=0)
-        )
+    deadline = asyncio.get_running_loop().time() + app.request_timeout
+    # Built only should no key be able to serve (``sidecar.rescue``).
+    rescue = functools.partial(rescue_for, app, book.health, tenant, model, route, headers, deadline)
     encoded: dict[str, bytes] = {}
 
     def body_for(upstream_model: str) -> bytes:
@@ -192,7 +189,8 @@ async def messages(
     watch = DisconnectWatch(receive, task, app.disconnect_watch_after)
     status = 499
     try:
-        status = await _answer(app, book, plan, body_for, headers, stream, count_tokens, send)
+        sending = Sending(build=_BUILD_COUNT_TOKENS if count_tokens else _BUILD_MESSAGES)
+        status = await _answer(app, book, plan, body_for, headers, stream, deadline, sending, rescue, send)
     except asyncio.CancelledError:
         if not watch.gone:
             raise
@@ -236,33 +234,15 @@ async def _answer(
     body_for: Callable[[str], bytes],
     headers: dict[str, str],
     stream: bool,
-    count_tokens: bool,
+    deadline: float,
+    sending: Sending,
+    rescue: Callable[[], Rescue],
     send: Send,
 ) -> int:
-    health = book.health
     wall_clock = app.state.wall_clock
-
-    def blocked(attempt: Attempt) -> str | None:
-        if attempt.key is None:
-            return None
-        return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
-
-    result = await run_attempts(
-        app.upstream,
-        plan,
-        body_for,
-        headers,
-        stream=stream,
-        deadline=asyncio.get_running_loop().time() + app.request_timeout,
-        observer=book,
-        blocked=blocked,
-        excluded=book.excluded,
-        wall_clock=wall_clock,
-        build=_BUILD_COUNT_TOKENS if count_tokens else _BUILD_MESSAGES,
+    result = await attempt(
+        app, book, plan, body_for, headers, stream=stream, deadline=deadline, sending=sending, rescue=rescue
     )
-    book.excluded = dict(result.excluded)
-    if book.access is not None:
-        book.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
     if isinstance(result, AttemptsFailed):
         _log.warning(
             "request %s failed after %d attempt(s); excluded %s",

@@ -21,7 +21,7 @@ from .usage_stream import Metering
 
 if TYPE_CHECKING:
     from .access_log import AccessEntry
-    from .chat import ChatApp
+    from .chat_app import ChatApp
 
 __all__ = [
     "ATTEMPTS_HEADER",

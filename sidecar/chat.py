@@ -24,67 +24,31 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from . import errors
 from .access_log import AccessEntry
-from .affinity import ResponseAffinity, Sticky, previous_response
+from .affinity import Sticky, previous_response
 from .asgi import Receive, Scope, Send, send_error
 from .book import RequestBook
+from .chat_app import ChatApp
 from .endpoints import CHAT_COMPLETIONS, BodyKind, Endpoint, SseErrors, StreamKind
-from .limits import Limiter
 from .model import Key, Target
-from .proxy import AttemptRecord, AttemptsFailed, describe, excluded_header
+from .proxy import AttemptsFailed, UpstreamReply, describe, excluded_header
 from .relay import relay
 from .request_json import RequestJsonError, parse_request_json
-from .rescue import ProbeGate, Rescue, Sending, serve
+from .rescue import Rescue, Sending, serve
 from .rescue_plan import APP_TIMEOUT_HEADER, rescue_for
 from .router import Attempt, plan_attempts
 from .upload import content_type_of, read_upload
 from .upstream import FORWARDED_REQUEST_HEADERS, JSON_TYPE, RequestBody
 from .usage_stream import Metering, plan_metering
 
-if TYPE_CHECKING:
-    from keyplane.health.panic import PanicPolicy
-
-    from .metrics import SidecarMetrics
-    from .reporter import OutcomeReporter
-    from .router import Balancer
-    from .state import SidecarState
-    from .upstream import UpstreamClient
-
-
-class ChatApp(Protocol):
-    """What the chat handler needs of the app that calls it (``SidecarApp``):
-    the handler is called by the edge and never imports it."""
-
-    state: SidecarState
-    upstream: UpstreamClient
-    metrics: SidecarMetrics
-    balancer: Balancer
-    max_body_bytes: int
-    max_attempts: int
-    request_timeout: float
-    reporter: OutcomeReporter | None
-    disconnect_watch_after: float
-    # Which key created each Responses API response (``sidecar.affinity``).
-    affinity: ResponseAffinity
-    panic_policy: PanicPolicy
-    probes: ProbeGate
-    # Limits from the local leases (``sidecar.limits``); None: no limits.
-    limiter: Limiter | None
-    # Read token usage from answers (``sidecar.usage``).
-    usage_accounting: bool
-
-    def count_attempt(self, record: AttemptRecord) -> None: ...
-
-    def count_misconfigured(self, attempt: Attempt) -> None: ...
-
-
 __all__ = [
     "ChatApp",
     "ClientGone",
     "DisconnectWatch",
+    "attempt",
     "authenticate",
     "chat",
     "forward",
@@ -452,33 +416,12 @@ async def _answer(
     send: Send,
     rescue: Callable[[], Rescue] | None = None,
 ) -> int:
-    """Run the attempts (``sidecar.rescue.serve``: the plan, then panic probes, waits or an
-    honest answer when no key could serve) and pass the answer (or the failure) to the app."""
-    health = ctx.health
+    """Run the attempts (``attempt``) and pass the answer (or the failure) to the app."""
     wall_clock = self.state.wall_clock
-
-    def blocked(attempt: Attempt) -> str | None:
-        if attempt.key is None:
-            return None
-        return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
-
-    result = await serve(
-        self.upstream,
-        plan,
-        body_for,
-        headers,
-        stream=how.stream,
-        deadline=deadline,
-        observer=ctx,
-        blocked=blocked,
-        excluded=ctx.excluded,
-        wall_clock=wall_clock,
-        rescue=rescue,
-        sending=Sending(how.endpoint.upstream_path, how.content_type),
+    sending = Sending(how.endpoint.upstream_path, how.content_type)
+    result = await attempt(
+        self, ctx, plan, body_for, headers, stream=how.stream, deadline=deadline, sending=sending, rescue=rescue
     )
-    ctx.excluded = dict(result.excluded)
-    if ctx.access is not None:
-        ctx.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
     if isinstance(result, AttemptsFailed):
         _log.warning(
             "request %s for %s failed after %d attempt(s); excluded %s",
@@ -505,6 +448,49 @@ async def _answer(
     return await relay(
         ctx, result, own, send, metrics=self.metrics, wall_clock=wall_clock, typed_errors=typed, metering=ctx.metering
     )
+
+
+async def attempt(
+    self: ChatApp,
+    ctx: RequestBook,
+    plan: list[Attempt],
+    body_for: Callable[[str], RequestBody],
+    headers: dict[str, str],
+    *,
+    stream: bool,
+    deadline: float,
+    sending: Sending,
+    rescue: Callable[[], Rescue] | None,
+) -> UpstreamReply | AttemptsFailed:
+    """The attempts of one request, whatever its endpoint: ``sidecar.rescue.serve`` (the
+    plan, then panic probes, waits or an honest answer when no key could serve), with
+    the request's book brought up to date."""
+    health = ctx.health
+    wall_clock = self.state.wall_clock
+
+    def blocked(attempt: Attempt) -> str | None:
+        if attempt.key is None:
+            return None
+        return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
+
+    result = await serve(
+        self.upstream,
+        plan,
+        body_for,
+        headers,
+        stream=stream,
+        deadline=deadline,
+        observer=ctx,
+        blocked=blocked,
+        excluded=ctx.excluded,
+        wall_clock=wall_clock,
+        rescue=rescue,
+        sending=sending,
+    )
+    ctx.excluded = dict(result.excluded)
+    if ctx.access is not None:
+        ctx.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
+    return result
 
 
 class _How:

@@ -26,6 +26,9 @@ __all__ = ["Metering", "StreamTap", "inject_usage_request"]
 # Chunks kept for the usage at the end (a Responses ``response.completed`` event
 # carries the whole response, so a few network chunks may make it up).
 _TAIL_CHUNKS = 32
+_TAIL_BYTES = 256 * 1024
+# Anthropic's message_start (with the input usage) is in the first few KB.
+_HEAD_BYTES = 8192
 _NULL_USAGE = b',"usage":null'
 _NULL_USAGE_SPACED = b', "usage": null'
 _USAGE_CHUNK = re.compile(rb'"choices"\s*:\s*\[\s*\]')
@@ -58,20 +61,25 @@ class StreamTap:
     """What a relayed stream consumed; ``seen`` every chunk (what it returns is what
     the app gets), ``finish`` at the end (the bytes still held), then ``usage``."""
 
-    __slots__ = ("_anthropic", "_events", "_head", "_input_bytes", "_pending", "_strip", "_tail")
+    __slots__ = ("_anthropic", "_events", "_head", "_head_size", "_input_bytes", "_pending", "_strip", "_tail")
 
     def __init__(self, *, input_bytes: int, anthropic: bool = False, strip: bool = False) -> None:
         self._input_bytes = input_bytes
         self._anthropic = anthropic
         self._strip = strip
-        self._head: bytes | None = None
+        # The first chunks (Anthropic's message_start may span a few).
+        self._head: list[bytes] = []
+        self._head_size = 0
         self._tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
         self._events = 0
         self._pending = b""
 
     def seen(self, chunk: bytes) -> bytes:
-        if self._head is None:
-            self._head = chunk
+        if not chunk:
+            return chunk
+        if self._head_size < _HEAD_BYTES:
+            self._head.append(chunk)
+            self._head_size += len(chunk)
         self._tail.append(chunk)
         self._events += chunk.count(b"data:")
         if not self._strip:
@@ -103,8 +111,17 @@ class StreamTap:
 
     def usage(self) -> Usage:
         """What the stream reported, or an estimate (one token a streamed event)."""
-        head = self._head or b""
-        found = usage_in_events(head, b"".join(self._tail), anthropic=self._anthropic)
+        head = b"".join(self._head)
+        # The usage is in the last events: the newest chunks up to _TAIL_BYTES are enough.
+        kept: list[bytes] = []
+        size = 0
+        for chunk in reversed(self._tail):
+            kept.append(chunk)
+            size += len(chunk)
+            if size >= _TAIL_BYTES:
+                break
+        kept.reverse()
+        found = usage_in_events(head, b"".join(kept), anthropic=self._anthropic)
         if found is not None:
             return found
         return estimate(self._input_bytes, output_events=max(0, self._events - 1))
@@ -115,12 +132,14 @@ class Metering:
     chunk was asked for on the app's behalf (and is to be stripped), the input size
     (for estimates)."""
 
-    __slots__ = ("anthropic", "input_bytes", "strip")
+    __slots__ = ("anthropic", "input_bytes", "outputs", "strip")
 
-    def __init__(self, *, input_bytes: int, anthropic: bool = False, strip: bool = False) -> None:
+    def __init__(self, *, input_bytes: int, anthropic: bool = False, strip: bool = False, outputs: bool = True) -> None:
         self.input_bytes = input_bytes
         self.anthropic = anthropic
         self.strip = strip
+        # The answer is generated text (False: embeddings, whose body is no output tokens).
+        self.outputs = outputs
 
     def tap(self) -> StreamTap:
         return StreamTap(input_bytes=self.input_bytes, anthropic=self.anthropic, strip=self.strip)
@@ -128,7 +147,9 @@ class Metering:
     def of_body(self, body: bytes) -> Usage:
         """The usage a whole (successful) answer reports, or an estimate from sizes."""
         found = usage_in_body(body, anthropic=self.anthropic)
-        return found if found is not None else estimate(self.input_bytes, output_bytes=len(body))
+        if found is not None:
+            return found
+        return estimate(self.input_bytes, output_bytes=len(body) if self.outputs else 0)
 
 
 # The endpoints whose answers report tokens, and those whose streams take
@@ -146,7 +167,8 @@ def plan_metering(
     if endpoint not in METERED:
         return None, raw
     if not (stream and endpoint in _ASKS_USAGE):
-        return Metering(input_bytes=len(raw), anthropic=endpoint == "messages"), raw
+        metering = Metering(input_bytes=len(raw), anthropic=endpoint == "messages", outputs=endpoint != "embeddings")
+        return metering, raw
     options = payload.get("stream_options")
     if (isinstance(options, dict) and options.get("include_usage") is True) or not (
         options is None or isinstance(options, dict)

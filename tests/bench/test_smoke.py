@@ -58,6 +58,11 @@ def test_outcome_ingest() -> None:
     assert re.search(r"\| 0% \| 8 \| 100 \| [1-9]\d* \|", out), out
 
 
+def test_usage_overhead() -> None:
+    out = run_smoke("bench.usage_overhead")
+    assert re.search(r"\| sse, usage not asked \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out), out
+
+
 def test_db_queries() -> None:
     out = run_smoke("bench.db_queries")
     assert "store queries per proxied request: 0.0000" in out, out

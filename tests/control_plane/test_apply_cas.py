@@ -12,7 +12,7 @@ from google.protobuf import field_mask_pb2
 
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
-from keyplane_cli.admin import AdminClient
+from keyplane_cli.admin_client import AdminClient
 from keyplane_cli.apply import execute_action, read_current
 from keyplane_cli.config_plan import Action, KeySpec, TenantSpec, plan
 from tests.control_plane.conftest import ADMIN_MD, ADMIN_TOKEN, SECRET, Harness

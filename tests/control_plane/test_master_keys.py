@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 from grpc import aio
@@ -26,9 +24,9 @@ from keyplane.keyring_file import write_keyring_file
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from tests.control_plane.conftest import ADMIN_MD, SIDECAR_ALL_MD, Harness, HarnessFactory, next_message, rpc_error
+from tests.pg import fresh_schema, schema_url
 from tests.store import factories as f
 
-PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 K0, K1 = os.urandom(32), os.urandom(32)
 LEGACY = legacy_key_id(K0)
 
@@ -38,19 +36,8 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'keyplane.db'}"
         return
-    try:
-        admin = await asyncpg.connect(PG_DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        message = f"Postgres at {PG_DSN} is unreachable: {type(exc).__name__}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    schema = f"kp_mk_{uuid.uuid4().hex[:16]}"
-    try:
-        yield f"{PG_DSN}?schema={schema}"
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
+    async with fresh_schema("kp_mk") as schema:
+        yield schema_url(schema)
 
 
 async def _plane(make_harness: HarnessFactory, store_url: str, keyring: Path, master_key: bytes = K0) -> Harness:

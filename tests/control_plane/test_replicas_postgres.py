@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 
@@ -22,25 +20,13 @@ from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import sidecar_service_pb2 as spb
 from tests.control_plane.conftest import ADMIN_MD, Harness, HarnessFactory, next_message
 from tests.control_plane.test_health import credential, outcome, report, watching
-
-PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.pg import fresh_schema, schema_url
 
 
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
-    try:
-        admin = await asyncpg.connect(PG_DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        message = f"Postgres at {PG_DSN} is unreachable: {type(exc).__name__}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    schema = f"kp_cp_{uuid.uuid4().hex[:16]}"
-    try:
-        yield f"{PG_DSN}?schema={schema}"
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
+    async with fresh_schema("kp_cp") as schema:
+        yield schema_url(schema)
 
 
 async def two_replicas(make_harness: HarnessFactory, pg_url: str) -> tuple[Harness, Harness, rpb.ProviderKey]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -16,19 +15,14 @@ from grpc import aio
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2
 from tests.control_plane.conftest import ADMIN_MD, SECRET, HarnessFactory, rpc_error
-from tests.store.conftest import PG_DSN, _admin_connection
+from tests.pg import PG_DSN, fresh_schema
 from tests.store.test_postgres_outages import blocked_pid, locked
 
 
 @pytest.fixture
 async def pg_schema() -> AsyncIterator[str]:
-    admin = await _admin_connection()
-    schema = f"kp_cp_{uuid.uuid4().hex[:16]}"
-    try:
+    async with fresh_schema("kp_cp") as schema:
         yield schema
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
 
 
 async def test_a_stalled_database_answers_unavailable_within_the_store_timeout(

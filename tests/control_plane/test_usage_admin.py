@@ -20,7 +20,7 @@ from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import sidecar_service_pb2 as spb
 from keyplane.v1 import usage_pb2 as upb
-from keyplane_cli.admin import AdminClient
+from keyplane_cli.admin_client import AdminClient
 from keyplane_cli.apply import execute_action, read_current
 from keyplane_cli.config_file import ConfigError, load_config
 from keyplane_cli.config_plan import Action, plan

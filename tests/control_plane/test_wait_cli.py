@@ -17,7 +17,7 @@ from grpc import aio
 from keyplane.v1 import sidecar_service_pb2 as spb
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
-from tests.control_plane.conftest import SIDECAR_ACME, SIDECAR_ACME_MD, Harness, next_message
+from tests.control_plane.conftest import SIDECAR_ACME, SIDECAR_ACME_MD, SIDECAR_ALL_MD, Harness, next_message
 from tests.control_plane.test_convergence_replicas import keyplane
 
 CONFIG = """
@@ -95,3 +95,33 @@ async def test_ack_refuses_what_it_cannot_record(harness: Harness) -> None:
     with pytest.raises(aio.AioRpcError) as info:
         await harness.sidecar.Ack(spb.AckRequest(sidecar_id="x", applied_version=3))
     assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_token_acknowledges_only_for_sidecars_within_its_scope(harness: Harness) -> None:
+    """One tenant's sidecar token cannot overwrite the status of a sidecar that
+    watches tenants outside its scope, nor invent a sidecar id."""
+    await harness.tenant()
+    everything = harness.watch((), metadata=SIDECAR_ALL_MD, sidecar_id="all-tenants")
+    first = await next_message(everything)
+    with pytest.raises(aio.AioRpcError) as info:
+        await harness.sidecar.Ack(
+            spb.AckRequest(sidecar_id="all-tenants", rejected_version=first.version + 1, error_detail="spoofed"),
+            metadata=SIDECAR_ACME_MD,
+        )
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(aio.AioRpcError) as info:
+        await harness.sidecar.Ack(spb.AckRequest(sidecar_id="nobody", applied_version=1), metadata=SIDECAR_ACME_MD)
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    # The stream's own (all-tenant) token may, and an acme-only stream takes acme's acks.
+    await harness.sidecar.Ack(
+        spb.AckRequest(sidecar_id="all-tenants", applied_version=first.version), metadata=SIDECAR_ALL_MD
+    )
+    acme = harness.watch(("acme",), metadata=SIDECAR_ACME_MD, sidecar_id="acme-only")
+    latest = await next_message(acme)
+    await harness.sidecar.Ack(
+        spb.AckRequest(sidecar_id="acme-only", applied_version=latest.version), metadata=SIDECAR_ACME_MD
+    )
+    await harness.plane.fleet.flush()
+    states = {r.sidecar_id: r for r in await harness.plane.fleet.records()}
+    assert states["all-tenants"].rejected_version == 0 and states["all-tenants"].error_detail == ""
+    assert states["acme-only"].applied_version == latest.version

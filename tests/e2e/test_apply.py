@@ -17,7 +17,7 @@ import pytest
 
 from keyplane.crypto import fingerprint
 from tests.e2e.processes import CliResult, Running, child_env, cli, start
-from tests.store.conftest import PG_DSN
+from tests.pg import PG_DSN
 
 ADMIN_TOKEN = "adm-apply-0a1b2c3d4e5f"
 SIDECAR_TOKEN = "sc-apply-0a1b2c3d4e5f"

@@ -21,11 +21,9 @@ import base64
 import os
 import signal
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import httpx
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -37,8 +35,8 @@ from keyplane.v1 import admin_service_pb2_grpc
 from keyplane.v1 import resources_pb2 as rpb
 from tests.e2e import processes
 from tests.fakes.upstream import FakeUpstream
+from tests.pg import fresh_schema, schema_url
 
-PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 ADMIN_TOKEN = "adm-drain-e2e-6f5e4d3c2b1a"
 SIDECAR_TOKEN = "sc-drain-e2e-acme-1a2b3c4d5e6f"
 ADMIN_MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -50,19 +48,8 @@ NEW_SECRET = "sk-drain-new-key-0002"
 
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
-    try:
-        admin = await asyncpg.connect(PG_DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        message = f"Postgres at {PG_DSN} is unreachable: {type(exc).__name__}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    schema = f"kp_drain_{uuid.uuid4().hex[:16]}"
-    try:
-        yield f"{PG_DSN}?schema={schema}"
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
+    async with fresh_schema("kp_drain") as schema:
+        yield schema_url(schema)
 
 
 async def _replica(pg_url: str, env: dict[str, str]) -> tuple[processes.Running, str]:

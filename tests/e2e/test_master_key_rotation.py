@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from grpc import aio
@@ -32,8 +30,8 @@ from keyplane.v1 import resources_pb2 as rpb
 from sidecar.config import SidecarConfig
 from sidecar.server import Sidecar
 from tests.fakes.upstream import FakeUpstream
+from tests.pg import fresh_schema, schema_url
 
-PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 ADMIN_TOKEN = "adm-mk-e2e-5d4c3b2a1f0e"
 SIDECAR_TOKEN = "sc-mk-e2e-acme-0a1b2c3d4e5f"
 ADMIN_MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -47,19 +45,8 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'keyplane.db'}"
         return
-    try:
-        admin = await asyncpg.connect(PG_DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        message = f"Postgres at {PG_DSN} is unreachable: {type(exc).__name__}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    schema = f"kp_mke2e_{uuid.uuid4().hex[:16]}"
-    try:
-        yield f"{PG_DSN}?schema={schema}"
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
+    async with fresh_schema("kp_mke2e") as schema:
+        yield schema_url(schema)
 
 
 def _config(store_url: str, keyring: Path, master_key: bytes, listen: str) -> ControlPlaneConfig:

@@ -33,7 +33,8 @@ from control_plane.store import PostgresStore
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import admin_service_pb2_grpc
 from keyplane.v1 import resources_pb2 as rpb
-from tests.store.conftest import PG_DSN, _admin_connection
+from tests.pg import PG_DSN
+from tests.pg import admin_connection as _admin_connection
 
 ADMIN_TOKEN = "adm-swarm-0a1b2c3d4e5f"
 SIDECAR_TOKEN = "kps-swarm-6a7b8c9d0e1f"

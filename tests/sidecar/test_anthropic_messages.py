@@ -226,3 +226,32 @@ async def test_the_sidecars_own_errors_have_anthropics_shape(sidecar: Sidecar, f
     }
     assert method.status_code == 405 and method.json()["type"] == "error"
     assert fake.requests == []  # none of these reached the provider
+
+
+async def test_honest_answers_in_anthropics_shape_when_no_key_can_serve(sidecar: Sidecar, fake: FakeAnthropic) -> None:
+    """The Messages API gets the same rescue as chat (``sidecar.rescue``): keys whose
+    credentials failed give a 503 that says so, in Anthropic's error shape, never the
+    provider's 401; keys that are all rate limited give a 429 at the earliest recovery."""
+    _apply(sidecar, fake, ("sk-ant-1", "sk-ant-2"))
+    fake.program("sk-ant-1", ANTHROPIC_INVALID_KEY)
+    fake.program("sk-ant-2", ANTHROPIC_INVALID_KEY)
+    async with _client(sidecar) as client:
+        with pytest.raises(anthropic.APIStatusError) as failed:
+            await client.messages.create(model="claude", max_tokens=64, messages=ASK)
+    assert failed.value.status_code == 503
+    body = failed.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] == "overloaded_error" or body["error"]["type"] == "api_error"
+    assert "invalid x-api-key" not in str(body) and "sk-ant" not in str(body)
+    assert failed.value.response.headers.get("x-should-retry") == "false"
+
+    sidecar.state.health(TENANT).reset_key("ak1")
+    sidecar.state.health(TENANT).reset_key("ak2")
+    fake.program("sk-ant-1", ANTHROPIC_RATE_LIMITED)
+    fake.program("sk-ant-2", ANTHROPIC_RATE_LIMITED)
+    async with _client(sidecar) as client:
+        with pytest.raises(anthropic.APIStatusError) as limited:
+            await client.messages.create(model="claude", max_tokens=64, messages=ASK)
+    assert limited.value.status_code == 429
+    assert limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    assert int(limited.value.response.headers["retry-after"]) >= 1

@@ -133,6 +133,10 @@ async def test_usage_is_recorded_for_every_kind_of_request(plane: Plane) -> None
             status, broken = await raw_post(client, CHAT, app1, chat_body("broken", stream=True))
             assert status == 200 and b"stream_broken" in broken
 
+            metrics = sc.metrics.render().decode()
+            assert 'keyplane_sidecar_tokens_total{kind="input",provider="openai"}' in metrics
+            assert 'keyplane_sidecar_usage_estimated_total{provider="openai"} 2.0' in metrics  # ignored + broken
+
             admin = plane.admin
             assert admin is not None
             request = apb.GetUsageRequest(

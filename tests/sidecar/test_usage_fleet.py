@@ -13,12 +13,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 import pytest
 from grpc import aio
 
@@ -30,11 +28,11 @@ from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import usage_pb2 as upb
 from sidecar.server import Sidecar
 from tests.fakes.upstream import FakeUpstream
+from tests.pg import fresh_schema, schema_url
 
 from .plane import ADMIN_MD, ADMIN_TOKEN, SIDECAR_TOKEN, eventually
 from .test_reporter import reporter_config
 
-PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REQUESTS = 10_000
 CONCURRENCY = 48
 CHUNKS = ("a", "b", "c")  # 3 completion tokens a request
@@ -45,19 +43,8 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'keyplane.db'}"
         return
-    try:
-        admin = await asyncpg.connect(PG_DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        message = f"Postgres at {PG_DSN} is unreachable: {type(exc).__name__}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    schema = f"kp_usage_{uuid.uuid4().hex[:16]}"
-    try:
-        yield f"{PG_DSN}?schema={schema}"
-    finally:
-        await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.close()
+    async with fresh_schema("kp_usage") as schema:
+        yield schema_url(schema)
 
 
 async def test_rollups_are_exact_after_10000_requests_over_two_sidecars(store_url: str, unused_tcp_port: int) -> None:

@@ -203,3 +203,20 @@ def test_plan_metering() -> None:
     assert plan_metering("chat_completions", {"model": "m"}, b"{}", False)[1] == b"{}"
     assert plan_metering("responses", {"model": "m"}, b"{}", True)[1] == b"{}"
     assert plan_metering("moderations", {"model": "m"}, b"{}", False) == (None, b"{}")
+
+
+def test_anthropic_start_split_over_chunks_and_empty_chunks() -> None:
+    stream = b"".join(anthropic_stream(15))
+    tap = StreamTap(input_bytes=100, anthropic=True)
+    assert tap.seen(b"") == b""  # an empty head (nothing sent before the stream) is not the start
+    for at in range(0, len(stream), 40):
+        tap.seen(stream[at : at + 40])
+    assert tap.usage() == Usage(input_tokens=525, cached_input_tokens=500, output_tokens=15)
+
+
+def test_an_embeddings_answer_without_usage_has_no_output_estimate() -> None:
+    metering, _ = plan_metering("embeddings", {"model": "m"}, b'{"model":"m","input":"hello world!"}', False)
+    assert metering is not None
+    assert metering.of_body(b'{"object":"list","data":[{"embedding":[0.1,0.2]}]}') == Usage(
+        input_tokens=9, estimated=True
+    )

@@ -7,18 +7,16 @@ Postgres is unreachable the tests fail under ``CI=true`` and skip otherwise.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from control_plane.store import PostgresStore, SqliteStore, Store
-
-PG_DSN = os.environ.get("KEYPLANE_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.pg import PG_DSN
+from tests.pg import admin_connection as _admin_connection
 
 
 class Backend:
@@ -37,16 +35,6 @@ class Backend:
     async def close_all(self) -> None:
         for store in self._opened:
             await store.close()
-
-
-async def _admin_connection() -> asyncpg.Connection:
-    try:
-        return await asyncpg.connect(PG_DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        message = f"Postgres at {PG_DSN} is unreachable: {type(exc).__name__}: {exc}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @asynccontextmanager

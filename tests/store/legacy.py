@@ -12,7 +12,7 @@ import asyncpg
 
 from control_plane.store import PostgresStore, SqliteStore, Store
 from keyplane.domain import ProviderKey, Route, Tenant
-from tests.store.conftest import PG_DSN
+from tests.pg import PG_DSN
 
 
 def _sqlite_value(value: Any) -> Any:

@@ -14,9 +14,10 @@ import pytest
 from control_plane.store import PostgresStore, SqliteStore, Store
 from keyplane.domain import ChangeOp, EntityKind, HealthState, KeyHealth, Provider
 from keyplane.errors import InvalidArgument, NotFound
+from tests.pg import PG_DSN
 from tests.store import factories as f
 from tests.store import legacy
-from tests.store.conftest import PG_DSN, Backend
+from tests.store.conftest import Backend
 from tests.store.test_conformance import assert_utc, changes
 
 KH = EntityKind.KEY_HEALTH

@@ -18,8 +18,9 @@ import pytest
 
 from control_plane.store import PostgresStore
 from keyplane.errors import Unavailable
+from tests.pg import PG_DSN
 from tests.store import factories as f
-from tests.store.conftest import PG_DSN, Backend
+from tests.store.conftest import Backend
 
 
 @asynccontextmanager
