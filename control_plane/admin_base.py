@@ -17,6 +17,7 @@ from control_plane.affinity import Affinity
 from control_plane.aggregator import HealthAggregator
 from control_plane.fleet import FleetTracker
 from control_plane.hub import SnapshotHub
+from control_plane.quota_broker import QuotaBroker
 from control_plane.store.base import AuditEntry, Store
 from control_plane.url_policy import DEFAULT_URL_POLICY, UrlPolicy
 from keyplane.crypto import SecretBox
@@ -45,6 +46,7 @@ class AdminBase:
         url_policy: UrlPolicy = DEFAULT_URL_POLICY,
         fleet: FleetTracker | None = None,
         affinity: Affinity | None = None,
+        quota: QuotaBroker | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
@@ -54,6 +56,7 @@ class AdminBase:
         self._url_policy = url_policy  # which hosts base URLs and vLLM node URLs may name
         self._fleet = fleet  # the fleet's sync state (GetProxyStatus, WaitForVersion)
         self._affinity = affinity  # binding stats (control_plane.node_admin)
+        self._quota = quota  # the limits' leases (control_plane.limits_admin)
 
     async def _reset_key_health(self, tenant: str, key_id: str, audit: AuditEntry | None = None) -> int:
         """Clear the key's learnt health in the store and in the aggregator's

@@ -27,6 +27,7 @@ from control_plane.admin_base import Context
 from control_plane.audit import AuditDraft, audited, list_audit_events
 from control_plane.client_key_admin import CLIENT_TOKEN_PREFIX, ClientKeyAdmin, new_client_token
 from control_plane.key_admin import UPDATABLE_KEY_FIELDS, ProviderKeyAdmin
+from control_plane.limits_admin import LimitsAdmin
 from control_plane.master_key_admin import MasterKeyAdmin
 from control_plane.node_admin import NodeAdmin
 from control_plane.proxy_status_admin import ProxyStatusAdmin
@@ -60,6 +61,7 @@ class AdminService(
     MasterKeyAdmin,
     ProxyStatusAdmin,
     NodeAdmin,
+    LimitsAdmin,
     UsageAdmin,
     admin_service_pb2_grpc.AdminServiceServicer,
 ):

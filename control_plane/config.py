@@ -64,6 +64,11 @@ class ControlPlaneConfig:
     health_sweep_interval: float = 60.0
     # Retry persisting health changes this often while the store is down.
     health_retry_interval: float = 2.0
+    # Limits per minute count in windows of this many seconds (the limit scaled
+    # to the window; 60 unless scaled down, e.g. in tests).
+    quota_window: float = 60.0
+    # Seconds between rebalances of the sidecars' quota leases.
+    quota_rebalance_interval: float = 1.0
     # Usage rollups (control_plane.usage): write what was folded this often (one
     # upsert per rollup row per flush), and keep rows this many days (0: forever).
     usage_flush_interval: float = 1.0

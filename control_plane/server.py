@@ -23,6 +23,7 @@ from control_plane.fleet import FleetTracker
 from control_plane.hub import SnapshotHub
 from control_plane.node_admin import sync_all_nodes
 from control_plane.node_health import NodeHealthFolder
+from control_plane.quota_broker import QuotaBroker
 from control_plane.recovery_probe import RecoveryProber
 from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
@@ -64,6 +65,7 @@ class ControlPlane:
         self._usage: UsageRecorder | None = None
         self._prober: RecoveryProber | None = None
         self._fleet: FleetTracker | None = None
+        self._quota: QuotaBroker | None = None
         self._server: aio.Server | None = None
         self._health: AsyncHealthServicer | None = None
         self._sidecar_service: SidecarService | None = None
@@ -168,6 +170,10 @@ class ControlPlane:
                 retry_interval=config.health_retry_interval,
             )
             await self._aggregator.start()
+            self._quota = QuotaBroker(
+                store, window_ms=round(config.quota_window * 1000), rebalance_interval=config.quota_rebalance_interval
+            )
+            await self._quota.start()
             self._usage = UsageRecorder(
                 store, flush_interval=config.usage_flush_interval, retention_days=config.usage_retention_days
             )
@@ -227,6 +233,7 @@ class ControlPlane:
                 url_policy=UrlPolicy(deny_private=config.deny_private_base_urls),
                 fleet=self._fleet,
                 affinity=self._affinity,
+                quota=self._quota,
             )
             admin.usage_recorder = self._usage
             admin_service_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
@@ -239,6 +246,7 @@ class ControlPlane:
                 admission=WatchAdmission(config.watch_admit_rate, config.watch_admit_burst),
                 affinity=self._affinity,
                 node_health=self._node_health,
+                quota=self._quota,
                 usage=self._usage.folder,
             )
             sidecar_service_pb2_grpc.add_SidecarServiceServicer_to_server(self._sidecar_service, server)
@@ -313,6 +321,9 @@ class ControlPlane:
         if self._node_health is not None:
             self._node_health.close()
             self._node_health = None
+        if self._quota is not None:
+            await self._quota.close()
+            self._quota = None
         if self._aggregator is not None:
             await self._aggregator.close()  # a last try at unpersisted health changes
             self._aggregator = None

@@ -41,6 +41,8 @@ from control_plane.aggregator import HealthAggregator, ReportedOutcome
 from control_plane.auth import SidecarScope, current_sidecar_scope
 from control_plane.fleet import FleetTracker
 from control_plane.node_health import NodeHealthFolder
+from control_plane.quota_broker import QuotaBroker
+from control_plane.quota_stream import stream_quota
 from control_plane.snapshot_cache import SnapshotCache, SnapshotTooLarge
 from control_plane.status import status_for
 from control_plane.usage import UsageFolder
@@ -49,6 +51,7 @@ from keyplane import convert
 from keyplane.errors import KeyplaneError, NotFound
 from keyplane.going_away import GOING_AWAY, GOING_AWAY_DETAILS
 from keyplane.pushback import encode_retry_delay
+from keyplane.v1 import limits_pb2 as lpb
 from keyplane.v1 import sidecar_service_pb2 as pb
 from keyplane.v1 import sidecar_service_pb2_grpc
 
@@ -72,11 +75,13 @@ class SidecarService(AffinityRpcs, sidecar_service_pb2_grpc.SidecarServiceServic
         admission: WatchAdmission | None = None,
         affinity: Affinity | None = None,
         node_health: NodeHealthFolder | None = None,
+        quota: QuotaBroker | None = None,
         usage: UsageFolder | None = None,
     ) -> None:
         self._cache = cache
         self._affinity = affinity  # GetOrCreateBinding, RefreshBindings (control_plane.affinity_rpc)
         self._node_health = node_health  # folds the outcomes that name a node
+        self._quota = quota  # leases of the limits (StreamQuota)
         self._health = health
         self._fleet = fleet
         # Reads the store's change log into the cache (SnapshotHub.catch_up).
@@ -263,6 +268,12 @@ class SidecarService(AffinityRpcs, sidecar_service_pb2_grpc.SidecarServiceServic
                     await self._node_health.ingest([(m.tenant, m) for m in messages if m.node_id])
         log.debug("sidecar %r (%s) reported %d outcomes (%d rejected)", sidecar_id, peer, accepted, rejected)
         return pb.ReportOutcomesResponse(accepted=accepted)
+
+    async def StreamQuota(
+        self, request_iterator: AsyncIterator[lpb.StreamQuotaRequest], context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[lpb.StreamQuotaResponse]:
+        async for response in stream_quota(self._quota, request_iterator, context):
+            yield response
 
 
 # Reports are mostly successes that look alike (same tenant, key, model, status and

@@ -12,6 +12,7 @@ from keyplane_cli.admin_client import CliError
 from keyplane_cli.affinity import add_affinity_commands
 from keyplane_cli.apply import add_apply_commands
 from keyplane_cli.audit import add_audit_commands
+from keyplane_cli.limits_cmd import add_limits_commands
 from keyplane_cli.master_key import add_master_key_commands
 from keyplane_cli.proxy_status import add_proxy_status_command
 from keyplane_cli.run import add_run_commands
@@ -28,6 +29,7 @@ def build_parser(handlers: dict[str, Callable[[argparse.Namespace], int]]) -> ar
     sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
     add_run_commands(sub, handlers)
     add_admin_commands(sub, handlers)
+    add_limits_commands(sub, handlers)
     add_apply_commands(sub, handlers)
     add_audit_commands(sub, handlers)
     add_proxy_status_command(sub, handlers)

@@ -22,9 +22,11 @@ from google.protobuf import field_mask_pb2
 from keyplane import convert
 from keyplane.domain import KeyStatus, Provider
 from keyplane.v1 import admin_service_pb2 as apb
+from keyplane.v1 import limits_pb2 as lpb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import usage_pb2 as upb
 from keyplane_cli.admin_client import AdminClient, CliError, connection_flags, with_admin_client
+from keyplane_cli.apply_limits import current_limits, execute_limits
 from keyplane_cli.config_file import ConfigError, load_config
 from keyplane_cli.config_plan import (
     Action,
@@ -98,6 +100,7 @@ def read_current(client: AdminClient, wanted: Sequence[TenantSpec]) -> dict[str,
         routes = client.call("ListRoutes", apb.ListRoutesRequest(tenant=name)).routes
         cks = client.call("ListClientKeys", apb.ListClientKeysRequest(tenant=name)).client_keys
         prices = client.call("ListPrices", apb.ListPricesRequest(tenant=name)).prices
+        limit_sets = client.call("ListLimits", lpb.ListLimitsRequest(tenant=name)).statuses
         current[name] = CurrentTenant(
             name,
             keys=tuple(
@@ -124,6 +127,7 @@ def read_current(client: AdminClient, wanted: Sequence[TenantSpec]) -> dict[str,
                 for r in routes
             ),
             client_keys=tuple(CurrentClientKey(c.id, c.label) for c in cks),
+            limits=current_limits(limit_sets, {c.id: c.label for c in cks}),
             prices=tuple(
                 PriceSpec(
                     _provider_name(p.provider),
@@ -221,6 +225,8 @@ def execute_action(client: AdminClient, action: Action) -> str:
             )
     elif action.kind == "price":
         _execute_price(client, action)
+    elif action.kind == "limits":
+        execute_limits(client, action)
     elif action.op == "create":
         resp = client.call("CreateClientKey", apb.CreateClientKeyRequest(tenant=action.tenant, label=action.name))
         return str(resp.token)

@@ -22,6 +22,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from keyplane_cli.config_limits import LimitsSpec
 from keyplane_cli.config_plan import KeySpec, PriceSpec, RouteSpec, TargetSpec, TenantSpec
 from keyplane_cli.targets import split_azure_suffix
 
@@ -173,6 +174,12 @@ def _tenant(index: int, raw: Mapping[str, Any], base: Path, environ: Mapping[str
         )
     routes = [RouteSpec(r["model"], tuple(_target(t) for t in r["targets"])) for r in raw.get("routes", [])]
     client_keys = [c if isinstance(c, str) else c["label"] for c in raw.get("client_keys", [])]
+    limits = [("", _limits(f"{at}.limits", raw["limits"]))] if "limits" in raw else []
+    limits += [
+        (c["label"], _limits(f"{at}.client_keys[{i}].limits", c["limits"]))
+        for i, c in enumerate(raw.get("client_keys", []))
+        if isinstance(c, dict) and "limits" in c
+    ]
     prices = [_price(f"{at}.prices[{i}]", p) for i, p in enumerate(raw.get("prices", []))]
     problems = _unique([k.label for k in keys], lambda i: f"{at}.keys[{i}].label", "key label")
     problems += _unique([r.model for r in routes], lambda i: f"{at}.routes[{i}].model", "route model")
@@ -182,7 +189,16 @@ def _tenant(index: int, raw: Mapping[str, Any], base: Path, environ: Mapping[str
     )
     if problems:
         raise ConfigError(problems)
-    return TenantSpec(raw["name"], tuple(keys), tuple(routes), tuple(client_keys), tuple(prices))
+    return TenantSpec(raw["name"], tuple(keys), tuple(routes), tuple(client_keys), tuple(prices), tuple(limits))
+
+
+def _limits(where: str, raw: Mapping[str, Any]) -> LimitsSpec:
+    return LimitsSpec(
+        requests_per_minute=int(raw.get("requests_per_minute", 0)),
+        tokens_per_minute=int(raw.get("tokens_per_minute", 0)),
+        daily_budget_micros=_micros(raw.get("daily_budget", 0), f"{where}.daily_budget"),
+        monthly_budget_micros=_micros(raw.get("monthly_budget", 0), f"{where}.monthly_budget"),
+    )
 
 
 def _micros(value: float, where: str) -> int:

@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from keyplane.crypto import fingerprint
+from keyplane_cli.config_limits import LimitsSpec, limits_actions
 
 __all__ = [
+    "TENANT_WIDE_NAME",
     "Action",
     "CurrentClientKey",
     "CurrentKey",
     "CurrentRoute",
     "CurrentTenant",
     "KeySpec",
+    "LimitsSpec",
     "PlanError",
     "PriceSpec",
     "RouteSpec",
@@ -33,8 +36,11 @@ __all__ = [
     "target_text",
 ]
 
+# How a plan names a tenant's own limits (client keys are named by label).
+TENANT_WIDE_NAME = "(tenant)"
+
 Op = Literal["create", "update", "delete"]
-Kind = Literal["tenant", "provider_key", "route", "client_key", "price"]
+Kind = Literal["tenant", "provider_key", "route", "client_key", "price", "limits"]
 
 
 class PlanError(Exception):
@@ -106,6 +112,8 @@ class TenantSpec:
     routes: tuple[RouteSpec, ...] = ()
     client_keys: tuple[str, ...] = ()
     prices: tuple[PriceSpec, ...] = ()
+    # (client key label, or "" for the tenant as a whole) -> its limits.
+    limits: tuple[tuple[str, LimitsSpec], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,7 @@ class CurrentTenant:
     routes: tuple[CurrentRoute, ...] = ()
     client_keys: tuple[CurrentClientKey, ...] = ()
     prices: tuple[PriceSpec, ...] = ()
+    limits: tuple[tuple[str, LimitsSpec], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,7 @@ class Action:
     key: KeySpec | None = None
     route: RouteSpec | None = None
     price: PriceSpec | None = None
+    limits: LimitsSpec | None = None
 
 
 _KEY_FIELDS = ("base_url", "weight", "allowed_models", "status")
@@ -289,6 +299,9 @@ _ORDER: dict[tuple[Op, Kind], int] = {
     ("create", "price"): 3,
     ("update", "price"): 3,
     ("delete", "price"): 4,
+    ("create", "limits"): 4,
+    ("update", "limits"): 4,
+    ("delete", "limits"): 4,
     ("delete", "route"): 4,
     ("delete", "provider_key"): 5,
     ("delete", "client_key"): 6,
@@ -319,6 +332,12 @@ def plan(
         actions += _route_actions(tenant.name, tenant.routes, have.routes, prune)
         actions += _client_key_actions(tenant.name, tenant.client_keys, have.client_keys, prune)
         actions += _price_actions(tenant.name, tenant.prices, have.prices, prune)
+        actions += [
+            Action(
+                op, "limits", tenant.name, label or TENANT_WIDE_NAME, fields=("limits",), changes=changes, limits=spec
+            )
+            for op, label, spec, changes in limits_actions(tenant.name, tenant.limits, have.limits, prune)
+        ]
     if prune_tenants:
         named = {t.name for t in wanted}
         actions += [Action("delete", "tenant", name, name) for name in sorted(current) if name not in named]

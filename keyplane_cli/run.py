@@ -25,6 +25,12 @@ from keyplane_cli.edge_flags import add_edge_flags, edge_options_from_args
 from keyplane_cli.health_flags import add_health_flags, aggregator_intervals_from_args, health_policy_from_args
 from keyplane_cli.master_key import master_key_sources
 from keyplane_cli.panic_flags import add_panic_flags, panic_policy_from_args
+from keyplane_cli.quota_flags import (
+    add_control_plane_limit_flags,
+    add_sidecar_limit_flags,
+    control_plane_limit_options_from_args,
+    sidecar_limit_options_from_args,
+)
 from keyplane_cli.recovery_probe_flags import add_recovery_probe_flags, recovery_probe_from_args
 from keyplane_cli.shutdown_flags import Signals, add_control_plane_drain_flags, add_sidecar_shutdown_flags
 from keyplane_cli.sidecar_affinity_flags import add_sidecar_affinity_flags, sidecar_affinity_options_from_args
@@ -137,6 +143,7 @@ async def _run_up(args: argparse.Namespace) -> int:
             **convergence_options_from_args(args),
             **affinity_options_from_args(args),
             **watch_admission_options_from_args(args),
+            **control_plane_limit_options_from_args(args),
         )
     )
     try:
@@ -221,6 +228,7 @@ async def _run_control_plane(args: argparse.Namespace) -> int:
             **convergence_options_from_args(args),
             **affinity_options_from_args(args),
             **watch_admission_options_from_args(args),
+            **control_plane_limit_options_from_args(args),
         )
     except ValueError as exc:  # TlsError included
         raise SystemExit(f"control-plane: {exc}") from None
@@ -272,6 +280,7 @@ def sidecar_config_from_args(args: argparse.Namespace, token: str, health_policy
         **edge_options_from_args(args),
         **stability_options_from_args(args),
         **sidecar_affinity_options_from_args(args),
+        **sidecar_limit_options_from_args(args),
     )
 
 
@@ -449,6 +458,7 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_edge_flags(sc)
     add_stability_flags(sc)
     add_sidecar_affinity_flags(sc)
+    add_sidecar_limit_flags(sc)
     add_sidecar_shutdown_flags(sc)
     add_client_tls_flags(sc)
     handlers["sidecar"] = _runner(_run_sidecar)
@@ -463,6 +473,8 @@ def add_run_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespace]
     add_affinity_flags(cp)
     add_watch_admission_flags(up)
     add_watch_admission_flags(cp)
+    add_control_plane_limit_flags(up)
+    add_control_plane_limit_flags(cp)
     add_usage_flags(up)
     add_usage_flags(cp)
     add_health_flags(up, aggregator=True)

@@ -21,7 +21,8 @@ from keyplane.v1 import admin_service_pb2 as admin_pb2
 from keyplane.v1 import usage_pb2
 from keyplane_cli.admin_client import AdminClient, CliError, admin_flags, with_admin_client
 from keyplane_cli.audit import parse_time
-from keyplane_cli.output import emit
+from keyplane_cli.limits_cmd import limits_of, limits_table
+from keyplane_cli.output import emit, to_data
 from keyplane_cli.tables import provider_name, table
 
 __all__ = ["add_usage_commands", "dollars", "micros_per_million", "usage_table"]
@@ -139,7 +140,14 @@ def _show(args: argparse.Namespace, client: AdminClient, out: TextIO) -> int:
             break
         request.page_token = resp.next_page_token
     result = admin_pb2.GetUsageResponse(rows=rows[: args.limit])
-    emit(args, result, lambda: usage_table(list(result.rows), list(dict.fromkeys(by)), args.bucket != "none"), out)
+    table = usage_table(list(result.rows), list(dict.fromkeys(by)), args.bucket != "none")
+    if not args.tenant:
+        emit(args, result, table, out)
+        return 0
+    # With a tenant: its limits (and the client key's) with what is left (keyplane_cli.limits_cmd).
+    statuses = limits_of(client, args.tenant, args.client_key or "")
+    data = {**to_data(result), "limits": [to_data(s) for s in statuses]}
+    emit(args, data, lambda: table + "\n\n" + limits_table(statuses), out)
     return 0
 
 

@@ -93,10 +93,13 @@ def _authenticate(app: ChatApp, headers: dict[str, str]) -> str | errors.ErrorRe
     token = _client_token(headers)
     if token is None:
         return anthropic_errors.missing_api_key()
-    tenant = app.state.authenticate(token)
-    if tenant is None:
+    found = app.state.identify(token)
+    if found is None:
         return errors.ErrorResponse(401, anthropic_errors.error_body("authentication_error", "invalid x-api-key"))
-    return tenant
+    if app.limiter is not None and (refused := app.limiter.admit(*found)) is not None:
+        shaped = anthropic_errors.from_openai(refused)
+        return errors.ErrorResponse(shaped.status, shaped.body, refused.headers)
+    return found[0]
 
 
 def _native(route: Route) -> Route | None:

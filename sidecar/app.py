@@ -30,6 +30,7 @@ from .anthropic_messages import COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, messages
 from .asgi import Message, Receive, Scope, Send, send_bytes, send_error, send_json
 from .chat import authenticate, handle, read_headers
 from .endpoints import BY_PATH, CHAT_COMPLETIONS
+from .limits import Limiter
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import LabelledChildren, SidecarMetrics, status_class
 from .node_affinity import NodeAffinity
@@ -46,6 +47,9 @@ __all__ = ["Message", "Receive", "Scope", "Send", "SidecarApp"]
 
 class SidecarApp:
     """ASGI application; every dependency is handed in."""
+
+    # Limits from the local leases (sidecar.limits); set by the sidecar when it leases quota.
+    limiter: Limiter | None = None
 
     def __init__(
         self,
@@ -201,7 +205,7 @@ class SidecarApp:
         return status
 
     async def _models(self, scope: Scope, send: Send, model_id: str | None) -> int:
-        tenant = authenticate(self, read_headers(scope))
+        tenant = authenticate(self, read_headers(scope), count=False)
         if isinstance(tenant, errors.ErrorResponse):
             return await send_error(send, tenant)
         models = self.state.models(tenant)

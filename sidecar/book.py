@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from keyplane import convert
 from keyplane.health.classify import ErrorClass, counts_against_key
 from keyplane.health.machine import Outcome
 
@@ -127,6 +128,14 @@ class RequestBook:
         if not records:
             return
         self.unreported = []
+        limiter = self.app.limiter
+        if limiter is not None:
+            tokens = sum(r.usage.total_tokens for r in records if r.usage is not None)
+            limiter.charge_tokens(self.tenant, self.client_key_id, tokens)
+            for r in records:
+                if r.usage is not None:
+                    provider = convert.provider_to_proto(r.attempt.target.provider)
+                    limiter.charge_spend(self.tenant, self.client_key_id, provider, r.model, r.usage)
         reporter = self.app.reporter
         if reporter is None:
             return

@@ -118,17 +118,24 @@ def _bearer(headers: dict[str, str]) -> str | None:
     return token.strip()
 
 
-def authenticate(app: ChatApp, headers: dict[str, str]) -> str | errors.ErrorResponse:
-    """The tenant of the app's client key, or the error to answer."""
+def authenticate(app: ChatApp, headers: dict[str, str], *, count: bool = True) -> str | errors.ErrorResponse:
+    """The tenant of the app's client key, or the error to answer. With
+    ``count`` the request is counted against its limits (before any upstream
+    call) and refused when over one."""
     if not app.state.is_ready:
         return errors.not_ready()
     token = _bearer(headers)
     if not token:
         return errors.missing_api_key()
-    tenant = app.state.authenticate(token)
-    if tenant is None:
+    found = app.state.identify(token)
+    if found is None:
         return errors.invalid_api_key()
-    return tenant
+    limiter = app.limiter
+    if count and limiter is not None:
+        refused = limiter.admit(*found)
+        if refused is not None:
+            return refused
+    return found[0]
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:

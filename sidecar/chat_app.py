@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from keyplane.health.panic import PanicPolicy
 
     from .affinity import ResponseAffinity
+    from .limits import Limiter
     from .metrics import SidecarMetrics
     from .node_affinity import NodeAffinity
     from .proxy import AttemptRecord
@@ -40,6 +41,8 @@ class ChatApp(Protocol):
     probes: ProbeGate
     # (client key, model) -> node bindings for routes with nodes (``sidecar.node_affinity``).
     node_affinity: NodeAffinity
+    # Limits from the local leases (``sidecar.limits``); None: no limits.
+    limiter: Limiter | None
     # Read token usage from answers (``sidecar.usage``).
     usage_accounting: bool
 

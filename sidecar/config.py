@@ -101,6 +101,14 @@ class SidecarConfig:
     # plain successes goes in few, large batches, while what the fleet must
     # learn fast (a dead or rate-limited key) still leaves at once.
     report_interval: float = 0.25
+    # Limits (sidecar.limits, sidecar.quota_client): lease quota from the control
+    # plane and report usage this often (seconds).
+    quota: bool = True
+    quota_report_interval: float = 0.5
+    # When leases stop arriving for quota_stale_after seconds: keep enforcing the
+    # last ones (fail-static, the default) or admit everything (fail_open).
+    quota_fail_open: bool = False
+    quota_stale_after: float = 5.0
     report_failure_interval: float = 0.02
     # Outcomes older than this when they could be sent are dropped (counted):
     # stale reports would penalise keys for the past.

@@ -30,8 +30,10 @@ from .app import SidecarApp
 from .channel import ChannelSource
 from .config import SidecarConfig
 from .edge_protocol import EdgeLimits, edge_protocol
+from .limits import Limiter
 from .metrics import SidecarMetrics
 from .node_affinity import NodeAffinity
+from .quota_client import QuotaClient
 from .reporter import OutcomeReporter
 from .router import Balancer
 from .shutdown import CUT
@@ -135,6 +137,13 @@ class Sidecar:
             usage_accounting=config.usage_accounting,
         )
         self.watch = WatchClient(config, self.state, on_applied=self.snapshots.note) if watch else None
+        # Limits: admitted from local leases the quota stream keeps current.
+        self.quota: QuotaClient | None = None
+        if watch and config.quota:
+            limiter = Limiter(fail_open=config.quota_fail_open, stale_after=config.quota_stale_after)
+            self.quota = QuotaClient(config, limiter)
+            self.app.limiter = limiter
+        self._quota_task: asyncio.Task[None] | None = None
         # The one channel to the control plane, opened by ``start`` (inside the loop).
         self._channel: ChannelSource | None = None
         self._server: _Server | None = None
@@ -179,6 +188,8 @@ class Sidecar:
             if self.watch is not None and self._channel is not None:
                 self.node_affinity.attach(self._channel)
                 self._affinity_task = asyncio.create_task(self.node_affinity.run(), name="keyplane-sidecar-affinity")
+            if self.quota is not None and self._channel is not None:
+                self._quota_task = asyncio.create_task(self.quota.run(self._channel), name="keyplane-sidecar-quota")
             if self.reporter is not None:
                 self._report_task = asyncio.create_task(
                     self.reporter.run(self._channel), name="keyplane-sidecar-reports"
@@ -260,6 +271,7 @@ class Sidecar:
                 await self._finish_requests(server, serve_task, hurry)
         finally:
             try:
+                await self._stop_quota()
                 if self.watch is not None:
                     self.watch.stop()
                 if watch_task is not None:
@@ -285,6 +297,16 @@ class Sidecar:
                     if self.app.access_log is not None:
                         self.app.access_log.close()
                     self._port = None
+
+    async def _stop_quota(self) -> None:
+        task, self._quota_task = self._quota_task, None
+        if self.quota is None or task is None:
+            return
+        self.quota.stop()
+        try:
+            await task
+        except Exception as exc:
+            _log.error("quota stream failed: %s", type(exc).__name__)
 
     async def _stop_snapshots(self, task: asyncio.Task[None] | None) -> None:
         """Write what the stream applied last (after the watch stopped), then end the writer."""

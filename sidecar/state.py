@@ -319,6 +319,11 @@ class SidecarState:
         entry = self._client(token)
         return None if entry is None else entry.tenant
 
+    def identify(self, token: str) -> tuple[str, str] | None:
+        """(tenant, client key id) of this client token, or None (as ``authenticate``)."""
+        entry = self._client(token)
+        return None if entry is None else (entry.tenant, entry.id)
+
     def client_key_id(self, token: str | None) -> str:
         """The id of the client key ``token`` is ("" if none): after ``authenticate``, a dict lookup."""
         entry = self._client(token) if token else None

@@ -251,4 +251,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        9,
+        "limits per client key or tenant (rates and spend budgets)",
+        (
+            # client_key_id '' for the tenant as a whole; not in the change log
+            # (sidecars learn limits through their leases).
+            """CREATE TABLE limits (
+                tenant text NOT NULL REFERENCES tenants (name) ON DELETE CASCADE,
+                client_key_id text NOT NULL DEFAULT '',
+                requests_per_minute bigint NOT NULL DEFAULT 0 CHECK (requests_per_minute >= 0),
+                tokens_per_minute bigint NOT NULL DEFAULT 0 CHECK (tokens_per_minute >= 0),
+                daily_budget_micros bigint NOT NULL DEFAULT 0 CHECK (daily_budget_micros >= 0),
+                monthly_budget_micros bigint NOT NULL DEFAULT 0 CHECK (monthly_budget_micros >= 0),
+                updated_at timestamptz NOT NULL,
+                CONSTRAINT limits_pkey PRIMARY KEY (tenant, client_key_id)
+            )""",
+        ),
+    ),
 )

@@ -15,6 +15,7 @@ from control_plane.store._bindings import BindingsSql
 from control_plane.store._sql_base import Conn
 from control_plane.store._usage import UsageSql
 from control_plane.store.base import AuditEntry, ProviderKeyUpdate, RouteUpdate
+from control_plane.store.limits_sql import LimitsSql
 from keyplane.domain import (
     ChangeOp,
     ClientKey,
@@ -32,7 +33,7 @@ from keyplane.domain import (
 __all__ = ["SqlStore"]
 
 
-class SqlStore(BindingsSql[Conn], UsageSql[Conn]):
+class SqlStore(BindingsSql[Conn], LimitsSql[Conn], UsageSql[Conn]):
     """The whole ``Store`` but for what each driver does its own way
     (``migrate``, ``close``, ``listen_changes``, ``rewrap_secrets``)."""
 

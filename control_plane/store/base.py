@@ -56,6 +56,7 @@ from keyplane.domain import (
     Tenant,
     TokenKind,
 )
+from keyplane.limit_set import LimitSet
 
 if TYPE_CHECKING:
     from control_plane.usage import Price, UsageQuery, UsageRow, UsageTotals
@@ -492,6 +493,19 @@ class Store(Protocol):
 
     async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
         """Events matching ``query``, newest (largest id) first."""
+
+    # limits: not in the change log (sidecars learn them through their leases)
+    async def put_limits(self, limits: LimitSet, *, audit: AuditEntry | None = None) -> LimitSet:
+        """Create or replace the limits of (tenant, client key; '' for the
+        tenant); NotFound for an unknown tenant or client key."""
+
+    async def get_limits(self, tenant: str, client_key_id: str) -> LimitSet | None: ...
+
+    async def list_limits(self, tenant: str | None = None) -> list[LimitSet]:
+        """Of one tenant, or of every tenant when None; only of client keys that exist."""
+
+    async def delete_limits(self, tenant: str, client_key_id: str, *, audit: AuditEntry | None = None) -> bool:
+        """False when none were set."""
 
     # the fleet's sync state (control_plane/store/sidecar_status.py) -----------
     async def put_sidecar_streams(self, replica: str, streams: Sequence[SidecarStream], seen_at: datetime) -> None:

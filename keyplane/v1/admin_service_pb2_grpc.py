@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from keyplane.v1 import admin_service_pb2 as keyplane_dot_v1_dot_admin__service__pb2
+from keyplane.v1 import limits_pb2 as keyplane_dot_v1_dot_limits__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -225,6 +226,26 @@ class AdminServiceStub:
                 '/keyplane.v1.AdminService/GetBindingStats',
                 request_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsResponse.FromString,
+                _registered_method=True)
+        self.SetLimits = channel.unary_unary(
+                '/keyplane.v1.AdminService/SetLimits',
+                request_serializer=keyplane_dot_v1_dot_limits__pb2.SetLimitsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_limits__pb2.SetLimitsResponse.FromString,
+                _registered_method=True)
+        self.GetLimits = channel.unary_unary(
+                '/keyplane.v1.AdminService/GetLimits',
+                request_serializer=keyplane_dot_v1_dot_limits__pb2.GetLimitsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_limits__pb2.GetLimitsResponse.FromString,
+                _registered_method=True)
+        self.ListLimits = channel.unary_unary(
+                '/keyplane.v1.AdminService/ListLimits',
+                request_serializer=keyplane_dot_v1_dot_limits__pb2.ListLimitsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_limits__pb2.ListLimitsResponse.FromString,
+                _registered_method=True)
+        self.ClearLimits = channel.unary_unary(
+                '/keyplane.v1.AdminService/ClearLimits',
+                request_serializer=keyplane_dot_v1_dot_limits__pb2.ClearLimitsRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_limits__pb2.ClearLimitsResponse.FromString,
                 _registered_method=True)
         self.SetPrice = channel.unary_unary(
                 '/keyplane.v1.AdminService/SetPrice',
@@ -518,6 +539,32 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetLimits(self, request, context):
+        """Rate limits and spend budgets per client key or per tenant (limits.proto),
+        with what the fleet has left of each in its current window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLimits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLimits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearLimits(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetPrice(self, request, context):
         """Prices per (tenant, provider, upstream model), used to cost usage at the
         control plane. SetPrice creates or replaces one.
@@ -737,6 +784,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetBindingStats,
                     request_deserializer=keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsResponse.SerializeToString,
+            ),
+            'SetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLimits,
+                    request_deserializer=keyplane_dot_v1_dot_limits__pb2.SetLimitsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_limits__pb2.SetLimitsResponse.SerializeToString,
+            ),
+            'GetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLimits,
+                    request_deserializer=keyplane_dot_v1_dot_limits__pb2.GetLimitsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_limits__pb2.GetLimitsResponse.SerializeToString,
+            ),
+            'ListLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLimits,
+                    request_deserializer=keyplane_dot_v1_dot_limits__pb2.ListLimitsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_limits__pb2.ListLimitsResponse.SerializeToString,
+            ),
+            'ClearLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearLimits,
+                    request_deserializer=keyplane_dot_v1_dot_limits__pb2.ClearLimitsRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_limits__pb2.ClearLimitsResponse.SerializeToString,
             ),
             'SetPrice': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPrice,
@@ -1787,6 +1854,114 @@ class AdminService:
             '/keyplane.v1.AdminService/GetBindingStats',
             keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsRequest.SerializeToString,
             keyplane_dot_v1_dot_admin__service__pb2.GetBindingStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/SetLimits',
+            keyplane_dot_v1_dot_limits__pb2.SetLimitsRequest.SerializeToString,
+            keyplane_dot_v1_dot_limits__pb2.SetLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/GetLimits',
+            keyplane_dot_v1_dot_limits__pb2.GetLimitsRequest.SerializeToString,
+            keyplane_dot_v1_dot_limits__pb2.GetLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ListLimits',
+            keyplane_dot_v1_dot_limits__pb2.ListLimitsRequest.SerializeToString,
+            keyplane_dot_v1_dot_limits__pb2.ListLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyplane.v1.AdminService/ClearLimits',
+            keyplane_dot_v1_dot_limits__pb2.ClearLimitsRequest.SerializeToString,
+            keyplane_dot_v1_dot_limits__pb2.ClearLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from keyplane.v1 import admin_service_pb2 as _admin_service_pb2
+from keyplane.v1 import limits_pb2 as _limits_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -119,6 +120,13 @@ class AdminServiceStub:
     """
     DeleteBindings: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteBindingsRequest, _admin_service_pb2.DeleteBindingsResponse]
     GetBindingStats: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.GetBindingStatsRequest, _admin_service_pb2.GetBindingStatsResponse]
+    SetLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.SetLimitsRequest, _limits_pb2.SetLimitsResponse]
+    """Rate limits and spend budgets per client key or per tenant (limits.proto),
+    with what the fleet has left of each in its current window.
+    """
+    GetLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.GetLimitsRequest, _limits_pb2.GetLimitsResponse]
+    ListLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.ListLimitsRequest, _limits_pb2.ListLimitsResponse]
+    ClearLimits: _grpc.UnaryUnaryMultiCallable[_limits_pb2.ClearLimitsRequest, _limits_pb2.ClearLimitsResponse]
     SetPrice: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.SetPriceRequest, _admin_service_pb2.SetPriceResponse]
     """Prices per (tenant, provider, upstream model), used to cost usage at the
     control plane. SetPrice creates or replaces one.
@@ -219,6 +227,13 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     DeleteBindings: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.DeleteBindingsRequest, _admin_service_pb2.DeleteBindingsResponse]  # type: ignore[assignment]
     GetBindingStats: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.GetBindingStatsRequest, _admin_service_pb2.GetBindingStatsResponse]  # type: ignore[assignment]
+    SetLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.SetLimitsRequest, _limits_pb2.SetLimitsResponse]  # type: ignore[assignment]
+    """Rate limits and spend budgets per client key or per tenant (limits.proto),
+    with what the fleet has left of each in its current window.
+    """
+    GetLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.GetLimitsRequest, _limits_pb2.GetLimitsResponse]  # type: ignore[assignment]
+    ListLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.ListLimitsRequest, _limits_pb2.ListLimitsResponse]  # type: ignore[assignment]
+    ClearLimits: _aio.UnaryUnaryMultiCallable[_limits_pb2.ClearLimitsRequest, _limits_pb2.ClearLimitsResponse]  # type: ignore[assignment]
     SetPrice: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.SetPriceRequest, _admin_service_pb2.SetPriceResponse]  # type: ignore[assignment]
     """Prices per (tenant, provider, upstream model), used to cost usage at the
     control plane. SetPrice creates or replaces one.
@@ -544,6 +559,37 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_service_pb2.GetBindingStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.GetBindingStatsResponse, _abc.Awaitable[_admin_service_pb2.GetBindingStatsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetLimits(
+        self,
+        request: _limits_pb2.SetLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.SetLimitsResponse, _abc.Awaitable[_limits_pb2.SetLimitsResponse]]:
+        """Rate limits and spend budgets per client key or per tenant (limits.proto),
+        with what the fleet has left of each in its current window.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLimits(
+        self,
+        request: _limits_pb2.GetLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.GetLimitsResponse, _abc.Awaitable[_limits_pb2.GetLimitsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListLimits(
+        self,
+        request: _limits_pb2.ListLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.ListLimitsResponse, _abc.Awaitable[_limits_pb2.ListLimitsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ClearLimits(
+        self,
+        request: _limits_pb2.ClearLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_limits_pb2.ClearLimitsResponse, _abc.Awaitable[_limits_pb2.ClearLimitsResponse]]: ...
 
     @_abc_1.abstractmethod
     def SetPrice(

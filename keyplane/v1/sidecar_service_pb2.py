@@ -24,59 +24,60 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from keyplane.v1 import limits_pb2 as keyplane_dot_v1_dot_limits__pb2
 from keyplane.v1 import resources_pb2 as keyplane_dot_v1_dot_resources__pb2
 from keyplane.v1 import usage_pb2 as keyplane_dot_v1_dot_usage__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!keyplane/v1/sidecar_service.proto\x12\x0bkeyplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bkeyplane/v1/resources.proto\x1a\x17keyplane/v1/usage.proto\"r\n\x19GetOrCreateBindingRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\x12\x14\n\x0cpublic_model\x18\x03 \x01(\t\x12\x18\n\x10\x65xclude_node_ids\x18\x04 \x03(\t\"\x97\x01\n\x1aGetOrCreateBindingResponse\x12%\n\x07\x62inding\x18\x01 \x01(\x0b\x32\x14.keyplane.v1.Binding\x12*\n\x06result\x18\x02 \x01(\x0e\x32\x1a.keyplane.v1.BindingResult\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"Z\n\nBindingRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\x12\x14\n\x0cpublic_model\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"\x87\x01\n\x16RefreshBindingsRequest\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12)\n\x08\x62indings\x18\x02 \x03(\x0b\x32\x17.keyplane.v1.BindingRef\x12.\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\x1c.keyplane.v1.BindingCounters\"q\n\x0f\x42indingCounters\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nlocal_hits\x18\x02 \x01(\x04\x12\x14\n\x0clocal_misses\x18\x03 \x01(\x04\x12\x11\n\toverrides\x18\x04 \x01(\x04\x12\x11\n\tfallbacks\x18\x05 \x01(\x04\"z\n\x17RefreshBindingsResponse\x12\x11\n\trefreshed\x18\x01 \x01(\r\x12%\n\x07\x63urrent\x18\x02 \x03(\x0b\x32\x14.keyplane.v1.Binding\x12%\n\x04gone\x18\x03 \x03(\x0b\x32\x17.keyplane.v1.BindingRef\"i\n\nAckRequest\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x02 \x01(\x04\x12\x18\n\x10rejected_version\x18\x03 \x01(\x04\x12\x14\n\x0c\x65rror_detail\x18\x04 \x01(\t\"\r\n\x0b\x41\x63kResponse\"K\n\x0cWatchRequest\x12\x0f\n\x07tenants\x18\x01 \x03(\t\x12\x16\n\x0eresume_version\x18\x02 \x01(\x04\x12\x12\n\nsidecar_id\x18\x03 \x01(\t\"\x92\x01\n\rWatchResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x08snapshot\x18\x02 \x01(\x0b\x32\x15.keyplane.v1.SnapshotH\x00\x12#\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x12.keyplane.v1.DeltaH\x00\x12\x15\n\rversion_reset\x18\x04 \x01(\x08\x42\t\n\x07payload\"5\n\x08Snapshot\x12)\n\x07tenants\x18\x01 \x03(\x0b\x32\x18.keyplane.v1.TenantState\"\xd6\x02\n\x0bTenantState\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12-\n\x04keys\x18\x02 \x03(\x0b\x32\x1f.keyplane.v1.SidecarProviderKey\x12\"\n\x06routes\x18\x03 \x03(\x0b\x32\x12.keyplane.v1.Route\x12\x32\n\x0b\x63lient_keys\x18\x04 \x03(\x0b\x32\x1d.keyplane.v1.SidecarClientKey\x12*\n\nkey_health\x18\x05 \x03(\x0b\x32\x16.keyplane.v1.KeyHealth\x12\x34\n\x0fprovider_health\x18\x06 \x03(\x0b\x32\x1b.keyplane.v1.ProviderHealth\x12 \n\x05nodes\x18\x07 \x03(\x0b\x32\x11.keyplane.v1.Node\x12,\n\x0bnode_health\x18\x08 \x03(\x0b\x32\x17.keyplane.v1.NodeHealth\"\xca\x01\n\x12SidecarProviderKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x08provider\x18\x02 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\x10\n\x08\x62\x61se_url\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.keyplane.v1.KeyStatus\x12\x0e\n\x06weight\x18\x06 \x01(\r\x12\x16\n\x0e\x61llowed_models\x18\x07 \x03(\t\x12\r\n\x05label\x18\x08 \x01(\t\"4\n\x10SidecarClientKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\x0c\"-\n\x05\x44\x65lta\x12$\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x13.keyplane.v1.Change\"\xcf\x04\n\x06\x43hange\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x32\n\x07key_put\x18\x03 \x01(\x0b\x32\x1f.keyplane.v1.SidecarProviderKeyH\x00\x12\x15\n\x0bkey_deleted\x18\x04 \x01(\tH\x00\x12\'\n\troute_put\x18\x05 \x01(\x0b\x32\x12.keyplane.v1.RouteH\x00\x12\x17\n\rroute_deleted\x18\x06 \x01(\tH\x00\x12\x37\n\x0e\x63lient_key_put\x18\x07 \x01(\x0b\x32\x1d.keyplane.v1.SidecarClientKeyH\x00\x12\x1c\n\x12\x63lient_key_deleted\x18\x08 \x01(\tH\x00\x12\x18\n\x0etenant_deleted\x18\t \x01(\x08H\x00\x12,\n\nkey_health\x18\n \x01(\x0b\x32\x16.keyplane.v1.KeyHealthH\x00\x12\x36\n\x0fprovider_health\x18\x0b \x01(\x0b\x32\x1b.keyplane.v1.ProviderHealthH\x00\x12%\n\x08node_put\x18\x0c \x01(\x0b\x32\x11.keyplane.v1.NodeH\x00\x12.\n\x0bnode_health\x18\r \x01(\x0b\x32\x17.keyplane.v1.NodeHealthH\x00\x12+\n\x0b\x62inding_put\x18\x0e \x01(\x0b\x32\x14.keyplane.v1.BindingH\x00\x12\x32\n\x0f\x62inding_deleted\x18\x0f \x01(\x0b\x32\x17.keyplane.v1.BindingRefH\x00\x42\x08\n\x06\x63hange\"\xc6\x03\n\x07Outcome\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x08provider\x18\x03 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\r\n\x05model\x18\x04 \x01(\t\x12\x30\n\routcome_class\x18\x05 \x01(\x0e\x32\x19.keyplane.v1.OutcomeClass\x12\x13\n\x0bstatus_code\x18\x06 \x01(\r\x12\x12\n\nlatency_ms\x18\x07 \x01(\r\x12\x11\n\trecovered\x18\x08 \x01(\x08\x12\x16\n\x0eprovider_final\x18\t \x01(\x08\x12.\n\x0bretry_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12(\n\x04time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x0f\n\x07node_id\x18\x0e \x01(\t\x12\x15\n\rclient_key_id\x18\x0f \x01(\t\x12\x14\n\x0cpublic_model\x18\x10 \x01(\t\x12!\n\x05usage\x18\x11 \x01(\x0b\x32\x12.keyplane.v1.Usage\"d\n\x15ReportOutcomesRequest\x12&\n\x08outcomes\x18\x01 \x03(\x0b\x32\x14.keyplane.v1.Outcome\x12\x12\n\nsidecar_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\"*\n\x16ReportOutcomesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04*}\n\rBindingResult\x12\x1e\n\x1a\x42INDING_RESULT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42INDING_RESULT_HIT\x10\x01\x12\x1a\n\x16\x42INDING_RESULT_CREATED\x10\x02\x12\x18\n\x14\x42INDING_RESULT_MOVED\x10\x03*\x86\x02\n\x0cOutcomeClass\x12\x1d\n\x19OUTCOME_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTCOME_CLASS_SUCCESS\x10\x01\x12\x1c\n\x18OUTCOME_CLASS_CREDENTIAL\x10\x02\x12\x1e\n\x1aOUTCOME_CLASS_RATE_LIMITED\x10\x03\x12 \n\x1cOUTCOME_CLASS_UPSTREAM_ERROR\x10\x04\x12\x1e\n\x1aOUTCOME_CLASS_CLIENT_ERROR\x10\x05\x12\x1f\n\x1bOUTCOME_CLASS_STREAM_BROKEN\x10\x06\x12\x1b\n\x17OUTCOME_CLASS_EXHAUSTED\x10\x07\x32\xae\x03\n\x0eSidecarService\x12@\n\x05Watch\x12\x19.keyplane.v1.WatchRequest\x1a\x1a.keyplane.v1.WatchResponse0\x01\x12[\n\x0eReportOutcomes\x12\".keyplane.v1.ReportOutcomesRequest\x1a#.keyplane.v1.ReportOutcomesResponse(\x01\x12\x38\n\x03\x41\x63k\x12\x17.keyplane.v1.AckRequest\x1a\x18.keyplane.v1.AckResponse\x12\x65\n\x12GetOrCreateBinding\x12&.keyplane.v1.GetOrCreateBindingRequest\x1a\'.keyplane.v1.GetOrCreateBindingResponse\x12\\\n\x0fRefreshBindings\x12#.keyplane.v1.RefreshBindingsRequest\x1a$.keyplane.v1.RefreshBindingsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!keyplane/v1/sidecar_service.proto\x12\x0bkeyplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18keyplane/v1/limits.proto\x1a\x1bkeyplane/v1/resources.proto\x1a\x17keyplane/v1/usage.proto\"r\n\x19GetOrCreateBindingRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\x12\x14\n\x0cpublic_model\x18\x03 \x01(\t\x12\x18\n\x10\x65xclude_node_ids\x18\x04 \x03(\t\"\x97\x01\n\x1aGetOrCreateBindingResponse\x12%\n\x07\x62inding\x18\x01 \x01(\x0b\x32\x14.keyplane.v1.Binding\x12*\n\x06result\x18\x02 \x01(\x0e\x32\x1a.keyplane.v1.BindingResult\x12&\n\x03ttl\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"Z\n\nBindingRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x15\n\rclient_key_id\x18\x02 \x01(\t\x12\x14\n\x0cpublic_model\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"\x87\x01\n\x16RefreshBindingsRequest\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12)\n\x08\x62indings\x18\x02 \x03(\x0b\x32\x17.keyplane.v1.BindingRef\x12.\n\x08\x63ounters\x18\x03 \x03(\x0b\x32\x1c.keyplane.v1.BindingCounters\"q\n\x0f\x42indingCounters\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x12\n\nlocal_hits\x18\x02 \x01(\x04\x12\x14\n\x0clocal_misses\x18\x03 \x01(\x04\x12\x11\n\toverrides\x18\x04 \x01(\x04\x12\x11\n\tfallbacks\x18\x05 \x01(\x04\"z\n\x17RefreshBindingsResponse\x12\x11\n\trefreshed\x18\x01 \x01(\r\x12%\n\x07\x63urrent\x18\x02 \x03(\x0b\x32\x14.keyplane.v1.Binding\x12%\n\x04gone\x18\x03 \x03(\x0b\x32\x17.keyplane.v1.BindingRef\"i\n\nAckRequest\x12\x12\n\nsidecar_id\x18\x01 \x01(\t\x12\x17\n\x0f\x61pplied_version\x18\x02 \x01(\x04\x12\x18\n\x10rejected_version\x18\x03 \x01(\x04\x12\x14\n\x0c\x65rror_detail\x18\x04 \x01(\t\"\r\n\x0b\x41\x63kResponse\"K\n\x0cWatchRequest\x12\x0f\n\x07tenants\x18\x01 \x03(\t\x12\x16\n\x0eresume_version\x18\x02 \x01(\x04\x12\x12\n\nsidecar_id\x18\x03 \x01(\t\"\x92\x01\n\rWatchResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x08snapshot\x18\x02 \x01(\x0b\x32\x15.keyplane.v1.SnapshotH\x00\x12#\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x12.keyplane.v1.DeltaH\x00\x12\x15\n\rversion_reset\x18\x04 \x01(\x08\x42\t\n\x07payload\"5\n\x08Snapshot\x12)\n\x07tenants\x18\x01 \x03(\x0b\x32\x18.keyplane.v1.TenantState\"\xd6\x02\n\x0bTenantState\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12-\n\x04keys\x18\x02 \x03(\x0b\x32\x1f.keyplane.v1.SidecarProviderKey\x12\"\n\x06routes\x18\x03 \x03(\x0b\x32\x12.keyplane.v1.Route\x12\x32\n\x0b\x63lient_keys\x18\x04 \x03(\x0b\x32\x1d.keyplane.v1.SidecarClientKey\x12*\n\nkey_health\x18\x05 \x03(\x0b\x32\x16.keyplane.v1.KeyHealth\x12\x34\n\x0fprovider_health\x18\x06 \x03(\x0b\x32\x1b.keyplane.v1.ProviderHealth\x12 \n\x05nodes\x18\x07 \x03(\x0b\x32\x11.keyplane.v1.Node\x12,\n\x0bnode_health\x18\x08 \x03(\x0b\x32\x17.keyplane.v1.NodeHealth\"\xca\x01\n\x12SidecarProviderKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x08provider\x18\x02 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\x10\n\x08\x62\x61se_url\x18\x03 \x01(\t\x12\x0e\n\x06secret\x18\x04 \x01(\t\x12&\n\x06status\x18\x05 \x01(\x0e\x32\x16.keyplane.v1.KeyStatus\x12\x0e\n\x06weight\x18\x06 \x01(\r\x12\x16\n\x0e\x61llowed_models\x18\x07 \x03(\t\x12\r\n\x05label\x18\x08 \x01(\t\"4\n\x10SidecarClientKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0ctoken_sha256\x18\x02 \x01(\x0c\"-\n\x05\x44\x65lta\x12$\n\x07\x63hanges\x18\x01 \x03(\x0b\x32\x13.keyplane.v1.Change\"\xcf\x04\n\x06\x43hange\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x32\n\x07key_put\x18\x03 \x01(\x0b\x32\x1f.keyplane.v1.SidecarProviderKeyH\x00\x12\x15\n\x0bkey_deleted\x18\x04 \x01(\tH\x00\x12\'\n\troute_put\x18\x05 \x01(\x0b\x32\x12.keyplane.v1.RouteH\x00\x12\x17\n\rroute_deleted\x18\x06 \x01(\tH\x00\x12\x37\n\x0e\x63lient_key_put\x18\x07 \x01(\x0b\x32\x1d.keyplane.v1.SidecarClientKeyH\x00\x12\x1c\n\x12\x63lient_key_deleted\x18\x08 \x01(\tH\x00\x12\x18\n\x0etenant_deleted\x18\t \x01(\x08H\x00\x12,\n\nkey_health\x18\n \x01(\x0b\x32\x16.keyplane.v1.KeyHealthH\x00\x12\x36\n\x0fprovider_health\x18\x0b \x01(\x0b\x32\x1b.keyplane.v1.ProviderHealthH\x00\x12%\n\x08node_put\x18\x0c \x01(\x0b\x32\x11.keyplane.v1.NodeH\x00\x12.\n\x0bnode_health\x18\r \x01(\x0b\x32\x17.keyplane.v1.NodeHealthH\x00\x12+\n\x0b\x62inding_put\x18\x0e \x01(\x0b\x32\x14.keyplane.v1.BindingH\x00\x12\x32\n\x0f\x62inding_deleted\x18\x0f \x01(\x0b\x32\x17.keyplane.v1.BindingRefH\x00\x42\x08\n\x06\x63hange\"\xc6\x03\n\x07Outcome\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\'\n\x08provider\x18\x03 \x01(\x0e\x32\x15.keyplane.v1.Provider\x12\r\n\x05model\x18\x04 \x01(\t\x12\x30\n\routcome_class\x18\x05 \x01(\x0e\x32\x19.keyplane.v1.OutcomeClass\x12\x13\n\x0bstatus_code\x18\x06 \x01(\r\x12\x12\n\nlatency_ms\x18\x07 \x01(\r\x12\x11\n\trecovered\x18\x08 \x01(\x08\x12\x16\n\x0eprovider_final\x18\t \x01(\x08\x12.\n\x0bretry_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12(\n\x04time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\r \x01(\t\x12\x0f\n\x07node_id\x18\x0e \x01(\t\x12\x15\n\rclient_key_id\x18\x0f \x01(\t\x12\x14\n\x0cpublic_model\x18\x10 \x01(\t\x12!\n\x05usage\x18\x11 \x01(\x0b\x32\x12.keyplane.v1.Usage\"d\n\x15ReportOutcomesRequest\x12&\n\x08outcomes\x18\x01 \x03(\x0b\x32\x14.keyplane.v1.Outcome\x12\x12\n\nsidecar_id\x18\x02 \x01(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\"*\n\x16ReportOutcomesResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04*}\n\rBindingResult\x12\x1e\n\x1a\x42INDING_RESULT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42INDING_RESULT_HIT\x10\x01\x12\x1a\n\x16\x42INDING_RESULT_CREATED\x10\x02\x12\x18\n\x14\x42INDING_RESULT_MOVED\x10\x03*\x86\x02\n\x0cOutcomeClass\x12\x1d\n\x19OUTCOME_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15OUTCOME_CLASS_SUCCESS\x10\x01\x12\x1c\n\x18OUTCOME_CLASS_CREDENTIAL\x10\x02\x12\x1e\n\x1aOUTCOME_CLASS_RATE_LIMITED\x10\x03\x12 \n\x1cOUTCOME_CLASS_UPSTREAM_ERROR\x10\x04\x12\x1e\n\x1aOUTCOME_CLASS_CLIENT_ERROR\x10\x05\x12\x1f\n\x1bOUTCOME_CLASS_STREAM_BROKEN\x10\x06\x12\x1b\n\x17OUTCOME_CLASS_EXHAUSTED\x10\x07\x32\x84\x04\n\x0eSidecarService\x12@\n\x05Watch\x12\x19.keyplane.v1.WatchRequest\x1a\x1a.keyplane.v1.WatchResponse0\x01\x12[\n\x0eReportOutcomes\x12\".keyplane.v1.ReportOutcomesRequest\x1a#.keyplane.v1.ReportOutcomesResponse(\x01\x12\x38\n\x03\x41\x63k\x12\x17.keyplane.v1.AckRequest\x1a\x18.keyplane.v1.AckResponse\x12\x65\n\x12GetOrCreateBinding\x12&.keyplane.v1.GetOrCreateBindingRequest\x1a\'.keyplane.v1.GetOrCreateBindingResponse\x12\\\n\x0fRefreshBindings\x12#.keyplane.v1.RefreshBindingsRequest\x1a$.keyplane.v1.RefreshBindingsResponse\x12T\n\x0bStreamQuota\x12\x1f.keyplane.v1.StreamQuotaRequest\x1a .keyplane.v1.StreamQuotaResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'keyplane.v1.sidecar_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BINDINGRESULT']._serialized_start=3159
-  _globals['_BINDINGRESULT']._serialized_end=3284
-  _globals['_OUTCOMECLASS']._serialized_start=3287
-  _globals['_OUTCOMECLASS']._serialized_end=3549
-  _globals['_GETORCREATEBINDINGREQUEST']._serialized_start=169
-  _globals['_GETORCREATEBINDINGREQUEST']._serialized_end=283
-  _globals['_GETORCREATEBINDINGRESPONSE']._serialized_start=286
-  _globals['_GETORCREATEBINDINGRESPONSE']._serialized_end=437
-  _globals['_BINDINGREF']._serialized_start=439
-  _globals['_BINDINGREF']._serialized_end=529
-  _globals['_REFRESHBINDINGSREQUEST']._serialized_start=532
-  _globals['_REFRESHBINDINGSREQUEST']._serialized_end=667
-  _globals['_BINDINGCOUNTERS']._serialized_start=669
-  _globals['_BINDINGCOUNTERS']._serialized_end=782
-  _globals['_REFRESHBINDINGSRESPONSE']._serialized_start=784
-  _globals['_REFRESHBINDINGSRESPONSE']._serialized_end=906
-  _globals['_ACKREQUEST']._serialized_start=908
-  _globals['_ACKREQUEST']._serialized_end=1013
-  _globals['_ACKRESPONSE']._serialized_start=1015
-  _globals['_ACKRESPONSE']._serialized_end=1028
-  _globals['_WATCHREQUEST']._serialized_start=1030
-  _globals['_WATCHREQUEST']._serialized_end=1105
-  _globals['_WATCHRESPONSE']._serialized_start=1108
-  _globals['_WATCHRESPONSE']._serialized_end=1254
-  _globals['_SNAPSHOT']._serialized_start=1256
-  _globals['_SNAPSHOT']._serialized_end=1309
-  _globals['_TENANTSTATE']._serialized_start=1312
-  _globals['_TENANTSTATE']._serialized_end=1654
-  _globals['_SIDECARPROVIDERKEY']._serialized_start=1657
-  _globals['_SIDECARPROVIDERKEY']._serialized_end=1859
-  _globals['_SIDECARCLIENTKEY']._serialized_start=1861
-  _globals['_SIDECARCLIENTKEY']._serialized_end=1913
-  _globals['_DELTA']._serialized_start=1915
-  _globals['_DELTA']._serialized_end=1960
-  _globals['_CHANGE']._serialized_start=1963
-  _globals['_CHANGE']._serialized_end=2554
-  _globals['_OUTCOME']._serialized_start=2557
-  _globals['_OUTCOME']._serialized_end=3011
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=3013
-  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=3113
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=3115
-  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=3157
-  _globals['_SIDECARSERVICE']._serialized_start=3552
-  _globals['_SIDECARSERVICE']._serialized_end=3982
+  _globals['_BINDINGRESULT']._serialized_start=3185
+  _globals['_BINDINGRESULT']._serialized_end=3310
+  _globals['_OUTCOMECLASS']._serialized_start=3313
+  _globals['_OUTCOMECLASS']._serialized_end=3575
+  _globals['_GETORCREATEBINDINGREQUEST']._serialized_start=195
+  _globals['_GETORCREATEBINDINGREQUEST']._serialized_end=309
+  _globals['_GETORCREATEBINDINGRESPONSE']._serialized_start=312
+  _globals['_GETORCREATEBINDINGRESPONSE']._serialized_end=463
+  _globals['_BINDINGREF']._serialized_start=465
+  _globals['_BINDINGREF']._serialized_end=555
+  _globals['_REFRESHBINDINGSREQUEST']._serialized_start=558
+  _globals['_REFRESHBINDINGSREQUEST']._serialized_end=693
+  _globals['_BINDINGCOUNTERS']._serialized_start=695
+  _globals['_BINDINGCOUNTERS']._serialized_end=808
+  _globals['_REFRESHBINDINGSRESPONSE']._serialized_start=810
+  _globals['_REFRESHBINDINGSRESPONSE']._serialized_end=932
+  _globals['_ACKREQUEST']._serialized_start=934
+  _globals['_ACKREQUEST']._serialized_end=1039
+  _globals['_ACKRESPONSE']._serialized_start=1041
+  _globals['_ACKRESPONSE']._serialized_end=1054
+  _globals['_WATCHREQUEST']._serialized_start=1056
+  _globals['_WATCHREQUEST']._serialized_end=1131
+  _globals['_WATCHRESPONSE']._serialized_start=1134
+  _globals['_WATCHRESPONSE']._serialized_end=1280
+  _globals['_SNAPSHOT']._serialized_start=1282
+  _globals['_SNAPSHOT']._serialized_end=1335
+  _globals['_TENANTSTATE']._serialized_start=1338
+  _globals['_TENANTSTATE']._serialized_end=1680
+  _globals['_SIDECARPROVIDERKEY']._serialized_start=1683
+  _globals['_SIDECARPROVIDERKEY']._serialized_end=1885
+  _globals['_SIDECARCLIENTKEY']._serialized_start=1887
+  _globals['_SIDECARCLIENTKEY']._serialized_end=1939
+  _globals['_DELTA']._serialized_start=1941
+  _globals['_DELTA']._serialized_end=1986
+  _globals['_CHANGE']._serialized_start=1989
+  _globals['_CHANGE']._serialized_end=2580
+  _globals['_OUTCOME']._serialized_start=2583
+  _globals['_OUTCOME']._serialized_end=3037
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_start=3039
+  _globals['_REPORTOUTCOMESREQUEST']._serialized_end=3139
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_start=3141
+  _globals['_REPORTOUTCOMESRESPONSE']._serialized_end=3183
+  _globals['_SIDECARSERVICE']._serialized_start=3578
+  _globals['_SIDECARSERVICE']._serialized_end=4094
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from keyplane.v1 import limits_pb2 as keyplane_dot_v1_dot_limits__pb2
 from keyplane.v1 import sidecar_service_pb2 as keyplane_dot_v1_dot_sidecar__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -60,6 +61,11 @@ class SidecarServiceStub:
                 '/keyplane.v1.SidecarService/RefreshBindings',
                 request_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsRequest.SerializeToString,
                 response_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsResponse.FromString,
+                _registered_method=True)
+        self.StreamQuota = channel.stream_stream(
+                '/keyplane.v1.SidecarService/StreamQuota',
+                request_serializer=keyplane_dot_v1_dot_limits__pb2.StreamQuotaRequest.SerializeToString,
+                response_deserializer=keyplane_dot_v1_dot_limits__pb2.StreamQuotaResponse.FromString,
                 _registered_method=True)
 
 
@@ -137,6 +143,18 @@ class SidecarServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamQuota(self, request_iterator, context):
+        """StreamQuota is Envoy RLQS's shape: the sidecar reports what it admitted
+        and what was asked of each limited bucket about once a second; the
+        control plane answers with the sidecar's lease of every limit, rebalanced
+        about once a second in proportion to demand. A deliberate exception to
+        buf's "avoid streaming": requests are admitted from the local lease, and
+        only this one long-lived stream keeps the leases current.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SidecarServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -164,6 +182,11 @@ def add_SidecarServiceServicer_to_server(servicer, server):
                     servicer.RefreshBindings,
                     request_deserializer=keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsRequest.FromString,
                     response_serializer=keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsResponse.SerializeToString,
+            ),
+            'StreamQuota': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamQuota,
+                    request_deserializer=keyplane_dot_v1_dot_limits__pb2.StreamQuotaRequest.FromString,
+                    response_serializer=keyplane_dot_v1_dot_limits__pb2.StreamQuotaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +326,33 @@ class SidecarService:
             '/keyplane.v1.SidecarService/RefreshBindings',
             keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsRequest.SerializeToString,
             keyplane_dot_v1_dot_sidecar__service__pb2.RefreshBindingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamQuota(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/keyplane.v1.SidecarService/StreamQuota',
+            keyplane_dot_v1_dot_limits__pb2.StreamQuotaRequest.SerializeToString,
+            keyplane_dot_v1_dot_limits__pb2.StreamQuotaResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
+from keyplane.v1 import limits_pb2 as _limits_pb2
 from keyplane.v1 import sidecar_service_pb2 as _sidecar_service_pb2
 import abc as _abc_1
 import grpc as _grpc
@@ -84,6 +85,14 @@ class SidecarServiceStub:
     (the binding as it stands) or `gone`. The counters feed the admin's
     binding stats.
     """
+    StreamQuota: _grpc.StreamStreamMultiCallable[_limits_pb2.StreamQuotaRequest, _limits_pb2.StreamQuotaResponse]
+    """StreamQuota is Envoy RLQS's shape: the sidecar reports what it admitted
+    and what was asked of each limited bucket about once a second; the
+    control plane answers with the sidecar's lease of every limit, rebalanced
+    about once a second in proportion to demand. A deliberate exception to
+    buf's "avoid streaming": requests are admitted from the local lease, and
+    only this one long-lived stream keeps the leases current.
+    """
 
 @_typing.type_check_only
 class SidecarServiceAsyncStub(SidecarServiceStub):
@@ -140,6 +149,14 @@ class SidecarServiceAsyncStub(SidecarServiceStub):
     draining node's bindings run out); the others are returned in `current`
     (the binding as it stands) or `gone`. The counters feed the admin's
     binding stats.
+    """
+    StreamQuota: _aio.StreamStreamMultiCallable[_limits_pb2.StreamQuotaRequest, _limits_pb2.StreamQuotaResponse]  # type: ignore[assignment]
+    """StreamQuota is Envoy RLQS's shape: the sidecar reports what it admitted
+    and what was asked of each limited bucket about once a second; the
+    control plane answers with the sidecar's lease of every limit, rebalanced
+    about once a second in proportion to demand. A deliberate exception to
+    buf's "avoid streaming": requests are admitted from the local lease, and
+    only this one long-lived stream keeps the leases current.
     """
 
 class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -224,6 +241,20 @@ class SidecarServiceServicer(metaclass=_abc_1.ABCMeta):
         draining node's bindings run out); the others are returned in `current`
         (the binding as it stands) or `gone`. The counters feed the admin's
         binding stats.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamQuota(
+        self,
+        request_iterator: _MaybeAsyncIterator[_limits_pb2.StreamQuotaRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_limits_pb2.StreamQuotaResponse], _abc.AsyncIterator[_limits_pb2.StreamQuotaResponse]]:
+        """StreamQuota is Envoy RLQS's shape: the sidecar reports what it admitted
+        and what was asked of each limited bucket about once a second; the
+        control plane answers with the sidecar's lease of every limit, rebalanced
+        about once a second in proportion to demand. A deliberate exception to
+        buf's "avoid streaming": requests are admitted from the local lease, and
+        only this one long-lived stream keeps the leases current.
         """
 
 def add_SidecarServiceServicer_to_server(servicer: SidecarServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -131,3 +131,8 @@ def test_affinity() -> None:
     assert re.search(r"\| round robin \| \d+ \| 0 \| [\d.]+% \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", out), out
     assert re.search(r"\| affinity hit \| \d+ \|", out), out
     assert "affinity hit vs no affinity: CPU x" in out, out
+
+
+def test_limits_overhead() -> None:
+    out = run_smoke("bench.limits_overhead")
+    assert re.search(r"worst on/off CPU ratio \d+\.\d+ .* errors 0", out), out

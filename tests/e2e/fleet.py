@@ -50,7 +50,7 @@ class Fleet:
         self.sidecars: dict[int, Running] = {}
         self.admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
-    async def start_control_plane(self) -> Running:
+    async def start_control_plane(self, *flags: str) -> Running:
         self.control_plane = await start(
             [
                 "control-plane",
@@ -62,6 +62,7 @@ class Fleet:
                 str(self.tmp_path / "admin.token"),
                 "--sidecar-tokens-file",
                 str(self.tmp_path / "sidecar.tokens"),
+                *flags,
             ],
             self.env,
             r"control plane listening on port \d+",

@@ -1,0 +1,259 @@
+"""The control plane's side of the limits: it holds one ``BucketLedger`` per
+limited bucket, takes the sidecars' usage reports and, about once a second,
+rebalances every ledger and hands each connected sidecar its leases
+(``StreamQuota``, ``control_plane.quota_stream``).
+
+Limits are read from the store at start, after every admin write through this
+process (``reload``) and every ``reload_interval`` (writes made through
+another replica). The lease arithmetic is ``control_plane.quota_leases``;
+this module only routes reports and leases. Leasing is per replica: sidecars
+of one limited client key should share one control-plane replica (see
+docs/usage-and-limits.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from control_plane.quota_leases import BucketLedger, LeasePolicy
+from control_plane.store import Store
+from keyplane import convert
+from keyplane.limit_set import LimitSet
+from keyplane.quota import MONTH, Lease, window_bounds
+from keyplane.v1 import limits_pb2 as lpb
+from keyplane.v1 import usage_pb2 as upb
+
+__all__ = ["BucketKey", "QuotaBroker", "QuotaSubscriber", "bucket_limits"]
+
+log = logging.getLogger(__name__)
+
+BucketKey = tuple[str, str, int]  # tenant, client key id ('' tenant-wide), QuotaKind
+DAY_MS = 86_400_000
+_SPEND = (lpb.QUOTA_KIND_SPEND_DAY, lpb.QUOTA_KIND_SPEND_MONTH)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def bucket_limits(limits: LimitSet, window_ms: int) -> dict[BucketKey, tuple[int, int]]:
+    """The enforced buckets of one ``LimitSet``: key -> (limit per window, window ms).
+    Per-minute limits count in windows of ``window_ms`` (60 s unless scaled down
+    for tests), the limit scaled to the window (rounded up)."""
+    out: dict[BucketKey, tuple[int, int]] = {}
+    for per_minute, kind in (
+        (limits.requests_per_minute, lpb.QUOTA_KIND_REQUESTS),
+        (limits.tokens_per_minute, lpb.QUOTA_KIND_TOKENS),
+    ):
+        if per_minute:
+            per_window = max(1, math.ceil(per_minute * window_ms / 60_000))
+            out[(limits.tenant, limits.client_key_id, kind)] = (per_window, window_ms)
+    # Budgets: micro-dollars per UTC day and per calendar month (never scaled).
+    if limits.daily_budget_micros:
+        out[(limits.tenant, limits.client_key_id, lpb.QUOTA_KIND_SPEND_DAY)] = (limits.daily_budget_micros, DAY_MS)
+    if limits.monthly_budget_micros:
+        out[(limits.tenant, limits.client_key_id, lpb.QUOTA_KIND_SPEND_MONTH)] = (limits.monthly_budget_micros, MONTH)
+    return out
+
+
+@dataclass(eq=False, slots=True)
+class QuotaSubscriber:
+    """One sidecar's StreamQuota call: it gets the latest leases (coalesced)."""
+
+    sidecar_id: str
+    tenants: frozenset[str] | None
+    pending: lpb.StreamQuotaResponse | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def allows(self, tenant: str) -> bool:
+        return self.tenants is None or tenant in self.tenants
+
+    def offer(self, response: lpb.StreamQuotaResponse) -> None:
+        self.pending = response  # a slow stream skips to the newest set
+        self.ready.set()
+
+    async def next(self) -> lpb.StreamQuotaResponse:
+        await self.ready.wait()
+        self.ready.clear()
+        response, self.pending = self.pending, None
+        return response or lpb.StreamQuotaResponse(complete=True)
+
+
+class QuotaBroker:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        window_ms: int = 60_000,
+        rebalance_interval: float = 1.0,
+        reload_interval: float = 5.0,
+        policy: LeasePolicy | None = None,
+        clock_ms: Callable[[], int] = _now_ms,
+    ) -> None:
+        self._store = store
+        self.window_ms = window_ms
+        self._rebalance_interval = rebalance_interval
+        self._reload_interval = reload_interval
+        self._policy = policy or LeasePolicy(horizon_ms=max(500, round(2000 * rebalance_interval)))
+        self._clock_ms = clock_ms
+        self._ledgers: dict[BucketKey, BucketLedger] = {}
+        # Prices of the tenants with a budget, for the sidecars to charge spend.
+        self._prices: dict[str, list[upb.Price]] = {}
+        self._subscribers: set[QuotaSubscriber] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.reload()
+        self._task = asyncio.create_task(self._run(), name="keyplane-quota-broker")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def reload(self) -> None:
+        """Read every limit from the store; a failure keeps the limits held."""
+        try:
+            limit_sets = await self._store.list_limits()
+            budgeted = sorted({x.tenant for x in limit_sets if x.daily_budget_micros or x.monthly_budget_micros})
+            prices = {tenant: await self._store.list_prices(tenant) for tenant in budgeted}
+        except Exception as exc:
+            log.warning("could not read limits from the store (%s); keeping the ones held", type(exc).__name__)
+            return
+        self.set_limits(limit_sets)
+        self._prices = {
+            tenant: [
+                upb.Price(
+                    tenant=p.tenant,
+                    provider=convert.provider_to_proto(p.provider),
+                    model=p.model,
+                    input_micros_per_million=p.input_micros_per_million,
+                    cached_input_micros_per_million=p.cached_input_micros_per_million,
+                    output_micros_per_million=p.output_micros_per_million,
+                )
+                for p in listed
+            ]
+            for tenant, listed in prices.items()
+        }
+
+    def set_limits(self, limit_sets: Iterable[LimitSet]) -> None:
+        wanted: dict[BucketKey, tuple[int, int]] = {}
+        for limits in limit_sets:
+            wanted.update(bucket_limits(limits, self.window_ms))
+        for key in [k for k in self._ledgers if k not in wanted]:
+            del self._ledgers[key]
+        for key, (limit, window_ms) in wanted.items():
+            ledger = self._ledgers.get(key)
+            if ledger is None or ledger.window_ms != window_ms:
+                self._ledgers[key] = BucketLedger(limit=limit, window_ms=window_ms, policy=self._policy)
+            else:
+                ledger.limit = limit
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_reload = loop.time() + self._reload_interval
+        while True:
+            await asyncio.sleep(self._rebalance_interval)
+            if loop.time() >= next_reload:
+                next_reload = loop.time() + self._reload_interval
+                await self.reload()
+            try:
+                self.rebalance()
+            except Exception:
+                log.exception("rebalancing the quota leases failed")
+
+    # streams -----------------------------------------------------------------
+
+    def subscribe(self, sidecar_id: str, tenants: frozenset[str] | None) -> QuotaSubscriber:
+        subscriber = QuotaSubscriber(sidecar_id, tenants)
+        self._subscribers.add(subscriber)
+        now = self._clock_ms()
+        for (tenant, _, _), ledger in self._ledgers.items():
+            if subscriber.allows(tenant):
+                ledger.connect(sidecar_id, now)
+        return subscriber
+
+    def unsubscribe(self, subscriber: QuotaSubscriber) -> None:
+        self._subscribers.discard(subscriber)
+        if any(s.sidecar_id == subscriber.sidecar_id for s in self._subscribers):
+            return  # its newer stream took over
+        now = self._clock_ms()
+        for ledger in self._ledgers.values():
+            ledger.disconnect(subscriber.sidecar_id, now)
+
+    def report(self, subscriber: QuotaSubscriber, usage: Iterable[lpb.QuotaUsage]) -> int:
+        """Fold one report; returns how many entries were refused (unknown
+        bucket or out of the sidecar's scope)."""
+        now = self._clock_ms()
+        refused = 0
+        for item in usage:
+            b = item.bucket
+            ledger = self._ledgers.get((b.tenant, b.client_key_id, b.kind))
+            if ledger is None or not subscriber.allows(b.tenant):
+                refused += 1
+                continue
+            ledger.report(subscriber.sidecar_id, item.window_start_ms, item.used, item.demanded, now)
+        return refused
+
+    def rebalance(self) -> None:
+        """Rebalance every ledger and offer each subscriber its leases."""
+        now = self._clock_ms()
+        per_sidecar: dict[str, list[lpb.QuotaLease]] = {s.sidecar_id: [] for s in self._subscribers}
+        scopes = {s.sidecar_id: s for s in self._subscribers}
+        for (tenant, client_key_id, kind), ledger in self._ledgers.items():
+            for sidecar_id, subscriber in scopes.items():
+                if subscriber.allows(tenant) and sidecar_id not in ledger.holders:
+                    ledger.connect(sidecar_id, now)
+            bucket = lpb.QuotaBucket(tenant=tenant, client_key_id=client_key_id, kind=kind)  # type: ignore[arg-type]
+            for sidecar_id, lease in ledger.rebalance(now).items():
+                leases = per_sidecar.get(sidecar_id)
+                if leases is not None:
+                    leases.append(_lease_proto(bucket, lease))
+        for subscriber in self._subscribers:
+            prices = [p for tenant, listed in self._prices.items() if subscriber.allows(tenant) for p in listed]
+            subscriber.offer(
+                lpb.StreamQuotaResponse(leases=per_sidecar[subscriber.sidecar_id], complete=True, prices=prices)
+            )
+
+    # admin view --------------------------------------------------------------
+
+    def usage(self, limits: LimitSet) -> list[lpb.LimitUsage]:
+        """Each enforced limit of ``limits`` with what the fleet used of it in
+        the current window (as reported, about a second old)."""
+        now = self._clock_ms()
+        out = []
+        for key, (limit, window_ms) in bucket_limits(limits, self.window_ms).items():
+            ledger = self._ledgers.get(key)
+            used = ledger.used(now) if ledger is not None else 0
+            start_ms, end_ms = window_bounds(now, window_ms)
+            item = lpb.LimitUsage(
+                kind=key[2],  # type: ignore[arg-type]
+                limit=limit,
+                used=used,
+                remaining=max(0, limit - used),
+                window_seconds=max(1, (end_ms - start_ms) // 1000),
+            )
+            item.window_start.FromMilliseconds(start_ms)
+            out.append(item)
+        return out
+
+
+def _lease_proto(bucket: lpb.QuotaBucket, lease: Lease) -> lpb.QuotaLease:
+    return lpb.QuotaLease(
+        bucket=bucket,
+        limit=lease.limit,
+        window_ms=lease.window_ms,
+        window_start_ms=lease.window_start_ms,
+        granted=lease.granted,
+        next_granted=lease.next_granted,
+        fallback=lease.fallback,
+        exhausted=lease.exhausted,
+    )

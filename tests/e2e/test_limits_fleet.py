@@ -1,0 +1,270 @@
+"""Rate limits held fleet-wide with no call on the request path, with real
+processes: ``keyplane control-plane`` (SQLite, leases over StreamQuota),
+``keyplane sidecar``s (HTTP sockets) and the fake provider.
+
+Windows are scaled down (``--limits-window 6``: a limit of 1200 requests per
+minute counts as 120 per 6 s) so that each test runs in well under a minute.
+
+- Accuracy: four sidecars share one client key and are asked three times its
+  limit; the fleet admits within 5% of the limit in every window.
+- Budget: four sidecars share a client key's daily budget under load; it is
+  overspent only by the requests in flight when it ran out (at most one per
+  sidecar), far less than a lease.
+- Fail-static: the control plane is killed; a sidecar keeps enforcing its last
+  lease (its fallback share, every window), while one started with
+  ``--limits-fail-open`` admits everything once its leases are stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from keyplane.v1 import admin_service_pb2 as apb
+from keyplane.v1 import limits_pb2 as lpb
+from keyplane.v1 import resources_pb2 as rpb
+from keyplane.v1 import usage_pb2 as upb
+from tests.e2e.fleet import MODEL, Fleet, free_port
+from tests.fakes.upstream import FakeUpstream
+
+WINDOW_MS = 6000
+PER_MINUTE = 1200
+PER_WINDOW = PER_MINUTE * WINDOW_MS // 60_000  # 120
+CP_FLAGS = ("--limits-window", "6", "--limits-rebalance-interval", "1")
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as up:
+        yield up
+
+
+@pytest.fixture
+async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
+    f = Fleet(tmp_path)
+    try:
+        yield f
+    finally:
+        await f.stop()
+
+
+@dataclass
+class PacedLoad:
+    """Open-loop load: ``rate`` requests a second to one sidecar, each sent on
+    time whether or not the last one was answered; (send unix ms, status)."""
+
+    url: str
+    token: str
+    rate: float
+    answers: list[tuple[int, int]] = field(default_factory=list)
+    refusals: list[httpx.Response] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # of the answers admitted
+    errors: list[str] = field(default_factory=list)
+
+    async def run(self, until: float) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"authorization": f"Bearer {self.token}"}
+        pending: set[asyncio.Task[None]] = set()
+        async with httpx.AsyncClient(timeout=15.0, limits=httpx.Limits(max_connections=64)) as client:
+
+            async def one() -> None:
+                sent_ms = time.time_ns() // 1_000_000
+                try:
+                    resp = await client.post(f"{self.url}/chat/completions", json=body, headers=headers)
+                except httpx.HTTPError as exc:
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    return
+                self.answers.append((sent_ms, resp.status_code))
+                if resp.status_code == 200:
+                    self.bodies.append(resp.content)
+                if resp.status_code == 429 and len(self.refusals) < 5:
+                    self.refusals.append(resp)
+
+            interval = 1.0 / self.rate
+            next_at = time.monotonic()
+            while time.monotonic() < until:
+                task = asyncio.create_task(one())
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                next_at += interval
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            if pending:
+                await asyncio.gather(*pending)
+
+    def admitted_by_window(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for sent_ms, status in self.answers:
+            if status == 200:
+                w = sent_ms - sent_ms % WINDOW_MS
+                out[w] = out.get(w, 0) + 1
+        return out
+
+
+async def _limit_the_client_key(fleet: Fleet, upstream: FakeUpstream) -> str:
+    """Configure tenant, key, route and client key; limit the key to PER_MINUTE; its token."""
+    _, token = await fleet.configure(upstream, ("sk-limits-fleet-key-0001",))
+    channel, admin = await fleet.admin()
+    try:
+        [client_key] = (
+            await admin.ListClientKeys(apb.ListClientKeysRequest(tenant="acme"), metadata=fleet.admin_md)
+        ).client_keys
+        await admin.SetLimits(
+            lpb.SetLimitsRequest(
+                limits=lpb.Limits(tenant="acme", client_key_id=client_key.id, requests_per_minute=PER_MINUTE)
+            ),
+            metadata=fleet.admin_md,
+        )
+    finally:
+        await channel.close(None)
+    return token
+
+
+def _next_window(seconds: float) -> tuple[float, int]:
+    """The first window starting at least ``seconds`` from now: (seconds to it, its start in unix ms)."""
+    now_ms = time.time_ns() // 1_000_000
+    target = now_ms + int(seconds * 1000)
+    start = target - target % WINDOW_MS + WINDOW_MS
+    return (start - now_ms) / 1000, start
+
+
+async def test_four_sidecars_at_three_times_the_limit_admit_the_limit(fleet: Fleet, upstream: FakeUpstream) -> None:
+    await fleet.start_control_plane(*CP_FLAGS)
+    token = await _limit_the_client_key(fleet, upstream)
+    ports = [free_port() for _ in range(4)]
+    await asyncio.gather(*(fleet.start_sidecar(port) for port in ports))
+    # Three times the limit in all, a quarter through each sidecar.
+    rate = 3 * PER_WINDOW / (WINDOW_MS / 1000) / len(ports)
+    loads = [PacedLoad(f"http://127.0.0.1:{port}/v1", token, rate) for port in ports]
+    # One window to learn the demand, then three measured windows.
+    warmup, first_measured_ms = _next_window(2.0)
+    measured = 3
+    until = time.monotonic() + warmup + measured * WINDOW_MS / 1000 + 0.05
+    await asyncio.gather(*(load.run(until) for load in loads))
+
+    for load in loads:
+        assert not load.errors, load.errors[:3]
+        assert {s for _, s in load.answers} <= {200, 429}
+    windows = [first_measured_ms + i * WINDOW_MS for i in range(measured)]
+    per_window = [sum(load.admitted_by_window().get(w, 0) for load in loads) for w in windows]
+    asked = [sum(1 for load in loads for t, _ in load.answers if w <= t < w + WINDOW_MS) for w in windows]
+    total = sum(per_window)
+    per_minute = total * 60_000 / (measured * WINDOW_MS)
+    print(
+        f"\nfleet of 4 sidecars, limit {PER_WINDOW} per {WINDOW_MS // 1000} s ({PER_MINUTE}/min): asked {asked}, "
+        f"admitted {per_window} per window; {per_minute:.0f}/min admitted = "
+        f"{100 * (per_minute - PER_MINUTE) / PER_MINUTE:+.1f}% of the limit"
+    )
+    assert all(a >= 2.5 * PER_WINDOW for a in asked), asked
+    for n in per_window:
+        assert abs(n - PER_WINDOW) <= 0.05 * PER_WINDOW, per_window
+    assert abs(per_minute - PER_MINUTE) <= 0.05 * PER_MINUTE
+
+    refusal = loads[0].refusals[0]
+    assert refusal.headers["retry-after"].isdigit()
+    assert 0 < int(refusal.headers["retry-after-ms"]) <= WINDOW_MS
+    error = json.loads(refusal.content)["error"]
+    assert error["code"] == "client_rate_limit_exceeded"
+    assert error["type"] == "requests"
+    assert "keyplane limit" in error["message"]
+
+
+async def test_limits_hold_fail_static_while_the_control_plane_is_away_and_fail_open_by_flag(
+    fleet: Fleet, upstream: FakeUpstream
+) -> None:
+    await fleet.start_control_plane(*CP_FLAGS)
+    token = await _limit_the_client_key(fleet, upstream)
+    static_port, open_port = free_port(), free_port()
+    await asyncio.gather(
+        fleet.start_sidecar(static_port),
+        fleet.start_sidecar(open_port, "--limits-fail-open", "--limits-stale-after", "2"),
+    )
+    # Each asks 1.5x the limit: both above their share while leased.
+    rate = 1.5 * PER_WINDOW / (WINDOW_MS / 1000)
+    static = PacedLoad(f"http://127.0.0.1:{static_port}/v1", token, rate)
+    opened = PacedLoad(f"http://127.0.0.1:{open_port}/v1", token, rate)
+    lead, _ = _next_window(3.0)
+    start = time.monotonic()
+    running = asyncio.gather(
+        static.run(start + lead + 3 * WINDOW_MS / 1000), opened.run(start + lead + 3 * WINDOW_MS / 1000)
+    )
+    await asyncio.sleep(lead)
+    await fleet.kill_control_plane()
+    killed_ms = time.time_ns() // 1_000_000
+    await running
+
+    # Windows that began at least 2.5 s after the kill: leases stale for everyone.
+    after = [
+        w
+        for w in sorted(static.admitted_by_window())
+        if w >= killed_ms + 2500 and w + WINDOW_MS <= killed_ms + 3 * WINDOW_MS
+    ]
+    assert after, "no whole window after the outage began"
+    static_admitted = [static.admitted_by_window().get(w, 0) for w in after]
+    static_asked = [sum(1 for t, _ in static.answers if w <= t < w + WINDOW_MS) for w in after]
+    open_statuses = {s for t, s in opened.answers if t >= killed_ms + 2500}
+    print(
+        f"\ncontrol plane down: fail-static sidecar admitted {static_admitted} of {static_asked} asked per window "
+        f"(limit {PER_WINDOW} for the fleet); fail-open sidecar answered {sorted(open_statuses)}"
+    )
+    for admitted, asked in zip(static_admitted, static_asked, strict=True):
+        assert 0.25 * PER_WINDOW <= admitted <= 0.75 * PER_WINDOW + 2, (admitted, asked)
+    assert open_statuses == {200}
+    assert not static.errors and not opened.errors
+
+
+async def test_a_budget_shared_by_four_sidecars_is_overspent_by_less_than_a_lease(
+    fleet: Fleet, upstream: FakeUpstream
+) -> None:
+    await fleet.start_control_plane(*CP_FLAGS)
+    _, token = await fleet.configure(upstream, ("sk-limits-fleet-key-0002",))
+    budget = 3000  # micro-dollars per UTC day
+    channel, admin = await fleet.admin()
+    try:
+        # $1 per million input tokens, $2 per million output: 1 and 2 micro-dollars a token.
+        price = upb.Price(
+            tenant="acme",
+            provider=rpb.PROVIDER_OPENAI_COMPATIBLE,
+            model="upstream-m",
+            input_micros_per_million=1_000_000,
+            cached_input_micros_per_million=1_000_000,
+            output_micros_per_million=2_000_000,
+        )
+        await admin.SetPrice(apb.SetPriceRequest(price=price), metadata=fleet.admin_md)
+        request = apb.ListClientKeysRequest(tenant="acme")
+        [client_key] = (await admin.ListClientKeys(request, metadata=fleet.admin_md)).client_keys
+        limits = lpb.Limits(tenant="acme", client_key_id=client_key.id, daily_budget_micros=budget)
+        await admin.SetLimits(lpb.SetLimitsRequest(limits=limits), metadata=fleet.admin_md)
+    finally:
+        await channel.close(None)
+    ports = [free_port() for _ in range(4)]
+    await asyncio.gather(*(fleet.start_sidecar(port) for port in ports))
+    await asyncio.sleep(1.5)  # the first leases
+    loads = [PacedLoad(f"http://127.0.0.1:{port}/v1", token, 12.0) for port in ports]
+    await asyncio.gather(*(load.run(time.monotonic() + 8.0) for load in loads))
+
+    costs = [
+        json.loads(body)["usage"]["prompt_tokens"] + 2 * json.loads(body)["usage"]["completion_tokens"]
+        for load in loads
+        for body in load.bodies
+    ]
+    spent, biggest = sum(costs), max(costs)
+    refused = [r for load in loads for r in load.refusals]
+    # A sidecar's top-up covers two rebalances of its demand: 12 req/s x 2 s of ~21 micro-dollars.
+    lease = round(12.0 * 2 * sum(costs) / len(costs))
+    print(
+        f"\nbudget {budget} micro-USD shared by 4 sidecars: spent {spent} ({spent - budget:+d}) in {len(costs)} "
+        f"requests; largest request {biggest}; a lease at this demand ~{lease}"
+    )
+    assert spent >= budget * 0.95
+    # Past the budget only by the requests in flight when it ran out (about one per sidecar).
+    assert spent - budget < lease
+    assert refused, "the budget was never spent"
+    error = json.loads(refused[0].content)["error"]
+    assert error["code"] == "budget_exceeded" and refused[0].headers["x-should-retry"] == "false"
