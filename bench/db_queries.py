@@ -7,8 +7,10 @@ The control plane runs in its own process through this module's
 handed in wrapped in a counter of every ``Store`` method call (SQLite or
 Postgres) and, on SQLite, with sqlite3's trace callback counting every SQL
 statement the connection executes. The clock-driven safety-net re-read of
-the change log (``poll_interval``, every 5 s whatever the traffic) and any
-periodic sweep are switched off in this process, so every statement counted
+the change log (``poll_interval``, every 5 s whatever the traffic), the
+limits' re-read, any periodic sweep and the usage rollups' batched flushes
+(off the request path; counted by tests/sidecar/test_usage_fleet.py) are
+switched off in this process, so every statement counted
 during the run was caused by the traffic. The sidecar is the real
 ``keyplane sidecar`` process; requests are half non-streaming, half streaming.
 
@@ -79,7 +81,10 @@ async def _serve(args: argparse.Namespace) -> int:
     if "poll_interval" in names:
         knobs["poll_interval"] = None
     for name in names:
-        if name.endswith("sweep_interval"):
+        # Clock-driven reads (sweeps, the limits' re-read) are off; so are the usage
+        # rollups' flushes: batched writes off the request path, one per rollup row
+        # per flush whatever the traffic (measured by tests/sidecar/test_usage_fleet.py).
+        if name.endswith(("sweep_interval", "reload_interval")) or name == "usage_flush_interval":
             knobs[name] = 3600.0
     config = ControlPlaneConfig(
         listen=args.listen,

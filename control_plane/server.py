@@ -171,7 +171,10 @@ class ControlPlane:
             )
             await self._aggregator.start()
             self._quota = QuotaBroker(
-                store, window_ms=round(config.quota_window * 1000), rebalance_interval=config.quota_rebalance_interval
+                store,
+                window_ms=round(config.quota_window * 1000),
+                rebalance_interval=config.quota_rebalance_interval,
+                reload_interval=config.quota_reload_interval,
             )
             await self._quota.start()
             self._usage = UsageRecorder(
