@@ -162,7 +162,7 @@ def test_the_readme_example_is_valid(tmp_path: Path) -> None:
     (acme,) = load_config(tmp_path / "keyplane.yaml", {"OPENAI_API_KEY": SECRET})
     assert [k.label for k in acme.keys] == ["main", "claude"]
     assert acme.routes[1].targets == (
-        TargetSpec("vllm", "llama-3", node_urls=("http://10.0.0.5:8000", "http://10.0.0.6:8000")),
+        TargetSpec("vllm", "llama-3", node_urls=("http://10.0.0.5:8000/v1", "http://10.0.0.6:8000/v1")),
     )
     assert acme.client_keys == ("web", "batch")
 
