@@ -26,10 +26,10 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from control_plane.usage_records import DIMENSIONS, Price, UsageQuery, UsageRow, UsageTotals
 from keyplane import convert
 from keyplane.domain import Provider
 from keyplane.v1 import sidecar_service_pb2
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from control_plane.store.base import Store
 
 __all__ = [
+    "DIMENSIONS",
     "Price",
     "RollupKey",
     "UsageFolder",
@@ -58,67 +59,6 @@ _REQ, _FAILED, _EST, _METERED, _IN, _CACHED, _WRITE, _OUT, _REASON = range(9)
 _PICOS_PER_MICRO = 1_000_000
 # Rows whose remainder is kept: minutes newer than this many seconds.
 _CARRY_WINDOW = 180
-
-
-@dataclass(frozen=True, slots=True)
-class Price:
-    """Micro-dollars per million tokens of one (tenant, provider, upstream model)."""
-
-    tenant: str
-    provider: Provider
-    model: str
-    input_micros_per_million: int
-    cached_input_micros_per_million: int
-    output_micros_per_million: int
-    updated_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class UsageTotals:
-    """Counters of a rollup row (or of a group of rows)."""
-
-    requests: int = 0
-    failed_requests: int = 0
-    estimated_requests: int = 0
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    cache_write_input_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_micros: int = 0
-    unpriced_requests: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    """One rollup row to add to the store (``Store.put_usage`` adds its counters)."""
-
-    minute: int
-    tenant: str
-    client_key_id: str
-    public_model: str
-    provider_key_id: str
-    provider: Provider
-    upstream_model: str
-    totals: UsageTotals
-
-
-# Dimensions a usage query groups by (the column names).
-DIMENSIONS = ("tenant", "client_key_id", "public_model", "provider_key_id", "provider", "upstream_model")
-
-
-@dataclass(frozen=True, slots=True)
-class UsageQuery:
-    """What ``Store.query_usage`` sums: minutes in [start, end), filters, grouping."""
-
-    start: int
-    end: int
-    group_by: tuple[str, ...] = ()
-    # Seconds per bucket (60, 3600, 86400), or 0: one bucket over the whole range.
-    bucket: int = 0
-    filters: Mapping[str, str] = field(default_factory=dict)
-    limit: int = 100
-    offset: int = 0
 
 
 def cost_picos(price: Price, input_tokens: int, cached: int, output: int) -> int:

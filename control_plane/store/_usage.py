@@ -23,7 +23,7 @@ from datetime import datetime
 from control_plane.store import _codec, _rows
 from control_plane.store._sql_base import Conn, SqlBase
 from control_plane.store.base import AuditEntry
-from control_plane.usage import DIMENSIONS, Price, UsageQuery, UsageRow, UsageTotals
+from control_plane.usage_records import DIMENSIONS, Price, UsageQuery, UsageRow, UsageTotals
 from keyplane.domain import Provider
 from keyplane.errors import NotFound
 

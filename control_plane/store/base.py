@@ -59,7 +59,7 @@ from keyplane.domain import (
 from keyplane.limit_set import LimitSet
 
 if TYPE_CHECKING:
-    from control_plane.usage import Price, UsageQuery, UsageRow, UsageTotals
+    from control_plane.usage_records import Price, UsageQuery, UsageRow, UsageTotals
 
 __all__ = [
     "AuditEntry",
