@@ -111,6 +111,8 @@ class SidecarApp:
         if scope["type"] != "http":
             await self._not_http(scope, receive, send)
             return
+        if self.draining:
+            send = _closing(send)
         path: str = scope["path"]
         if len(path) > 1:
             path = path.rstrip("/")
@@ -255,3 +257,20 @@ async def _answer_cut(send: Send) -> int:
 
 def _model_entry(model: str) -> dict[str, object]:
     return {"id": model, "object": "model", "created": 0, "owned_by": "keyplane"}
+
+
+_CONNECTION_CLOSE = (b"connection", b"close")
+
+
+def _closing(send: Send) -> Send:
+    """``send`` with ``Connection: close`` on the answer: while the sidecar drains before
+    it stops (``sidecar.shutdown``), every client leaves its keep-alive connection after
+    its answer instead of reusing it as the listener closes (a request sent then would
+    meet a closed connection)."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), _CONNECTION_CLOSE]}
+        await send(message)
+
+    return closing

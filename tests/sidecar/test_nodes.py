@@ -70,7 +70,7 @@ def test_state_feeds_nodes_bindings_and_client_ids() -> None:
     _snapshot(state, a, b)
     assert state.authenticate("tok") == "t1"
     assert state.client_key_id("tok") == "ck_1"
-    assert state.client_key_id("other") is None
+    assert state.client_key_id("other") == ""
     nodes = state.nodes_of("t1")
     assert nodes is not None and len(nodes) == 2
     key = ("t1", "ck_1", "llama")

@@ -35,7 +35,8 @@ async def test_draining_answers_healthz_503_and_still_serves(upstream: FakeUpstr
     await sc.start()
     sc.state.apply(standard_snapshot(upstream))
     async with httpx.AsyncClient(base_url=sc.url, timeout=10.0) as client:
-        assert (await client.get("/healthz")).status_code == 200
+        before = await client.get("/healthz")
+        assert before.status_code == 200 and before.headers.get("connection") != "close"
         shutdown = asyncio.create_task(sc.shutdown(1.0))
         await asyncio.sleep(0.2)
         health = await client.get("/healthz")
@@ -43,6 +44,9 @@ async def test_draining_answers_healthz_503_and_still_serves(upstream: FakeUpstr
         assert health.json()["status"] == "draining"
         answer = await client.post("/v1/chat/completions", json=CHAT, headers=auth())
         assert answer.status_code == 200, answer.text
+        # Clients are told to leave their keep-alive connections while the sidecar drains,
+        # so none reuses one as the listener closes.
+        assert health.headers["connection"] == "close" and answer.headers["connection"] == "close"
         await shutdown
 
 
