@@ -6,9 +6,9 @@ rebalances every ledger and hands each connected sidecar its leases
 Limits are read from the store at start, after every admin write through this
 process (``reload``) and every ``reload_interval`` (writes made through
 another replica). The lease arithmetic is ``control_plane.quota_leases``;
-this module only routes reports and leases. Leasing is per replica: sidecars
-of one limited client key should share one control-plane replica (see
-docs/usage-and-limits.md).
+this module only routes reports and leases. With ``claims`` (the server
+always passes them) several replicas share each limit: every replica leases
+only what it claimed in the store (``control_plane.quota_claims``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from control_plane.quota_claims import QuotaClaims
 from control_plane.quota_leases import BucketLedger, LeasePolicy
 from control_plane.store import Store
 from keyplane import convert
@@ -95,8 +96,10 @@ class QuotaBroker:
         reload_interval: float = 5.0,
         policy: LeasePolicy | None = None,
         clock_ms: Callable[[], int] = _now_ms,
+        claims: QuotaClaims | None = None,
     ) -> None:
         self._store = store
+        self._claims = claims
         self.window_ms = window_ms
         self._rebalance_interval = rebalance_interval
         self._reload_interval = reload_interval
@@ -153,7 +156,9 @@ class QuotaBroker:
         for key, (limit, window_ms) in wanted.items():
             ledger = self._ledgers.get(key)
             if ledger is None or ledger.window_ms != window_ms:
-                self._ledgers[key] = BucketLedger(limit=limit, window_ms=window_ms, policy=self._policy)
+                self._ledgers[key] = BucketLedger(
+                    limit=limit, window_ms=window_ms, policy=self._policy, coordinated=self._claims is not None
+                )
             else:
                 ledger.limit = limit
 
@@ -166,6 +171,8 @@ class QuotaBroker:
                 next_reload = loop.time() + self._reload_interval
                 await self.reload()
             try:
+                if self._claims is not None:
+                    await self._claims.claim(self._ledgers, self._clock_ms())
                 self.rebalance()
             except Exception:
                 log.exception("rebalancing the quota leases failed")
@@ -232,7 +239,7 @@ class QuotaBroker:
         out = []
         for key, (limit, window_ms) in bucket_limits(limits, self.window_ms).items():
             ledger = self._ledgers.get(key)
-            used = ledger.used(now) if ledger is not None else 0
+            used = ledger.used(now) + ledger.others_used if ledger is not None else 0
             start_ms, end_ms = window_bounds(now, window_ms)
             item = lpb.LimitUsage(
                 kind=key[2],  # type: ignore[arg-type]

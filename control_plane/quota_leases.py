@@ -77,6 +77,17 @@ class BucketLedger:
     window_start_ms: int = -1
     holders: dict[str, _Holder] = field(default_factory=dict)
     exhausted: bool = False
+    # Several replicas lease one limit: this one grants, per window, only what
+    # it claimed in the store (``allowance``, ``next_allowance`` for the window
+    # after; ``control_plane.quota_claims``), and its sidecars' fallbacks
+    # split ``fallback_pool`` (its share of the fleet's demand) rather than
+    # the whole limit. ``others_claimed``: what other replicas claimed.
+    coordinated: bool = False
+    allowance: int = 0
+    next_allowance: int = 0
+    fallback_pool: int | None = None
+    others_claimed: int = 0
+    others_used: int = 0  # used in this window through other replicas
 
     def connect(self, sidecar: str, now_ms: int) -> None:
         holder = self.holders.get(sidecar)
@@ -122,11 +133,16 @@ class BucketLedger:
                 holder.granted = holder.fallback  # it enforces its fallback on its own
             holder.next_granted = 0
             holder.used = 0
+        self.allowance = self.next_allowance if follows else 0
+        self.next_allowance = 0
+        self.others_claimed = self.others_used = 0
         self.window_start_ms = start
         self.exhausted = False
 
-    def rebalance(self, now_ms: int) -> dict[str, Lease]:
-        """Top up and pre-grant; the lease of every connected sidecar."""
+    def _plan(self, now_ms: int) -> tuple[dict[str, _Holder], dict[str, float], dict[str, float], int]:
+        """Forget long-gone sidecars, set fallbacks; (live holders, top-up
+        needs this window, pre-grant wishes for the next, fallbacks reserved
+        by gone sidecars)."""
         self._roll(now_ms)
         policy = self.policy
         gone = [s for s, h in self.holders.items() if not h.connected and now_ms - h.seen_ms > policy.forget_ms]
@@ -134,24 +150,45 @@ class BucketLedger:
             del self.holders[sidecar]
         holders = self.holders
         live = {s: h for s, h in holders.items() if h.connected}
-        if not holders:
-            return {}
-        rates = {s: h.rate for s, h in holders.items() if h.connected}
+        rates = {s: h.rate for s, h in live.items()}
         if sum(rates.values()) <= 0:
             rates = dict.fromkeys(live, 1.0)
-        # Fallbacks: shares of the limit by demand among live sidecars; a gone
+        # Fallbacks: shares of the pool by demand among live sidecars; a gone
         # one keeps the fallback it was last sent.
         gone_reserved = sum(h.fallback for h in holders.values() if not h.connected)
-        for sidecar, share in split(max(0, self.limit - gone_reserved), rates).items():
+        pool = self.limit if self.fallback_pool is None else min(self.limit, self.fallback_pool)
+        for sidecar, share in split(max(0, pool - gone_reserved), rates).items():
             live[sidecar].fallback = share
         floor = max(1, math.ceil(self.limit * policy.floor_fraction / max(1, len(live))))
 
         def want(holder: _Holder) -> int:
             return max(floor, math.ceil(holder.rate * policy.horizon_ms / 1000.0))
 
-        # This window: top up towards each one's horizon of demand.
-        remaining = max(0, self.limit - sum(h.granted for h in holders.values()))
         needs = {s: float(max(0, want(h) - max(0, h.granted - h.used))) for s, h in live.items()}
+        wishes = {s: float(max(0, min(want(h), h.fallback) - h.next_granted)) for s, h in live.items()}
+        return live, needs, wishes, gone_reserved
+
+    def wants(self, now_ms: int) -> tuple[int, int]:
+        """How much more allowance the next ``rebalance`` would hand out:
+        (this window, the next), beyond what is allowed already. What a
+        coordinated ledger claims in the store before rebalancing."""
+        live, needs, wishes, gone_reserved = self._plan(now_ms)
+        granted = sum(h.granted for h in self.holders.values())
+        now = min(self.limit, granted + math.ceil(sum(needs.values()))) - self.allowance
+        pre = sum(h.next_granted for h in live.values()) + gone_reserved + math.ceil(sum(wishes.values()))
+        return max(0, now), max(0, min(self.limit, pre) - self.next_allowance)
+
+    def rebalance(self, now_ms: int) -> dict[str, Lease]:
+        """Top up and pre-grant; the lease of every connected sidecar."""
+        live, needs, wishes, gone_reserved = self._plan(now_ms)
+        holders = self.holders
+        if not holders:
+            return {}
+        cap, next_cap = self.limit, self.limit
+        if self.coordinated:
+            cap, next_cap = min(cap, self.allowance), min(next_cap, self.next_allowance)
+        # This window: top up towards each one's horizon of demand.
+        remaining = max(0, cap - sum(h.granted for h in holders.values()))
         total_need = sum(needs.values())
         if total_need <= remaining:
             top_ups = {s: int(n) for s, n in needs.items()}
@@ -160,10 +197,11 @@ class BucketLedger:
         for sidecar, extra in top_ups.items():
             live[sidecar].granted += extra
         left = remaining - sum(top_ups.values())
-        self.exhausted = left <= 0 and total_need > 0
+        # Exhausted: the limit itself is spent (not just this replica's claim).
+        spent = sum(h.granted for h in holders.values()) + self.others_claimed >= self.limit
+        self.exhausted = left <= 0 and total_need > 0 and spent
         # Next window: pre-grants, never lowered once sent.
-        room = max(0, self.limit - gone_reserved - sum(h.next_granted for h in live.values()))
-        wishes = {s: float(max(0, min(want(h), h.fallback) - h.next_granted)) for s, h in live.items()}
+        room = max(0, next_cap - gone_reserved - sum(h.next_granted for h in live.values()))
         if sum(wishes.values()) <= room:
             extra_next = {s: int(w) for s, w in wishes.items()}
         else:

@@ -19,11 +19,12 @@ from control_plane.auth import Authenticator, AuthInterceptor
 from control_plane.binding_sweep import BindingSweeper
 from control_plane.config import ControlPlaneConfig
 from control_plane.decode_guard import DecodeGuardInterceptor
-from control_plane.fleet import FleetTracker
+from control_plane.fleet import FleetTracker, default_replica_id
 from control_plane.hub import SnapshotHub
 from control_plane.node_admin import sync_all_nodes
 from control_plane.node_health import NodeHealthFolder
 from control_plane.quota_broker import QuotaBroker
+from control_plane.quota_claims import QuotaClaims
 from control_plane.recovery_probe import RecoveryProber
 from control_plane.sidecar_service import SidecarService
 from control_plane.store.base import Store
@@ -153,6 +154,8 @@ class ControlPlane:
                 box = Keyring.single(config.master_key)
             self._master_keys = box
             await store.migrate()
+            # This process among the replicas: its fleet record and its quota claims.
+            replica_id = config.replica_id or default_replica_id()
             await sync_all_nodes(store, datetime.now(UTC))  # node_urls written before nodes existed
             self._hub = SnapshotHub(
                 store,
@@ -175,6 +178,7 @@ class ControlPlane:
                 window_ms=round(config.quota_window * 1000),
                 rebalance_interval=config.quota_rebalance_interval,
                 reload_interval=config.quota_reload_interval,
+                claims=QuotaClaims(store, replica_id),
             )
             await self._quota.start()
             self._usage = UsageRecorder(
@@ -193,7 +197,7 @@ class ControlPlane:
             self._fleet = FleetTracker(
                 store,
                 self._hub.cache,
-                replica=config.replica_id or None,
+                replica=replica_id,
                 heartbeat=config.sidecar_heartbeat,
                 expire_after=3 * config.sidecar_heartbeat,
             )

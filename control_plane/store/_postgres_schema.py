@@ -269,4 +269,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        10,
+        "quota claims of control-plane replicas on each limited bucket's window",
+        (
+            # One row per (bucket, window, replica); replica_id '' is a budget's
+            # seed (spend the usage rollups held when the window's first claim came).
+            """CREATE TABLE quota_claims (
+                tenant text NOT NULL,
+                client_key_id text NOT NULL,
+                kind bigint NOT NULL,
+                window_start_ms bigint NOT NULL,
+                replica_id text NOT NULL,
+                window_end_ms bigint NOT NULL,
+                claimed bigint NOT NULL DEFAULT 0,
+                used bigint NOT NULL DEFAULT 0,
+                rate double precision NOT NULL DEFAULT 0,
+                updated_at_ms bigint NOT NULL,
+                PRIMARY KEY (tenant, client_key_id, kind, window_start_ms, replica_id)
+            )""",
+            "CREATE INDEX quota_claims_by_end ON quota_claims (window_end_ms)",
+        ),
+    ),
 )

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from control_plane.store import _codec, _rows
 from control_plane.store._bindings import BindingsSql
+from control_plane.store._quota_claims import QuotaClaimsSql
 from control_plane.store._sql_base import Conn
 from control_plane.store._usage import UsageSql
 from control_plane.store.base import AuditEntry, ProviderKeyUpdate, RouteUpdate
@@ -33,7 +34,7 @@ from keyplane.domain import (
 __all__ = ["SqlStore"]
 
 
-class SqlStore(BindingsSql[Conn], LimitsSql[Conn], UsageSql[Conn]):
+class SqlStore(BindingsSql[Conn], LimitsSql[Conn], UsageSql[Conn], QuotaClaimsSql[Conn]):
     """The whole ``Store`` but for what each driver does its own way
     (``migrate``, ``close``, ``listen_changes``, ``rewrap_secrets``)."""
 

@@ -269,4 +269,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        10,
+        "quota claims of control-plane replicas on each limited bucket's window",
+        (
+            # One row per (bucket, window, replica); replica_id '' is a budget's
+            # seed (spend the usage rollups held when the window's first claim came).
+            """CREATE TABLE quota_claims (
+                tenant TEXT NOT NULL,
+                client_key_id TEXT NOT NULL,
+                kind INTEGER NOT NULL,
+                window_start_ms INTEGER NOT NULL,
+                replica_id TEXT NOT NULL,
+                window_end_ms INTEGER NOT NULL,
+                claimed INTEGER NOT NULL DEFAULT 0,
+                used INTEGER NOT NULL DEFAULT 0,
+                rate REAL NOT NULL DEFAULT 0,
+                updated_at_ms INTEGER NOT NULL,
+                PRIMARY KEY (tenant, client_key_id, kind, window_start_ms, replica_id)
+            )""",
+            "CREATE INDEX quota_claims_by_end ON quota_claims (window_end_ms)",
+        ),
+    ),
 )

@@ -34,6 +34,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from control_plane.store.fleet_records import BindingFilter, SidecarAck, SidecarRecord, SidecarStream
+from control_plane.store.quota_records import QuotaClaim, QuotaClaimResult
 from keyplane.affinity import (
     Binding,
     BindingKey,
@@ -69,6 +70,8 @@ __all__ = [
     "BindingFilter",
     "ChangeListener",
     "ProviderKeyUpdate",
+    "QuotaClaim",
+    "QuotaClaimResult",
     "RouteUpdate",
     "SealedSecret",
     "SecretRewrap",
@@ -457,6 +460,18 @@ class Store(Protocol):
 
     async def delete_limits(self, tenant: str, client_key_id: str, *, audit: AuditEntry | None = None) -> bool:
         """False when none were set."""
+
+    # quota claims of control-plane replicas (control_plane/store/_quota_claims.py)
+    async def claim_quota(
+        self, replica_id: str, claims: Sequence[QuotaClaim], now_ms: int, live_ms: int
+    ) -> list[QuotaClaimResult]:
+        """For each claim (sorted by bucket), under a lock on its bucket's
+        window: add up to ``want`` to ``replica_id``'s claim without the
+        claims of all replicas passing ``limit``, and record its used and
+        demand. ``fleet_rate`` counts replicas that wrote within ``live_ms``."""
+
+    async def sweep_quota_claims(self, before_ms: int) -> int:
+        """Delete claims of windows that ended before ``before_ms``; how many."""
 
     # the fleet's sync state (control_plane/store/sidecar_status.py) -----------
     async def put_sidecar_streams(self, replica: str, streams: Sequence[SidecarStream], seen_at: datetime) -> None:

@@ -37,6 +37,7 @@ from control_plane.store._rows import Row
 from control_plane.store._sql import SqlStore
 from control_plane.store.base import AuditEntry, ChangeListener, SecretRewrap
 from control_plane.store.migrations import pending
+from control_plane.store.quota_records import QuotaClaim
 from keyplane.affinity import BindingKey
 from keyplane.domain import ChangeOp, EntityKind
 from keyplane.errors import Unavailable
@@ -283,6 +284,12 @@ class PostgresStore(SqlStore[asyncpg.Connection]):
     async def _lock_binding(self, conn: asyncpg.Connection, key: BindingKey) -> None:
         """Concurrent claims of one triple wait here, on every replica."""
         name = f"keyplane.binding:{self._schema}:{key.tenant}\n{key.client_key_id}\n{key.public_model}"
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(name))
+
+    async def _lock_quota(self, conn: asyncpg.Connection, claim: QuotaClaim) -> None:
+        """Concurrent claims on one bucket's window wait here, on every replica."""
+        bucket = f"{claim.tenant}\n{claim.client_key_id}\n{claim.kind}\n{claim.window_start_ms}"
+        name = f"keyplane.quota:{self._schema}:{bucket}"
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(name))
 
     async def _fetchone(self, conn: asyncpg.Connection, sql: str, params: Sequence[Any]) -> Row | None:
