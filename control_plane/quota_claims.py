@@ -146,11 +146,13 @@ class QuotaClaims:
             return  # its limit went away meanwhile
         key: ClaimKey = (claim.tenant, claim.client_key_id, claim.kind, claim.window_start_ms)
         self._written[key] = _Written(now_ms, claim.used, claim.rate)
-        # This replica's share of the limit by demand: its sidecars' fallbacks.
-        if result.fleet_rate > 0:
-            share = math.ceil(ledger.limit * claim.rate / result.fleet_rate)
-            ledger.fallback_pool = max(share, math.ceil(ledger.limit * ledger.policy.floor_fraction))
         if claim.window_start_ms == ledger.window_start_ms:
+            # This replica's share of the limit by demand (read off the rows
+            # of the current window, which every replica rewrites at least
+            # every heartbeat): its sidecars' fallbacks.
+            if result.fleet_rate > 0:
+                share = math.ceil(ledger.limit * claim.rate / result.fleet_rate)
+                ledger.fallback_pool = max(share, math.ceil(ledger.limit * ledger.policy.floor_fraction))
             ledger.allowance = max(ledger.allowance, result.claimed)
             ledger.others_claimed = result.fleet_claimed - result.claimed
             ledger.others_used = result.others_used
