@@ -36,9 +36,11 @@ def free_port() -> int:
 
 
 class Fleet:
-    """One control plane (SQLite) and its sidecars, configured through the admin API."""
+    """One control plane (SQLite unless ``store_url`` is given) and its
+    sidecars, configured through the admin API; more replicas of the control
+    plane on the same store with ``start_replica``."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, store_url: str | None = None) -> None:
         self.tmp_path = tmp_path
         (tmp_path / "admin.token").write_text(ADMIN_TOKEN + "\n")
         (tmp_path / "sidecar.tokens").write_text(f"{SIDECAR_TOKEN} acme\n")
@@ -46,18 +48,33 @@ class Fleet:
         self.env = child_env(tmp_path / "home", {"KEYPLANE_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()})
         self.cp_port = free_port()
         self.target = f"127.0.0.1:{self.cp_port}"
+        self.store_url = store_url or f"sqlite:///{tmp_path / 'keyplane.db'}"
         self.control_plane: Running | None = None
+        self.replicas: dict[int, Running] = {}  # more control planes, by port
         self.sidecars: dict[int, Running] = {}
         self.admin_md = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
     async def start_control_plane(self, *flags: str) -> Running:
-        self.control_plane = await start(
+        self.control_plane = await self._control_plane(self.target, flags)
+        return self.control_plane
+
+    async def start_replica(self, port: int, *flags: str) -> Running:
+        """Another control plane on the same store, at 127.0.0.1:``port``."""
+        self.replicas[port] = await self._control_plane(f"127.0.0.1:{port}", flags)
+        return self.replicas[port]
+
+    async def stop_replica(self, port: int) -> None:
+        running = self.replicas.pop(port)
+        assert await running.stop() == 0, running.output
+
+    async def _control_plane(self, target: str, flags: tuple[str, ...]) -> Running:
+        return await start(
             [
                 "control-plane",
                 "--listen",
-                self.target,
+                target,
                 "--store",
-                f"sqlite:///{self.tmp_path / 'keyplane.db'}",
+                self.store_url,
                 "--admin-token-file",
                 str(self.tmp_path / "admin.token"),
                 "--sidecar-tokens-file",
@@ -67,7 +84,6 @@ class Fleet:
             self.env,
             r"control plane listening on port \d+",
         )
-        return self.control_plane
 
     async def kill_control_plane(self) -> None:
         """SIGKILL: no goodbye to anyone."""
@@ -81,12 +97,12 @@ class Fleet:
         assert await self.control_plane.stop() == 0, self.control_plane.output
         self.control_plane = None
 
-    async def start_sidecar(self, port: int, *flags: str) -> Running:
+    async def start_sidecar(self, port: int, *flags: str, target: str | None = None) -> Running:
         running = await start(
             [
                 "sidecar",
                 "--control-plane",
-                self.target,
+                target or self.target,
                 "--token-file",
                 str(self.tmp_path / "sidecar.token"),
                 "--tenant",
@@ -146,6 +162,8 @@ class Fleet:
     async def stop(self) -> None:
         for port in list(self.sidecars):
             await self.sidecars.pop(port).stop()
+        for port in list(self.replicas):
+            await self.replicas.pop(port).stop()
         if self.control_plane is not None:
             await self.control_plane.stop()
 

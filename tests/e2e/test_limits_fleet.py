@@ -21,23 +21,17 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import limits_pb2 as lpb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import usage_pb2 as upb
-from tests.e2e.fleet import MODEL, Fleet, free_port
+from tests.e2e.fleet import Fleet, free_port
+from tests.e2e.paced_load import CP_FLAGS, PER_MINUTE, PER_WINDOW, WINDOW_MS, PacedLoad, limit_client_key, next_window
 from tests.fakes.upstream import FakeUpstream
-
-WINDOW_MS = 6000
-PER_MINUTE = 1200
-PER_WINDOW = PER_MINUTE * WINDOW_MS // 60_000  # 120
-CP_FLAGS = ("--limits-window", "6", "--limits-rebalance-interval", "1")
 
 
 @pytest.fixture
@@ -55,83 +49,11 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
         await f.stop()
 
 
-@dataclass
-class PacedLoad:
-    """Open-loop load: ``rate`` requests a second to one sidecar, each sent on
-    time whether or not the last one was answered; (send unix ms, status)."""
-
-    url: str
-    token: str
-    rate: float
-    answers: list[tuple[int, int]] = field(default_factory=list)
-    refusals: list[httpx.Response] = field(default_factory=list)
-    bodies: list[bytes] = field(default_factory=list)  # of the answers admitted
-    errors: list[str] = field(default_factory=list)
-
-    async def run(self, until: float) -> None:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
-        headers = {"authorization": f"Bearer {self.token}"}
-        pending: set[asyncio.Task[None]] = set()
-        async with httpx.AsyncClient(timeout=15.0, limits=httpx.Limits(max_connections=64)) as client:
-
-            async def one() -> None:
-                sent_ms = time.time_ns() // 1_000_000
-                try:
-                    resp = await client.post(f"{self.url}/chat/completions", json=body, headers=headers)
-                except httpx.HTTPError as exc:
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-                    return
-                self.answers.append((sent_ms, resp.status_code))
-                if resp.status_code == 200:
-                    self.bodies.append(resp.content)
-                if resp.status_code == 429 and len(self.refusals) < 5:
-                    self.refusals.append(resp)
-
-            interval = 1.0 / self.rate
-            next_at = time.monotonic()
-            while time.monotonic() < until:
-                task = asyncio.create_task(one())
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-                next_at += interval
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            if pending:
-                await asyncio.gather(*pending)
-
-    def admitted_by_window(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for sent_ms, status in self.answers:
-            if status == 200:
-                w = sent_ms - sent_ms % WINDOW_MS
-                out[w] = out.get(w, 0) + 1
-        return out
-
-
 async def _limit_the_client_key(fleet: Fleet, upstream: FakeUpstream) -> str:
     """Configure tenant, key, route and client key; limit the key to PER_MINUTE; its token."""
     _, token = await fleet.configure(upstream, ("sk-limits-fleet-key-0001",))
-    channel, admin = await fleet.admin()
-    try:
-        [client_key] = (
-            await admin.ListClientKeys(apb.ListClientKeysRequest(tenant="acme"), metadata=fleet.admin_md)
-        ).client_keys
-        await admin.SetLimits(
-            lpb.SetLimitsRequest(
-                limits=lpb.Limits(tenant="acme", client_key_id=client_key.id, requests_per_minute=PER_MINUTE)
-            ),
-            metadata=fleet.admin_md,
-        )
-    finally:
-        await channel.close(None)
+    await limit_client_key(fleet, requests_per_minute=PER_MINUTE)
     return token
-
-
-def _next_window(seconds: float) -> tuple[float, int]:
-    """The first window starting at least ``seconds`` from now: (seconds to it, its start in unix ms)."""
-    now_ms = time.time_ns() // 1_000_000
-    target = now_ms + int(seconds * 1000)
-    start = target - target % WINDOW_MS + WINDOW_MS
-    return (start - now_ms) / 1000, start
 
 
 async def test_four_sidecars_at_three_times_the_limit_admit_the_limit(fleet: Fleet, upstream: FakeUpstream) -> None:
@@ -143,7 +65,7 @@ async def test_four_sidecars_at_three_times_the_limit_admit_the_limit(fleet: Fle
     rate = 3 * PER_WINDOW / (WINDOW_MS / 1000) / len(ports)
     loads = [PacedLoad(f"http://127.0.0.1:{port}/v1", token, rate) for port in ports]
     # One window to learn the demand, then three measured windows.
-    warmup, first_measured_ms = _next_window(2.0)
+    warmup, first_measured_ms = next_window(2.0)
     measured = 3
     until = time.monotonic() + warmup + measured * WINDOW_MS / 1000 + 0.05
     await asyncio.gather(*(load.run(until) for load in loads))
@@ -189,7 +111,7 @@ async def test_limits_hold_fail_static_while_the_control_plane_is_away_and_fail_
     rate = 1.5 * PER_WINDOW / (WINDOW_MS / 1000)
     static = PacedLoad(f"http://127.0.0.1:{static_port}/v1", token, rate)
     opened = PacedLoad(f"http://127.0.0.1:{open_port}/v1", token, rate)
-    lead, _ = _next_window(3.0)
+    lead, _ = next_window(3.0)
     start = time.monotonic()
     running = asyncio.gather(
         static.run(start + lead + 3 * WINDOW_MS / 1000), opened.run(start + lead + 3 * WINDOW_MS / 1000)
