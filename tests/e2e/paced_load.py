@@ -90,7 +90,9 @@ async def limit_client_key(fleet: Fleet, **limits: int) -> str:
     try:
         request = apb.ListClientKeysRequest(tenant="acme")
         [client_key] = (await admin.ListClientKeys(request, metadata=fleet.admin_md)).client_keys
-        limit_set = lpb.Limits(tenant="acme", client_key_id=client_key.id, **limits)
+        limit_set = lpb.Limits(tenant="acme", client_key_id=client_key.id)
+        for name, value in limits.items():
+            setattr(limit_set, name, value)
         await admin.SetLimits(lpb.SetLimitsRequest(limits=limit_set), metadata=fleet.admin_md)
     finally:
         await channel.close(None)
