@@ -14,6 +14,9 @@ sidecar keeps enforcing them (fail-static: each new window gets the lease's
 ``fallback``, its share of the limit by recent demand); with ``fail_open``
 it admits everything once its leases are ``stale_after`` seconds old.
 
+Spend budgets are charged at the prices that come with the leases (the
+``PriceBook`` of ``sidecar.pricing``, shared with the app's cost counter).
+
 The request path costs one dict lookup when no limit is set, two bucket
 checks (integer arithmetic) otherwise.
 """
