@@ -6,9 +6,12 @@ rebalances every ledger and hands each connected sidecar its leases
 Limits are read from the store at start, after every admin write through this
 process (``reload``) and every ``reload_interval`` (writes made through
 another replica). The lease arithmetic is ``control_plane.quota_leases``;
-this module only routes reports and leases. With ``claims`` (the server
-always passes them) several replicas share each limit: every replica leases
-only what it claimed in the store (``control_plane.quota_claims``).
+this module only routes reports and leases, and the price table: every
+tenant's prices, sent to a sidecar with its leases when the part of the table
+in its scope changed (``prices_included``; the sidecars charge spend budgets
+and count cost with it). With ``claims`` (the server always passes them)
+several replicas share each limit: every replica leases only what it claimed
+in the store (``control_plane.quota_claims``).
 """
 
 from __future__ import annotations
@@ -69,13 +72,22 @@ class QuotaSubscriber:
 
     sidecar_id: str
     tenants: frozenset[str] | None
+    # It keeps the prices it holds when a response has none (StreamQuotaRequest.prices_on_change).
+    prices_on_change: bool = False
     pending: lpb.StreamQuotaResponse | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # The price table version last looked at, and the prices last sent (None: none yet).
+    prices_version: int = -1
+    prices_sent: list[upb.Price] | None = None
 
     def allows(self, tenant: str) -> bool:
         return self.tenants is None or tenant in self.tenants
 
     def offer(self, response: lpb.StreamQuotaResponse) -> None:
+        pending = self.pending
+        if pending is not None and pending.prices_included and not response.prices_included:
+            response.prices.extend(pending.prices)  # never skip a price table
+            response.prices_included = True
         self.pending = response  # a slow stream skips to the newest set
         self.ready.set()
 
@@ -106,8 +118,11 @@ class QuotaBroker:
         self._policy = policy or LeasePolicy(horizon_ms=max(500, round(2000 * rebalance_interval)))
         self._clock_ms = clock_ms
         self._ledgers: dict[BucketKey, BucketLedger] = {}
-        # Prices of the tenants with a budget, for the sidecars to charge spend.
+        # Every tenant's prices (the sidecars charge spend and count cost), the
+        # tenants with a budget, and a version bumped when the prices change.
         self._prices: dict[str, list[upb.Price]] = {}
+        self._budgeted: frozenset[str] = frozenset()
+        self._prices_version = 0
         self._subscribers: set[QuotaSubscriber] = set()
         self._task: asyncio.Task[None] | None = None
 
@@ -126,14 +141,15 @@ class QuotaBroker:
         """Read every limit from the store; a failure keeps the limits held."""
         try:
             limit_sets = await self._store.list_limits()
-            budgeted = sorted({x.tenant for x in limit_sets if x.daily_budget_micros or x.monthly_budget_micros})
-            prices = {tenant: await self._store.list_prices(tenant) for tenant in budgeted}
+            listed = await self._store.list_prices(None)
         except Exception as exc:
             log.warning("could not read limits from the store (%s); keeping the ones held", type(exc).__name__)
             return
         self.set_limits(limit_sets)
-        self._prices = {
-            tenant: [
+        self._budgeted = frozenset(x.tenant for x in limit_sets if x.daily_budget_micros or x.monthly_budget_micros)
+        prices: dict[str, list[upb.Price]] = {}
+        for p in sorted(listed, key=lambda p: (p.tenant, convert.provider_to_proto(p.provider), p.model)):
+            prices.setdefault(p.tenant, []).append(
                 upb.Price(
                     tenant=p.tenant,
                     provider=convert.provider_to_proto(p.provider),
@@ -142,10 +158,10 @@ class QuotaBroker:
                     cached_input_micros_per_million=p.cached_input_micros_per_million,
                     output_micros_per_million=p.output_micros_per_million,
                 )
-                for p in listed
-            ]
-            for tenant, listed in prices.items()
-        }
+            )
+        if prices != self._prices:
+            self._prices = prices
+            self._prices_version += 1
 
     def set_limits(self, limit_sets: Iterable[LimitSet]) -> None:
         wanted: dict[BucketKey, tuple[int, int]] = {}
@@ -179,8 +195,10 @@ class QuotaBroker:
 
     # streams -----------------------------------------------------------------
 
-    def subscribe(self, sidecar_id: str, tenants: frozenset[str] | None) -> QuotaSubscriber:
-        subscriber = QuotaSubscriber(sidecar_id, tenants)
+    def subscribe(
+        self, sidecar_id: str, tenants: frozenset[str] | None, *, prices_on_change: bool = False
+    ) -> QuotaSubscriber:
+        subscriber = QuotaSubscriber(sidecar_id, tenants, prices_on_change)
         self._subscribers.add(subscriber)
         now = self._clock_ms()
         for (tenant, _, _), ledger in self._ledgers.items():
@@ -225,10 +243,27 @@ class QuotaBroker:
                 if leases is not None:
                     leases.append(_lease_proto(bucket, lease))
         for subscriber in self._subscribers:
-            prices = [p for tenant, listed in self._prices.items() if subscriber.allows(tenant) for p in listed]
-            subscriber.offer(
-                lpb.StreamQuotaResponse(leases=per_sidecar[subscriber.sidecar_id], complete=True, prices=prices)
-            )
+            response = lpb.StreamQuotaResponse(leases=per_sidecar[subscriber.sidecar_id], complete=True)
+            self._add_prices(subscriber, response)
+            subscriber.offer(response)
+
+    def _add_prices(self, subscriber: QuotaSubscriber, response: lpb.StreamQuotaResponse) -> None:
+        """The price table in the subscriber's scope when it differs from the one
+        it was sent last (or, to a sidecar that does not keep prices, the budgeted
+        tenants' prices in every response)."""
+        if not subscriber.prices_on_change:
+            budgeted = (t for t in sorted(self._budgeted) if subscriber.allows(t))
+            response.prices.extend(p for t in budgeted for p in self._prices.get(t, ()))
+            return
+        if subscriber.prices_version == self._prices_version:
+            return  # no price changed since it was last looked at
+        subscriber.prices_version = self._prices_version
+        scoped = [p for tenant, listed in self._prices.items() if subscriber.allows(tenant) for p in listed]
+        if scoped == subscriber.prices_sent:
+            return  # a change out of its scope
+        subscriber.prices_sent = scoped
+        response.prices.extend(scoped)
+        response.prices_included = True
 
     # admin view --------------------------------------------------------------
 

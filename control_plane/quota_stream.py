@@ -50,7 +50,7 @@ async def stream_quota(
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except PermissionDenied as exc:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-    subscriber = broker.subscribe(first.sidecar_id[:_MAX_SIDECAR_ID], tenants)
+    subscriber = broker.subscribe(first.sidecar_id[:_MAX_SIDECAR_ID], tenants, prices_on_change=first.prices_on_change)
     log.info("sidecar %r (%s) streaming quota", subscriber.sidecar_id, peer)
     broker.report(subscriber, first.usage)
     reader = asyncio.create_task(_read_reports(broker, subscriber, request_iterator))

@@ -11,7 +11,8 @@ counted and logged).
 
 Cost is computed here, at flush time, in integer micro-dollars from the
 tenant's price table (``Price``: micro-dollars per million tokens; cached
-input at its own price, cache writes at the input price). The sub-micro-dollar
+input at its own price, cache writes at the input price), by
+``keyplane.pricing.cost_picos``, the formula the sidecars' cost counter uses. The sub-micro-dollar
 remainder of each row is carried to the row's next flush while its minute is
 recent, so many tiny requests add up exactly. Rows whose (provider, model) has
 no price count their requests as ``unpriced_requests``. Prices are re-read from
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 from control_plane.usage_records import DIMENSIONS, Price, UsageQuery, UsageRow, UsageTotals
 from keyplane import convert
 from keyplane.domain import Provider
+from keyplane.pricing import PICOS_PER_MICRO, cost_picos
 from keyplane.v1 import sidecar_service_pb2
 
 if TYPE_CHECKING:
@@ -56,19 +58,8 @@ _SUCCESS = sidecar_service_pb2.OUTCOME_CLASS_SUCCESS
 RollupKey = tuple[int, str, str, str, str, str]
 # Indexes into a pending row's counters.
 _REQ, _FAILED, _EST, _METERED, _IN, _CACHED, _WRITE, _OUT, _REASON = range(9)
-_PICOS_PER_MICRO = 1_000_000
 # Rows whose remainder is kept: minutes newer than this many seconds.
 _CARRY_WINDOW = 180
-
-
-def cost_picos(price: Price, input_tokens: int, cached: int, output: int) -> int:
-    """Cost in pico-dollars (1e-12 USD): tokens times micro-dollars per million tokens."""
-    uncached = max(0, input_tokens - cached)
-    return (
-        uncached * price.input_micros_per_million
-        + cached * price.cached_input_micros_per_million
-        + output * price.output_micros_per_million
-    )
 
 
 class UsageFolder:
@@ -254,7 +245,7 @@ class UsageRecorder:
                     unpriced = c[_METERED]
             else:
                 picos = cost_picos(price, c[_IN], c[_CACHED], c[_OUT]) + self._carry.get(key, 0)
-                micros, rest = divmod(picos, _PICOS_PER_MICRO)
+                micros, rest = divmod(picos, PICOS_PER_MICRO)
                 if rest:
                     carry[key] = rest
             totals = UsageTotals(

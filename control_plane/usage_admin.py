@@ -74,6 +74,14 @@ class UsageAdmin(AdminBase):
     # Set by the control plane when it records usage: GetUsage flushes it, SetPrice refreshes its prices.
     usage_recorder: UsageRecorder | None = None
 
+    async def _prices_changed(self) -> None:
+        """The usage recorder re-reads its prices, the quota broker its price table
+        (the sidecars get it with their next leases)."""
+        if self.usage_recorder is not None:
+            self.usage_recorder.prices_changed()
+        if self._quota is not None:
+            await self._quota.reload()
+
     @map_errors
     @audited("price")
     async def SetPrice(self, request: pb.SetPriceRequest, context: Context, audit: AuditDraft) -> pb.SetPriceResponse:
@@ -99,8 +107,7 @@ class UsageAdmin(AdminBase):
             self._clock(),
         )
         stored = await audit.write(lambda entry: self._store.put_price(new, audit=entry))
-        if self.usage_recorder is not None:
-            self.usage_recorder.prices_changed()
+        await self._prices_changed()
         log.info("set the price of %s:%s in tenant %s", provider.value, model, tenant)
         return pb.SetPriceResponse(price=price_to_proto(stored))
 
@@ -120,8 +127,7 @@ class UsageAdmin(AdminBase):
         model = _model(request.model, "model")
         audit.about(tenant, f"{provider.value}:{model}")
         await audit.write(lambda entry: self._store.delete_price(tenant, provider, model, audit=entry))
-        if self.usage_recorder is not None:
-            self.usage_recorder.prices_changed()
+        await self._prices_changed()
         log.info("deleted the price of %s:%s in tenant %s", provider.value, model, tenant)
         return pb.DeletePriceResponse()
 

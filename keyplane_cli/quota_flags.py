@@ -63,7 +63,9 @@ def add_sidecar_limit_flags(parser: argparse.ArgumentParser) -> None:
         help="leases this old count as stale, for --limits-fail-open (default: 5)",
     )
     group.add_argument(
-        "--no-limits", action="store_true", help="do not lease quota from the control plane: enforce no limits here"
+        "--no-limits",
+        action="store_true",
+        help="do not lease quota from the control plane: enforce no limits here (and get no prices: no cost metric)",
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from keyplane import convert
 from keyplane.health.panic import PanicPolicy
 
 from . import anthropic_errors, errors, probes
@@ -34,6 +35,7 @@ from .limits import Limiter
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import LabelledChildren, SidecarMetrics, status_class
 from .node_affinity import NodeAffinity
+from .pricing import PriceBook
 from .proxy import AttemptRecord
 from .reporter import OutcomeReporter
 from .rescue import ProbeGate
@@ -100,6 +102,8 @@ class SidecarApp:
         self.probes = ProbeGate()
         # Token usage read from answers and reported (``sidecar.usage``).
         self.usage_accounting = usage_accounting
+        # The tenants' prices, from the quota stream (``sidecar.pricing``): the cost counter's and the budgets'.
+        self.prices = PriceBook()
         m = self.metrics
         self._requests_count = LabelledChildren(m.requests)
         self._attempts_count = LabelledChildren(m.upstream_attempts)
@@ -231,14 +235,18 @@ class SidecarApp:
 
     # --- metrics of the chat handler's attempts ------------------------------------------
 
-    def count_attempt(self, record: AttemptRecord) -> None:
-        provider = record.attempt.target.provider.value
+    def count_attempt(self, record: AttemptRecord, tenant: str) -> None:
+        target = record.attempt.target
+        provider = target.provider.value
         self._attempts_count.get(provider, record.outcome).inc()
         self._classes_count.get(provider, record.classification.error_class.value).inc()
         if record.retried:
             self._fallbacks_count.get(provider).inc()
-        if record.usage is not None:
-            self.metrics.usage.count(provider, record.usage)
+        if (usage := record.usage) is not None:
+            cost = self.prices.cost_picos(
+                tenant, convert.provider_to_proto(target.provider), target.upstream_model, usage
+            )
+            self.metrics.usage.count(provider, usage, cost)
 
     def count_misconfigured(self, attempt: Attempt) -> None:
         self._attempts_count.get(attempt.target.provider.value, "config_error").inc()

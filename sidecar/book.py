@@ -85,7 +85,7 @@ class RequestBook:
     def attempted(self, record: AttemptRecord) -> None:
         """Metrics, and this sidecar's own health book at once (no round trip)."""
         app = self.app
-        app.count_attempt(record)
+        app.count_attempt(record, self.tenant)
         if record.attempt.node_url is not None:
             app.node_affinity.attempted(self.tenant, record)  # a node: its binding and health
         key = record.attempt.key

@@ -14,6 +14,9 @@ sidecar keeps enforcing them (fail-static: each new window gets the lease's
 ``fallback``, its share of the limit by recent demand); with ``fail_open``
 it admits everything once its leases are ``stale_after`` seconds old.
 
+Spend budgets are charged at the prices that come with the leases (the
+``PriceBook`` of ``sidecar.pricing``, shared with the app's cost counter).
+
 The request path costs one dict lookup when no limit is set, two bucket
 checks (integer arithmetic) otherwise.
 """
@@ -25,10 +28,12 @@ import math
 import time
 from collections.abc import Callable
 
+from keyplane.pricing import micros_rounded_up
 from keyplane.quota import Lease, LocalQuota
 from keyplane.v1 import limits_pb2 as lpb
 
 from .errors import ErrorResponse
+from .pricing import PriceBook
 from .usage import Usage
 
 __all__ = ["Limiter", "budget_exceeded", "client_rate_limited"]
@@ -37,8 +42,6 @@ BucketKey = tuple[str, str, int]
 _REQUESTS = lpb.QUOTA_KIND_REQUESTS
 _TOKENS = lpb.QUOTA_KIND_TOKENS
 _SPEND = (lpb.QUOTA_KIND_SPEND_DAY, lpb.QUOTA_KIND_SPEND_MONTH)
-# (tenant, provider proto value, upstream model) -> micro-dollars per million (input, cached input, output)
-PriceKey = tuple[str, int, str]
 
 
 def _now_ms() -> int:
@@ -100,6 +103,7 @@ class Limiter:
         stale_after: float = 5.0,
         clock_ms: Callable[[], int] = _now_ms,
         monotonic: Callable[[], float] = time.monotonic,
+        prices: PriceBook | None = None,
     ) -> None:
         self.fail_open = fail_open
         self._stale_after = stale_after
@@ -107,9 +111,10 @@ class Limiter:
         self._monotonic = monotonic
         self._quotas: dict[BucketKey, LocalQuota] = {}
         self._tokens_limited = False
-        # Spend budgets (charged at the prices the control plane sends with the leases).
+        # Spend budgets (charged at the prices the control plane sends with the leases,
+        # also the sidecar's cost counter's: ``sidecar.pricing``).
         self._spend_limited = False
-        self._prices: dict[PriceKey, tuple[int, int, int]] = {}
+        self.prices = prices if prices is not None else PriceBook()
         self._leased_at: float | None = None
         self.refused = 0
 
@@ -174,12 +179,10 @@ class Limiter:
         the spend budgets of its client key and tenant; an unpriced model costs 0."""
         if not self._spend_limited:
             return
-        price = self._prices.get((tenant, provider, model))
-        if price is None:
+        picos = self.prices.cost_picos(tenant, provider, model, usage)
+        if picos is None:
             return
-        uncached = max(0, usage.input_tokens - usage.cached_input_tokens)
-        picos = uncached * price[0] + usage.cached_input_tokens * price[1] + usage.output_tokens * price[2]
-        micros = -(-picos // 1_000_000)  # rounded up: never under-charged
+        micros = micros_rounded_up(picos)  # never under-charged
         if micros <= 0:
             return
         now = self._clock_ms()
@@ -206,7 +209,8 @@ class Limiter:
         )
 
     def apply(self, response: lpb.StreamQuotaResponse) -> None:
-        """Take a lease message; with ``complete``, buckets it leaves out are no longer limited."""
+        """Take a lease message; with ``complete``, buckets it leaves out are no
+        longer limited; with ``prices_included``, its prices replace the ones held."""
         now = self._clock_ms()
         seen: set[BucketKey] = set()
         for item in response.leases:
@@ -232,15 +236,10 @@ class Limiter:
                 del self._quotas[key]
         self._tokens_limited = any(k[2] == _TOKENS for k in self._quotas)
         self._spend_limited = any(k[2] in _SPEND for k in self._quotas)
-        if response.complete:
-            self._prices = {
-                (p.tenant, int(p.provider), p.model): (
-                    p.input_micros_per_million,
-                    p.cached_input_micros_per_million,
-                    p.output_micros_per_million,
-                )
-                for p in response.prices
-            }
+        if response.prices_included or response.prices:
+            # The whole table in scope (a control plane from before ``prices_included``
+            # sends the budgeted tenants' prices in every message, without it).
+            self.prices.replace(response.prices)
         self._leased_at = self._monotonic()
 
     def report(self) -> list[lpb.QuotaUsage]:

@@ -4,7 +4,9 @@ leased bucket (``Limiter.report``), and applies every lease message the
 control plane sends (``Limiter.apply``). Requests never wait on it: they are
 admitted from the leases already held. When the stream breaks it reconnects
 with jittered backoff; meanwhile the limiter keeps enforcing its last leases
-(fail-static) unless it fails open. Shares the watch stream's channel.
+(fail-static) unless it fails open. The same stream brings the price table of
+the sidecar's tenants when it changes (``sidecar.pricing``: spend budgets and
+the cost counter). Shares the watch stream's channel.
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ class QuotaClient:
     async def _requests(self) -> AsyncIterator[lpb.StreamQuotaRequest]:
         config = self._config
         yield lpb.StreamQuotaRequest(
-            sidecar_id=config.sidecar_id, tenants=list(config.tenants), usage=self.limiter.report()
+            sidecar_id=config.sidecar_id,
+            tenants=list(config.tenants),
+            usage=self.limiter.report(),
+            prices_on_change=True,  # the price table comes when it changes (Limiter.apply keeps it)
         )
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):

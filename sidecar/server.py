@@ -140,7 +140,9 @@ class Sidecar:
         # Limits: admitted from local leases the quota stream keeps current.
         self.quota: QuotaClient | None = None
         if watch and config.quota:
-            limiter = Limiter(fail_open=config.quota_fail_open, stale_after=config.quota_stale_after)
+            limiter = Limiter(
+                fail_open=config.quota_fail_open, stale_after=config.quota_stale_after, prices=self.app.prices
+            )
             self.quota = QuotaClient(config, limiter)
             self.app.limiter = limiter
         self._quota_task: asyncio.Task[None] | None = None

@@ -445,8 +445,15 @@ class StreamQuotaRequest(_message.Message):
     SIDECAR_ID_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     TENANTS_FIELD_NUMBER: _builtins.int
+    PRICES_ON_CHANGE_FIELD_NUMBER: _builtins.int
     sidecar_id: _builtins.str
     """The sidecar_id of its Watch; required on the first message."""
+    prices_on_change: _builtins.bool
+    """First message: the sidecar understands StreamQuotaResponse.prices_included
+    (it keeps the prices it holds when a response has none). Without it the
+    control plane sends the prices of the budgeted tenants in every response,
+    as it did before that field.
+    """
     @_builtins.property
     def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuotaUsage]: ...
     @_builtins.property
@@ -461,10 +468,11 @@ class StreamQuotaRequest(_message.Message):
         sidecar_id: _builtins.str = ...,
         usage: _abc.Iterable[Global___QuotaUsage] | None = ...,
         tenants: _abc.Iterable[_builtins.str] | None = ...,
+        prices_on_change: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sidecar_id", b"sidecar_id", "tenants", b"tenants", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["prices_on_change", b"prices_on_change", "sidecar_id", b"sidecar_id", "tenants", b"tenants", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -477,8 +485,16 @@ class StreamQuotaResponse(_message.Message):
     LEASES_FIELD_NUMBER: _builtins.int
     COMPLETE_FIELD_NUMBER: _builtins.int
     PRICES_FIELD_NUMBER: _builtins.int
+    PRICES_INCLUDED_FIELD_NUMBER: _builtins.int
     complete: _builtins.bool
     """True when `leases` is the whole set (every message, today)."""
+    prices_included: _builtins.bool
+    """True: `prices` is the whole price table in the sidecar's scope (it
+    replaces the one held; empty: no prices). False: the prices held stand.
+    A sidecar that did not set StreamQuotaRequest.prices_on_change gets,
+    instead, the prices of its tenants with a spend budget in every response
+    (a non-empty `prices` without this flag replaces the table, as before).
+    """
     @_builtins.property
     def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuotaLease]:
         """The sidecar's current leases; a bucket missing from the set it held before
@@ -487,8 +503,10 @@ class StreamQuotaResponse(_message.Message):
 
     @_builtins.property
     def prices(self) -> _containers.RepeatedCompositeFieldContainer[_usage_pb2.Price]:
-        """The prices of the tenants with a spend budget among the sidecar's, so it
-        charges spend as the control plane costs usage (complete, like leases).
+        """The prices of every tenant in the sidecar's scope, so it charges spend
+        budgets and counts cost as the control plane costs usage. Sent only with
+        prices_included (the first response of a stream, then when the table the
+        sidecar would see changed), not with every lease set.
         """
 
     def __init__(
@@ -497,10 +515,11 @@ class StreamQuotaResponse(_message.Message):
         leases: _abc.Iterable[Global___QuotaLease] | None = ...,
         complete: _builtins.bool = ...,
         prices: _abc.Iterable[_usage_pb2.Price] | None = ...,
+        prices_included: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "leases", b"leases", "prices", b"prices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "leases", b"leases", "prices", b"prices", "prices_included", b"prices_included"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,8 +86,9 @@ async def test_uneven_replicas_hold_the_limit_and_feed_the_busy_one(store: Sqlit
 
 async def test_a_replica_without_its_store_grants_only_its_share(store: SqliteStore) -> None:
     limit, now = 100, 600_000
-    busy, quiet = BucketLedger(limit=limit, window_ms=W, coordinated=True), BucketLedger(
-        limit=limit, window_ms=W, coordinated=True
+    busy, quiet = (
+        BucketLedger(limit=limit, window_ms=W, coordinated=True),
+        BucketLedger(limit=limit, window_ms=W, coordinated=True),
     )
     claims_busy, claims_quiet = QuotaClaims(store, "replica-busy"), QuotaClaims(store, "replica-quiet")
     busy.connect("s1", now)
