@@ -110,6 +110,8 @@ class QuotaClaims:
     async def claim(self, ledgers: Mapping[tuple[str, str, int], BucketLedger], now_ms: int) -> None:
         """Claim what the ledgers want and set their allowances; when the
         store fails, let each ledger grant up to its share (fail-static)."""
+        if not ledgers:
+            return  # nothing is limited: no store statement at all
         claims = self.claims_for(ledgers, now_ms)
         if claims:
             try:
