@@ -27,7 +27,7 @@ from .rescue import Rescue, Sending, serve
 from .router import Attempt
 from .upstream import RequestBody
 
-__all__ = ["Dialect", "DisconnectWatch", "answer", "attempt"]
+__all__ = ["Dialect", "DisconnectWatch", "Planned", "answer"]
 
 _log = logging.getLogger(__name__)
 
@@ -96,19 +96,25 @@ class DisconnectWatch:
             watcher.cancel()
 
 
+@dataclass(slots=True)
+class Planned:
+    """One request as planned: what its attempts (``sidecar.rescue.serve``) are given."""
+
+    plan: list[Attempt]
+    body_for: Callable[[str], RequestBody]  # the body for an upstream model
+    headers: dict[str, str]  # the app's, some forwarded upstream
+    stream: bool
+    deadline: float  # loop time
+    sending: Sending
+    rescue: Callable[[], Rescue] | None  # called only should no key be able to serve
+
+
 async def answer(
     app: ChatApp,
     book: RequestBook,
-    plan: list[Attempt],
-    body_for: Callable[[str], RequestBody],
-    headers: dict[str, str],
+    planned: Planned,
     receive: Receive,
     send: Send,
-    *,
-    stream: bool,
-    deadline: float,
-    sending: Sending,
-    rescue: Callable[[], Rescue] | None,
     dialect: Dialect,
     created: Callable[[UpstreamReply], None] | None = None,
 ) -> int:
@@ -122,9 +128,7 @@ async def answer(
     watch = DisconnectWatch(receive, task, app.disconnect_watch_after)
     status = 499
     try:
-        result = await attempt(
-            app, book, plan, body_for, headers, stream=stream, deadline=deadline, sending=sending, rescue=rescue
-        )
+        result = await _attempt(app, book, planned)
         status = await _reply(app, book, result, send, dialect, created)
     except asyncio.CancelledError:
         if not watch.gone:
@@ -190,18 +194,7 @@ async def _reply(
     )
 
 
-async def attempt(
-    app: ChatApp,
-    book: RequestBook,
-    plan: list[Attempt],
-    body_for: Callable[[str], RequestBody],
-    headers: dict[str, str],
-    *,
-    stream: bool,
-    deadline: float,
-    sending: Sending,
-    rescue: Callable[[], Rescue] | None,
-) -> UpstreamReply | AttemptsFailed:
+async def _attempt(app: ChatApp, book: RequestBook, planned: Planned) -> UpstreamReply | AttemptsFailed:
     """The attempts of one request, whatever its endpoint: ``sidecar.rescue.serve`` (the
     plan, then panic probes, waits or an honest answer when no key could serve), with
     the request's book brought up to date."""
@@ -215,17 +208,17 @@ async def attempt(
 
     result = await serve(
         app.upstream,
-        plan,
-        body_for,
-        headers,
-        stream=stream,
-        deadline=deadline,
+        planned.plan,
+        planned.body_for,
+        planned.headers,
+        stream=planned.stream,
+        deadline=planned.deadline,
+        sending=planned.sending,
+        rescue=planned.rescue,
         observer=book,
-        blocked=blocked,
         excluded=book.excluded,
+        blocked=blocked,
         wall_clock=wall_clock,
-        rescue=rescue,
-        sending=sending,
     )
     book.excluded = dict(result.excluded)
     if book.access is not None:

@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 
 from keyplane.domain import Provider
 
 from . import anthropic_errors, errors
 from .access_log import AccessEntry
-from .answering import Dialect, answer
+from .answering import Dialect, Planned, answer
 from .asgi import Receive, Scope, Send, send_error
-from .book import RequestBook
-from .chat import ClientGone, read_body, request_id_for
+from .chat import ClientGone, book_for, read_body
 from .chat_app import ChatApp
 from .endpoints import MESSAGES
 from .model import Route
 from .planning import plan_for
-from .request_json import RequestJsonError, parse_request_json
+from .request_json import RequestJsonError, bodies_for, parse_request_json
 from .rescue import Sending
 from .rescue_plan import rescue_for
 from .upstream.anthropic import (
@@ -159,42 +157,14 @@ async def messages(
     route = _native(found)
     if route is None:
         return await send_error(send, anthropic_errors.from_openai(errors.endpoint_not_served(model, MESSAGES_ROUTE)))
-    book = RequestBook(
-        app,
-        tenant,
-        request_id_for(headers),
-        access,
-        client_key_id=app.state.client_key_id(_client_token(headers)),
-        model=model,
-    )
+    book = book_for(app, tenant, model, headers, _client_token(headers), access)
     plan = plan_for(app, book.health, tenant, route, book.excluded)
     deadline = asyncio.get_running_loop().time() + app.request_timeout
     # Built only should no key be able to serve (``sidecar.rescue``).
     rescue = functools.partial(rescue_for, app, book.health, tenant, model, route, headers, deadline)
-    encoded: dict[str, bytes] = {}
-
-    def body_for(upstream_model: str) -> bytes:
-        if upstream_model == model:
-            return raw
-        body = encoded.get(upstream_model)
-        if body is None:
-            payload["model"] = upstream_model
-            body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
-        return body
-
     if app.usage_accounting and not count_tokens:
         book.metering = Metering(input_bytes=len(raw), anthropic=True)
-    return await answer(
-        app,
-        book,
-        plan,
-        body_for,
-        headers,
-        receive,
-        send,
-        stream=not count_tokens and payload.get("stream") is True,
-        deadline=deadline,
-        sending=Sending(build=_BUILD_COUNT_TOKENS if count_tokens else _BUILD_MESSAGES),
-        rescue=rescue,
-        dialect=_ANTHROPIC,
-    )
+    stream = not count_tokens and payload.get("stream") is True
+    sending = Sending(build=_BUILD_COUNT_TOKENS if count_tokens else _BUILD_MESSAGES)
+    planned = Planned(plan, bodies_for(payload, model, raw), headers, stream, deadline, sending, rescue)
+    return await answer(app, book, planned, receive, send, _ANTHROPIC)

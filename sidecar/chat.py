@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import json
 import os
 import re
 from collections.abc import Callable
@@ -27,13 +26,13 @@ from collections.abc import Callable
 from . import errors
 from .access_log import AccessEntry
 from .affinity import Sticky, previous_response
-from .answering import Dialect, answer
+from .answering import Dialect, Planned, answer
 from .asgi import Receive, Scope, Send, send_error
 from .book import RequestBook
 from .chat_app import ChatApp
 from .endpoints import CHAT_COMPLETIONS, BodyKind, Endpoint, SseErrors, StreamKind
 from .planning import keys_of, plan_for
-from .request_json import RequestJsonError, parse_request_json
+from .request_json import RequestJsonError, bodies_for, parse_request_json
 from .rescue import Rescue, Sending
 from .rescue_plan import APP_TIMEOUT_HEADER, rescue_for
 from .router import Attempt
@@ -45,6 +44,7 @@ __all__ = [
     "ChatApp",
     "ClientGone",
     "authenticate",
+    "book_for",
     "chat",
     "forward",
     "handle",
@@ -76,6 +76,15 @@ def request_id_for(headers: dict[str, str]) -> str:
         return given
     made = headers["x-request-id"] = _request_id()
     return made
+
+
+def book_for(
+    app: ChatApp, tenant: str, model: str, headers: dict[str, str], token: str | None, access: AccessEntry | None
+) -> RequestBook:
+    """The request's book: under its id (``request_id_for``), for the client key of ``token``."""
+    return RequestBook(
+        app, tenant, request_id_for(headers), access, client_key_id=app.state.client_key_id(token), model=model
+    )
 
 
 class ClientGone(Exception):
@@ -222,24 +231,13 @@ async def handle(
     own: bytes | None = raw
     if self.usage_accounting:
         metering, own = plan_metering(endpoint.name, payload, raw, stream)
-    encoded: dict[str, bytes] = {}
-
-    def body_for(upstream_model: str) -> bytes:
-        if upstream_model == model and own is not None:
-            return own  # pass-through: the app's bytes already name this model
-        body = encoded.get(upstream_model)
-        if body is None:
-            payload["model"] = upstream_model
-            body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
-        return body
-
     pinned = previous_response(payload) if endpoint.sticky else None
     return await forward(
         self,
         endpoint,
         tenant,
         model,
-        body_for,
+        bodies_for(payload, model, own),
         headers,
         stream,
         receive,
@@ -277,14 +275,7 @@ async def forward(
     served = route.by_endpoint.get(endpoint.name)
     if served is None:
         return await send_error(send, errors.endpoint_not_served(model, endpoint.path))
-    ctx = RequestBook(
-        self,
-        tenant,
-        request_id_for(headers),
-        access,
-        client_key_id=self.state.client_key_id(_bearer(headers)),
-        model=model,
-    )
+    ctx = book_for(self, tenant, model, headers, _bearer(headers), access)
     ctx.metering = metering
     deadline = asyncio.get_running_loop().time() + self.request_timeout
     health = ctx.health
@@ -312,18 +303,7 @@ async def forward(
     rescue: Callable[[], Rescue] | None = None
     if sticky is None or pinned is None:
         rescue = functools.partial(rescue_for, self, health, tenant, model, served, headers, deadline)
-    return await answer(
-        self,
-        ctx,
-        plan,
-        body_for,
-        headers,
-        receive,
-        send,
-        stream=stream,
-        deadline=deadline,
-        sending=Sending(endpoint.upstream_path, content_type),
-        rescue=rescue,
-        dialect=_TYPED if endpoint.sse_errors is SseErrors.TYPED else _OPENAI,
-        created=None if sticky is None else sticky.created,
-    )
+    sending = Sending(endpoint.upstream_path, content_type)
+    planned = Planned(plan, body_for, headers, stream, deadline, sending, rescue)
+    dialect = _TYPED if endpoint.sse_errors is SseErrors.TYPED else _OPENAI
+    return await answer(self, ctx, planned, receive, send, dialect, None if sticky is None else sticky.created)
