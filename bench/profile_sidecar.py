@@ -32,6 +32,8 @@ from bench.proxy_overhead import MIXES, MODEL
 AREAS = (
     ("sidecar/app.py", "sidecar.app (ASGI edge)"),
     ("sidecar/chat.py", "sidecar.chat (handler)"),
+    ("sidecar/answering.py", "sidecar.answering (run and answer)"),
+    ("sidecar/planning.py", "sidecar.planning (plan)"),
     ("sidecar/relay.py", "sidecar.relay (answer relay)"),
     ("sidecar/proxy.py", "sidecar.proxy (attempt loop)"),
     ("sidecar/upstream/", "sidecar.upstream (client glue)"),

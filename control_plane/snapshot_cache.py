@@ -7,11 +7,11 @@ tenant's state as sidecars get it, a bounded ring of recent changes (for
 resuming sidecars) and the subscribers. No I/O: the follower in
 ``control_plane.hub`` reads the store and feeds it, and tests feed it by hand.
 
-Every subscriber has its own bounded queue; ``apply`` only appends to it and
-never waits. A subscriber that falls more than ``max_pending`` changes behind
-loses its queued changes and gets one fresh snapshot instead. Snapshots are
-built from memory, never from the store, so a fleet of reconnecting sidecars
-never touches the database.
+Every subscriber (``control_plane.watch_subscription``) has its own bounded
+queue; ``apply`` only appends to it and never waits. Snapshots are built from
+memory (each tenant a ``control_plane.cached_tenant.CachedTenant``), never
+from the store, so a fleet of reconnecting sidecars never touches the
+database.
 
 Learnt health (KEY_HEALTH / PROVIDER_HEALTH changes) is kept the same way:
 only entries that are not healthy stay in memory and go into snapshots; a
@@ -25,28 +25,19 @@ Invariant: memory reflects exactly ``version`` and every change up to
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from types import TracebackType
 
+from control_plane.cached_tenant import CachedTenant, TenantContents
 from control_plane.limits import TenantUsage
-from control_plane.tenant_nodes import TenantNodes
+from control_plane.watch_subscription import SubscriberInfo, Subscription
 from keyplane import convert
-from keyplane.domain import (
-    ChangeOp,
-    ChangeRecord,
-    EntityKind,
-    Provider,
-    key_health_entity_id,
-    provider_health_entity_id,
-)
+from keyplane.domain import ChangeOp, ChangeRecord, EntityKind, Provider
 from keyplane.errors import KeyplaneError
-from keyplane.limits import MAX_DELTA_MESSAGE_BYTES, MAX_WATCH_MESSAGE_BYTES
+from keyplane.limits import MAX_WATCH_MESSAGE_BYTES
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
 __all__ = [
@@ -69,235 +60,6 @@ class SnapshotTooLarge(KeyplaneError):
     """The snapshot a watcher asked for would pass the sidecar's receive limit."""
 
 
-@dataclass(frozen=True, slots=True)
-class SubscriberInfo:
-    """One connected watch stream, for the admin's view of the fleet."""
-
-    sidecar_id: str
-    tenants: frozenset[str] | None  # None: every tenant
-    peer: str
-    connected_at: datetime
-    version: int  # the version of the last message handed to the stream
-
-
-@dataclass(slots=True)
-class _TenantState:
-    keys: dict[str, sidecar_service_pb2.SidecarProviderKey] = field(default_factory=dict)
-    routes: dict[str, resources_pb2.Route] = field(default_factory=dict)
-    client_keys: dict[str, sidecar_service_pb2.SidecarClientKey] = field(default_factory=dict)
-    # Only entries that are not healthy, by change-log entity id.
-    key_health: dict[str, resources_pb2.KeyHealth] = field(default_factory=dict)
-    provider_health: dict[str, resources_pb2.ProviderHealth] = field(default_factory=dict)
-    nodes: TenantNodes = field(default_factory=TenantNodes)  # affinity
-    cached: sidecar_service_pb2.TenantState | None = None
-    cached_size: int = -1
-
-    def size(self, name: str) -> int:
-        """The encoded size of ``to_proto(name)``."""
-        if self.cached is None or self.cached_size < 0:
-            self.cached_size = self.to_proto(name).ByteSize()
-        return self.cached_size
-
-    def to_proto(self, name: str) -> sidecar_service_pb2.TenantState:
-        if self.cached is None:
-            self.cached_size = -1
-            self.cached = sidecar_service_pb2.TenantState(
-                tenant=name,
-                keys=list(self.keys.values()),
-                routes=list(self.routes.values()),
-                client_keys=list(self.client_keys.values()),
-                key_health=[self.key_health[k] for k in sorted(self.key_health)],
-                provider_health=[self.provider_health[k] for k in sorted(self.provider_health)],
-                nodes=list(self.nodes.nodes.values()),
-                node_health=self.nodes.sorted_health(),
-            )
-        return self.cached
-
-    def put_key_health(self, health: resources_pb2.KeyHealth) -> None:
-        entity_id = key_health_entity_id(health.key_id, health.model)
-        if health.state == resources_pb2.HEALTH_STATE_HEALTHY:
-            self.key_health.pop(entity_id, None)
-        elif health.key_id in self.keys:
-            self.key_health[entity_id] = health
-
-    def put_provider_health(self, health: resources_pb2.ProviderHealth) -> None:
-        provider = convert.provider_from_proto(health.provider)
-        if provider is None:
-            return
-        entity_id = provider_health_entity_id(provider, health.model)
-        if health.state == resources_pb2.HEALTH_STATE_HEALTHY:
-            self.provider_health.pop(entity_id, None)
-        else:
-            self.provider_health[entity_id] = health
-
-    def drop_key(self, key_id: str) -> None:
-        self.keys.pop(key_id, None)
-        prefix = key_health_entity_id(key_id, "")
-        for entity_id in [e for e in self.key_health if e.startswith(prefix)]:
-            del self.key_health[entity_id]
-
-
-class Subscription:
-    """One watcher's view: iterate it for ``WatchResponse`` messages; it ends
-    when closed (by the watcher or by ``SnapshotCache.close``)."""
-
-    def __init__(
-        self,
-        cache: SnapshotCache,
-        tenants: frozenset[str] | None,
-        *,
-        max_pending: int,
-        sidecar_id: str,
-        peer: str,
-        connected_at: datetime,
-    ) -> None:
-        self._cache = cache
-        self.tenants = tenants
-        self._max_pending = max_pending
-        # Each queued change with its encoded size.
-        self._pending: deque[tuple[sidecar_service_pb2.Change, int]] = deque()
-        self._snapshot_due = False
-        self._send_empty_delta = False
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._delivered = 0
-        self._sidecar_id = sidecar_id
-        self._peer = peer
-        self._connected_at = connected_at
-
-    # producer side (the cache) ---------------------------------------------------
-    def matches(self, tenant: str) -> bool:
-        return self.tenants is None or tenant in self.tenants
-
-    def _start_with_snapshot(self) -> None:
-        self._snapshot_due = True
-        self._wake.set()
-
-    def _start_with_delta(self, missed: list[tuple[sidecar_service_pb2.Change, int]]) -> None:
-        self._pending.extend(missed)
-        self._send_empty_delta = True
-        self._wake.set()
-
-    def _push(self, change: sidecar_service_pb2.Change, size: int) -> None:
-        if self._closed or self._snapshot_due:
-            return  # the snapshot still to be built will include it
-        if len(self._pending) >= self._max_pending:
-            self._pending.clear()
-            self._snapshot_due = True
-        else:
-            self._pending.append((change, size))
-        self._wake.set()
-
-    # consumer side (the stream) ------------------------------------------------
-    @property
-    def pending(self) -> int:
-        """Changes queued and not yet taken by the stream."""
-        return len(self._pending)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    async def next(self) -> sidecar_service_pb2.WatchResponse | None:
-        """The next message (queued changes coalesced into one delta of at
-        most ``MAX_DELTA_MESSAGE_BYTES``, the rest following in the next), or
-        None once the subscription is closed. ``SnapshotTooLarge`` when the
-        snapshot due would not fit in one message."""
-        while not self._closed:
-            if self._snapshot_due:
-                self._snapshot_due = False
-                self._send_empty_delta = False
-                self._pending.clear()
-                response = self._cache.snapshot(self.tenants)
-                self._delivered = response.version
-                return response
-            if self._pending or self._send_empty_delta:
-                self._send_empty_delta = False
-                changes: list[sidecar_service_pb2.Change] = []
-                taken = 0
-                pending = self._pending
-                while pending and (not changes or taken + pending[0][1] <= MAX_DELTA_MESSAGE_BYTES):
-                    change, size = pending.popleft()
-                    changes.append(change)
-                    taken += size
-                # With nothing left, every change up to cache.version for our
-                # tenants is in the delta; else only those up to the last one.
-                self._delivered = changes[-1].version if pending else self._cache.version
-                if pending:
-                    self._wake.set()
-                delta = sidecar_service_pb2.Delta(changes=changes)
-                return sidecar_service_pb2.WatchResponse(version=self._delivered, delta=delta)
-            self._wake.clear()
-            await self._wake.wait()
-        return None
-
-    def __aiter__(self) -> Subscription:
-        return self
-
-    async def __anext__(self) -> sidecar_service_pb2.WatchResponse:
-        response = await self.next()
-        if response is None:
-            raise StopAsyncIteration
-        return response
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._pending.clear()
-        self._wake.set()
-        self._cache._unsubscribe(self)
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    @property
-    def info(self) -> SubscriberInfo:
-        return SubscriberInfo(
-            sidecar_id=self._sidecar_id,
-            tenants=self.tenants,
-            peer=self._peer,
-            connected_at=self._connected_at,
-            version=self._delivered,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TenantContents:
-    """One tenant as loaded from the store, in the form sidecars get it."""
-
-    keys: tuple[sidecar_service_pb2.SidecarProviderKey, ...] = ()
-    routes: tuple[resources_pb2.Route, ...] = ()
-    client_keys: tuple[sidecar_service_pb2.SidecarClientKey, ...] = ()
-    key_health: tuple[resources_pb2.KeyHealth, ...] = ()
-    provider_health: tuple[resources_pb2.ProviderHealth, ...] = ()
-    nodes: tuple[resources_pb2.Node, ...] = ()
-    node_health: tuple[resources_pb2.NodeHealth, ...] = ()
-
-    def to_state(self) -> _TenantState:
-        state = _TenantState()
-        state.keys = {k.id: k for k in self.keys}
-        state.routes = {r.id: r for r in self.routes}
-        state.client_keys = {c.id: c for c in self.client_keys}
-        for key_health in self.key_health:
-            state.put_key_health(key_health)
-        for provider_health in self.provider_health:
-            state.put_provider_health(provider_health)
-        for node in self.nodes:
-            state.nodes.put(node)
-        for node_health in self.node_health:
-            state.nodes.put_health(node_health)
-        return state
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -314,7 +76,7 @@ class SnapshotCache:
             raise ValueError("log_size and max_pending must be at least 1")
         self._max_pending = max_pending
         self._clock = clock
-        self._tenants: dict[str, _TenantState] = {}
+        self._tenants: dict[str, CachedTenant] = {}
         self._version = 0
         self._ring: deque[tuple[sidecar_service_pb2.Change, int]] = deque(maxlen=log_size)
         # The ring holds every published change with floor < version <= current.
@@ -437,34 +199,11 @@ class SnapshotCache:
                 self._tenants.pop(record.tenant, None)
             else:
                 # A tenant PUT carries no payload: the tenant exists, empty at first.
-                self._tenants.setdefault(record.tenant, _TenantState())
+                self._tenants.setdefault(record.tenant, CachedTenant())
                 return
         elif record.op is ChangeOp.PUT or record.tenant in self._tenants:
             # A PUT was just read back from the store, so its tenant exists.
-            state = self._tenants.setdefault(record.tenant, _TenantState())
-            state.cached = None
-            which = change.WhichOneof("change")
-            if which == "key_put":
-                state.keys[change.key_put.id] = change.key_put
-            elif which == "key_deleted":
-                state.drop_key(change.key_deleted)
-            elif which == "route_put":
-                state.routes[change.route_put.id] = change.route_put
-            elif which == "route_deleted":
-                state.routes.pop(change.route_deleted, None)
-                state.nodes.drop_route(change.route_deleted)
-            elif which == "client_key_put":
-                state.client_keys[change.client_key_put.id] = change.client_key_put
-            elif which == "client_key_deleted":
-                state.client_keys.pop(change.client_key_deleted, None)
-            elif which == "key_health":
-                state.put_key_health(change.key_health)
-            elif which == "provider_health":
-                state.put_provider_health(change.provider_health)
-            elif which == "node_put":
-                state.nodes.put(change.node_put)
-            elif which == "node_health":
-                state.nodes.put_health(change.node_health)
+            self._tenants.setdefault(record.tenant, CachedTenant()).apply(change)
         self._publish(change)
         for listener in list(self._listeners):
             try:

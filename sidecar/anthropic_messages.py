@@ -25,26 +25,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import logging
-from collections.abc import Callable
 
 from keyplane.domain import Provider
 
 from . import anthropic_errors, errors
 from .access_log import AccessEntry
+from .answering import Dialect, Planned, answer
 from .asgi import Receive, Scope, Send, send_error
-from .book import RequestBook
-from .chat import ClientGone, DisconnectWatch, attempt, read_body, request_id_for
+from .chat import ClientGone, book_for, read_body
 from .chat_app import ChatApp
 from .endpoints import MESSAGES
-from .model import Key, Route, Target
-from .proxy import AttemptsFailed, excluded_header
-from .relay import relay
-from .request_json import RequestJsonError, parse_request_json
-from .rescue import Rescue, Sending
+from .model import Route
+from .planning import plan_for
+from .request_json import RequestJsonError, bodies_for, parse_request_json
+from .rescue import Sending
 from .rescue_plan import rescue_for
-from .router import Attempt, plan_attempts
 from .upstream.anthropic import (
     ANTHROPIC_FORWARDED_HEADERS,
     COUNT_TOKENS_PATH,
@@ -55,13 +50,19 @@ from .usage_stream import Metering
 
 __all__ = ["COUNT_TOKENS_ROUTE", "MESSAGES_ROUTE", "messages"]
 
-_log = logging.getLogger(__name__)
-
 MESSAGES_ROUTE = "/v1/messages"
 COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
 
 _BUILD_MESSAGES = messages_request_builder(MESSAGES_PATH)
 _BUILD_COUNT_TOKENS = messages_request_builder(COUNT_TOKENS_PATH)
+
+# How Anthropic's API tells the app what went wrong (``sidecar.answering``).
+_ANTHROPIC = Dialect(
+    error=anthropic_errors.from_openai,
+    broken_event=anthropic_errors.BROKEN_STREAM_EVENT,
+    cut_event=anthropic_errors.CUT_STREAM_EVENT,
+    watch=anthropic_errors.ErrorEventWatch,
+)
 
 _READ_HEADERS: dict[bytes, str] = {
     name.encode("latin-1"): name
@@ -156,113 +157,14 @@ async def messages(
     route = _native(found)
     if route is None:
         return await send_error(send, anthropic_errors.from_openai(errors.endpoint_not_served(model, MESSAGES_ROUTE)))
-    book = RequestBook(
-        app,
-        tenant,
-        request_id_for(headers),
-        access,
-        client_key_id=app.state.client_key_id(_client_token(headers)),
-        model=model,
-    )
-    plan = _plan(app, tenant, route, book)
+    book = book_for(app, tenant, model, headers, _client_token(headers), access)
+    plan = plan_for(app, book.health, tenant, route, book.excluded)
     deadline = asyncio.get_running_loop().time() + app.request_timeout
     # Built only should no key be able to serve (``sidecar.rescue``).
     rescue = functools.partial(rescue_for, app, book.health, tenant, model, route, headers, deadline)
-    encoded: dict[str, bytes] = {}
-
-    def body_for(upstream_model: str) -> bytes:
-        if upstream_model == model:
-            return raw
-        body = encoded.get(upstream_model)
-        if body is None:
-            payload["model"] = upstream_model
-            body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
-        return body
-
-    stream = not count_tokens and payload.get("stream") is True
     if app.usage_accounting and not count_tokens:
         book.metering = Metering(input_bytes=len(raw), anthropic=True)
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task(loop)
-    if task is None:  # pragma: no cover - uvicorn runs every request in a task
-        raise RuntimeError("a request must run in a task")
-    watch = DisconnectWatch(receive, task, app.disconnect_watch_after)
-    status = 499
-    try:
-        sending = Sending(build=_BUILD_COUNT_TOKENS if count_tokens else _BUILD_MESSAGES)
-        status = await _answer(app, book, plan, body_for, headers, stream, deadline, sending, rescue, send)
-    except asyncio.CancelledError:
-        if not watch.gone:
-            raise
-    finally:
-        watch.close()
-        book.flush()
-    if watch.gone:
-        if task.uncancel() > 0:
-            raise asyncio.CancelledError
-        app.metrics.client_disconnects.inc()
-        return 499
-    return status
-
-
-def _plan(app: ChatApp, tenant: str, route: Route, book: RequestBook) -> list[Attempt]:
-    health = book.health
-    now = app.state.wall_clock()
-
-    def usable(target: Target, key: Key) -> bool:
-        why = health.key_block_reason(key.id, target.upstream_model, now)
-        if why is None:
-            return True
-        book.excluded.setdefault(key.id, why)
-        return False
-
-    return plan_attempts(
-        tenant,
-        route,
-        lambda t: app.state.keys(tenant, t.provider, t.upstream_model),
-        app.balancer,
-        limit=app.max_attempts,
-        usable=usable,
-        demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
-    )
-
-
-async def _answer(
-    app: ChatApp,
-    book: RequestBook,
-    plan: list[Attempt],
-    body_for: Callable[[str], bytes],
-    headers: dict[str, str],
-    stream: bool,
-    deadline: float,
-    sending: Sending,
-    rescue: Callable[[], Rescue],
-    send: Send,
-) -> int:
-    wall_clock = app.state.wall_clock
-    result = await attempt(
-        app, book, plan, body_for, headers, stream=stream, deadline=deadline, sending=sending, rescue=rescue
-    )
-    if isinstance(result, AttemptsFailed):
-        _log.warning(
-            "request %s failed after %d attempt(s); excluded %s",
-            book.request_id,
-            result.attempts,
-            excluded_header(book.excluded) or "-",
-        )
-        return await send_error(
-            send, anthropic_errors.from_openai(result.error), book.headers(attempts=result.attempts)
-        )
-    own = book.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target)
-    return await relay(
-        book,
-        result,
-        own,
-        send,
-        metrics=app.metrics,
-        wall_clock=wall_clock,
-        broken_event=anthropic_errors.BROKEN_STREAM_EVENT,
-        cut_event=anthropic_errors.CUT_STREAM_EVENT,
-        watch=anthropic_errors.ErrorEventWatch() if result.streaming else None,
-        metering=book.metering,
-    )
+    stream = not count_tokens and payload.get("stream") is True
+    sending = Sending(build=_BUILD_COUNT_TOKENS if count_tokens else _BUILD_MESSAGES)
+    planned = Planned(plan, bodies_for(payload, model, raw), headers, stream, deadline, sending, rescue)
+    return await answer(app, book, planned, receive, send, _ANTHROPIC)

@@ -3,10 +3,10 @@
 What differs per endpoint is in its ``sidecar.endpoints`` entry (upstream
 path, body kind, streaming); a multipart body is read by ``sidecar.upload``,
 then joins the JSON path in ``forward``. A request is planned around the
-tenant's key and provider health, narrowed to the route's targets serving
-the endpoint (unusable keys left out, degraded providers last), run through the attempt
-loop (``sidecar.proxy``) under one deadline, and the answer handed to
-``sidecar.relay``. Every attempt is recorded in the local health book at once
+tenant's key and provider health (``sidecar.planning``), narrowed to the route's
+targets serving the endpoint (unusable keys left out, degraded providers last), run
+through the attempt loop under one deadline and answered (``sidecar.answering``:
+the attempts, then ``sidecar.relay``). Every attempt is recorded in the local health book at once
 and queued for the control plane (never awaited). The answer carries
 ``x-keyplane-attempts``, ``x-keyplane-provider``, ``x-keyplane-key`` (an id,
 never a secret), ``x-keyplane-excluded`` and ``x-keyplane-request-id``: the
@@ -19,27 +19,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import json
-import logging
 import os
 import re
 from collections.abc import Callable
-from typing import Any
 
 from . import errors
 from .access_log import AccessEntry
 from .affinity import Sticky, previous_response
+from .answering import Dialect, Planned, answer
 from .asgi import Receive, Scope, Send, send_error
 from .book import RequestBook
 from .chat_app import ChatApp
 from .endpoints import CHAT_COMPLETIONS, BodyKind, Endpoint, SseErrors, StreamKind
-from .model import Key, Target
-from .proxy import AttemptsFailed, UpstreamReply, describe, excluded_header
-from .relay import relay
-from .request_json import RequestJsonError, parse_request_json
-from .rescue import Rescue, Sending, serve
+from .planning import keys_of, plan_for
+from .request_json import RequestJsonError, bodies_for, parse_request_json
+from .rescue import Rescue, Sending
 from .rescue_plan import APP_TIMEOUT_HEADER, rescue_for
-from .router import Attempt, plan_attempts
+from .router import Attempt
 from .upload import content_type_of, read_upload
 from .upstream import FORWARDED_REQUEST_HEADERS, JSON_TYPE, RequestBody
 from .usage_stream import Metering, plan_metering
@@ -47,9 +43,8 @@ from .usage_stream import Metering, plan_metering
 __all__ = [
     "ChatApp",
     "ClientGone",
-    "DisconnectWatch",
-    "attempt",
     "authenticate",
+    "book_for",
     "chat",
     "forward",
     "handle",
@@ -58,8 +53,9 @@ __all__ = [
     "request_id_for",
 ]
 
-_log = logging.getLogger(__name__)
-
+# How the OpenAI endpoints tell the app what went wrong (``sidecar.answering``).
+_OPENAI = Dialect()
+_TYPED = Dialect(typed_errors=True)  # the Responses API's typed ``event: error``
 
 # Request ids: 32 hex characters like a uuid4 hex, but a per-process random
 # prefix plus a counter (no os.urandom call and no UUID object per request).
@@ -80,6 +76,15 @@ def request_id_for(headers: dict[str, str]) -> str:
         return given
     made = headers["x-request-id"] = _request_id()
     return made
+
+
+def book_for(
+    app: ChatApp, tenant: str, model: str, headers: dict[str, str], token: str | None, access: AccessEntry | None
+) -> RequestBook:
+    """The request's book: under its id (``request_id_for``), for the client key of ``token``."""
+    return RequestBook(
+        app, tenant, request_id_for(headers), access, client_key_id=app.state.client_key_id(token), model=model
+    )
 
 
 class ClientGone(Exception):
@@ -136,55 +141,6 @@ def authenticate(app: ChatApp, headers: dict[str, str], *, count: bool = True) -
         if refused is not None:
             return refused
     return found[0]
-
-
-async def _wait_for_disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-class DisconnectWatch:
-    """Cancels the request's task if the app hangs up while it is being answered.
-
-    Watching costs a task per request, so it starts only once the request has
-    been in flight for ``after`` seconds: a hang-up is acted on within that
-    time, and the many requests answered sooner (a cached or tiny completion)
-    never pay for a watcher. ``close()`` before returning; ``gone`` says whether
-    the watcher cancelled the task (the caller then ``uncancel()``s it).
-    """
-
-    __slots__ = ("_receive", "_task", "_timer", "_watcher", "gone")
-
-    def __init__(self, receive: Receive, task: asyncio.Task[Any], after: float) -> None:
-        self._receive = receive
-        self._task = task
-        self._watcher: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self.gone = False
-        if after > 0:
-            self._timer = task.get_loop().call_later(after, self._start)
-        else:
-            self._start()
-
-    def _start(self) -> None:
-        self._timer = None
-        if not self._task.done():
-            self._watcher = self._task.get_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        await _wait_for_disconnect(self._receive)
-        self.gone = True
-        self._task.cancel()
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        watcher = self._watcher
-        if watcher is not None and not watcher.done():
-            watcher.cancel()
 
 
 async def read_body(self: ChatApp, headers: dict[str, str], receive: Receive) -> bytes | None:
@@ -275,24 +231,13 @@ async def handle(
     own: bytes | None = raw
     if self.usage_accounting:
         metering, own = plan_metering(endpoint.name, payload, raw, stream)
-    encoded: dict[str, bytes] = {}
-
-    def body_for(upstream_model: str) -> bytes:
-        if upstream_model == model and own is not None:
-            return own  # pass-through: the app's bytes already name this model
-        body = encoded.get(upstream_model)
-        if body is None:
-            payload["model"] = upstream_model
-            body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
-        return body
-
     pinned = previous_response(payload) if endpoint.sticky else None
     return await forward(
         self,
         endpoint,
         tenant,
         model,
-        body_for,
+        bodies_for(payload, model, own),
         headers,
         stream,
         receive,
@@ -330,49 +275,27 @@ async def forward(
     served = route.by_endpoint.get(endpoint.name)
     if served is None:
         return await send_error(send, errors.endpoint_not_served(model, endpoint.path))
-    ctx = RequestBook(
-        self,
-        tenant,
-        request_id_for(headers),
-        access,
-        client_key_id=self.state.client_key_id(_bearer(headers)),
-        model=model,
-    )
+    ctx = book_for(self, tenant, model, headers, _bearer(headers), access)
     ctx.metering = metering
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + self.request_timeout
+    deadline = asyncio.get_running_loop().time() + self.request_timeout
     health = ctx.health
-    now = self.state.wall_clock()
-
-    def usable(target: Target, key: Key) -> bool:
-        why = health.key_block_reason(key.id, target.upstream_model, now)
-        if why is None:
-            return True
-        ctx.excluded.setdefault(key.id, why)
-        return False
-
-    keys_for = lambda t: self.state.keys(tenant, t.provider, t.upstream_model)  # noqa: E731
     sticky: Sticky | None = None
     plan: list[Attempt] | None = None
     if endpoint.sticky:
         sticky = Sticky(self.affinity, tenant)
         if pinned is not None:
+            now = self.state.wall_clock()
             found = sticky.pin(
-                pinned, served, keys_for, lambda t, k: health.key_block_reason(k.id, t.upstream_model, now)
+                pinned,
+                served,
+                keys_of(self.state, tenant),
+                lambda t, k: health.key_block_reason(k.id, t.upstream_model, now),
             )
             if isinstance(found, errors.ErrorResponse):
                 return await send_error(send, found, ctx.headers(attempts=0))
             plan = found
     if plan is None:
-        plan = plan_attempts(
-            tenant,
-            served,
-            keys_for,
-            self.balancer,
-            limit=self.max_attempts,
-            usable=usable,
-            demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
-        )
+        plan = plan_for(self, health, tenant, served, ctx.excluded)
         if self.state.nodes_of(tenant) is not None:  # a tenant with self-hosted nodes
             plan = await self.node_affinity.plan(tenant, _bearer(headers), served, plan, self.max_attempts)
     # Built only should no key be able to serve (``sidecar.rescue``); a continuation
@@ -380,128 +303,7 @@ async def forward(
     rescue: Callable[[], Rescue] | None = None
     if sticky is None or pinned is None:
         rescue = functools.partial(rescue_for, self, health, tenant, model, served, headers, deadline)
-    how = _How(endpoint, stream, content_type, sticky)
-
-    task = asyncio.current_task(loop)
-    if task is None:  # pragma: no cover - uvicorn runs every request in a task
-        raise RuntimeError("a chat request must run in a task")
-    watch = DisconnectWatch(receive, task, self.disconnect_watch_after)
-    status = 499
-    try:
-        status = await _answer(self, ctx, model, plan, body_for, headers, how, deadline, send, rescue)
-    except asyncio.CancelledError:
-        if not watch.gone:
-            raise
-    finally:
-        watch.close()
-        # Also when the app hung up mid-way: what was attempted is reported.
-        ctx.flush()
-    if watch.gone:
-        # The watcher's cancellation (``_answer`` may have swallowed it): undo it,
-        # but keep any cancellation requested by someone else (e.g. shutdown).
-        if task.uncancel() > 0:
-            raise asyncio.CancelledError
-        self.metrics.client_disconnects.inc()
-        return 499
-    return status
-
-
-async def _answer(
-    self: ChatApp,
-    ctx: RequestBook,
-    model: str,
-    plan: list[Attempt],
-    body_for: Callable[[str], RequestBody],
-    headers: dict[str, str],
-    how: _How,
-    deadline: float,
-    send: Send,
-    rescue: Callable[[], Rescue] | None = None,
-) -> int:
-    """Run the attempts (``attempt``) and pass the answer (or the failure) to the app."""
-    wall_clock = self.state.wall_clock
-    sending = Sending(how.endpoint.upstream_path, how.content_type)
-    result = await attempt(
-        self, ctx, plan, body_for, headers, stream=how.stream, deadline=deadline, sending=sending, rescue=rescue
-    )
-    if isinstance(result, AttemptsFailed):
-        _log.warning(
-            "request %s for %s failed after %d attempt(s); excluded %s",
-            ctx.request_id,
-            model,
-            result.attempts,
-            excluded_header(ctx.excluded) or "-",
-        )
-        return await send_error(send, result.error, ctx.headers(attempts=result.attempts))
-    if _log.isEnabledFor(logging.DEBUG):  # per request: DEBUG (an access log is ``--access-log``)
-        _log.debug(
-            "request %s for %s answered %d by %s after %d attempt(s)%s",
-            ctx.request_id,
-            model,
-            result.response.status,
-            describe(result.attempt),
-            result.attempts,
-            f"; excluded {excluded_header(ctx.excluded)}" if ctx.excluded else "",
-        )
-    if how.sticky is not None:
-        how.sticky.created(result)
-    own = ctx.headers(attempts=result.attempts, answer=result.attempt.key, target=result.attempt.target)
-    typed = how.endpoint.sse_errors is SseErrors.TYPED
-    return await relay(
-        ctx, result, own, send, metrics=self.metrics, wall_clock=wall_clock, typed_errors=typed, metering=ctx.metering
-    )
-
-
-async def attempt(
-    self: ChatApp,
-    ctx: RequestBook,
-    plan: list[Attempt],
-    body_for: Callable[[str], RequestBody],
-    headers: dict[str, str],
-    *,
-    stream: bool,
-    deadline: float,
-    sending: Sending,
-    rescue: Callable[[], Rescue] | None,
-) -> UpstreamReply | AttemptsFailed:
-    """The attempts of one request, whatever its endpoint: ``sidecar.rescue.serve`` (the
-    plan, then panic probes, waits or an honest answer when no key could serve), with
-    the request's book brought up to date."""
-    health = ctx.health
-    wall_clock = self.state.wall_clock
-
-    def blocked(attempt: Attempt) -> str | None:
-        if attempt.key is None:
-            return None
-        return health.key_block_reason(attempt.key.id, attempt.target.upstream_model, wall_clock())
-
-    result = await serve(
-        self.upstream,
-        plan,
-        body_for,
-        headers,
-        stream=stream,
-        deadline=deadline,
-        observer=ctx,
-        blocked=blocked,
-        excluded=ctx.excluded,
-        wall_clock=wall_clock,
-        rescue=rescue,
-        sending=sending,
-    )
-    ctx.excluded = dict(result.excluded)
-    if ctx.access is not None:
-        ctx.access.answered(result.attempts, None if isinstance(result, AttemptsFailed) else result.attempt)
-    return result
-
-
-class _How:
-    """How one request is sent and answered, besides its plan and body."""
-
-    __slots__ = ("content_type", "endpoint", "sticky", "stream")
-
-    def __init__(self, endpoint: Endpoint, stream: bool, content_type: str, sticky: Sticky | None) -> None:
-        self.endpoint = endpoint
-        self.stream = stream
-        self.content_type = content_type
-        self.sticky = sticky
+    sending = Sending(endpoint.upstream_path, content_type)
+    planned = Planned(plan, body_for, headers, stream, deadline, sending, rescue)
+    dialect = _TYPED if endpoint.sse_errors is SseErrors.TYPED else _OPENAI
+    return await answer(self, ctx, planned, receive, send, dialect, None if sticky is None else sticky.created)

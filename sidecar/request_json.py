@@ -1,4 +1,4 @@
-"""The checking parse of an app's JSON request body: pure, no I/O.
+"""The checking parse of an app's JSON request body, and its re-encoding for another model: pure, no I/O.
 
 ``parse_request_json`` accepts exactly one JSON object and refuses, with a
 typed ``RequestJsonError`` (the app answers 400 ``invalid_request_error``),
@@ -14,6 +14,9 @@ silent surprise:
 - duplicate keys in any object (the stdlib keeps the last one silently; an
   upstream might keep the first: refused rather than guessed);
 - a top level that is not an object.
+
+``bodies_for`` gives the body to send for each upstream model: the app's own
+bytes for the model it named, else the request re-encoded naming the other.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "MAX_NUMBER_DIGITS", "RequestJsonError", "parse_request_json"]
+__all__ = ["MAX_DEPTH", "MAX_NUMBER_DIGITS", "RequestJsonError", "bodies_for", "parse_request_json"]
 
 # Chat requests nest a few levels (messages -> content parts -> ...); tool
 # schemas go deeper, still far below this.
@@ -118,3 +122,20 @@ def parse_request_json(body: bytes) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise RequestJsonError("The request body must be a JSON object.")
     return payload
+
+
+def bodies_for(payload: dict[str, Any], model: str, own: bytes | None) -> Callable[[str], bytes]:
+    """The body for each upstream model: ``own`` (the app's bytes, if they may pass through)
+    for the ``model`` the app named, else ``payload`` naming the upstream model (encoded once each)."""
+    encoded: dict[str, bytes] = {}
+
+    def body_for(upstream_model: str) -> bytes:
+        if upstream_model == model and own is not None:
+            return own  # pass-through: the app's bytes already name this model
+        body = encoded.get(upstream_model)
+        if body is None:
+            payload["model"] = upstream_model
+            body = encoded[upstream_model] = json.dumps(payload, separators=(",", ":")).encode()
+        return body
+
+    return body_for

@@ -7,10 +7,11 @@ serve (``functools.partial`` of ``rescue_for`` on the happy path).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Protocol
 
+from .planning import PlanApp, plan_for
 from .rescue import ProbeGate, Rescue
-from .router import Attempt, plan_attempts
 
 if TYPE_CHECKING:
     from keyplane.health.panic import PanicPolicy
@@ -18,8 +19,6 @@ if TYPE_CHECKING:
     from .health import TenantHealth
     from .metrics import SidecarMetrics
     from .model import Route
-    from .router import Balancer
-    from .state import SidecarState
 
 __all__ = ["APP_TIMEOUT_HEADER", "RescueApp", "app_deadline", "rescue_for"]
 
@@ -28,13 +27,10 @@ __all__ = ["APP_TIMEOUT_HEADER", "RescueApp", "app_deadline", "rescue_for"]
 APP_TIMEOUT_HEADER = "x-stainless-read-timeout"
 
 
-class RescueApp(Protocol):
+class RescueApp(PlanApp, Protocol):
     """What the rescue needs of the app (``SidecarApp``)."""
 
-    state: SidecarState
-    balancer: Balancer
     metrics: SidecarMetrics
-    max_attempts: int
     request_timeout: float
     panic_policy: PanicPolicy
     probes: ProbeGate
@@ -51,19 +47,6 @@ def rescue_for(
 ) -> Rescue:
     """The request's ``Rescue``: ``route`` is the route narrowed to the endpoint's targets."""
     state = app.state
-
-    def replan() -> list[Attempt]:
-        now = state.wall_clock()
-        return plan_attempts(
-            tenant,
-            route,
-            lambda t: state.keys(tenant, t.provider, t.upstream_model),
-            app.balancer,
-            limit=app.max_attempts,
-            usable=lambda t, k: health.key_usable(k.id, t.upstream_model, now),
-            demoted=lambda t: health.provider_degraded(t.provider, t.upstream_model, now),
-        )
-
     return Rescue(
         tenant=tenant,
         model=model,
@@ -73,7 +56,7 @@ def rescue_for(
         policy=app.panic_policy,
         keys_for=lambda provider, upstream_model: state.keys(tenant, provider, upstream_model),
         has_inactive_key=lambda provider, upstream_model: state.has_inactive_key(tenant, provider, upstream_model),
-        replan=replan,
+        replan=functools.partial(plan_for, app, health, tenant, route),
         wait_until=app_deadline(headers, deadline, deadline - app.request_timeout),
         count=lambda action: app.metrics.rescues.labels(action).inc(),
     )

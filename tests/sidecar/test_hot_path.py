@@ -14,8 +14,8 @@ from aiohttp import web
 from keyplane.domain import Provider
 from keyplane.health.classify import Classification, ErrorClass, classify_exception, classify_response
 from keyplane.health.machine import HealthPolicy, Outcome
+from sidecar.answering import DisconnectWatch
 from sidecar.asgi import Message
-from sidecar.chat import DisconnectWatch
 from sidecar.health import TenantHealth
 from sidecar.proxy import classify_status
 from sidecar.server import Sidecar
