@@ -14,9 +14,22 @@ import httpx
 
 from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import limits_pb2 as lpb
+from keyplane.v1 import resources_pb2 as rpb
+from keyplane.v1 import usage_pb2 as upb
 from tests.e2e.fleet import MODEL, Fleet
 
-__all__ = ["CP_FLAGS", "PER_MINUTE", "PER_WINDOW", "WINDOW_MS", "PacedLoad", "limit_client_key", "next_window"]
+__all__ = [
+    "CP_FLAGS",
+    "PER_MINUTE",
+    "PER_WINDOW",
+    "WINDOW_MS",
+    "Measured",
+    "PacedLoad",
+    "limit_client_key",
+    "next_window",
+    "price_per_token",
+    "three_times_the_limit",
+]
 
 WINDOW_MS = 6000
 PER_MINUTE = 1200
@@ -97,3 +110,50 @@ async def limit_client_key(fleet: Fleet, **limits: int) -> str:
     finally:
         await channel.close(None)
     return str(client_key.id)
+
+
+async def price_per_token(fleet: Fleet) -> None:
+    """Price the fake provider's model for acme: $1 per million input tokens,
+    $2 per million output (1 and 2 micro-dollars a token)."""
+    price = upb.Price(
+        tenant="acme",
+        provider=rpb.PROVIDER_OPENAI_COMPATIBLE,
+        model="upstream-m",
+        input_micros_per_million=1_000_000,
+        cached_input_micros_per_million=1_000_000,
+        output_micros_per_million=2_000_000,
+    )
+    channel, admin = await fleet.admin()
+    try:
+        await admin.SetPrice(apb.SetPriceRequest(price=price), metadata=fleet.admin_md)
+    finally:
+        await channel.close(None)
+
+
+@dataclass
+class Measured:
+    """What a run of ``three_times_the_limit`` admitted, per measured window."""
+
+    per_window: list[int]  # in all
+    asked: list[int]  # in all
+    per_sidecar: list[list[int]]  # admitted, per sidecar, per window
+    loads: list[PacedLoad]
+
+
+async def three_times_the_limit(ports: list[int], token: str, measured: int = 3) -> Measured:
+    """Ask the sidecars on ``ports`` three times PER_WINDOW in all, evenly:
+    one window to learn the demand, then ``measured`` windows counted."""
+    rate = 3 * PER_WINDOW / (WINDOW_MS / 1000) / len(ports)
+    loads = [PacedLoad(f"http://127.0.0.1:{port}/v1", token, rate) for port in ports]
+    warmup, first_measured_ms = next_window(2.0)
+    until = time.monotonic() + warmup + measured * WINDOW_MS / 1000 + 0.05
+    await asyncio.gather(*(load.run(until) for load in loads))
+    for load in loads:
+        assert not load.errors, load.errors[:3]
+        assert {s for _, s in load.answers} <= {200, 429}
+    windows = [first_measured_ms + i * WINDOW_MS for i in range(measured)]
+    per_sidecar = [[load.admitted_by_window().get(w, 0) for w in windows] for load in loads]
+    asked = [sum(1 for load in loads for t, _ in load.answers if w <= t < w + WINDOW_MS) for w in windows]
+    assert all(a >= 2.5 * PER_WINDOW for a in asked), asked
+    per_window = [sum(column) for column in zip(*per_sidecar, strict=True)]
+    return Measured(per_window, asked, per_sidecar, loads)

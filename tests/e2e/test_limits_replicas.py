@@ -21,11 +21,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from keyplane.v1 import admin_service_pb2 as apb
-from keyplane.v1 import resources_pb2 as rpb
-from keyplane.v1 import usage_pb2 as upb
 from tests.e2e.fleet import MODEL, Fleet, free_port
-from tests.e2e.paced_load import CP_FLAGS, PER_MINUTE, PER_WINDOW, WINDOW_MS, PacedLoad, limit_client_key, next_window
+from tests.e2e.paced_load import (
+    CP_FLAGS,
+    PER_MINUTE,
+    PER_WINDOW,
+    WINDOW_MS,
+    limit_client_key,
+    price_per_token,
+    three_times_the_limit,
+)
 from tests.fakes.upstream import FakeUpstream
 from tests.pg import fresh_schema, schema_url
 
@@ -55,23 +60,11 @@ async def test_two_replicas_with_two_sidecars_each_admit_the_limit(fleet: Fleet,
     ports = [free_port() for _ in range(4)]
     targets = [fleet.target, fleet.target, f"127.0.0.1:{other}", f"127.0.0.1:{other}"]
     await asyncio.gather(*(fleet.start_sidecar(p, target=t) for p, t in zip(ports, targets, strict=True)))
-    rate = 3 * PER_WINDOW / (WINDOW_MS / 1000) / len(ports)
-    loads = [PacedLoad(f"http://127.0.0.1:{port}/v1", token, rate) for port in ports]
-    warmup, first_measured_ms = next_window(2.0)
-    measured = 3
-    until = time.monotonic() + warmup + measured * WINDOW_MS / 1000 + 0.05
-    await asyncio.gather(*(load.run(until) for load in loads))
-
-    for load in loads:
-        assert not load.errors, load.errors[:3]
-        assert {s for _, s in load.answers} <= {200, 429}
-    windows = [first_measured_ms + i * WINDOW_MS for i in range(measured)]
-    per_window = [sum(load.admitted_by_window().get(w, 0) for load in loads) for w in windows]
-    per_replica = [
-        [sum(load.admitted_by_window().get(w, 0) for load in pair) for w in windows] for pair in (loads[:2], loads[2:])
-    ]
+    run = await three_times_the_limit(ports, token)
+    per_window = run.per_window
+    per_replica = [[a + b for a, b in zip(*pair, strict=True)] for pair in (run.per_sidecar[:2], run.per_sidecar[2:])]
     total = sum(per_window)
-    per_minute = total * 60_000 / (measured * WINDOW_MS)
+    per_minute = total * 60_000 / (len(per_window) * WINDOW_MS)
     print(
         f"\n2 replicas x 2 sidecars on Postgres, limit {PER_WINDOW} per {WINDOW_MS // 1000} s: admitted {per_window} "
         f"per window (by replica {per_replica}); {per_minute:.0f}/min = "
@@ -110,19 +103,7 @@ async def test_a_budget_counts_spend_before_it_and_stays_spent_across_restarts(
 ) -> None:
     await fleet.start_control_plane(*CP_FLAGS, "--usage-flush-interval", "0.2")
     _, token = await fleet.configure(upstream, ("sk-limits-replicas-key-0002",))
-    channel, admin = await fleet.admin()
-    try:  # 1 and 2 micro-dollars an input and an output token
-        price = upb.Price(
-            tenant="acme",
-            provider=rpb.PROVIDER_OPENAI_COMPATIBLE,
-            model="upstream-m",
-            input_micros_per_million=1_000_000,
-            cached_input_micros_per_million=1_000_000,
-            output_micros_per_million=2_000_000,
-        )
-        await admin.SetPrice(apb.SetPriceRequest(price=price), metadata=fleet.admin_md)
-    finally:
-        await channel.close(None)
+    await price_per_token(fleet)
     port = free_port()
     await fleet.start_sidecar(port)
     before, _ = await _ask(port, token, 30)  # no budget yet
