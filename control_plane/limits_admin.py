@@ -55,8 +55,8 @@ def limits_to_proto(limits: LimitSet) -> lpb.Limits:
 
 
 class LimitsAdmin(AdminBase):
-    def _limits_status(self, limits: LimitSet) -> lpb.LimitsStatus:
-        usage = self._quota.usage(limits) if self._quota is not None else []
+    async def _limits_status(self, limits: LimitSet) -> lpb.LimitsStatus:
+        usage = await self._quota.usage(limits) if self._quota is not None else []
         return lpb.LimitsStatus(limits=limits_to_proto(limits), usage=usage)
 
     async def _reload_quota(self) -> None:
@@ -86,12 +86,14 @@ class LimitsAdmin(AdminBase):
         limits = await self._store.get_limits(tenant, client_key_id)
         if limits is None:
             limits = LimitSet(tenant, client_key_id)
-        return lpb.GetLimitsResponse(status=self._limits_status(limits))
+        return lpb.GetLimitsResponse(status=await self._limits_status(limits))
 
     @map_errors
     async def ListLimits(self, request: lpb.ListLimitsRequest, context: Context) -> lpb.ListLimitsResponse:
         tenant = v.validate_tenant_name(request.tenant)
-        return lpb.ListLimitsResponse(statuses=[self._limits_status(x) for x in await self._store.list_limits(tenant)])
+        return lpb.ListLimitsResponse(
+            statuses=[await self._limits_status(x) for x in await self._store.list_limits(tenant)]
+        )
 
     @map_errors
     @audited("limits")

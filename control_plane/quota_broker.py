@@ -267,15 +267,26 @@ class QuotaBroker:
 
     # admin view --------------------------------------------------------------
 
-    def usage(self, limits: LimitSet) -> list[lpb.LimitUsage]:
+    async def usage(self, limits: LimitSet) -> list[lpb.LimitUsage]:
         """Each enforced limit of ``limits`` with what the fleet used of it in
-        the current window (as reported, about a second old)."""
+        the current window (as reported, about a second old): this replica's
+        sidecars, and with several replicas what the store recorded of all
+        (a replica none of the bucket's sidecars talk to still answers)."""
         now = self._clock_ms()
+        buckets = bucket_limits(limits, self.window_ms)
+        recorded: dict[tuple[str, str, int, int], int] = {}
+        if self._claims is not None:
+            windows = [(*key, window_bounds(now, window_ms)[0]) for key, (_, window_ms) in buckets.items()]
+            try:
+                recorded = await self._store.quota_used(windows)
+            except Exception as exc:
+                log.warning("could not read the fleet's quota use (%s); showing this replica's", type(exc).__name__)
         out = []
-        for key, (limit, window_ms) in bucket_limits(limits, self.window_ms).items():
+        for key, (limit, window_ms) in buckets.items():
             ledger = self._ledgers.get(key)
-            used = ledger.used(now) + ledger.others_used if ledger is not None else 0
             start_ms, end_ms = window_bounds(now, window_ms)
+            used = ledger.used(now) + ledger.others_used if ledger is not None else 0
+            used = max(used, recorded.get((*key, start_ms), 0))
             item = lpb.LimitUsage(
                 kind=key[2],  # type: ignore[arg-type]
                 limit=limit,

@@ -7,8 +7,9 @@ used and its demand. ``claim_quota`` runs one transaction for a replica's
 whole batch; each bucket's window is locked (``_lock_quota``: Postgres takes
 ``pg_advisory_xact_lock``, SQLite's transactions are serialised already)
 before its rows are summed, so concurrent claims from several replicas never
-hand out more than the limit. A replica's row is never lowered: what it
-claimed may already be leased out. The row of replica '' is the seed: spend
+hand out more than the limit. A replica's row is never lowered while it
+lives: what it claimed may already be leased out; once it has been silent
+for ``release_ms`` (gone) the unused rest of its claim is released. The row of replica '' is the seed: spend
 the usage rollups held for a budget's window when its first claim came.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from control_plane.store._rows import Row
 from control_plane.store._sql_base import Conn, SqlBase
 from control_plane.store.quota_records import QuotaClaim, QuotaClaimResult
 
@@ -38,7 +40,12 @@ class QuotaClaimsSql(SqlBase[Conn]):
         ends. The SQLite store's transactions are serialised already."""
 
     async def claim_quota(
-        self, replica_id: str, claims: Sequence[QuotaClaim], now_ms: int, live_ms: int
+        self,
+        replica_id: str,
+        claims: Sequence[QuotaClaim],
+        now_ms: int,
+        live_ms: int,
+        release_ms: int = 120_000,
     ) -> list[QuotaClaimResult]:
         """Claim and record, in one transaction, in the order given (callers
         sort by bucket so two replicas lock in the same order)."""
@@ -57,6 +64,7 @@ class QuotaClaimsSql(SqlBase[Conn]):
                     if seed > 0:
                         await self._execute(conn, _UPSERT, (*key, "", claim.window_end_ms, seed, seed, 0.0, now_ms))
                         rows = [{"replica_id": "", "claimed": seed, "used": seed, "rate": 0.0, "updated_at_ms": now_ms}]
+                rows = [await self._release_if_stale(conn, key, r, replica_id, now_ms, release_ms) for r in rows]
                 mine = next((r for r in rows if r["replica_id"] == replica_id), None)
                 total = sum(int(r["claimed"]) for r in rows)
                 granted = max(0, min(claim.want, claim.limit - total))
@@ -77,6 +85,26 @@ class QuotaClaimsSql(SqlBase[Conn]):
                 )
         return results
 
+    async def _release_if_stale(
+        self, conn: Conn, key: tuple[str, str, int, int], row: Row, replica_id: str, now_ms: int, release_ms: int
+    ) -> Row:
+        """Another replica silent for ``release_ms`` (gone; its sidecars have
+        moved on) keeps only what its sidecars used: the rest of its claim
+        goes back to the window."""
+        if row["replica_id"] in ("", replica_id) or now_ms - int(row["updated_at_ms"]) <= release_ms:
+            return row
+        if int(row["claimed"]) <= int(row["used"]):
+            return row
+        await self._execute(
+            conn,
+            f"UPDATE quota_claims SET claimed = used WHERE {_KEY} AND replica_id = ?",  # noqa: S608
+            (*key, row["replica_id"]),
+        )
+        fields = ("replica_id", "used", "rate", "updated_at_ms")
+        released: dict[str, object] = {name: row[name] for name in fields}
+        released["claimed"] = row["used"]
+        return released
+
     async def _spent(self, conn: Conn, claim: QuotaClaim) -> int:
         """Cost the usage rollups hold for the claim's tenant (or client key)
         since its window began."""
@@ -87,6 +115,19 @@ class QuotaClaimsSql(SqlBase[Conn]):
             params.append(claim.client_key_id)
         row = await self._fetchone(conn, sql, params)
         return int(row["spent"]) if row is not None else 0
+
+    async def quota_used(self, windows: Sequence[tuple[str, str, int, int]]) -> dict[tuple[str, str, int, int], int]:
+        """What every replica's sidecars used of each (tenant, client key,
+        kind, window start), as last recorded (the seed included); absent
+        windows are left out."""
+        out: dict[tuple[str, str, int, int], int] = {}
+        async with self._session() as conn:
+            for key in windows:
+                sql = f"SELECT COALESCE(SUM(used), 0) AS used, COUNT(*) AS n FROM quota_claims WHERE {_KEY}"  # noqa: S608
+                row = await self._fetchone(conn, sql, key)
+                if row is not None and int(row["n"]):
+                    out[key] = int(row["used"])
+        return out
 
     async def sweep_quota_claims(self, before_ms: int) -> int:
         """Delete the claims of windows that ended before ``before_ms``; how many."""

@@ -463,12 +463,22 @@ class Store(Protocol):
 
     # quota claims of control-plane replicas (control_plane/store/_quota_claims.py)
     async def claim_quota(
-        self, replica_id: str, claims: Sequence[QuotaClaim], now_ms: int, live_ms: int
+        self,
+        replica_id: str,
+        claims: Sequence[QuotaClaim],
+        now_ms: int,
+        live_ms: int,
+        release_ms: int = 120_000,
     ) -> list[QuotaClaimResult]:
         """For each claim (sorted by bucket), under a lock on its bucket's
         window: add up to ``want`` to ``replica_id``'s claim without the
         claims of all replicas passing ``limit``, and record its used and
-        demand. ``fleet_rate`` counts replicas that wrote within ``live_ms``."""
+        demand. ``fleet_rate`` counts replicas that wrote within ``live_ms``;
+        a replica silent for ``release_ms`` keeps only what it used."""
+
+    async def quota_used(self, windows: Sequence[tuple[str, str, int, int]]) -> dict[tuple[str, str, int, int], int]:
+        """The fleet's recorded use of each (tenant, client key, kind, window
+        start) that has claims; for the admin view."""
 
     async def sweep_quota_claims(self, before_ms: int) -> int:
         """Delete claims of windows that ended before ``before_ms``; how many."""

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from grpc import aio
 
+from keyplane.v1 import admin_service_pb2_grpc
+from keyplane.v1 import limits_pb2 as lpb
 from tests.e2e.fleet import MODEL, Fleet, free_port
 from tests.e2e.paced_load import (
     CP_FLAGS,
@@ -129,3 +132,16 @@ async def test_a_budget_counts_spend_before_it_and_stays_spent_across_restarts(
     print(f"after a restart of everything: {spent_again} micro-USD admitted, {len(refused_again)} of 10 refused")
     assert spent_again == 0 and len(refused_again) == 10
     assert json.loads(refused_again[0].content)["error"]["code"] == "budget_exceeded"
+    # The new replica's admin view shows the budget spent.
+    channel = aio.insecure_channel(f"127.0.0.1:{other}")
+    try:
+        admin = admin_service_pb2_grpc.AdminServiceStub(channel)
+        [status] = (await admin.ListLimits(lpb.ListLimitsRequest(tenant="acme"), metadata=fleet.admin_md)).statuses
+    finally:
+        await channel.close(None)
+    [daily] = status.usage
+    print(f"limits show after the restart: used {daily.used} of {daily.limit}, {daily.remaining} left")
+    assert daily.limit == before + allowance and daily.used >= before + after
+    # What the stopped replica claimed and its sidecar did not use is released
+    # only once that replica is silent for 2 minutes: "remaining" counts it.
+    assert daily.remaining <= allowance - after

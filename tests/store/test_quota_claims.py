@@ -109,3 +109,20 @@ async def test_old_windows_are_swept(store: Store) -> None:
     assert left.claimed == 5
     [fresh] = await store.claim_quota("replica-a", [claim(0)], W0 + 2, 10_000)
     assert fresh.claimed == 0
+
+
+async def test_the_fleets_use_is_read_back_per_window(store: Store) -> None:
+    await store.claim_quota("replica-a", [claim(10, used=4)], W0, 10_000)
+    await store.claim_quota("replica-b", [claim(10, used=3)], W0 + 1, 10_000)
+    key = ("acme", "ck_1", lpb.QUOTA_KIND_REQUESTS, W0)
+    unknown = ("acme", "ck_1", lpb.QUOTA_KIND_REQUESTS, W0 + MINUTE)
+    assert await store.quota_used([key, unknown]) == {key: 7}
+
+
+async def test_a_silent_replicas_unused_claim_is_released(store: Store) -> None:
+    await store.claim_quota("replica-gone", [claim(80, used=30)], W0, 10_000)
+    [live] = await store.claim_quota("replica-b", [claim(80)], W0 + 60_000, 10_000, release_ms=120_000)
+    assert (live.granted, live.fleet_claimed) == (20, 100)  # still within release_ms: its 80 hold
+    [later] = await store.claim_quota("replica-b", [claim(80)], W0 + 121_000, 10_000, release_ms=120_000)
+    # Silent past release_ms: only the 30 its sidecars used still count.
+    assert (later.granted, later.claimed, later.fleet_claimed) == (50, 70, 100)
