@@ -318,10 +318,13 @@ async def forward(
     content_type: str = JSON_TYPE,
     pinned: str | None = None,
     metering: Metering | None = None,
+    sending: Sending | None = None,
 ) -> int:
     """Plan, run and relay one request whose body is read: the part every endpoint shares.
 
-    ``pinned``: a ``previous_response_id`` the request continues (``sidecar.affinity``)."""
+    ``pinned``: a ``previous_response_id`` the request continues, or the stored response
+    it calls (``sidecar.affinity``); ``sending``: how each attempt is sent, when not the
+    endpoint's ``upstream_path`` (``sidecar.stored_responses``)."""
     if access is not None:
         access.model = model
     route = self.state.route(tenant, model)
@@ -355,7 +358,7 @@ async def forward(
     sticky: Sticky | None = None
     plan: list[Attempt] | None = None
     if endpoint.sticky:
-        sticky = Sticky(self.affinity, tenant)
+        sticky = Sticky(self.affinity, tenant, model, stored=bool(endpoint.served_by))
         if pinned is not None:
             found = sticky.pin(
                 pinned, served, keys_for, lambda t, k: health.key_block_reason(k.id, t.upstream_model, now)
@@ -380,7 +383,7 @@ async def forward(
     rescue: Callable[[], Rescue] | None = None
     if sticky is None or pinned is None:
         rescue = functools.partial(rescue_for, self, health, tenant, model, served, headers, deadline)
-    how = _How(endpoint, stream, content_type, sticky)
+    how = _How(endpoint, stream, content_type, sticky, sending)
 
     task = asyncio.current_task(loop)
     if task is None:  # pragma: no cover - uvicorn runs every request in a task
@@ -420,7 +423,7 @@ async def _answer(
 ) -> int:
     """Run the attempts (``attempt``) and pass the answer (or the failure) to the app."""
     wall_clock = self.state.wall_clock
-    sending = Sending(how.endpoint.upstream_path, how.content_type)
+    sending = how.sending or Sending(how.endpoint.upstream_path, how.content_type)
     result = await attempt(
         self, ctx, plan, body_for, headers, stream=how.stream, deadline=deadline, sending=sending, rescue=rescue
     )
@@ -498,10 +501,13 @@ async def attempt(
 class _How:
     """How one request is sent and answered, besides its plan and body."""
 
-    __slots__ = ("content_type", "endpoint", "sticky", "stream")
+    __slots__ = ("content_type", "endpoint", "sending", "sticky", "stream")
 
-    def __init__(self, endpoint: Endpoint, stream: bool, content_type: str, sticky: Sticky | None) -> None:
+    def __init__(
+        self, endpoint: Endpoint, stream: bool, content_type: str, sticky: Sticky | None, sending: Sending | None
+    ) -> None:
         self.endpoint = endpoint
         self.stream = stream
         self.content_type = content_type
         self.sticky = sticky
+        self.sending = sending
