@@ -328,7 +328,7 @@ class FakeUpstream:
             headers={k.lower(): v for k, v in request.headers.items()},
             json=body,
             at=time.monotonic(),
-            query=request.query_string,
+            query=request.rel_url.raw_query_string,
         )
         self.requests.append(recorded)
         other = next((h for suffix, h in ENDPOINTS.items() if request.path.endswith(suffix)), None)
