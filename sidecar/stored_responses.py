@@ -36,7 +36,7 @@ from .rescue import Sending
 from .router import Attempt
 from .upstream import JSON_TYPE, UpstreamRequest, build_request
 
-__all__ = ["PREFIX", "match", "serve"]
+__all__ = ["OTHER", "PREFIX", "match", "request_builder", "serve"]
 
 PREFIX = "/v1/responses/"
 
@@ -77,7 +77,7 @@ def _streams(endpoint: Endpoint, query: str) -> bool:
     return urllib.parse.parse_qs(query).get("stream", [""])[-1] == "true"
 
 
-def _builder(
+def request_builder(
     endpoint: Endpoint, response_id: str, query: str
 ) -> Callable[[Attempt, Mapping[str, str]], UpstreamRequest]:
     """Each attempt's request: the Responses API's URL for the key (Azure's too), with the
@@ -157,7 +157,7 @@ async def _call(
     if app.state.route(tenant, model) is None:
         why = "the model it was made with is no longer configured"
         return await send_error(send, errors.response_unavailable(response_id, why))
-    sending = Sending(endpoint.upstream_path, JSON_TYPE, _builder(endpoint, response_id, query))
+    sending = Sending(endpoint.upstream_path, JSON_TYPE, request_builder(endpoint, response_id, query))
     stream = _streams(endpoint, query)
     return await forward(
         app,

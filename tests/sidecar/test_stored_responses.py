@@ -1,7 +1,8 @@
 """A stored response's calls (retrieve, delete, cancel, input items) through the sidecar,
 with the official SDK and raw HTTP: they go to the key that created the response (even
 when another key would be picked), never fail over, pass the query on; an unknown id is
-OpenAI's 404, an unusable creating key a 409, no client key a 401."""
+OpenAI's 404, an unusable creating key a 409, no client key a 401; and their upstream
+URLs per provider shape (pure)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import httpx
 import openai
 import pytest
 
+from keyplane.domain import Provider
+from sidecar.endpoints import RESPONSES_CANCEL, RESPONSES_INPUT_ITEMS
+from sidecar.model import Key, Target
+from sidecar.router import Attempt
+from sidecar.stored_responses import request_builder
 from tests.fakes.upstream import rate_limited
 
 from . import protos as p
@@ -153,3 +159,35 @@ async def test_other_paths_and_methods(fleet: Fleet) -> None:
         assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "unknown_url")
         translations = await http.get("/v1/audio/translations", headers=AUTH)
         assert translations.status_code == 405
+
+
+@pytest.mark.parametrize(
+    ("base_url", "api_version", "url"),
+    [
+        ("https://api.openai.com/v1", "", "https://api.openai.com/v1/responses/resp_1/input_items?limit=5"),
+        (
+            "https://res.openai.azure.com",
+            "",
+            "https://res.openai.azure.com/openai/v1/responses/resp_1/input_items?limit=5",
+        ),
+        (
+            "https://res.openai.azure.com",
+            "2025-04-01-preview",
+            "https://res.openai.azure.com/openai/deployments/m/responses/resp_1/input_items"
+            "?limit=5&api-version=2025-04-01-preview",
+        ),
+    ],
+)
+def test_request_urls(base_url: str, api_version: str, url: str) -> None:
+    provider = Provider.AZURE_OPENAI if "azure" in base_url else Provider.OPENAI
+    key = Key("k", provider, base_url, "sk-test", True, 1, frozenset(), "k")
+    target = Target(provider=provider, upstream_model="m", priority=0, weight=1, node_urls=(), api_version=api_version)
+    build = request_builder(RESPONSES_INPUT_ITEMS, "resp_1", "limit=5")
+    made = build(Attempt(target=target, key=key), {"x-request-id": "r1"})
+    assert (made.method, made.url) == ("GET", url)
+    assert "content-type" not in made.headers and made.headers["x-request-id"] == "r1"
+    cancel = request_builder(RESPONSES_CANCEL, "resp_1", "")(Attempt(target=target, key=key), {})
+    assert (cancel.method, cancel.url.partition("?")[0]) == (
+        "POST",
+        url.partition("?")[0].replace("input_items", "cancel"),
+    )
