@@ -13,6 +13,11 @@ request naming ``previous_response_id`` cannot fail over:
   pass-through on the normal plan; an upstream that does not know it answers
   its own 4xx, which reaches the app unchanged (a client error is never retried).
 
+A stored response's own calls (retrieve, delete, cancel, input items:
+``sidecar.stored_responses``) go the same way, through the route the response
+was made through (remembered with its key); an id unknown here is a 404, as
+OpenAI answers an id its account does not hold. A deleted response is forgotten.
+
 The memory is local to the sidecar process and bounded: at most
 ``max_entries`` ids (oldest forgotten first), each for ``ttl`` seconds
 (OpenAI keeps stored responses 30 days). Pure but for the clock.
@@ -37,7 +42,7 @@ DEFAULT_TTL = 30 * 24 * 3600.0
 
 
 class ResponseAffinity:
-    """(tenant, response id) -> the id of the key that created it; bounded, with a TTL."""
+    """(tenant, response id) -> the key that created it (and the model asked); bounded, with a TTL."""
 
     __slots__ = ("_clock", "_entries", "max_entries", "ttl")
 
@@ -51,27 +56,36 @@ class ResponseAffinity:
         self.ttl = ttl
         self._clock = clock
         # Insertion order is age order: the oldest first.
-        self._entries: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], tuple[str, str, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def remember(self, tenant: str, response_id: str, key_id: str) -> None:
+    def remember(self, tenant: str, response_id: str, key_id: str, model: str = "") -> None:
+        """``model``: the app's model (the route) the response was made through."""
         entries = self._entries
-        entries[(tenant, response_id)] = (key_id, self._clock() + self.ttl)
+        entries[(tenant, response_id)] = (key_id, model, self._clock() + self.ttl)
         entries.move_to_end((tenant, response_id))
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
 
     def lookup(self, tenant: str, response_id: str) -> str | None:
+        found = self.find(tenant, response_id)
+        return None if found is None else found[0]
+
+    def find(self, tenant: str, response_id: str) -> tuple[str, str] | None:
+        """(key id, model) of a response made here, or None."""
         found = self._entries.get((tenant, response_id))
         if found is None:
             return None
-        key_id, expires = found
+        key_id, model, expires = found
         if expires <= self._clock():
             del self._entries[(tenant, response_id)]
             return None
-        return key_id
+        return key_id, model
+
+    def forget(self, tenant: str, response_id: str) -> None:
+        self._entries.pop((tenant, response_id), None)
 
 
 def previous_response(payload: dict[str, object]) -> str | None:
@@ -83,10 +97,18 @@ def previous_response(payload: dict[str, object]) -> str | None:
 def response_id_in(head: bytes, *, streaming: bool) -> str | None:
     """The id of the response an answer carries: the JSON body's ``id``, or, for a
     stream, the first event's (``response.created``) ``response.id``."""
+    found = _answer_of(head, streaming=streaming)
+    return found[0] if found is not None else None
+
+
+def _answer_of(head: bytes, *, streaming: bool) -> tuple[str, bool] | None:
+    """(response id, whether the answer says it was deleted) of an answer."""
+    deleted = False
     try:
         if not streaming:
             payload = json.loads(head)
             found = payload.get("id") if isinstance(payload, dict) else None
+            deleted = isinstance(payload, dict) and payload.get("deleted") is True
         else:
             found = None
             for line in head.splitlines():
@@ -97,17 +119,20 @@ def response_id_in(head: bytes, *, streaming: bool) -> str | None:
                     break
     except ValueError:
         return None
-    return found if isinstance(found, str) and found else None
+    return (found, deleted) if isinstance(found, str) and found else None
 
 
 class Sticky:
     """One Responses API request's side of the affinity: pin it, remember what it creates."""
 
-    __slots__ = ("affinity", "tenant")
+    __slots__ = ("affinity", "model", "stored", "tenant")
 
-    def __init__(self, affinity: ResponseAffinity, tenant: str) -> None:
+    def __init__(self, affinity: ResponseAffinity, tenant: str, model: str = "", *, stored: bool = False) -> None:
         self.affinity = affinity
         self.tenant = tenant
+        self.model = model
+        # A stored response's own call (retrieve, delete...), not a continuation.
+        self.stored = stored
 
     def pin(
         self,
@@ -131,6 +156,8 @@ class Sticky:
                     node = target.node_urls[0] if target.node_urls else None
                     return [Attempt(target=target, key=key, node_url=node)]
                 why = f"its key is not usable now ({blocked})"
+        if self.stored:
+            return errors.response_unavailable(previous, why)
         return errors.previous_response_unavailable(previous, why)
 
     def created(self, reply: UpstreamReply | AttemptsFailed) -> None:
@@ -140,6 +167,11 @@ class Sticky:
         key = reply.attempt.key
         if key is None or not 200 <= reply.response.status < 300:
             return
-        response_id = response_id_in(reply.head, streaming=reply.streaming)
-        if response_id is not None:
-            self.affinity.remember(self.tenant, response_id, key.id)
+        found = _answer_of(reply.head, streaming=reply.streaming)
+        if found is None:
+            return
+        response_id, deleted = found
+        if deleted:
+            self.affinity.forget(self.tenant, response_id)
+        else:
+            self.affinity.remember(self.tenant, response_id, key.id, self.model)

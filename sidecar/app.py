@@ -2,7 +2,9 @@
 
 The OpenAI endpoints of ``sidecar.endpoints`` (POST /v1/chat/completions,
 /v1/completions, /v1/embeddings, /v1/responses, /v1/moderations,
-/v1/images/generations, /v1/audio/transcriptions, /v1/audio/speech),
+/v1/images/generations, /v1/audio/transcriptions, /v1/audio/translations,
+/v1/audio/speech; a stored response's GET and DELETE /v1/responses/{id},
+POST .../cancel and GET .../input_items: ``sidecar.stored_responses``),
 Anthropic's POST /v1/messages[/count_tokens] (``sidecar.anthropic_messages``),
 GET /v1/models[/{id}], GET /livez, GET /readyz (and its alias /healthz; see
 ``sidecar.probes``), GET /metrics.
@@ -24,7 +26,7 @@ from collections.abc import Callable
 from keyplane import convert
 from keyplane.health.panic import PanicPolicy
 
-from . import anthropic_errors, errors, probes
+from . import anthropic_errors, errors, probes, stored_responses
 from .access_log import AccessEntry, AccessLog
 from .affinity import ResponseAffinity
 from .anthropic_messages import COUNT_TOKENS_ROUTE, MESSAGES_ROUTE, messages
@@ -148,6 +150,10 @@ class SidecarApp:
                         status = await handle(self, found, scope, receive, send, access)
                     finally:
                         self.access_log.write(access, status, asyncio.get_running_loop().time())
+            elif path.startswith(stored_responses.PREFIX):
+                endpoint, status = await stored_responses.serve(
+                    self, scope, receive, send, method, path, self.access_log
+                )
             elif path == MESSAGES_ROUTE or path == COUNT_TOKENS_ROUTE:
                 count_tokens = path == COUNT_TOKENS_ROUTE
                 endpoint = "messages_count_tokens" if count_tokens else "messages"

@@ -263,10 +263,13 @@ async def forward(
     content_type: str = JSON_TYPE,
     pinned: str | None = None,
     metering: Metering | None = None,
+    sending: Sending | None = None,
 ) -> int:
     """Plan, run and relay one request whose body is read: the part every endpoint shares.
 
-    ``pinned``: a ``previous_response_id`` the request continues (``sidecar.affinity``)."""
+    ``pinned``: a ``previous_response_id`` the request continues, or the stored response
+    it calls (``sidecar.affinity``); ``sending``: how each attempt is sent, when not the
+    endpoint's ``upstream_path`` (``sidecar.stored_responses``)."""
     if access is not None:
         access.model = model
     route = self.state.route(tenant, model)
@@ -282,7 +285,7 @@ async def forward(
     sticky: Sticky | None = None
     plan: list[Attempt] | None = None
     if endpoint.sticky:
-        sticky = Sticky(self.affinity, tenant)
+        sticky = Sticky(self.affinity, tenant, model, stored=bool(endpoint.served_by))
         if pinned is not None:
             now = self.state.wall_clock()
             found = sticky.pin(
@@ -303,7 +306,7 @@ async def forward(
     rescue: Callable[[], Rescue] | None = None
     if sticky is None or pinned is None:
         rescue = functools.partial(rescue_for, self, health, tenant, model, served, headers, deadline)
-    sending = Sending(endpoint.upstream_path, content_type)
+    sending = sending or Sending(endpoint.upstream_path, content_type)
     planned = Planned(plan, body_for, headers, stream, deadline, sending, rescue)
     dialect = _TYPED if endpoint.sse_errors is SseErrors.TYPED else _OPENAI
     return await answer(self, ctx, planned, receive, send, dialect, None if sticky is None else sticky.created)

@@ -13,7 +13,14 @@ differs is said here, per endpoint:
 - ``sse_errors``: how a stream broken mid-way is told to the app (chat's
   ``data:`` error object, or the Responses API's typed ``event: error``);
 - ``sticky``: the body may name earlier upstream state (``previous_response_id``)
-  that only the key that made it can continue (``sidecar.affinity``).
+  that only the key that made it can continue (``sidecar.affinity``);
+- ``served_by``: the endpoint whose targets serve this one too (translations ride
+  on transcriptions; a stored response's calls on the Responses API), for
+  endpoints that have no value of their own in the API's ``Endpoint`` enum.
+
+A stored response's calls (``STORED_RESPONSE``: retrieve, delete, cancel, input
+items) name the response in their path, not a model: ``sidecar.stored_responses``
+routes them (``{id}`` in ``path`` and ``upstream_path``), to the key that created it.
 
 A route target says which endpoints it serves (``RouteTarget.endpoints``);
 empty means its provider's default (``DEFAULT_ENDPOINTS``). Pure data, no I/O.
@@ -32,6 +39,7 @@ __all__ = [
     "ALL",
     "AUDIO_SPEECH",
     "AUDIO_TRANSCRIPTIONS",
+    "AUDIO_TRANSLATIONS",
     "BY_PATH",
     "BY_PROTO",
     "CHAT_COMPLETIONS",
@@ -42,11 +50,17 @@ __all__ = [
     "MESSAGES",
     "MODERATIONS",
     "RESPONSES",
+    "RESPONSES_CANCEL",
+    "RESPONSES_DELETE",
+    "RESPONSES_INPUT_ITEMS",
+    "RESPONSES_RETRIEVE",
+    "STORED_RESPONSE",
     "BodyKind",
     "Endpoint",
     "SseErrors",
     "StreamKind",
     "endpoints_from_proto",
+    "with_served",
 ]
 
 
@@ -85,6 +99,7 @@ class Endpoint:
     stream: StreamKind = StreamKind.FLAG
     sse_errors: SseErrors = SseErrors.DATA
     sticky: bool = False
+    served_by: str = ""
 
 
 E = resources_pb2.Endpoint
@@ -115,6 +130,16 @@ AUDIO_TRANSCRIPTIONS = Endpoint(
 AUDIO_SPEECH = Endpoint(
     "audio_speech", "/v1/audio/speech", "/audio/speech", E.ENDPOINT_AUDIO_SPEECH, stream=StreamKind.ALWAYS
 )
+# Whisper's translation into English: transcriptions' shape, served by the targets serving those.
+AUDIO_TRANSLATIONS = Endpoint(
+    "audio_translations",
+    "/v1/audio/translations",
+    "/audio/translations",
+    E.ENDPOINT_AUDIO_TRANSCRIPTIONS,
+    body=BodyKind.MULTIPART,
+    stream=StreamKind.NEVER,
+    served_by=AUDIO_TRANSCRIPTIONS.name,
+)
 
 ALL: tuple[Endpoint, ...] = (
     CHAT_COMPLETIONS,
@@ -125,15 +150,44 @@ ALL: tuple[Endpoint, ...] = (
     IMAGES_GENERATIONS,
     AUDIO_TRANSCRIPTIONS,
     AUDIO_SPEECH,
+    AUDIO_TRANSLATIONS,
 )
+
+
+def _stored(name: str, method: str, tail: str, stream: StreamKind) -> Endpoint:
+    return Endpoint(
+        name,
+        "/v1/responses/{id}" + tail,
+        "/responses/{id}" + tail,
+        E.ENDPOINT_RESPONSES,
+        method=method,
+        stream=stream,
+        sse_errors=SseErrors.TYPED,
+        sticky=True,
+        served_by=RESPONSES.name,
+    )
+
+
+# GET may stream the response again (``?stream=true``); the others answer JSON.
+RESPONSES_RETRIEVE = _stored("responses_retrieve", "GET", "", StreamKind.FLAG)
+RESPONSES_DELETE = _stored("responses_delete", "DELETE", "", StreamKind.NEVER)
+RESPONSES_CANCEL = _stored("responses_cancel", "POST", "/cancel", StreamKind.NEVER)
+RESPONSES_INPUT_ITEMS = _stored("responses_input_items", "GET", "/input_items", StreamKind.NEVER)
+STORED_RESPONSE: tuple[Endpoint, ...] = (RESPONSES_RETRIEVE, RESPONSES_DELETE, RESPONSES_CANCEL, RESPONSES_INPUT_ITEMS)
 # Anthropic's own Messages API (and its count_tokens): not OpenAI-shaped, so served by
 # its own handler (``sidecar.anthropic_messages``), not through BY_PATH; a target names
 # it like the others.
 MESSAGES = Endpoint("messages", "/v1/messages", "/messages", E.ENDPOINT_MESSAGES, sse_errors=SseErrors.TYPED)
 
 BY_PATH: Mapping[str, Endpoint] = {e.path: e for e in ALL}
-BY_PROTO: Mapping[int, Endpoint] = {e.proto: e for e in (*ALL, MESSAGES)}
-BY_NAME: Mapping[str, Endpoint] = {e.name: e for e in (*ALL, MESSAGES)}
+BY_PROTO: Mapping[int, Endpoint] = {e.proto: e for e in (*ALL, MESSAGES) if not e.served_by}
+BY_NAME: Mapping[str, Endpoint] = {e.name: e for e in (*ALL, MESSAGES, *STORED_RESPONSE)}
+
+# Endpoint name -> the names of the endpoints served along with it.
+_RIDERS: Mapping[str, frozenset[str]] = {
+    name: frozenset(e.name for e in (*ALL, *STORED_RESPONSE) if e.served_by == name)
+    for name in {e.served_by for e in (*ALL, *STORED_RESPONSE) if e.served_by}
+}
 
 _EVERY = frozenset(e.name for e in ALL)
 _COMMON = frozenset({CHAT_COMPLETIONS.name, COMPLETIONS.name, EMBEDDINGS.name})
@@ -158,3 +212,9 @@ def endpoints_from_proto(values: Iterable[int], provider: Provider) -> frozenset
     if values:
         return frozenset(BY_PROTO[v].name for v in values if v in BY_PROTO)
     return DEFAULT_ENDPOINTS.get(provider, _COMMON)
+
+
+def with_served(names: frozenset[str]) -> frozenset[str]:
+    """``names`` with the endpoints served along with them (``Endpoint.served_by``)."""
+    riders = [_RIDERS[n] for n in names if n in _RIDERS]
+    return names.union(*riders) if riders else names

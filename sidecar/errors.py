@@ -26,6 +26,8 @@ __all__ = [
     "not_ready",
     "previous_response_unavailable",
     "rate_limited",
+    "response_not_found",
+    "response_unavailable",
     "upstream_timeout",
 ]
 
@@ -206,4 +208,21 @@ def previous_response_unavailable(response_id: str, why: str) -> ErrorResponse:
         "invalid_request_error",
         param="previous_response_id",
         code="previous_response_unavailable",
+    )
+
+
+def response_not_found(response_id: str) -> ErrorResponse:
+    """A stored response's call naming an id no key of this sidecar made (OpenAI's 404 wording)."""
+    return _error(
+        404, f"Response with id '{response_id[:100]}' not found.", "invalid_request_error", code="response_not_found"
+    )
+
+
+def response_unavailable(response_id: str, why: str) -> ErrorResponse:
+    """A stored response's call whose creating key cannot be used now (``sidecar.affinity``)."""
+    return _error(
+        409,
+        f"Response '{response_id[:100]}' is held by the provider key that created it, and {why}. Retry later.",
+        "invalid_request_error",
+        code="response_unavailable",
     )

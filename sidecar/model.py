@@ -15,7 +15,7 @@ from keyplane.domain import Provider
 from keyplane.health.machine import HealthChange, KeyScope, ProviderScope, Verdict
 from keyplane.v1 import resources_pb2, sidecar_service_pb2
 
-from .endpoints import DEFAULT_ENDPOINTS, endpoints_from_proto
+from .endpoints import DEFAULT_ENDPOINTS, endpoints_from_proto, with_served
 
 __all__ = [
     "Key",
@@ -144,7 +144,7 @@ def with_endpoints(route: Route) -> Route:
     """``route`` with its ``by_endpoint`` filled in (a target without endpoints serves its provider's default)."""
     served: dict[str, list[Target]] = {}
     for target in route.targets:
-        for name in target.endpoints or DEFAULT_ENDPOINTS.get(target.provider, frozenset()):
+        for name in with_served(target.endpoints or DEFAULT_ENDPOINTS.get(target.provider, frozenset())):
             served.setdefault(name, []).append(target)
     by = route.by_endpoint
     by.clear()

@@ -15,7 +15,9 @@ tests/sidecar/test_upstream_client.py):
 
 - a POST is written at most once per call: aiohttp retries a request on a
   reused connection the server closed only for idempotent methods, so a
-  dead keep-alive connection fails the attempt and the attempt loop decides;
+  dead keep-alive connection fails the attempt and the attempt loop decides
+  (the GETs and DELETEs of a stored response, ``UpstreamRequest.method``,
+  are idempotent and sent without a body);
 - a connection goes back to the pool only with its answer read to the end
   and nothing else waiting on it (aiohttp's ``should_close``);
 - response heads are bounded (``max_line_size``, ``max_field_size``,

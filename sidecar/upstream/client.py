@@ -284,7 +284,7 @@ class UpstreamClient:
     async def send(
         self, request: UpstreamRequest, body: RequestBody, *, time_left: float | None = None
     ) -> UpstreamResponse:
-        """POST ``body``; returns once the upstream's head is in.
+        """Send ``body`` (a POST, or ``request.method``); returns once the upstream's head is in.
 
         A ``StreamedBody`` is sent as it is read, with its ``size`` as Content-Length.
 
@@ -303,11 +303,15 @@ class UpstreamClient:
             time_left = await self._wait_in_line(origin, time_left)
         headers = request.headers
         data: Any = body
-        if not isinstance(body, bytes):
+        method = request.method
+        if method != "POST" and not body:
+            data = None
+        elif not isinstance(body, bytes):
             headers = {**headers, "content-length": str(body.size)}
             data = body.chunks()
         try:
-            response = await session.post(
+            response = await session.request(
+                method,
                 request.url,
                 data=data,
                 headers=headers,
@@ -329,7 +333,7 @@ class UpstreamClient:
         if response.status < 200:  # 101 (interim 1xx answers never get here): not an answer to pass on
             response.close()
             gate.leave(origin)
-            raise UpstreamMalformed(f"the upstream answered {response.status} to a POST")
+            raise UpstreamMalformed(f"the upstream answered {response.status} to a {method}")
         return UpstreamResponse(response, gate, origin)
 
     async def _wait_in_line(self, origin: str, time_left: float | None) -> float | None:

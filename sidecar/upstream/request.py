@@ -82,6 +82,8 @@ RequestBody = bytes | StreamedBody
 class UpstreamRequest:
     url: str
     headers: dict[str, str] = field(repr=False)
+    # GET and DELETE (a stored response: ``sidecar.stored_responses``) are sent without a body.
+    method: str = "POST"
 
 
 def _base_url(attempt: Attempt) -> str:

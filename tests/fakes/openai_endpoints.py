@@ -7,7 +7,13 @@ behaviour: the SDK asks embeddings as base64 float32 by default; the Responses
 API streams ``event: <type>`` + ``data:`` events from ``response.created`` to
 ``response.completed`` (no ``[DONE]``); a ``previous_response_id`` the account
 does not hold is a 400 ``previous_response_not_found``; speech is binary audio,
-sent in chunks.
+sent in chunks; a translation is ``{"text": ...}``.
+
+A stored response's calls (``stored_response``): GET ``/responses/{id}`` answers
+the response object (its events again with ``?stream=true``), DELETE
+``{"id", "object": "response", "deleted": true}``, POST ``.../cancel`` the object
+``cancelled``, GET ``.../input_items`` a list of the input messages; an id the
+account does not hold is OpenAI's 404 ``Response with id '...' not found.``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 import base64
 import itertools
 import json
+import re
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -23,10 +30,20 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["EMBEDDING", "ENDPOINTS", "SPEECH_CHUNKS", "TRANSCRIPT", "EndpointState"]
+__all__ = [
+    "EMBEDDING",
+    "ENDPOINTS",
+    "SPEECH_CHUNKS",
+    "TRANSCRIPT",
+    "TRANSLATION",
+    "EndpointState",
+    "stored_call",
+    "stored_response",
+]
 
 EMBEDDING = [0.25, -0.5, 0.125]
 TRANSCRIPT = "Hello from the fake transcriber."
+TRANSLATION = "Hello from the fake translator."
 SPEECH_CHUNKS = tuple(bytes([n]) * 4096 for n in range(1, 6))
 _ids = itertools.count(1)
 
@@ -36,6 +53,8 @@ class EndpointState:
 
     def __init__(self) -> None:
         self.responses: dict[str, str] = {}
+        # Response id -> (the request's body, the answer's text): what GET gives back.
+        self.stored: dict[str, tuple[dict[str, Any], str]] = {}
         # When set, a Responses API stream drops the connection after this many events.
         self.break_after_events: int | None = None
 
@@ -172,6 +191,7 @@ async def responses(request: web.Request, body: Any, secret: str, state: Endpoin
     response_id = f"resp_fake{next(_ids):06d}"
     state.responses[response_id] = secret
     text = "Hello from the fake upstream!" if previous is None else "Continued from the fake upstream!"
+    state.stored[response_id] = (body, text)
     if body.get("stream") is not True:
         return _json(200, _response_object(response_id, body, "completed", text))
     response = await _sse(request)
@@ -297,6 +317,61 @@ async def transcriptions(request: web.Request, body: Any, secret: str, state: En
     return response
 
 
+async def translations(request: web.Request, body: Any, secret: str, state: EndpointState) -> web.StreamResponse:
+    if not isinstance(body, dict) or "file" not in body:
+        return _json(400, {"error": {"message": "No file", "type": "invalid_request_error", "param": "file"}})
+    return _json(200, {"text": TRANSLATION})
+
+
+_STORED = re.compile(r".*/responses/(?P<id>[^/]+)(?:/(?P<tail>cancel|input_items))?")
+
+
+def stored_call(path: str) -> tuple[str, str] | None:
+    """(response id, "" | "cancel" | "input_items") of a stored response's call."""
+    found = _STORED.fullmatch(path)
+    return None if found is None else (found["id"], found["tail"] or "")
+
+
+async def stored_response(
+    request: web.Request, call: tuple[str, str], secret: str, state: EndpointState
+) -> web.StreamResponse:
+    response_id, tail = call
+    allowed = {"": ("GET", "DELETE"), "cancel": ("POST",), "input_items": ("GET",)}[tail]
+    if request.method not in allowed:
+        return _json(
+            404, {"error": {"message": "Not found", "type": "invalid_request_error", "param": None, "code": None}}
+        )
+    if state.responses.get(response_id) != secret or response_id not in state.stored:
+        message = f"Response with id '{response_id}' not found."
+        return _json(404, {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}})
+    body, text = state.stored[response_id]
+    if request.method == "DELETE":
+        del state.stored[response_id]
+        return _json(200, {"id": response_id, "object": "response", "deleted": True})
+    if tail == "cancel":
+        return _json(200, _response_object(response_id, body, "cancelled", None))
+    if tail == "input_items":
+        given = body.get("input")
+        content = [{"type": "input_text", "text": given if isinstance(given, str) else json.dumps(given)}]
+        item = {"id": f"msg_in{response_id[5:]}", "type": "message", "role": "user", "status": "completed"}
+        data = [{**item, "content": content}]
+        return _json(
+            200, {"object": "list", "data": data, "first_id": item["id"], "last_id": item["id"], "has_more": False}
+        )
+    if request.query.get("stream") != "true":
+        return _json(200, _response_object(response_id, body, "completed", text))
+    response = await _sse(request)
+    sequence = itertools.count()
+
+    async def event(kind: str, **fields: Any) -> None:
+        payload = {"type": kind, "sequence_number": next(sequence), **fields}
+        await response.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
+
+    await _stream_response(event, response_id, body, text, f"msg_{response_id[5:]}")
+    await response.write_eof()
+    return response
+
+
 async def speech(request: web.Request, body: Any, secret: str, state: EndpointState) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers={"content-type": "audio/mpeg"})
     response.enable_chunked_encoding()
@@ -324,5 +399,6 @@ ENDPOINTS: dict[str, Handler] = {
     "/responses": responses,
     "/images/generations": images,
     "/audio/transcriptions": transcriptions,
+    "/audio/translations": translations,
     "/audio/speech": speech,
 }

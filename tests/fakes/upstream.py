@@ -20,7 +20,7 @@ from aiohttp import web
 
 from tests.health import bodies as _bodies
 
-from .openai_endpoints import ENDPOINTS, EndpointState
+from .openai_endpoints import ENDPOINTS, EndpointState, stored_call, stored_response
 
 __all__ = [
     "ANTHROPIC_OVERLOADED",
@@ -49,6 +49,8 @@ class RecordedRequest:
     json: Any
     # Monotonic time the request arrived.
     at: float = 0.0
+    # The URL's query string, as sent.
+    query: str = ""
 
     @property
     def model(self) -> str | None:
@@ -326,10 +328,14 @@ class FakeUpstream:
             headers={k.lower(): v for k, v in request.headers.items()},
             json=body,
             at=time.monotonic(),
+            query=request.rel_url.raw_query_string,
         )
         self.requests.append(recorded)
         other = next((h for suffix, h in ENDPOINTS.items() if request.path.endswith(suffix)), None)
-        if request.method != "POST" or (other is None and not request.path.endswith("/chat/completions")):
+        stored = stored_call(request.path)
+        if stored is None and (
+            request.method != "POST" or (other is None and not request.path.endswith("/chat/completions"))
+        ):
             return _json(
                 404, {"error": {"message": "Not found", "type": "invalid_request_error", "param": None, "code": None}}
             )
@@ -342,6 +348,8 @@ class FakeUpstream:
                 return _json(canned.status, canned.body, canned.headers)
             if canned.break_after is not None:
                 break_after = canned.break_after
+        if stored is not None:
+            return await stored_response(request, stored, recorded.secret or "", self.endpoint_state)
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return _json(
                 400,

@@ -6,13 +6,14 @@ attempt loop as chat."""
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import openai
 import pytest
 
-from tests.fakes.openai_endpoints import EMBEDDING, SPEECH_CHUNKS, TRANSCRIPT
+from tests.fakes.openai_endpoints import EMBEDDING, SPEECH_CHUNKS, TRANSCRIPT, TRANSLATION
 from tests.fakes.upstream import INVALID_API_KEY, SERVER_ERROR, Reply, rate_limited
 
 from .endpoint_fleet import AUDIO, COMPAT_MODEL, MODEL, UP_MODEL, Fleet
@@ -23,6 +24,13 @@ Call = Callable[[openai.AsyncOpenAI, str], Awaitable[Raw]]
 
 def _transcription(c: openai.AsyncOpenAI, model: str) -> Awaitable[Raw]:
     return c.audio.transcriptions.with_raw_response.create(model=model, file=("hello.wav", io.BytesIO(AUDIO)))
+
+
+async def _translation(c: openai.AsyncOpenAI, model: str) -> Raw:
+    # The SDK marks translations deprecated (the API still serves them).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return await c.audio.translations.with_raw_response.create(model=model, file=("hallo.wav", io.BytesIO(AUDIO)))
 
 
 # endpoint -> (upstream path suffix, the SDK call, a check of the parsed answer)
@@ -53,6 +61,7 @@ CALLS: dict[str, tuple[str, Call, Callable[[Any], None]]] = {
         lambda r: _eq(r.data[0].b64_json is not None, True),
     ),
     "transcriptions": ("/audio/transcriptions", _transcription, lambda r: _eq(r.text, TRANSCRIPT)),
+    "translations": ("/audio/translations", _translation, lambda r: _eq(r.text, TRANSLATION)),
     "speech": (
         "/audio/speech",
         lambda c, m: c.audio.speech.with_raw_response.create(model=m, voice="alloy", input="hi"),
@@ -81,7 +90,7 @@ async def test_endpoint_plain(fleet: Fleet, name: str) -> None:
     assert seen.path == "/v1" + suffix
     assert seen.secret == "sk-one"
     assert _model_seen(seen) == UP_MODEL  # the public model rewritten for the target (a multipart field too)
-    if name == "transcriptions":
+    if name in ("transcriptions", "translations"):
         assert seen.json["file"] == AUDIO  # the upload arrived whole, byte for byte
 
 
@@ -99,7 +108,7 @@ async def test_endpoint_fails_over_to_the_second_key(fleet: Fleet, name: str, fa
     assert raw.headers["x-keyplane-attempts"] == "2"
     assert raw.headers["x-keyplane-excluded"] == excluded
     assert [r.secret for r in fleet.first.requests_to(suffix)] == ["sk-one", "sk-two"]
-    if name == "transcriptions":
+    if name in ("transcriptions", "translations"):
         assert [r.json["file"] for r in fleet.first.requests_to(suffix)] == [AUDIO, AUDIO]  # resent whole
 
 

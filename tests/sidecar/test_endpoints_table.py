@@ -14,7 +14,12 @@ def test_table_is_consistent() -> None:
     assert len({x.name for x in e.ALL}) == len({x.path for x in e.ALL}) == len(e.ALL)
     for endpoint in e.ALL:
         assert endpoint.path == "/v1" + endpoint.upstream_path
+        if endpoint.served_by:  # no value of its own: its proto is the endpoint serving it
+            assert e.BY_PROTO[endpoint.proto].name == endpoint.served_by
+            continue
         assert resources_pb2.Endpoint.Name(endpoint.proto) == "ENDPOINT_" + endpoint.name.upper()  # type: ignore[arg-type]
+    for endpoint in e.STORED_RESPONSE:
+        assert endpoint.path == "/v1" + endpoint.upstream_path and endpoint.served_by == "responses"
     assert set(e.DEFAULT_ENDPOINTS) == set(Provider)
 
 
@@ -43,6 +48,14 @@ def test_route_views_per_endpoint() -> None:
     embeddings = route.for_endpoint("embeddings")
     assert embeddings is not None and [t.upstream_model for t in embeddings.targets] == ["gpt-4o", "embed"]
     assert route.for_endpoint("audio_speech") is not None
+    # Translations ride on transcriptions, a stored response's calls on the Responses API.
+    for name in ("audio_translations", "responses_retrieve", "responses_delete"):
+        assert route.for_endpoint(name) is not None
+    listed = route_from_proto(
+        p.route("r3", "m3", p.target("whisper", endpoints=[resources_pb2.ENDPOINT_AUDIO_TRANSCRIPTIONS]))
+    )
+    assert listed.for_endpoint("audio_translations") is listed
+    assert listed.for_endpoint("responses_retrieve") is None
     only = route_from_proto(p.route("r2", "m2", p.target("claude", provider=p.ANTHROPIC)))
     assert only.for_endpoint("chat_completions") is only  # every target serves it: the route itself
     assert only.for_endpoint("embeddings") is None
