@@ -33,7 +33,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from control_plane.store.fleet_records import BindingFilter, SidecarAck, SidecarRecord, SidecarStream
+from control_plane.store.fleet_records import (
+    BindingFilter,
+    FleetRecordsStore,
+    SidecarAck,
+    SidecarRecord,
+    SidecarStream,
+)
 from control_plane.store.quota_records import QuotaClaim, QuotaClaimResult
 from keyplane.affinity import (
     Binding,
@@ -226,7 +232,7 @@ class SecretRewrap:
 ChangeListener = Callable[[int], Awaitable[None]]
 
 
-class Store(Protocol):
+class Store(FleetRecordsStore, Protocol):
     async def migrate(self) -> None:
         """Create or upgrade the schema (versioned migrations; idempotent)."""
 
@@ -460,44 +466,6 @@ class Store(Protocol):
 
     async def delete_limits(self, tenant: str, client_key_id: str, *, audit: AuditEntry | None = None) -> bool:
         """False when none were set."""
-
-    # quota claims of control-plane replicas (control_plane/store/_quota_claims.py)
-    async def claim_quota(
-        self,
-        replica_id: str,
-        claims: Sequence[QuotaClaim],
-        now_ms: int,
-        live_ms: int,
-        release_ms: int = 120_000,
-    ) -> list[QuotaClaimResult]:
-        """For each claim (sorted by bucket), under a lock on its bucket's
-        window: add up to ``want`` to ``replica_id``'s claim without the
-        claims of all replicas passing ``limit``, and record its used and
-        demand. ``fleet_rate`` counts replicas that wrote within ``live_ms``;
-        a replica silent for ``release_ms`` keeps only what it used."""
-
-    async def quota_used(self, windows: Sequence[tuple[str, str, int, int]]) -> dict[tuple[str, str, int, int], int]:
-        """The fleet's recorded use of each (tenant, client key, kind, window
-        start) that has claims; for the admin view."""
-
-    async def sweep_quota_claims(self, before_ms: int) -> int:
-        """Delete claims of windows that ended before ``before_ms``; how many."""
-
-    # the fleet's sync state (control_plane/store/sidecar_status.py) -----------
-    async def put_sidecar_streams(self, replica: str, streams: Sequence[SidecarStream], seen_at: datetime) -> None:
-        """Record (or refresh, as a heartbeat) the Watch streams ``replica`` holds."""
-
-    async def put_sidecar_acks(self, acks: Sequence[SidecarAck]) -> None:
-        """Record what each sidecar last acknowledged (applied or rejected)."""
-
-    async def drop_sidecar_streams(self, replica: str, sidecar_ids: Sequence[str]) -> None:
-        """Forget streams that ended on ``replica``."""
-
-    async def list_sidecar_status(self) -> list[SidecarRecord]:
-        """Every sidecar row, ordered by sidecar id."""
-
-    async def sweep_sidecar_status(self, before: datetime) -> int:
-        """Delete rows not refreshed since ``before``; returns how many."""
 
     # master-key rewrapping -------------------------------------------------
     async def list_sealed_secrets(self, after: str = "", limit: int = 100) -> list[StoredSecret]:
