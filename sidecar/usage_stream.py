@@ -34,6 +34,8 @@ _NULL_USAGE_SPACED = b', "usage": null'
 _USAGE_CHUNK = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _INCLUDE_USAGE = b',"stream_options":{"include_usage":true}'
+_ANTHROPIC_DELTA = b"event: content_block_delta"
+_ANTHROPIC_FINAL = b"message_delta"
 
 
 def inject_usage_request(raw: bytes) -> bytes | None:
@@ -61,7 +63,17 @@ class StreamTap:
     """What a relayed stream consumed; ``seen`` every chunk (what it returns is what
     the app gets), ``finish`` at the end (the bytes still held), then ``usage``."""
 
-    __slots__ = ("_anthropic", "_events", "_head", "_head_size", "_input_bytes", "_pending", "_strip", "_tail")
+    __slots__ = (
+        "_anthropic",
+        "_deltas",
+        "_events",
+        "_head",
+        "_head_size",
+        "_input_bytes",
+        "_pending",
+        "_strip",
+        "_tail",
+    )
 
     def __init__(self, *, input_bytes: int, anthropic: bool = False, strip: bool = False) -> None:
         self._input_bytes = input_bytes
@@ -72,6 +84,7 @@ class StreamTap:
         self._head_size = 0
         self._tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
         self._events = 0
+        self._deltas = 0  # Anthropic's content_block_delta events
         self._pending = b""
 
     def seen(self, chunk: bytes) -> bytes:
@@ -82,6 +95,8 @@ class StreamTap:
             self._head_size += len(chunk)
         self._tail.append(chunk)
         self._events += chunk.count(b"data:")
+        if self._anthropic:
+            self._deltas += chunk.count(_ANTHROPIC_DELTA)
         if not self._strip:
             return chunk
         return self._filter(chunk)
@@ -121,8 +136,13 @@ class StreamTap:
             if size >= _TAIL_BYTES:
                 break
         kept.reverse()
-        found = usage_in_events(head, b"".join(kept), anthropic=self._anthropic)
+        tail = b"".join(kept)
+        found = usage_in_events(head, tail, anthropic=self._anthropic)
         if found is not None:
+            if self._anthropic and _ANTHROPIC_FINAL not in tail:
+                # Broken before its message_delta: the input is message_start's, the
+                # output so far is only known as its deltas (one token each, a guess).
+                return found._replace(output_tokens=max(found.output_tokens, self._deltas), estimated=True)
             return found
         return estimate(self._input_bytes, output_events=max(0, self._events - 1))
 

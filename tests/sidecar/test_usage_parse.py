@@ -220,3 +220,12 @@ def test_an_embeddings_answer_without_usage_has_no_output_estimate() -> None:
     assert metering.of_body(b'{"object":"list","data":[{"embedding":[0.1,0.2]}]}') == Usage(
         input_tokens=9, estimated=True
     )
+
+
+def test_a_broken_anthropic_stream_keeps_its_input_and_estimates_its_output() -> None:
+    chunks = [b"".join(anthropic_stream(15)[:5])]  # message_start, ping, three deltas: then the stream broke
+    tap = StreamTap(input_bytes=100, anthropic=True)
+    for chunk in chunks:
+        tap.seen(chunk)
+    # message_start's input (cache reads included) is exact; the output is the deltas seen, estimated.
+    assert tap.usage() == Usage(input_tokens=525, cached_input_tokens=500, output_tokens=3, estimated=True)
