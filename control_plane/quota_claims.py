@@ -18,9 +18,10 @@ a budget's window counts what the usage rollups already hold for it, so a
 budget set mid-day or a store whose claims were swept does not start from
 zero, and claims outlive control-plane restarts.
 
-When the store does not answer, each replica grants up to its last known
-share of the limit (fail-static, like the sidecars below it) and claims what
-it granted once the store is back.
+When the store does not answer, a replica grants nothing new for a few
+seconds (a blip: its sidecars keep their leases); past that it grants up to
+its last known share of the limit (fail-static, like the sidecars below it)
+and claims what it granted once the store is back.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class QuotaClaims:
         heartbeat_ms: int = 3_000,
         keep_ms: int = 3_600_000,
         sweep_interval_ms: int = 60_000,
+        outage_grace_ms: int = 5_000,
     ) -> None:
         self._store = store
         self.replica_id = replica_id
@@ -72,6 +74,9 @@ class QuotaClaims:
         self._sweep_interval_ms = sweep_interval_ms
         self._written: dict[ClaimKey, _Written] = {}
         self._next_sweep_ms = 0
+        # A store failing this long is an outage (grant by share), not a blip.
+        self._outage_grace_ms = outage_grace_ms
+        self._failing_since_ms: int | None = None
         self.reachable = True
         self.claims_made = 0  # store transactions, for tests and metrics
 
@@ -117,9 +122,17 @@ class QuotaClaims:
             try:
                 results = await self._store.claim_quota(self.replica_id, claims, now_ms, self._live_ms)
             except Exception as exc:
+                if self._failing_since_ms is None:
+                    self._failing_since_ms = now_ms
+                if now_ms - self._failing_since_ms < self._outage_grace_ms:
+                    # A blip: grant nothing new until the store answers (the
+                    # sidecars keep their leases and pre-grants meanwhile).
+                    log.info("could not claim quota in the store (%s); retrying", type(exc).__name__)
+                    return
                 if self.reachable:
                     log.warning(
-                        "could not claim quota in the store (%s); granting up to this replica's last share",
+                        "could not claim quota in the store for %.0f s (%s); granting up to this replica's last share",
+                        (now_ms - self._failing_since_ms) / 1000,
                         type(exc).__name__,
                     )
                 self.reachable = False
@@ -129,6 +142,7 @@ class QuotaClaims:
                     ledger.next_allowance = max(ledger.next_allowance, share)
                 return
             self.claims_made += 1
+            self._failing_since_ms = None
             if not self.reachable:
                 log.info("quota claims reach the store again")
             self.reachable = True

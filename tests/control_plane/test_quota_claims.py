@@ -99,11 +99,17 @@ async def test_a_replica_without_its_store_grants_only_its_share(store: SqliteSt
         await claims_busy.claim({BUCKET: busy}, t)
         await claims_quiet.claim({BUCKET: quiet}, t)
     assert busy.fallback_pool is not None and 70 <= busy.fallback_pool <= 85  # about 3/4
-    # The store goes away: the busy replica grants up to its share, not the limit.
+    held = busy.allowance
+    # The store goes away. A blip: nothing new is granted.
     await store.close()
     later = now + 2 * W
     busy.report("s1", later - later % W, 0, 10_000, later)
     await claims_busy.claim({BUCKET: busy}, later)
+    assert claims_busy.reachable and busy.allowance <= held
+    # An outage (5 s on): the busy replica grants up to its share, not the limit.
+    later += 5_000
+    busy.report("s1", later - later % W, 0, 10_000, later)
+    await claims_busy.claim({BUCKET: busy}, later)
     assert not claims_busy.reachable
     lease = busy.rebalance(later)["s1"]
-    assert lease.granted <= busy.fallback_pool < limit
+    assert 0 < lease.granted <= busy.fallback_pool < limit
