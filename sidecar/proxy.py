@@ -118,8 +118,7 @@ class AttemptRecord:
     recovered: bool = False
     # What the answer consumed (``sidecar.usage``), once it has been relayed.
     usage: Usage | None = None
-    # A later reported attempt of the same request followed (``sidecar.book`` sets it):
-    # not the request's last attempt, so usage counts it as an attempt, not a request.
+    # A later reported attempt of this request followed (``sidecar.book`` sets it): not its last.
     superseded: bool = False
 
     @property
