@@ -7,7 +7,10 @@ the app's request once, in the row of its last attempt, and each upstream attemp
 - failed over (500 on the first key, then an answer): 1 request, 0 failed, 2 attempts;
 - a stream failed over (429 on the first key): the same, though the first attempt is
   reported when the stream starts and the last when it ends;
-- every attempt failed: 1 request, 1 failed, 2 attempts.
+- every attempt failed: 1 request, 1 failed, 2 attempts;
+- every key rate limited, the sidecar's rescue waits for the first to recover and
+  tries it again (the 429 the attempt loop passed on is superseded by the rescue's
+  attempt): 1 request, 0 failed, 3 attempts.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from keyplane.v1 import admin_service_pb2 as apb
 from keyplane.v1 import resources_pb2 as rpb
 from keyplane.v1 import usage_pb2 as upb
 from sidecar.server import Sidecar
-from tests.fakes.upstream import RATE_LIMITED, SERVER_ERROR, FakeUpstream
+from tests.fakes.upstream import RATE_LIMITED, SERVER_ERROR, FakeUpstream, rate_limited
 
 from .plane import ADMIN_MD, ADMIN_TOKEN, Plane, eventually
 from .test_reporter import reporter_config
@@ -32,7 +35,7 @@ from .test_reporter import reporter_config
 CHAT = "/v1/chat/completions"
 FIRST, SECOND = "sk-first-0001", "sk-second-0001"
 # public model -> upstream model
-ROUTES = {"failover": "gpt-failover", "streamed": "gpt-streamed", "down": "gpt-down"}
+ROUTES = {"failover": "gpt-failover", "streamed": "gpt-streamed", "down": "gpt-down", "waited": "gpt-waited"}
 
 
 async def setup(plane: Plane, up: FakeUpstream) -> tuple[str, dict[str, str]]:
@@ -62,6 +65,8 @@ async def setup(plane: Plane, up: FakeUpstream) -> tuple[str, dict[str, str]]:
     up.program(FIRST, RATE_LIMITED, model="gpt-streamed")
     up.program(FIRST, SERVER_ERROR, model="gpt-down")
     up.program(SECOND, SERVER_ERROR, model="gpt-down")
+    up.program(FIRST, rate_limited(1.2), model="gpt-waited", times=1)
+    up.program(SECOND, rate_limited(3), model="gpt-waited", times=1)
     created_client = await admin.CreateClientKey(
         apb.CreateClientKeyRequest(tenant="acme", label="app"), metadata=ADMIN_MD
     )
@@ -154,3 +159,31 @@ async def test_a_failed_over_request_is_one_request_of_two_attempts(plane: Plane
     # The CLI says the same.
     shown = await usage_show_json(plane, tmp_path)
     assert {model: counted(row) for model, row in shown.items()} == got
+
+
+async def test_a_request_the_rescue_retried_after_a_wait_is_one_request(plane: Plane) -> None:
+    async with FakeUpstream() as up:
+        token, key_ids = await setup(plane, up)
+        async with (
+            Sidecar(reporter_config(plane.address, sidecar_id="sc-rescued")) as sc,
+            httpx.AsyncClient(base_url=sc.url, timeout=20) as client,
+        ):
+            assert await sc.wait_ready(10)
+            body = {"model": "waited", "messages": [{"role": "user", "content": "hi"}]}
+            r = await client.post(CHAT, json=body, headers={"authorization": f"Bearer {token}"})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-keyplane-attempts"] == "3"
+            assert up.secrets(model="gpt-waited") == [FIRST, SECOND, FIRST]
+            admin = plane.admin
+            assert admin is not None
+            by_key = apb.GetUsageRequest(tenant="acme", group_by=[upb.USAGE_DIMENSION_PROVIDER_KEY])
+            keyed: dict[str, tuple[int, int, int]] = {}
+
+            async def all_reported() -> bool:
+                answer = await admin.GetUsage(by_key, metadata=ADMIN_MD)
+                keyed.clear()
+                keyed.update({r.provider_key_id: (r.requests, r.failed_requests, r.attempts) for r in answer.rows})
+                return sum(attempts for _, _, attempts in keyed.values()) >= 3
+
+            await eventually(all_reported, within=10)
+    assert keyed == {key_ids[FIRST]: (1, 0, 2), key_ids[SECOND]: (0, 0, 1)}
