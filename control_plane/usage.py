@@ -3,7 +3,13 @@
 Every valid outcome of a sidecar report (``control_plane.sidecar_service``)
 goes through ``UsageFolder.fold``: a dictionary update per outcome, keyed by
 (minute, tenant, client key, public model, provider key, upstream model); no
-I/O. ``UsageRecorder`` flushes what was folded every ``flush_interval``: one
+I/O. Each outcome is one upstream attempt (``attempts``); only an outcome not
+``superseded`` (the app request's last attempt) counts a request, failed when
+that attempt failed, so a request that failed over to another key is one
+request (in the row of the key that answered it) and two attempts. Outcomes of
+sidecars that do not set ``superseded`` count as requests each, as before.
+
+``UsageRecorder`` flushes what was folded every ``flush_interval``: one
 additive upsert per rollup row per flush (``Store.put_usage``), never one
 write per request. A flush that fails keeps its rows and adds them to the
 next one (bounded: past ``max_pending_rows`` the oldest minutes are dropped,
@@ -57,7 +63,7 @@ _SUCCESS = sidecar_service_pb2.OUTCOME_CLASS_SUCCESS
 # Rollup rows: (minute epoch seconds, tenant, client key id, public model, provider key id, upstream model).
 RollupKey = tuple[int, str, str, str, str, str]
 # Indexes into a pending row's counters.
-_REQ, _FAILED, _EST, _METERED, _IN, _CACHED, _WRITE, _OUT, _REASON = range(9)
+_REQ, _FAILED, _EST, _METERED, _IN, _CACHED, _WRITE, _OUT, _REASON, _ATT = range(10)
 # Rows whose remainder is kept: minutes newer than this many seconds.
 _CARRY_WINDOW = 180
 
@@ -85,11 +91,13 @@ class UsageFolder:
             key = (minute, o.tenant, o.client_key_id, o.public_model, o.key_id, o.model)
             row = pending.get(key)
             if row is None:
-                row = pending[key] = [0, 0, 0, 0, 0, 0, 0, 0, 0]
+                row = pending[key] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
                 self._providers[key] = o.provider
-            row[_REQ] += 1
-            if o.outcome_class != _SUCCESS:
-                row[_FAILED] += 1
+            row[_ATT] += 1
+            if not o.superseded:  # the request's last attempt: the request counts here
+                row[_REQ] += 1
+                if o.outcome_class != _SUCCESS:
+                    row[_FAILED] += 1
             if o.HasField("usage"):
                 u = o.usage
                 row[_METERED] += 1
@@ -259,6 +267,7 @@ class UsageRecorder:
                 reasoning_tokens=c[_REASON],
                 cost_micros=micros,
                 unpriced_requests=unpriced,
+                attempts=c[_ATT],
             )
             rows.append(UsageRow(minute, tenant, client_key_id, public_model, key_id, provider, model, totals))
         return rows, carry

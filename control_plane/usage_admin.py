@@ -162,6 +162,7 @@ class UsageAdmin(AdminBase):
                 reasoning_tokens=t.reasoning_tokens,
                 cost_micros=t.cost_micros,
                 unpriced_requests=t.unpriced_requests,
+                attempts=t.attempts,
             )
             if "provider" in group:
                 row.provider = convert.provider_to_proto(Provider(group["provider"]))

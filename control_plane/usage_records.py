@@ -29,7 +29,12 @@ class Price:
 
 @dataclass(frozen=True, slots=True)
 class UsageTotals:
-    """Counters of a rollup row (or of a group of rows)."""
+    """Counters of a rollup row (or of a group of rows).
+
+    ``requests`` are app requests, each counted in the row of its last upstream
+    attempt, and ``failed_requests`` those whose last attempt failed;
+    ``attempts`` counts every upstream attempt (rows written before migration 11
+    have 0). ``estimated_requests`` and ``unpriced_requests`` count attempts."""
 
     requests: int = 0
     failed_requests: int = 0
@@ -41,6 +46,7 @@ class UsageTotals:
     reasoning_tokens: int = 0
     cost_micros: int = 0
     unpriced_requests: int = 0
+    attempts: int = 0
 
 
 @dataclass(frozen=True, slots=True)

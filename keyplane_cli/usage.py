@@ -81,6 +81,7 @@ def usage_table(rows: list[usage_pb2.UsageRow], by: list[str], bucketed: bool) -
         *(name.upper() for name in by),
         "REQUESTS",
         "FAILED",
+        "ATTEMPTS",
         "INPUT",
         "CACHED",
         "OUTPUT",
@@ -105,6 +106,7 @@ def usage_table(rows: list[usage_pb2.UsageRow], by: list[str], bucketed: bool) -
                 *(g or "-" for g in groups),
                 str(row.requests),
                 str(row.failed_requests),
+                str(row.attempts),
                 str(row.input_tokens) + ("~" if row.estimated_requests else ""),
                 str(row.cached_input_tokens),
                 str(row.output_tokens) + ("~" if row.estimated_requests else ""),
@@ -207,7 +209,9 @@ def add_usage_commands(sub: Any, handlers: dict[str, Callable[[argparse.Namespac
         "show",
         help="usage over a time range, grouped (--by) and bucketed",
         description="Tokens and cost from the control plane's per-minute rollups. Counts marked ~ include "
-        "estimates (the provider reported no usage). Requests count upstream attempts.",
+        "estimates (the provider reported no usage). Requests count app requests (once, at their last "
+        "attempt; failed: the last attempt failed); attempts count every upstream call, failovers included "
+        "(0 in rows folded before the control plane counted them).",
     )
     admin_flags(show)
     show.add_argument("--tenant", "-t", help="only this tenant (default: every tenant)")

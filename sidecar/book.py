@@ -2,7 +2,9 @@
 
 Every attempt is recorded in the tenant's local health book at once and queued
 for the control plane (never awaited) by ``flush``; the answer carries the
-``x-keyplane-*`` headers built here.
+``x-keyplane-*`` headers built here. Every reported attempt but the request's
+last is marked ``superseded`` (``Outcome.superseded``), so that usage counts the
+request once (at its last attempt) and each attempt as an attempt.
 """
 
 from __future__ import annotations
@@ -91,7 +93,10 @@ class RequestBook:
         key = record.attempt.key
         if key is None:
             return  # keyless: nothing to attribute in the health book or the reports
-        self.unreported.append(record)
+        unreported = self.unreported
+        if unreported:
+            unreported[-1].superseded = True  # this attempt came after it
+        unreported.append(record)
         classification = record.classification
         if not counts_against_key(classification.error_class, on_node=record.attempt.node_url is not None):
             return  # the node's failure: its own health (above), not the key's
@@ -122,11 +127,16 @@ class RequestBook:
     def misconfigured(self, attempt: Attempt) -> None:
         self.app.count_misconfigured(attempt)
 
-    def flush(self) -> None:
-        """Queue the attempts seen so far for the control plane (never blocks)."""
+    def flush(self, *, followed: bool = False) -> None:
+        """Queue the attempts seen so far for the control plane (never blocks).
+
+        ``followed``: a keyed attempt of this request is under way (a stream being
+        relayed), so none of these is the request's last attempt."""
         records = self.unreported
         if not records:
             return
+        if followed:
+            records[-1].superseded = True
         self.unreported = []
         limiter = self.app.limiter
         if limiter is not None:

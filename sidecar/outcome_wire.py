@@ -10,7 +10,8 @@ protobuf runtime costs about 3-4 us an outcome; here about a third of that:
 - the fields many attempts share (tenant, key, provider, model, class, status,
   reason, the recovered/final flags) are serialized once by protobuf per
   distinct combination and cached;
-- the attempt's own fields (latency, request id, start time, retry-after) are
+- the attempt's own fields (latency, request id, start time, retry-after,
+  whether a later attempt superseded it) are
   appended in protobuf's wire format (a message's encoding may list fields in
   any order, and parsers merge them);
 - the attempt's usage (``Outcome.usage``, a ``Usage`` message of varints) is
@@ -47,6 +48,7 @@ _TAG_OUTCOMES = b"\x0a"  # ReportOutcomesRequest.outcomes = 1, length-delimited
 _TAG_SIDECAR_ID = b"\x12"  # ReportOutcomesRequest.sidecar_id = 2, length-delimited
 _TAG_DROPPED = b"\x18"  # ReportOutcomesRequest.dropped = 3, varint
 _TAG_USAGE = b"\x8a\x01"  # Outcome.usage = 17, length-delimited
+_SUPERSEDED = b"\x90\x01\x01"  # Outcome.superseded = 18 (varint), true
 # Usage's fields 1-5 (token counts, varints) and 6 (estimated, a bool).
 _USAGE_TAGS = (b"\x08", b"\x10", b"\x18", b"\x20", b"\x28")
 _USAGE_ESTIMATED = b"\x30\x01"
@@ -94,9 +96,11 @@ def _node_id(record: AttemptRecord) -> str:
 
 
 def fill_varying(message: sidecar_service_pb2.Outcome, record: AttemptRecord, request_id: str) -> None:
-    """The fields of this one attempt: when, how long, which request."""
+    """The fields of this one attempt: when, how long, which request, whether another followed."""
     message.latency_ms = min(record.latency_ms, 2**32 - 1)
     message.request_id = request_id
+    if record.superseded:
+        message.superseded = True
     started = record.started
     seconds = int(started // 1)
     stamp = message.time
@@ -286,6 +290,8 @@ class OutcomeEncoder:
         parts.append(_TAG_TIME + _ONE_BYTE[len(stamp)] + stamp)  # at most 1 + 10 + 1 + 5 bytes
         if usage is not None:
             parts.append(_usage_bytes(usage))
+        if record.superseded:
+            parts.append(_SUPERSEDED)
         return b"".join(parts)
 
     def __len__(self) -> int:

@@ -118,6 +118,8 @@ class AttemptRecord:
     recovered: bool = False
     # What the answer consumed (``sidecar.usage``), once it has been relayed.
     usage: Usage | None = None
+    # A later reported attempt of this request followed (``sidecar.book`` sets it): not its last.
+    superseded: bool = False
 
     @property
     def key_id(self) -> str | None:

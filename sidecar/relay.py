@@ -51,7 +51,7 @@ class AnswerBook(Protocol):
 
     def attempted(self, record: AttemptRecord) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self, *, followed: bool = False) -> None: ...
 
 
 def upstream_headers(response: UpstreamResponse) -> list[tuple[bytes, bytes]]:
@@ -90,8 +90,9 @@ async def relay(
     try:
         extra = [*upstream_headers(response), *own_headers]
         if reply.streaming:
-            # The failed attempts before it are reported now, not when the stream ends.
-            book.flush()
+            # The failed attempts before it are reported now, not when the stream ends
+            # (each followed by another: this one, reported when it ends if it is keyed).
+            book.flush(followed=reply.attempt.key is not None)
             tap = metering.tap() if metering is not None else None
             return await _relay_stream(
                 book, reply, extra, send, metrics, wall_clock, typed_errors, broken_event, watch, cut_event, tap

@@ -291,4 +291,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX quota_claims_by_end ON quota_claims (window_end_ms)",
         ),
     ),
+    Migration(
+        11,
+        "usage rollups count upstream attempts apart from app requests",
+        (
+            # Rows written before it keep attempts = 0 (their requests counted attempts).
+            "ALTER TABLE usage_rollups ADD COLUMN attempts bigint NOT NULL DEFAULT 0",
+        ),
+    ),
 )

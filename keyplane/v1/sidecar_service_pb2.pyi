@@ -674,7 +674,9 @@ Global___Change: _TypeAlias = Change  # noqa: Y015
 
 @_typing.final
 class Outcome(_message.Message):
-    """Outcome is one upstream attempt of one app request."""
+    """Outcome is one upstream attempt of one app request (a request failed over
+    to another key reports one outcome per attempt; see superseded).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -695,6 +697,7 @@ class Outcome(_message.Message):
     CLIENT_KEY_ID_FIELD_NUMBER: _builtins.int
     PUBLIC_MODEL_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     key_id: _builtins.str
     provider: _resources_pb2.Provider.ValueType
@@ -722,6 +725,14 @@ class Outcome(_message.Message):
     """The id of the client key the app called with (never the token)."""
     public_model: _builtins.str
     """The model the app asked for (the route's name); model is the upstream one."""
+    superseded: _builtins.bool
+    """Another attempt of the same app request followed this one (and was
+    reported): this is not the request's last attempt. The control plane
+    counts every outcome as an attempt, and an app request once, at the
+    outcome that is not superseded (its last attempt), failed if that one
+    failed. Sidecars that do not set it report every attempt as a request of
+    its own.
+    """
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration: ...
     @_builtins.property
@@ -753,10 +764,11 @@ class Outcome(_message.Message):
         client_key_id: _builtins.str = ...,
         public_model: _builtins.str = ...,
         usage: _usage_pb2.Usage | None = ...,
+        superseded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_after", b"retry_after", "time", b"time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key_id", b"client_key_id", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "node_id", b"node_id", "outcome_class", b"outcome_class", "provider", b"provider", "provider_final", b"provider_final", "public_model", b"public_model", "reason", b"reason", "recovered", b"recovered", "request_id", b"request_id", "retry_after", b"retry_after", "status_code", b"status_code", "tenant", b"tenant", "time", b"time", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_key_id", b"client_key_id", "key_id", b"key_id", "latency_ms", b"latency_ms", "model", b"model", "node_id", b"node_id", "outcome_class", b"outcome_class", "provider", b"provider", "provider_final", b"provider_final", "public_model", b"public_model", "reason", b"reason", "recovered", b"recovered", "request_id", b"request_id", "retry_after", b"retry_after", "status_code", b"status_code", "superseded", b"superseded", "tenant", b"tenant", "time", b"time", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

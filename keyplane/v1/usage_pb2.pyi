@@ -195,6 +195,7 @@ class UsageRow(_message.Message):
     REASONING_TOKENS_FIELD_NUMBER: _builtins.int
     COST_MICROS_FIELD_NUMBER: _builtins.int
     UNPRICED_REQUESTS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     client_key_id: _builtins.str
     public_model: _builtins.str
@@ -202,11 +203,18 @@ class UsageRow(_message.Message):
     provider: _resources_pb2.Provider.ValueType
     upstream_model: _builtins.str
     requests: _builtins.int
-    """Upstream attempts (a request retried on another key counts each attempt)."""
+    """App requests: each counted once, in the row of its last upstream attempt
+    (a request failed over from one key to another counts 1 here, in the
+    second key's row, and 2 in attempts). Rows folded from sidecars that do
+    not report Outcome.superseded count every attempt as a request.
+    """
     failed_requests: _builtins.int
-    """Of requests, those that did not succeed (any error class, broken streams included)."""
+    """Of requests, those whose last attempt did not succeed (any error class,
+    broken streams included): the app got an error. A request that failed
+    over and then succeeded is not failed.
+    """
     estimated_requests: _builtins.int
-    """Of requests, those whose usage was estimated by the sidecar."""
+    """Of the attempts, those whose usage was estimated by the sidecar."""
     input_tokens: _builtins.int
     cached_input_tokens: _builtins.int
     cache_write_input_tokens: _builtins.int
@@ -215,8 +223,13 @@ class UsageRow(_message.Message):
     cost_micros: _builtins.int
     """Cost in micro-dollars at the prices in force when the usage was folded."""
     unpriced_requests: _builtins.int
-    """Of requests, those with tokens but no price for their (provider, model):
-    their cost is not in cost_micros.
+    """Of the attempts, those with tokens but no price for their (provider,
+    model): their cost is not in cost_micros.
+    """
+    attempts: _builtins.int
+    """Upstream attempts: every call the sidecars sent to a provider for these
+    requests, retries and failovers included (attempts >= requests). 0 in
+    rows written before the control plane counted attempts (migration 11).
     """
     @_builtins.property
     def bucket_start(self) -> _timestamp_pb2.Timestamp:
@@ -242,10 +255,11 @@ class UsageRow(_message.Message):
         reasoning_tokens: _builtins.int = ...,
         cost_micros: _builtins.int = ...,
         unpriced_requests: _builtins.int = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bucket_start", b"bucket_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_start", b"bucket_start", "cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "client_key_id", b"client_key_id", "cost_micros", b"cost_micros", "estimated_requests", b"estimated_requests", "failed_requests", b"failed_requests", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "provider", b"provider", "provider_key_id", b"provider_key_id", "public_model", b"public_model", "reasoning_tokens", b"reasoning_tokens", "requests", b"requests", "tenant", b"tenant", "unpriced_requests", b"unpriced_requests", "upstream_model", b"upstream_model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "bucket_start", b"bucket_start", "cache_write_input_tokens", b"cache_write_input_tokens", "cached_input_tokens", b"cached_input_tokens", "client_key_id", b"client_key_id", "cost_micros", b"cost_micros", "estimated_requests", b"estimated_requests", "failed_requests", b"failed_requests", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "provider", b"provider", "provider_key_id", b"provider_key_id", "public_model", b"public_model", "reasoning_tokens", b"reasoning_tokens", "requests", b"requests", "tenant", b"tenant", "unpriced_requests", b"unpriced_requests", "upstream_model", b"upstream_model"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

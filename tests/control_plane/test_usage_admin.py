@@ -98,6 +98,40 @@ async def test_reports_are_folded_costed_and_paged(harness: Harness) -> None:
     assert recorder is not None and recorder.rows_written <= 3 * recorder.flushes + 3
 
 
+async def test_requests_count_last_attempts_and_attempts_count_all(harness: Harness) -> None:
+    """A request failed over from key A to key B is one request (in B's row) and two attempts;
+    a request whose every attempt failed is one failed request; outcomes of an old sidecar
+    (no ``superseded``) are a request each."""
+    await harness.tenant()
+    a = (await harness.key(label="a", secret="sk-acme-secret-a-abcdefghijkl")).id
+    b = (await harness.key(label="b", secret="sk-acme-secret-b-abcdefghijkl")).id
+    limited = spb.OUTCOME_CLASS_RATE_LIMITED
+    failover = [used(a, "ck_1", 0, 0, outcome_class=limited), used(b, "ck_1", 10, 2)]
+    failover[0].superseded = True
+    all_failed = [used(a, "ck_2", 0, 0, outcome_class=limited), used(b, "ck_2", 0, 0, outcome_class=limited)]
+    all_failed[0].superseded = True
+    old_sidecar = [used(a, "ck_3", 0, 0, outcome_class=limited), used(b, "ck_3", 10, 2)]
+    assert await report(harness, failover, [*all_failed, *old_sidecar]) == 6
+    by = [upb.USAGE_DIMENSION_CLIENT_KEY, upb.USAGE_DIMENSION_PROVIDER_KEY]
+    rows = (await harness.admin.GetUsage(apb.GetUsageRequest(tenant="acme", group_by=by), metadata=ADMIN_MD)).rows
+    got = {(r.client_key_id, r.provider_key_id): (r.requests, r.failed_requests, r.attempts) for r in rows}
+    assert got == {
+        ("ck_1", a): (0, 0, 1),
+        ("ck_1", b): (1, 0, 1),
+        ("ck_2", a): (0, 0, 1),
+        ("ck_2", b): (1, 1, 1),
+        ("ck_3", a): (1, 1, 1),
+        ("ck_3", b): (1, 0, 1),
+    }
+    by_client = apb.GetUsageRequest(tenant="acme", group_by=[upb.USAGE_DIMENSION_CLIENT_KEY])
+    rows = (await harness.admin.GetUsage(by_client, metadata=ADMIN_MD)).rows
+    assert [(r.client_key_id, r.requests, r.failed_requests, r.attempts) for r in rows] == [
+        ("ck_1", 1, 0, 2),
+        ("ck_2", 1, 1, 2),
+        ("ck_3", 2, 1, 2),
+    ]
+
+
 @pytest.mark.parametrize(
     "request_",
     [
@@ -146,15 +180,17 @@ async def test_cli_usage_show_and_prices(harness: Harness, tmp_path: Path) -> No
     code, out, err = await keyplane(harness, tmp_path, "usage", "show", "--since", "1h", "--by", "client-key")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["CLIENT-KEY", "REQUESTS", "FAILED", "INPUT", "CACHED", "OUTPUT", "REASONING", "COST"]
+    assert lines[0].split() == [
+        "CLIENT-KEY", "REQUESTS", "FAILED", "ATTEMPTS", "INPUT", "CACHED", "OUTPUT", "REASONING", "COST",
+    ]  # fmt: skip
     # 1M x $0.15/M + 100k x $0.60/M = $0.21
-    assert lines[1].split() == ["ck_a", "1", "0", "1000000", "0", "100000", "0", "$0.210000"]
+    assert lines[1].split() == ["ck_a", "1", "0", "1", "1000000", "0", "100000", "0", "$0.210000"]
     code, out, _ = await keyplane(harness, tmp_path, "usage", "show", "--by", "client-key,model", "-o", "yaml")
     rows = yaml.safe_load(out)["rows"]
     assert [(r["client_key_id"], r["public_model"]) for r in rows] == [("ck_a", "gpt"), ("ck_b", "gpt")]
     code, out, _ = await keyplane(harness, tmp_path, "usage", "show", "-t", "acme", "--bucket", "minute", "-o", "json")
     [row] = json.loads(out)["rows"]
-    assert row["requests"] == "2" and "bucket_start" in row
+    assert row["requests"] == "2" and row["attempts"] == "2" and "bucket_start" in row
     code, _, err = await keyplane(harness, tmp_path, "usage", "show", "--by", "colour")
     assert code == 2 and "unknown --by colour" in err
 

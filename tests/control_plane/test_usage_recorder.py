@@ -55,7 +55,8 @@ async def test_a_failed_flush_is_written_once_later(tmp_path: Path) -> None:
         with pytest.raises(Exception, match="usage_rollups"):
             await recorder.flush()
         with sqlite3.connect(path) as db:
-            db.execute(next(m for m in MIGRATIONS if m.name.startswith("usage")).statements[0])
+            for migration in (m for m in MIGRATIONS if m.name.startswith("usage")):  # the table, its attempts
+                db.execute(migration.statements[0])
         recorder.folder.fold([outcome(int(NOW) - 60, 10, 1)])  # the minute before
         assert await recorder.flush() == 2
         assert await recorder.flush() == 0  # nothing twice
@@ -65,6 +66,7 @@ async def test_a_failed_flush_is_written_once_later(tmp_path: Path) -> None:
         this = by_minute[now_minute]
         # The first flush's row went with the dropped table; the kept one arrived whole, once.
         assert (this.requests, this.failed_requests, this.input_tokens, this.output_tokens) == (5, 1, 40, 4)
+        assert this.attempts == 5
         # First flush: 3 x 2.1 = 6.3 (6 written, 0.3 carried). The failed flush did not spend the 0.3:
         # 4 x 2.1 + 0.3 = 8.7, 8 written (a failed flush that kept its 0.7 would make it 9.1: 9).
         assert this.cost_micros == 8

@@ -91,6 +91,7 @@ def test_encoded_outcomes_equal_the_field_by_field_message() -> None:
             provider_final=rng.random() < 0.5,
             recovered=rng.random() < 0.3,
             usage=rng.choice([None, *USAGES]),
+            superseded=rng.random() < 0.4,
         )
         tenant = rng.choice(["acme", "globex"])
         request_id = rng.choice(["", f"req-{n}", "0123456789abcdef0123456789abcdef"])
@@ -101,6 +102,7 @@ def test_encoded_outcomes_equal_the_field_by_field_message() -> None:
         assert got.HasField("time")
         assert got.HasField("retry_after") == (rec.classification.retry_after is not None)
         assert got.HasField("usage") == (rec.usage is not None)
+        assert got.superseded == rec.superseded
     assert 0 < len(encoder) <= len(TARGETS) * 3 * len(CLASSES) * 2 * 2 * 2 * 3 * 3
 
 
@@ -113,6 +115,28 @@ def test_usage_bytes_equal_protobufs(usage: Usage) -> None:
     assert with_usage.startswith(plain)
     message = expected("acme", rec, "r")
     assert with_usage[len(plain) :] == pb.Outcome(usage=message.usage).SerializeToString()
+
+
+@pytest.mark.parametrize("usage", [None, *USAGES[1:3]])
+def test_superseded_bytes_equal_protobufs(usage: Usage | None) -> None:
+    """Outcome.superseded (field 18) is appended as protobuf writes it, after the usage;
+    the shared part cached for the attempt's shape is the same either way."""
+    encoder = OutcomeEncoder()
+    last = record(TARGETS[0], "pk_1", LIMITED, usage=usage)
+    earlier = record(TARGETS[0], "pk_1", LIMITED, usage=usage, superseded=True)
+    plain = encoder.encode("acme", last, "r", "ck_1", "gpt")
+    marked = encoder.encode("acme", earlier, "r", "ck_1", "gpt")
+    assert len(encoder) == 1
+    assert marked == plain + pb.Outcome(superseded=True).SerializeToString() == plain + b"\x90\x01\x01"
+    got = decoded(marked)
+    assert got.superseded and not decoded(plain).superseded
+    assert got == expected("acme", earlier, "r", "ck_1", "gpt")
+    # The protobuf runtime's own encoding of the same message parses to the same.
+    assert decoded(expected("acme", earlier, "r", "ck_1", "gpt").SerializeToString()) == got
+    # Off the short path (a negative start) too.
+    odd = record(TARGETS[1], "pk_2", SUCCESS, started=-1.25, superseded=True)
+    assert decoded(encoder.encode("acme", odd, "r")) == expected("acme", odd, "r")
+    assert expected("acme", odd, "r").superseded
 
 
 def test_retry_after_and_time_parts() -> None:

@@ -5,6 +5,7 @@ and page, retention deletes old minutes, prices are per tenant and audited."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -15,6 +16,7 @@ from control_plane.usage import Price, UsageQuery, UsageRow, UsageTotals
 from keyplane.domain import Provider, Tenant
 from keyplane.errors import NotFound
 
+from . import legacy
 from .conftest import Backend
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a minute (and day) boundary
@@ -57,6 +59,49 @@ async def test_rows_add_up_and_group(store: Store) -> None:
     assert await store.query_usage(UsageQuery(start=T0 + 120, end=T0 + 3600)) == []
     page = await store.query_usage(UsageQuery(start=T0, end=T0 + 3600, group_by=("client_key_id",), limit=1, offset=1))
     assert [g for g, _, _ in page] == [{"client_key_id": "ck_2"}]
+
+
+async def test_attempts_add_up_apart_from_requests(store: Store) -> None:
+    """Migration 11's column: written, added up, summed and grouped like every counter."""
+    failover = row(T0, key="pk_1", requests=0, attempts=1, input_tokens=0, output_tokens=0)
+    await store.put_usage([failover, row(T0, key="pk_2", attempts=1)])
+    await store.put_usage([row(T0, key="pk_1", failed_requests=1, attempts=3), row(T0 + 60, key="pk_2", attempts=2)])
+    by_key = await store.query_usage(UsageQuery(start=T0, end=T0 + 3600, group_by=("provider_key_id",)))
+    assert [(g, t.requests, t.failed_requests, t.attempts) for g, _, t in by_key] == [
+        ({"provider_key_id": "pk_1"}, 1, 1, 4),
+        ({"provider_key_id": "pk_2"}, 2, 0, 3),
+    ]
+    [(_, _, total)] = await store.query_usage(UsageQuery(start=T0, end=T0 + 3600))
+    assert (total.requests, total.failed_requests, total.attempts) == (3, 1, 7)
+
+
+async def test_rows_from_before_attempts_keep_zero_attempts(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollup row written before migration 11 keeps its counters and reads attempts 0
+    (its requests counted attempts); what is added to it later adds up."""
+    old = backend.open()
+    module = sys.modules[type(old).__module__]
+    migrations = module.MIGRATIONS
+    assert [m.version for m in migrations[10:11]] == [11]
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "MIGRATIONS", migrations[:10])
+        await old.migrate()
+        await legacy.execute(
+            old,
+            "INSERT INTO usage_rollups (minute, tenant, client_key_id, public_model, provider_key_id, "
+            "upstream_model, provider, requests, failed_requests, input_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            T0, "acme", "ck_1", "gpt", "pk_1", "gpt-4o-mini", "openai", 5, 2, 50,
+        )  # fmt: skip
+        await old.close()
+    new = backend.open()
+    try:
+        await new.migrate()
+        [(_, _, before)] = await new.query_usage(UsageQuery(start=T0, end=T0 + 60))
+        assert (before.requests, before.failed_requests, before.input_tokens, before.attempts) == (5, 2, 50, 0)
+        await new.put_usage([row(T0, attempts=2)])
+        [(_, _, after)] = await new.query_usage(UsageQuery(start=T0, end=T0 + 60))
+        assert (after.requests, after.attempts) == (6, 2)
+    finally:
+        await new.close()
 
 
 async def test_concurrent_writers_add_up(backend: Backend, store: Store) -> None:

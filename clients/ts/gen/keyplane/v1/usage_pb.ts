@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file keyplane/v1/usage.proto.
  */
 export const file_keyplane_v1_usage: GenFile = /*@__PURE__*/
-  fileDesc("ChdrZXlwbGFuZS92MS91c2FnZS5wcm90bxILa2V5cGxhbmUudjEioAEKBVVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoBBIbChNjYWNoZWRfaW5wdXRfdG9rZW5zGAIgASgEEiAKGGNhY2hlX3dyaXRlX2lucHV0X3Rva2VucxgDIAEoBBIVCg1vdXRwdXRfdG9rZW5zGAQgASgEEhgKEHJlYXNvbmluZ190b2tlbnMYBSABKAQSEQoJZXN0aW1hdGVkGAYgASgIIu4BCgVQcmljZRIOCgZ0ZW5hbnQYASABKAkSJwoIcHJvdmlkZXIYAiABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVtb2RlbBgDIAEoCRIgChhpbnB1dF9taWNyb3NfcGVyX21pbGxpb24YBCABKAQSJwofY2FjaGVkX2lucHV0X21pY3Jvc19wZXJfbWlsbGlvbhgFIAEoBBIhChlvdXRwdXRfbWljcm9zX3Blcl9taWxsaW9uGAYgASgEEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLQAwoIVXNhZ2VSb3cSDgoGdGVuYW50GAEgASgJEhUKDWNsaWVudF9rZXlfaWQYAiABKAkSFAoMcHVibGljX21vZGVsGAMgASgJEhcKD3Byb3ZpZGVyX2tleV9pZBgEIAEoCRInCghwcm92aWRlchgFIAEoDjIVLmtleXBsYW5lLnYxLlByb3ZpZGVyEhYKDnVwc3RyZWFtX21vZGVsGAYgASgJEjAKDGJ1Y2tldF9zdGFydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIcmVxdWVzdHMYCCABKAQSFwoPZmFpbGVkX3JlcXVlc3RzGAkgASgEEhoKEmVzdGltYXRlZF9yZXF1ZXN0cxgKIAEoBBIUCgxpbnB1dF90b2tlbnMYCyABKAQSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgMIAEoBBIgChhjYWNoZV93cml0ZV9pbnB1dF90b2tlbnMYDSABKAQSFQoNb3V0cHV0X3Rva2VucxgOIAEoBBIYChByZWFzb25pbmdfdG9rZW5zGA8gASgEEhMKC2Nvc3RfbWljcm9zGBAgASgEEhkKEXVucHJpY2VkX3JlcXVlc3RzGBEgASgEKvMBCg5Vc2FnZURpbWVuc2lvbhIfChtVU0FHRV9ESU1FTlNJT05fVU5TUEVDSUZJRUQQABIaChZVU0FHRV9ESU1FTlNJT05fVEVOQU5UEAESHgoaVVNBR0VfRElNRU5TSU9OX0NMSUVOVF9LRVkQAhIgChxVU0FHRV9ESU1FTlNJT05fUFVCTElDX01PREVMEAMSIAocVVNBR0VfRElNRU5TSU9OX1BST1ZJREVSX0tFWRAEEhwKGFVTQUdFX0RJTUVOU0lPTl9QUk9WSURFUhAFEiIKHlVTQUdFX0RJTUVOU0lPTl9VUFNUUkVBTV9NT0RFTBAGKnEKC1VzYWdlQnVja2V0EhwKGFVTQUdFX0JVQ0tFVF9VTlNQRUNJRklFRBAAEhcKE1VTQUdFX0JVQ0tFVF9NSU5VVEUQARIVChFVU0FHRV9CVUNLRVRfSE9VUhACEhQKEFVTQUdFX0JVQ0tFVF9EQVkQA2IGcHJvdG8z", [file_google_protobuf_timestamp, file_keyplane_v1_resources]);
+  fileDesc("ChdrZXlwbGFuZS92MS91c2FnZS5wcm90bxILa2V5cGxhbmUudjEioAEKBVVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoBBIbChNjYWNoZWRfaW5wdXRfdG9rZW5zGAIgASgEEiAKGGNhY2hlX3dyaXRlX2lucHV0X3Rva2VucxgDIAEoBBIVCg1vdXRwdXRfdG9rZW5zGAQgASgEEhgKEHJlYXNvbmluZ190b2tlbnMYBSABKAQSEQoJZXN0aW1hdGVkGAYgASgIIu4BCgVQcmljZRIOCgZ0ZW5hbnQYASABKAkSJwoIcHJvdmlkZXIYAiABKA4yFS5rZXlwbGFuZS52MS5Qcm92aWRlchINCgVtb2RlbBgDIAEoCRIgChhpbnB1dF9taWNyb3NfcGVyX21pbGxpb24YBCABKAQSJwofY2FjaGVkX2lucHV0X21pY3Jvc19wZXJfbWlsbGlvbhgFIAEoBBIhChlvdXRwdXRfbWljcm9zX3Blcl9taWxsaW9uGAYgASgEEi8KC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLiAwoIVXNhZ2VSb3cSDgoGdGVuYW50GAEgASgJEhUKDWNsaWVudF9rZXlfaWQYAiABKAkSFAoMcHVibGljX21vZGVsGAMgASgJEhcKD3Byb3ZpZGVyX2tleV9pZBgEIAEoCRInCghwcm92aWRlchgFIAEoDjIVLmtleXBsYW5lLnYxLlByb3ZpZGVyEhYKDnVwc3RyZWFtX21vZGVsGAYgASgJEjAKDGJ1Y2tldF9zdGFydBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIcmVxdWVzdHMYCCABKAQSFwoPZmFpbGVkX3JlcXVlc3RzGAkgASgEEhoKEmVzdGltYXRlZF9yZXF1ZXN0cxgKIAEoBBIUCgxpbnB1dF90b2tlbnMYCyABKAQSGwoTY2FjaGVkX2lucHV0X3Rva2VucxgMIAEoBBIgChhjYWNoZV93cml0ZV9pbnB1dF90b2tlbnMYDSABKAQSFQoNb3V0cHV0X3Rva2VucxgOIAEoBBIYChByZWFzb25pbmdfdG9rZW5zGA8gASgEEhMKC2Nvc3RfbWljcm9zGBAgASgEEhkKEXVucHJpY2VkX3JlcXVlc3RzGBEgASgEEhAKCGF0dGVtcHRzGBIgASgEKvMBCg5Vc2FnZURpbWVuc2lvbhIfChtVU0FHRV9ESU1FTlNJT05fVU5TUEVDSUZJRUQQABIaChZVU0FHRV9ESU1FTlNJT05fVEVOQU5UEAESHgoaVVNBR0VfRElNRU5TSU9OX0NMSUVOVF9LRVkQAhIgChxVU0FHRV9ESU1FTlNJT05fUFVCTElDX01PREVMEAMSIAocVVNBR0VfRElNRU5TSU9OX1BST1ZJREVSX0tFWRAEEhwKGFVTQUdFX0RJTUVOU0lPTl9QUk9WSURFUhAFEiIKHlVTQUdFX0RJTUVOU0lPTl9VUFNUUkVBTV9NT0RFTBAGKnEKC1VzYWdlQnVja2V0EhwKGFVTQUdFX0JVQ0tFVF9VTlNQRUNJRklFRBAAEhcKE1VTQUdFX0JVQ0tFVF9NSU5VVEUQARIVChFVU0FHRV9CVUNLRVRfSE9VUhACEhQKEFVTQUdFX0JVQ0tFVF9EQVkQA2IGcHJvdG8z", [file_google_protobuf_timestamp, file_keyplane_v1_resources]);
 
 /**
  * Usage is what one upstream attempt consumed, as its provider reported it
@@ -181,21 +181,26 @@ export type UsageRow = Message<"keyplane.v1.UsageRow"> & {
   bucketStart?: Timestamp | undefined;
 
   /**
-   * Upstream attempts (a request retried on another key counts each attempt).
+   * App requests: each counted once, in the row of its last upstream attempt
+   * (a request failed over from one key to another counts 1 here, in the
+   * second key's row, and 2 in attempts). Rows folded from sidecars that do
+   * not report Outcome.superseded count every attempt as a request.
    *
    * @generated from field: uint64 requests = 8;
    */
   requests: bigint;
 
   /**
-   * Of requests, those that did not succeed (any error class, broken streams included).
+   * Of requests, those whose last attempt did not succeed (any error class,
+   * broken streams included): the app got an error. A request that failed
+   * over and then succeeded is not failed.
    *
    * @generated from field: uint64 failed_requests = 9;
    */
   failedRequests: bigint;
 
   /**
-   * Of requests, those whose usage was estimated by the sidecar.
+   * Of the attempts, those whose usage was estimated by the sidecar.
    *
    * @generated from field: uint64 estimated_requests = 10;
    */
@@ -234,12 +239,21 @@ export type UsageRow = Message<"keyplane.v1.UsageRow"> & {
   costMicros: bigint;
 
   /**
-   * Of requests, those with tokens but no price for their (provider, model):
-   * their cost is not in cost_micros.
+   * Of the attempts, those with tokens but no price for their (provider,
+   * model): their cost is not in cost_micros.
    *
    * @generated from field: uint64 unpriced_requests = 17;
    */
   unpricedRequests: bigint;
+
+  /**
+   * Upstream attempts: every call the sidecars sent to a provider for these
+   * requests, retries and failovers included (attempts >= requests). 0 in
+   * rows written before the control plane counted attempts (migration 11).
+   *
+   * @generated from field: uint64 attempts = 18;
+   */
+  attempts: bigint;
 };
 
 /**
