@@ -56,10 +56,12 @@ async def fleet(tmp_path: Path) -> AsyncIterator[Fleet]:
 
 async def test_two_replicas_with_two_sidecars_each_admit_the_limit(fleet: Fleet, upstream: FakeUpstream) -> None:
     await fleet.start_control_plane(*CP_FLAGS)
-    other = free_port()
-    await fleet.start_replica(other, *CP_FLAGS)
     _, token = await fleet.configure(upstream, ("sk-limits-replicas-key-0001",))
     await limit_client_key(fleet, requests_per_minute=PER_MINUTE)
+    # Started after the write, the other replica knows the limit from its start
+    # (a write through one replica reaches another's leases within its reload, 5 s).
+    other = free_port()
+    await fleet.start_replica(other, *CP_FLAGS)
     ports = [free_port() for _ in range(4)]
     targets = [fleet.target, fleet.target, f"127.0.0.1:{other}", f"127.0.0.1:{other}"]
     await asyncio.gather(*(fleet.start_sidecar(p, target=t) for p, t in zip(ports, targets, strict=True)))
