@@ -69,9 +69,9 @@ class ControlPlaneConfig:
     quota_window: float = 60.0
     # Seconds between rebalances of the sidecars' quota leases.
     quota_rebalance_interval: float = 1.0
-    # Seconds between re-reads of every limit (and budgeted tenants' prices) from the
-    # store, for writes made through other replicas.
-    quota_reload_interval: float = 5.0
+    # Seconds between re-reads of every limit (and the price table) from the store,
+    # for writes made through other replicas (two small queries per reload).
+    quota_reload_interval: float = 1.0
     # Usage rollups (control_plane.usage): write what was folded this often (one
     # upsert per rollup row per flush), and keep rows this many days (0: forever).
     usage_flush_interval: float = 1.0

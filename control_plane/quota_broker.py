@@ -105,7 +105,7 @@ class QuotaBroker:
         *,
         window_ms: int = 60_000,
         rebalance_interval: float = 1.0,
-        reload_interval: float = 5.0,
+        reload_interval: float = 1.0,
         policy: LeasePolicy | None = None,
         clock_ms: Callable[[], int] = _now_ms,
         claims: QuotaClaims | None = None,

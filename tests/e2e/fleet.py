@@ -183,7 +183,11 @@ class Load:
 
     A refused connection (no process listening: a sidecar restarting) is retried
     after 50 ms, as an app's client retries connection errors, and counted apart;
-    a request fails if it gets any answer but 200, or no answer within 15 s.
+    so is a connection reset before any answer byte (``ReadError``): the kernel
+    resets the connections still queued in a listener's accept backlog when a
+    stopping sidecar closes it, and the OpenAI SDKs retry that as a connection
+    error too. A request fails if it gets any answer but 200, or no answer
+    within 15 s.
     """
 
     urls: list[str]
@@ -191,6 +195,7 @@ class Load:
     ok: int = 0
     failed: list[str] = field(default_factory=list)
     connect_retries: int = 0
+    reset_retries: int = 0
     answered_at: list[tuple[float, str, int]] = field(default_factory=list)  # (monotonic, url, status)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -219,11 +224,14 @@ class Load:
         while True:
             try:
                 resp = await client.post(f"{url}/chat/completions", json=body, headers=headers)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError) as exc:
                 if time.monotonic() > deadline:
-                    self.failed.append("connect error for 15 s")
+                    self.failed.append(f"{type(exc).__name__} for 15 s")
                     return
-                self.connect_retries += 1
+                if isinstance(exc, httpx.ConnectError):
+                    self.connect_retries += 1
+                else:
+                    self.reset_retries += 1
                 await asyncio.sleep(0.05)
                 continue
             except httpx.HTTPError as exc:

@@ -59,7 +59,7 @@ async def test_two_replicas_with_two_sidecars_each_admit_the_limit(fleet: Fleet,
     _, token = await fleet.configure(upstream, ("sk-limits-replicas-key-0001",))
     await limit_client_key(fleet, requests_per_minute=PER_MINUTE)
     # Started after the write, the other replica knows the limit from its start
-    # (a write through one replica reaches another's leases within its reload, 5 s).
+    # (a write through one replica reaches another's leases within its reload, 1 s).
     other = free_port()
     await fleet.start_replica(other, *CP_FLAGS)
     ports = [free_port() for _ in range(4)]

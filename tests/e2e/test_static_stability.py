@@ -134,6 +134,7 @@ async def test_a_sidecar_restarted_while_the_control_plane_is_dead_serves_from_i
         f"{load.ok} requests answered 200, {len(load.failed)} failed; "
         f"{served_from_file} served by the restarted sidecar from its persisted snapshot; "
         f"{load.connect_retries} connection attempts refused while no sidecar process listened "
+        f"and {load.reset_retries} reset in the closing listener's backlog "
         f"(retried after 50 ms); snapshot age at restart {age:.1f}s; "
         f"resynced {resync:.2f}s after the control plane was back"
     )
