@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from control_plane.quota_claims import QuotaClaims
 from control_plane.quota_leases import BucketLedger, LeasePolicy
 from control_plane.store import Store
+from control_plane.usage_records import price_to_proto
 from keyplane import convert
 from keyplane.limit_set import LimitSet
 from keyplane.quota import MONTH, Lease, window_bounds
@@ -149,16 +150,7 @@ class QuotaBroker:
         self._budgeted = frozenset(x.tenant for x in limit_sets if x.daily_budget_micros or x.monthly_budget_micros)
         prices: dict[str, list[upb.Price]] = {}
         for p in sorted(listed, key=lambda p: (p.tenant, convert.provider_to_proto(p.provider), p.model)):
-            prices.setdefault(p.tenant, []).append(
-                upb.Price(
-                    tenant=p.tenant,
-                    provider=convert.provider_to_proto(p.provider),
-                    model=p.model,
-                    input_micros_per_million=p.input_micros_per_million,
-                    cached_input_micros_per_million=p.cached_input_micros_per_million,
-                    output_micros_per_million=p.output_micros_per_million,
-                )
-            )
+            prices.setdefault(p.tenant, []).append(price_to_proto(p))
         if prices != self._prices:
             self._prices = prices
             self._prices_version += 1

@@ -19,6 +19,7 @@ from control_plane.admin_base import AdminBase, Context
 from control_plane.audit import AuditDraft, audited
 from control_plane.status import map_errors
 from control_plane.usage import Price, UsageQuery, UsageRecorder, minute_of
+from control_plane.usage_records import price_to_proto
 from keyplane import convert
 from keyplane.domain import Provider
 from keyplane.errors import InvalidArgument
@@ -47,20 +48,6 @@ _BUCKETS = {
     usage_pb2.USAGE_BUCKET_HOUR: 3600,
     usage_pb2.USAGE_BUCKET_DAY: 86400,
 }
-
-
-def price_to_proto(price: Price) -> usage_pb2.Price:
-    message = usage_pb2.Price(
-        tenant=price.tenant,
-        provider=convert.provider_to_proto(price.provider),
-        model=price.model,
-        input_micros_per_million=price.input_micros_per_million,
-        cached_input_micros_per_million=price.cached_input_micros_per_million,
-        output_micros_per_million=price.output_micros_per_million,
-    )
-    if price.updated_at is not None:
-        message.update_time.CopyFrom(convert.timestamp_from_datetime(price.updated_at))
-    return message
 
 
 def _model(name: str, field: str) -> str:

@@ -1,6 +1,7 @@
 """The records of usage accounting: prices, rollup rows and their counters, and
 what a usage query asks. Plain values with no I/O, shared by the folding and
-recording (``control_plane.usage``) and the stores (``control_plane.store``).
+recording (``control_plane.usage``) and the stores (``control_plane.store``);
+and a price as the API sends it (``price_to_proto``: admin answers, leases).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from keyplane import convert
 from keyplane.domain import Provider
+from keyplane.v1 import usage_pb2
 
-__all__ = ["DIMENSIONS", "Price", "UsageQuery", "UsageRow", "UsageTotals"]
+__all__ = ["DIMENSIONS", "Price", "UsageQuery", "UsageRow", "UsageTotals", "price_to_proto"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +82,17 @@ class UsageQuery:
     filters: Mapping[str, str] = field(default_factory=dict)
     limit: int = 100
     offset: int = 0
+
+
+def price_to_proto(price: Price) -> usage_pb2.Price:
+    message = usage_pb2.Price(
+        tenant=price.tenant,
+        provider=convert.provider_to_proto(price.provider),
+        model=price.model,
+        input_micros_per_million=price.input_micros_per_million,
+        cached_input_micros_per_million=price.cached_input_micros_per_million,
+        output_micros_per_million=price.output_micros_per_million,
+    )
+    if price.updated_at is not None:
+        message.update_time.CopyFrom(convert.timestamp_from_datetime(price.updated_at))
+    return message
